@@ -1,0 +1,19 @@
+"""Triton source for kernels and the wrapper that runs a program."""
+
+from __future__ import annotations
+
+from retrograd.codegen.pointwise import choose_block, generate_pointwise
+from retrograd.codegen.wrapper import generate_program
+from retrograd.ir import Program
+
+__all__ = ["generate_sources"]
+
+
+def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str], str]:
+    """Source of every Triton kernel (by kernel name) and of ``program.py``."""
+    kernels = {}
+    for kernel in program.kernels_of("triton"):
+        block = choose_block(kernel.numel, interpreted)
+        kernel.source = generate_pointwise(kernel, program.buffers, block, program.name)
+        kernels[kernel.name] = kernel.source
+    return kernels, generate_program(program)

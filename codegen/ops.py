@@ -1,0 +1,397 @@
+"""How each aten op becomes a Triton expression inside a pointwise kernel.
+
+One table, ``LOWERINGS``, maps an aten overload to a small function that
+receives the fx node and an ``operand`` callback (which renders an argument:
+a register name, a loaded value or a literal, optionally cast) and returns
+the expression text. The fusion pass asks ``can_lower(node)`` (through the
+compiler, which hands it this predicate) so that only ops listed here ever
+reach a kernel; everything else stays an extern call of the aten op.
+
+Math follows ../shared/TRITON_ON_CPU.md: no libdevice (tanh, pow, log1p are
+built from primitives so the same source runs on GPUs and in the
+interpreter), and half-precision values are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["LOWERINGS", "FILL_OPS", "can_lower", "compute_dtype", "triton_dtype",
+           "literal", "lower", "is_fill", "fill_value", "lowered_op_names"]
+
+aten = torch.ops.aten
+
+#: torch dtype -> Triton dtype name.
+TRITON_DTYPES = {
+    torch.float64: "tl.float64", torch.float32: "tl.float32",
+    torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
+    torch.int64: "tl.int64", torch.int32: "tl.int32", torch.int16: "tl.int16",
+    torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.bool: "tl.int1",
+}
+
+FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_dtype(dtype: torch.dtype) -> str:
+    return TRITON_DTYPES[dtype]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Registers hold half-precision values as float32 (Inductor does the same)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def literal(value: Any) -> str:
+    """A Python scalar as Triton source text."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return 'float("nan")'
+        if math.isinf(value):
+            return 'float("inf")' if value > 0 else 'float("-inf")'
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    raise TypeError(f"retrograd codegen: cannot write {value!r} ({type(value).__name__}) as a literal")
+
+
+Operand = Callable[..., str]   # operand(arg, cast_to: torch.dtype | None = None) -> str
+Lowering = Callable[[Any, Operand], str]
+LOWERINGS: dict[Any, Lowering] = {}
+
+
+def _register(*ops):
+    def decorate(function: Lowering) -> Lowering:
+        for op in ops:
+            LOWERINGS[op] = function
+        return function
+    return decorate
+
+
+def _out(node) -> torch.dtype:
+    return compute_dtype(node.meta["val"].dtype)
+
+
+def _float_out(node) -> torch.dtype:
+    """Float math runs in the result's compute dtype (ints promote to float32)."""
+    dtype = _out(node)
+    return dtype if dtype in FLOATS else torch.float32
+
+
+def _alpha(node, text: str, operand: Operand) -> str:
+    alpha = node.kwargs.get("alpha", 1)
+    return text if alpha == 1 else f"{operand(alpha)} * {text}"
+
+
+# ---------------------------------------------------------------- arithmetic
+@_register(aten.add.Tensor, aten.add.Scalar)
+def _add(node, operand):
+    a, b = node.args[:2]
+    return f"{operand(a)} + {_alpha(node, operand(b), operand)}"
+
+
+@_register(aten.sub.Tensor, aten.sub.Scalar)
+def _sub(node, operand):
+    a, b = node.args[:2]
+    return f"{operand(a)} - {_alpha(node, operand(b), operand)}"
+
+
+@_register(aten.rsub.Scalar, aten.rsub.Tensor)
+def _rsub(node, operand):
+    a, b = node.args[:2]
+    return f"{operand(b)} - {_alpha(node, operand(a), operand)}"
+
+
+@_register(aten.mul.Tensor, aten.mul.Scalar)
+def _mul(node, operand):
+    return f"{operand(node.args[0])} * {operand(node.args[1])}"
+
+
+@_register(aten.div.Tensor, aten.div.Scalar)
+def _div(node, operand):
+    dtype = _float_out(node)
+    return f"{operand(node.args[0], dtype)} / {operand(node.args[1], dtype)}"
+
+
+@_register(aten.div.Tensor_mode, aten.div.Scalar_mode)
+def _div_mode(node, operand):
+    dtype = _float_out(node)
+    quotient = f"{operand(node.args[0], dtype)} / {operand(node.args[1], dtype)}"
+    mode = node.kwargs.get("rounding_mode")
+    if mode == "floor":
+        return f"tl.floor({quotient})"
+    if mode == "trunc":
+        return f"_trunc({quotient})"
+    return quotient
+
+
+@_register(aten.neg.default)
+def _neg(node, operand):
+    return f"-{operand(node.args[0])}"
+
+
+@_register(aten.reciprocal.default)
+def _reciprocal(node, operand):
+    return f"1.0 / {operand(node.args[0], _float_out(node))}"
+
+
+@_register(aten.maximum.default)
+def _maximum(node, operand):
+    return f"_maximum({operand(node.args[0], _out(node))}, {operand(node.args[1], _out(node))})"
+
+
+@_register(aten.minimum.default)
+def _minimum(node, operand):
+    return f"_minimum({operand(node.args[0], _out(node))}, {operand(node.args[1], _out(node))})"
+
+
+@_register(aten.clamp.default, aten.clamp.Tensor)
+def _clamp(node, operand):
+    low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    text = operand(node.args[0], _out(node))
+    if low is not None:
+        text = f"_maximum({text}, {operand(low, _out(node))})"
+    if high is not None:
+        text = f"_minimum({text}, {operand(high, _out(node))})"
+    return text
+
+
+@_register(aten.clamp_min.default, aten.clamp_min.Tensor)
+def _clamp_min(node, operand):
+    return f"_maximum({operand(node.args[0], _out(node))}, {operand(node.args[1], _out(node))})"
+
+
+@_register(aten.clamp_max.default, aten.clamp_max.Tensor)
+def _clamp_max(node, operand):
+    return f"_minimum({operand(node.args[0], _out(node))}, {operand(node.args[1], _out(node))})"
+
+
+@_register(aten.pow.Tensor_Scalar)
+def _pow_scalar(node, operand):
+    dtype = _float_out(node)
+    base, exponent = node.args
+    x = operand(base, dtype)
+    small = {0: "1.0", 1: x, 2: f"{x} * {x}", 3: f"{x} * {x} * {x}",
+             0.5: f"tl.sqrt({x})", -0.5: f"tl.rsqrt({x})", -1: f"1.0 / {x}",
+             -2: f"1.0 / ({x} * {x})", 4: f"({x} * {x}) * ({x} * {x})"}
+    if exponent in small:
+        return small[exponent]
+    return f"_pow({x}, {literal(float(exponent))})"
+
+
+@_register(aten.pow.Tensor_Tensor)
+def _pow_tensor(node, operand):
+    dtype = _float_out(node)
+    return f"_pow({operand(node.args[0], dtype)}, {operand(node.args[1], dtype)})"
+
+
+@_register(aten.pow.Scalar)
+def _pow_base_scalar(node, operand):
+    dtype = _float_out(node)
+    return f"tl.exp2({operand(node.args[1], dtype)} * {literal(math.log2(node.args[0]))})"
+
+
+@_register(aten.remainder.Tensor, aten.remainder.Scalar)
+def _remainder(node, operand):
+    dtype = _out(node)
+    a, b = operand(node.args[0], dtype), operand(node.args[1], dtype)
+    if dtype in FLOATS:
+        return f"{a} - tl.floor({a} / {b}) * {b}"
+    return f"_int_remainder({a}, {b})"
+
+
+# ---------------------------------------------------------------- unary math
+def _unary(function: str):
+    def lowering(node, operand):
+        return f"{function}({operand(node.args[0], _float_out(node))})"
+    return lowering
+
+
+for _op, _fn in [(aten.exp.default, "tl.exp"), (aten.exp2.default, "tl.exp2"),
+                 (aten.log.default, "tl.log"), (aten.log2.default, "tl.log2"),
+                 (aten.sqrt.default, "tl.sqrt"), (aten.rsqrt.default, "tl.rsqrt"),
+                 (aten.sigmoid.default, "tl.sigmoid"), (aten.erf.default, "tl.math.erf"),
+                 (aten.sin.default, "tl.sin"), (aten.cos.default, "tl.cos"),
+                 (aten.tanh.default, "_tanh"), (aten.expm1.default, "_expm1"),
+                 (aten.log1p.default, "_log1p"), (aten.floor.default, "tl.floor"),
+                 (aten.ceil.default, "tl.ceil"), (aten.trunc.default, "_trunc")]:
+    LOWERINGS[_op] = _unary(_fn)
+
+
+@_register(aten.abs.default)
+def _abs(node, operand):
+    return f"tl.abs({operand(node.args[0])})"
+
+
+@_register(aten.relu.default)
+def _relu(node, operand):
+    return f"_maximum({operand(node.args[0])}, 0)"
+
+
+@_register(aten.sign.default)
+def _sign(node, operand):
+    x = operand(node.args[0])
+    return f"(({x} > 0).to({triton_dtype(_out(node))}) - ({x} < 0).to({triton_dtype(_out(node))}))"
+
+
+@_register(aten.isnan.default)
+def _isnan(node, operand):
+    x = operand(node.args[0])
+    return f"{x} != {x}"
+
+
+@_register(aten.isinf.default)
+def _isinf(node, operand):
+    return f"tl.abs({operand(node.args[0])}) == float(\"inf\")"
+
+
+# ---------------------------------------------------------------- comparisons, logic
+for _name, _symbol in [("eq", "=="), ("ne", "!="), ("lt", "<"), ("le", "<="),
+                       ("gt", ">"), ("ge", ">=")]:
+    def _compare(node, operand, symbol=_symbol):
+        return f"{operand(node.args[0])} {symbol} {operand(node.args[1])}"
+    LOWERINGS[getattr(aten, _name).Tensor] = _compare
+    LOWERINGS[getattr(aten, _name).Scalar] = _compare
+
+for _name, _symbol in [("bitwise_and", "&"), ("bitwise_or", "|"), ("bitwise_xor", "^")]:
+    def _bitwise(node, operand, symbol=_symbol):
+        return f"{operand(node.args[0])} {symbol} {operand(node.args[1])}"
+    LOWERINGS[getattr(aten, _name).Tensor] = _bitwise
+    LOWERINGS[getattr(aten, _name).Scalar] = _bitwise
+
+for _name, _symbol in [("logical_and", "&"), ("logical_or", "|"), ("logical_xor", "^")]:
+    def _logical(node, operand, symbol=_symbol):
+        return f"({operand(node.args[0])} != 0) {symbol} ({operand(node.args[1])} != 0)"
+    LOWERINGS[getattr(aten, _name).default] = _logical
+
+
+@_register(aten.logical_not.default)
+def _logical_not(node, operand):
+    return f"{operand(node.args[0])} == 0"
+
+
+@_register(aten.bitwise_not.default)
+def _bitwise_not(node, operand):
+    if node.meta["val"].dtype == torch.bool:
+        return f"{operand(node.args[0])} == 0"
+    return f"~{operand(node.args[0])}"
+
+
+@_register(aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
+def _where(node, operand):
+    condition, a, b = node.args
+    return f"tl.where({operand(condition)}, {operand(a, _out(node))}, {operand(b, _out(node))})"
+
+
+# ---------------------------------------------------------------- copies and casts
+@_register(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default,
+           aten.contiguous.default, aten.detach.default)
+def _identity(node, operand):
+    return operand(node.args[0], _out(node))
+
+
+@_register(aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+def _cast(node, operand):
+    target = node.meta["val"].dtype
+    value = operand(node.args[0], compute_dtype(target))
+    # A cast to half precision must round, even though registers stay float32:
+    # what follows in the kernel has to see the value torch would see.
+    if target == torch.bfloat16:
+        return f"_round_to_bf16({value})"
+    if target == torch.float16:
+        return f"{value}.to(tl.float16).to(tl.float32)"
+    return value
+
+
+@_register(aten.copy.default)
+def _copy(node, operand):
+    return operand(node.args[1], _out(node))
+
+
+# ---------------------------------------------------------------- fills and generators
+FILL_OPS = {aten.full.default, aten.full_like.default, aten.scalar_tensor.default,
+            aten.zeros_like.default, aten.ones_like.default, aten.fill.Scalar,
+            aten.zeros.default, aten.ones.default, aten.new_zeros.default,
+            aten.new_ones.default, aten.new_full.default}
+
+
+def is_fill(node) -> bool:
+    return getattr(node, "target", None) in FILL_OPS
+
+
+def fill_value(node) -> Any:
+    """The one value every element of a fill node holds."""
+    target = node.target
+    if target in (aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default):
+        value = 0
+    elif target in (aten.ones_like.default, aten.ones.default, aten.new_ones.default):
+        value = 1
+    elif target in (aten.full.default, aten.full_like.default, aten.fill.Scalar,
+                    aten.new_full.default):
+        value = node.args[1]
+    else:  # scalar_tensor
+        value = node.args[0]
+    dtype = node.meta["val"].dtype
+    if dtype == torch.bool:
+        return bool(value)
+    return float(value) if dtype in FLOATS else int(value)
+
+
+def _fill(node, operand):
+    dtype = triton_dtype(_out(node))
+    return f"tl.full([BLOCK], {literal(fill_value(node))}, {dtype})"
+
+
+for _op in FILL_OPS:
+    LOWERINGS[_op] = _fill
+
+
+@_register(aten.arange.start_step, aten.arange.start, aten.arange.default)
+def _arange(node, operand):
+    args = list(node.args)
+    if node.target == aten.arange.default:
+        start, step = 0, 1
+    else:
+        start = args[0]
+        step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+    dtype = triton_dtype(_out(node))
+    return f"({literal(start)} + offsets * {literal(step)}).to({dtype})"
+
+
+# ---------------------------------------------------------------- queries
+def _tensor_dtypes(node) -> list[torch.dtype]:
+    vals = [node.meta.get("val")]
+    for arg in node.all_input_nodes:
+        vals.append(arg.meta.get("val"))
+    return [v.dtype for v in vals if isinstance(v, torch.Tensor)]
+
+
+def can_lower(node) -> bool:
+    """True when ``node`` can run inside a generated pointwise kernel."""
+    if node.op != "call_function" or node.target not in LOWERINGS:
+        return False
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.numel() == 0:
+        return False
+    if any(dtype not in TRITON_DTYPES for dtype in _tensor_dtypes(node)):
+        return False
+    if node.target in (aten.div.Tensor_mode, aten.div.Scalar_mode) and val.dtype not in FLOATS:
+        return False
+    for arg in node.all_input_nodes:   # inputs must be tensors we can index
+        if not isinstance(arg.meta.get("val"), torch.Tensor):
+            return False
+    return True
+
+
+def lower(node, operand: Operand) -> str:
+    return LOWERINGS[node.target](node, operand)
+
+
+def lowered_op_names() -> list[str]:
+    """Every aten overload codegen lowers, for the docs and the OpInfo test."""
+    return sorted(str(op) for op in LOWERINGS)

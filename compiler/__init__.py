@@ -1,0 +1,26 @@
+"""retrograd: a backward-pass compiler for PyTorch training.
+
+Public names only; ``import retrograd.ir`` stays light because nothing heavy
+is imported here until a name is used.
+
+Example:
+    >>> import torch, retrograd
+    >>> model = retrograd.compile(torch.nn.Linear(8, 8))
+    >>> model(torch.randn(4, 8)).sum().backward()
+    >>> model.reports["backward"]["kernels"]
+"""
+
+from __future__ import annotations
+
+__all__ = ["compile", "Options"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "compile":
+        from retrograd.api import compile
+        return compile
+    if name == "Options":
+        from retrograd.options import Options
+        return Options
+    raise AttributeError(f"module 'retrograd' has no attribute {name!r}")

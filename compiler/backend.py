@@ -1,0 +1,75 @@
+"""The torch.compile face: ``torch.compile(model, backend="retrograd", options={...})``.
+
+Dynamo hands over a GraphModule and example inputs. Compilation waits for
+the first real call, for two reasons: ``verify=True`` needs real inputs, and
+when dynamo marks shapes dynamic after a recompile (SymInt inputs), the
+graph is specialized to the concrete sizes of each call: one compiled graph
+per distinct signature, cached. That is a documented specialization
+(docs/design.md), not symbolic codegen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from retrograd.capture import compile_graph, signature
+from retrograd.options import Options
+
+__all__ = ["retrograd_backend", "CompiledGraph"]
+
+log = logging.getLogger("retrograd")
+
+#: torch.compile's ``mode=`` values; retrograd has one mode and says so.
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class CompiledGraph:
+    """Dynamo's graph, compiled per call signature on first use."""
+
+    def __init__(self, gm: torch.fx.GraphModule, options: Options):
+        self.gm = gm
+        self.options = options
+        self.compiled: dict[tuple, Any] = {}
+        self.compilers: dict[tuple, Any] = {}
+        self.last_key: tuple | None = None
+
+    @property
+    def reports(self) -> dict[str, dict]:
+        """Forward and backward reports of the last signature called."""
+        if self.last_key is None:
+            return {}
+        return self.compilers[self.last_key].reports
+
+    def __call__(self, *args):
+        key = signature(args)
+        if key not in self.compiled:
+            concrete = [int(a) if isinstance(a, torch.SymInt) else a for a in args]
+            self.compiled[key], self.compilers[key] = compile_graph(
+                self.gm, concrete, self.options,
+                captured_text=self.gm.print_readable(print_output=False))
+        self.last_key = key
+        return self.compiled[key](*args)
+
+
+def retrograd_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
+                      mode: str | None = None, **unknown):
+    """The backend function dynamo calls; registered as ``"retrograd"``."""
+    if unknown:
+        raise ValueError(f"retrograd: unexpected backend argument(s) {sorted(unknown)}; "
+                         f"pass compiler options as options={{...}} "
+                         f"(known: {', '.join(Options.known())})")
+    if mode not in MODES:
+        raise ValueError(f"retrograd: unknown mode {mode!r}; torch.compile's modes are {MODES}")
+    if mode not in (None, "default"):
+        log.warning("retrograd: mode=%r has no effect; retrograd has a single mode", mode)
+    return CompiledGraph(gm, Options.from_mapping(options))
+
+
+def register() -> None:
+    """Register by name without the entry point (for an uninstalled checkout)."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    if "retrograd" not in _BACKENDS:
+        register_backend(name="retrograd")(retrograd_backend)

@@ -1,0 +1,72 @@
+"""Graphs in, joint graph out: both faces end in AOTAutograd here.
+
+``compile_graph`` hands a module (dynamo's GraphModule, or the standalone
+face's wrapper around the user's module or function) to
+``aot_module_simplified`` with retrograd's decomposition table and the
+hooks of a ``GraphCompiler``. AOTAutograd traces the joint forward+backward
+graph in functional ATen (node.meta["val"] holds fake tensors), calls our
+partition_fn with it, then our forward and backward compilers, and wraps
+the two in its own autograd.Function, so gradients flow through ordinary
+autograd.
+
+Shapes are static: a graph is traced for the concrete shapes, dtypes and
+integer values it is first called with, and each face keeps one compiled
+graph per such signature (see ``signature``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch._functorch.aot_autograd import aot_module_simplified
+
+from retrograd.decompositions import decomposition_table
+from retrograd.options import Options
+from retrograd.pipeline import GraphCompiler
+
+__all__ = ["compile_graph", "signature"]
+
+
+def signature(values: Sequence[Any]) -> tuple:
+    """What a compiled graph is specialized on: tensor metadata, other values as-is."""
+    key = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            key.append(("tensor", tuple(value.shape), tuple(value.stride()), value.dtype,
+                        value.device, value.requires_grad))
+        elif isinstance(value, torch.SymInt):
+            key.append(("int", int(value)))
+        else:
+            try:
+                hash(value)
+                key.append(("value", type(value).__name__, value))
+            except TypeError:
+                key.append(("value", type(value).__name__, repr(value)))
+    key.append(("grad", torch.is_grad_enabled()))
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            key.append(("autocast", device, torch.get_autocast_dtype(device)))
+    return tuple(key)
+
+
+def _real_primals(module: torch.nn.Module, inputs: Sequence[Any]) -> list:
+    """The values AOTAutograd will see as primals: parameters, buffers, then inputs."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    return list(params.values()) + list(buffers.values()) + list(inputs)
+
+
+def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], options: Options,
+                  captured_text: str | None = None):
+    """Compile ``module(*example_inputs)`` (tuple outputs); returns (callable, compiler)."""
+    compiler = GraphCompiler(options, _real_primals(module, example_inputs), captured_text)
+    compiled = aot_module_simplified(
+        module, list(example_inputs),
+        fw_compiler=compiler.compile_forward,
+        bw_compiler=compiler.compile_backward,
+        partition_fn=compiler.partition,
+        inference_compiler=compiler.compile_inference,
+        decompositions=decomposition_table(),
+    )
+    return compiled, compiler

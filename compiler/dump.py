@@ -1,0 +1,114 @@
+"""The dump folder: what each pass did, readable and diffable.
+
+``<dump_dir>/<graph_id>/`` holds the graph after every pass as Python (fx's
+own code printing, so ``diff 02_cleanup.py 03_checkpoint.py`` shows what a
+pass did), each kernel's Triton source, ``program.py``, ``memory_plan.txt``,
+``report.json`` and ``index.html``. Files are written only when dumping is
+on; the dumper is a no-op otherwise so passes never check.
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+from pathlib import Path
+
+from retrograd.report import to_json
+
+__all__ = ["Dumper"]
+
+
+class Dumper:
+    """Writes one graph's dump files; the same files into every folder it serves."""
+
+    def __init__(self, root: str | None, graph_ids: list[str], counter: int = 0):
+        self.folders = [Path(root) / graph_id for graph_id in graph_ids] if root else []
+        self.counter = counter
+        self.graph_files: list[tuple[str, str]] = []   # (file name, text)
+        for folder in self.folders:
+            (folder / "kernels").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.folders)
+
+    def fork(self, graph_id: str, root: str | None) -> "Dumper":
+        """A dumper for one half that continues this one's numbering and history."""
+        child = Dumper(root, [graph_id], self.counter)
+        child.graph_files = list(self.graph_files)
+        return child
+
+    def write(self, relative: str, text: str) -> None:
+        for folder in self.folders:
+            path = folder / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+    def stage(self, name: str, text: str, suffix: str = ".py") -> None:
+        """The graph after a stage, as ``NN_<name>.py``."""
+        file_name = f"{self.counter:02d}_{name}{suffix}"
+        self.counter += 1
+        self.graph_files.append((file_name, text))
+        self.write(file_name, text)
+
+    def finish(self, report: dict, kernels: dict[str, str], program: str, plan: str,
+               timeline: list[int]) -> None:
+        if not self.enabled:
+            return
+        for name, source in kernels.items():
+            self.write(f"kernels/{name}.py", source)
+        self.write("program.py", program)
+        self.write("memory_plan.txt", plan)
+        self.write("report.json", to_json(report))
+        self.write("index.html", _index(report, self.graph_files, sorted(kernels), timeline))
+
+
+def _timeline_svg(timeline: list[int], width: int = 720, height: int = 160) -> str:
+    """Live temporary bytes after each kernel, as a step chart."""
+    if not timeline:
+        return "<p>no kernels</p>"
+    peak = max(timeline) or 1
+    step = width / len(timeline)
+    points = []
+    for index, value in enumerate(timeline):
+        y = height - value / peak * (height - 10)
+        points += [f"{index * step:.1f},{y:.1f}", f"{(index + 1) * step:.1f},{y:.1f}"]
+    return (f'<svg width="{width}" height="{height + 20}" style="background:#fafafa">'
+            f'<polyline fill="none" stroke="#c0392b" stroke-width="1.5" points="{" ".join(points)}"/>'
+            f'<text x="4" y="12" font-size="11">peak {peak:,} bytes</text>'
+            f'<text x="4" y="{height + 16}" font-size="11">kernel 0 .. {len(timeline) - 1}</text>'
+            "</svg>")
+
+
+def _index(report: dict, graph_files: list[tuple[str, str]], kernels: list[str],
+           timeline: list[int]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(p['name'])}</td><td>{p['nodes_before']}</td>"
+        f"<td>{p['nodes_after']}</td><td>{p['seconds']:.4f}</td>"
+        f"<td><code>{html.escape(str(p['stats']))}</code></td></tr>" for p in report["passes"])
+    diffs = []
+    for (old_name, old), (new_name, new) in zip(graph_files, graph_files[1:]):
+        diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                            old_name, new_name, n=1))
+        diffs.append(f"<details><summary>{old_name} &rarr; {new_name} "
+                     f"({diff.count(chr(10))} diff lines)</summary>"
+                     f"<pre>{html.escape(diff[:200_000])}</pre></details>")
+    files = "".join(f'<li><a href="{name}">{name}</a></li>' for name, _ in graph_files)
+    kernel_links = "".join(f'<li><a href="kernels/{k}.py">{k}</a></li>' for k in kernels)
+    k = report["kernels"]
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>retrograd {html.escape(report['graph_id'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
+pre{{background:#f4f4f4;padding:8px;overflow:auto}}</style></head><body>
+<h1>{html.escape(report['graph_id'])} ({report['graph']})</h1>
+<p>{report['nodes']['captured']} nodes captured, {report['nodes']['final']} final;
+{k['triton']} Triton kernels, {k['extern']} extern calls {html.escape(str(k['extern_ops']))};
+compiled in {report['compile_seconds']} s. <a href="report.json">report.json</a>,
+<a href="program.py">program.py</a>, <a href="memory_plan.txt">memory_plan.txt</a></p>
+<h2>Passes</h2><table><tr><th>pass</th><th>nodes before</th><th>after</th><th>seconds</th><th>stats</th></tr>{rows}</table>
+<h2>Live temporary memory over the schedule</h2>{_timeline_svg(timeline)}
+<h2>Graph after each stage</h2><ul>{files}</ul>
+<h2>What each stage changed</h2>{''.join(diffs)}
+<h2>Kernels</h2><ul>{kernel_links}</ul>
+</body></html>
+"""

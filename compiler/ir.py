@@ -1,0 +1,145 @@
+"""The program IR: what fusion produces and codegen and the runtime consume.
+
+Three plain dataclasses, deliberately small (tinygrad's and Inductor's
+scheduler nodes are the models): a ``Buffer`` is a tensor the program
+touches, a ``Kernel`` is one launch (a generated Triton kernel, an extern
+call of an aten op, or a view that moves no data), and a ``Program`` is the
+buffers plus the kernels in schedule order. Fusion builds it, schedule
+orders it, buffer_reuse fills in lifetimes and offsets, codegen turns each
+kernel into source and the runtime executes it. Plan first, emit second.
+
+This module imports nothing of retrograd's and nothing heavy, so every
+package may depend on it. Dtypes are kept as strings ("float32") for that
+reason; fx nodes are carried as opaque objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Buffer", "Kernel", "Program", "ITEMSIZE", "ROLES", "KINDS"]
+
+#: Bytes per element of the dtypes retrograd plans for.
+ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+    "complex64": 8, "complex128": 16,
+}
+
+#: input: handed in by the caller; constant: held by the graph (get_attr);
+#: output: returned by the program; temporary: lives only inside one call;
+#: view: aliases another buffer's storage and owns none.
+ROLES = ("input", "constant", "output", "temporary", "view")
+
+#: triton: a generated kernel; extern: a call of the aten op in torch;
+#: view: an aliasing aten op (no data moves, no launch).
+KINDS = ("triton", "extern", "view")
+
+
+@dataclass
+class Buffer:
+    """A tensor value of the program, named after the fx node that makes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: str
+    role: str = "temporary"
+    view_of: str | None = None      # for role "view": the buffer aliased
+    first_use: int | None = None    # kernel index that defines it (-1: on entry)
+    last_use: int | None = None     # last kernel index that reads it
+    offset: int | None = None       # arena offset in bytes, once planned
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage the buffer spans (strides included, views too)."""
+        if self.numel == 0:
+            return 0
+        span = 1 + sum((size - 1) * abs(stride)
+                       for size, stride in zip(self.shape, self.strides))
+        return span * ITEMSIZE.get(self.dtype, 4)
+
+    @property
+    def logical_bytes(self) -> int:
+        """Bytes of the elements themselves: what a kernel reads or writes."""
+        return self.numel * ITEMSIZE.get(self.dtype, 4)
+
+
+@dataclass
+class Kernel:
+    """One step of the program: the fx nodes it covers, what it reads and writes."""
+
+    name: str
+    kind: str
+    nodes: list[Any]                                  # fx nodes, in order
+    inputs: list[str] = field(default_factory=list)   # buffer names read
+    outputs: list[str] = field(default_factory=list)  # buffer names written
+    source: str | None = None                         # codegen fills this
+    numel: int = 0                                    # triton: elements iterated
+    # triton: a view node whose value equals, element for element in the
+    # kernel's iteration order, a register of this kernel (a reshape of an
+    # in-kernel value); maps the view's name to that node's name.
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def op(self) -> str:
+        """The aten op of an extern or view kernel ("aten.mm.default")."""
+        return str(self.nodes[0].target) if self.nodes else ""
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name for node in self.nodes]
+
+
+@dataclass
+class Program:
+    """Buffers and kernels in schedule order, with the graph's signature."""
+
+    name: str
+    buffers: dict[str, Buffer]
+    kernels: list[Kernel]
+    inputs: list[str]                 # placeholder names, in call order
+    outputs: list[Any]                # buffer names, or non-tensor constants
+    constants: dict[str, Any] = field(default_factory=dict)  # get_attr values
+    frees: dict[int, list[str]] = field(default_factory=dict)  # after kernel i
+
+    def kernels_of(self, kind: str) -> list[Kernel]:
+        return [kernel for kernel in self.kernels if kernel.kind == kind]
+
+    def validate(self) -> None:
+        """Raise ValueError unless every name resolves and reads follow writes."""
+        defined = set(self.inputs) | set(self.constants)
+        for index, kernel in enumerate(self.kernels):
+            if kernel.kind not in KINDS:
+                raise ValueError(f"kernel {kernel.name}: unknown kind {kernel.kind!r}")
+            for name in kernel.inputs:
+                if name not in defined:
+                    raise ValueError(
+                        f"kernel {index} {kernel.name} reads {name!r} before it is written")
+            for name in kernel.outputs:
+                if name not in self.buffers:
+                    raise ValueError(f"kernel {kernel.name} writes unknown buffer {name!r}")
+                defined.add(name)
+        for name in self.outputs:
+            if isinstance(name, str) and name not in defined:
+                raise ValueError(f"program output {name!r} is never written")
+
+    def describe(self) -> str:
+        """A readable listing, one kernel a line: what the dumps show after fusion."""
+        lines = [f"# program {self.name}: {len(self.kernels)} kernels",
+                 f"inputs: {', '.join(self.inputs)}"]
+        for index, kernel in enumerate(self.kernels):
+            outs = ", ".join(kernel.outputs)
+            ins = ", ".join(kernel.inputs)
+            lines.append(f"{index:4d} {kernel.kind:7s} {kernel.name}: {outs} <- {ins}"
+                         f"   # {', '.join(kernel.node_names)}")
+            if self.frees.get(index):
+                lines.append(f"     free {', '.join(self.frees[index])}")
+        lines.append(f"outputs: {', '.join(map(str, self.outputs))}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""One frozen ``Options`` object, the same names in both faces.
+
+Both ``torch.compile(..., options={...})`` and ``retrograd.compile(fn, **options)``
+end here, so an unknown name or a bad value fails the same way: a
+``ValueError`` that names the option, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+__all__ = ["Options", "EXECUTORS", "PASS_NAMES"]
+
+EXECUTORS = ("auto", "triton", "interpret", "fx")
+
+#: Every pass a user may name in ``disable``, in pipeline order.
+PASS_NAMES = ("cleanup", "checkpoint", "fusion", "buffer_reuse")
+
+#: Passes without which no program can be built: disabling them is an error.
+REQUIRED_PASSES = ("checkpoint", "fusion")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Compiler options.
+
+    Attributes:
+        memory_budget: None saves the least bytes that cheap recompute allows;
+            a float in (0, 1] caps saved activations at that fraction of the
+            save-everything plan.
+        dump_dir: write pass-by-pass dumps there (``RETROGRAD_DUMP`` does the
+            same without code changes).
+        executor: "auto" (Triton on CUDA, Triton's interpreter on CPU),
+            "triton", "interpret", or "fx" (the optimized graph run with torch
+            ops, which isolates codegen from the passes).
+        disable: names of passes to skip, for debugging.
+        verify: run the graph after every pass on the example inputs and name
+            the first pass that changes the numbers.
+
+    Example:
+        >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
+        Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), verify=False)
+    """
+
+    memory_budget: float | None = None
+    dump_dir: str | None = None
+    executor: str = "auto"
+    disable: tuple[str, ...] = ()
+    verify: bool = False
+
+    @classmethod
+    def known(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None = None) -> "Options":
+        """Validate user options; ``RETROGRAD_DUMP`` fills ``dump_dir`` if unset."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.known()))
+        if unknown:
+            raise ValueError(
+                f"retrograd: unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"known options are: {', '.join(cls.known())}")
+        if options.get("dump_dir") is None and os.environ.get("RETROGRAD_DUMP"):
+            options["dump_dir"] = os.environ["RETROGRAD_DUMP"]
+        result = cls(**options)
+        result._check()
+        return result
+
+    def _check(self) -> None:
+        budget = self.memory_budget
+        if budget is not None and (isinstance(budget, bool)
+                                   or not isinstance(budget, (int, float))
+                                   or not 0.0 < float(budget) <= 1.0):
+            raise ValueError(
+                f"retrograd: option memory_budget={budget!r} must be None or a float in (0, 1]")
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"retrograd: option executor={self.executor!r} must be one of {EXECUTORS}")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise ValueError(f"retrograd: option dump_dir={self.dump_dir!r} must be a path")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
+        disable = (self.disable,) if isinstance(self.disable, str) else tuple(self.disable)
+        object.__setattr__(self, "disable", disable)
+        for name in disable:
+            if name not in PASS_NAMES:
+                raise ValueError(
+                    f"retrograd: option disable names unknown pass {name!r}; "
+                    f"passes are: {', '.join(PASS_NAMES)}")
+            if name in REQUIRED_PASSES:
+                raise ValueError(
+                    f"retrograd: pass {name!r} cannot be disabled: the program is built "
+                    f"by it (use executor='fx' to bypass code generation)")

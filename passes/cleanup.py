@@ -1,0 +1,98 @@
+"""Dead-code elimination, common-subexpression elimination and no-op views.
+
+What it does: removes nodes whose values nobody uses, merges nodes that
+compute the same pure op on the same arguments, and bypasses views that
+change nothing (a ``view`` or ``alias`` to the same shape).
+
+Assumes a functional ATen graph (AOTAutograd's joint graph): no node mutates
+its inputs. Random ops are never merged (two dropouts are two masks), nor
+are ops with side effects. Guarantees the graph still computes the same
+values, in the same output order. The usual compiler cleanups, as in
+torch.fx's own ``eliminate_dead_code`` and Inductor's CSE.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+__all__ = ["run"]
+
+aten = torch.ops.aten
+NO_OP_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.alias.default,
+               aten.reshape.default}
+
+
+def _is_pure(node: fx.Node) -> bool:
+    target = node.target
+    if node.op != "call_function" or node.is_impure():
+        return False
+    tags = getattr(target, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:
+        return False
+    schema = getattr(target, "_schema", None)
+    return schema is None or not schema.is_mutable
+
+
+def _key(node: fx.Node):
+    def freeze(value):
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__,) + tuple(freeze(v) for v in value)
+        if isinstance(value, dict):
+            return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+        if isinstance(value, float) and value != value:
+            return ("nan",)
+        return value
+    try:
+        key = (node.target, freeze(node.args), freeze(node.kwargs))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def eliminate_common_subexpressions(graph: fx.Graph) -> int:
+    seen: dict = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if not _is_pure(node):
+            continue
+        key = _key(node)
+        if key is None:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return merged
+
+
+def remove_no_op_views(graph: fx.Graph) -> int:
+    output = next(node for node in graph.nodes if node.op == "output")
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in NO_OP_VIEWS:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or node in output.all_input_nodes:
+            continue
+        before, after = source.meta.get("val"), node.meta.get("val")
+        if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) \
+                and before.shape == after.shape and before.stride() == after.stride():
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+def run(gm: fx.GraphModule, ctx) -> dict:
+    before = len(gm.graph.nodes)
+    views = remove_no_op_views(gm.graph)
+    merged = eliminate_common_subexpressions(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    dead = before - len(gm.graph.nodes) - views - merged
+    return {"dead_nodes_removed": dead, "common_subexpressions_merged": merged,
+            "no_op_views_removed": views}

@@ -1,0 +1,329 @@
+"""Group pointwise nodes into kernels and build the program IR.
+
+What it does: walks the fx graph in topological order and puts each node
+that codegen can lower (``ctx.op_support.can_lower``) into a group with one
+of its producers when the two share an iteration order; every other node
+becomes an extern call of its aten op, and aliasing ops (view, permute,
+expand, slice, ...) become views that move no data. The result is a
+``Program``: buffers plus kernels in a topological order.
+
+Invariants it keeps, which codegen relies on:
+- all non-fill nodes of a group have the same element count, and every edge
+  inside a group is either same-shape or a row-major reshape (view, squeeze,
+  unsqueeze, ...), so "element i" means the same thing for every node and an
+  in-kernel value is one register per element;
+- a node never reads, through memory, a value its own kernel writes (that
+  would race across programs);
+- grouping never creates a cycle between kernels (a node joins a group only
+  if none of its other inputs depends on that group);
+- constant fills (``full``, ``zeros_like``, ``scalar_tensor``, ...) are
+  inlined as literals into every kernel that reads them and materialized
+  only when something other than a kernel needs them.
+
+This is greedy vertical fusion in the manner of TorchInductor's scheduler
+(``can_fuse`` over producer/consumer pairs, with the same cycle check),
+restricted to pointwise ops; reductions and their epilogues come later.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from retrograd.ir import Buffer, Kernel, Program
+
+__all__ = ["run", "is_view", "is_reshape"]
+
+aten = torch.ops.aten
+
+#: Aliasing ops that keep row-major element order: an in-kernel value read
+#: through one of them is still the same register.
+RESHAPE_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+               aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+               aten.unsqueeze.default, aten.alias.default}
+
+
+def is_view(node: fx.Node) -> bool:
+    """True for ops whose result aliases their first argument's storage."""
+    if node.op != "call_function":
+        return False
+    if node.target in RESHAPE_OPS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write and not schema.is_mutable
+
+
+def is_reshape(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in RESHAPE_OPS and _same_numel(
+        node, node.args[0])
+
+
+def _val(node: Any):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _numel(node: fx.Node) -> int | None:
+    val = _val(node)
+    return val.numel() if isinstance(val, torch.Tensor) else None
+
+
+def _same_numel(a: Any, b: Any) -> bool:
+    return isinstance(b, fx.Node) and _numel(a) is not None and _numel(a) == _numel(b)
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [arg for arg in node.all_input_nodes if isinstance(_val(arg), torch.Tensor)]
+
+
+class _Grouping:
+    """The state of the greedy walk: which group each node joined."""
+
+    def __init__(self, graph: fx.Graph, op_support):
+        self.graph = graph
+        self.support = op_support
+        self.group_of: dict[fx.Node, int] = {}
+        self.groups: list[list[fx.Node]] = []
+        self.numel: list[int] = []
+        self.ancestors: dict[fx.Node, frozenset[int]] = {}
+
+    def register_source(self, arg: fx.Node, group: int) -> fx.Node | None:
+        """The in-group node whose register equals ``arg``, through reshapes."""
+        while arg not in self.group_of and is_reshape(arg):
+            arg = arg.args[0]
+        return arg if self.group_of.get(arg) == group else None
+
+    @staticmethod
+    def root(arg: fx.Node) -> fx.Node:
+        while is_view(arg) and isinstance(arg.args[0], fx.Node):
+            arg = arg.args[0]
+        return arg
+
+    def can_join(self, node: fx.Node, group: int) -> bool:
+        if self.numel[group] != _numel(node):
+            return False
+        for arg in _tensor_args(node):
+            if self.support.is_fill(arg):
+                continue
+            if self.register_source(arg, group) is not None:
+                continue
+            if self.group_of.get(self.root(arg)) == group:
+                return False      # would read its own kernel's output through memory
+            if group in self.ancestors[arg]:
+                return False      # would make the kernel depend on itself
+        return True
+
+    def place(self, node: fx.Node) -> None:
+        if self.support.can_lower(node) and not self.support.is_fill(node):
+            candidates = []
+            for arg in _tensor_args(node):
+                for group in self.groups_reachable_by_register(arg):
+                    if group not in candidates:
+                        candidates.append(group)
+            for group in candidates:
+                if self.can_join(node, group):
+                    self.group_of[node] = group
+                    self.groups[group].append(node)
+                    break
+            else:
+                self.group_of[node] = len(self.groups)
+                self.groups.append([node])
+                self.numel.append(_numel(node))
+        inherited = set()
+        for arg in node.all_input_nodes:
+            inherited |= self.ancestors.get(arg, frozenset())
+            if arg in self.group_of:
+                inherited.add(self.group_of[arg])
+        self.ancestors[node] = frozenset(inherited)
+
+    def groups_reachable_by_register(self, arg: fx.Node) -> list[int]:
+        while arg not in self.group_of and is_reshape(arg):
+            arg = arg.args[0]
+        return [self.group_of[arg]] if arg in self.group_of else []
+
+
+def _buffer(node: fx.Node, role: str, view_of: str | None = None) -> Buffer:
+    val = _val(node)
+    return Buffer(name=node.name, shape=tuple(val.shape), strides=tuple(val.stride()),
+                  dtype=str(val.dtype).removeprefix("torch."), role=role, view_of=view_of)
+
+
+class _Builder:
+    """Turns a grouping into buffers and kernels."""
+
+    def __init__(self, gm: fx.GraphModule, grouping: _Grouping, name: str):
+        self.gm = gm
+        self.grouping = grouping
+        self.name = name
+        self.output_node = next(n for n in gm.graph.nodes if n.op == "output")
+        self.outputs = list(self.output_node.args[0])
+        self.needed: set[fx.Node] = set()
+
+    # -- which values must exist as tensors at run time -------------------
+    def read_mode(self, consumer: fx.Node, arg: fx.Node) -> str:
+        group = self.grouping.group_of.get(consumer)
+        if group is None:
+            return "buffer"
+        if self.grouping.support.is_fill(arg):
+            return "inline"
+        if self.grouping.register_source(arg, group) is not None:
+            return "register"
+        return "buffer"
+
+    def find_needed(self) -> None:
+        work = [arg for arg in self.outputs if isinstance(arg, fx.Node)]
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            for arg in node.all_input_nodes:
+                if self.read_mode(node, arg) == "buffer":
+                    work.append(arg)
+        while work:
+            node = work.pop()
+            if node in self.needed:
+                continue
+            self.needed.add(node)
+            if is_view(node) or node.target is operator.getitem:
+                work.append(node.args[0])
+
+    # -- buffers and kernels ------------------------------------------------
+    def build(self) -> Program:
+        self.find_needed()
+        grouping = self.grouping
+        # A fill needed as a tensor gets a kernel of its own.
+        for node in self.gm.graph.nodes:
+            if node in self.needed and grouping.support.is_fill(node) \
+                    and grouping.support.can_lower(node):
+                grouping.group_of[node] = len(grouping.groups)
+                grouping.groups.append([node])
+                grouping.numel.append(_numel(node))
+        output_names = {arg.name for arg in self.outputs if isinstance(arg, fx.Node)}
+        buffers: dict[str, Buffer] = {}
+        inputs, constants, steps = [], {}, []
+        emitted_groups: set[int] = set()
+        for position, node in enumerate(self.gm.graph.nodes):
+            if node.op == "placeholder":
+                inputs.append(node.name)
+                if isinstance(_val(node), torch.Tensor):
+                    buffers[node.name] = _buffer(node, "input")
+            elif node.op == "get_attr":
+                constants[node.name] = getattr(self.gm, node.target)
+                if isinstance(constants[node.name], torch.Tensor):
+                    buffers[node.name] = Buffer(
+                        node.name, tuple(constants[node.name].shape),
+                        tuple(constants[node.name].stride()),
+                        str(constants[node.name].dtype).removeprefix("torch."), "constant")
+            elif node.op == "call_function" and node in grouping.group_of:
+                group = grouping.group_of[node]
+                if group not in emitted_groups:
+                    emitted_groups.add(group)
+                    steps.append((position, self.triton_kernel(group, buffers, output_names)))
+            elif node.op == "call_function" and node.target is operator.getitem:
+                continue   # part of the kernel that made the tuple
+            elif node.op == "call_function" and node in self.needed or node.op == "call_function" \
+                    and not is_view(node):
+                steps.append((position, self.extern_or_view(node, buffers, output_names)))
+        kernels = _topological([kernel for _, kernel in steps])
+        program = Program(name=self.name, buffers=buffers, kernels=kernels, inputs=inputs,
+                          outputs=[arg.name if isinstance(arg, fx.Node) else arg
+                                   for arg in self.outputs],
+                          constants=constants)
+        return program
+
+    def triton_kernel(self, group: int, buffers, output_names) -> Kernel:
+        nodes = self.grouping.groups[group]
+        members = set(nodes)
+        inputs, fills, aliases = [], [], {}
+        for node in nodes:
+            for arg in _tensor_args(node):
+                mode = self.read_mode(node, arg) if arg not in members else "register"
+                if mode == "inline" and arg not in members and arg not in fills:
+                    fills.append(arg)
+                elif mode == "register" and arg not in members:
+                    aliases[arg.name] = self.grouping.register_source(arg, group).name
+                elif mode == "buffer" and arg.name not in inputs:
+                    inputs.append(arg.name)
+        outputs = [node.name for node in nodes if node in self.needed]
+        for node in nodes:
+            if node in self.needed:
+                buffers[node.name] = _buffer(
+                    node, "output" if node.name in output_names else "temporary")
+        ops = []
+        for node in nodes:
+            short = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+            if short not in ops:
+                ops.append(short)
+        name = f"pointwise_{group}_{'_'.join(ops[:3])}"
+        return Kernel(name=name, kind="triton", nodes=fills + nodes, inputs=inputs,
+                      outputs=outputs, numel=self.grouping.numel[group], aliases=aliases)
+
+    def extern_or_view(self, node: fx.Node, buffers, output_names) -> Kernel:
+        view = is_view(node)
+        val = _val(node)
+        members = [node]
+        if isinstance(val, (tuple, list)):
+            members += [user for user in node.users if user.target is operator.getitem]
+            results = members[1:]
+        else:
+            results = [node]
+        outputs = []
+        for result in results:
+            if not isinstance(_val(result), torch.Tensor):
+                continue
+            if view:
+                base = self.grouping.root(result)
+                buffers[result.name] = _buffer(result, "view", view_of=base.name)
+            else:
+                role = "output" if result.name in output_names else "temporary"
+                buffers[result.name] = _buffer(result, role)
+            outputs.append(result.name)
+        inputs = [arg.name for arg in node.all_input_nodes if arg.name in buffers]
+        short = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        prefix = "view" if view else "extern"
+        return Kernel(name=f"{prefix}_{node.name}" if view else f"{prefix}_{short}_{node.name}",
+                      kind="view" if view else "extern", nodes=members,
+                      inputs=inputs, outputs=outputs)
+
+
+def _topological(kernels: list[Kernel]) -> list[Kernel]:
+    """Order kernels so each runs after its producers, else keeping graph order."""
+    producer = {name: index for index, kernel in enumerate(kernels) for name in kernel.outputs}
+    waiting = {index: {producer[name] for name in kernel.inputs
+                       if name in producer and producer[name] != index}
+               for index, kernel in enumerate(kernels)}
+    done, order = set(), []
+    while len(order) < len(kernels):
+        ready = [index for index in range(len(kernels))
+                 if index not in done and waiting[index] <= done]
+        if not ready:
+            raise RuntimeError("fusion produced a cycle between kernels")
+        done.add(ready[0])
+        order.append(kernels[ready[0]])
+    return order
+
+
+def run(gm: fx.GraphModule, ctx) -> tuple[Program, dict]:
+    """Fuse ``gm`` into a Program; stats count kernels and the ops they cover."""
+    grouping = _Grouping(gm.graph, ctx.op_support)
+    for node in gm.graph.nodes:
+        grouping.place(node)
+    program = _Builder(gm, grouping, ctx.graph_name).build()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    lowerable = [n for n in calls if ctx.op_support.can_lower(n)]
+    in_triton = {n for k in program.kernels_of("triton") for n in k.nodes}
+    extern_ops = Counter(k.op for k in program.kernels_of("extern"))
+    stats = {
+        "triton_kernels": len(program.kernels_of("triton")),
+        "extern_kernels": len(program.kernels_of("extern")),
+        "views": len(program.kernels_of("view")),
+        "pointwise_ops": len(lowerable),
+        "pointwise_ops_in_triton": len([n for n in lowerable if n in in_triton]),
+        "extern_ops": dict(sorted(extern_ops.items())),
+    }
+    return program, stats

@@ -1,0 +1,1 @@
+"""Loading generated code, allocating, launching, and the autograd glue."""

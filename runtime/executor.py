@@ -1,0 +1,108 @@
+"""Running a program: the generated wrapper, or the fx nodes with torch ops.
+
+``GeneratedExecutable`` loads ``program.py`` and each kernel's module and
+calls ``run(args, kernels, rt)``. ``FxExecutable`` (``executor="fx"``) walks
+the same kernels in the same order but evaluates each kernel's fx nodes with
+torch: it runs everything the passes decided and nothing codegen wrote, so a
+wrong number that appears only with generated code is a codegen bug.
+
+Both take the boxed calling convention of AOTAutograd: a list of arguments
+that they clear, so inputs can be freed as soon as they are dead.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from retrograd.ir import Program
+from retrograd.runtime.arena import Allocator, same_layout
+from retrograd.runtime.device import device_of
+from retrograd.runtime.loader import load_module, write_source
+
+__all__ = ["GeneratedExecutable", "FxExecutable", "check_inputs"]
+
+
+def check_inputs(program: Program, args: list) -> None:
+    """Give every tensor input the strides the kernels were generated for."""
+    for position, name in enumerate(program.inputs):
+        buffer = program.buffers.get(name)
+        value = args[position]
+        if buffer is None or not isinstance(value, torch.Tensor):
+            continue
+        if not same_layout(value, buffer.shape, buffer.strides):
+            args[position] = Allocator.layout(value, buffer.shape, buffer.strides)
+
+
+class GeneratedExecutable:
+    """A program whose kernels and wrapper are generated source files."""
+
+    def __init__(self, program: Program, program_source: str, kernel_sources: dict[str, str],
+                 interpreted: bool):
+        self.program = program
+        self.interpreted = interpreted
+        self.paths: dict[str, Path] = {}
+        launchers = {}
+        for name, source in kernel_sources.items():
+            path = write_source(name, source)
+            self.paths[name] = path
+            launchers[name] = load_module(path, interpreted).launch
+        self.kernels = SimpleNamespace(**launchers)
+        path = write_source(f"program_{program.name}", program_source)
+        self.paths["program"] = path
+        self.run = load_module(path, interpreted=False).run
+        self.allocators: dict[torch.device, Allocator] = {}
+
+    def __call__(self, args: list) -> list:
+        check_inputs(self.program, args)
+        device = device_of(args)
+        allocator = self.allocators.get(device)
+        if allocator is None:
+            allocator = self.allocators[device] = Allocator(device, self.program.constants)
+        return self.run(args, self.kernels, allocator)
+
+
+class FxExecutable:
+    """The program's kernels evaluated node by node with torch ops."""
+
+    def __init__(self, program: Program):
+        self.program = program
+
+    def __call__(self, args: list) -> list:
+        program = self.program
+        check_inputs(program, args)
+        env: dict[str, Any] = dict(zip(program.inputs, args))
+        args.clear()
+        env.update(program.constants)
+        for name in program.frees.get(-1, []):
+            env.pop(name, None)
+        for index, kernel in enumerate(program.kernels):
+            for node in kernel.nodes:
+                env[node.name] = _evaluate(node, env)
+            for name in kernel.outputs:
+                buffer = program.buffers[name]
+                if kernel.kind != "view":
+                    env[name] = Allocator.layout(env[name], buffer.shape, buffer.strides)
+            for name in program.frees.get(index, []):
+                env.pop(name, None)
+        return [env[o] if isinstance(o, str) else o for o in program.outputs]
+
+
+def _evaluate(node: fx.Node, env: dict[str, Any]) -> Any:
+    def load(arg):
+        if not isinstance(arg, fx.Node):
+            return arg
+        if arg.name not in env:
+            # a view that fusion kept in registers only: make it here
+            env[arg.name] = _evaluate(arg, env)
+        return env[arg.name]
+    args = fx.node.map_aggregate(node.args, load)
+    kwargs = fx.node.map_aggregate(node.kwargs, load)
+    if node.target is operator.getitem:
+        return args[0][args[1]]
+    return node.target(*args, **kwargs)
