@@ -7,7 +7,12 @@ the expression text. The fusion pass asks ``can_lower(node)`` (through the
 compiler, which hands it this predicate) so that only ops listed here ever
 reach a kernel; everything else stays an extern call of the aten op.
 
-Math follows ../shared/TRITON_ON_CPU.md: no libdevice (tanh, pow, log1p are
+Only Triton's builtins appear in generated code, never the functions that
+``triton.language.standard`` defines with ``@jit`` (``tl.sigmoid``,
+``tl.zeros``, ``tl.sum``...): those are decorated when triton is imported,
+so when triton was imported without TRITON_INTERPRET they cannot run under
+the interpreter ("Cannot call @triton.jit'd outside of the scope of a
+kernel"). Math follows ../shared/TRITON_ON_CPU.md: no libdevice (tanh, pow, log1p are
 built from primitives so the same source runs on GPUs and in the
 interpreter), and half-precision values are computed in float32.
 """
@@ -215,7 +220,7 @@ def _unary(function: str):
 for _op, _fn in [(aten.exp.default, "tl.exp"), (aten.exp2.default, "tl.exp2"),
                  (aten.log.default, "tl.log"), (aten.log2.default, "tl.log2"),
                  (aten.sqrt.default, "tl.sqrt"), (aten.rsqrt.default, "tl.rsqrt"),
-                 (aten.sigmoid.default, "tl.sigmoid"), (aten.erf.default, "tl.math.erf"),
+                 (aten.sigmoid.default, "_sigmoid"), (aten.erf.default, "tl.math.erf"),
                  (aten.sin.default, "tl.sin"), (aten.cos.default, "tl.cos"),
                  (aten.tanh.default, "_tanh"), (aten.expm1.default, "_expm1"),
                  (aten.log1p.default, "_log1p"), (aten.floor.default, "tl.floor"),

@@ -38,6 +38,11 @@ def _maximum(a, b):
 def _minimum(a, b):
     return tl.where((a < b) | (a != a), a, b)
 ''',
+    "_sigmoid": '''
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+''',
     "_tanh": '''
 @triton.jit
 def _tanh(x):
@@ -252,7 +257,7 @@ class _Writer:
         index = self.index(buffer.shape, buffer.strides, node.meta["val"].shape)
         value = name
         if name not in self.vector:
-            value = f"tl.zeros([BLOCK], {ops.triton_dtype(self.dtypes[name])}) + {value}"
+            value = f"tl.full([BLOCK], 0, {ops.triton_dtype(self.dtypes[name])}) + {value}"
         dtype = getattr(torch, buffer.dtype)
         if dtype == torch.bfloat16:
             value = f"_round_to_bf16({value}).to(tl.bfloat16)"
@@ -276,7 +281,7 @@ def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         writer.store(name)
     body = list(writer.lines)
     if writer.needs_broadcast:
-        body.insert(0, "    broadcast = tl.zeros([BLOCK], tl.int32)  # index of a broadcast scalar")
+        body.insert(0, "    broadcast = tl.full([BLOCK], 0, tl.int32)  # index of a broadcast scalar")
     body_text = "\n".join(body)
     helpers = [source for name, source in HELPERS.items() if re.search(rf"\b{name}\(", body_text)]
     args = kernel.inputs + kernel.outputs

@@ -226,8 +226,10 @@ class _Builder:
                     steps.append((position, self.triton_kernel(group, buffers, output_names)))
             elif node.op == "call_function" and node.target is operator.getitem:
                 continue   # part of the kernel that made the tuple
-            elif node.op == "call_function" and node in self.needed or node.op == "call_function" \
-                    and not is_view(node):
+            elif node.op == "call_function" and grouping.support.is_fill(node) \
+                    and node not in self.needed:
+                continue   # inlined as a literal wherever it is read
+            elif node.op == "call_function" and (node in self.needed or not is_view(node)):
                 steps.append((position, self.extern_or_view(node, buffers, output_names)))
         kernels = _topological([kernel for _, kernel in steps])
         program = Program(name=self.name, buffers=buffers, kernels=kernels, inputs=inputs,
@@ -308,22 +310,31 @@ def _topological(kernels: list[Kernel]) -> list[Kernel]:
     return order
 
 
+def _is_pointwise_op(node: fx.Node) -> bool:
+    """ATen's own classification (``Tag.pointwise``), independent of codegen."""
+    return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
 def run(gm: fx.GraphModule, ctx) -> tuple[Program, dict]:
     """Fuse ``gm`` into a Program; stats count kernels and the ops they cover."""
+    for node in gm.graph.nodes:   # constants carry real tensors as their value
+        if node.op == "get_attr" and "val" not in node.meta:
+            node.meta["val"] = getattr(gm, node.target)
     grouping = _Grouping(gm.graph, ctx.op_support)
     for node in gm.graph.nodes:
         grouping.place(node)
     program = _Builder(gm, grouping, ctx.graph_name).build()
-    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
-    lowerable = [n for n in calls if ctx.op_support.can_lower(n)]
+    pointwise = [n for n in gm.graph.nodes if _is_pointwise_op(n)]
     in_triton = {n for k in program.kernels_of("triton") for n in k.nodes}
     extern_ops = Counter(k.op for k in program.kernels_of("extern"))
     stats = {
         "triton_kernels": len(program.kernels_of("triton")),
         "extern_kernels": len(program.kernels_of("extern")),
         "views": len(program.kernels_of("view")),
-        "pointwise_ops": len(lowerable),
-        "pointwise_ops_in_triton": len([n for n in lowerable if n in in_triton]),
+        "pointwise_ops": len(pointwise),
+        "pointwise_ops_in_triton": len([n for n in pointwise if n in in_triton]),
+        "pointwise_ops_extern": dict(sorted(Counter(
+            str(n.target) for n in pointwise if n not in in_triton).items())),
         "extern_ops": dict(sorted(extern_ops.items())),
     }
     return program, stats

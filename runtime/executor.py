@@ -17,12 +17,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy
 import torch
 import torch.fx as fx
 
 from retrograd.ir import Program
 from retrograd.runtime.arena import Allocator, same_layout
-from retrograd.runtime.device import device_of
+from retrograd.runtime.device import device_of, interpreter_mode
 from retrograd.runtime.loader import load_module, write_source
 
 __all__ = ["GeneratedExecutable", "FxExecutable", "check_inputs"]
@@ -64,7 +65,13 @@ class GeneratedExecutable:
         allocator = self.allocators.get(device)
         if allocator is None:
             allocator = self.allocators[device] = Allocator(device, self.program.constants)
-        return self.run(args, self.kernels, allocator)
+        if not self.interpreted:
+            return self.run(args, self.kernels, allocator)
+        # Triton 3.9 also reads TRITON_INTERPRET while launching (lazy imports,
+        # constexpr helpers), not only when decorating: keep it set meanwhile.
+        # numpy warns about lanes that are masked off or in a where's other branch
+        with interpreter_mode(True), numpy.errstate(all="ignore"):
+            return self.run(args, self.kernels, allocator)
 
 
 class FxExecutable:
