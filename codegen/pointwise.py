@@ -294,7 +294,7 @@ def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     return KERNEL.substitute(
         title=f"{kernel.name}: {len(kernel.nodes)} pointwise ops fused into one kernel.",
         graph=graph or "?",
-        covered="\n".join(f"    {node.format_node()}" for node in kernel.nodes),
+        covered="\n".join(f"    {_describe_node(node)}" for node in kernel.nodes),
         helpers="".join(helpers),
         name=kernel.name,
         params=params,
@@ -304,6 +304,15 @@ def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         numel=kernel.numel,
         block=block,
     )
+
+
+def _describe_node(node) -> str:
+    """``mul_3 = aten.mul.Tensor(view_2, 0.5)``: the node as a line of Python."""
+    def show(arg):
+        return arg.name if hasattr(arg, "name") and hasattr(arg, "op") else repr(arg)
+    args = [show(a) for a in node.args] + [f"{k}={show(v)}" for k, v in node.kwargs.items()
+                                           if k not in ("layout", "device", "pin_memory")]
+    return f"{node.name} = {node.target}({', '.join(args)})"
 
 
 def _describe(buffer: Buffer) -> str:

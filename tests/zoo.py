@@ -1,0 +1,195 @@
+"""A zoo of tiny models for the end-to-end tests, built from code with random weights.
+
+Nothing is downloaded: every model comes from code or a config. Each entry is
+a ``ZooEntry``: a function building the model, a function making random inputs
+(the inputs that should receive gradients have ``requires_grad=True``) and a
+loss mapping the model's output to a scalar. Shapes stay tiny because Triton's
+interpreter costs about 1.5 ms per program instance.
+
+Example:
+    >>> entry = ZOO["mlp"]
+    >>> model = entry.model()
+    >>> loss = entry.run(model, entry.inputs())
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ZooEntry", "ZOO", "mlp", "cnn", "attention_block", "gpt2_tiny", "mlp_frozen",
+           "MLP", "SmallCNN", "AttentionBlock"]
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A model of the zoo: how to build it, feed it, and reduce its output to a loss."""
+
+    name: str
+    model: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]
+    loss: Callable[[Any], torch.Tensor]
+    call: Callable[..., Any] = lambda model, *inputs: model(*inputs)
+
+    def run(self, model: Callable, inputs: tuple) -> torch.Tensor:
+        """The loss of ``model`` (eager or compiled) on ``inputs``."""
+        return self.loss(self.call(model, *inputs))
+
+
+def _weighted_sum(output: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient is not the same for every output element."""
+    weights = torch.linspace(-1.0, 2.0, output.numel(), dtype=output.dtype).view(output.shape)
+    return (output * weights).sum()
+
+
+# -- MLP ------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear, a residual around it, then LayerNorm and a head."""
+
+    def __init__(self, features: int = 8, hidden: int = 16, classes: int = 4):
+        super().__init__()
+        self.up = nn.Linear(features, hidden)
+        self.down = nn.Linear(hidden, features)
+        self.norm = nn.LayerNorm(features)
+        self.head = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.down(F.gelu(self.up(x)))
+        return self.head(self.norm(x))
+
+
+def mlp() -> ZooEntry:
+    return ZooEntry(
+        "mlp",
+        model=lambda: MLP(),
+        inputs=lambda: (torch.randn(4, 8, requires_grad=True),),
+        loss=_weighted_sum,
+    )
+
+
+def mlp_frozen() -> ZooEntry:
+    """The MLP with half its parameter tensors frozen; the input still wants a gradient."""
+
+    def build() -> nn.Module:
+        model = MLP()
+        for module in (model.up, model.norm):
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+        return model
+
+    return ZooEntry(
+        "mlp_frozen",
+        model=build,
+        inputs=lambda: (torch.randn(4, 8, requires_grad=True),),
+        loss=_weighted_sum,
+    )
+
+
+# -- CNN ------------------------------------------------------------------------
+
+class SmallCNN(nn.Module):
+    """Conv -> BatchNorm (batch statistics in training) -> ReLU -> MaxPool, twice
+    with an AvgPool in the second stage, then a linear head."""
+
+    def __init__(self, channels: int = 3, width: int = 4, classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width * 2 * 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.avg_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.head(x.flatten(1))
+
+
+def cnn() -> ZooEntry:
+    return ZooEntry(
+        "cnn",
+        model=lambda: SmallCNN(),
+        inputs=lambda: (torch.randn(2, 3, 8, 8, requires_grad=True),),
+        loss=_weighted_sum,
+    )
+
+
+# -- a causal self-attention block, by hand ---------------------------------------
+
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer block: causal self-attention and a GELU MLP, with residuals."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, max_tokens: int = 8):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(2 * dim, dim)
+        causal = torch.tril(torch.ones(max_tokens, max_tokens, dtype=torch.bool))
+        self.register_buffer("causal", causal, persistent=False)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).split(dim, dim=-1)
+        q, k, v = (t.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)
+                   for t in (q, k, v))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(dim // self.heads)
+        scores = scores.masked_fill(~self.causal[:tokens, :tokens], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        mixed = (weights @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj(mixed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.out(F.gelu(self.fc(self.norm2(x))))
+
+
+def attention_block() -> ZooEntry:
+    return ZooEntry(
+        "attention_block",
+        model=lambda: AttentionBlock(),
+        inputs=lambda: (torch.randn(2, 8, 16, requires_grad=True),),
+        loss=_weighted_sum,
+    )
+
+
+# -- GPT-2, tiny ----------------------------------------------------------------
+
+def _gpt2_model() -> nn.Module:
+    """Built from a config with random weights (no download); eager attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        summary_first_dropout=0.0, bos_token_id=0, eos_token_id=1)
+    config._attn_implementation = "eager"
+    model = GPT2LMHeadModel(config)
+    model.train()
+    return model
+
+
+def gpt2_tiny() -> ZooEntry:
+    """transformers' GPT2LMHeadModel, 2 layers of width 32, on 2x8 token ids.
+
+    It is called with ``labels``, so its LM loss (shift, cross-entropy) is part
+    of the compiled graph; the loss is that output's ``.loss``.
+    """
+    return ZooEntry(
+        "gpt2_tiny",
+        model=_gpt2_model,
+        inputs=lambda: (torch.randint(0, 64, (2, 8)),),
+        loss=lambda output: output.loss,
+        call=lambda model, ids: model(input_ids=ids, labels=ids),
+    )
+
+
+ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in
+                            (mlp(), cnn(), attention_block(), gpt2_tiny(), mlp_frozen())}
