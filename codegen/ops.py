@@ -186,7 +186,10 @@ def _pow_scalar(node, operand):
              -2: f"1.0 / ({x} * {x})", 4: f"({x} * {x}) * ({x} * {x})"}
     if exponent in small:
         return small[exponent]
-    return f"_pow({x}, {literal(float(exponent))})"
+    # The exponent goes in as a block, not a scalar: the interpreter types a
+    # comparison of two scalars wrongly (an int1 result held as float32), and
+    # _pow's sign logic compares the exponent with itself.
+    return f"_pow({x}, tl.full([BLOCK], {literal(float(exponent))}, {triton_dtype(dtype)}))"
 
 
 @_register(aten.pow.Tensor_Tensor)

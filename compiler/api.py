@@ -88,10 +88,16 @@ class _Cache:
         return flat.rebuild(compiled(*tensors))
 
     def _module_key(self) -> tuple:
+        """The module state a trace bakes in: train/eval of every submodule, which
+        parameters want gradients, and which tensors the parameters and buffers are
+        (the compiled graph keeps the ones it was traced with, so a replaced or
+        converted tensor must trace again)."""
         if self.module is None:
             return ()
-        return (("training", self.module.training),
-                ("requires_grad", tuple(p.requires_grad for p in self.module.parameters())))
+        state = [*self.module.parameters(), *self.module.buffers()]
+        return (("training", tuple(m.training for m in self.module.modules())),
+                ("requires_grad", tuple(p.requires_grad for p in self.module.parameters())),
+                ("state", tuple((id(t), t.dtype, tuple(t.shape), t.device) for t in state)))
 
     @property
     def reports(self) -> dict[str, dict]:
@@ -101,16 +107,16 @@ class _Cache:
 
 
 def _refuse_closed_over_grads(compiler, module) -> None:
-    """A plain function that closes over tensors requiring grad would silently
-    lose their gradients (AOTAutograd bakes them in as constants)."""
-    if module is not None:
-        return
+    """Code that closes over tensors requiring grad (other than a module's own
+    parameters) would silently lose their gradients: AOTAutograd bakes them in
+    as constants. Under no_grad nothing is lost."""
     closed = compiler.closed_over_grads
-    if closed:
+    if closed and torch.is_grad_enabled():
+        what = "the function" if module is None else f"{type(module).__name__}.forward"
         raise ValueError(
-            f"retrograd.compile: the function closes over tensors that require grad "
+            f"retrograd.compile: {what} closes over tensors that require grad "
             f"({', '.join(closed)}); their gradients would be lost. Pass them as "
-            f"arguments, or wrap the computation in an nn.Module")
+            f"arguments, or make them parameters of an nn.Module")
 
 
 class CompiledModule(torch.nn.Module):

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 from torch._functorch.aot_autograd import aot_module_simplified
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from retrograd.decompositions import decomposition_table
 from retrograd.options import Options
@@ -57,12 +58,26 @@ def _real_primals(module: torch.nn.Module, inputs: Sequence[Any]) -> list:
     return list(params.values()) + list(buffers.values()) + list(inputs)
 
 
+def _fake_inputs(inputs: Sequence[Any]) -> list:
+    """Fake copies of ``inputs``, in a fake mode that admits real tensors.
+
+    AOTAutograd traces in the fake mode of its inputs. A real tensor that the
+    traced code closes over (a mask, a scale, a tensor captured by a plain
+    function) would fail its default mode; this one lets make_fx record it as
+    a constant of the graph (a ``get_attr`` node), where the pipeline can
+    inspect it.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    return [mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+            for value in inputs]
+
+
 def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], options: Options,
                   captured_text: str | None = None):
     """Compile ``module(*example_inputs)`` (tuple outputs); returns (callable, compiler)."""
     compiler = GraphCompiler(options, _real_primals(module, example_inputs), captured_text)
     compiled = aot_module_simplified(
-        module, list(example_inputs),
+        module, _fake_inputs(example_inputs),
         fw_compiler=compiler.compile_forward,
         bw_compiler=compiler.compile_backward,
         partition_fn=compiler.partition,

@@ -167,9 +167,7 @@ class GraphCompiler:
             self.joint_dumper.stage("captured", self.captured_text)
         self.joint_dumper.stage("joint", _text(gm))
         self.captured_nodes = len(gm.graph.nodes)
-        self.closed_over_grads = [
-            str(n.target) for n in gm.graph.nodes if n.op == "get_attr"
-            and getattr(getattr(gm, n.target), "requires_grad", False)]
+        self.closed_over_grads = _closed_over_grads(gm)
         self.started = perf_counter()
         return PassContext(self.options, self.joint_dumper, OpSupport(), self.graph_id)
 
@@ -287,6 +285,20 @@ class GraphCompiler:
                  kernels["extern"], kernels["extern_ops"], memory["saved_activation_bytes"],
                  memory["live_lower_bound_bytes"], memory["unplanned_bytes"],
                  report["compile_seconds"], where)
+
+
+def _closed_over_grads(gm: fx.GraphModule) -> list[str]:
+    """The graph's constants that require grad, once each, with shape and dtype.
+
+    They are real tensors the traced code closed over; AOTAutograd bakes them
+    in, so their gradients would be lost.
+    """
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        value = getattr(gm, node.target) if node.op == "get_attr" else None
+        if getattr(value, "requires_grad", False):
+            found[node.target] = f"{node.target}: {tuple(value.shape)} {value.dtype}"
+    return list(found.values())
 
 
 def _memory_plan(program: Program) -> str:

@@ -6,8 +6,9 @@ AOTAutograd's ``default_partition`` (forward = everything the forward
 outputs need; saved = forward values the backward reads; backward = the
 rest), which this pass calls. Its stats report the bytes saved between the
 two halves, counted once per distinct value and leaving out the inputs and
-parameters, which the caller keeps alive anyway (the same convention as
-measuring eager with ``torch.autograd.graph.saved_tensors_hooks``).
+parameters and views of them (``permute(weight)``), which share storage the
+caller keeps alive anyway (the same convention as measuring eager with
+``torch.autograd.graph.saved_tensors_hooks``).
 
 Assumes the AOTAutograd joint graph (``forward(primals, tangents)``).
 Returns two GraphModules, forward and backward.
@@ -19,15 +20,26 @@ import torch
 import torch.fx as fx
 from torch._functorch.partitioners import default_partition
 
+from retrograd.passes.fusion import is_view
+
 __all__ = ["run", "saved_values"]
 
 
+def _aliases_input(node: fx.Node | None) -> bool:
+    """True for a forward placeholder or a view of one (``permute(primals_1)``):
+    it shares the caller's storage, so saving it costs no memory."""
+    while node is not None and is_view(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node is not None and node.op == "placeholder"
+
+
 def saved_values(forward: fx.GraphModule, backward: fx.GraphModule):
-    """The backward's placeholders that the forward hands over (not tangents)."""
-    inputs = {node.name for node in forward.graph.nodes if node.op == "placeholder"}
+    """The backward's placeholders that the forward hands over (not tangents),
+    and those of them that are activations (neither inputs nor their views)."""
+    forward_nodes = {node.name: node for node in forward.graph.nodes}
     saved = [node for node in backward.graph.nodes
              if node.op == "placeholder" and not node.name.startswith("tangents")]
-    activations = [node for node in saved if node.name not in inputs]
+    activations = [node for node in saved if not _aliases_input(forward_nodes.get(node.name))]
     return saved, activations
 
 

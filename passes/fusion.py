@@ -177,9 +177,15 @@ class _Builder:
         return "buffer"
 
     def find_needed(self) -> None:
+        """Values that must exist in memory: outputs, what is read as a buffer,
+        and the bases of needed views. A view outside any kernel does not by
+        itself make its base needed: only if the view is needed (a kernel
+        reading it through a register leaves the base in registers too)."""
         work = [arg for arg in self.outputs if isinstance(arg, fx.Node)]
         for node in self.gm.graph.nodes:
             if node.op != "call_function":
+                continue
+            if is_view(node) and node not in self.grouping.group_of:
                 continue
             for arg in node.all_input_nodes:
                 if self.read_mode(node, arg) == "buffer":
