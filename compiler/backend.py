@@ -10,6 +10,7 @@ per distinct signature, cached. That is a documented specialization
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -35,6 +36,7 @@ class CompiledGraph:
         self.compiled: dict[tuple, Any] = {}
         self.compilers: dict[tuple, Any] = {}
         self.last_key: tuple | None = None
+        self.scalar_inputs = scalar_inputs(gm)
 
     @property
     def reports(self) -> dict[str, dict]:
@@ -44,14 +46,42 @@ class CompiledGraph:
         return self.compilers[self.last_key].reports
 
     def __call__(self, *args):
-        key = signature(args)
+        scalars = {index: args[index].item() for index in self.scalar_inputs}
+        key = signature(args) + tuple(sorted(scalars.items()))
         if key not in self.compiled:
             concrete = [int(a) if isinstance(a, torch.SymInt) else a for a in args]
+            gm = bake_scalars(self.gm, scalars) if scalars else self.gm
             self.compiled[key], self.compilers[key] = compile_graph(
-                self.gm, concrete, self.options,
-                captured_text=self.gm.print_readable(print_output=False))
+                gm, concrete, self.options,
+                captured_text=gm.print_readable(print_output=False))
         self.last_key = key
         return self.compiled[key](*args)
+
+
+def scalar_inputs(gm: torch.fx.GraphModule) -> list[int]:
+    """Positions of the inputs that carry a Python number.
+
+    After a recompile dynamo may pass a float argument as a 0-dim tensor that
+    the graph reads only through ``.item()``; traced with static shapes that
+    read is data-dependent and fails. Those inputs are specialized instead.
+    """
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    return [index for index, node in enumerate(placeholders) if node.users and all(
+        user.op == "call_method" and user.target == "item" for user in node.users)]
+
+
+def bake_scalars(gm: torch.fx.GraphModule, values: dict[int, Any]) -> torch.fx.GraphModule:
+    """A copy of ``gm`` where ``.item()`` of those inputs is their value (inputs kept)."""
+    graph = copy.deepcopy(gm.graph)
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    for index, value in values.items():
+        for item in list(placeholders[index].users):
+            for user in list(item.users):
+                user.args = torch.fx.node.map_arg(user.args, lambda n: value if n is item else n)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs,
+                                                    lambda n: value if n is item else n)
+            graph.erase_node(item)
+    return torch.fx.GraphModule(gm, graph)
 
 
 def retrograd_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
