@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from retrograd.codegen.pointwise import choose_block, generate_pointwise
+from retrograd.codegen.reduction import choose_reduction_blocks, generate_reduction
 from retrograd.codegen.wrapper import generate_program
 from retrograd.ir import Program
 
@@ -13,7 +14,12 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
     """Source of every Triton kernel (by kernel name) and of ``program.py``."""
     kernels = {}
     for kernel in program.kernels_of("triton"):
-        block = choose_block(kernel.numel, interpreted)
-        kernel.source = generate_pointwise(kernel, program.buffers, block, program.name)
+        if kernel.is_reduction:
+            rows, r_block = choose_reduction_blocks(kernel.numel, kernel.extent, interpreted)
+            kernel.source = generate_reduction(kernel, program.buffers, rows, r_block,
+                                               program.name)
+        else:
+            block = choose_block(kernel.numel, interpreted)
+            kernel.source = generate_pointwise(kernel, program.buffers, block, program.name)
         kernels[kernel.name] = kernel.source
     return kernels, generate_program(program)

@@ -22,6 +22,9 @@ aten = torch.ops.aten
 EXTRA = [
     aten.gelu, aten.native_layer_norm, aten._softmax, aten._log_softmax,
     aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit_no_training,
+    # what the no_training decomposition calls: mutable by its schema (it
+    # writes running stats when training), so it must not reach the graph
+    aten._native_batch_norm_legit,
     aten.native_group_norm, aten.hardswish, aten.hardsigmoid, aten.silu, aten.mish,
     aten.elu, aten.leaky_relu, aten.softplus,
 ]

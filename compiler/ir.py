@@ -86,6 +86,21 @@ class Kernel:
     # kernel's iteration order, a register of this kernel (a reshape of an
     # in-kernel value); maps the view's name to that node's name.
     aliases: dict[str, str] = field(default_factory=dict)
+    # triton reductions: the shape every "full" node has and the dimensions
+    # reduced; ``numel`` is then the number of rows (reduction outputs).
+    full_shape: tuple[int, ...] | None = None
+    reduced_dims: tuple[int, ...] | None = None
+
+    @property
+    def is_reduction(self) -> bool:
+        return self.reduced_dims is not None
+
+    @property
+    def extent(self) -> int:
+        """Elements reduced per row (1 for pointwise kernels)."""
+        if not self.is_reduction:
+            return 1
+        return math.prod(self.full_shape[d] for d in self.reduced_dims)
 
     @property
     def op(self) -> str:

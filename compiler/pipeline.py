@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from retrograd.codegen import generate_sources, ops as codegen_ops
+from retrograd.codegen import generate_sources, ops as codegen_ops, reduction as codegen_reduction
 from retrograd.codegen.wrapper import generate_program
 from retrograd.dump import Dumper
 from retrograd.ir import Program
@@ -54,6 +54,8 @@ class OpSupport:
 
     can_lower = staticmethod(codegen_ops.can_lower)
     is_fill = staticmethod(codegen_ops.is_fill)
+    can_reduce = staticmethod(codegen_reduction.can_reduce)
+    describe_reduction = staticmethod(codegen_reduction.describe_reduction)
 
 
 @dataclass

@@ -40,8 +40,11 @@ def _key(node: fx.Node):
             return (type(value).__name__,) + tuple(freeze(v) for v in value)
         if isinstance(value, dict):
             return tuple(sorted((k, freeze(v)) for k, v in value.items()))
-        if isinstance(value, float) and value != value:
-            return ("nan",)
+        if isinstance(value, (bool, int, float)):
+            # 1, 1.0 and True are equal in Python but promote differently
+            # (x + 1.0 is float where x + 1 is int), and 0.0 == -0.0; the
+            # repr tells them apart and makes NaN equal to itself.
+            return (type(value).__name__, repr(value))
         return value
     try:
         key = (node.target, freeze(node.args), freeze(node.kwargs))

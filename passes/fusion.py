@@ -83,7 +83,13 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 class _Grouping:
-    """The state of the greedy walk: which group each node joined."""
+    """The state of the greedy walk: which group each node joined.
+
+    A group is pointwise (``geometry`` None: every member has the group's
+    element count) or a reduction (``geometry`` = (full shape, reduced dims):
+    members are *full*, with exactly the full shape, or *row*, with one
+    element per row; ``numel`` is the row count).
+    """
 
     def __init__(self, graph: fx.Graph, op_support):
         self.graph = graph
@@ -91,13 +97,21 @@ class _Grouping:
         self.group_of: dict[fx.Node, int] = {}
         self.groups: list[list[fx.Node]] = []
         self.numel: list[int] = []
+        self.geometry: list[tuple | None] = []
         self.ancestors: dict[fx.Node, frozenset[int]] = {}
 
+    # -- reading values inside a group --------------------------------------
     def register_source(self, arg: fx.Node, group: int) -> fx.Node | None:
         """The in-group node whose register equals ``arg``, through reshapes."""
+        start = arg
         while arg not in self.group_of and is_reshape(arg):
             arg = arg.args[0]
-        return arg if self.group_of.get(arg) == group else None
+        if self.group_of.get(arg) != group:
+            return None
+        if self.geometry[group] is not None and arg is not start \
+                and self.is_full(arg, group):
+            return None   # full values are aligned by coordinates, not by reshapes
+        return arg
 
     @staticmethod
     def root(arg: fx.Node) -> fx.Node:
@@ -105,36 +119,105 @@ class _Grouping:
             arg = arg.args[0]
         return arg
 
+    def is_full(self, node: fx.Node, group: int) -> bool:
+        val = _val(node)
+        return (self.support.describe_reduction(node) is None
+                and isinstance(val, torch.Tensor)
+                and tuple(val.shape) == self.geometry[group][0])
+
+    def row_aligned(self, arg: fx.Node, group: int) -> bool:
+        """A row value read by a full node broadcasts along the reduced dims only."""
+        full_shape, reduced = self.geometry[group]
+        shape = tuple(_val(arg).shape)
+        if len(shape) != len(full_shape):
+            return False
+        return all((size == 1) if dim in reduced else (size == full_shape[dim])
+                   for dim, size in enumerate(shape))
+
+    # -- joining ---------------------------------------------------------------
+    def external_ok(self, arg: fx.Node, group: int) -> bool:
+        if self.group_of.get(self.root(arg)) == group:
+            return False      # would read its own kernel's output through memory
+        return group not in self.ancestors[arg]   # else the kernel would depend on itself
+
     def can_join(self, node: fx.Node, group: int) -> bool:
+        if self.geometry[group] is not None:
+            return self.can_join_reduction(node, group)
         if self.numel[group] != _numel(node):
+            return False
+        for arg in _tensor_args(node):
+            if self.support.is_fill(arg) or self.register_source(arg, group) is not None:
+                continue
+            if not self.external_ok(arg, group):
+                return False
+        return True
+
+    def can_join_reduction(self, node: fx.Node, group: int) -> bool:
+        full = tuple(_val(node).shape) == self.geometry[group][0]
+        if not full and _numel(node) != self.numel[group]:
             return False
         for arg in _tensor_args(node):
             if self.support.is_fill(arg):
                 continue
-            if self.register_source(arg, group) is not None:
-                continue
-            if self.group_of.get(self.root(arg)) == group:
-                return False      # would read its own kernel's output through memory
-            if group in self.ancestors[arg]:
-                return False      # would make the kernel depend on itself
+            source = self.register_source(arg, group)
+            if source is None:
+                if not self.external_ok(arg, group):
+                    return False
+            elif full and not self.is_full(source, group) and not self.row_aligned(arg, group):
+                return False
+            elif not full and self.is_full(source, group):
+                return False
         return True
 
+    def try_reduction(self, node: fx.Node) -> int | None:
+        """The group a reduction joins (converting a pointwise group), if any."""
+        source, dims, _ = self.support.describe_reduction(node)
+        group = self.group_of.get(source)
+        if group is None:
+            return None
+        full_shape = tuple(_val(source).shape)
+        geometry = (full_shape, tuple(dims))
+        if self.geometry[group] is None:
+            members = self.groups[group]
+            if any(tuple(_val(m).shape) != full_shape or not _tensor_args(m)
+                   for m in members if not self.support.is_fill(m)):
+                return None   # a reshape or a generator inside: keep it pointwise
+            self.geometry[group] = geometry
+            self.numel[group] = _numel(node) if not isinstance(_val(node), tuple) \
+                else _val(node)[0].numel()
+            return group
+        if self.geometry[group] == geometry and self.is_full(source, group):
+            return group
+        return None
+
+    def add(self, node: fx.Node, group: int | None, geometry=None, numel=None) -> None:
+        if group is None:
+            group = len(self.groups)
+            self.groups.append([])
+            self.geometry.append(geometry)
+            self.numel.append(numel)
+        self.group_of[node] = group
+        self.groups[group].append(node)
+
     def place(self, node: fx.Node) -> None:
-        if self.support.can_lower(node) and not self.support.is_fill(node):
+        support = self.support
+        if support.can_reduce(node):
+            source, dims, _ = support.describe_reduction(node)
+            val = _val(node)
+            rows = (val[0] if isinstance(val, (tuple, list)) else val).numel()
+            self.add(node, self.try_reduction(node), (tuple(_val(source).shape), tuple(dims)),
+                     rows)
+        elif node.op == "call_function" and node.target is operator.getitem \
+                and node.args[0] in self.group_of:
+            self.add(node, self.group_of[node.args[0]])   # var_mean's (var, mean)
+        elif support.can_lower(node) and not support.is_fill(node):
             candidates = []
             for arg in _tensor_args(node):
                 for group in self.groups_reachable_by_register(arg):
                     if group not in candidates:
                         candidates.append(group)
-            for group in candidates:
-                if self.can_join(node, group):
-                    self.group_of[node] = group
-                    self.groups[group].append(node)
-                    break
-            else:
-                self.group_of[node] = len(self.groups)
-                self.groups.append([node])
-                self.numel.append(_numel(node))
+            joined = next((g for g in candidates if self.can_join(node, g)), None)
+            self.add(node, joined, None, _numel(node))
         inherited = set()
         for arg in node.all_input_nodes:
             inherited |= self.ancestors.get(arg, frozenset())
@@ -167,6 +250,12 @@ class _Builder:
 
     # -- which values must exist as tensors at run time -------------------
     def read_mode(self, consumer: fx.Node, arg: fx.Node) -> str:
+        """How ``consumer`` reads ``arg``: "inline" (a fill's literal), "register",
+        "buffer", or "shape" (a lowered fill such as ``full_like(x)`` uses only
+        x's shape, so x need not exist in memory for it)."""
+        support = self.grouping.support
+        if support.is_fill(consumer) and support.can_lower(consumer):
+            return "shape"
         group = self.grouping.group_of.get(consumer)
         if group is None:
             return "buffer"
@@ -206,9 +295,7 @@ class _Builder:
         for node in self.gm.graph.nodes:
             if node in self.needed and grouping.support.is_fill(node) \
                     and grouping.support.can_lower(node):
-                grouping.group_of[node] = len(grouping.groups)
-                grouping.groups.append([node])
-                grouping.numel.append(_numel(node))
+                grouping.add(node, None, None, _numel(node))
         output_names = {arg.name for arg in self.outputs if isinstance(arg, fx.Node)}
         buffers: dict[str, Buffer] = {}
         inputs, constants, steps = [], {}, []
@@ -257,19 +344,25 @@ class _Builder:
                     aliases[arg.name] = self.grouping.register_source(arg, group).name
                 elif mode == "buffer" and arg.name not in inputs:
                     inputs.append(arg.name)
-        outputs = [node.name for node in nodes if node in self.needed]
-        for node in nodes:
-            if node in self.needed:
-                buffers[node.name] = _buffer(
-                    node, "output" if node.name in output_names else "temporary")
+        # a tuple (var_mean) is never stored; its getitems are
+        stored = [node for node in nodes if node in self.needed
+                  and isinstance(_val(node), torch.Tensor)]
+        outputs = [node.name for node in stored]
+        for node in stored:
+            buffers[node.name] = _buffer(
+                node, "output" if node.name in output_names else "temporary")
         ops = []
         for node in nodes:
             short = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-            if short not in ops:
+            if short not in ops and short != "getitem":
                 ops.append(short)
-        name = f"pointwise_{group}_{'_'.join(ops[:3])}"
-        return Kernel(name=name, kind="triton", nodes=fills + nodes, inputs=inputs,
-                      outputs=outputs, numel=self.grouping.numel[group], aliases=aliases)
+        geometry = self.grouping.geometry[group]
+        kind = "pointwise" if geometry is None else "reduction"
+        return Kernel(name=f"{kind}_{group}_{'_'.join(ops[:3])}", kind="triton",
+                      nodes=fills + nodes, inputs=inputs, outputs=outputs,
+                      numel=self.grouping.numel[group], aliases=aliases,
+                      full_shape=geometry[0] if geometry else None,
+                      reduced_dims=geometry[1] if geometry else None)
 
     def extern_or_view(self, node: fx.Node, buffers, output_names) -> Kernel:
         view = is_view(node)
