@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from retrograd.codegen.pointwise import choose_block, generate_pointwise
 from retrograd.codegen.reduction import choose_reduction_blocks, generate_reduction
+from retrograd.codegen.scatter import SCATTERS, generate_scatter
 from retrograd.codegen.wrapper import generate_program
 from retrograd.ir import Program
 
@@ -14,7 +15,10 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
     """Source of every Triton kernel (by kernel name) and of ``program.py``."""
     kernels = {}
     for kernel in program.kernels_of("triton"):
-        if kernel.is_reduction:
+        if any(node.target in SCATTERS for node in kernel.nodes):
+            block = choose_block(kernel.numel, interpreted)
+            kernel.source = generate_scatter(kernel, program.buffers, block, program.name)
+        elif kernel.is_reduction:
             rows, r_block = choose_reduction_blocks(kernel.numel, kernel.extent, interpreted)
             kernel.source = generate_reduction(kernel, program.buffers, rows, r_block,
                                                program.name)

@@ -21,6 +21,7 @@ from string import Template
 import torch
 
 from retrograd.codegen import ops
+from retrograd.codegen.indexing import INDEXING, lower_indexing
 from retrograd.ir import Buffer, Kernel
 
 __all__ = ["generate_pointwise", "choose_block", "HELPERS"]
@@ -46,15 +47,14 @@ def _sigmoid(x):
     "_tanh": '''
 @triton.jit
 def _tanh(x):
-    # No libdevice in the interpreter: tanh from exp, with a Taylor
-    # polynomial near zero where 1 - exp(-2|x|) would cancel.
-    ax = tl.abs(x)
-    t = tl.exp(-2.0 * ax)
-    large = (1.0 - t) / (1.0 + t)
-    x2 = x * x
-    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333
-                 + x2 * (-0.05396825396825397 + x2 * 0.021869488536155203))))
-    return tl.where(ax < 0.3, small, tl.where(x < 0, -large, large))
+    # No libdevice in the interpreter: tanh|x| = -m / (2 + m) with
+    # m = expm1(-2|x|), by Kahan's trick so that it stays accurate near zero
+    # in float64 too (a short Taylor polynomial is only fp32-accurate).
+    y = -2.0 * tl.abs(x)
+    u = tl.exp(y)
+    m = tl.where(u == 1.0, y, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * y / tl.log(u)))
+    t = -m / (2.0 + m)
+    return tl.where(x < 0, -t, tl.where(x == 0, x, t))   # x == 0 keeps the sign of zero
 ''',
     "_expm1": '''
 @triton.jit
@@ -179,6 +179,29 @@ class _Writer:
             self.coordinates[key] = name
         return self.coordinates[key]
 
+    def coordinate(self, shape, dim: int) -> str:
+        """The variable holding coordinate ``dim`` of ``shape`` at each offset."""
+        return self._coordinate(tuple(shape), dim)
+
+    def indexed_load(self, buffer_name: str, index: str, valid: str | None,
+                     cast_to: torch.dtype | None) -> str:
+        """Load ``buffer_name`` at a computed ``index`` (indexing lowerings)."""
+        buffer = self.buffers[buffer_name]
+        variable = f"{buffer_name}_at{len(self.loads)}"
+        self.loads[(buffer_name, index, valid)] = variable
+        mask = "mask" if valid is None else f"mask & ({valid})"
+        text = f"tl.load({buffer_name}_ptr + {index}, mask={mask}, other=0)"
+        dtype = getattr(torch, buffer.dtype)
+        compute = ops.compute_dtype(dtype)
+        if cast_to is not None and cast_to != compute:
+            compute = cast_to
+        if compute != dtype:
+            text += f".to({ops.triton_dtype(compute)})"
+        self.lines.append(f"    {variable} = {text}")
+        self.dtypes[variable] = compute
+        self.vector.add(variable)
+        return variable
+
     def index(self, shape, strides, consumer_shape) -> str:
         """Flat index of the element that lines up with the kernel's offsets."""
         shape, consumer_shape = tuple(shape), tuple(consumer_shape)
@@ -240,7 +263,11 @@ class _Writer:
             used.append(text)
             return text
 
-        expression = ops.lower(node, operand)
+        if node.target in INDEXING:
+            expression = lower_indexing(node, self)
+            used.append(expression)
+        else:
+            expression = ops.lower(node, operand)
         dtype = ops.compute_dtype(node.meta["val"].dtype)
         tensor_dtypes = {self.dtypes[v] for v in self.dtypes if _mentions(used, v)}
         if dtype != torch.bool and tensor_dtypes - {dtype}:

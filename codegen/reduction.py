@@ -279,7 +279,7 @@ class _Writer:
     def _load(self, name: str, consumer, full: bool) -> str:
         buffer = self.buffers[name]
         cache = self.loop_loads if full else self.row_loads
-        key = (name, tuple(consumer.meta["val"].shape), full)
+        key = (name, "full") if full else (name, tuple(consumer.meta["val"].shape))
         if key not in cache:
             if full:
                 index = self.full_index(buffer.shape, buffer.strides)

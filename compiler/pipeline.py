@@ -23,7 +23,11 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from retrograd.codegen import generate_sources, ops as codegen_ops, reduction as codegen_reduction
+from retrograd.codegen import generate_sources
+from retrograd.codegen import indexing as codegen_indexing
+from retrograd.codegen import ops as codegen_ops
+from retrograd.codegen import reduction as codegen_reduction
+from retrograd.codegen import scatter as codegen_scatter
 from retrograd.codegen.wrapper import generate_program
 from retrograd.dump import Dumper
 from retrograd.ir import Program
@@ -52,10 +56,16 @@ class PassError(RuntimeError):
 class OpSupport:
     """What codegen can lower, told to the fusion pass (passes never import codegen)."""
 
-    can_lower = staticmethod(codegen_ops.can_lower)
     is_fill = staticmethod(codegen_ops.is_fill)
+    reads_by_index = staticmethod(codegen_indexing.reads_by_index)
+    can_scatter = staticmethod(codegen_scatter.can_scatter)
     can_reduce = staticmethod(codegen_reduction.can_reduce)
     describe_reduction = staticmethod(codegen_reduction.describe_reduction)
+
+    @staticmethod
+    def can_lower(node) -> bool:
+        """A pointwise op, or an op reading through computed indices."""
+        return codegen_ops.can_lower(node) or codegen_indexing.reads_by_index(node)
 
 
 @dataclass

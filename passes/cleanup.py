@@ -2,7 +2,8 @@
 
 What it does: removes nodes whose values nobody uses, merges nodes that
 compute the same pure op on the same arguments, and bypasses views that
-change nothing (a ``view`` or ``alias`` to the same shape).
+change nothing (a ``view`` or ``alias`` to the same shape) and fresh copies of
+constants (``lift_fresh_copy``).
 
 Assumes a functional ATen graph (AOTAutograd's joint graph): no node mutates
 its inputs. Random ops are never merged (two dropouts are two masks), nor
@@ -19,6 +20,7 @@ import torch.fx as fx
 __all__ = ["run"]
 
 aten = torch.ops.aten
+CONSTANT_COPIES = {aten.lift_fresh_copy.default}
 NO_OP_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.alias.default,
                aten.reshape.default}
 
@@ -76,14 +78,17 @@ def remove_no_op_views(graph: fx.Graph) -> int:
     output = next(node for node in graph.nodes if node.op == "output")
     removed = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in NO_OP_VIEWS:
+        if node.op != "call_function" or node.target not in NO_OP_VIEWS | CONSTANT_COPIES:
             continue
         source = node.args[0]
         if not isinstance(source, fx.Node) or node in output.all_input_nodes:
             continue
         before, after = source.meta.get("val"), node.meta.get("val")
-        if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) \
-                and before.shape == after.shape and before.stride() == after.stride():
+        # a functional graph never writes a constant, so its fresh copy is the constant
+        constant_copy = node.target in CONSTANT_COPIES and source.op == "get_attr"
+        if constant_copy or isinstance(before, torch.Tensor) and isinstance(
+                after, torch.Tensor) and before.shape == after.shape \
+                and before.stride() == after.stride():
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             removed += 1

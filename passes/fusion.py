@@ -106,7 +106,7 @@ class _Grouping:
         start = arg
         while arg not in self.group_of and is_reshape(arg):
             arg = arg.args[0]
-        if self.group_of.get(arg) != group:
+        if self.group_of.get(arg) != group or self.geometry[group] == "scatter":
             return None
         if self.geometry[group] is not None and arg is not start \
                 and self.is_full(arg, group):
@@ -141,12 +141,17 @@ class _Grouping:
         return group not in self.ancestors[arg]   # else the kernel would depend on itself
 
     def can_join(self, node: fx.Node, group: int) -> bool:
+        if self.geometry[group] == "scatter":
+            return False      # a scatter's output exists only in memory
         if self.geometry[group] is not None:
             return self.can_join_reduction(node, group)
         if self.numel[group] != _numel(node):
             return False
+        indexed = self.support.reads_by_index(node)   # its inputs must be in memory
         for arg in _tensor_args(node):
-            if self.support.is_fill(arg) or self.register_source(arg, group) is not None:
+            if self.support.is_fill(arg):
+                continue
+            if not indexed and self.register_source(arg, group) is not None:
                 continue
             if not self.external_ok(arg, group):
                 return False
@@ -154,6 +159,8 @@ class _Grouping:
 
     def can_join_reduction(self, node: fx.Node, group: int) -> bool:
         full = tuple(_val(node).shape) == self.geometry[group][0]
+        if self.support.reads_by_index(node):
+            return False
         if not full and _numel(node) != self.numel[group]:
             return False
         for arg in _tensor_args(node):
@@ -173,13 +180,14 @@ class _Grouping:
         """The group a reduction joins (converting a pointwise group), if any."""
         source, dims, _ = self.support.describe_reduction(node)
         group = self.group_of.get(source)
-        if group is None:
+        if group is None or self.geometry[group] == "scatter":
             return None
         full_shape = tuple(_val(source).shape)
         geometry = (full_shape, tuple(dims))
         if self.geometry[group] is None:
             members = self.groups[group]
             if any(tuple(_val(m).shape) != full_shape or not _tensor_args(m)
+                   or self.support.reads_by_index(m)
                    for m in members if not self.support.is_fill(m)):
                 return None   # a reshape or a generator inside: keep it pointwise
             self.geometry[group] = geometry
@@ -201,7 +209,10 @@ class _Grouping:
 
     def place(self, node: fx.Node) -> None:
         support = self.support
-        if support.can_reduce(node):
+        if support.can_scatter(node):
+            # one lane per element of the index (scatter) or values (index_put)
+            self.add(node, None, "scatter", _numel(node.args[2]))
+        elif support.can_reduce(node):
             source, dims, _ = support.describe_reduction(node)
             val = _val(node)
             rows = (val[0] if isinstance(val, (tuple, list)) else val).numel()
@@ -357,7 +368,10 @@ class _Builder:
             if short not in ops and short != "getitem":
                 ops.append(short)
         geometry = self.grouping.geometry[group]
-        kind = "pointwise" if geometry is None else "reduction"
+        kind = "pointwise" if geometry is None else "scatter" if geometry == "scatter" \
+            else "reduction"
+        if kind == "scatter":
+            geometry = None
         return Kernel(name=f"{kind}_{group}_{'_'.join(ops[:3])}", kind="triton",
                       nodes=fills + nodes, inputs=inputs, outputs=outputs,
                       numel=self.grouping.numel[group], aliases=aliases,
