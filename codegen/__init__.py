@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from retrograd.codegen import ops
 from retrograd.codegen.pointwise import choose_block, generate_pointwise
 from retrograd.codegen.reduction import choose_reduction_blocks, generate_reduction
 from retrograd.codegen.scatter import SCATTERS, generate_scatter
@@ -14,6 +15,12 @@ __all__ = ["generate_sources"]
 def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str], str]:
     """Source of every Triton kernel (by kernel name) and of ``program.py``."""
     kernels = {}
+    rng_offsets, counter = {}, 0
+    for kernel in program.kernels_of("triton"):
+        for node in kernel.nodes:
+            if ops.is_random(node) and node.name not in rng_offsets:
+                rng_offsets[node.name] = counter
+                counter += node.meta["val"].numel()
     for kernel in program.kernels_of("triton"):
         if any(node.target in SCATTERS for node in kernel.nodes):
             block = choose_block(kernel.numel, interpreted)
@@ -24,6 +31,7 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
                                                program.name)
         else:
             block = choose_block(kernel.numel, interpreted)
-            kernel.source = generate_pointwise(kernel, program.buffers, block, program.name)
+            kernel.source = generate_pointwise(kernel, program.buffers, block, program.name,
+                                               rng_offsets)
         kernels[kernel.name] = kernel.source
     return kernels, generate_program(program)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["LOWERINGS", "FILL_OPS", "can_lower", "compute_dtype", "triton_dtype",
+__all__ = ["LOWERINGS", "FILL_OPS", "RANDOM_OPS", "can_lower", "is_random", "is_generator",
+           "reads_shape_only", "compute_dtype", "triton_dtype",
            "literal", "lower", "is_fill", "fill_value", "lowered_op_names"]
 
 aten = torch.ops.aten
@@ -371,6 +372,36 @@ def _arange(node, operand):
     return f"({literal(start)} + offsets * {literal(step)}).to({dtype})"
 
 
+# ---------------------------------------------------------------- random numbers
+#: Uniform [0, 1) per element, from a counter-based generator keyed by a seed
+#: the runtime draws from torch's generator each call (see pointwise.py).
+RANDOM_OPS = {aten.rand_like.default, aten.rand.default}
+
+
+def _random(node, operand):
+    raise AssertionError("random ops are written by the kernel writer, which knows "
+                         "the seed and the node's offset in the random stream")
+
+
+for _op in RANDOM_OPS:
+    LOWERINGS[_op] = _random
+
+
+def is_random(node) -> bool:
+    return getattr(node, "target", None) in RANDOM_OPS
+
+
+def is_generator(node) -> bool:
+    """Ops whose value depends on the element's position (they use ``offsets``)."""
+    return getattr(node, "target", None) in RANDOM_OPS or getattr(node, "target", None) in (
+        aten.arange.start_step, aten.arange.start, aten.arange.default)
+
+
+def reads_shape_only(node) -> bool:
+    """Fills and random ops look at their tensor argument's shape, not its values."""
+    return is_fill(node) or is_random(node)
+
+
 # ---------------------------------------------------------------- queries
 def _tensor_dtypes(node) -> list[torch.dtype]:
     vals = [node.meta.get("val")]
@@ -389,6 +420,8 @@ def can_lower(node) -> bool:
     if any(dtype not in TRITON_DTYPES for dtype in _tensor_dtypes(node)):
         return False
     if node.target in (aten.div.Tensor_mode, aten.div.Scalar_mode) and val.dtype not in FLOATS:
+        return False
+    if is_random(node) and val.dtype not in FLOATS:
         return False
     for arg in node.all_input_nodes:   # inputs must be tensors we can index
         if not isinstance(arg.meta.get("val"), torch.Tensor):

@@ -44,6 +44,27 @@ def _minimum(a, b):
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 ''',
+    "_uniform": '''
+@triton.jit
+def _uniform(seed, offset):
+    # Philox 4x32-10 (Salmon et al., SC'11) keyed by the seed at counter
+    # ``offset``; the first word mapped to [0, 1) as triton.language.random does.
+    c0 = offset.to(tl.uint32)
+    zero = c0 * 0
+    c1, c2, c3 = zero, zero, zero
+    k0, k1 = zero + seed.to(tl.uint32), zero
+    for _ in tl.static_range(10):
+        _c0, _c2 = c0, c2
+        c0 = tl.umulhi(0xCD9E8D57, _c2) ^ c1 ^ k0
+        c2 = tl.umulhi(0xD2511F53, _c0) ^ c3 ^ k1
+        c1 = _c2 * 0xCD9E8D57
+        c3 = _c0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    x = c0.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, -x - 1, x)
+    return x.to(tl.float32) * 4.6566127342e-10
+''',
     "_tanh": '''
 @triton.jit
 def _tanh(x):
@@ -165,6 +186,7 @@ class _Writer:
         self.dtypes: dict[str, torch.dtype] = {}  # variable -> compute dtype
         self.vector: set[str] = set()             # variables holding a block
         self.needs_broadcast = False
+        self.rng_offsets: dict[str, int] = {}
 
     # -- indexing ---------------------------------------------------------
     def _coordinate(self, shape: tuple, dim: int) -> str:
@@ -266,6 +288,9 @@ class _Writer:
         if node.target in INDEXING:
             expression = lower_indexing(node, self)
             used.append(expression)
+        elif ops.is_random(node):
+            # each random node owns a disjoint stretch of the program's counter
+            expression = f"_uniform(seed, offsets + {self.rng_offsets[node.name]})"
         else:
             expression = ops.lower(node, operand)
         dtype = ops.compute_dtype(node.meta["val"].dtype)
@@ -299,9 +324,14 @@ def _mentions(texts: list[str], variable: str) -> bool:
 
 
 def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
-                       graph: str = "") -> str:
-    """Triton source (kernel plus ``launch``) for a fused pointwise kernel."""
+                       graph: str = "", rng_offsets: dict[str, int] | None = None) -> str:
+    """Triton source (kernel plus ``launch``) for a fused pointwise kernel.
+
+    ``rng_offsets`` gives each random node its first counter in the program's
+    random stream; kernels with random nodes take a ``seed`` argument.
+    """
     writer = _Writer(kernel, buffers)
+    writer.rng_offsets = rng_offsets or {}
     for node in kernel.nodes:
         writer.node(node)
     for name in kernel.outputs:
@@ -315,6 +345,9 @@ def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     params = "\n".join(
         [f"    {name}_ptr,  # in: {_describe(buffers[name])}" for name in kernel.inputs]
         + [f"    {name}_ptr,  # out: {_describe(buffers[name])}" for name in kernel.outputs])
+    if any(ops.is_random(node) for node in kernel.nodes):
+        args = args + ["seed"]
+        params += "\n    seed,  # random stream key, drawn from torch's generator per call"
     offsets = "pid * BLOCK + tl.arange(0, BLOCK)"
     if _largest_index(kernel, buffers) >= 2 ** 31:
         offsets = "pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)"

@@ -2,7 +2,8 @@
 
 Start from PyTorch's core ATen decompositions (what every backend may
 assume) and also decompose the composite ops whose parts codegen fuses
-well: GELU into erf and products, layer norm and softmax into reductions
+well: dropout into a uniform draw and a comparison (so the mask comes from
+codegen's counter-based generator), GELU into erf and products, layer norm and softmax into reductions
 and pointwise math, batch norm into the same. What remains for codegen is a
 small set: pointwise math (docs/ops.md lists every lowered op), reductions,
 matrix products, convolutions, indexing and RNG.
@@ -26,7 +27,7 @@ EXTRA = [
     # writes running stats when training), so it must not reach the graph
     aten._native_batch_norm_legit,
     aten.native_group_norm, aten.hardswish, aten.hardsigmoid, aten.silu, aten.mish,
-    aten.elu, aten.leaky_relu, aten.softplus,
+    aten.elu, aten.leaky_relu, aten.softplus, aten.native_dropout,
 ]
 
 

@@ -159,8 +159,8 @@ class _Grouping:
 
     def can_join_reduction(self, node: fx.Node, group: int) -> bool:
         full = tuple(_val(node).shape) == self.geometry[group][0]
-        if self.support.reads_by_index(node):
-            return False
+        if self.support.reads_by_index(node) or self.support.is_generator(node):
+            return False   # reduction kernels index by (row, column), not by offset
         if not full and _numel(node) != self.numel[group]:
             return False
         for arg in _tensor_args(node):
@@ -187,7 +187,7 @@ class _Grouping:
         if self.geometry[group] is None:
             members = self.groups[group]
             if any(tuple(_val(m).shape) != full_shape or not _tensor_args(m)
-                   or self.support.reads_by_index(m)
+                   or self.support.reads_by_index(m) or self.support.is_generator(m)
                    for m in members if not self.support.is_fill(m)):
                 return None   # a reshape or a generator inside: keep it pointwise
             self.geometry[group] = geometry
@@ -265,7 +265,7 @@ class _Builder:
         "buffer", or "shape" (a lowered fill such as ``full_like(x)`` uses only
         x's shape, so x need not exist in memory for it)."""
         support = self.grouping.support
-        if support.is_fill(consumer) and support.can_lower(consumer):
+        if support.reads_shape_only(consumer) and support.can_lower(consumer):
             return "shape"
         group = self.grouping.group_of.get(consumer)
         if group is None:

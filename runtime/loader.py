@@ -5,7 +5,8 @@ computes wrong results under the interpreter), so every kernel and program
 is written to a per-user cache folder and imported from there.
 
 Safety rules, because several processes may compile at once:
-- the folder is created owner-only (0700) and refused if others can write it;
+- the folder is created owner-only (0700) and refused if others can write it
+  (group or other write bits, or another user owns it);
 - a file's name carries a hash of its content and of the versions that
   could change what it means; a file is reused only if its content hashes
   to that key, so a half-written or tampered file is rewritten, never loaded;
@@ -43,8 +44,13 @@ def cache_dir() -> Path:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = Path(base) / "retrograd"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = path.stat().st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+    info = path.stat()
+    # Another user's folder is one that user can write: same refusal.
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise PermissionError(
+            f"retrograd: kernel cache {path} belongs to another user (uid {info.st_uid}); "
+            f"set RETROGRAD_CACHE_DIR to a folder of your own")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise PermissionError(
             f"retrograd: kernel cache {path} is writable by other users; "
             f"fix it with 'chmod 700 {path}' or set RETROGRAD_CACHE_DIR")
