@@ -5,6 +5,7 @@ from __future__ import annotations
 from retrograd.codegen import ops
 from retrograd.codegen.pointwise import choose_block, generate_pointwise
 from retrograd.codegen.reduction import choose_reduction_blocks, generate_reduction
+from retrograd.codegen.pooling import POOLS, generate_pool
 from retrograd.codegen.scatter import SCATTERS, generate_scatter
 from retrograd.codegen.wrapper import generate_program
 from retrograd.ir import Program
@@ -22,7 +23,10 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
                 rng_offsets[node.name] = counter
                 counter += node.meta["val"].numel()
     for kernel in program.kernels_of("triton"):
-        if any(node.target in SCATTERS for node in kernel.nodes):
+        if any(node.target in POOLS for node in kernel.nodes):
+            block = choose_block(kernel.numel or 1 << 16, interpreted)
+            kernel.source = generate_pool(kernel, program.buffers, block, program.name)
+        elif any(node.target in SCATTERS for node in kernel.nodes):
             block = choose_block(kernel.numel, interpreted)
             kernel.source = generate_scatter(kernel, program.buffers, block, program.name)
         elif kernel.is_reduction:

@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from retrograd.codegen import generate_sources
 from retrograd.codegen import indexing as codegen_indexing
 from retrograd.codegen import ops as codegen_ops
+from retrograd.codegen import pooling as codegen_pooling
 from retrograd.codegen import reduction as codegen_reduction
 from retrograd.codegen import scatter as codegen_scatter
 from retrograd.codegen.wrapper import generate_program
@@ -61,6 +62,7 @@ class OpSupport:
     reads_shape_only = staticmethod(codegen_ops.reads_shape_only)
     reads_by_index = staticmethod(codegen_indexing.reads_by_index)
     can_scatter = staticmethod(codegen_scatter.can_scatter)
+    can_pool = staticmethod(codegen_pooling.can_pool)
     can_reduce = staticmethod(codegen_reduction.can_reduce)
     describe_reduction = staticmethod(codegen_reduction.describe_reduction)
 

@@ -106,7 +106,7 @@ class _Grouping:
         start = arg
         while arg not in self.group_of and is_reshape(arg):
             arg = arg.args[0]
-        if self.group_of.get(arg) != group or self.geometry[group] == "scatter":
+        if self.group_of.get(arg) != group or self.geometry[group] == "standalone":
             return None
         if self.geometry[group] is not None and arg is not start \
                 and self.is_full(arg, group):
@@ -141,8 +141,8 @@ class _Grouping:
         return group not in self.ancestors[arg]   # else the kernel would depend on itself
 
     def can_join(self, node: fx.Node, group: int) -> bool:
-        if self.geometry[group] == "scatter":
-            return False      # a scatter's output exists only in memory
+        if self.geometry[group] == "standalone":
+            return False      # scatters and pools write memory only
         if self.geometry[group] is not None:
             return self.can_join_reduction(node, group)
         if self.numel[group] != _numel(node):
@@ -180,7 +180,7 @@ class _Grouping:
         """The group a reduction joins (converting a pointwise group), if any."""
         source, dims, _ = self.support.describe_reduction(node)
         group = self.group_of.get(source)
-        if group is None or self.geometry[group] == "scatter":
+        if group is None or self.geometry[group] == "standalone":
             return None
         full_shape = tuple(_val(source).shape)
         geometry = (full_shape, tuple(dims))
@@ -211,7 +211,9 @@ class _Grouping:
         support = self.support
         if support.can_scatter(node):
             # one lane per element of the index (scatter) or values (index_put)
-            self.add(node, None, "scatter", _numel(node.args[2]))
+            self.add(node, None, "standalone", _numel(node.args[2]))
+        elif support.can_pool(node):
+            self.add(node, None, "standalone", None)
         elif support.can_reduce(node):
             source, dims, _ = support.describe_reduction(node)
             val = _val(node)
@@ -368,9 +370,9 @@ class _Builder:
             if short not in ops and short != "getitem":
                 ops.append(short)
         geometry = self.grouping.geometry[group]
-        kind = "pointwise" if geometry is None else "scatter" if geometry == "scatter" \
-            else "reduction"
-        if kind == "scatter":
+        kind = "pointwise" if geometry is None else "reduction"
+        if geometry == "standalone":   # a kernel of its own kind: scatter, pooling
+            kind = nodes[0].target.__name__.split(".")[0]
             geometry = None
         return Kernel(name=f"{kind}_{group}_{'_'.join(ops[:3])}", kind="triton",
                       nodes=fills + nodes, inputs=inputs, outputs=outputs,
