@@ -10,7 +10,17 @@ from retrograd.codegen.scatter import SCATTERS, generate_scatter
 from retrograd.codegen.wrapper import generate_program
 from retrograd.ir import Program
 
-__all__ = ["generate_sources"]
+__all__ = ["generate_sources", "lowered_ops"]
+
+
+def lowered_ops() -> dict[str, list[str]]:
+    """Every aten overload codegen turns into Triton, by kernel family
+    (for the docs, the CLI and the OpInfo test)."""
+    from retrograd.codegen.indexing import INDEXING
+    from retrograd.codegen.reduction import REDUCTIONS
+    families = {"pointwise": ops.LOWERINGS, "indexing": INDEXING, "reduction": REDUCTIONS,
+                "scatter": SCATTERS, "pooling": POOLS}
+    return {family: sorted(str(op) for op in table) for family, table in families.items()}
 
 
 def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str], str]:

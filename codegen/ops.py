@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["LOWERINGS", "FILL_OPS", "RANDOM_OPS", "can_lower", "is_random", "is_generator",
            "reads_shape_only", "compute_dtype", "triton_dtype",
-           "literal", "lower", "is_fill", "fill_value", "lowered_op_names"]
+           "literal", "lower", "is_fill", "fill_value"]
 
 aten = torch.ops.aten
 
@@ -432,7 +432,3 @@ def can_lower(node) -> bool:
 def lower(node, operand: Operand) -> str:
     return LOWERINGS[node.target](node, operand)
 
-
-def lowered_op_names() -> list[str]:
-    """Every aten overload codegen lowers, for the docs and the OpInfo test."""
-    return sorted(str(op) for op in LOWERINGS)

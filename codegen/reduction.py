@@ -337,7 +337,8 @@ class _Writer:
             self.emit(f"{acc} = tl.where(take, {value}, {acc})")
             self.emit(f"{node.name}_index = tl.where(take, ks, {node.name}_index)")
         else:   # var, var_mean: Welford, one update per lane and element
-            self.emit(f"{node.name}_count = {node.name}_count + mask.to(tl.float32)")
+            dtype = ops.triton_dtype(self.accumulator_dtype(node))
+            self.emit(f"{node.name}_count = {node.name}_count + mask.to({dtype})")
             self.emit(f"delta = tl.where(mask, {value} - {node.name}_mean, 0.0)")
             self.emit(f"{node.name}_mean = {node.name}_mean + delta / "
                       f"tl.where({node.name}_count == 0, 1.0, {node.name}_count)")
@@ -351,7 +352,7 @@ class _Writer:
         shape = "[ROWS, RBLOCK]"
         if kind in ("var", "var_mean"):
             for part in ("mean", "m2", "count"):
-                self.emit(f"{node.name}_{part} = tl.full({shape}, 0, tl.float32)")
+                self.emit(f"{node.name}_{part} = tl.full({shape}, 0, {tl_dtype})")
             return
         identity = {"sum": 0, "mean": 0, "prod": 1, "any": 0, "all": 1}.get(kind)
         if kind in ("max", "argmax"):
@@ -403,7 +404,8 @@ class _Writer:
                       f"{name}_var = {name}_m2 * float(\"nan\")")
             if kind == "var":
                 self.emit(f"{name} = {name}_var")
-            self.dtypes[f"{name}_var"] = self.dtypes[f"{name}_mean"] = torch.float32
+            self.dtypes[f"{name}_var"] = self.dtypes[f"{name}_mean"] = \
+                self.accumulator_dtype(node)
         if not isinstance(out, (tuple, list)):
             self.dtypes[name] = ops.compute_dtype(out.dtype)
 
@@ -411,7 +413,7 @@ class _Writer:
         source, index = node.args
         part = ("var", "mean")[index]
         self.emit(f"{node.name} = {source.name}_{part}")
-        self.dtypes[node.name] = torch.float32
+        self.dtypes[node.name] = self.dtypes[f"{source.name}_{part}"]
 
     def store(self, name: str, full: bool) -> None:
         buffer = self.buffers[name]

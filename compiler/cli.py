@@ -32,9 +32,11 @@ def summary(dump_dir: Path) -> int:
 
 
 def list_ops() -> int:
-    from retrograd.codegen.ops import lowered_op_names
-    for name in lowered_op_names():
-        print(name)
+    from retrograd.codegen import lowered_ops
+    for family, names in lowered_ops().items():
+        print(f"## {family}")
+        for name in names:
+            print(name)
     return 0
 
 
