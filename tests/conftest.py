@@ -1,0 +1,35 @@
+"""Shared pytest setup.
+
+- ``gpu`` tests are skipped without CUDA.
+- ``fresh_dynamo``: a test that uses torch.compile starts and ends with an
+  empty dynamo cache, so recompile counts and backends never leak between tests.
+- ``no_dump_env``: the user's ``RETROGRAD_DUMP`` must not turn dumping on
+  behind a test's back (tests that want dumps set it themselves).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        # the marker itself: item.keywords also holds parameter ids ("gpu")
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def no_dump_env(monkeypatch):
+    monkeypatch.delenv("RETROGRAD_DUMP", raising=False)

@@ -1,0 +1,200 @@
+"""The kernel cache (runtime/loader.py): where it lives, who may write it, and
+that what gets imported is exactly what was generated."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+
+import pytest
+
+from retrograd.runtime import loader
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh cache folder (not created yet) named by RETROGRAD_CACHE_DIR."""
+    folder = tmp_path / "cache" / "retrograd"
+    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(folder))
+    return folder
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_cache_dir_honours_the_environment_variable(cache):
+    assert not cache.exists()
+    assert loader.cache_dir() == cache
+    assert cache.is_dir()
+    path = loader.write_source("probe", "VALUE = 1\n")
+    assert path.parent == cache
+
+
+def test_cache_dir_defaults_under_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("RETROGRAD_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert loader.cache_dir() == tmp_path / "xdg" / "retrograd"
+
+
+def test_cache_dir_is_created_owner_only(cache):
+    loader.cache_dir()
+    assert mode_of(cache) == 0o700
+
+
+def test_cached_files_are_owner_only(cache):
+    path = loader.write_source("probe", "VALUE = 2\n")
+    assert mode_of(path) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o702, 0o777, 0o720], ids=oct)
+def test_a_folder_others_can_write_is_refused(cache, mode):
+    cache.mkdir(parents=True)
+    os.chmod(cache, mode)
+    with pytest.raises(PermissionError) as error:
+        loader.cache_dir()
+    message = str(error.value)
+    assert str(cache) in message
+    assert "writable by other users" in message and "chmod 700" in message
+    with pytest.raises(PermissionError):
+        loader.write_source("probe", "VALUE = 3\n")
+    assert list(cache.iterdir()) == []           # nothing was written there
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="giving a folder to another user needs root")
+def test_a_folder_another_user_owns_is_refused(cache):
+    cache.mkdir(parents=True, mode=0o700)
+    os.chown(cache, os.getuid() + 4242, -1)
+    with pytest.raises(PermissionError, match="belongs to another user"):
+        loader.cache_dir()
+
+
+def test_a_folder_others_can_only_read_is_accepted(cache):
+    cache.mkdir(parents=True)
+    os.chmod(cache, 0o755)
+    assert loader.cache_dir() == cache
+
+
+def test_same_source_same_path_and_different_source_different_path(cache):
+    first = loader.write_source("kernel", "VALUE = 4\n")
+    again = loader.write_source("kernel", "VALUE = 4\n")
+    other = loader.write_source("kernel", "VALUE = 5\n")
+    renamed = loader.write_source("other_kernel", "VALUE = 4\n")
+    assert first == again
+    assert other != first
+    assert renamed != first and renamed.name.startswith("other_kernel_")
+    assert loader.source_key("VALUE = 4\n") in first.name
+    assert first.read_text() == "VALUE = 4\n"
+
+
+def test_the_key_depends_on_versions(cache, monkeypatch):
+    before = loader.source_key("VALUE = 6\n")
+    monkeypatch.setattr(loader, "_versions", lambda: "python 9 torch 9 triton 9")
+    assert loader.source_key("VALUE = 6\n") != before
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated", "empty"])
+def test_a_file_that_does_not_match_its_key_is_rewritten_before_loading(cache, damage):
+    source = f"VALUE = 'genuine {damage}'\nPADDING = {'x' * 200!r}\n"
+    path = loader.write_source("victim", source)
+    if damage == "tampered":
+        path.write_text(f"VALUE = 'evil {damage}'\n")
+    elif damage == "truncated":
+        path.write_text(source[: len(source) // 2])
+    else:
+        path.write_text("")
+    assert path.read_text() != source
+    again = loader.write_source("victim", source)
+    assert again == path
+    assert path.read_text() == source
+    module = loader.load_module(path, interpreted=False)
+    assert module.VALUE == f"genuine {damage}"
+
+
+def test_writes_leave_no_temporary_files(cache):
+    for index in range(5):
+        loader.write_source("probe", f"VALUE = {index}\n")
+        loader.write_source("probe", f"VALUE = {index}\n")
+    names = sorted(path.name for path in cache.iterdir())
+    assert len(names) == 5
+    assert not [name for name in names if name.endswith(".tmp") or name.startswith(".")]
+
+
+def test_load_module_imports_the_file_once_per_mode(cache):
+    path = loader.write_source("loaded", "import os\nFLAG = os.environ.get('TRITON_INTERPRET')\n")
+    plain = loader.load_module(path, interpreted=False)
+    interpreted = loader.load_module(path, interpreted=True)
+    assert plain.FLAG == "0" and interpreted.FLAG == "1"
+    assert loader.load_module(path, interpreted=True) is interpreted
+
+
+# ---------------------------------------------------------------- concurrent writers
+SOURCES = 16
+LINES = 20_000      # ~0.5 MB a source: a non-atomic write is visible half done
+
+
+def concurrent_source(index: int) -> str:
+    body = "".join(f"# line {line} of source {index}: {'=' * 12}\n" for line in range(LINES))
+    return f"INDEX = {index}\n{body}LAST = {index}\n"
+
+
+def concurrent_writer(folder: str, barrier, results) -> None:
+    """Write every source, read each back at once, then import one."""
+    os.environ["RETROGRAD_CACHE_DIR"] = folder
+    sources = [concurrent_source(index) for index in range(SOURCES)]
+    barrier.wait()
+    bad = []
+    for index, source in enumerate(sources):
+        path = loader.write_source("race", source)
+        if path.read_text() != source:
+            bad.append(index)
+    module = loader.load_module(loader.write_source("race", sources[-1]), False)
+    results.put(("writer", bad, (module.INDEX, module.LAST)))
+
+
+def concurrent_reader(folder: str, barrier, results) -> None:
+    """Poll the paths the sources will have: a file that exists must be whole."""
+    os.environ["RETROGRAD_CACHE_DIR"] = folder
+    sources = [concurrent_source(index) for index in range(SOURCES)]
+    paths = [loader.cache_dir() / f"race_{loader.source_key(s)}.py" for s in sources]
+    barrier.wait()
+    pending, bad = set(range(SOURCES)), []
+    while pending:
+        for index in sorted(pending):
+            try:
+                text = paths[index].read_text()
+            except FileNotFoundError:
+                continue
+            if text == sources[index]:
+                pending.discard(index)
+            else:
+                bad.append(index)
+    results.put(("reader", bad, None))
+
+
+def test_concurrent_writers_never_show_a_partial_file(cache):
+    cache.mkdir(parents=True, mode=0o700)
+    context = multiprocessing.get_context("spawn")
+    roles = [concurrent_writer, concurrent_writer, concurrent_reader]
+    barrier, results = context.Barrier(len(roles)), context.Queue()
+    processes = [context.Process(target=role, args=(str(cache), barrier, results))
+                 for role in roles]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    for role, bad, loaded in outcomes:
+        assert bad == [], f"{role} saw partial files for sources {sorted(set(bad))}"
+        if role == "writer":
+            assert loaded == (SOURCES - 1, SOURCES - 1)
+    files = [path for path in cache.iterdir() if path.suffix == ".py"]
+    assert len(files) == SOURCES
+    for path in files:
+        text = path.read_text()
+        index = int(text.split("\n", 1)[0].removeprefix("INDEX = "))
+        assert text == concurrent_source(index)
+    assert not [path for path in cache.iterdir() if path.suffix == ".tmp"]
