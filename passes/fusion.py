@@ -20,9 +20,11 @@ Invariants it keeps, which codegen relies on:
   inlined as literals into every kernel that reads them and materialized
   only when something other than a kernel needs them.
 
-This is greedy vertical fusion in the manner of TorchInductor's scheduler
-(``can_fuse`` over producer/consumer pairs, with the same cycle check),
-restricted to pointwise ops; reductions and their epilogues come later.
+This is greedy fusion in the manner of TorchInductor's scheduler
+(``can_fuse`` over producer/consumer pairs, with the same cycle check):
+vertical (a consumer joins its producer's kernel) first, then horizontal
+(a node joins a kernel that already reads the same input, so the input is
+loaded once). Reductions take their pointwise prologue and epilogue.
 """
 
 from __future__ import annotations
@@ -228,6 +230,12 @@ class _Grouping:
             for arg in _tensor_args(node):
                 for group in self.groups_reachable_by_register(arg):
                     if group not in candidates:
+                        candidates.append(group)
+            for arg in _tensor_args(node):   # siblings: kernels already reading arg
+                for user in arg.users:
+                    group = self.group_of.get(user)
+                    if group is not None and group not in candidates \
+                            and not support.is_fill(arg):
                         candidates.append(group)
             joined = next((g for g in candidates if self.can_join(node, g)), None)
             self.add(node, joined, None, _numel(node))

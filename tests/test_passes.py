@@ -341,8 +341,6 @@ def test_fusion_separates_different_element_counts():
     assert_program_matches(program, gm, [x, y])
 
 
-@pytest.mark.xfail(strict=True, reason="fusion is vertical only: two ops that read the same "
-                   "input start two kernels, and their consumer can join only one of them")
 def test_fusion_siblings_reading_one_input_share_a_kernel():
     x = torch.randn(4, 5)
     program, _, _ = fuse(lambda x: x.exp() * x.sin(), x)
