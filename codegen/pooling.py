@@ -1,4 +1,4 @@
-"""2-D pooling kernels: max pooling with indices, and its backward.
+"""2-D pooling kernels: max pooling with indices, average pooling, and their backward.
 
 Both are gathers over a small static window, so each output element is one
 lane of a pointwise-style kernel with the window unrolled:
@@ -29,7 +29,9 @@ __all__ = ["POOLS", "can_pool", "generate_pool"]
 
 aten = torch.ops.aten
 
-POOLS = {aten.max_pool2d_with_indices.default, aten.max_pool2d_with_indices_backward.default}
+POOLS = {aten.max_pool2d_with_indices.default, aten.max_pool2d_with_indices_backward.default,
+         aten.avg_pool2d.default, aten.avg_pool2d_backward.default}
+FORWARD = {aten.max_pool2d_with_indices.default, aten.avg_pool2d.default}
 
 KERNEL = Template('''\
 """$title
@@ -74,7 +76,7 @@ def _window(args):
 def can_pool(node) -> bool:
     if getattr(node, "op", None) != "call_function" or node.target not in POOLS:
         return False
-    source = node.args[0 if node.target is aten.max_pool2d_with_indices.default else 1]
+    source = node.args[0 if node.target in FORWARD else 1]
     val = source.meta.get("val")
     return isinstance(val, torch.Tensor) and val.dim() in (3, 4) and val.dtype in ops.FLOATS \
         and val.numel() > 0
@@ -97,6 +99,11 @@ def _flat(coordinates, strides) -> str:
         or "0"
 
 
+def _compute_dtype(buffer: Buffer) -> str:
+    """Registers hold float64 as float64 and half precision as float32."""
+    return ops.triton_dtype(ops.compute_dtype(getattr(torch, buffer.dtype)))
+
+
 def _forward(node, buffers, lines, getitems):
     source = buffers[node.args[0].name]
     kernel, stride, padding, dilation = _window(node.args[1:5])
@@ -105,7 +112,8 @@ def _forward(node, buffers, lines, getitems):
     coords = _coordinates(out.shape, lines)
     lead, (oh, ow) = coords[:-2], coords[-2:]
     height, width = source.shape[-2:]
-    lines.append('    best = tl.full([BLOCK], float("-inf"), tl.float32)')
+    compute = _compute_dtype(source)
+    lines.append(f'    best = tl.full([BLOCK], float("-inf"), {compute})')
     lines.append("    best_index = tl.full([BLOCK], 0, tl.int64)")
     for kh in range(kernel[0]):
         for kw in range(kernel[1]):
@@ -115,7 +123,7 @@ def _forward(node, buffers, lines, getitems):
             lines.append(f"    inside = mask & (h >= 0) & (h < {height}) & (w >= 0) & (w < {width})")
             index = _flat(lead + ["h", "w"], source.strides)
             lines.append(f"    value = tl.load({source.name}_ptr + {index}, mask=inside, "
-                         f'other=float("-inf")).to(tl.float32)')
+                         f'other=float("-inf")).to({compute})')
             lines.append("    take = inside & ((value > best) | ((value != value) & (best == best)))")
             lines.append("    best = tl.where(take, value, best)")
             lines.append(f"    best_index = tl.where(take, h * {width} + w, best_index)")
@@ -138,7 +146,8 @@ def _backward(node, buffers, lines, output):
     lead, (h, w) = coords[:-2], coords[-2:]
     out_h, out_w = grad_out.shape[-2:]
     width = grad_in.shape[-1]
-    lines.append("    total = tl.full([BLOCK], 0.0, tl.float32)")
+    compute = _compute_dtype(grad_out)
+    lines.append(f"    total = tl.full([BLOCK], 0.0, {compute})")
     lines.append(f"    here = {h} * {width} + {w}")
     for kh in range(kernel[0]):
         for kw in range(kernel[1]):
@@ -153,12 +162,86 @@ def _backward(node, buffers, lines, output):
             lines.append(f"    chosen = tl.load({index.name}_ptr + {_flat(target, index.strides)}, "
                          f"mask=hit, other=-1)")
             lines.append(f"    g = tl.load({grad_out.name}_ptr + {_flat(target, grad_out.strides)}, "
-                         f"mask=hit, other=0).to(tl.float32)")
+                         f"mask=hit, other=0).to({compute})")
             lines.append("    total += tl.where(hit & (chosen == here), g, 0.0)")
     out_dtype = getattr(torch, grad_in.dtype)
     value = "_round_to_bf16(total).to(tl.bfloat16)" if out_dtype == torch.bfloat16 else \
         f"total.to({ops.triton_dtype(out_dtype)})"
     lines.append(f"    tl.store({output}_ptr + {_flat(coords, grad_in.strides)}, {value}, mask=mask)")
+
+
+def _average_divisor(node, oh: str, ow: str, height: int, width: int, lines) -> None:
+    """``divisor``: what torch divides each window's sum by (padding rules included)."""
+    kernel, stride, padding, _ = _window(node.args[1:4] if node.target is
+                                         aten.avg_pool2d.default else node.args[2:5])
+    first = 1 if node.target is aten.avg_pool2d.default else 2
+    count_include_pad = node.args[first + 4] if len(node.args) > first + 4 else True
+    override = node.args[first + 5] if len(node.args) > first + 5 else None
+    if override:
+        lines.append(f"    divisor = {float(override)!r}")
+        return
+    lines.append(f"    h0 = {oh} * {stride[0]} - {padding[0]}")
+    lines.append(f"    w0 = {ow} * {stride[1]} - {padding[1]}")
+    lines.append(f"    h1 = tl.minimum(h0 + {kernel[0]}, {height + padding[0]})")
+    lines.append(f"    w1 = tl.minimum(w0 + {kernel[1]}, {width + padding[1]})")
+    if count_include_pad:
+        lines.append("    divisor = ((h1 - h0) * (w1 - w0)).to(tl.float32)")
+    else:
+        lines.append(f"    divisor = ((tl.minimum(h1, {height}) - tl.maximum(h0, 0)) * "
+                     f"(tl.minimum(w1, {width}) - tl.maximum(w0, 0))).to(tl.float32)")
+
+
+def _average_forward(node, buffers, lines, output):
+    source = buffers[node.args[0].name]
+    kernel, stride, padding, _ = _window(node.args[1:4])
+    out = buffers[output]
+    coords = _coordinates(out.shape, lines)
+    lead, (oh, ow) = coords[:-2], coords[-2:]
+    height, width = source.shape[-2:]
+    compute = _compute_dtype(source)
+    lines.append(f"    total = tl.full([BLOCK], 0, {compute})")
+    for kh in range(kernel[0]):
+        for kw in range(kernel[1]):
+            lines.append(f"    h = {oh} * {stride[0]} - {padding[0]} + {kh}")
+            lines.append(f"    w = {ow} * {stride[1]} - {padding[1]} + {kw}")
+            lines.append(f"    inside = mask & (h >= 0) & (h < {height}) & (w >= 0) & (w < {width})")
+            lines.append(f"    total += tl.load({source.name}_ptr + "
+                         f"{_flat(lead + ['h', 'w'], source.strides)}, mask=inside, "
+                         f"other=0).to({compute})")
+    _average_divisor(node, oh, ow, height, width, lines)
+    _store(lines, output, out, "total / divisor", coords)
+
+
+def _average_backward(node, buffers, lines, output):
+    grad = buffers[node.args[0].name]
+    kernel, stride, padding, _ = _window(node.args[2:5])
+    grad_in = buffers[output]
+    coords = _coordinates(grad_in.shape, lines)
+    lead, (h, w) = coords[:-2], coords[-2:]
+    height, width = grad_in.shape[-2:]
+    out_h, out_w = grad.shape[-2:]
+    compute = _compute_dtype(grad_in)
+    lines.append(f"    total = tl.full([BLOCK], 0, {compute})")
+    for kh in range(kernel[0]):
+        for kw in range(kernel[1]):
+            lines.append(f"    oh_s = {h} + {padding[0]} - {kh}")
+            lines.append(f"    ow_s = {w} + {padding[1]} - {kw}")
+            lines.append(f"    oh = oh_s // {stride[0]}")
+            lines.append(f"    ow = ow_s // {stride[1]}")
+            lines.append(f"    hit = mask & (oh_s >= 0) & (ow_s >= 0) & (oh_s % {stride[0]} == 0) & "
+                         f"(ow_s % {stride[1]} == 0) & (oh < {out_h}) & (ow < {out_w})")
+            _average_divisor(node, "oh", "ow", height, width, lines)
+            lines.append(f"    g = tl.load({grad.name}_ptr + {_flat(lead + ['oh', 'ow'], grad.strides)}, "
+                         f"mask=hit, other=0).to({compute})")
+            lines.append("    total += tl.where(hit, g / divisor, 0.0)")
+    _store(lines, output, grad_in, "total", coords)
+
+
+def _store(lines, name, buffer, value, coords) -> None:
+    dtype = getattr(torch, buffer.dtype)
+    value = f"_round_to_bf16({value}).to(tl.bfloat16)" if dtype == torch.bfloat16 else \
+        f"({value}).to({ops.triton_dtype(dtype)})"
+    lines.append(f"    tl.store({name}_ptr + {_flat(coords, buffer.strides)}, {value}, mask=mask)")
 
 
 def generate_pool(kernel: Kernel, buffers: dict[str, Buffer], block: int, graph: str = "") -> str:
@@ -172,7 +255,10 @@ def generate_pool(kernel: Kernel, buffers: dict[str, Buffer], block: int, graph:
         _forward(node, buffers, lines, outputs)
         numel = buffers[outputs[0]].numel
     else:
-        _backward(node, buffers, lines, node.name)
+        build = {aten.max_pool2d_with_indices_backward.default: _backward,
+                 aten.avg_pool2d.default: _average_forward,
+                 aten.avg_pool2d_backward.default: _average_backward}[node.target]
+        build(node, buffers, lines, node.name)
         numel = buffers[node.name].numel
     body = "\n".join(lines)
     helper = HELPERS["_round_to_bf16"] if "_round_to_bf16" in body else ""
