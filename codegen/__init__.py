@@ -40,7 +40,9 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
             block = choose_block(kernel.numel, interpreted)
             kernel.source = generate_scatter(kernel, program.buffers, block, program.name)
         elif kernel.is_reduction:
-            rows, r_block = choose_reduction_blocks(kernel.numel, kernel.extent, interpreted)
+            inner = len(kernel.full_shape) - 1 in kernel.reduced_dims
+            rows, r_block = choose_reduction_blocks(kernel.numel, kernel.extent, interpreted,
+                                                    inner)
             kernel.source = generate_reduction(kernel, program.buffers, rows, r_block,
                                                program.name)
         else:

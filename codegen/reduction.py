@@ -158,13 +158,23 @@ def can_reduce(node) -> bool:
                               for o in outputs)
 
 
-def choose_reduction_blocks(rows: int, extent: int, interpreted: bool) -> tuple[int, int]:
-    """(ROWS, RBLOCK): whole rows per block when they fit, looping otherwise."""
+def choose_reduction_blocks(rows: int, extent: int, interpreted: bool,
+                            inner: bool = True) -> tuple[int, int]:
+    """(ROWS, RBLOCK): whole rows per block when they fit, looping otherwise.
+
+    ``inner``: the last dimension is reduced, so consecutive reduced elements
+    are adjacent in memory and wide RBLOCKs coalesce; otherwise (a bias
+    gradient's sum over the batch) rows are the contiguous direction and get
+    the wide side of the tile, as in Inductor's outer reductions.
+    """
     def power(n):
         return 1 << max(0, (n - 1).bit_length())
     if interpreted:   # few, large program instances (TRITON_ON_CPU.md)
         r_block = min(power(extent), 1 << 14)
         return max(1, min(power(rows), (1 << 16) // r_block)), r_block
+    if not inner:
+        rows_block = max(1, min(power(rows), 128))
+        return rows_block, max(1, min(power(extent), 4096 // rows_block))
     r_block = min(power(extent), 1024)
     return max(1, min(power(rows), 4096 // r_block, 64)), r_block
 

@@ -62,6 +62,7 @@ def build_report(graph: str, graph_id: str, program: Program, records: list[Pass
             "pointwise_ops": _stat(records, "fusion", "pointwise_ops"),
             "pointwise_ops_in_triton": _stat(records, "fusion", "pointwise_ops_in_triton"),
             "pointwise_ops_extern": _stat(records, "fusion", "pointwise_ops_extern"),
+            "ops_in_triton": _stat(records, "fusion", "ops_in_triton"),
         },
         "memory": {
             "saved_activation_bytes": _stat(records, "checkpoint", "saved_activation_bytes"),

@@ -80,9 +80,10 @@ def main() -> None:
     reports = [json.loads(path.read_text()) for path in sorted(dump.glob("*/report.json"))]
     for report in reports:
         kernels = report["kernels"]
-        print(f"{report['graph_id']}: {kernels['triton']} Triton kernels "
-              f"(covering {kernels['pointwise_ops_in_triton']} of {kernels['pointwise_ops']} "
-              f"pointwise ops), {kernels['extern']} extern calls")
+        print(f"{report['graph_id']}: {kernels['triton']} Triton kernels covering "
+              f"{kernels['ops_in_triton']} aten ops (all {kernels['pointwise_ops']} pointwise "
+              f"ops among them: {kernels['pointwise_ops_in_triton'] == kernels['pointwise_ops']}), "
+              f"{kernels['extern']} extern calls {kernels['extern_ops']}")
     per_step = sum(report["kernels"]["triton"] for report in reports)
     executor = "compiled Triton on CUDA" if device == "cuda" else "Triton's interpreter on CPU"
     print(f"one training step launches {per_step} generated Triton kernels ({executor})")

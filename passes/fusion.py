@@ -456,6 +456,8 @@ def run(gm: fx.GraphModule, ctx) -> tuple[Program, dict]:
         "views": len(program.kernels_of("view")),
         "pointwise_ops": len(pointwise),
         "pointwise_ops_in_triton": len([n for n in pointwise if n in in_triton]),
+        "ops_in_triton": len({n for n in in_triton if n.op == "call_function"
+                              and n.target is not operator.getitem}),
         "pointwise_ops_extern": dict(sorted(Counter(
             str(n.target) for n in pointwise if n not in in_triton).items())),
         "extern_ops": dict(sorted(extern_ops.items())),
