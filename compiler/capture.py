@@ -26,7 +26,7 @@ from retrograd.decompositions import decomposition_table
 from retrograd.options import Options
 from retrograd.pipeline import GraphCompiler
 
-__all__ = ["compile_graph", "signature"]
+__all__ = ["compile_graph", "signature", "joint_graph"]
 
 
 def signature(values: Sequence[Any]) -> tuple:
@@ -85,3 +85,37 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
         decompositions=decomposition_table(),
     )
     return compiled, compiler
+
+
+class _JointCaptured(Exception):
+    """Raised by the capturing partition_fn to stop AOTAutograd once it has the joint."""
+
+
+def joint_graph(module: torch.nn.Module, example_inputs: Sequence[Any]):
+    """The joint forward+backward graph retrograd's passes would see, for study.
+
+    Returns ``(joint, joint_inputs, num_fwd_outputs)``: the GraphModule as
+    AOTAutograd hands it to ``partition_fn`` (decomposed with retrograd's
+    table, before any pass), its fake inputs, and how many of its outputs
+    belong to the forward. ``module`` must return a tensor or a tuple of them.
+    """
+    captured = {}
+
+    def partition(joint, joint_inputs, **kwargs):
+        captured.update(joint=joint, joint_inputs=joint_inputs,
+                        num_fwd_outputs=kwargs["num_fwd_outputs"])
+        raise _JointCaptured
+
+    def never(gm, inputs):   # pragma: no cover - the partition stops first
+        raise AssertionError("joint_graph compiles nothing")
+
+    try:
+        aot_module_simplified(module, list(example_inputs), fw_compiler=never,
+                              bw_compiler=never, partition_fn=partition,
+                              decompositions=decomposition_table())
+    except _JointCaptured:
+        pass
+    if not captured:
+        raise ValueError("retrograd.capture.joint_graph: nothing requires grad, so there is "
+                         "no joint graph")
+    return captured["joint"], captured["joint_inputs"], captured["num_fwd_outputs"]

@@ -38,10 +38,15 @@ class Options:
         disable: names of passes to skip, for debugging.
         verify: run the graph after every pass on the example inputs and name
             the first pass that changes the numbers.
+        save: ops or values never recomputed in the backward: an aten op
+            ("mm", "aten.mm", "aten.mm.default") or an fx node name
+            ("addmm_3"), in the spirit of JAX's ``save_only_these_names``.
+        recompute: ops or values never saved for the backward (recomputed
+            from what is saved); same patterns as ``save``.
 
     Example:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
-        Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), verify=False)
+        Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), verify=False, save=(), recompute=())
     """
 
     memory_budget: float | None = None
@@ -49,6 +54,8 @@ class Options:
     executor: str = "auto"
     disable: tuple[str, ...] = ()
     verify: bool = False
+    save: tuple[str, ...] = ()
+    recompute: tuple[str, ...] = ()
 
     @classmethod
     def known(cls) -> list[str]:
@@ -83,6 +90,16 @@ class Options:
             raise ValueError(f"retrograd: option dump_dir={self.dump_dir!r} must be a path")
         if not isinstance(self.verify, bool):
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
+        for name in ("save", "recompute"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(item, str) and item for item in value):
+                raise ValueError(f"retrograd: option {name}={getattr(self, name)!r} must be "
+                                 f"op names or fx node names (strings)")
+            object.__setattr__(self, name, value)
+        overlap = set(self.save) & set(self.recompute)
+        if overlap:
+            raise ValueError(f"retrograd: {sorted(overlap)} named in both save and recompute")
         disable = (self.disable,) if isinstance(self.disable, str) else tuple(self.disable)
         object.__setattr__(self, "disable", disable)
         for name in disable:

@@ -1,14 +1,28 @@
 """Checkpoint placement: which forward values the backward gets, and the split.
 
-For now the simplest honest plan: save exactly what the backward uses, as
-eager autograd does, and recompute nothing. The split itself follows
-AOTAutograd's ``default_partition`` (forward = everything the forward
-outputs need; saved = forward values the backward reads; backward = the
-rest), which this pass calls. Its stats report the bytes saved between the
-two halves, counted once per distinct value and leaving out the inputs and
-parameters and views of them (``permute(weight)``), which share storage the
-caller keeps alive anyway (the same convention as measuring eager with
-``torch.autograd.graph.saved_tensors_hooks``).
+What it does: chooses which forward values are saved for the backward and
+which the backward recomputes (planners in ``remat.py``), splits the joint
+graph into forward and backward accordingly, and moves each recomputed node
+next to its first backward consumer, so fusion folds it into that kernel and
+it does not stay alive longer than needed.
+
+- ``memory_budget=None``: the fewest saved bytes, recomputing only cheap ops
+  (pointwise, views, fills, reductions, indexed reads), never matrix products,
+  convolutions or random draws (a random op is recomputable only when its
+  stream replays exactly; ours are keyed per program call, so not across the
+  split). A minimum cut, as in AOTAutograd's min-cut partitioner.
+- ``memory_budget=f``: saved bytes at most ``f`` times those of the plan that
+  saves every forward value the backward reads (``save_all_bytes``), at the
+  least recompute cost; any deterministic op may be recomputed, matrix
+  products included, if the budget demands. Exact (ILP) on graphs with at most
+  ``EXACT_LIMIT`` forward nodes, greedy above; the stats say which ran and
+  whether the plan is proven optimal. A budget below what recomputing
+  everything allows gives that smallest plan and a warning with both numbers.
+- ``save`` / ``recompute`` options force ops or named values either way.
+
+Bytes are counted once per value, leaving out inputs, parameters and views of
+them (``permute(weight)``), which the caller keeps alive anyway: the same
+convention as measuring eager with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Assumes the AOTAutograd joint graph (``forward(primals, tangents)``).
 Returns two GraphModules, forward and backward.
@@ -16,13 +30,21 @@ Returns two GraphModules, forward and backward.
 
 from __future__ import annotations
 
+import inspect
+import operator
+import warnings
+
 import torch
 import torch.fx as fx
-from torch._functorch.partitioners import default_partition
+from torch._functorch import partitioners
 
+from retrograd.passes import remat
 from retrograd.passes.fusion import is_view
 
-__all__ = ["run", "saved_values"]
+__all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
+
+#: Largest number of forward nodes handed to the exact (ILP) budget solver.
+EXACT_LIMIT = 600
 
 
 def _aliases_input(node: fx.Node | None) -> bool:
@@ -52,17 +74,135 @@ def _bytes(nodes) -> int:
     return total
 
 
+class Policy:
+    """What may be recomputed, from the op and the user's ``save``/``recompute``."""
+
+    def __init__(self, options, op_support):
+        self.save, self.recompute = set(options.save), set(options.recompute)
+        self.support = op_support
+
+    @staticmethod
+    def _names(node: fx.Node) -> set[str]:
+        target = node.target
+        names = {node.name, str(target)}
+        packet = getattr(target, "overloadpacket", None)
+        if packet is not None:
+            names |= {str(packet), str(packet).split(".")[-1]}
+        return names
+
+    def forced_save(self, node: fx.Node) -> bool:
+        return bool(self._names(node) & self.save)
+
+    def forced_recompute(self, node: fx.Node) -> bool:
+        return bool(self._names(node) & self.recompute)
+
+    def _deterministic(self, node: fx.Node) -> bool:
+        tags = getattr(node.target, "tags", ())
+        schema = getattr(node.target, "_schema", None)
+        return (node.op == "call_function" and torch.Tag.nondeterministic_seeded not in tags
+                and not (schema is not None and schema.is_mutable) and not node.is_impure())
+
+    def cheap(self, node: fx.Node) -> bool:
+        """Recomputable under the default plan."""
+        if self.forced_recompute(node):
+            return self._deterministic(node)
+        if self.forced_save(node) or not self._deterministic(node):
+            return False
+        if node.target is operator.getitem or is_view(node):
+            return True
+        support = self.support
+        return (torch.Tag.pointwise in getattr(node.target, "tags", ())
+                or support.can_lower(node) or support.can_reduce(node))
+
+    def any(self, node: fx.Node) -> bool:
+        """Recomputable when a budget demands it: every deterministic op."""
+        return not self.forced_save(node) and self._deterministic(node)
+
+
+def _extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int):
+    """AOTAutograd's own extraction of the two halves around ``saved``."""
+    keywords = {"saved_sym_nodes": [], "num_fwd_outputs": num_fwd_outputs}
+    parameters = inspect.signature(partitioners._extract_fwd_bwd_modules).parameters
+    keywords = {k: v for k, v in keywords.items() if k in parameters}
+    forward, backward = partitioners._extract_fwd_bwd_modules(joint, saved, **keywords)
+    forward.graph.eliminate_dead_code()
+    backward.graph.eliminate_dead_code()
+    return forward, backward
+
+
+def sink_recomputation(backward: fx.GraphModule, recomputed: set[str]) -> None:
+    """Move each recomputed node just before its first consumer (latest first,
+    so chains follow their consumers), keeping recomputed values short-lived."""
+    for node in reversed(list(backward.graph.nodes)):
+        if node.name not in recomputed or not node.users:
+            continue
+        order = {n: i for i, n in enumerate(backward.graph.nodes)}
+        first_user = min(node.users, key=order.__getitem__)
+        if order[first_user] > order[node] + 1:
+            first_user.prepend(node)
+    backward.graph.lint()
+    backward.recompile()
+
+
+def _plan(info, ctx, policy: Policy, save_all_bytes: float):
+    budget_fraction = ctx.options.memory_budget
+    if budget_fraction is None:
+        return remat.min_cut_plan(info, policy.cheap, policy.forced_recompute), None
+    budget = budget_fraction * save_all_bytes
+    plan = None
+    if len(info.forward) <= EXACT_LIMIT:
+        plan = remat.ilp_plan(info, budget, policy.any, policy.forced_recompute)
+    elif not math_isinf(budget):
+        plan = remat.greedy_plan(info, budget, policy.any, policy.forced_recompute)
+    if plan is None or remat.plan_bytes(info, plan.saved) > budget:
+        smallest = remat.min_cut_plan(info, policy.any, policy.forced_recompute)
+        smallest_bytes = remat.plan_bytes(info, smallest.saved)
+        if plan is None or smallest_bytes < remat.plan_bytes(info, plan.saved):
+            plan = smallest
+        if smallest_bytes > budget:
+            message = (f"retrograd: memory_budget={budget_fraction} asks for at most "
+                       f"{budget:.0f} saved bytes, but the smallest plan saves "
+                       f"{smallest_bytes:.0f} bytes; using that plan")
+            warnings.warn(message, stacklevel=2)
+            ctx.log.warning(message)
+    return plan, budget
+
+
+def math_isinf(value: float) -> bool:
+    return value == float("inf")
+
+
 def run(joint: fx.GraphModule, ctx, joint_inputs, **partition_kwargs):
-    """Split ``joint`` into (forward, backward); stats give the saved bytes."""
-    forward, backward = default_partition(joint, joint_inputs, **partition_kwargs)
-    saved, activations = saved_values(forward, backward)
+    """Plan, split ``joint`` into (forward, backward), sink recomputation."""
+    count = partition_kwargs["num_fwd_outputs"]
+    policy = Policy(ctx.options, ctx.op_support)
+    info = remat.analyse(joint, count, free=_aliases_input)
+    save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
+    plan, budget = _plan(info, ctx, policy, save_all_bytes)
+    saved = [n for n in joint.graph.nodes if n in plan.saved or n.op == "placeholder"
+             and not n.name.startswith("tangents")]
+    forward, backward = _extract(joint, saved, count)
+    forward_names = {n.name for n in info.forward}
+    recomputed = [n for n in backward.graph.nodes
+                  if n.op == "call_function" and n.name in forward_names]
+    sink_recomputation(backward, {n.name for n in recomputed})
+    kept, activations = saved_values(forward, backward)
+    by_name = {n.name: n for n in info.forward}
     stats = {
-        "plan": "save what the backward uses (no recompute)",
-        "saved_values": len(saved),
+        "plan": "least saved bytes, cheap recompute" if budget is None else
+                f"memory_budget={ctx.options.memory_budget}",
+        "solver": plan.solver,
+        "optimal": plan.optimal,
+        "save_all_bytes": int(save_all_bytes),
+        "budget_bytes": None if budget is None else int(budget),
+        "saved_values": len(kept),
         "saved_activation_values": len(activations),
         "saved_activation_bytes": _bytes(activations),
-        "saved_input_bytes": _bytes(saved) - _bytes(activations),
-        "recomputed_nodes": 0,
-        "recomputed_flops": 0,
+        "saved_input_bytes": _bytes(kept) - _bytes(activations),
+        "saved": [n.name for n in activations],
+        "recomputed": [n.name for n in recomputed],
+        "recomputed_nodes": len(recomputed),
+        "recomputed_flops": int(sum(remat.flops(by_name[n.name]) for n in recomputed)),
+        "recompute_cost": float(sum(remat.recompute_cost(by_name[n.name]) for n in recomputed)),
     }
     return (forward, backward), stats

@@ -1,0 +1,136 @@
+"""Saved activation bytes between forward and backward, per zoo model, for
+eager autograd, torch's two partitioners and retrograd's plans (CPU,
+deterministic figures).
+
+- eager: what autograd saves, seen by ``torch.autograd.graph.saved_tensors_hooks``
+  (unique storages, parameters and inputs left out);
+- torch default_partition / min_cut_rematerialization_partition, and
+  retrograd's default and ``memory_budget`` 0.75 / 0.5 / 0.25, all run on the
+  same joint graph (retrograd's decompositions, after its cleanup pass), with
+  bytes counted the same way (``retrograd.passes.checkpoint.saved_values``);
+- recompute FLOPs for each plan (retrograd's cost model, ``passes/remat.py``).
+
+    python benchmarks/memory.py [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings as _warnings
+import copy
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch._functorch.partitioners import (default_partition,
+                                           min_cut_rematerialization_partition)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from zoo import ZOO, clone_inputs  # noqa: E402  (the zoo lives with the tests)
+
+from retrograd.capture import joint_graph  # noqa: E402
+from retrograd.dump import Dumper  # noqa: E402
+from retrograd.options import Options  # noqa: E402
+from retrograd.passes import checkpoint, cleanup, remat  # noqa: E402
+from retrograd.pipeline import OpSupport, PassContext  # noqa: E402
+
+BUDGETS = (None, 0.75, 0.5, 0.25)
+_warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class LossOf(torch.nn.Module):
+    """A zoo entry's model and loss as one module returning ``(loss,)``."""
+
+    def __init__(self, entry, model):
+        super().__init__()
+        self.entry, self.model = entry, model
+
+    def forward(self, *inputs):
+        return (self.entry.run(self.model, inputs),)
+
+
+def eager_saved_bytes(entry, model, inputs) -> int:
+    """Unique storages autograd saves, leaving out parameters and inputs."""
+    excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters())
+                + list(model.buffers()) + [i for i in inputs if isinstance(i, torch.Tensor)]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in excluded:
+            storages[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = entry.run(model, inputs)
+    loss.backward()
+    return sum(storages.values())
+
+
+def _recompute_flops(joint, forward, backward) -> int:
+    forward_names = {n.name: n for n in joint.graph.nodes if n.op == "call_function"}
+    return sum(remat.flops(forward_names[n.name]) for n in backward.graph.nodes
+               if n.op == "call_function" and n.name in forward_names)
+
+
+def measure(name: str) -> dict:
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    model, inputs = entry.model(), entry.inputs()
+    row = {"model": name, "eager": eager_saved_bytes(entry, copy.deepcopy(model),
+                                                      clone_inputs(inputs))}
+    joint, joint_inputs, count = joint_graph(LossOf(entry, model), clone_inputs(inputs))
+    context = PassContext(Options(), Dumper(None, []), OpSupport(), name)
+    cleanup.run(joint, context)
+    for label, partition in (("torch default", default_partition),
+                             ("torch min-cut", min_cut_rematerialization_partition)):
+        forward, backward = partition(copy.deepcopy(joint), joint_inputs, num_fwd_outputs=count)
+        _, activations = checkpoint.saved_values(forward, backward)
+        row[label] = checkpoint._bytes(activations)
+        row[f"{label} recompute flops"] = _recompute_flops(joint, forward, backward)
+    for budget in BUDGETS:
+        label = "retrograd" if budget is None else f"retrograd {budget}"
+        ctx = PassContext(Options(memory_budget=budget), Dumper(None, []), OpSupport(), name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, stats = checkpoint.run(copy.deepcopy(joint), ctx, joint_inputs,
+                                      num_fwd_outputs=count)
+        row[label] = stats["saved_activation_bytes"]
+        row[f"{label} recompute flops"] = stats["recomputed_flops"]
+        row[f"{label} solver"] = f"{stats['solver']}{'' if stats['optimal'] else ' (heuristic)'}"
+        row["save_all_bytes"] = stats["save_all_bytes"]
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = ["eager", "torch default", "torch min-cut", "retrograd"] + [
+        f"retrograd {b}" for b in BUDGETS if b is not None]
+    lines = ["| model | save-all plan | " + " | ".join(columns) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
+    for row in rows:
+        cells = []
+        for column in columns:
+            flops = row.get(f"{column} recompute flops")
+            cells.append(f"{row[column]:,}" + (f" ({flops:,} fl)" if flops else ""))
+        lines.append(f"| {row['model']} | {row['save_all_bytes']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(ZOO))
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    rows = [measure(name) for name in args.models]
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

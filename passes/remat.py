@@ -1,0 +1,275 @@
+"""Rematerialization planning: which forward values the backward gets saved,
+and which it recomputes.
+
+The joint graph's forward part is a DAG of values. A *plan* marks some of them
+saved (kept from the forward for the backward) and some recomputed (evaluated
+again in the backward from saved values and inputs). A plan is valid when
+every value the backward reads is saved or recomputed, and everything a
+recomputed value reads is too (inputs are always there).
+
+Three planners:
+
+- ``min_cut_plan``: the fewest saved bytes, recomputing only what
+  ``recomputable`` allows. The classic reduction (Checkmate, Jain et al.,
+  MLSys 2020; AOTAutograd's ``min_cut_rematerialization_partition``): each
+  value v becomes an edge v_in -> v_out whose capacity is its size; data
+  edges and edges into values that may not be recomputed are infinite; the
+  backward's needs drain into the sink. A minimum s-t cut (networkx
+  max-flow) is a set of values to save, and what lies past it is recomputed.
+- ``ilp_plan``: for ``memory_budget``: least recompute cost with saved bytes
+  at most the budget, as a 0-1 integer program (scipy's HiGHS ``milp``).
+  Exact; used on graphs small enough to solve quickly.
+- ``greedy_plan``: the same question answered fast for large graphs: from
+  "save everything the backward reads", evict the saved value that frees the
+  most bytes per unit of recompute cost, until the budget holds. The eviction
+  order does not depend on the budget, so tighter budgets give nested plans
+  (saved bytes and cost move monotonically).
+
+Cost model (documented in docs/design.md): recomputing a value costs its
+FLOPs (2mnk for matrix products, 2 x output x window for convolutions, one
+per output element otherwise, one per input element for reductions) plus one
+unit per 4 bytes it reads and writes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+__all__ = ["JointInfo", "Plan", "analyse", "value_bytes", "flops", "recompute_cost",
+           "min_cut_plan", "ilp_plan", "greedy_plan", "save_all_plan", "plan_bytes"]
+
+aten = torch.ops.aten
+
+MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
+           aten.convolution.default, aten._scaled_dot_product_flash_attention.default,
+           aten._scaled_dot_product_efficient_attention.default,
+           aten._scaled_dot_product_cudnn_attention.default, aten._scaled_mm.default}
+
+
+@dataclass
+class JointInfo:
+    """The forward part of a joint graph, as the planners see it."""
+
+    forward: list[fx.Node]          # forward call_function nodes, in graph order
+    primals: list[fx.Node]          # forward placeholders: always available
+    needed: set[fx.Node]            # forward values the backward reads directly
+    free: set[fx.Node] = field(default_factory=set)   # cost nothing to save
+
+    def inputs_of(self, node: fx.Node) -> list[fx.Node]:
+        return [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
+
+
+@dataclass
+class Plan:
+    saved: set[fx.Node]
+    recomputed: set[fx.Node]
+    solver: str
+    optimal: bool
+
+
+def _is_tangent(node: fx.Node) -> bool:
+    return node.op == "placeholder" and node.name.startswith("tangents")
+
+
+def analyse(joint: fx.GraphModule, num_fwd_outputs: int, free=lambda node: False) -> JointInfo:
+    """Split the joint graph's nodes into forward values and their backward readers."""
+    backward: set[fx.Node] = set()
+    for node in joint.graph.nodes:
+        if _is_tangent(node) or any(arg in backward for arg in node.all_input_nodes):
+            if node.op != "output":
+                backward.add(node)
+    output = next(node for node in joint.graph.nodes if node.op == "output")
+    grads = [arg for arg in output.args[0][num_fwd_outputs:] if isinstance(arg, fx.Node)]
+    forward = [n for n in joint.graph.nodes if n.op == "call_function" and n not in backward]
+    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not _is_tangent(n)]
+    needed = {arg for node in backward for arg in node.all_input_nodes if arg not in backward}
+    needed |= {grad for grad in grads if grad not in backward}
+    needed = {n for n in needed if n.op != "get_attr"}
+    info = JointInfo(forward, primals, needed)
+    info.free = {n for n in forward + primals if free(n)}
+    return info
+
+
+# ---------------------------------------------------------------- cost model
+def value_bytes(node: fx.Node) -> float:
+    """Bytes to keep ``node``'s value; infinite for tuples (save their items)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return float(val.numel() * val.element_size())
+    return math.inf
+
+
+def _numel(value) -> int:
+    return value.numel() if isinstance(value, torch.Tensor) else 0
+
+
+def flops(node: fx.Node) -> int:
+    """Floating-point operations to compute ``node`` once."""
+    val = node.meta.get("val")
+    shapes = [arg.meta.get("val") for arg in node.all_input_nodes]
+    target = node.target
+    if target in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default):
+        a = shapes[-2] if target in (aten.addmm.default, aten.baddbmm.default) else shapes[0]
+        return 2 * _numel(val) * a.shape[-1]
+    if target is aten.convolution.default:
+        weight = shapes[1]
+        return 2 * _numel(val) * (weight.numel() // max(1, weight.shape[0]))
+    if target is operator.getitem:
+        return 0
+    largest_input = max([_numel(s) for s in shapes] + [0])
+    if isinstance(val, (tuple, list)) or _numel(val) < largest_input:   # a reduction
+        return largest_input
+    return _numel(val)
+
+
+def recompute_cost(node: fx.Node) -> float:
+    """FLOPs plus one unit per 4 bytes read and written."""
+    moved = sum(_numel(a.meta.get("val")) * a.meta["val"].element_size()
+                for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor))
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        moved += val.numel() * val.element_size()
+    return flops(node) + moved / 4
+
+
+def plan_bytes(info: JointInfo, saved) -> float:
+    return sum(value_bytes(n) for n in saved if n not in info.free and n not in info.primals)
+
+
+# ---------------------------------------------------------------- plans
+def save_all_plan(info: JointInfo) -> Plan:
+    """Save every forward value the backward reads: eager autograd's plan."""
+    saved = {n for n in info.needed if n not in info.primals}
+    return Plan(saved, set(), "save everything the backward reads", True)
+
+
+def min_cut_plan(info: JointInfo, recomputable, unsavable=lambda node: False) -> Plan:
+    """Fewest saved bytes, recomputing only nodes ``recomputable`` allows and
+    never saving those ``unsavable`` marks (a user's "always recompute")."""
+    graph = nx.DiGraph()
+    primals = set(info.primals)
+    for node in info.primals + info.forward:
+        capacity = 0.0 if node in primals or node in info.free else value_bytes(node)
+        if node not in primals and unsavable(node) and recomputable(node):
+            capacity = math.inf
+        if math.isinf(capacity):
+            graph.add_edge((node, "in"), (node, "out"))            # never cut
+        else:
+            graph.add_edge((node, "in"), (node, "out"), capacity=capacity)
+        if node in primals or not recomputable(node):
+            graph.add_edge("source", (node, "in"))                 # lives in the forward
+        for arg in info.inputs_of(node):
+            graph.add_edge((arg, "out"), (node, "in"))
+        if node in info.needed:
+            graph.add_edge((node, "out"), "sink")
+    _, (reachable, _) = nx.minimum_cut(graph, "source", "sink")
+    saved = {node for node in info.primals + info.forward
+             if (node, "in") in reachable and (node, "out") not in reachable}
+    recomputed = {node for node in info.forward if (node, "in") not in reachable
+                  and graph.has_node((node, "in"))}
+    return Plan(saved, _needed_closure(info, saved, recomputed), "min-cut (networkx)", True)
+
+
+def _needed_closure(info: JointInfo, saved, candidates) -> set[fx.Node]:
+    """Of ``candidates``, those the backward actually needs recomputed."""
+    needed, work = set(), [n for n in info.needed if n not in saved]
+    while work:
+        node = work.pop()
+        if node in needed or node in saved or node.op == "placeholder":
+            continue
+        if node in candidates:
+            needed.add(node)
+            work.extend(info.inputs_of(node))
+    return needed
+
+
+def ilp_plan(info: JointInfo, budget: float, recomputable, unsavable=lambda n: False,
+             time_limit: float = 20.0) -> Plan | None:
+    """Least recompute cost with saved bytes <= ``budget`` (None if infeasible)."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    nodes = info.forward
+    index = {node: i for i, node in enumerate(nodes)}
+    n = len(nodes)
+    sizes = np.array([0.0 if node in info.free else value_bytes(node) for node in nodes])
+    savable = np.isfinite(sizes) & np.array([not unsavable(node) for node in nodes], dtype=bool)
+    sizes = np.where(savable, sizes, 0.0)
+    costs = np.array([recompute_cost(node) for node in nodes])
+    rows: list[tuple[dict[int, float], float]] = []
+    for node in nodes:
+        i = index[node]
+        if node in info.needed:
+            rows.append(({i: 1.0, n + i: 1.0}, 1.0))               # saved or recomputed
+        for arg in info.inputs_of(node):
+            if arg in index:                                        # inputs of a recompute
+                j = index[arg]
+                rows.append(({j: 1.0, n + j: 1.0, n + i: -1.0}, 0.0))
+    matrix = lil_matrix((len(rows) + 1, 2 * n))
+    for row, (coefficients, _) in enumerate(rows):
+        for column, value in coefficients.items():
+            matrix[row, column] += value
+    for i in range(n):
+        matrix[len(rows), i] = sizes[i]
+    lower = np.array([bound for _, bound in rows] + [-np.inf])
+    upper = np.array([np.inf] * len(rows) + [budget])
+    scale = max(1.0, sizes.sum())
+    tie_break = (costs[costs > 0].min() if (costs > 0).any() else 1.0) * 1e-3
+    objective = np.concatenate([sizes / scale * tie_break, costs])
+    high = np.concatenate([savable.astype(float),
+                           [1.0 if recomputable(node) else 0.0 for node in nodes]])
+    result = milp(objective, constraints=LinearConstraint(matrix.tocsr(), lower, upper),
+                  integrality=np.ones(2 * n), bounds=Bounds(np.zeros(2 * n), high),
+                  options={"time_limit": time_limit})
+    if result.x is None:
+        return None
+    chosen = np.round(result.x).astype(bool)
+    saved = {node for node in nodes if chosen[index[node]]}
+    recomputed = {node for node in nodes if chosen[n + index[node]] and node not in saved}
+    return Plan(saved, _needed_closure(info, saved, recomputed), "ilp (scipy HiGHS milp)",
+                result.status == 0)
+
+
+def greedy_plan(info: JointInfo, budget: float, recomputable,
+                unsavable=lambda node: False) -> Plan:
+    """Evict saved values by bytes freed per recompute cost until the budget holds."""
+    saved = save_all_plan(info).saved
+    recomputed: set[fx.Node] = set()
+    primals = set(info.primals)
+
+    def available(node):
+        return node in primals or node in saved or node in recomputed or node.op == "get_attr"
+
+    forced = [node for node in info.forward if unsavable(node) and recomputable(node)]
+    while forced:   # the user's "always recompute" first, inputs saved as needed
+        node = forced.pop(0)
+        if node in saved:
+            saved.discard(node)
+            recomputed.add(node)
+            saved |= {arg for arg in info.inputs_of(node) if not available(arg)}
+    while plan_bytes(info, saved) > budget:
+        best, best_score, best_added = None, 0.0, set()
+        for node in sorted(saved, key=lambda n: n.name):
+            if not recomputable(node):
+                continue
+            added = {arg for arg in info.inputs_of(node) if not available(arg)}
+            if any(math.isinf(value_bytes(arg)) for arg in added):
+                continue
+            freed = value_bytes(node) - sum(value_bytes(arg) for arg in added)
+            score = freed / max(recompute_cost(node), 1e-9)
+            if freed > 0 and (score > best_score or best is None or
+                              score == best_score and node.name < best.name):
+                best, best_score, best_added = node, score, added
+        if best is None:
+            break
+        saved.discard(best)
+        recomputed.add(best)
+        saved |= best_added
+    return Plan(saved, _needed_closure(info, saved, recomputed), "greedy", False)
