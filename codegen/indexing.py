@@ -27,9 +27,21 @@ def _shape(node) -> tuple[int, ...]:
     return tuple(node.meta["val"].shape)
 
 
+def _join(writer, terms: list[str]) -> str:
+    """The sum of index terms; with none (a 0-dim or all-ones source), a block
+    of zeros, since the interpreter refuses a block mask on a scalar pointer."""
+    if terms:
+        return " + ".join(terms)
+    writer.needs_broadcast = True
+    return "broadcast"
+
+
 def _source_index(writer, source, out_shape, coordinates: dict[int, str]) -> str:
     """Flat index into ``source`` (a node) at output coordinates, with some
-    dimensions replaced by expressions (``coordinates``: source dim -> text)."""
+    dimensions replaced by expressions (``coordinates``: source dim -> text).
+    A constant fill has no buffer: its literal is used instead (see ``_load``)."""
+    if ops.is_fill(source):
+        return "0"
     buffer = writer.buffers[source.name]
     terms = []
     lead = len(out_shape) - len(buffer.shape)
@@ -41,7 +53,7 @@ def _source_index(writer, source, out_shape, coordinates: dict[int, str]) -> str
         else:
             coordinate = writer.coordinate(out_shape, dim + lead)
         terms.append(coordinate if stride == 1 else f"({coordinate}) * {stride}")
-    return " + ".join(terms) or "0"
+    return _join(writer, terms)
 
 
 def _load(writer, source, index: str, out_dtype, valid: str | None = None) -> str:
@@ -56,7 +68,7 @@ def _embedding(node, writer) -> str:
     ids = writer.buffers[indices.name]
     terms = [f"{writer.coordinate(out, d)} * {s}" if s != 1 else writer.coordinate(out, d)
              for d, (size, s) in enumerate(zip(ids.shape, ids.strides)) if size > 1 and s]
-    row = writer.indexed_load(indices.name, " + ".join(terms) or "0", None, None)
+    row = writer.indexed_load(indices.name, _join(writer, terms), None, None)
     index = _source_index(writer, weight, out, {0: row})
     return _load(writer, weight, index, node.meta["val"].dtype)
 
@@ -156,7 +168,7 @@ def _select_scatter(node, writer) -> str:
             if size > 1 and stride:
                 coordinate = writer.coordinate(out, out_dim)
                 terms.append(coordinate if stride == 1 else f"{coordinate} * {stride}")
-        written = writer.indexed_load(source.name, " + ".join(terms) or "0", inside,
+        written = writer.indexed_load(source.name, _join(writer, terms), inside,
                                       ops.compute_dtype(node.meta["val"].dtype))
     kept = writer.operand(node, base, ops.compute_dtype(node.meta["val"].dtype))
     return f"tl.where({inside}, {written}, {kept})"

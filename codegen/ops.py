@@ -187,10 +187,11 @@ def _pow_scalar(node, operand):
              -2: f"1.0 / ({x} * {x})", 4: f"({x} * {x}) * ({x} * {x})"}
     if exponent in small:
         return small[exponent]
-    # The exponent goes in as a block, not a scalar: the interpreter types a
-    # comparison of two scalars wrongly (an int1 result held as float32), and
-    # _pow's sign logic compares the exponent with itself.
-    return f"_pow({x}, tl.full([BLOCK], {literal(float(exponent))}, {triton_dtype(dtype)}))"
+    # The exponent goes in as a block shaped like the base, not a scalar: the
+    # interpreter types a comparison of two scalars wrongly (an int1 result held
+    # as float32), and _pow's sign logic compares the exponent with itself.
+    # ``x.shape``, not [BLOCK]: in a reduction kernel the block is 2-D.
+    return f"_pow({x}, tl.full(({x}).shape, {literal(float(exponent))}, {triton_dtype(dtype)}))"
 
 
 @_register(aten.pow.Tensor_Tensor)
@@ -201,8 +202,11 @@ def _pow_tensor(node, operand):
 
 @_register(aten.pow.Scalar)
 def _pow_base_scalar(node, operand):
+    """A scalar base goes through _pow too: exp2(y * log2(base)) alone has no
+    meaning for a base <= 0 and gets 1 ** nan, inf ** 0 wrong."""
     dtype = _float_out(node)
-    return f"tl.exp2({operand(node.args[1], dtype)} * {literal(math.log2(node.args[0]))})"
+    y = operand(node.args[1], dtype)
+    return f"_pow(tl.full(({y}).shape, {literal(float(node.args[0]))}, {triton_dtype(dtype)}), {y})"
 
 
 @_register(aten.remainder.Tensor, aten.remainder.Scalar)

@@ -48,7 +48,9 @@ def _sigmoid(x):
 @triton.jit
 def _uniform(seed, offset):
     # Philox 4x32-10 (Salmon et al., SC'11) keyed by the seed at counter
-    # ``offset``; the first word mapped to [0, 1) as triton.language.random does.
+    # ``offset``; the top 24 bits of the first word scaled by 2**-24: exact in
+    # float32, so always below 1 (triton.language.random's 31 bits times 2**-31
+    # round up to 1.0 in float32 for the largest words).
     c0 = offset.to(tl.uint32)
     zero = c0 * 0
     c1, c2, c3 = zero, zero, zero
@@ -61,9 +63,7 @@ def _uniform(seed, offset):
         c3 = _c0 * 0xD2511F53
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    x = c0.to(tl.int32, bitcast=True)
-    x = tl.where(x < 0, -x - 1, x)
-    return x.to(tl.float32) * 4.6566127342e-10
+    return (c0 >> 8).to(tl.float32) * 5.9604644775390625e-08
 ''',
     "_tanh": '''
 @triton.jit
@@ -93,13 +93,18 @@ def _log1p(x):
     "_pow": '''
 @triton.jit
 def _pow(x, y):
-    # x ** y = exp2(y * log2|x|), with torch's signs for negative bases.
+    # x ** y = exp2(y * log2|x|), with C's pow for signs and special values
+    # (what torch computes): a negative base, -0 included, keeps its sign for
+    # an odd integer y; a finite negative base with a non-integer y is NaN
+    # (-inf ** 0.5 is inf); x ** 0, 1 ** y and (-1) ** inf are 1, NaN or not.
     r = tl.exp2(y * tl.log2(tl.abs(x)))
     y_int = tl.floor(y) == y
     y_odd = y_int & (tl.floor(y * 0.5) * 2.0 != y)
-    r = tl.where((x < 0) & y_odd, -r, r)
-    r = tl.where((x < 0) & (y_int == 0), float("nan"), r)
-    return tl.where(y == 0, 1.0, r)
+    negative = (x < 0) | ((x == 0) & (1.0 / x < 0))   # 1 / -0 is -inf
+    r = tl.where(negative & y_odd, -r, r)
+    r = tl.where((x < 0) & (x > float("-inf")) & (y_int == 0), float("nan"), r)
+    one = (y == 0) | (x == 1) | ((x == -1) & (tl.abs(y) == float("inf")))
+    return tl.where(one, 1.0, r)
 ''',
     "_trunc": '''
 @triton.jit
@@ -122,6 +127,10 @@ def _round_to_bf16(x):
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 ''',
 }
+
+#: Mantissa digits of the half types: torch's uniform draw for them is an
+#: integer below 2**digits times 2**-digits (ATen's ``uniform_real``).
+HALF_DIGITS = {torch.float16: 11, torch.bfloat16: 8}
 
 KERNEL = Template('''\
 """$title
@@ -291,6 +300,9 @@ class _Writer:
         elif ops.is_random(node):
             # each random node owns a disjoint stretch of the program's counter
             expression = f"_uniform(seed, offsets + {self.rng_offsets[node.name]})"
+            digits = HALF_DIGITS.get(node.meta["val"].dtype)
+            if digits:   # as torch draws them: k / 2**digits, so rounding never gives 1.0
+                expression = f"tl.floor({expression} * {2.0 ** digits!r}) * {2.0 ** -digits!r}"
         else:
             expression = ops.lower(node, operand)
         dtype = ops.compute_dtype(node.meta["val"].dtype)

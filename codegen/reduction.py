@@ -50,43 +50,20 @@ REDUCTIONS = {
 }
 
 REDUCE_HELPERS = {
-    "_add": '''
-@triton.jit
-def _add(a, b):
-    return a + b
-''',
     "_mul": '''
 @triton.jit
 def _mul(a, b):
     return a * b
 ''',
-    "_argmax_combine": '''
-@triton.jit
-def _argmax_combine(value_a, index_a, value_b, index_b):
-    # larger value wins, NaN beats everything, ties go to the smaller index
-    a_nan, b_nan = value_a != value_a, value_b != value_b
-    pick_a = (value_a > value_b) | (a_nan & ~b_nan) | (
-        ((value_a == value_b) | (a_nan & b_nan)) & (index_a < index_b))
-    return tl.where(pick_a, value_a, value_b), tl.where(pick_a, index_a, index_b)
-''',
-    "_argmin_combine": '''
-@triton.jit
-def _argmin_combine(value_a, index_a, value_b, index_b):
-    a_nan, b_nan = value_a != value_a, value_b != value_b
-    pick_a = (value_a < value_b) | (a_nan & ~b_nan) | (
-        ((value_a == value_b) | (a_nan & b_nan)) & (index_a < index_b))
-    return tl.where(pick_a, value_a, value_b), tl.where(pick_a, index_a, index_b)
-''',
-    "_welford_combine": '''
-@triton.jit
-def _welford_combine(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
-    # Chan, Golub & LeVeque: merge two (mean, M2, count) summaries
-    count = count_a + count_b
-    delta = mean_b - mean_a
-    share = tl.where(count == 0, 0.0, count_b / tl.where(count == 0, 1.0, count))
-    return mean_a + delta * share, m2_a + m2_b + delta * delta * count_a * share, count
-''',
 }
+
+#: Combine functions of triton.language.standard. Passed to ``tl.reduce``
+#: they compile as usual on GPUs, and the interpreter recognises them and
+#: reduces with numpy instead of calling a Python combine per element (which
+#: costs ~100 microseconds an element). Only the reference is used, never a
+#: call, so they work even where triton was imported without TRITON_INTERPRET.
+SUM, MAX, MIN = ("tl.standard._sum_combine", "tl.standard._elementwise_max",
+                 "tl.standard._elementwise_min")
 
 KERNEL = Template('''\
 """$title
@@ -390,25 +367,43 @@ class _Writer:
         _, _, kind = describe_reduction(node)
         name, acc = node.name, f"{node.name}_acc"
         out = node.meta["val"]
-        if kind in ("sum", "mean", "prod"):
-            combine = "_add" if kind != "prod" else "_mul"
-            text = f"tl.reduce({acc}, 1, {combine}, keep_dims=True)"
-            if kind == "mean":
-                text = f"{text} / {float(self.extent)}"
-            self.emit(f"{name} = {text}")
+        if kind in ("sum", "mean"):
+            text = f"tl.reduce({acc}, 1, {SUM}, keep_dims=True)"
+            self.emit(f"{name} = {text} / {float(self.extent)}" if kind == "mean" else
+                      f"{name} = {text}")
+        elif kind == "prod":
+            self.emit(f"{name} = tl.reduce({acc}, 1, _mul, keep_dims=True)")
         elif kind in ("max", "min", "any", "all"):
-            helper = "_maximum" if kind in ("max", "any") else "_minimum"
-            self.emit(f"{name} = tl.reduce({acc}, 1, {helper}, keep_dims=True)")
+            combine = MAX if kind in ("max", "any") else MIN
+            self.emit(f"{name} = tl.reduce({acc}, 1, {combine}, keep_dims=True)")
             if kind in ("any", "all"):
                 self.emit(f"{name} = {name} != 0")
+            elif self.accumulator_dtype(node).is_floating_point:   # a NaN lane wins
+                self.emit(f"{name}_nans = tl.reduce(({acc} != {acc}).to(tl.int32), 1, {SUM}, "
+                          f"keep_dims=True)")
+                self.emit(f'{name} = tl.where({name}_nans > 0, float("nan"), {name})')
         elif kind in ("argmax", "argmin"):
-            self.emit(f"_, {name} = tl.reduce(({acc}, {name}_index), 1, _{kind}_combine, "
+            combine = MAX if kind == "argmax" else MIN
+            self.emit(f"{name}_best = tl.reduce({acc}, 1, {combine}, keep_dims=True)")
+            hit = f"({acc} == {name}_best)"
+            if self.accumulator_dtype(node).is_floating_point:
+                self.emit(f"{name}_nans = tl.reduce(({acc} != {acc}).to(tl.int32), 1, {SUM}, "
+                          f"keep_dims=True)")
+                hit = f"tl.where({name}_nans > 0, {acc} != {acc}, {hit})"
+            # the smallest index among lanes holding the winner: torch's first occurrence
+            self.emit(f"{name} = tl.reduce(tl.where({hit}, {name}_index, {2 ** 62}), 1, {MIN}, "
                       f"keep_dims=True)")
         else:
             correction = node.kwargs.get("correction")
             correction = 1 if correction is None else correction
-            self.emit(f"{name}_mean, {name}_m2, _ = tl.reduce(({name}_mean, {name}_m2, "
-                      f"{name}_count), 1, _welford_combine, keep_dims=True)")
+            # Chan et al.'s merge of the lanes' (mean, M2, count), written with sums
+            self.emit(f"{name}_lane_mean = {name}_mean")
+            self.emit(f"{name}_n = tl.reduce({name}_count, 1, {SUM}, keep_dims=True)")
+            self.emit(f"{name}_mean = tl.reduce({name}_lane_mean * {name}_count, 1, {SUM}, "
+                      f"keep_dims=True) / tl.where({name}_n == 0, 1.0, {name}_n)")
+            self.emit(f"{name}_m2 = tl.reduce({name}_m2 + {name}_count * ({name}_lane_mean - "
+                      f"{name}_mean) * ({name}_lane_mean - {name}_mean), 1, {SUM}, "
+                      f"keep_dims=True)")
             divisor = max(0.0, float(self.extent - correction))
             self.emit(f"{name}_var = {name}_m2 / {divisor!r}" if divisor else
                       f"{name}_var = {name}_m2 * float(\"nan\")")

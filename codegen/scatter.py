@@ -109,8 +109,21 @@ def _coordinates(shape, lines: list[str], prefix: str) -> list[str]:
 
 
 def _flat(coordinates, strides) -> str:
+    """Flat index at ``coordinates``; a block of zeros for a 0-dim tensor (the
+    interpreter refuses a block mask on a scalar pointer)."""
     terms = [c if s == 1 else f"{c} * {s}" for c, s in zip(coordinates, strides) if s]
-    return " + ".join(terms) or "0"
+    return " + ".join(terms) or "0 * offsets"
+
+
+def _source_value(source, buffers: dict[str, Buffer], coordinates, out: Buffer) -> str:
+    """The value written at ``coordinates`` of the source: a load, or for a
+    constant fill (inlined by fusion, so it has no buffer) its literal as a
+    block -- the zeros of a gradient such as ``index_put(grad, [i], zeros)``."""
+    if ops.is_fill(source):
+        return (f"tl.full([BLOCK], {ops.literal(ops.fill_value(source))}, "
+                f"{ops.triton_dtype(getattr(torch, out.dtype))})")
+    buffer = buffers[source.name]
+    return f"tl.load({buffer.name}_ptr + {_flat(coordinates, buffer.strides)}, mask=mask)"
 
 
 def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
@@ -137,14 +150,13 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     lines: list[str] = []
     if node.target is aten.index_put.default:
         index_node, values_node, dim = node.args[1][0], node.args[2], 0
-        values = buffers[values_node.name]
-        coords = _coordinates(values.shape, lines, "v")
+        coords = _coordinates(tuple(values_node.meta["val"].shape), lines, "v")
         rank = len(index_node.meta["val"].shape)
         index = buffers[index_node.name]
         lines.append(f"    position = tl.load({index.name}_ptr + "
                      f"{_flat(coords[:rank], index.strides)}, mask=mask)")
         target = ["position"] + coords[rank:]
-        value = f"tl.load({values.name}_ptr + {_flat(coords, values.strides)}, mask=mask)"
+        value = _source_value(values_node, buffers, coords, out)
         accumulate = len(node.args) > 3 and bool(node.args[3])
     else:
         dim, index_node = node.args[1] % max(1, len(out.shape)), node.args[2]
@@ -156,10 +168,9 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         if node.target is aten.scatter.value:
             value = ops.literal(node.args[3])
         else:
-            src = buffers[node.args[3].name]
-            value = f"tl.load({src.name}_ptr + {_flat(coords, src.strides)}, mask=mask)"
+            value = _source_value(node.args[3], buffers, coords, out)
         accumulate = node.target is aten.scatter_add.default
-    size = out.shape[dim]
+    size = out.shape[dim] if out.shape else 1   # a 0-dim self takes index 0 (or -1)
     lines.append(f"    position = tl.where(position < 0, position + {size}, position)")
     store = "tl.atomic_add" if accumulate else "tl.store"
     lines.append(f"    {store}({out.name}_ptr + {_flat(target, out.strides)}, {value}, mask=mask)")

@@ -89,15 +89,20 @@ def _kernel_lines(index: int, kernel: Kernel, program: Program) -> list[str]:
     lines = [f"# {index}: {kernel.kind} {kernel.name} ({', '.join(kernel.node_names)})"]
     if kernel.kind == "triton":
         for name in kernel.outputs:
-            buffer = program.buffers[name]
-            lines.append(f"{variable(name)} = rt.empty({buffer.shape}, {buffer.strides}, "
-                         f"torch.{buffer.dtype})")
+            lines.append(f"{variable(name)} = {_allocate(program.buffers[name])}")
         names = ", ".join(variable(name) for name in kernel.inputs + kernel.outputs)
         if any(is_random(node) for node in kernel.nodes):
             names += ", seed"
         lines.append(f"kernels.{kernel.name}({names})")
         return lines
     head, *getitems = kernel.nodes
+    planned = kernel.kind == "extern" and not getitems and \
+        program.buffers[head.name].offset is not None
+    if planned:   # the aten op's out= form writes into the arena
+        lines.append(f"{variable(head.name)} = {_allocate(program.buffers[head.name])}")
+        call = _call(head).replace(f".{head.target._overloadname}(", ".out(", 1)
+        lines.append(f"{call[:-1]}, out={variable(head.name)})")
+        return lines
     lines.append(f"{variable(head.name)} = {_call(head)}")
     for item in getitems:
         lines.append(f"{variable(item.name)} = {_call(item)}")
@@ -111,6 +116,14 @@ def _kernel_lines(index: int, kernel: Kernel, program: Program) -> list[str]:
     return lines
 
 
+def _allocate(buffer) -> str:
+    """A planned buffer is a view of the arena; anything else is its own tensor."""
+    if buffer.offset is not None:
+        return (f"arena.view({buffer.offset}, {buffer.shape}, {buffer.strides}, "
+                f"torch.{buffer.dtype})")
+    return f"rt.empty({buffer.shape}, {buffer.strides}, torch.{buffer.dtype})"
+
+
 def generate_program(program: Program, title: str = "") -> str:
     """Source of ``program.py`` for ``program`` (frees taken from ``program.frees``)."""
     body = []
@@ -118,6 +131,8 @@ def generate_program(program: Program, title: str = "") -> str:
         names = ", ".join(variable(name) for name in program.inputs)
         body.append(f"{names}, = args")
     body.append("args.clear()")
+    if program.arena_bytes:
+        body.append(f"arena = rt.arena({program.arena_bytes})  # every planned temporary")
     if any(is_random(node) for kernel in program.kernels_of("triton") for node in kernel.nodes):
         body.append("seed = rt.seed()  # one draw from torch's generator per call")
     for name in program.constants:

@@ -124,6 +124,21 @@ class Program:
     constants: dict[str, Any] = field(default_factory=dict)  # get_attr values
     frees: dict[int, list[str]] = field(default_factory=dict)  # after kernel i
 
+    arena_bytes: int | None = None   # set by buffer_reuse when it plans an arena
+
+    def root(self, name: str) -> str:
+        """The buffer whose storage ``name`` uses (itself unless a view)."""
+        buffer = self.buffers.get(name)
+        while buffer is not None and buffer.view_of and buffer.view_of != name:
+            name = buffer.view_of
+            buffer = self.buffers.get(name)
+        return name
+
+    def escaping(self) -> set[str]:
+        """Buffers that outlive a call: outputs and the storage their views use."""
+        outputs = [name for name in self.outputs if isinstance(name, str)]
+        return set(outputs) | {self.root(name) for name in outputs}
+
     def kernels_of(self, kind: str) -> list[Kernel]:
         return [kernel for kernel in self.kernels if kernel.kind == kind]
 

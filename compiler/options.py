@@ -16,7 +16,7 @@ __all__ = ["Options", "EXECUTORS", "PASS_NAMES"]
 EXECUTORS = ("auto", "triton", "interpret", "fx")
 
 #: Every pass a user may name in ``disable``, in pipeline order.
-PASS_NAMES = ("cleanup", "checkpoint", "fusion", "buffer_reuse")
+PASS_NAMES = ("cleanup", "checkpoint", "fusion", "schedule", "buffer_reuse")
 
 #: Passes without which no program can be built: disabling them is an error.
 REQUIRED_PASSES = ("checkpoint", "fusion")

@@ -33,7 +33,7 @@ from retrograd.codegen.wrapper import generate_program
 from retrograd.dump import Dumper
 from retrograd.ir import Program
 from retrograd.options import Options
-from retrograd.passes import buffer_reuse, checkpoint, cleanup, fusion
+from retrograd.passes import buffer_reuse, checkpoint, cleanup, fusion, schedule
 from retrograd.report import PassRecord, build_report
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
@@ -47,7 +47,7 @@ log = logging.getLogger("retrograd")
 #: The pipeline, in order. Joint passes see forward+backward as one graph;
 #: half passes see the forward and the backward separately.
 JOINT_PASSES = ("cleanup", "checkpoint")
-HALF_PASSES = ("fusion", "buffer_reuse")
+HALF_PASSES = ("fusion", "schedule", "buffer_reuse")
 
 
 class PassError(RuntimeError):
@@ -259,6 +259,9 @@ class GraphCompiler:
         reference = self.references.get(half)
         program = run_pass("fusion", fusion.run, gm, ctx, records)
         self._check_program("fusion", program, reference)
+        if "schedule" not in self.options.disable:
+            run_pass("schedule", schedule.run, program, ctx, records)
+            self._check_program("schedule", program, reference)
         if "buffer_reuse" not in self.options.disable:
             run_pass("buffer_reuse", buffer_reuse.run, program, ctx, records)
             self._check_program("buffer_reuse", program, reference)

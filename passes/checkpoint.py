@@ -126,7 +126,11 @@ def _extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int):
     keywords = {k: v for k, v in keywords.items() if k in parameters}
     forward, backward = partitioners._extract_fwd_bwd_modules(joint, saved, **keywords)
     forward.graph.eliminate_dead_code()
-    backward.graph.eliminate_dead_code()
+    # The extraction copies every node whose inputs the backward has, so a
+    # random draw from a saved input (``rand_like(primals_1)`` of dropout)
+    # lands there unused; fx's DCE keeps random ops unless told they are pure.
+    backward.graph.eliminate_dead_code(
+        is_impure_node=lambda node: node.is_impure(impure_random=False))
     return forward, backward
 
 

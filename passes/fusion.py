@@ -101,6 +101,7 @@ class _Grouping:
         self.numel: list[int] = []
         self.geometry: list[tuple | None] = []
         self.ancestors: dict[fx.Node, frozenset[int]] = {}
+        self.group_reads: list[set[int]] = []   # groups each group depends on directly
 
     # -- reading values inside a group --------------------------------------
     def register_source(self, arg: fx.Node, group: int) -> fx.Node | None:
@@ -140,7 +141,22 @@ class _Grouping:
     def external_ok(self, arg: fx.Node, group: int) -> bool:
         if self.group_of.get(self.root(arg)) == group:
             return False      # would read its own kernel's output through memory
-        return group not in self.ancestors[arg]   # else the kernel would depend on itself
+        return group not in self.upstream(arg)   # else the kernel would depend on itself
+
+    def upstream(self, arg: fx.Node) -> set[int]:
+        """Every group ``arg`` depends on. A node's recorded ancestors go stale
+        as groups grow (a group that later reads another group, by horizontal
+        fusion say, brings that dependency to everything downstream of it), so
+        they are closed over what each group reads now."""
+        found = set(self.ancestors[arg])
+        if arg in self.group_of:
+            found.add(self.group_of[arg])
+        work = list(found)
+        while work:
+            for group in self.group_reads[work.pop()] - found:
+                found.add(group)
+                work.append(group)
+        return found
 
     def can_join(self, node: fx.Node, group: int) -> bool:
         if self.geometry[group] == "standalone":
@@ -205,6 +221,7 @@ class _Grouping:
             group = len(self.groups)
             self.groups.append([])
             self.geometry.append(geometry)
+            self.group_reads.append(set())
             self.numel.append(numel)
         self.group_of[node] = group
         self.groups[group].append(node)
@@ -245,6 +262,8 @@ class _Grouping:
             if arg in self.group_of:
                 inherited.add(self.group_of[arg])
         self.ancestors[node] = frozenset(inherited)
+        if node in self.group_of:
+            self.group_reads[self.group_of[node]] |= inherited - {self.group_of[node]}
 
     def groups_reachable_by_register(self, arg: fx.Node) -> list[int]:
         while arg not in self.group_of and is_reshape(arg):
@@ -402,7 +421,9 @@ class _Builder:
             if not isinstance(_val(result), torch.Tensor):
                 continue
             if view:
-                base = self.grouping.root(result)
+                # a getitem of a multi-output view (split) aliases the split's base
+                source = result.args[0] if result.target is operator.getitem else result
+                base = self.grouping.root(source)
                 buffers[result.name] = _buffer(result, "view", view_of=base.name)
             else:
                 role = "output" if result.name in output_names else "temporary"

@@ -153,6 +153,9 @@ def min_cut_plan(info: JointInfo, recomputable, unsavable=lambda node: False) ->
     """Fewest saved bytes, recomputing only nodes ``recomputable`` allows and
     never saving those ``unsavable`` marks (a user's "always recompute")."""
     graph = nx.DiGraph()
+    # both terminals exist even when the backward reads no forward value
+    # (the gradient of a sum, a pad or a cat): the cut is then empty
+    graph.add_nodes_from(("source", "sink"))
     primals = set(info.primals)
     for node in info.primals + info.forward:
         capacity = 0.0 if node in primals or node in info.free else value_bytes(node)

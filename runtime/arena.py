@@ -1,10 +1,12 @@
 """Storage for a program's buffers while it runs.
 
-For now every temporary is its own allocation from torch's caching
-allocator, created when its kernel runs and released after its last use
-(the wrapper deletes it); the memory plan's offsets are not used yet. The
-class is the one place a future arena (one tensor per call, typed views per
-buffer) plugs in.
+Planned temporaries live in one arena per program call: a single byte
+tensor from torch's caching allocator, allocated when the call starts and
+released when its last view dies, with a typed, strided view per buffer at
+the offset the memory plan chose. Allocating per call (rather than keeping
+the arena across calls) keeps calls re-entrant and lets the caching
+allocator hand the same block back each time. Buffers outside the plan
+(escaping values, extern results) are ordinary tensors.
 """
 
 from __future__ import annotations
@@ -13,7 +15,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["Allocator"]
+__all__ = ["Allocator", "Arena"]
+
+
+class Arena:
+    """One call's arena: typed, strided views at planned byte offsets."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.storage = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.typed: dict[torch.dtype, torch.Tensor] = {}
+
+    def view(self, offset: int, shape, strides, dtype: torch.dtype) -> torch.Tensor:
+        typed = self.typed.get(dtype)
+        if typed is None:
+            typed = self.typed[dtype] = self.storage.view(dtype)
+        itemsize = typed.element_size()
+        return typed.as_strided(shape, strides, offset // itemsize)
 
 
 class Allocator:
@@ -22,6 +39,9 @@ class Allocator:
     def __init__(self, device: torch.device, constants: dict[str, Any] | None = None):
         self.device = device
         self.constants = constants or {}
+
+    def arena(self, nbytes: int) -> Arena:
+        return Arena(nbytes, self.device)
 
     def empty(self, shape, strides, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty_strided(shape, strides, dtype=dtype, device=self.device)

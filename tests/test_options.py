@@ -12,7 +12,7 @@ import retrograd
 from retrograd.backend import retrograd_backend
 from retrograd.options import EXECUTORS, PASS_NAMES, Options
 
-KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify"]
+KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute"]
 
 
 def test_known_options():

@@ -613,7 +613,8 @@ def test_buffer_reuse_live_bound_uses_the_storage_a_strided_buffer_spans():
         inputs=["a"], outputs=["o"])
     assert program.buffers["t"].nbytes == 16
     assert program.buffers["u"].nbytes == 40
-    assert buffer_reuse.run(program, context())["live_lower_bound_bytes"] == 56
+    # t and u are alive together at k1; sizes round up to the arena's 16-byte alignment
+    assert buffer_reuse.run(program, context())["live_lower_bound_bytes"] == 16 + 48
 
 
 def test_buffer_reuse_outputs_that_are_inputs_or_repeated():

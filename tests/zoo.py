@@ -6,6 +6,10 @@ a ``ZooEntry``: a function building the model, a function making random inputs
 loss mapping the model's output to a scalar. Shapes stay tiny because Triton's
 interpreter costs about 1.5 ms per program instance.
 
+The second half holds the parity harness: ``training_step`` runs one
+forward and backward and collects the loss and every gradient by name;
+``assert_parity`` compares two such results by relative error.
+
 Example:
     >>> entry = ZOO["mlp"]
     >>> model = entry.model()
@@ -23,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["ZooEntry", "ZOO", "mlp", "cnn", "attention_block", "gpt2_tiny", "mlp_frozen",
-           "MLP", "SmallCNN", "AttentionBlock"]
+           "MLP", "SmallCNN", "AttentionBlock", "training_step", "relative_error",
+           "assert_parity", "clone_inputs", "errors"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +47,14 @@ class ZooEntry:
 
 
 def _weighted_sum(output: torch.Tensor) -> torch.Tensor:
-    """A loss whose gradient is not the same for every output element."""
-    weights = torch.linspace(-1.0, 2.0, output.numel(), dtype=output.dtype).view(output.shape)
-    return (output * weights).sum()
+    """A loss whose gradient differs from element to element.
+
+    Squares and positive weights: no cancellation in the sum, so the loss's
+    relative error measures the model, not the loss.
+    """
+    weights = torch.linspace(0.5, 1.5, output.numel(), dtype=output.dtype,
+                             device=output.device).view(output.shape)
+    return (output.square() * weights).sum()
 
 
 # -- MLP ------------------------------------------------------------------------
@@ -94,20 +104,24 @@ def mlp_frozen() -> ZooEntry:
 # -- CNN ------------------------------------------------------------------------
 
 class SmallCNN(nn.Module):
-    """Conv -> BatchNorm (batch statistics in training) -> ReLU -> MaxPool, twice
-    with an AvgPool in the second stage, then a linear head."""
+    """Two stages and a linear head: Conv -> BatchNorm -> ReLU -> MaxPool, then
+    Conv (with bias) -> ReLU -> BatchNorm -> AvgPool. BatchNorm uses batch
+    statistics in training mode. The first conv has no bias: a bias right
+    before BatchNorm has a gradient that is zero in exact arithmetic, so its
+    computed value is rounding noise that no relative test can compare.
+    """
 
     def __init__(self, channels: int = 3, width: int = 4, classes: int = 5):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(width)
         self.head = nn.Linear(width * 2 * 2, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.avg_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.avg_pool2d(self.bn2(F.relu(self.conv2(x))), 2)
         return self.head(x.flatten(1))
 
 
@@ -193,3 +207,68 @@ def gpt2_tiny() -> ZooEntry:
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in
                             (mlp(), cnn(), attention_block(), gpt2_tiny(), mlp_frozen())}
+
+
+# -- the parity harness -------------------------------------------------------------
+
+def clone_inputs(inputs: tuple, dtype: torch.dtype | None = None) -> tuple:
+    """Fresh leaf copies (floating ones cast to ``dtype`` if given), same requires_grad."""
+    copies = []
+    for value in inputs:
+        copy = value.detach().clone()
+        if dtype is not None and copy.is_floating_point():
+            copy = copy.to(dtype)
+        copies.append(copy.requires_grad_(value.requires_grad))
+    return tuple(copies)
+
+
+def training_step(entry: ZooEntry, model: Callable, parameters_of: nn.Module,
+                  inputs: tuple) -> dict[str, torch.Tensor | None]:
+    """One forward and backward of ``model`` on copies of ``inputs``.
+
+    Returns the loss under ``"loss"``, each parameter's gradient under
+    ``"grad <name>"`` (named as in ``parameters_of``, the eager module the
+    parameters belong to; None where no gradient was made) and each input's
+    gradient under ``"grad input <i>"`` for inputs that require grad.
+    """
+    inputs = clone_inputs(inputs)
+    loss = entry.run(model, inputs)
+    loss.backward()
+    result: dict[str, torch.Tensor | None] = {"loss": loss.detach()}
+    for name, parameter in parameters_of.named_parameters():
+        result[f"grad {name}"] = parameter.grad
+    for index, value in enumerate(inputs):
+        if value.requires_grad:
+            result[f"grad input {index}"] = value.grad
+    return result
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||got - ref|| / ||ref||`` in float64 (absolute when ``ref`` is zero); NaN gives inf."""
+    got, ref = got.detach().double(), ref.detach().double()
+    if got.shape != ref.shape:
+        return math.inf
+    error = (got - ref).norm().item()
+    scale = ref.norm().item()
+    value = error / scale if scale > 0 else error
+    return math.inf if math.isnan(value) else value
+
+
+def errors(got: dict, ref: dict) -> dict[str, float]:
+    """Relative error per name; a gradient present on one side only counts as inf."""
+    assert got.keys() == ref.keys(), f"different results: {sorted(got.keys() ^ ref.keys())}"
+    result = {}
+    for name, expected in ref.items():
+        actual = got[name]
+        if expected is None or actual is None:
+            result[name] = 0.0 if expected is None and actual is None else math.inf
+        else:
+            result[name] = relative_error(actual, expected)
+    return result
+
+
+def assert_parity(got: dict, ref: dict, tolerance: float = 1e-5) -> None:
+    """Every entry of ``got`` within ``tolerance`` relative error of ``ref``."""
+    bad = {name: error for name, error in errors(got, ref).items() if not error < tolerance}
+    assert not bad, f"relative error >= {tolerance:g}: " + ", ".join(
+        f"{name}: {error:.3g}" for name, error in sorted(bad.items()))

@@ -1,0 +1,418 @@
+"""Generated reduction kernels against eager PyTorch, under Triton's interpreter.
+
+Every test compiles a small function with ``retrograd.compile`` (capture,
+passes, codegen, interpreter), runs it forward and, where the inputs are
+floating, backward with random upstream gradients, and compares with eager
+PyTorch evaluated on float64 copies of the same inputs. Tolerances follow
+../shared/DESIGN.md: relative error ``||got - ref|| / ||ref||`` under 1e-5 for
+float32 (1e-4 for sums over tens of thousands of elements), 1e-2 for
+float16/bfloat16; NaN and inf where eager has them; integers, booleans and
+indices exact. Reports must show the reductions ran as Triton kernels.
+
+The looped tests use a reduced extent above 16384: the interpreter caps a
+reduction block (RBLOCK) at 2**14 elements, so the kernel walks the extent in
+several blocks, the last one partly masked. They use one or two rows: on the
+interpreter, ``tl.reduce`` with a combine function runs the combine once per
+lane in Python, so their cost grows with rows x RBLOCK.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import retrograd
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,
+             torch.float64: 1e-9}
+LONG = 1e-4          # float32 sums over a looped extent
+EXTENT = 20000       # > 2**14: several RBLOCK steps on the interpreter
+
+
+# ---------------------------------------------------------------- helpers
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||got - ref|| / ||ref||`` in float64 over the finite reference values."""
+    got, ref = got.detach().double(), ref.detach().double()
+    finite = ref.isfinite()
+    scale = ref[finite].norm().item()
+    error = (got[finite] - ref[finite]).norm().item()
+    return error / scale if scale > 0 else error
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+                 tolerance: float | None = None, what: str = "output") -> None:
+    """``got`` has eager's ``dtype`` and ``ref``'s shape; exact for integers and
+    booleans; NaN and inf where ``ref`` has them; small relative error elsewhere."""
+    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got)}"
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype} != eager's {dtype}"
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    if not dtype.is_floating_point:
+        assert torch.equal(got, ref.to(dtype)), f"{what}: values differ\n{got}\n{ref}"
+        return
+    got64, ref64 = got.detach().double(), ref.detach().double()
+    assert torch.equal(got64.isnan(), ref64.isnan()), f"{what}: NaN positions differ"
+    infinite = ref64.isinf()
+    assert torch.equal(got64[infinite], ref64[infinite]), f"{what}: infinities differ"
+    assert bool(got64[ref64.isfinite()].isfinite().all()), f"{what}: a finite value became inf/NaN"
+    limit = TOLERANCE[dtype] if tolerance is None else tolerance
+    error = relative_error(got64, ref64)
+    assert error < limit, f"{what}: relative error {error:.3g} >= {limit:g}"
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def check(fn, *inputs, grad: bool = True, tolerance: float | None = None,
+          grad_tolerance: float | None = None, **options):
+    """Compile ``fn``, compare its outputs (and, with ``grad``, the gradients of
+    its floating inputs under random upstream gradients) with eager on float64
+    copies of ``inputs``. Output dtypes must be eager's. Returns the compiled
+    function (for its reports)."""
+    compiled = retrograd.compile(fn, executor="interpret", **options)
+    wants = [grad and x.is_floating_point() for x in inputs]
+    mine = [x.detach().clone().requires_grad_(w) for x, w in zip(inputs, wants)]
+    wide = [(x.detach().double() if x.is_floating_point() else x.detach().clone())
+            .requires_grad_(w) for x, w in zip(inputs, wants)]
+    with torch.no_grad():
+        eager_dtypes = [o.dtype for o in _as_tuple(fn(*[x.detach() for x in inputs]))]
+    got, ref = _as_tuple(compiled(*mine)), _as_tuple(fn(*wide))
+    assert len(got) == len(ref)
+    for index, (g, r, dtype) in enumerate(zip(got, ref, eager_dtypes)):
+        assert_close(g, r, dtype, tolerance, f"output {index}")
+    if not any(wants):
+        return compiled
+    pairs = [(g, r) for g, r in zip(got, ref) if g.requires_grad]
+    upstream = [torch.randn(g.shape, dtype=torch.float64).to(g.dtype) for g, _ in pairs]
+    torch.autograd.backward([g for g, _ in pairs], upstream)
+    torch.autograd.backward([r for _, r in pairs], [u.double() for u in upstream])
+    for index, (x, x64) in enumerate(zip(mine, wide)):
+        if x.requires_grad:
+            assert x.grad is not None, f"input {index} got no gradient"
+            assert_close(x.grad, x64.grad, x.dtype, grad_tolerance, f"grad of input {index}")
+    return compiled
+
+
+def assert_triton(compiled, halves=("forward", "backward"), kernels: int | None = None) -> None:
+    """No extern op in the given halves; ``kernels`` Triton kernels in the forward."""
+    for half in halves:
+        report = compiled.reports[half]["kernels"]
+        assert report["extern_ops"] == {}, f"{half}: extern ops {report['extern_ops']}"
+    if kernels is not None:
+        forward = compiled.reports["forward"]["kernels"]
+        assert forward["triton"] == kernels and forward["extern"] == 0, forward
+
+
+def kernel_sources(dump_dir: Path, half: str = "forward") -> list[str]:
+    """The generated Triton sources of one half, from a dump folder."""
+    files = sorted(dump_dir.glob(f"*-{half}/kernels/*.py"))
+    assert files, f"no {half} kernels dumped under {dump_dir}"
+    return [path.read_text() for path in files]
+
+
+def randn(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(shape).to(dtype)
+
+
+def away_from_zero(*shape) -> torch.Tensor:
+    """Random signs, magnitudes in [0.5, 1.5): products neither vanish nor blow up."""
+    sign = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
+    return sign * (torch.rand(shape) + 0.5)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(2024)
+
+
+# ---------------------------------------------------------------- dims, keepdim, ops
+DIMS = [(-1,), (0,), (0, 2)]
+
+
+def _reduce(op: str, dims, keepdim: bool):
+    if dims is None:
+        return lambda x: getattr(torch, op)(x)
+    return lambda x: getattr(torch, op)(x, dims, keepdim=keepdim)
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "amax", "amin", "var", "std"])
+@pytest.mark.parametrize("dims, keepdim", [(d, k) for d in DIMS for k in (False, True)]
+                         + [(None, False)],
+                         ids=lambda v: str(v).replace(" ", ""))
+def test_reduction_forward_backward(op, dims, keepdim):
+    compiled = check(_reduce(op, dims, keepdim), randn(6, 7, 5))
+    assert_triton(compiled, kernels=1)
+
+
+@pytest.mark.parametrize("dim, keepdim", [(-1, False), (0, True), (1, False), (None, False)])
+def test_prod(dim, keepdim):
+    fn = (lambda x: torch.prod(x)) if dim is None else \
+        (lambda x: torch.prod(x, dim, keepdim=keepdim))
+    x = away_from_zero(4, 6, 5) if dim is not None else away_from_zero(3, 7)
+    compiled = check(fn, x)
+    # prod's gradient is built from cumprods of x (extern ops by design), which
+    # the partitioner may place in either half; nothing else runs outside Triton
+    for half in ("forward", "backward"):
+        extern = compiled.reports[half]["kernels"]["extern_ops"]
+        assert set(extern) <= {"aten.cumprod.default", "aten.flip.default"}, extern
+    assert_triton(check(fn, x, grad=False), halves=("forward",), kernels=1)
+
+
+@pytest.mark.parametrize("op", ["argmax", "argmin"])
+@pytest.mark.parametrize("dim, keepdim", [(-1, False), (0, True), (1, False), (None, False)])
+def test_argmax_argmin(op, dim, keepdim):
+    fn = (lambda x: getattr(torch, op)(x)) if dim is None else \
+        (lambda x: getattr(torch, op)(x, dim, keepdim=keepdim))
+    compiled = check(fn, randn(6, 7, 5), grad=False)
+    check(fn, torch.randint(-50, 50, (6, 7, 5)), grad=False)
+    assert_triton(compiled, halves=("forward",), kernels=1)
+
+
+@pytest.mark.parametrize("op", ["any", "all"])
+@pytest.mark.parametrize("dims", [-1, 0, (0, 2), None], ids=str)
+def test_any_all(op, dims):
+    def fn(x):
+        return getattr(torch, op)(x) if dims is None else getattr(torch, op)(x, dims)
+    x = randn(6, 7, 5)
+    # thresholds that leave some rows all-true, some all-false and some mixed
+    threshold = 1.6 if op == "any" else -1.6
+    compare = (lambda x: x > threshold)
+    compiled = check(lambda x: fn(compare(x)), x, grad=False)
+    assert_triton(compiled, halves=("forward",), kernels=1)
+    check(fn, (x > threshold).to(torch.int32), grad=False)
+    check(fn, (x > threshold).float() * x, grad=False)
+
+
+@pytest.mark.parametrize("dims, correction, keepdim", [
+    (-1, 1, False), (0, 0, True), ((0, 2), 1, False), ((0, 2), 2, True), (None, 1, False)],
+    ids=lambda v: str(v).replace(" ", ""))
+def test_var_mean(dims, correction, keepdim):
+    compiled = check(lambda x: torch.var_mean(x, dims, correction=correction, keepdim=keepdim),
+                     randn(6, 7, 5))
+    assert_triton(compiled, kernels=1)
+
+
+@pytest.mark.parametrize("correction", [0, 2])
+def test_std_correction(correction):
+    compiled = check(lambda x: torch.std(x, (0, 2), correction=correction), randn(6, 7, 5))
+    assert_triton(compiled, kernels=1)
+
+
+def test_welford_is_stable_for_a_large_mean():
+    """A mean 10^4 times the spread: E[x^2] - E[x]^2 in float32 is all rounding
+    error there; Welford's update keeps float32 accuracy."""
+    x = torch.randn(4, 512) + 1e4
+    compiled = check(lambda x: torch.var_mean(x, -1), x, grad=False)
+    assert_triton(compiled, halves=("forward",), kernels=1)
+
+
+def test_integer_and_bool_sums():
+    check(lambda x: x.sum(1), torch.randint(-9, 9, (4, 6)), grad=False)
+    check(lambda x: (x > 0).sum(0), randn(5, 6), grad=False)
+    check(lambda x: x.amax(-1), torch.randint(-9, 9, (4, 6)), grad=False)
+
+
+# ---------------------------------------------------------------- layouts
+LAYOUTS = {
+    "transposed": lambda: randn(7, 6).t(),
+    "sliced": lambda: randn(8, 12)[1::2, ::3],
+    "permuted": lambda: randn(2, 3, 4, 5).permute(0, 3, 1, 2)[:, :, 1],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_non_contiguous_inputs(layout):
+    x = LAYOUTS[layout]()
+    assert not x.is_contiguous()
+    compiled = check(lambda x: (x.sum(0), x.mean(-1), x.amax(-1, keepdim=True), x.var(0),
+                                x.std((0, 1)), x.argmax(-1)), x)
+    assert_triton(compiled)
+
+
+def test_leading_dim_reductions():
+    """Reductions over the outer dims, as a bias gradient is."""
+    x = randn(64, 12)
+    assert_triton(check(lambda x: (x.sum(0), x.mean(0, keepdim=True), x.amax(0)), x))
+    assert_triton(check(lambda x: x.sum((0, 1)), randn(4, 8, 16)))
+
+
+def test_bias_gradient():
+    """The bias gradient is a sum over leading dims of a fused pointwise product."""
+    compiled = check(lambda x, b: torch.tanh(x + b), randn(4, 8, 16), randn(16))
+    assert_triton(compiled)
+
+
+# ---------------------------------------------------------------- NaN, inf, ties
+def _with_nans() -> torch.Tensor:
+    x = randn(5, 9)
+    x[1, 3] = float("nan")
+    x[3, 0] = x[3, 7] = float("nan")
+    x[4] = float("-inf")
+    x[0, 2] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.amax(-1), lambda x: x.amin(-1), lambda x: x.amax(0),
+    lambda x: x.argmax(-1), lambda x: x.argmin(-1), lambda x: x.argmax(0),
+    lambda x: x.argmin(0), lambda x: x.max(), lambda x: x.min(), lambda x: x.argmax(),
+    lambda x: x.sum(-1),
+], ids=["amax", "amin", "amax0", "argmax", "argmin", "argmax0", "argmin0", "max", "min",
+        "argmax_all", "sum"])
+def test_nan_propagation(fn):
+    """NaN wins in max/min and their indices (the first NaN), as in torch."""
+    check(fn, _with_nans(), grad=False)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.argmax(-1), lambda x: x.argmin(-1), lambda x: x.argmax(0),
+    lambda x: x.argmin(0), lambda x: x.argmax(),
+], ids=["argmax", "argmin", "argmax0", "argmin0", "argmax_all"])
+def test_ties_take_the_first_index(fn):
+    x = torch.randint(0, 3, (6, 10)).float()
+    check(fn, x, grad=False)
+    check(fn, torch.full((3, 5), float("-inf")), grad=False)
+
+
+def test_amax_gradient_is_shared_between_ties():
+    x = torch.randint(0, 4, (6, 10)).float() + 0.25
+    assert_triton(check(lambda x: (x.amax(-1), x.amin(0)), x))
+
+
+# ---------------------------------------------------------------- half precision
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["sum", "mean", "amax", "var", "std", "prod", "var_mean",
+                                "argmax"])
+def test_half_precision(dtype, op):
+    if op == "prod":
+        x, fn = away_from_zero(6, 20).to(dtype), lambda x: torch.prod(x, -1)
+    else:
+        x, fn = (torch.randn(6, 300) * 3 + 1).to(dtype), lambda x: getattr(torch, op)(x, -1)
+    compiled = check(fn, x, grad=op != "argmax")
+    if op != "prod":   # prod's gradient needs cumprod, an extern op (see test_prod)
+        assert_triton(compiled, halves=("forward",), kernels=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_accumulates_in_float32(dtype):
+    """4096 values near 1: accumulated in the half type the running sum stalls
+    (its spacing passes 1 at 2048 for float16, 256 for bfloat16)."""
+    x = (1.0 + torch.rand(2, 4096) / 64).to(dtype)
+    check(lambda x: x.sum(-1), x, grad=False, tolerance=4e-3)
+    check(lambda x: x.mean(-1), x, grad=False, tolerance=4e-3)
+    compiled = check(lambda x: x.sum(-1, dtype=torch.float32), x, grad=False)
+    assert_triton(compiled, halves=("forward",), kernels=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_softmax_and_layer_norm(dtype):
+    x = (torch.randn(8, 64) * 2).to(dtype)
+    assert_triton(check(lambda x: torch.softmax(x, -1), x), kernels=1)
+    w, b = (torch.rand(64) + 0.5).to(dtype), torch.randn(64).to(dtype)
+    assert_triton(check(lambda x, w, b: F.layer_norm(x, (64,), w, b), x, w, b), kernels=1)
+
+
+# ---------------------------------------------------------------- fused patterns
+def test_softmax_is_one_kernel():
+    compiled = check(lambda x: torch.softmax(x, -1), randn(6, 33))
+    assert_triton(compiled, kernels=1)
+    compiled = check(lambda x: torch.softmax(x, 0), randn(6, 33))
+    assert_triton(compiled, kernels=1)
+
+
+def test_log_softmax_is_one_kernel():
+    compiled = check(lambda x: F.log_softmax(x, -1), randn(6, 33))
+    assert_triton(compiled, kernels=1)
+
+
+def test_layer_norm_is_one_kernel_and_its_backward_has_no_extern_op():
+    x, w, b = randn(6, 33), torch.rand(33) + 0.5, randn(33)
+    compiled = check(lambda x, w, b: F.layer_norm(x, (33,), w, b), x, w, b)
+    assert_triton(compiled, kernels=1)
+    compiled = check(lambda x: F.layer_norm(x, (33,)), x)
+    assert_triton(compiled, kernels=1)
+
+
+def test_rms_norm_is_one_kernel():
+    def rms_norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    compiled = check(rms_norm, randn(6, 33), torch.rand(33) + 0.5)
+    assert_triton(compiled, kernels=1)
+
+
+@pytest.mark.parametrize("reduction, label_smoothing", [
+    ("mean", 0.0), ("sum", 0.1), ("none", 0.0)])
+def test_cross_entropy_has_no_extern_op(reduction, label_smoothing):
+    target = torch.randint(0, 33, (6,))
+    target[2] = -100 if reduction == "mean" else target[2]   # ignore_index
+    compiled = check(lambda x, t: F.cross_entropy(x, t, reduction=reduction,
+                                                  label_smoothing=label_smoothing),
+                     randn(6, 33), target)
+    assert_triton(compiled)
+
+
+# ---------------------------------------------------------------- looped reductions
+def test_looped_sum_rows(tmp_path):
+    x = randn(2, EXTENT)
+    compiled = check(lambda x: x.sum(-1), x, tolerance=LONG, dump_dir=str(tmp_path))
+    assert_triton(compiled, kernels=1)
+    (source,) = kernel_sources(tmp_path)
+    assert f"for k_start in range(0, {EXTENT}, RBLOCK)" in source
+    assert "RBLOCK=16384" in source   # so the loop runs twice, the second block masked
+
+
+def test_looped_mean_over_the_leading_dim():
+    compiled = check(lambda x: x.mean(0), randn(EXTENT, 2), tolerance=LONG)
+    assert_triton(compiled, kernels=1)
+
+
+def test_looped_max_argmax_nan_and_ties():
+    """Row 0: a NaN in the second block; row 1: its maximum tied between the
+    first and the second block (the first index wins)."""
+    x = randn(2, EXTENT)
+    x[0, 17000] = float("nan")
+    x[1, 100] = x[1, 18000] = 10.0
+    compiled = check(lambda x: (x.amax(-1), x.argmax(-1)), x, grad=False)
+    assert_triton(compiled, halves=("forward",))
+
+
+def test_looped_amax_backward():
+    x = randn(1, EXTENT)
+    x[0, 19999] = 10.0   # the maximum in the last, partly masked block
+    assert_triton(check(lambda x: x.amax(-1), x, tolerance=LONG), kernels=1)
+
+
+def test_looped_var_mean_uses_welford(tmp_path):
+    x = randn(1, EXTENT) * 2 + 3
+    compiled = check(lambda x: torch.var_mean(x, -1), x, tolerance=LONG,
+                     grad_tolerance=LONG, dump_dir=str(tmp_path))
+    assert_triton(compiled, kernels=1)
+    (source,) = kernel_sources(tmp_path)
+    assert f"for k_start in range(0, {EXTENT}, RBLOCK)" in source
+    # Welford's update per lane: (mean, M2, count) moved by each element's delta
+    assert re.search(r"(\w+)_mean = \1_mean \+ delta / ", source), source
+    assert re.search(r"(\w+)_m2 = \1_m2 \+ delta \* ", source), source
+    # then the lanes merged pairwise (Chan et al.) or all at once around the row mean
+    assert "_welford_combine" in source or re.search(
+        r"_count \* \((\w+)_lane_mean - \w+_mean\)", source), source
+
+
+def test_looped_prod_and_any():
+    x = 1 + (torch.rand(1, EXTENT) - 0.5) * 1e-3
+    check(lambda x: x.prod(-1), x, grad=False, tolerance=LONG)
+    y = randn(1, EXTENT)
+    y[0, 19000] = 9.0    # the only element over 8, in the second block
+    check(lambda y: (y > 8).any(-1), y, grad=False)
+
+
+def test_looped_softmax(tmp_path):
+    """Three walks over the extent: the max, the sum of exponentials, the store."""
+    compiled = check(lambda x: torch.softmax(x, -1), randn(1, EXTENT), tolerance=LONG,
+                     grad_tolerance=LONG, dump_dir=str(tmp_path))
+    assert_triton(compiled, kernels=1)
+    (source,) = kernel_sources(tmp_path)
+    assert source.count("for k_start in range") == 3
