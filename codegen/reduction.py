@@ -442,6 +442,9 @@ def _levels(kernel: Kernel, writer: _Writer) -> dict[str, int]:
     """How many reduction loops must finish before each node can be computed."""
     level: dict[str, int] = {}
     for node in kernel.nodes:
+        if ops.is_fill(node):   # a literal: needs nothing (its argument gives a shape)
+            level[node.name] = 0
+            continue
         args = [a for a in node.all_input_nodes if a.name in writer.group
                 or writer.kernel.aliases.get(a.name) in writer.group]
         arg_levels = [level[writer.kernel.aliases.get(a.name, a.name)] for a in args]
