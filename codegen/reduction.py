@@ -149,8 +149,8 @@ def choose_reduction_blocks(rows: int, extent: int, interpreted: bool,
     if interpreted:   # few, large program instances (TRITON_ON_CPU.md)
         r_block = min(power(extent), 1 << 14)
         return max(1, min(power(rows), (1 << 16) // r_block)), r_block
-    if not inner:
-        rows_block = max(1, min(power(rows), 128))
+    if not inner:   # narrow enough that there are ~128+ programs to fill the GPU
+        rows_block = max(1, min(power(rows), max(8, min(128, power(rows) // 128))))
         return rows_block, max(1, min(power(extent), 4096 // rows_block))
     r_block = min(power(extent), 1024)
     return max(1, min(power(rows), 4096 // r_block, 64)), r_block
