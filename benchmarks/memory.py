@@ -10,7 +10,11 @@ deterministic figures).
   bytes counted the same way (``retrograd.passes.checkpoint.saved_values``);
 - recompute FLOPs for each plan (retrograd's cost model, ``passes/remat.py``).
 
-    python benchmarks/memory.py [--markdown]
+and, second table, the measured peak of live CPU memory during one training
+step (forward + backward) from ``torch.profiler`` memory events, for eager,
+``torch.compile(backend="aot_eager")`` and retrograd.
+
+    python benchmarks/memory.py [--out results.json]
 """
 
 from __future__ import annotations
@@ -106,6 +110,51 @@ def measure(name: str) -> dict:
     return row
 
 
+def step_peak_bytes(entry, model, compiled, inputs) -> int:
+    """Peak of live torch CPU memory during one forward+backward, from the
+    profiler's allocation events (running sum of allocations minus frees).
+    Warm-up steps first, so compilation and caches are not counted."""
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        entry.run(compiled, clone_inputs(inputs)).backward()
+    model.zero_grad(set_to_none=True)
+    fresh = clone_inputs(inputs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profiler:
+        entry.run(compiled, fresh).backward()
+    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure_peaks(name: str) -> dict:
+    """Measured peak of one training step: eager, aot_eager and retrograd."""
+    import retrograd
+    entry = ZOO[name]
+    row = {"model": name}
+    for label in ("eager", "aot_eager", "retrograd"):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model, inputs = entry.model(), entry.inputs()
+        compiled = {"eager": model, "aot_eager": torch.compile(model, backend="aot_eager"),
+                    "retrograd": retrograd.compile(model)}[label]
+        row[label] = step_peak_bytes(entry, model, compiled, inputs)
+    return row
+
+
+def peak_markdown(rows: list[dict]) -> str:
+    lines = ["| model | eager | aot_eager | retrograd | retrograd vs eager |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['eager']:,} | {row['aot_eager']:,} | "
+                     f"{row['retrograd']:,} | {row['retrograd'] / row['eager']:.2f}x |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     columns = ["eager", "torch default", "torch min-cut", "retrograd"] + [
         f"retrograd {b}" for b in BUDGETS if b is not None]
@@ -126,9 +175,12 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     rows = [measure(name) for name in args.models]
+    peaks = [measure_peaks(name) for name in args.models]
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps({"saved": rows, "peak": peaks}, indent=2))
     print(markdown(rows))
+    print()
+    print(peak_markdown(peaks))
     return 0
 
 

@@ -80,15 +80,20 @@ def _tanh(x):
     "_expm1": '''
 @triton.jit
 def _expm1(x):
-    # Kahan's trick: accurate near zero without libdevice.
+    # Kahan's trick: accurate near zero without libdevice. x / log(u) is near
+    # 1, so dividing first keeps a large u from overflowing; an overflowed
+    # exp(x) stays inf (inf / inf would be NaN).
     u = tl.exp(x)
-    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * x / tl.log(u)))
+    r = tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (x / tl.log(u)))
+    return tl.where(u == 1.0, x, tl.where(u == float("inf"), u, r))
 ''',
     "_log1p": '''
 @triton.jit
 def _log1p(x):
+    # Kahan's trick likewise, dividing first; log1p(inf) is inf.
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+    r = tl.log(u) * (x / (u - 1.0))
+    return tl.where(u == 1.0, x, tl.where(u == float("inf"), u, r))
 ''',
     "_pow": '''
 @triton.jit

@@ -72,7 +72,9 @@ def _is_node(value) -> bool:
 
 
 def can_scatter(node) -> bool:
-    """True for the scatters generated here (index_put: one index tensor, dim 0)."""
+    """True for the scatters generated here (index_put: one index tensor, after
+    any number of full slices -- ``[None, index]`` is index_select's gradient on
+    dim 1)."""
     if getattr(node, "op", None) != "call_function" or node.target not in SCATTERS:
         return False
     out = node.meta.get("val")
@@ -84,11 +86,14 @@ def can_scatter(node) -> bool:
         return False   # atomic adds only on full-precision floats
     if node.target is aten.index_put.default:
         indices = node.args[1]
-        if len(indices) != 1 or not _is_node(indices[0]):
+        dim = len(indices) - 1
+        if not indices or any(i is not None for i in indices[:dim]) \
+                or not _is_node(indices[dim]):
             return False
         values = node.args[2].meta["val"]
-        expected = tuple(indices[0].meta["val"].shape) + tuple(out.shape[1:])
-        if tuple(values.shape) != expected or indices[0].meta["val"].dtype == torch.bool:
+        expected = (tuple(out.shape[:dim]) + tuple(indices[dim].meta["val"].shape)
+                    + tuple(out.shape[dim + 1:]))
+        if tuple(values.shape) != expected or indices[dim].meta["val"].dtype == torch.bool:
             return False
     if node.target in (aten.scatter.src, aten.scatter_add.default):
         if tuple(node.args[3].meta["val"].shape) != tuple(node.args[2].meta["val"].shape):
@@ -149,13 +154,14 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         copy_inputs = [base.name]
     lines: list[str] = []
     if node.target is aten.index_put.default:
-        index_node, values_node, dim = node.args[1][0], node.args[2], 0
+        dim = len(node.args[1]) - 1   # the index tensor follows ``dim`` full slices
+        index_node, values_node = node.args[1][dim], node.args[2]
         coords = _coordinates(tuple(values_node.meta["val"].shape), lines, "v")
         rank = len(index_node.meta["val"].shape)
         index = buffers[index_node.name]
         lines.append(f"    position = tl.load({index.name}_ptr + "
-                     f"{_flat(coords[:rank], index.strides)}, mask=mask)")
-        target = ["position"] + coords[rank:]
+                     f"{_flat(coords[dim:dim + rank], index.strides)}, mask=mask)")
+        target = coords[:dim] + ["position"] + coords[dim + rank:]
         value = _source_value(values_node, buffers, coords, out)
         accumulate = len(node.args) > 3 and bool(node.args[3])
     else:

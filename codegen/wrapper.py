@@ -139,11 +139,16 @@ def generate_program(program: Program, title: str = "") -> str:
         body.append(f"{variable(name)} = rt.constant({name!r})")
     if program.frees.get(-1):
         body.append(f"del {', '.join(variable(n) for n in program.frees[-1])}")
+    planned = [b.last_use for b in program.buffers.values() if b.offset is not None
+               and b.last_use is not None]
+    arena_dies = max(planned) if planned and program.arena_bytes else None
     for index, kernel in enumerate(program.kernels):
         body.append("")
         body.extend(_kernel_lines(index, kernel, program))
         if program.frees.get(index):
             body.append(f"del {', '.join(variable(n) for n in program.frees[index])}")
+        if index == arena_dies:   # give the arena back once nothing planned is live
+            body.append("del arena")
     outputs = ", ".join(variable(o) if isinstance(o, str) else render(o)
                         for o in program.outputs)
     body.append("")

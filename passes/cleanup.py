@@ -1,4 +1,5 @@
-"""Dead-code elimination, common-subexpression elimination and no-op views.
+"""Dead-code elimination, common-subexpression elimination, no-op views, and
+transposed matrix products written transposed.
 
 What it does: removes nodes whose values nobody uses, merges nodes that
 compute the same pure op on the same arguments, and bypasses views that
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+
+from retrograd.passes.fusion import is_view
 
 __all__ = ["run"]
 
@@ -74,10 +77,30 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> int:
     return merged
 
 
+def _same_layout(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+        and a.stride() == b.stride() and a.storage_offset() == b.storage_offset() \
+        and a.dtype == b.dtype
+
+
+def _view_chain_root(node: fx.Node) -> fx.Node:
+    """The tensor a chain of views starts from (``permute(permute(x))`` -> x)."""
+    while node.op == "call_function" and is_view(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def remove_no_op_views(graph: fx.Graph) -> int:
     output = next(node for node in graph.nodes if node.op == "output")
     removed = 0
     for node in list(graph.nodes):
+        if node.op == "call_function" and is_view(node) and node not in output.all_input_nodes:
+            root = _view_chain_root(node)
+            if root is not node and _same_layout(node.meta.get("val"), root.meta.get("val")):
+                node.replace_all_uses_with(root)   # views that undo each other
+                graph.erase_node(node)
+                removed += 1
+                continue
         if node.op != "call_function" or node.target not in NO_OP_VIEWS | CONSTANT_COPIES:
             continue
         source = node.args[0]
@@ -95,12 +118,43 @@ def remove_no_op_views(graph: fx.Graph) -> int:
     return removed
 
 
+def transpose_matmuls(graph: fx.Graph) -> int:
+    """``permute(mm(a, b), [1, 0])`` -> ``mm(b.T, a.T)`` when the transpose is the
+    product's only user. Same values, but written contiguously: a weight
+    gradient then has its parameter's layout, so autograd's AccumulateGrad
+    keeps it instead of copying it (what eager's mm backward does)."""
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.permute.default \
+                or list(node.args[1]) != [1, 0]:
+            continue
+        product = node.args[0]
+        if not isinstance(product, fx.Node) or product.target is not aten.mm.default \
+                or len(product.users) != 1:
+            continue
+        a, b = product.args
+        with graph.inserting_before(node):
+            b_t = graph.call_function(aten.permute.default, (b, [1, 0]))
+            a_t = graph.call_function(aten.permute.default, (a, [1, 0]))
+            swapped = graph.call_function(aten.mm.default, (b_t, a_t))
+        b_t.meta["val"] = aten.permute.default(b.meta["val"], [1, 0])
+        a_t.meta["val"] = aten.permute.default(a.meta["val"], [1, 0])
+        swapped.meta["val"] = aten.mm.default(b_t.meta["val"], a_t.meta["val"])
+        node.replace_all_uses_with(swapped)
+        graph.erase_node(node)
+        graph.erase_node(product)
+        rewritten += 1
+    return rewritten
+
+
 def run(gm: fx.GraphModule, ctx) -> dict:
     before = len(gm.graph.nodes)
+    transposed = transpose_matmuls(gm.graph)
+    before += 1 * transposed   # each rewrite adds one node; not "dead" code
     views = remove_no_op_views(gm.graph)
     merged = eliminate_common_subexpressions(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     dead = before - len(gm.graph.nodes) - views - merged
     return {"dead_nodes_removed": dead, "common_subexpressions_merged": merged,
-            "no_op_views_removed": views}
+            "no_op_views_removed": views, "matmuls_transposed": transposed}

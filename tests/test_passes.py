@@ -205,7 +205,23 @@ def test_cleanup_then_view_removal_enables_cse():
     stats = cleanup.run(gm, context())
     assert targets(gm) == [aten.exp.default, aten.add.Tensor]
     assert stats == {"dead_nodes_removed": 0, "common_subexpressions_merged": 1,
-                     "no_op_views_removed": 1}
+                     "no_op_views_removed": 1, "matmuls_transposed": 0}
+
+
+def test_cleanup_removes_views_that_undo_each_other():
+    gm = trace(lambda x: torch.exp(x.permute(1, 0).permute(1, 0)), torch.randn(3, 4))
+    cleanup.run(gm, context())
+    assert targets(gm) == [aten.exp.default]
+
+
+def test_cleanup_writes_a_transposed_product_transposed():
+    a, b = torch.randn(3, 5), torch.randn(5, 4)
+    gm = trace(lambda a, b: (a @ b).permute(1, 0), a, b)
+    stats = cleanup.run(gm, context())
+    assert stats["matmuls_transposed"] == 1
+    [product] = [n for n in gm.graph.nodes if n.target is aten.mm.default]
+    assert product.meta["val"].shape == (4, 3) and product.meta["val"].is_contiguous()
+    torch.testing.assert_close(gm(a, b)[0], (a @ b).t())
 
 
 # ================================================================ fusion
