@@ -12,14 +12,14 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["compile", "Options"]
+__all__ = ["compile", "grad", "value_and_grad", "Options"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "compile":
-        from retrograd.api import compile
-        return compile
+    if name in ("compile", "grad", "value_and_grad"):
+        from retrograd import api
+        return getattr(api, name)
     if name == "Options":
         from retrograd.options import Options
         return Options

@@ -20,7 +20,8 @@ import torch.utils._pytree as pytree
 from retrograd.capture import compile_graph, signature
 from retrograd.options import Options
 
-__all__ = ["compile", "CompiledModule", "CompiledFunction"]
+__all__ = ["compile", "grad", "value_and_grad", "CompiledModule", "CompiledFunction",
+           "GradFunction"]
 
 
 class _Flat(torch.nn.Module):
@@ -65,10 +66,13 @@ class _Flat(torch.nn.Module):
 class _Cache:
     """One compiled graph per call signature."""
 
-    def __init__(self, target: Callable, options: Options, module: torch.nn.Module | None):
+    def __init__(self, target: Callable, options: Options, module: torch.nn.Module | None,
+                 gradients=None, closed_over_ok: bool = False):
         self.target = target
         self.options = options
         self.module = module
+        self.gradients = gradients            # dead_gradient.GradientSpec, or None: all
+        self.closed_over_ok = closed_over_ok  # grad(): closed-over parameters are constants
         self.entries: dict[tuple, tuple[Any, Any, _Flat]] = {}
         self.last: tuple | None = None
 
@@ -80,8 +84,10 @@ class _Cache:
         if key not in self.entries:
             constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
             flat = _Flat(self.target, in_spec, constants, slots)
-            compiled, compiler = compile_graph(flat, tensors, self.options)
-            _refuse_closed_over_grads(compiler, self.module)
+            gradients = self.gradients(leaves, slots) if callable(self.gradients) else None
+            compiled, compiler = compile_graph(flat, tensors, self.options, gradients=gradients)
+            if not self.closed_over_ok:
+                _refuse_closed_over_grads(compiler, self.module)
             self.entries[key] = (compiled, compiler, flat)
         self.last = key
         compiled, _, flat = self.entries[key]
@@ -183,3 +189,103 @@ def compile(target: Callable | None = None, **options):
         return CompiledFunction(target, parsed)
     raise TypeError(f"retrograd.compile: expected an nn.Module or a function, "
                     f"got {type(target).__name__}")
+
+
+class GradFunction:
+    """``grad`` / ``value_and_grad`` of a function, compiled: only the requested
+    gradients are computed (see passes/dead_gradient.py)."""
+
+    def __init__(self, function: Callable, argnums, has_aux: bool, with_value: bool,
+                 options: Options):
+        self.function, self.has_aux, self.with_value = function, has_aux, with_value
+        self.single = isinstance(argnums, int)
+        self.argnums = (argnums,) if self.single else tuple(argnums)
+        if not self.argnums or not all(isinstance(a, int) and not isinstance(a, bool)
+                                       for a in self.argnums):
+            raise ValueError(f"retrograd.grad: argnums={argnums!r} must be an int or a "
+                             f"non-empty tuple of ints")
+        self._wanted: tuple[int, ...] = ()
+        self._cache = _Cache(function, options, None, gradients=self._spec, closed_over_ok=True)
+        functools.update_wrapper(self, function)
+
+    def _spec(self, leaves, slots):
+        """Wanted primals: the tensors of the argnums arguments; only the loss's
+        tangent is live (auxiliary outputs get no gradient)."""
+        from retrograd.passes.dead_gradient import GradientSpec
+        return GradientSpec(wanted=self._wanted, live_tangents=(0,))
+
+    def __call__(self, *args, **kwargs):
+        count = len(args)
+        for argnum in self.argnums:
+            if not -count <= argnum < count:
+                raise ValueError(f"retrograd.grad: argnums {argnum} is out of range for "
+                                 f"{count} positional argument(s)")
+        chosen = [a % count for a in self.argnums]
+        structures = [pytree.tree_flatten(args[a]) for a in chosen]
+        wanted_leaves = [leaf for leaves, _ in structures for leaf in leaves]
+        for leaf in wanted_leaves:
+            if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+                raise ValueError(f"retrograd.grad: arguments {list(chosen)} must hold floating "
+                                 f"point tensors to differentiate, got {type(leaf).__name__}"
+                                 + (f" of {leaf.dtype}" if isinstance(leaf, torch.Tensor) else ""))
+        fresh = {id(leaf): leaf.detach().requires_grad_(True) for leaf in wanted_leaves}
+        args = [pytree.tree_map(lambda v: fresh.get(id(v), v), a) if i in chosen else a
+                for i, a in enumerate(args)]
+        tensors = [v for v in pytree.tree_flatten((tuple(args), kwargs))[0]
+                   if isinstance(v, torch.Tensor)]
+        positions = {id(t): i for i, t in enumerate(tensors)}
+        self._wanted = tuple(positions[id(fresh[id(leaf)])] for leaf in wanted_leaves)
+        with torch.enable_grad():
+            result = self._cache(*args, **kwargs)
+        loss, aux = (result[0], result[1]) if self.has_aux else (result, None)
+        self._check_loss(loss)
+        leaves = [fresh[id(leaf)] for leaf in wanted_leaves]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+        rebuilt, start = [], 0
+        for leaves_of, spec in structures:
+            rebuilt.append(pytree.tree_unflatten(grads[start:start + len(leaves_of)], spec))
+            start += len(leaves_of)
+        gradient = rebuilt[0] if self.single else tuple(rebuilt)
+        value = (loss.detach(), aux) if self.has_aux else loss.detach()
+        return (value, gradient) if self.with_value else (
+            (gradient, aux) if self.has_aux else gradient)
+
+    def _check_loss(self, loss) -> None:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 \
+                or not loss.is_floating_point():
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"retrograd.grad: the function must return a scalar floating "
+                             f"point loss{' (first of (loss, aux))' if self.has_aux else ''}, "
+                             f"got {shape}")
+        if not loss.requires_grad:
+            raise ValueError("retrograd.grad: the loss does not depend on the differentiated "
+                             "arguments")
+
+    @property
+    def reports(self) -> dict[str, dict]:
+        return self._cache.reports
+
+
+def grad(function: Callable, argnums=0, has_aux: bool = False, **options) -> GradFunction:
+    """The gradient of a scalar ``function`` with respect to ``argnums``, compiled.
+
+    Like ``torch.func.grad`` / ``jax.grad``: tensors the function closes over
+    (a model's parameters) are constants, so only the requested gradients are
+    computed -- ``retrograd.grad(lambda x: model(x).sum())(x)`` computes no
+    weight gradient. ``argnums`` is an int or a tuple of ints; an argument may
+    be a pytree of tensors (a dict of adapter weights). With ``has_aux`` the
+    function returns ``(loss, aux)`` and the result is ``(gradient, aux)``.
+
+    Example:
+        >>> g = retrograd.grad(lambda x: (x.sin() ** 2).sum())
+        >>> g(torch.randn(3))
+    """
+    return GradFunction(function, argnums, has_aux, False, Options.from_mapping(options))
+
+
+def value_and_grad(function: Callable, argnums=0, has_aux: bool = False,
+                   **options) -> GradFunction:
+    """Like ``grad`` but returns ``(value, gradient)``; value is ``(loss, aux)``
+    with ``has_aux``."""
+    return GradFunction(function, argnums, has_aux, True, Options.from_mapping(options))

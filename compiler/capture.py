@@ -73,9 +73,14 @@ def _fake_inputs(inputs: Sequence[Any]) -> list:
 
 
 def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], options: Options,
-                  captured_text: str | None = None):
-    """Compile ``module(*example_inputs)`` (tuple outputs); returns (callable, compiler)."""
-    compiler = GraphCompiler(options, _real_primals(module, example_inputs), captured_text)
+                  captured_text: str | None = None, gradients=None):
+    """Compile ``module(*example_inputs)`` (tuple outputs); returns (callable, compiler).
+
+    ``gradients`` (a ``dead_gradient.GradientSpec``) says which gradients the
+    caller will use and which output tangents are known to be zero.
+    """
+    compiler = GraphCompiler(options, _real_primals(module, example_inputs), captured_text,
+                             gradients)
     compiled = aot_module_simplified(
         module, _fake_inputs(example_inputs),
         fw_compiler=compiler.compile_forward,

@@ -16,10 +16,16 @@ __all__ = ["Options", "EXECUTORS", "PASS_NAMES"]
 EXECUTORS = ("auto", "triton", "interpret", "fx")
 
 #: Every pass a user may name in ``disable``, in pipeline order.
-PASS_NAMES = ("cleanup", "checkpoint", "fusion", "schedule", "buffer_reuse")
+PASS_NAMES = ("dead_gradient", "cleanup", "checkpoint", "fusion", "schedule", "buffer_reuse")
 
 #: Passes without which no program can be built: disabling them is an error.
 REQUIRED_PASSES = ("checkpoint", "fusion")
+
+
+def _op_key(pattern: str) -> str:
+    """An op pattern without its namespace and default overload."""
+    pattern = pattern[len("aten."):] if pattern.startswith("aten.") else pattern
+    return pattern[:-len(".default")] if pattern.endswith(".default") else pattern
 
 
 @dataclass(frozen=True)
@@ -92,14 +98,18 @@ class Options:
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
         for name in ("save", "recompute"):
             value = getattr(self, name)
-            value = (value,) if isinstance(value, str) else tuple(value)
-            if not all(isinstance(item, str) and item for item in value):
+            value = (value,) if isinstance(value, str) else value
+            if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+                    isinstance(item, str) and item for item in value):
                 raise ValueError(f"retrograd: option {name}={getattr(self, name)!r} must be "
                                  f"op names or fx node names (strings)")
-            object.__setattr__(self, name, value)
-        overlap = set(self.save) & set(self.recompute)
-        if overlap:
-            raise ValueError(f"retrograd: {sorted(overlap)} named in both save and recompute")
+            object.__setattr__(self, name, tuple(value))
+        # "mm", "aten.mm" and "aten.mm.default" name the same op
+        clash = [(kept, dropped) for kept in self.save for dropped in self.recompute
+                 if _op_key(kept) == _op_key(dropped)]
+        if clash:
+            named = sorted({item for pair in clash for item in pair})
+            raise ValueError(f"retrograd: {named} named in both save and recompute")
         disable = (self.disable,) if isinstance(self.disable, str) else tuple(self.disable)
         object.__setattr__(self, "disable", disable)
         for name in disable:

@@ -33,7 +33,7 @@ from retrograd.codegen.wrapper import generate_program
 from retrograd.dump import Dumper
 from retrograd.ir import Program
 from retrograd.options import Options
-from retrograd.passes import buffer_reuse, checkpoint, cleanup, fusion, schedule
+from retrograd.passes import buffer_reuse, checkpoint, cleanup, dead_gradient, fusion, schedule
 from retrograd.report import PassRecord, build_report
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
@@ -46,7 +46,7 @@ log = logging.getLogger("retrograd")
 
 #: The pipeline, in order. Joint passes see forward+backward as one graph;
 #: half passes see the forward and the backward separately.
-JOINT_PASSES = ("cleanup", "checkpoint")
+JOINT_PASSES = ("dead_gradient", "cleanup", "checkpoint")
 HALF_PASSES = ("fusion", "schedule", "buffer_reuse")
 
 
@@ -79,6 +79,7 @@ class PassContext:
     op_support: Any
     graph_name: str
     log: logging.Logger = log
+    gradients: Any = None   # dead_gradient.GradientSpec: what the caller needs
 
 
 def _count(subject: Any) -> int:
@@ -157,8 +158,9 @@ class GraphCompiler:
     """Compiles one captured graph through AOTAutograd's hooks; keeps its reports."""
 
     def __init__(self, options: Options, real_inputs: Sequence[Any] | None = None,
-                 captured_text: str | None = None):
+                 captured_text: str | None = None, gradients=None):
         self.options = options
+        self.gradients = gradients
         self.real_inputs = list(real_inputs) if real_inputs is not None else None
         self.captured_text = captured_text
         self.reports: dict[str, dict] = {}
@@ -185,7 +187,8 @@ class GraphCompiler:
         self.captured_nodes = len(gm.graph.nodes)
         self.closed_over_grads = _closed_over_grads(gm)
         self.started = perf_counter()
-        return PassContext(self.options, self.joint_dumper, OpSupport(), self.graph_id)
+        return PassContext(self.options, self.joint_dumper, OpSupport(), self.graph_id,
+                           gradients=self.gradients)
 
     def _primals(self, fakes: Sequence[Any]) -> list:
         if self.real_inputs is not None and len(self.real_inputs) == len(fakes):
@@ -210,6 +213,11 @@ class GraphCompiler:
             primals, tangents = self._primals(primals_fake), [_real(t) for t in tangents_fake]
             inputs = primals + tangents
             reference = run_graph(joint, inputs)
+        if "dead_gradient" not in self.options.disable:
+            run_pass("dead_gradient", dead_gradient.run, joint, ctx, self.joint_records,
+                     kwargs["num_fwd_outputs"])
+            if self.gradients is None:   # nothing declared unwanted: values must not move
+                self._check("dead_gradient", joint, inputs, reference)
         if "cleanup" not in self.options.disable:
             run_pass("cleanup", cleanup.run, joint, ctx, self.joint_records)
             self._check("cleanup", joint, inputs, reference)
