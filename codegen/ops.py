@@ -126,10 +126,11 @@ def _div(node, operand):
 @_register(aten.div.Tensor_mode, aten.div.Scalar_mode)
 def _div_mode(node, operand):
     dtype = _float_out(node)
-    quotient = f"{operand(node.args[0], dtype)} / {operand(node.args[1], dtype)}"
+    a, b = operand(node.args[0], dtype), operand(node.args[1], dtype)
+    quotient = f"{a} / {b}"
     mode = node.kwargs.get("rounding_mode")
     if mode == "floor":
-        return f"tl.floor({quotient})"
+        return f"_div_floor({a}, {b})"
     if mode == "trunc":
         return f"_trunc({quotient})"
     return quotient
@@ -212,10 +213,7 @@ def _pow_base_scalar(node, operand):
 @_register(aten.remainder.Tensor, aten.remainder.Scalar)
 def _remainder(node, operand):
     dtype = _out(node)
-    a, b = operand(node.args[0], dtype), operand(node.args[1], dtype)
-    if dtype in FLOATS:
-        return f"{a} - tl.floor({a} / {b}) * {b}"
-    return f"_int_remainder({a}, {b})"
+    return f"_remainder({operand(node.args[0], dtype)}, {operand(node.args[1], dtype)})"
 
 
 # ---------------------------------------------------------------- unary math

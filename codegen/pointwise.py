@@ -116,11 +116,30 @@ def _pow(x, y):
 def _trunc(x):
     return tl.where(x < 0, tl.ceil(x), tl.floor(x))
 ''',
-    "_int_remainder": '''
+    "_remainder": '''
 @triton.jit
-def _int_remainder(a, b):
+def _remainder(a, b):
+    # torch's remainder, for ints and floats alike: C's fmod (what % is in
+    # Triton), moved to the divisor's sign. Exact, where a - floor(a / b) * b
+    # is not (a tiny b, an infinite b).
     r = a % b
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+''',
+    "_div_floor": '''
+@triton.jit
+def _div_floor(a, b):
+    # torch's div_floor_floating: (a - fmod(a, b)) / b is exact where
+    # floor(a / b) is not (1 // 0.1 is 9, not 10), and NaN for an infinite a;
+    # a zero quotient takes the sign of a / b, and b == 0 gives IEEE's a / b.
+    q = a / b
+    mod = a % b
+    div = (a - mod) / b
+    div = tl.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1.0, div)
+    result = tl.floor(div)
+    result = tl.where(div - result > 0.5, result + 1.0, result)
+    negative = (q < 0) | ((q == 0) & (1.0 / q < 0))
+    result = tl.where(div == 0, tl.where(negative, -0.0, 0.0), result)
+    return tl.where(b == 0, q, result)
 ''',
     "_round_to_bf16": '''
 @triton.jit

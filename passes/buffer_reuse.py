@@ -19,8 +19,9 @@ shape, strides and dtype and the kernel reads that input element for element
 at its own index (so no program reads what another already overwrote).
 
 The liveness lower bound is the largest sum of (aligned) planned bytes alive
-at one kernel, computed from lifetimes alone; no planner can beat it. Offsets
-are aligned to ``ALIGN`` bytes for vector loads.
+at one kernel, computed from lifetimes alone (buffers chained in place count
+once: they share one slot); no planner can beat it. Offsets are aligned to
+``ALIGN`` bytes for vector loads.
 """
 
 from __future__ import annotations
@@ -84,10 +85,13 @@ def live_lower_bound(program: Program, spans: dict[str, tuple[int, int]],
                      names: list[str] | None = None) -> int:
     """Largest sum of aligned planned bytes alive at any kernel of the schedule."""
     names = planned_buffers(program) if names is None else names
+    return _live_peak((*spans[name], align(program.buffers[name].nbytes)) for name in names)
+
+
+def _live_peak(intervals) -> int:
+    """Largest sum of sizes alive at one kernel, over (start, stop, size) intervals."""
     events: dict[int, int] = {}
-    for name in names:
-        start, stop = spans[name]
-        size = align(program.buffers[name].nbytes)
+    for start, stop, size in intervals:
         events[start] = events.get(start, 0) + size
         events[stop + 1] = events.get(stop + 1, 0) - size
     peak = live = 0
@@ -228,7 +232,7 @@ def run(program: Program, ctx) -> dict:
         "bytes_without_reuse": sum(align(program.buffers[n].nbytes) for n in names),
         "bytes_reused_in_place": reused,
         "arena_bytes": arena,
-        "live_lower_bound_bytes": live_lower_bound(program, spans, names),
+        "live_lower_bound_bytes": _live_peak((s.start, s.stop, s.size) for s in slots),
         "unplanned_bytes": sum(b.nbytes for b in temporaries if b.name not in planned
                                and b.name not in escaping),
     }

@@ -59,8 +59,9 @@ def _is_zero_product(node: fx.Node, zero: set) -> bool:
     if target in ZERO_IF_FIRST:
         # x / 0 is not zero: only the numerator counts for div
         return bool(node.args) and node.args[0] in zero
-    if target in SUMS:
-        return bool(tensors) and all(a in zero for a in tensors)
+    if target in SUMS:   # a scalar term counts: 0 + 1 is not zero
+        return bool(tensors) and all(a in zero if isinstance(a, fx.Node) else a == 0
+                                     for a in node.args[:2])
     if target is aten.where.self:
         return node.args[1] in zero and node.args[2] in zero
     return False
@@ -123,6 +124,7 @@ def run(joint: fx.GraphModule, ctx, num_fwd_outputs: int) -> dict:
         other = _other_term(node, zero)
         if other is not None:
             node.replace_all_uses_with(other)
+            grads = [other if g is node else g for g in grads]   # the output list is rebuilt below
     for position, grad in enumerate(grads):
         if isinstance(grad, fx.Node) and grad in zero:
             never += _bytes(grad)

@@ -23,9 +23,10 @@ Three planners:
   looking at the budget, ``tradeoff`` lists plans that no other beats on both
   saved bytes and recompute cost: the lower convex hull of the two (minimum
   cuts of cost + weight x bytes, a parametric search over the weight), the
-  pieces between neighbouring hull plans, then a Pareto local search (save a
-  recomputed value, recompute a saved one shallow or deep, or save one value
-  to recompute the saved values it feeds) under a work bound. The budget then
+  pieces between neighbouring hull plans and cuts mixing their weights, then
+  a Pareto local search (save a recomputed value, recompute a saved one
+  shallow or deep, or save one value to recompute the saved values it feeds)
+  under a work bound. The budget then
   picks the cheapest listed plan that fits; the list does not depend on the
   budget, so tighter budgets never save more bytes nor recompute less.
 
@@ -274,6 +275,7 @@ class _Plans:
         self.must = [math.isinf(size) or (allowed and bool(unsavable(node)))
                      for node, size, allowed in zip(nodes, self.size, self.recomputable)]
         self.needed = [i for i, node in enumerate(nodes) if node in info.needed]
+        self.cut_edges = None
         self.log: list | None = None
         self.load(())
 
@@ -399,32 +401,40 @@ class _Plans:
         self.log = None
         self.bytes, self.work, self.bad = self.before
 
-    def lagrangian(self, weight: float) -> frozenset:
+    def lagrangian(self, weight) -> frozenset:
         """The recompute set of least ``cost + weight * bytes``: a minimum cut
         as in ``min_cut_plan`` with each recomputable value also hanging off
         the source at its recompute cost (scipy's max-flow; capacities scaled
-        to int32, so ties and tiny costs may round)."""
+        to int32, so ties and tiny costs may round). ``weight`` is one number
+        or one per value."""
         import numpy as np
         from scipy.sparse import csr_matrix
         from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
         n = len(self.nodes)
         source, sink = 2 * n, 2 * n + 1     # value k: "in" k, "out" n + k
-        rows, columns, capacity = [], [], []
-        for k in range(n):
-            rows += [k, source]
-            columns += [n + k, k]
-            capacity += [math.inf if self.must[k] else weight * self.size[k],
-                         self.cost[k] if self.recomputable[k] else math.inf]
-            for a in self.inputs[k]:
-                rows.append(n + a)
-                columns.append(k)
+        if self.cut_edges is None:
+            rows, columns, capacity = [], [], []
+            for k in range(n):
+                rows += [k, source]
+                columns += [n + k, k]
+                capacity += [math.inf if self.must[k] else 0.0,
+                             self.cost[k] if self.recomputable[k] else math.inf]
+                for a in self.inputs[k]:
+                    rows.append(n + a)
+                    columns.append(k)
+                    capacity.append(math.inf)
+            for k in self.needed:
+                rows.append(n + k)
+                columns.append(sink)
                 capacity.append(math.inf)
-        for k in self.needed:
-            rows.append(n + k)
-            columns.append(sink)
-            capacity.append(math.inf)
-        capacity = np.array(capacity)
+            sized = [position for position, row in enumerate(rows) if row < n]
+            self.cut_edges = (np.array(rows), np.array(columns), np.array(capacity),
+                              np.array(sized), np.array(self.size))
+        rows, columns, capacity, sized, size = self.cut_edges
+        capacity = capacity.copy()
+        saveable = np.isfinite(capacity[sized])
+        capacity[sized[saveable]] = (np.broadcast_to(weight, (n,)) * size)[saveable]
         finite = np.isfinite(capacity)
         total = capacity[finite].sum()
         limit = 2 ** 30
@@ -438,7 +448,7 @@ class _Plans:
         residual.eliminate_zeros()
         reached = np.zeros(2 * n + 2, dtype=bool)
         reached[breadth_first_order(residual, source, return_predecessors=False)] = True
-        return frozenset(k for k in range(n) if not reached[k])
+        return frozenset(np.flatnonzero(~reached[:n]).tolist())
 
 
 class _Frontier:
@@ -476,9 +486,14 @@ GREEDY_WORK = 3_000_000
 
 
 def tradeoff(info: JointInfo, recomputable, unsavable=lambda node: False,
-             max_cuts: int = 64, max_work: int = GREEDY_WORK) -> tuple[_Plans, _Frontier]:
+             max_cuts: int = 64, splits: int = 8,
+             max_work: int = GREEDY_WORK) -> tuple[_Plans, _Frontier]:
     """Plans trading saved bytes for recompute cost, none beaten on both;
-    computed without a budget, so every budget picks from the same list."""
+    computed without a budget, so every budget picks from the same list.
+    ``max_cuts`` bounds the minimum cuts of steps 1 and 3 (each), ``max_work``
+    the local search."""
+    import numpy as np
+
     plans = _Plans(info, recomputable, unsavable)
     frontier, todo = _Frontier(), deque()
 
@@ -488,7 +503,7 @@ def tradeoff(info: JointInfo, recomputable, unsavable=lambda node: False,
             frontier.insert(point)
             todo.append(point)
 
-    def cut(weight: float) -> tuple | None:
+    def cut(weight) -> tuple | None:
         plans.load(plans.lagrangian(weight))
         add()
         return None if plans.bad else plans.point()
@@ -537,7 +552,21 @@ def tradeoff(info: JointInfo, recomputable, unsavable=lambda node: False,
                     add()
                 else:
                     plans.in_r[v] = True
-    # 3. Pareto local search from every plan kept: single moves, keeping the
+    # 3. minimum cuts with the two neighbours' tie weight nudged apart on
+    #    either side of a split point: one end's choices before it, the
+    #    other's after it (in a stack of layers, some layers each way)
+    position = np.arange(len(plans.nodes))
+    mixed = 0
+    for a, b in sorted(zip(hull, hull[1:]), key=lambda pair: pair[1][0] - pair[0][0]):
+        difference = sorted(a[2] ^ b[2])
+        weight = (b[1] - a[1]) / (a[0] - b[0])
+        for step in range(1, splits if len(difference) > 1 else 1):
+            early = position < difference[step * len(difference) // splits]
+            for first_half in (early, ~early):
+                if mixed < max_cuts:
+                    cut(np.where(first_half, weight * (1 - 1e-3), weight * (1 + 1e-3)))
+                    mixed += 1
+    # 4. Pareto local search from every plan kept: single moves, keeping the
     #    plans no other beats, breadth first until the work bound
     work = 0
     while todo and work < max_work:

@@ -11,9 +11,10 @@ indices exact. Reports must show the reductions ran as Triton kernels.
 
 The looped tests use a reduced extent above 16384: the interpreter caps a
 reduction block (RBLOCK) at 2**14 elements, so the kernel walks the extent in
-several blocks, the last one partly masked. They use one or two rows: on the
-interpreter, ``tl.reduce`` with a combine function runs the combine once per
-lane in Python, so their cost grows with rows x RBLOCK.
+several blocks, the last one partly masked. They keep to one or two rows: the
+lanes of a row block are combined at the end, and on the interpreter a
+``tl.reduce`` with a combine function of our own (prod's) calls it once per
+lane in Python.
 """
 
 from __future__ import annotations
