@@ -131,19 +131,20 @@ def generate_program(program: Program, title: str = "") -> str:
         names = ", ".join(variable(name) for name in program.inputs)
         body.append(f"{names}, = args")
     body.append("args.clear()")
-    if program.arena_bytes:
-        body.append(f"arena = rt.arena({program.arena_bytes})  # every planned temporary")
     if any(is_random(node) for kernel in program.kernels_of("triton") for node in kernel.nodes):
         body.append("seed = rt.seed()  # one draw from torch's generator per call")
     for name in program.constants:
         body.append(f"{variable(name)} = rt.constant({name!r})")
     if program.frees.get(-1):
         body.append(f"del {', '.join(variable(n) for n in program.frees[-1])}")
-    planned = [b.last_use for b in program.buffers.values() if b.offset is not None
+    planned = [b for b in program.buffers.values() if b.offset is not None
                and b.last_use is not None]
-    arena_dies = max(planned) if planned and program.arena_bytes else None
+    arena_born = min(b.first_use for b in planned) if planned and program.arena_bytes else None
+    arena_dies = max(b.last_use for b in planned) if planned and program.arena_bytes else None
     for index, kernel in enumerate(program.kernels):
         body.append("")
+        if index == arena_born:   # taken when first needed, while inputs may already be gone
+            body.append(f"arena = rt.arena({program.arena_bytes})  # every planned temporary")
         body.extend(_kernel_lines(index, kernel, program))
         if program.frees.get(index):
             body.append(f"del {', '.join(variable(n) for n in program.frees[index])}")

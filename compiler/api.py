@@ -199,7 +199,10 @@ class GradFunction:
                  options: Options):
         self.function, self.has_aux, self.with_value = function, has_aux, with_value
         self.single = isinstance(argnums, int)
-        self.argnums = (argnums,) if self.single else tuple(argnums)
+        if self.single:
+            self.argnums = (argnums,)
+        else:   # 1.5 or None: refused below, as for any other bad value
+            self.argnums = tuple(argnums) if isinstance(argnums, (tuple, list)) else ()
         if not self.argnums or not all(isinstance(a, int) and not isinstance(a, bool)
                                        for a in self.argnums):
             raise ValueError(f"retrograd.grad: argnums={argnums!r} must be an int or a "
@@ -237,10 +240,15 @@ class GradFunction:
         self._wanted = tuple(positions[id(fresh[id(leaf)])] for leaf in wanted_leaves)
         with torch.enable_grad():
             result = self._cache(*args, **kwargs)
+        if self.has_aux and not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise ValueError(f"retrograd.grad: with has_aux=True the function must return a "
+                             f"pair (loss, aux), got {type(result).__name__}")
         loss, aux = (result[0], result[1]) if self.has_aux else (result, None)
         self._check_loss(loss)
         leaves = [fresh[id(leaf)] for leaf in wanted_leaves]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        if all(g is None for g in grads):   # the loss needs only constants or other arguments
+            raise ValueError(self._INDEPENDENT)
         grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
         rebuilt, start = [], 0
         for leaves_of, spec in structures:
@@ -251,6 +259,8 @@ class GradFunction:
         return (value, gradient) if self.with_value else (
             (gradient, aux) if self.has_aux else gradient)
 
+    _INDEPENDENT = "retrograd.grad: the loss does not depend on the differentiated arguments"
+
     def _check_loss(self, loss) -> None:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 \
                 or not loss.is_floating_point():
@@ -259,8 +269,7 @@ class GradFunction:
                              f"point loss{' (first of (loss, aux))' if self.has_aux else ''}, "
                              f"got {shape}")
         if not loss.requires_grad:
-            raise ValueError("retrograd.grad: the loss does not depend on the differentiated "
-                             "arguments")
+            raise ValueError(self._INDEPENDENT)
 
     @property
     def reports(self) -> dict[str, dict]:

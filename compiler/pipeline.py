@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,7 @@ class GraphCompiler:
         self.started = perf_counter()
         self.references: dict[str, tuple[list, list]] = {}
         self.closed_over_grads: list[str] = []
+        self.backward_constants: dict[str, Any] = {}
 
     # -- the joint stage -------------------------------------------------------
     def _begin(self, gm: fx.GraphModule, halves: list[str]) -> PassContext:
@@ -211,6 +213,10 @@ class GraphCompiler:
         inputs = reference = None
         if self.options.verify:
             primals, tangents = self._primals(primals_fake), [_real(t) for t in tangents_fake]
+            spec = self.gradients   # tangents the caller promised zero are zero in the reference
+            tangents = [torch.zeros_like(t) if spec is not None and (
+                i in spec.zero_tangents or spec.live_tangents is not None
+                and i not in spec.live_tangents) else t for i, t in enumerate(tangents)]
             inputs = primals + tangents
             reference = run_graph(joint, inputs)
         if "dead_gradient" not in self.options.disable:
@@ -223,6 +229,9 @@ class GraphCompiler:
             self._check("cleanup", joint, inputs, reference)
         forward, backward = run_pass("checkpoint", checkpoint.run, joint, ctx,
                                      self.joint_records, joint_inputs, **kwargs)
+        # AOTAutograd hands compile_backward a deep copy: keep the constants themselves
+        self.backward_constants = {n.target: operator.attrgetter(n.target)(backward)
+                                   for n in backward.graph.nodes if n.op == "get_attr"}
         if self.options.verify:
             outputs = run_graph(forward, primals)
             count = kwargs["num_fwd_outputs"]
@@ -240,6 +249,9 @@ class GraphCompiler:
             return self._compile_half("forward", gm, example_inputs)
 
     def compile_backward(self, gm: fx.GraphModule, example_inputs):
+        for target, value in self.backward_constants.items():   # closed-over tensors stay live
+            owner, _, name = target.rpartition(".")
+            setattr(gm.get_submodule(owner), name, value)
         with unset_fake_temporarily():
             return self._compile_half("backward", gm, example_inputs)
 
