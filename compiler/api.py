@@ -255,6 +255,8 @@ class GradFunction:
             rebuilt.append(pytree.tree_unflatten(grads[start:start + len(leaves_of)], spec))
             start += len(leaves_of)
         gradient = rebuilt[0] if self.single else tuple(rebuilt)
+        if self.has_aux:   # like jax.grad and torch.func: aux carries no gradient history
+            aux = pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, aux)
         value = (loss.detach(), aux) if self.has_aux else loss.detach()
         return (value, gradient) if self.with_value else (
             (gradient, aux) if self.has_aux else gradient)
