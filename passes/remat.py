@@ -481,7 +481,7 @@ class _Frontier:
 
 
 #: Work (moves tried plus values they touch) the local search may spend; it
-#: bounds the greedy's time on large graphs (about 2 s per million on a CPU).
+#: bounds the greedy's time on large graphs (about a second per million on a CPU).
 GREEDY_WORK = 3_000_000
 
 

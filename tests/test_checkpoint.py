@@ -200,7 +200,8 @@ def test_default_plan_saves_no_more_than_torch_min_cut_and_eager(name):
     assert stats["plan"].startswith("least saved bytes") and stats["budget_bytes"] is None
     assert not caught
     assert eager > 0 and torch_min_cut > 0
-    assert ours <= torch_min_cut, f"{name}: retrograd saves {ours} bytes, torch's min-cut {torch_min_cut}"
+    assert ours <= torch_min_cut, \
+        f"{name}: retrograd saves {ours} bytes, torch's min-cut {torch_min_cut}"
     assert ours <= eager, f"{name}: retrograd saves {ours} bytes, eager autograd {eager}"
 
 
@@ -287,8 +288,8 @@ def dropout_joint() -> Captured:
     return Captured(None, model, (x,), joint, joint_inputs, count)
 
 
-def _random(node: fx.Node) -> bool:
-    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+def is_random(target) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
 
 
 @pytest.mark.parametrize("solver", SOLVERS, indirect=True)
@@ -312,8 +313,7 @@ def test_infeasible_budget_warns_with_both_numbers_and_gives_the_smallest_plan(f
     assert remat.ilp_plan(info, smallest - 1, policy.any, policy.forced_recompute) is None
     assert remat.ilp_plan(info, smallest, policy.any, policy.forced_recompute) is not None
     names = targets(subject)
-    assert not [n for n in stats["recomputed"] if torch.Tag.nondeterministic_seeded
-                in getattr(names[n], "tags", ())]
+    assert not [n for n in stats["recomputed"] if is_random(names[n])]
 
 
 # ============================================ 3. the greedy against the exact solver
@@ -431,13 +431,12 @@ def test_saved_matrix_products_are_never_recomputed(name, patterns, solver):
         assert caught and "smallest plan saves" in caught[0], "over budget without a warning"
 
 
-@pytest.mark.parametrize("solver", SOLVERS, indirect=True)
-@pytest.mark.parametrize("budget", [None, 1.0, 0.5])
+@pytest.mark.parametrize("budget, solver", [(None, "ilp"), (1.0, "ilp"), (1.0, "greedy"),
+                                            (0.5, "ilp"), (0.5, "greedy")],
+                         indirect=["solver"])
 @pytest.mark.parametrize("pattern", ["erf", "mul_2", "aten.mul", "aten.mul.Tensor"])
 def test_recomputed_values_are_never_saved(pattern, budget, solver):
     """In the MLP, erf and mul_2 (GELU's output) and the multiplications."""
-    if budget is None and solver == "greedy":
-        pytest.skip("no budget: no budget solver")
     subject = captured("mlp")
     forced = {node.name for node in subject.joint.graph.nodes if node.op == "call_function"
               and pattern in checkpoint.Policy._names(node)}
@@ -456,8 +455,7 @@ def test_recompute_does_not_reach_random_draws():
     """A random draw named in ``recompute`` is still not recomputed."""
     subject = dropout_joint()
     names = targets(subject)
-    draws = [n for n, target in names.items()
-             if torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())]
+    draws = [n for n, target in names.items() if is_random(target)]
     assert draws
     for budget in (None, 0.5):
         _, stats, _ = place(subject, memory_budget=budget, recompute=draws)
@@ -566,11 +564,8 @@ def test_random_draws_are_never_recomputed(budget, solver):
     subject = dropout_joint()
     names = targets(subject)
     (_, backward), stats, _ = place(subject, memory_budget=budget)
-    random_in_backward = [n.name for n in backward.graph.nodes
-                          if n.op == "call_function" and _random(n)]
-    assert not random_in_backward
-    assert not [n for n in stats["recomputed"]
-                if torch.Tag.nondeterministic_seeded in getattr(names[n], "tags", ())]
+    assert not [n.name for n in backward.graph.nodes if is_random(n.target)]
+    assert not [n for n in stats["recomputed"] if is_random(names[n])]
 
 
 # ============================================ 6. the report and the dump
@@ -600,7 +595,7 @@ def test_report_and_dump_show_the_plan(tmp_path, no_dump_env):
     signature = re.search(r"def forward\(self, (.*?)\):", backward, re.S).group(1)
     parameters = set(re.findall(r"(\w+):", signature))
     for name in stats["recomputed"]:
-        assert re.search(rf"^\s+{name}: .*= torch\.ops\.", backward, re.M), \
+        assert re.search(rf"^\s+{name}(: [^=]*)? = ", backward, re.M), \
             f"{name} is not computed in the dumped backward"
         assert name not in parameters
     assert set(stats["saved"]) <= parameters
