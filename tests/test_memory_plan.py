@@ -40,11 +40,12 @@ from retrograd.passes import buffer_reuse, fusion, schedule
 from retrograd.passes.buffer_reuse import ALIGN, Slot, overlapping, plan_offsets
 from retrograd.pipeline import OpSupport, PassContext
 from retrograd.runtime.arena import Allocator, Arena
-from zoo import ZOO, clone_inputs, errors, relative_error, training_step
+from zoo import ZOO, clone_inputs, errors, training_step
 
 pytestmark = pytest.mark.usefixtures("no_dump_env")
 
-#: The orders ``plan_offsets`` tries (its two best-fit strategies), by name.
+#: The orders ``plan_offsets`` tries (its two best-fit strategies), by name: the
+#: randomized test runs each alone through ``_place`` and expects the smaller arena.
 STRATEGIES = {
     "greedy by size (best fit)": lambda s: (-s.size, s.start - s.stop, s.start),
     "first use order (best fit)": lambda s: (s.start, -s.size),
@@ -58,17 +59,31 @@ def context(name: str = "unit") -> PassContext:
 
 @contextmanager
 def capturing_programs():
-    """Every Program buffer_reuse plans while the block runs, as (graph name, program)."""
+    """Every Program buffer_reuse plans while the block runs, as (graph name, program).
+
+    Each plan is checked as soon as it is made. An unsound plan is recorded in
+    ``unsound`` (graph name, message) and disarmed (every buffer gets its own
+    storage) before any code runs: overlapping buffers can corrupt an index
+    tensor, and a gather through it would crash the interpreter, not fail a test.
+    """
     captured: list[tuple[str, Program]] = []
+    unsound: list[tuple[str, str]] = []
     original = buffer_reuse.run
 
     def run(program, ctx):
         stats = original(program, ctx)
         captured.append((ctx.graph_name, program))
+        try:
+            assert_plan_sound(program)
+        except AssertionError as error:
+            unsound.append((ctx.graph_name, str(error)))
+            for buf in program.buffers.values():
+                buf.offset = None
+            program.arena_bytes = None
         return stats
 
     with mock.patch.object(buffer_reuse, "run", run):
-        yield captured
+        yield captured, unsound
 
 
 def pass_stats(report: dict, name: str) -> dict:
@@ -171,7 +186,7 @@ def assert_slots_disjoint(slots: list[Slot]) -> None:
     for t in {slot.start for slot in slots}:
         alive = sorted((s for s in slots if s.start <= t <= s.stop and s.size),
                        key=lambda s: s.offset)
-        for low, high in zip(alive, alive[1:]):
+        for low, high in itertools.pairwise(alive):
             assert low.offset + low.size <= high.offset, (t, low, high)
 
 
@@ -188,10 +203,10 @@ def zoo_runs(tmp_path_factory):
         expected = training_step(entry, reference, reference, inputs)
         dump = tmp_path_factory.mktemp(f"dump-{name}")
         compiled = retrograd.compile(model, dump_dir=str(dump))
-        with capturing_programs() as programs:
+        with capturing_programs() as (programs, unsound):
             got = training_step(entry, compiled, model, inputs)
         runs[name] = {"reports": compiled.reports, "programs": dict(programs),
-                      "dump": dump, "errors": errors(got, expected)}
+                      "unsound": unsound, "dump": dump, "errors": errors(got, expected)}
     return runs
 
 
@@ -242,6 +257,7 @@ def test_zoo_in_place_reuse_happens_and_shrinks_the_arena(zoo_runs):
 
 
 def test_zoo_plans_never_overlap_live_buffers(zoo_runs):
+    assert not [bad for run in zoo_runs.values() for bad in run["unsound"]]
     concurrent = planned = 0
     for run in zoo_runs.values():
         assert set(run["programs"]) == {r["graph_id"] for r in run["reports"].values()}
@@ -281,7 +297,7 @@ def test_in_place_pair_shares_a_slot_and_nothing_else_overlaps():
     program = _traced_program(lambda x, w: ((x @ w).sin() * 2 @ w).tanh(), x, w)
     schedule.run(program, context())
     stats = buffer_reuse.run(program, context())
-    mm, mul, mm_1 = (program.buffers[n] for n in ("mm", "mul", "mm_1"))
+    mm, mul = program.buffers["mm"], program.buffers["mul"]
     assert stats["bytes_reused_in_place"] == mul.nbytes == 256
     assert mm.offset == mul.offset and mm.last_use == mul.first_use
     assert in_place_pair(program, mm, mul)
@@ -492,12 +508,11 @@ def test_random_graphs_match_eager_and_plan_soundly(steps):
     fn = graph_function(steps)
     expected = loss_and_grads(fn, x, w)
     compiled = retrograd.compile(fn)
-    with capturing_programs() as programs:
+    with capturing_programs() as (programs, unsound):
         got = loss_and_grads(compiled, x, w)
     assert {name for name, _ in programs} == \
         {report["graph_id"] for report in compiled.reports.values()}
-    for _, program in programs:
-        assert_plan_sound(program)
+    assert not unsound, (steps, unsound)
     bad = {k: e for k, e in errors(got, expected).items() if not e < 1e-5}
     assert not bad, (steps, bad)
 
@@ -621,4 +636,4 @@ def test_arena_views_at_disjoint_offsets_do_not_alias():
     again = arena.view(0, (16,), (1,), torch.float32)
     again.zero_()
     assert torch.all(a == 0)
-    assert relative_error(b.float(), torch.full((8,), 3.0)) == 0
+    assert torch.all(b == 3)
