@@ -90,7 +90,7 @@ NAMES = [
     "select_scatter", "slice_scatter", "scatter", "scatter_add", "index_put",
     "nn.functional.pad",
     # pooling
-    "nn.functional.max_pool2d",
+    "nn.functional.max_pool2d", "nn.functional.avg_pool2d",
 ]
 
 #: Variants that exercise something else (complex math, other padding modes,
@@ -114,11 +114,14 @@ def _opinfos() -> list:
 OPINFOS = _opinfos()
 
 
+def _id(op) -> str:
+    return op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
+
+
 def _param(op):
-    test_id = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
     reason = XFAIL.get((op.name, op.variant_test_name))
     marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-    return pytest.param(op, id=test_id, marks=marks)
+    return pytest.param(op, id=_id(op), marks=marks)
 
 
 # ---------------------------------------------------------------- samples
@@ -140,8 +143,8 @@ def _boolean_index(sample) -> bool:
 
 #: Samples outside what retrograd compiles by design: OpInfo name -> (test, reason).
 UNSUPPORTED = {
-    "index_put": (_boolean_index, "boolean mask index: its shape depends on the data "
-                                  "(nonzero), and capture is static-shape"),
+    "index_put": (_boolean_index, ("boolean mask index: its shape depends on the data "
+                                   "(nonzero), and capture is static-shape")),
 }
 
 
@@ -382,7 +385,7 @@ def _special_sample(op):
     return sample.transform(lambda t: next(grids) if isinstance(t, torch.Tensor) else t)
 
 
-@pytest.mark.parametrize("op", [_param(op) for op in ELEMENTWISE])
+@pytest.mark.parametrize("op", ELEMENTWISE, ids=_id)
 def test_opinfo_special_values(op):
     """Forward only, each element against eager: same NaNs, same infinities
     (with their signs), relative error under TOLERANCE elsewhere."""
@@ -396,7 +399,6 @@ def test_opinfo_special_values(op):
         pytest.skip(f"eager raises {type(exc).__name__} on special values")
     compiled = retrograd.compile(function, executor="interpret")
     got = _outputs(compiled(*tensors))
-    inputs = [f"{t.tolist()}" for t in tensors]
     for index, (g, r) in enumerate(zip(got, ref)):
         assert g.dtype == r.dtype and g.shape == r.shape
         if not r.is_floating_point():
