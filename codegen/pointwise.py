@@ -21,6 +21,7 @@ from string import Template
 import torch
 
 from retrograd.codegen import ops
+from retrograd.codegen.layout import contiguous_strides, next_power_of_two
 from retrograd.codegen.indexing import INDEXING, lower_indexing
 from retrograd.ir import Buffer, Kernel
 
@@ -190,20 +191,10 @@ def choose_block(numel: int, interpreted: bool) -> int:
     """Elements per program: 1024 on GPUs; on the interpreter few, large blocks
     (each program instance costs ~1.5 ms there, see TRITON_ON_CPU.md)."""
     if interpreted:
-        return max(16, min(1 << 16, _next_power_of_two(numel)))
-    return max(16, min(1024, _next_power_of_two(numel)))
+        return max(16, min(1 << 16, next_power_of_two(numel)))
+    return max(16, min(1024, next_power_of_two(numel)))
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    strides, running = [], 1
-    for size in reversed(shape):
-        strides.append(running)
-        running *= size
-    return tuple(reversed(strides))
 
 
 class _Writer:
@@ -260,7 +251,7 @@ class _Writer:
     def index(self, shape, strides, consumer_shape) -> str:
         """Flat index of the element that lines up with the kernel's offsets."""
         shape, consumer_shape = tuple(shape), tuple(consumer_shape)
-        if shape == consumer_shape and tuple(strides) == _contiguous_strides(shape):
+        if shape == consumer_shape and tuple(strides) == contiguous_strides(shape):
             return "offsets"
         terms = []
         lead = len(consumer_shape) - len(shape)

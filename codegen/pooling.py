@@ -16,12 +16,12 @@ Leading dimensions (batch, channels) may have any strides.
 
 from __future__ import annotations
 
-import math
 from string import Template
 
 import torch
 
 from retrograd.codegen import ops
+from retrograd.codegen.layout import coordinates, flat_index
 from retrograd.codegen.pointwise import _describe, _describe_node
 from retrograd.ir import Buffer, Kernel
 
@@ -82,23 +82,6 @@ def can_pool(node) -> bool:
         and val.numel() > 0
 
 
-def _coordinates(shape, lines) -> list[str]:
-    names = []
-    for dim, size in enumerate(shape):
-        inner = math.prod(shape[dim + 1:])
-        text = "offsets" if inner == 1 else f"(offsets // {inner})"
-        if dim > 0:
-            text = f"{text} % {size}"
-        names.append(f"x{dim}")
-        lines.append(f"    x{dim} = {text}")
-    return names
-
-
-def _flat(coordinates, strides) -> str:
-    return " + ".join(c if s == 1 else f"({c}) * {s}" for c, s in zip(coordinates, strides) if s) \
-        or "0"
-
-
 def _compute_dtype(buffer: Buffer) -> str:
     """Registers hold float64 as float64 and half precision as float32."""
     return ops.triton_dtype(ops.compute_dtype(getattr(torch, buffer.dtype)))
@@ -109,7 +92,7 @@ def _forward(node, buffers, lines, getitems):
     kernel, stride, padding, dilation = _window(node.args[1:5])
     values, indices = getitems
     out = buffers[values]
-    coords = _coordinates(out.shape, lines)
+    coords = coordinates(out.shape, lines, "x")
     lead, (oh, ow) = coords[:-2], coords[-2:]
     height, width = source.shape[-2:]
     compute = _compute_dtype(source)
@@ -121,7 +104,7 @@ def _forward(node, buffers, lines, getitems):
             lines.append(f"    h = {oh} * {stride[0]} - {padding[0]} + {kh * dilation[0]}")
             lines.append(f"    w = {ow} * {stride[1]} - {padding[1]} + {kw * dilation[1]}")
             lines.append(f"    inside = mask & (h >= 0) & (h < {height}) & (w >= 0) & (w < {width})")
-            index = _flat(lead + ["h", "w"], source.strides)
+            index = flat_index(lead + ["h", "w"], source.strides)
             lines.append(f"    value = tl.load({source.name}_ptr + {index}, mask=inside, "
                          f'other=float("-inf")).to({compute})')
             lines.append("    take = inside & ((value > best) | ((value != value) & (best == best)))")
@@ -130,10 +113,10 @@ def _forward(node, buffers, lines, getitems):
     out_dtype = getattr(torch, out.dtype)
     value = "_round_to_bf16(best).to(tl.bfloat16)" if out_dtype == torch.bfloat16 else \
         f"best.to({ops.triton_dtype(out_dtype)})"
-    lines.append(f"    tl.store({values}_ptr + {_flat(coords, out.strides)}, {value}, mask=mask)")
+    lines.append(f"    tl.store({values}_ptr + {flat_index(coords, out.strides)}, {value}, mask=mask)")
     if indices is not None:
         index_buffer = buffers[indices]
-        lines.append(f"    tl.store({indices}_ptr + {_flat(coords, index_buffer.strides)}, "
+        lines.append(f"    tl.store({indices}_ptr + {flat_index(coords, index_buffer.strides)}, "
                      f"best_index, mask=mask)")
 
 
@@ -142,7 +125,7 @@ def _backward(node, buffers, lines, output):
     kernel, stride, padding, dilation = _window(node.args[2:6])
     grad_in = buffers[output]
     grad_out, index = buffers[grad.name], buffers[indices.name]
-    coords = _coordinates(grad_in.shape, lines)
+    coords = coordinates(grad_in.shape, lines, "x")
     lead, (h, w) = coords[:-2], coords[-2:]
     out_h, out_w = grad_out.shape[-2:]
     width = grad_in.shape[-1]
@@ -159,15 +142,15 @@ def _backward(node, buffers, lines, output):
             lines.append(f"    hit = mask & (oh_s >= 0) & (ow_s >= 0) & (oh_s % {stride[0]} == 0) & "
                          f"(ow_s % {stride[1]} == 0) & (oh < {out_h}) & (ow < {out_w})")
             target = lead + ["oh", "ow"]
-            lines.append(f"    chosen = tl.load({index.name}_ptr + {_flat(target, index.strides)}, "
+            lines.append(f"    chosen = tl.load({index.name}_ptr + {flat_index(target, index.strides)}, "
                          f"mask=hit, other=-1)")
-            lines.append(f"    g = tl.load({grad_out.name}_ptr + {_flat(target, grad_out.strides)}, "
+            lines.append(f"    g = tl.load({grad_out.name}_ptr + {flat_index(target, grad_out.strides)}, "
                          f"mask=hit, other=0).to({compute})")
             lines.append("    total += tl.where(hit & (chosen == here), g, 0.0)")
     out_dtype = getattr(torch, grad_in.dtype)
     value = "_round_to_bf16(total).to(tl.bfloat16)" if out_dtype == torch.bfloat16 else \
         f"total.to({ops.triton_dtype(out_dtype)})"
-    lines.append(f"    tl.store({output}_ptr + {_flat(coords, grad_in.strides)}, {value}, mask=mask)")
+    lines.append(f"    tl.store({output}_ptr + {flat_index(coords, grad_in.strides)}, {value}, mask=mask)")
 
 
 def _average_divisor(node, oh: str, ow: str, height: int, width: int, lines) -> None:
@@ -195,7 +178,7 @@ def _average_forward(node, buffers, lines, output):
     source = buffers[node.args[0].name]
     kernel, stride, padding, _ = _window(node.args[1:4])
     out = buffers[output]
-    coords = _coordinates(out.shape, lines)
+    coords = coordinates(out.shape, lines, "x")
     lead, (oh, ow) = coords[:-2], coords[-2:]
     height, width = source.shape[-2:]
     compute = _compute_dtype(source)
@@ -206,7 +189,7 @@ def _average_forward(node, buffers, lines, output):
             lines.append(f"    w = {ow} * {stride[1]} - {padding[1]} + {kw}")
             lines.append(f"    inside = mask & (h >= 0) & (h < {height}) & (w >= 0) & (w < {width})")
             lines.append(f"    total += tl.load({source.name}_ptr + "
-                         f"{_flat(lead + ['h', 'w'], source.strides)}, mask=inside, "
+                         f"{flat_index(lead + ['h', 'w'], source.strides)}, mask=inside, "
                          f"other=0).to({compute})")
     _average_divisor(node, oh, ow, height, width, lines)
     _store(lines, output, out, "total / divisor", coords)
@@ -216,7 +199,7 @@ def _average_backward(node, buffers, lines, output):
     grad = buffers[node.args[0].name]
     kernel, stride, padding, _ = _window(node.args[2:5])
     grad_in = buffers[output]
-    coords = _coordinates(grad_in.shape, lines)
+    coords = coordinates(grad_in.shape, lines, "x")
     lead, (h, w) = coords[:-2], coords[-2:]
     height, width = grad_in.shape[-2:]
     out_h, out_w = grad.shape[-2:]
@@ -231,7 +214,7 @@ def _average_backward(node, buffers, lines, output):
             lines.append(f"    hit = mask & (oh_s >= 0) & (ow_s >= 0) & (oh_s % {stride[0]} == 0) & "
                          f"(ow_s % {stride[1]} == 0) & (oh < {out_h}) & (ow < {out_w})")
             _average_divisor(node, "oh", "ow", height, width, lines)
-            lines.append(f"    g = tl.load({grad.name}_ptr + {_flat(lead + ['oh', 'ow'], grad.strides)}, "
+            lines.append(f"    g = tl.load({grad.name}_ptr + {flat_index(lead + ['oh', 'ow'], grad.strides)}, "
                          f"mask=hit, other=0).to({compute})")
             lines.append("    total += tl.where(hit, g / divisor, 0.0)")
     _store(lines, output, grad_in, "total", coords)
@@ -241,7 +224,7 @@ def _store(lines, name, buffer, value, coords) -> None:
     dtype = getattr(torch, buffer.dtype)
     value = f"_round_to_bf16({value}).to(tl.bfloat16)" if dtype == torch.bfloat16 else \
         f"({value}).to({ops.triton_dtype(dtype)})"
-    lines.append(f"    tl.store({name}_ptr + {_flat(coords, buffer.strides)}, {value}, mask=mask)")
+    lines.append(f"    tl.store({name}_ptr + {flat_index(coords, buffer.strides)}, {value}, mask=mask)")
 
 
 def generate_pool(kernel: Kernel, buffers: dict[str, Buffer], block: int, graph: str = "") -> str:

@@ -28,6 +28,7 @@ from string import Template
 import torch
 
 from retrograd.codegen import ops
+from retrograd.codegen.layout import contiguous_strides
 from retrograd.codegen.pointwise import HELPERS, _describe, _describe_node, _mentions
 from retrograd.ir import Buffer, Kernel
 
@@ -156,12 +157,6 @@ def choose_reduction_blocks(rows: int, extent: int, interpreted: bool,
     return max(1, min(power(rows), 4096 // r_block, 64)), r_block
 
 
-def _contiguous(shape) -> tuple[int, ...]:
-    strides, running = [], 1
-    for size in reversed(shape):
-        strides.append(running)
-        running *= size
-    return tuple(reversed(strides))
 
 
 class _Writer:
@@ -233,7 +228,7 @@ class _Writer:
 
     def row_index(self, shape, strides, consumer_shape) -> str:
         shape, consumer_shape = tuple(shape), tuple(consumer_shape)
-        if shape == consumer_shape and tuple(strides) == _contiguous(shape):
+        if shape == consumer_shape and tuple(strides) == contiguous_strides(shape):
             return "rows"
         lead = len(consumer_shape) - len(shape)
         terms = []

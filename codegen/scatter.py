@@ -12,12 +12,13 @@ too); on the interpreter they run in order.
 
 from __future__ import annotations
 
-import math
 from string import Template
 
 import torch
 
 from retrograd.codegen import ops
+from retrograd.codegen.layout import (contiguous_strides, coordinates, flat_index,
+                                      next_power_of_two)
 from retrograd.codegen.pointwise import _describe, _describe_node
 from retrograd.ir import Buffer, Kernel
 
@@ -101,25 +102,6 @@ def can_scatter(node) -> bool:
     return all(isinstance(a.meta.get("val"), torch.Tensor) for a in node.all_input_nodes)
 
 
-def _coordinates(shape, lines: list[str], prefix: str) -> list[str]:
-    names = []
-    for dim, size in enumerate(shape):
-        inner = math.prod(shape[dim + 1:])
-        text = "offsets" if inner == 1 else f"(offsets // {inner})"
-        if dim > 0:
-            text = f"{text} % {size}"
-        names.append(f"{prefix}{dim}")
-        lines.append(f"    {prefix}{dim} = {text}")
-    return names
-
-
-def _flat(coordinates, strides) -> str:
-    """Flat index at ``coordinates``; a block of zeros for a 0-dim tensor (the
-    interpreter refuses a block mask on a scalar pointer)."""
-    terms = [c if s == 1 else f"{c} * {s}" for c, s in zip(coordinates, strides) if s]
-    return " + ".join(terms) or "0 * offsets"
-
-
 def _source_value(source, buffers: dict[str, Buffer], coordinates, out: Buffer) -> str:
     """The value written at ``coordinates`` of the source: a load, or for a
     constant fill (inlined by fusion, so it has no buffer) its literal as a
@@ -128,7 +110,7 @@ def _source_value(source, buffers: dict[str, Buffer], coordinates, out: Buffer) 
         return (f"tl.full([BLOCK], {ops.literal(ops.fill_value(source))}, "
                 f"{ops.triton_dtype(getattr(torch, out.dtype))})")
     buffer = buffers[source.name]
-    return f"tl.load({buffer.name}_ptr + {_flat(coordinates, buffer.strides)}, mask=mask)"
+    return f"tl.load({buffer.name}_ptr + {flat_index(coordinates, buffer.strides)}, mask=mask)"
 
 
 def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
@@ -138,8 +120,8 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     out = buffers[kernel.outputs[0]]
     base = node.args[0]
     copy_lines: list[str] = []
-    out_index = "offsets" if out.strides == _contiguous(out.shape) else _flat(
-        _coordinates(out.shape, copy_lines, "o"), out.strides)
+    out_index = "offsets" if out.strides == contiguous_strides(out.shape) else flat_index(
+        coordinates(out.shape, copy_lines, "o"), out.strides)
     if ops.is_fill(base):
         value = ops.literal(ops.fill_value(base))
         copy_lines.append(f"    tl.store({out.name}_ptr + {out_index}, "
@@ -148,7 +130,7 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         copy_inputs = []
     else:
         source = buffers[base.name]
-        load_index = _flat(_coordinates(source.shape, copy_lines, "c"), source.strides)
+        load_index = flat_index(coordinates(source.shape, copy_lines, "c"), source.strides)
         copy_lines.append(f"    tl.store({out.name}_ptr + {out_index}, "
                           f"tl.load({base.name}_ptr + {load_index}, mask=mask), mask=mask)")
         copy_inputs = [base.name]
@@ -156,19 +138,19 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     if node.target is aten.index_put.default:
         dim = len(node.args[1]) - 1   # the index tensor follows ``dim`` full slices
         index_node, values_node = node.args[1][dim], node.args[2]
-        coords = _coordinates(tuple(values_node.meta["val"].shape), lines, "v")
+        coords = coordinates(tuple(values_node.meta["val"].shape), lines, "v")
         rank = len(index_node.meta["val"].shape)
         index = buffers[index_node.name]
         lines.append(f"    position = tl.load({index.name}_ptr + "
-                     f"{_flat(coords[dim:dim + rank], index.strides)}, mask=mask)")
+                     f"{flat_index(coords[dim:dim + rank], index.strides)}, mask=mask)")
         target = coords[:dim] + ["position"] + coords[dim + rank:]
         value = _source_value(values_node, buffers, coords, out)
         accumulate = len(node.args) > 3 and bool(node.args[3])
     else:
         dim, index_node = node.args[1] % max(1, len(out.shape)), node.args[2]
         index = buffers[index_node.name]
-        coords = _coordinates(index.shape, lines, "i")
-        lines.append(f"    position = tl.load({index.name}_ptr + {_flat(coords, index.strides)}, "
+        coords = coordinates(index.shape, lines, "i")
+        lines.append(f"    position = tl.load({index.name}_ptr + {flat_index(coords, index.strides)}, "
                      f"mask=mask)")
         target = coords[:dim] + ["position"] + coords[dim + 1:]
         if node.target is aten.scatter.value:
@@ -179,7 +161,7 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     size = out.shape[dim] if out.shape else 1   # a 0-dim self takes index 0 (or -1)
     lines.append(f"    position = tl.where(position < 0, position + {size}, position)")
     store = "tl.atomic_add" if accumulate else "tl.store"
-    lines.append(f"    {store}({out.name}_ptr + {_flat(target, out.strides)}, {value}, mask=mask)")
+    lines.append(f"    {store}({out.name}_ptr + {flat_index(target, out.strides)}, {value}, mask=mask)")
     scatter_inputs = [name for name in kernel.inputs if name != base.name]
     copy_args = copy_inputs + [out.name]
     args = scatter_inputs + [out.name]
@@ -197,12 +179,4 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
 
 
 def _power(n: int) -> int:
-    return max(16, 1 << max(0, (n - 1).bit_length()))
-
-
-def _contiguous(shape) -> tuple[int, ...]:
-    strides, running = [], 1
-    for size in reversed(shape):
-        strides.append(running)
-        running *= size
-    return tuple(reversed(strides))
+    return max(16, next_power_of_two(n))
