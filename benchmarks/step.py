@@ -7,7 +7,7 @@ compiled CUDA kernels against eager on a tiny GPT-2. Needs CUDA; on a CPU-only
 machine it says so and exits (``--smoke`` runs a tiny configuration anywhere,
 to check the script itself).
 
-    python benchmarks/step.py --layers 4 --batch 8 --out results.json
+    python benchmarks/step.py --out results.json          # GPT-2 small: 12 layers, 768 wide
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def synchronize(ids):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--length", type=int, default=1024)
