@@ -78,9 +78,10 @@ class Options:
                 f"known options are: {', '.join(cls.known())}")
         if options.get("dump_dir") is None and os.environ.get("RETROGRAD_DUMP"):
             options["dump_dir"] = os.environ["RETROGRAD_DUMP"]
-        result = cls(**options)
-        result._check()
-        return result
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        self._check()   # direct construction validates too
 
     def _check(self) -> None:
         budget = self.memory_budget
