@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["compile", "grad", "value_and_grad", "Options"]
+__all__ = ["compile", "grad", "value_and_grad", "compile_step", "Options"]
 __version__ = "0.1.0"
 
 
@@ -20,6 +20,9 @@ def __getattr__(name: str):
     if name in ("compile", "grad", "value_and_grad"):
         from retrograd import api
         return getattr(api, name)
+    if name == "compile_step":
+        from retrograd.step import compile_step
+        return compile_step
     if name == "Options":
         from retrograd.options import Options
         return Options

@@ -16,7 +16,6 @@ import logging
 import operator
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from time import perf_counter
 from typing import Any, Callable, Sequence
 
@@ -258,18 +257,24 @@ class GraphCompiler:
     def compile_inference(self, gm: fx.GraphModule, example_inputs):
         """No gradient needed: the joint stage is the forward alone."""
         with unset_fake_temporarily():
-            return self._compile_inference(gm, example_inputs)
+            return self._compile_whole("forward", gm, example_inputs)
 
-    def _compile_inference(self, gm: fx.GraphModule, example_inputs):
-        ctx = self._begin(gm, ["forward"])
+    def compile_step(self, gm: fx.GraphModule, example_inputs):
+        """A whole training step (forward, backward, update) as one program: no
+        split, so recomputation would only duplicate work and checkpoint is skipped."""
+        with unset_fake_temporarily():
+            return self._compile_whole("step", gm, example_inputs)
+
+    def _compile_whole(self, kind: str, gm: fx.GraphModule, example_inputs):
+        ctx = self._begin(gm, [kind])
         if self.options.verify:
             inputs = self._primals(example_inputs)
-            self.references["forward"] = (inputs, run_graph(gm, inputs))
+            self.references[kind] = (inputs, run_graph(gm, inputs))
         if "cleanup" not in self.options.disable:
             run_pass("cleanup", cleanup.run, gm, ctx, self.joint_records)
             if self.options.verify:
-                self._check("cleanup", gm, *self.references["forward"])
-        return self._compile_half("forward", gm, example_inputs)
+                self._check("cleanup", gm, *self.references[kind])
+        return self._compile_half(kind, gm, example_inputs)
 
     def _compile_half(self, half: str, gm: fx.GraphModule, example_inputs):
         name = f"{self.graph_id}-{half}"

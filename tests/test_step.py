@@ -1,0 +1,102 @@
+"""retrograd.compile_step: a whole training step as one program, against an
+eager loop (zero_grad, forward, backward, step) over several steps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import retrograd
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # no bias right before BatchNorm: its true gradient is zero, and Adam's
+    # update of a noise-level gradient is +-lr by the noise's sign
+    return torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.BatchNorm1d(16),
+                               torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _loss(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "sgd-nesterov-dampening": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8,
+                                                         nesterov=True),
+    "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.05),
+    "adam-two-groups": lambda ps: torch.optim.Adam(
+        [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.003}], lr=0.01),
+}
+
+
+def _relative(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_steps_match_an_eager_loop(name):
+    compiled_model, eager_model = _model(), _model()
+    make = OPTIMIZERS[name]
+    compiled_opt = make(list(compiled_model.parameters()))
+    eager_opt = make(list(eager_model.parameters()))
+    step = retrograd.compile_step(compiled_model, _loss, compiled_opt)
+    torch.manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+        loss = step(x, y)
+        eager_opt.zero_grad()
+        reference = _loss(eager_model, x, y)
+        reference.backward()
+        eager_opt.step()
+        assert _relative(loss.detach(), reference.detach()) < 1e-5
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+        assert _relative(p.detach(), q.detach()) < 1e-5
+        for key, value in eager_opt.state[q].items():
+            mine = compiled_opt.state[p][key]
+            assert _relative(torch.as_tensor(mine).float(), torch.as_tensor(value).float()) < 1e-5
+    for a, b in zip(compiled_model.buffers(), eager_model.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)   # BatchNorm stats
+    report = step.reports["step"]
+    assert report["graph"] == "step" and report["kernels"]["triton"] >= 1
+
+
+def test_without_an_optimizer_gradients_accumulate_in_grad():
+    compiled_model, eager_model = _model(), _model()
+    step = retrograd.compile_step(compiled_model, _loss)
+    for _ in range(2):   # no zero_grad: accumulates, as autograd does
+        x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+        step(x, y)
+        _loss(eager_model, x, y).backward()
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+        assert _relative(p.grad, q.grad) < 1e-5
+
+
+def test_a_learning_rate_change_retraces():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = retrograd.compile_step(model, _loss, optimizer)
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    step(x, y)
+    optimizer.param_groups[0]["lr"] = 0.01
+    step(x, y)
+    assert len(step.entries) == 2
+
+
+def test_unsupported_optimizer_is_a_clear_error():
+    model = _model()
+    with pytest.raises(ValueError, match="RMSprop is not supported; supported: SGD, Adam, AdamW"):
+        retrograd.compile_step(model, _loss, torch.optim.RMSprop(model.parameters()))
+    with pytest.raises(ValueError, match="amsgrad=True is not supported"):
+        retrograd.compile_step(model, _loss, torch.optim.Adam(model.parameters(), amsgrad=True))
+
+
+def test_a_loss_that_is_not_a_scalar_is_a_clear_error():
+    model = _model()
+    step = retrograd.compile_step(model, lambda m, x: m(x), torch.optim.SGD(model.parameters(),
+                                                                              lr=0.1))
+    with pytest.raises(ValueError, match="loss_fn must return a scalar tensor"):
+        step(torch.randn(6, 8))
