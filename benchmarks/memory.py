@@ -146,6 +146,61 @@ def measure_peaks(name: str) -> dict:
     return row
 
 
+def _profiled_peak(run) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profiler:
+        run()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes())
+                            for e in profiler.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure_steps(name: str) -> dict:
+    """A full training step with SGD (momentum): an eager loop, torch.compile of
+    the model with the same optimizer, and retrograd.compile_step; measured
+    peak after warm-up, and the Triton kernels compile_step launches."""
+    import retrograd
+    entry = ZOO[name]
+    row = {"model": name}
+    for label in ("eager loop", "torch.compile + optimizer", "compile_step"):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model, inputs = entry.model(), entry.inputs()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if label == "compile_step":
+            step = retrograd.compile_step(model, lambda m, *b: entry.run(m, b), optimizer)
+
+            def run():
+                step(*clone_inputs(inputs))
+        else:
+            compiled = model if label == "eager loop" else torch.compile(model)
+
+            def run():
+                optimizer.zero_grad(set_to_none=True)
+                entry.run(compiled, clone_inputs(inputs)).backward()
+                optimizer.step()
+        for _ in range(2):
+            run()
+        row[label] = _profiled_peak(run)
+        if label == "compile_step":
+            row["compile_step kernels"] = step.reports["step"]["kernels"]["triton"]
+    return row
+
+
+def step_markdown(rows: list[dict]) -> str:
+    lines = ["| model | eager loop | torch.compile + optimizer | compile_step | "
+             "compile_step Triton kernels |", "| --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['eager loop']:,} | "
+                     f"{row['torch.compile + optimizer']:,} | {row['compile_step']:,} | "
+                     f"{row['compile_step kernels']} |")
+    return "\n".join(lines)
+
+
 def peak_markdown(rows: list[dict]) -> str:
     lines = ["| model | eager | aot_eager | retrograd | retrograd vs eager |",
              "| --- | ---: | ---: | ---: | ---: |"]
@@ -176,11 +231,15 @@ def main() -> int:
     args = parser.parse_args()
     rows = [measure(name) for name in args.models]
     peaks = [measure_peaks(name) for name in args.models]
+    steps = [measure_steps(name) for name in args.models if name != "gpt2_tiny"]
     if args.out:
-        Path(args.out).write_text(json.dumps({"saved": rows, "peak": peaks}, indent=2))
+        Path(args.out).write_text(json.dumps({"saved": rows, "peak": peaks, "step": steps},
+                                             indent=2))
     print(markdown(rows))
     print()
     print(peak_markdown(peaks))
+    print()
+    print(step_markdown(steps))
     return 0
 
 

@@ -161,8 +161,10 @@ class Step:
     def __call__(self, *batch):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         names, parameters = [n for n, _ in named], [p for _, p in named]
-        buffer_names = [n for n, _ in self.model.named_buffers()]
-        buffers = [b for _, b in self.model.named_buffers()]
+        # frozen parameters ride along with the buffers: inputs, never differentiated
+        frozen = [(n, p.detach()) for n, p in self.model.named_parameters() if not p.requires_grad]
+        buffer_names = [n for n, _ in frozen] + [n for n, _ in self.model.named_buffers()]
+        buffers = [b for _, b in frozen] + [b for _, b in self.model.named_buffers()]
         state, count, first = self._state(parameters)
         leaves, batch_spec = pytree.tree_flatten(batch)
         hyper = tuple(tuple(sorted((k, v) for k, v in g.items() if k != "params"
@@ -182,8 +184,11 @@ class Step:
             self.entries[key] = (executable, compiler)
         self.last = key
         executable, _ = self.entries[key]
-        loss, new_params, new_state = self._unpack(executable(pytree.tree_flatten(inputs)[0]),
-                                                   len(parameters), len(state))
+        with torch.no_grad():   # the program computes its own gradients
+            flat = [v.detach() if isinstance(v, torch.Tensor) else v
+                    for v in pytree.tree_flatten(inputs)[0]]
+            loss, new_params, new_state = self._unpack(executable(flat), len(parameters),
+                                                       len(state))
         self._write_back(parameters, new_params, new_state, count)
         return loss
 

@@ -100,3 +100,21 @@ def test_a_loss_that_is_not_a_scalar_is_a_clear_error():
                                                                               lr=0.1))
     with pytest.raises(ValueError, match="loss_fn must return a scalar tensor"):
         step(torch.randn(6, 8))
+
+
+def test_frozen_parameters_stay_put_and_the_rest_train():
+    compiled_model, eager_model = _model(), _model()
+    for model in (compiled_model, eager_model):
+        model[0].weight.requires_grad_(False)
+    compiled_opt = torch.optim.SGD([p for p in compiled_model.parameters() if p.requires_grad],
+                                   lr=0.1)
+    eager_opt = torch.optim.SGD([p for p in eager_model.parameters() if p.requires_grad], lr=0.1)
+    step = retrograd.compile_step(compiled_model, _loss, compiled_opt)
+    for _ in range(2):
+        x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+        step(x, y)
+        eager_opt.zero_grad()
+        _loss(eager_model, x, y).backward()
+        eager_opt.step()
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+        assert _relative(p.detach(), q.detach()) < 1e-5
