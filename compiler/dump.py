@@ -52,7 +52,9 @@ class Dumper:
         self.write(file_name, text)
 
     def finish(self, report: dict, kernels: dict[str, str], program: str, plan: str,
-               timeline: list[int]) -> None:
+               timeline: list[int], graph: list[tuple[str, str, list[int]]] = ()) -> None:
+        """Write the final files; ``graph`` is the kernel DAG as (name, kind,
+        indices of the kernels it reads from), in schedule order."""
         if not self.enabled:
             return
         for name, source in kernels.items():
@@ -60,7 +62,8 @@ class Dumper:
         self.write("program.py", program)
         self.write("memory_plan.txt", plan)
         self.write("report.json", to_json(report))
-        self.write("index.html", _index(report, self.graph_files, sorted(kernels), timeline))
+        self.write("index.html", _index(report, self.graph_files, sorted(kernels), timeline,
+                                        graph))
 
 
 def _timeline_svg(timeline: list[int], width: int = 720, height: int = 160) -> str:
@@ -80,8 +83,39 @@ def _timeline_svg(timeline: list[int], width: int = 720, height: int = 160) -> s
             "</svg>")
 
 
+COLORS = {"triton": "#27ae60", "extern": "#e67e22", "view": "#bdc3c7"}
+
+
+def _kernel_graph_svg(graph, row: int = 60, width: int = 14) -> str:
+    """The program as a picture: one box per launched kernel in schedule order
+    (green: generated Triton, orange: extern call), arcs from producers."""
+    if not graph:
+        return "<p>no kernels</p>"
+    per_row = 50
+    boxes, arcs = [], []
+    def position(index):
+        return 10 + (index % per_row) * width, 20 + (index // per_row) * row
+    for index, (name, kind, producers) in enumerate(graph):
+        x, y = position(index)
+        boxes.append(f'<rect x="{x}" y="{y}" width="{width - 3}" height="18" '
+                     f'fill="{COLORS.get(kind, "#999")}"><title>{index}: {html.escape(name)}'
+                     f'</title></rect>')
+        for producer in producers:
+            px, py = position(producer)
+            if py == y:
+                arcs.append(f'<path d="M{px + width / 2 - 1},{y} Q{(px + x) / 2 + width / 2},'
+                            f'{y - 14} {x + width / 2 - 1},{y}" fill="none" stroke="#555" '
+                            f'stroke-width="0.6"/>')
+    rows = (len(graph) - 1) // per_row + 1
+    return (f'<svg width="{20 + per_row * width}" height="{rows * row + 20}">'
+            + "".join(arcs) + "".join(boxes) + "</svg>"
+            '<p>green: generated Triton kernel, orange: extern aten call (views, which '
+            'move no data, are left out); arcs: data flowing between kernels on the same '
+            'row; hover for names.</p>')
+
+
 def _index(report: dict, graph_files: list[tuple[str, str]], kernels: list[str],
-           timeline: list[int]) -> str:
+           timeline: list[int], graph=()) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(p['name'])}</td><td>{p['nodes_before']}</td>"
         f"<td>{p['nodes_after']}</td><td>{p['seconds']:.4f}</td>"
@@ -106,6 +140,7 @@ pre{{background:#f4f4f4;padding:8px;overflow:auto}}</style></head><body>
 compiled in {report['compile_seconds']} s. <a href="report.json">report.json</a>,
 <a href="program.py">program.py</a>, <a href="memory_plan.txt">memory_plan.txt</a></p>
 <h2>Passes</h2><table><tr><th>pass</th><th>nodes before</th><th>after</th><th>seconds</th><th>stats</th></tr>{rows}</table>
+<h2>The program</h2>{_kernel_graph_svg(list(graph))}
 <h2>Live temporary memory over the schedule</h2>{_timeline_svg(timeline)}
 <h2>Graph after each stage</h2><ul>{files}</ul>
 <h2>What each stage changed</h2>{''.join(diffs)}

@@ -300,7 +300,8 @@ class GraphCompiler:
         report = build_report(half, name, program, records, self.captured_nodes,
                               len(gm.graph.nodes), perf_counter() - self.started)
         self.reports[half] = report
-        dumper.finish(report, kernels, wrapper, _memory_plan(program), _timeline(program))
+        dumper.finish(report, kernels, wrapper, _memory_plan(program), _timeline(program),
+                      _kernel_graph(program))
         self._log(report, dumper)
         return boxed(executable)
 
@@ -357,6 +358,16 @@ def _memory_plan(program: Program) -> str:
         lines.append(f"{buffer.name:32s} {buffer.role:10s} {buffer.nbytes:12d} "
                      f"{str(buffer.first_use):>6s} {str(buffer.last_use):>6s} {buffer.offset}")
     return "\n".join(lines) + "\n"
+
+
+def _kernel_graph(program: Program) -> list[tuple[str, str, list[int]]]:
+    """(name, kind, producer indices) per launched kernel: the dump's program
+    picture. Views move no data, so they are left out and read through."""
+    launched = [k for k in program.kernels if k.kind != "view"]
+    producer = {name: i for i, k in enumerate(launched) for name in k.outputs}
+    return [(k.name, k.kind, sorted({producer[program.root(n)] for n in k.inputs
+                                     if program.root(n) in producer}))
+            for k in launched]
 
 
 def _timeline(program: Program) -> list[int]:
