@@ -110,6 +110,21 @@ def measure(name: str) -> dict:
     return row
 
 
+def _profiled_peak(run) -> int:
+    """Peak of live torch CPU memory while ``run()`` runs, from the profiler's
+    allocation events (running sum of allocations minus frees)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profiler:
+        run()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes())
+                            for e in profiler.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def step_peak_bytes(entry, model, compiled, inputs) -> int:
     """Peak of live torch CPU memory during one forward+backward, from the
     profiler's allocation events (running sum of allocations minus frees).
@@ -119,16 +134,7 @@ def step_peak_bytes(entry, model, compiled, inputs) -> int:
         entry.run(compiled, clone_inputs(inputs)).backward()
     model.zero_grad(set_to_none=True)
     fresh = clone_inputs(inputs)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as profiler:
-        entry.run(compiled, fresh).backward()
-    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return _profiled_peak(lambda: entry.run(compiled, fresh).backward())
 
 
 def measure_peaks(name: str) -> dict:
@@ -144,19 +150,6 @@ def measure_peaks(name: str) -> dict:
                     "retrograd": retrograd.compile(model)}[label]
         row[label] = step_peak_bytes(entry, model, compiled, inputs)
     return row
-
-
-def _profiled_peak(run) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as profiler:
-        run()
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes())
-                            for e in profiler.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def measure_steps(name: str) -> dict:

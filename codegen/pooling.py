@@ -87,6 +87,26 @@ def _compute_dtype(buffer: Buffer) -> str:
     return ops.triton_dtype(ops.compute_dtype(getattr(torch, buffer.dtype)))
 
 
+def _tap(lines, oh: str, ow: str, dh: int, dw: int, stride, padding, height: int,
+         width: int) -> None:
+    """Forward window tap: ``h``, ``w`` of the input element and ``inside``."""
+    lines.append(f"    h = {oh} * {stride[0]} - {padding[0]} + {dh}")
+    lines.append(f"    w = {ow} * {stride[1]} - {padding[1]} + {dw}")
+    lines.append(f"    inside = mask & (h >= 0) & (h < {height}) & (w >= 0) & (w < {width})")
+
+
+def _holding_window(lines, h: str, w: str, dh: int, dw: int, stride, padding, out_h: int,
+                    out_w: int) -> None:
+    """Backward: ``oh``, ``ow`` of the output window holding this element at a
+    tap offset (``dh``, ``dw``), and ``hit`` where that window exists."""
+    lines.append(f"    oh_s = {h} + {padding[0]} - {dh}")
+    lines.append(f"    ow_s = {w} + {padding[1]} - {dw}")
+    lines.append(f"    oh = oh_s // {stride[0]}")
+    lines.append(f"    ow = ow_s // {stride[1]}")
+    lines.append(f"    hit = mask & (oh_s >= 0) & (ow_s >= 0) & (oh_s % {stride[0]} == 0) & "
+                 f"(ow_s % {stride[1]} == 0) & (oh < {out_h}) & (ow < {out_w})")
+
+
 def _forward(node, buffers, lines, getitems):
     source = buffers[node.args[0].name]
     kernel, stride, padding, dilation = _window(node.args[1:5])
@@ -101,19 +121,14 @@ def _forward(node, buffers, lines, getitems):
     for kh in range(kernel[0]):
         for kw in range(kernel[1]):
             lines.append(f"    # window tap ({kh}, {kw})")
-            lines.append(f"    h = {oh} * {stride[0]} - {padding[0]} + {kh * dilation[0]}")
-            lines.append(f"    w = {ow} * {stride[1]} - {padding[1]} + {kw * dilation[1]}")
-            lines.append(f"    inside = mask & (h >= 0) & (h < {height}) & (w >= 0) & (w < {width})")
+            _tap(lines, oh, ow, kh * dilation[0], kw * dilation[1], stride, padding, height, width)
             index = flat_index(lead + ["h", "w"], source.strides)
             lines.append(f"    value = tl.load({source.name}_ptr + {index}, mask=inside, "
                          f'other=float("-inf")).to({compute})')
             lines.append("    take = inside & ((value > best) | ((value != value) & (best == best)))")
             lines.append("    best = tl.where(take, value, best)")
             lines.append(f"    best_index = tl.where(take, h * {width} + w, best_index)")
-    out_dtype = getattr(torch, out.dtype)
-    value = "_round_to_bf16(best).to(tl.bfloat16)" if out_dtype == torch.bfloat16 else \
-        f"best.to({ops.triton_dtype(out_dtype)})"
-    lines.append(f"    tl.store({values}_ptr + {flat_index(coords, out.strides)}, {value}, mask=mask)")
+    _store(lines, values, out, "best", coords)
     if indices is not None:
         index_buffer = buffers[indices]
         lines.append(f"    tl.store({indices}_ptr + {flat_index(coords, index_buffer.strides)}, "
@@ -135,22 +150,15 @@ def _backward(node, buffers, lines, output):
     for kh in range(kernel[0]):
         for kw in range(kernel[1]):
             lines.append(f"    # output windows that hold this element at tap ({kh}, {kw})")
-            lines.append(f"    oh_s = {h} + {padding[0]} - {kh * dilation[0]}")
-            lines.append(f"    ow_s = {w} + {padding[1]} - {kw * dilation[1]}")
-            lines.append(f"    oh = oh_s // {stride[0]}")
-            lines.append(f"    ow = ow_s // {stride[1]}")
-            lines.append(f"    hit = mask & (oh_s >= 0) & (ow_s >= 0) & (oh_s % {stride[0]} == 0) & "
-                         f"(ow_s % {stride[1]} == 0) & (oh < {out_h}) & (ow < {out_w})")
+            _holding_window(lines, h, w, kh * dilation[0], kw * dilation[1], stride, padding,
+                            out_h, out_w)
             target = lead + ["oh", "ow"]
             lines.append(f"    chosen = tl.load({index.name}_ptr + {flat_index(target, index.strides)}, "
                          f"mask=hit, other=-1)")
             lines.append(f"    g = tl.load({grad_out.name}_ptr + {flat_index(target, grad_out.strides)}, "
                          f"mask=hit, other=0).to({compute})")
             lines.append("    total += tl.where(hit & (chosen == here), g, 0.0)")
-    out_dtype = getattr(torch, grad_in.dtype)
-    value = "_round_to_bf16(total).to(tl.bfloat16)" if out_dtype == torch.bfloat16 else \
-        f"total.to({ops.triton_dtype(out_dtype)})"
-    lines.append(f"    tl.store({output}_ptr + {flat_index(coords, grad_in.strides)}, {value}, mask=mask)")
+    _store(lines, output, grad_in, "total", coords)
 
 
 def _average_divisor(node, oh: str, ow: str, height: int, width: int, lines) -> None:
@@ -185,9 +193,7 @@ def _average_forward(node, buffers, lines, output):
     lines.append(f"    total = tl.full([BLOCK], 0, {compute})")
     for kh in range(kernel[0]):
         for kw in range(kernel[1]):
-            lines.append(f"    h = {oh} * {stride[0]} - {padding[0]} + {kh}")
-            lines.append(f"    w = {ow} * {stride[1]} - {padding[1]} + {kw}")
-            lines.append(f"    inside = mask & (h >= 0) & (h < {height}) & (w >= 0) & (w < {width})")
+            _tap(lines, oh, ow, kh, kw, stride, padding, height, width)
             lines.append(f"    total += tl.load({source.name}_ptr + "
                          f"{flat_index(lead + ['h', 'w'], source.strides)}, mask=inside, "
                          f"other=0).to({compute})")
@@ -207,12 +213,7 @@ def _average_backward(node, buffers, lines, output):
     lines.append(f"    total = tl.full([BLOCK], 0, {compute})")
     for kh in range(kernel[0]):
         for kw in range(kernel[1]):
-            lines.append(f"    oh_s = {h} + {padding[0]} - {kh}")
-            lines.append(f"    ow_s = {w} + {padding[1]} - {kw}")
-            lines.append(f"    oh = oh_s // {stride[0]}")
-            lines.append(f"    ow = ow_s // {stride[1]}")
-            lines.append(f"    hit = mask & (oh_s >= 0) & (ow_s >= 0) & (oh_s % {stride[0]} == 0) & "
-                         f"(ow_s % {stride[1]} == 0) & (oh < {out_h}) & (ow < {out_w})")
+            _holding_window(lines, h, w, kh, kw, stride, padding, out_h, out_w)
             _average_divisor(node, "oh", "ow", height, width, lines)
             lines.append(f"    g = tl.load({grad.name}_ptr + {flat_index(lead + ['oh', 'ow'], grad.strides)}, "
                          f"mask=hit, other=0).to({compute})")
