@@ -117,7 +117,10 @@ def _kernel_lines(index: int, kernel: Kernel, program: Program) -> list[str]:
 
 
 def _allocate(buffer) -> str:
-    """A planned buffer is a view of the arena; anything else is its own tensor."""
+    """A planned buffer is a view of the arena; one written in place over a
+    dying buffer outside the arenas is that tensor; anything else is its own."""
+    if buffer.reuses is not None:
+        return f"{variable(buffer.reuses)}  # written in place"
     if buffer.offset is not None:
         return (f"arena.view({buffer.offset}, {buffer.shape}, {buffer.strides}, "
                 f"torch.{buffer.dtype})")
@@ -137,18 +140,18 @@ def generate_program(program: Program, title: str = "") -> str:
         body.append(f"{variable(name)} = rt.constant({name!r})")
     if program.frees.get(-1):
         body.append(f"del {', '.join(variable(n) for n in program.frees[-1])}")
-    planned = [b for b in program.buffers.values() if b.offset is not None
-               and b.last_use is not None]
-    arena_born = min(b.first_use for b in planned) if planned and program.arena_bytes else None
-    arena_dies = max(b.last_use for b in planned) if planned and program.arena_bytes else None
+    opens = {window.start: (number, window) for number, window in enumerate(program.arenas)}
+    closes = {window.stop for window in program.arenas}
     for index, kernel in enumerate(program.kernels):
         body.append("")
-        if index == arena_born:   # taken when first needed, while inputs may already be gone
-            body.append(f"arena = rt.arena({program.arena_bytes})  # every planned temporary")
+        if index in opens:   # taken when first needed, while earlier values may be gone
+            number, window = opens[index]
+            body.append(f"arena = rt.arena({window.nbytes})  # arena {number}: planned "
+                        f"temporaries of kernels {window.start}..{window.stop}")
         body.extend(_kernel_lines(index, kernel, program))
         if program.frees.get(index):
             body.append(f"del {', '.join(variable(n) for n in program.frees[index])}")
-        if index == arena_dies:   # give the arena back once nothing planned is live
+        if index in closes:   # given back once nothing planned in it is live
             body.append("del arena")
     outputs = ", ".join(variable(o) if isinstance(o, str) else render(o)
                         for o in program.outputs)

@@ -23,6 +23,7 @@ aten = torch.ops.aten
 EXTRA = [
     aten.gelu, aten.native_layer_norm, aten._softmax, aten._log_softmax,
     aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit_no_training,
+    aten.native_batch_norm,   # what compile_step's functionalized trace reaches
     # what the no_training decomposition calls: mutable by its schema (it
     # writes running stats when training), so it must not reach the graph
     aten._native_batch_norm_legit,

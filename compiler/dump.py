@@ -52,7 +52,8 @@ class Dumper:
         self.write(file_name, text)
 
     def finish(self, report: dict, kernels: dict[str, str], program: str, plan: str,
-               timeline: list[int], graph: list[tuple[str, str, list[int]]] = ()) -> None:
+               timeline: dict[str, list[int]],
+               graph: list[tuple[str, str, list[int]]] = ()) -> None:
         """Write the final files; ``graph`` is the kernel DAG as (name, kind,
         indices of the kernels it reads from), in schedule order."""
         if not self.enabled:
@@ -66,21 +67,33 @@ class Dumper:
                                         graph))
 
 
-def _timeline_svg(timeline: list[int], width: int = 720, height: int = 160) -> str:
-    """Live temporary bytes after each kernel, as a step chart."""
-    if not timeline:
+SERIES_COLORS = ("#c0392b", "#2980b9", "#7f8c8d")
+
+
+def _timeline_svg(timeline: dict[str, list[int]], width: int = 720, height: int = 160) -> str:
+    """Bytes at each kernel, one step line per series (shared scale), with a legend."""
+    series = {name: values for name, values in timeline.items() if values}
+    if not series:
         return "<p>no kernels</p>"
-    peak = max(timeline) or 1
-    step = width / len(timeline)
-    points = []
-    for index, value in enumerate(timeline):
-        y = height - value / peak * (height - 10)
-        points += [f"{index * step:.1f},{y:.1f}", f"{(index + 1) * step:.1f},{y:.1f}"]
+    peak = max(max(values) for values in series.values()) or 1
+    count = max(len(values) for values in series.values())
+    step = width / count
+    lines, legend = [], []
+    for number, (name, values) in enumerate(series.items()):
+        color = SERIES_COLORS[number % len(SERIES_COLORS)]
+        points = []
+        for index, value in enumerate(values):
+            y = height - value / peak * (height - 10)
+            points += [f"{index * step:.1f},{y:.1f}", f"{(index + 1) * step:.1f},{y:.1f}"]
+        lines.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" '
+                     f'points="{" ".join(points)}"/>')
+        legend.append(f'<span style="color:{color}">&#9632; {html.escape(name)} '
+                      f'(peak {max(values):,} bytes)</span>')
     return (f'<svg width="{width}" height="{height + 20}" style="background:#fafafa">'
-            f'<polyline fill="none" stroke="#c0392b" stroke-width="1.5" points="{" ".join(points)}"/>'
-            f'<text x="4" y="12" font-size="11">peak {peak:,} bytes</text>'
-            f'<text x="4" y="{height + 16}" font-size="11">kernel 0 .. {len(timeline) - 1}</text>'
-            "</svg>")
+            + "".join(lines)
+            + f'<text x="4" y="12" font-size="11">top: {peak:,} bytes</text>'
+            f'<text x="4" y="{height + 16}" font-size="11">kernel 0 .. {count - 1}</text>'
+            "</svg><p>" + " &nbsp; ".join(legend) + "</p>")
 
 
 COLORS = {"triton": "#27ae60", "extern": "#e67e22", "view": "#bdc3c7"}
@@ -115,7 +128,7 @@ def _kernel_graph_svg(graph, row: int = 60, width: int = 14) -> str:
 
 
 def _index(report: dict, graph_files: list[tuple[str, str]], kernels: list[str],
-           timeline: list[int], graph=()) -> str:
+           timeline: dict[str, list[int]], graph=()) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(p['name'])}</td><td>{p['nodes_before']}</td>"
         f"<td>{p['nodes_after']}</td><td>{p['seconds']:.4f}</td>"

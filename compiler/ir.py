@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Buffer", "Kernel", "Program", "ITEMSIZE", "ROLES", "KINDS"]
+__all__ = ["Buffer", "Kernel", "Program", "ArenaWindow", "ITEMSIZE", "ROLES", "KINDS"]
 
 #: Bytes per element of the dtypes retrograd plans for.
 ITEMSIZE = {
@@ -51,6 +51,8 @@ class Buffer:
     first_use: int | None = None    # kernel index that defines it (-1: on entry)
     last_use: int | None = None     # last kernel index that reads it
     offset: int | None = None       # arena offset in bytes, once planned
+    arena: int | None = None        # which of the program's arenas (index in ``arenas``)
+    reuses: str | None = None       # outside the arenas: written in place over this buffer
 
     @property
     def numel(self) -> int:
@@ -113,6 +115,16 @@ class Kernel:
 
 
 @dataclass
+class ArenaWindow:
+    """One arena: taken before kernel ``start`` runs, given back after kernel ``stop``."""
+
+    start: int
+    stop: int
+    nbytes: int
+    strategy: str = ""
+
+
+@dataclass
 class Program:
     """Buffers and kernels in schedule order, with the graph's signature."""
 
@@ -123,8 +135,15 @@ class Program:
     outputs: list[Any]                # buffer names, or non-tensor constants
     constants: dict[str, Any] = field(default_factory=dict)  # get_attr values
     frees: dict[int, list[str]] = field(default_factory=dict)  # after kernel i
+    # output -> input it is the next value of (a training step's new parameter):
+    # buffer_reuse writes it over the input where that is safe
+    updates: dict[str, str] = field(default_factory=dict)
 
-    arena_bytes: int | None = None   # set by buffer_reuse when it plans an arena
+    # buffer_reuse fills these: one arena per busy window of the schedule
+    # (windows never overlap in time), and the largest of them, which is the
+    # most arena memory the program holds at once.
+    arenas: list["ArenaWindow"] = field(default_factory=list)
+    arena_bytes: int | None = None
 
     def root(self, name: str) -> str:
         """The buffer whose storage ``name`` uses (itself unless a view)."""

@@ -172,6 +172,8 @@ class GraphCompiler:
         self.references: dict[str, tuple[list, list]] = {}
         self.closed_over_grads: list[str] = []
         self.backward_constants: dict[str, Any] = {}
+        self.updates: dict[int, int] = {}     # compile_step: output -> input positions
+        self.seed: str | None = None          # compile_step: the loss cotangent's placeholder
 
     # -- the joint stage -------------------------------------------------------
     def _begin(self, gm: fx.GraphModule, halves: list[str]) -> PassContext:
@@ -259,9 +261,19 @@ class GraphCompiler:
         with unset_fake_temporarily():
             return self._compile_whole("forward", gm, example_inputs)
 
-    def compile_step(self, gm: fx.GraphModule, example_inputs):
-        """A whole training step (forward, backward, update) as one program: no
-        split, so recomputation would only duplicate work and checkpoint is skipped."""
+    def compile_step(self, gm: fx.GraphModule, example_inputs, seed: int,
+                     updates: dict[int, int] | None = None):
+        """A whole training step (forward, backward, update) as one program.
+
+        ``seed`` is the input position of the loss's cotangent: the checkpoint
+        pass plans what crosses from forward to backward around it, inside
+        the one graph, then folds it as the constant 1. ``updates`` maps
+        output positions to the input positions whose next value they are
+        (new parameters and optimizer state): buffer_reuse writes them in
+        place where that is safe.
+        """
+        self.updates = dict(updates or {})
+        self.seed = [n.name for n in gm.graph.nodes if n.op == "placeholder"][seed]
         with unset_fake_temporarily():
             return self._compile_whole("step", gm, example_inputs)
 
@@ -274,6 +286,11 @@ class GraphCompiler:
             run_pass("cleanup", cleanup.run, gm, ctx, self.joint_records)
             if self.options.verify:
                 self._check("cleanup", gm, *self.references[kind])
+        if kind == "step" and "checkpoint" not in self.options.disable:
+            run_pass("checkpoint", checkpoint.rematerialize, gm, ctx, self.joint_records,
+                     self.seed)
+            if self.options.verify:
+                self._check("checkpoint", gm, *self.references[kind])
         return self._compile_half(kind, gm, example_inputs)
 
     def _compile_half(self, half: str, gm: fx.GraphModule, example_inputs):
@@ -283,6 +300,9 @@ class GraphCompiler:
         records = list(self.joint_records)
         reference = self.references.get(half)
         program = run_pass("fusion", fusion.run, gm, ctx, records)
+        program.updates = {program.outputs[out]: program.inputs[into]
+                           for out, into in self.updates.items()
+                           if isinstance(program.outputs[out], str)}
         self._check_program("fusion", program, reference)
         if "schedule" not in self.options.disable:
             run_pass("schedule", schedule.run, program, ctx, records)
@@ -352,11 +372,19 @@ def _closed_over_grads(gm: fx.GraphModule) -> list[str]:
 
 def _memory_plan(program: Program) -> str:
     lines = [f"# memory plan of {program.name}: buffer, role, bytes, first use, last use, "
-             "offset", f"{'buffer':32s} {'role':10s} {'bytes':>12s} {'first':>6s} "
-             f"{'last':>6s} offset"]
+             "arena, offset",
+             f"{'buffer':32s} {'role':10s} {'bytes':>12s} {'first':>6s} {'last':>6s} "
+             f"{'arena':>5s} offset"]
     for buffer in program.buffers.values():
         lines.append(f"{buffer.name:32s} {buffer.role:10s} {buffer.nbytes:12d} "
-                     f"{str(buffer.first_use):>6s} {str(buffer.last_use):>6s} {buffer.offset}")
+                     f"{str(buffer.first_use):>6s} {str(buffer.last_use):>6s} "
+                     f"{str(buffer.arena):>5s} {buffer.offset}")
+    lines.append("")
+    lines.append("# arenas: one per window of the schedule (kernels start..stop), "
+                 "taken before start and given back after stop")
+    for number, window in enumerate(program.arenas):
+        lines.append(f"# arena {number}: kernels {window.start}..{window.stop}, "
+                     f"{window.nbytes} bytes, {window.strategy}")
     return "\n".join(lines) + "\n"
 
 
@@ -370,9 +398,15 @@ def _kernel_graph(program: Program) -> list[tuple[str, str, list[int]]]:
             for k in launched]
 
 
-def _timeline(program: Program) -> list[int]:
-    """Live temporary bytes at each kernel (the dump's memory picture)."""
+def _timeline(program: Program) -> dict[str, list[int]]:
+    """Bytes at each kernel for the dump's memory picture: temporaries alive,
+    arenas held, and the footprint buffer_reuse predicted for the whole program."""
     spans = buffer_reuse.lifetimes(program)
-    return [sum(program.buffers[n].nbytes for n, (a, b) in spans.items()
+    live = [sum(program.buffers[n].nbytes for n, (a, b) in spans.items()
                 if n in program.buffers and program.buffers[n].role == "temporary"
                 and a <= index <= b) for index in range(len(program.kernels))]
+    if not program.arenas:
+        return {"live temporaries": live}
+    held, predicted = buffer_reuse.footprint(program, spans)
+    return {"live temporaries": live, "arenas held": held,
+            "predicted footprint (all values, extern scratch)": predicted}

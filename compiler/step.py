@@ -142,8 +142,15 @@ class Step:
                                  f"got {getattr(loss, 'shape', type(loss).__name__)}")
             return loss.reshape(())
 
-        def step(params, buffers, state, count, batch):
-            grads, loss = grad_and_value(loss_of)(params, buffers, batch)
+        def seeded(params, buffers, batch, seed):
+            """The loss times its cotangent ``seed`` (1 at run time): every
+            backward node then depends on the seed, which is how the checkpoint
+            pass tells backward from forward inside the one graph."""
+            loss = loss_of(params, buffers, batch)
+            return loss * seed, loss
+
+        def step(params, buffers, state, count, batch, seed):
+            grads, (_, loss) = grad_and_value(seeded, has_aux=True)(params, buffers, batch, seed)
             if kind is None:
                 return loss, list(grads), []
             new_params, new_state, cursor = [], [], 0
@@ -173,14 +180,17 @@ class Step:
         key = signature(parameters + buffers + leaves) + (first, hyper, self.model.training,
                                                           str(batch_spec))
         detached = [p.detach() for p in parameters]
-        inputs = [detached, buffers, state, count, leaves]
+        seed = torch.ones((), dtype=torch.float32, device=_device(parameters, leaves))
+        inputs = [detached, buffers, state, count, leaves, seed]
         if key not in self.entries:
             function = self._function(names, buffer_names, parameters, first, batch_spec)
             traced = make_fx(functionalize(function), decomposition_table=decomposition_table(),
                              tracing_mode="fake")(*inputs)
             flat = pytree.tree_flatten(inputs)[0]
             compiler = GraphCompiler(self.options, flat)
-            executable = compiler.compile_step(traced, flat)
+            executable = compiler.compile_step(traced, flat, seed=len(flat) - 1,
+                                               updates=self._updates(inputs, len(parameters),
+                                                                     len(state)))
             self.entries[key] = (executable, compiler)
         self.last = key
         executable, _ = self.entries[key]
@@ -191,6 +201,16 @@ class Step:
                                                        len(state))
         self._write_back(parameters, new_params, new_state, count)
         return loss
+
+    def _updates(self, inputs, parameter_count: int, state_count: int) -> dict[int, int]:
+        """Output position -> input position of each value the step replaces
+        (parameters, optimizer state), for the program to update in place."""
+        if self.optimizer is None:
+            return {}
+        state_at = sum(len(part) for part in inputs[:2])
+        pairs = {1 + i: i for i in range(parameter_count)}
+        pairs.update({1 + parameter_count + j: state_at + j for j in range(state_count)})
+        return pairs
 
     @staticmethod
     def _unpack(outputs, parameter_count, state_count):
@@ -205,7 +225,8 @@ class Step:
                     p.grad = g if p.grad is None else p.grad.add_(g)
                 return
             for p, value in zip(parameters, new_params):
-                p.copy_(value)
+                if not _same_memory(p, value):   # not already updated in place
+                    p.copy_(value)
             kind = type(self.optimizer).__name__
             cursor = 0
             for p in parameters:
@@ -215,10 +236,24 @@ class Step:
                         state["momentum_buffer"] = new_state[cursor]
                         cursor += 1
                 else:
-                    state["exp_avg"].copy_(new_state[cursor])
-                    state["exp_avg_sq"].copy_(new_state[cursor + 1])
+                    for key, value in zip(("exp_avg", "exp_avg_sq"), new_state[cursor:cursor + 2]):
+                        if not _same_memory(state[key], value):
+                            state[key].copy_(value)
                     cursor += 2
                     state["step"] += 1
+
+
+def _device(parameters, leaves) -> torch.device:
+    for value in list(parameters) + list(leaves):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` is ``a``'s memory, shape and strides (the program wrote it in place)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.device == b.device)
 
 
 def compile_step(model: torch.nn.Module, loss_fn: Callable, optimizer=None, **options) -> Step:

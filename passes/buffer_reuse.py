@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from retrograd.ir import Buffer, Kernel, Program
+from retrograd.ir import ArenaWindow, Buffer, Kernel, Program
+from retrograd.passes import windows
 
 __all__ = ["run", "lifetimes", "live_lower_bound", "plan_offsets", "Slot", "ALIGN",
            "OUT_VARIANTS", "overlapping"]
@@ -174,11 +175,10 @@ def _reads_in_place(program: Program, kernel: Kernel, source: Buffer, target: Bu
     return True
 
 
-def _slots(program: Program, spans, names: list[str], support) -> tuple[list[Slot], int]:
-    """One slot per planned buffer, chaining in-place reuse; bytes reused in place."""
+def _slots(program: Program, spans, names: list[str], support) -> list[Slot]:
+    """One slot per planned buffer, chaining in-place reuse."""
     slot_of: dict[str, Slot] = {}
     slots: list[Slot] = []
-    reused = 0
     planned = set(names)
     for index, kernel in enumerate(program.kernels):
         for name in kernel.outputs:
@@ -193,17 +193,37 @@ def _slots(program: Program, spans, names: list[str], support) -> tuple[list[Slo
             if donor is not None:
                 donor.names.append(name)
                 donor.stop = stop
-                reused += align(buffer.nbytes)
                 slot_of[name] = donor
                 continue
             slot = Slot([name], start, stop, align(buffer.nbytes))
             slots.append(slot)
             slot_of[name] = slot
-    return slots, reused
+    return slots
 
 
-def run(program: Program, ctx) -> dict:
-    spans = lifetimes(program)
+def _windows(program: Program, spans, slots: list[Slot]):
+    """Busy periods, then peak-driven cuts (``passes/windows.py``)."""
+    planned = {name for slot in slots for name in slot.names}
+    base = windows.base_footprint(program, spans, planned)
+    return windows.split_windows(
+        base, windows.busy_periods(slots),
+        lambda w: _live_peak((s.start, s.stop, s.size) for s in w.slots))
+
+
+def footprint(program: Program, spans) -> tuple[list[int], list[int]]:
+    """Arena bytes held at each kernel, and the whole footprint the window
+    search predicted there (``passes/windows.py``), for the dump's picture."""
+    held = [0] * len(program.kernels)
+    for window in program.arenas:
+        for index in range(window.start, window.stop + 1):
+            held[index] += window.nbytes
+    planned = {name for name, b in program.buffers.items() if b.offset is not None}
+    base = windows.base_footprint(program, spans, planned)
+    return held, [a + b for a, b in zip(held, base)]
+
+
+def _frees(program: Program, spans) -> dict[int, list[str]]:
+    """Values to drop after each kernel (escaping values and constants never)."""
     frees: dict[int, list[str]] = {}
     escaping = program.escaping()
     for name, (start, stop) in spans.items():
@@ -215,24 +235,83 @@ def run(program: Program, ctx) -> dict:
         frees.setdefault(stop, []).append(name)
         if buffer is not None:
             buffer.first_use, buffer.last_use = start, stop
-    program.frees = {index: sorted(names) for index, names in sorted(frees.items())}
+    return {index: sorted(names) for index, names in sorted(frees.items())}
+
+
+def _donations(program: Program, spans, support) -> dict[str, str]:
+    """Updates (``Program.updates``) written over the input they replace.
+
+    Safe when the new value comes from a generated kernel with the input's
+    shape, strides and dtype, nothing reads the old value after that kernel,
+    and that kernel reads it, if at all, element for element at the index it
+    writes (the in-place rule above). XLA calls this buffer donation.
+    """
+    producer = {name: (index, kernel) for index, kernel in enumerate(program.kernels)
+                for name in kernel.outputs}
+    escaping_inputs = {program.root(n) for n in program.outputs if isinstance(n, str)}
+    outputs = [n for n in program.outputs if isinstance(n, str)]
+    donated: dict[str, str] = {}
+    for output, source in program.updates.items():
+        new, old = program.buffers.get(output), program.buffers.get(source)
+        if new is None or old is None or output not in producer or source in escaping_inputs \
+                or new.role == "view" or outputs.count(output) != 1 \
+                or source in donated.values() or source not in program.inputs:
+            continue
+        index, kernel = producer[output]
+        if kernel.kind != "triton" or (new.shape, new.strides, new.dtype) != (
+                old.shape, old.strides, old.dtype):
+            continue
+        last_read = spans[source][1]
+        if last_read > index or last_read == index and not _reads_in_place(
+                program, kernel, old, new, support):
+            continue
+        donated[output] = source
+        spans[source] = (spans[source][0], index)   # kept until it is written over
+    return donated
+
+
+def run(program: Program, ctx) -> dict:
+    spans = lifetimes(program)
+    donated = _donations(program, spans, ctx.op_support)
+    for output, source in donated.items():
+        program.buffers[output].reuses = source
+    program.frees = _frees(program, spans)
+    escaping = program.escaping()
     names = planned_buffers(program)
-    slots, reused = _slots(program, spans, names, ctx.op_support)
-    arena, strategy = plan_offsets(slots)
-    for slot in slots:
-        for name in slot.names:
-            program.buffers[name].offset = slot.offset
+    slots = _slots(program, spans, names, ctx.op_support)
+    chosen, standalone = _windows(program, spans, slots)
+    program.arenas = []
+    strategies = []
+    for index, window in enumerate(chosen):
+        nbytes, strategy = plan_offsets(window.slots)
+        program.arenas.append(ArenaWindow(window.start, window.stop, nbytes, strategy))
+        strategies.append(strategy)
+        for slot in window.slots:
+            for name in slot.names:
+                program.buffers[name].offset = slot.offset
+                program.buffers[name].arena = index
+    arena = max((w.nbytes for w in program.arenas), default=0)
     program.arena_bytes = arena
+    for slot in standalone:   # own storage, still written over in place along the chain
+        for donor, name in zip(slot.names, slot.names[1:]):
+            program.buffers[name].reuses = donor
+    kept = [slot for window in chosen for slot in window.slots]
+    planned = {name for slot in kept for name in slot.names}
     temporaries = [b for b in program.buffers.values() if b.role == "temporary"]
-    planned = set(names)
     return {
-        "strategy": strategy,
+        "strategy": max(set(strategies), key=strategies.count) if strategies else "none",
+        "arenas": len(program.arenas),
         "temporaries": len(temporaries),
-        "planned_buffers": len(names),
-        "bytes_without_reuse": sum(align(program.buffers[n].nbytes) for n in names),
-        "bytes_reused_in_place": reused,
+        "planned_buffers": len(planned),
+        "standalone_buffers": sum(len(slot.names) for slot in standalone),
+        "bytes_without_reuse": sum(align(program.buffers[n].nbytes) for n in planned),
+        "bytes_reused_in_place": sum(align(program.buffers[n].nbytes) for slot in slots
+                                     for n in slot.names[1:]),
         "arena_bytes": arena,
-        "live_lower_bound_bytes": _live_peak((s.start, s.stop, s.size) for s in slots),
+        "arena_bytes_total": sum(w.nbytes for w in program.arenas),
+        "live_lower_bound_bytes": _live_peak((s.start, s.stop, s.size) for s in kept),
         "unplanned_bytes": sum(b.nbytes for b in temporaries if b.name not in planned
                                and b.name not in escaping),
+        "updates_in_place": len(donated),
+        "updates_out_of_place": len(program.updates) - len(donated),
     }

@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch._functorch import partitioners
 
 from retrograd.passes import remat
-from retrograd.passes.fusion import is_view
+from retrograd.passes.fusion import PHASE, is_view
 
 __all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
 
@@ -210,3 +210,83 @@ def run(joint: fx.GraphModule, ctx, joint_inputs, **partition_kwargs):
         "recompute_cost": float(sum(remat.recompute_cost(by_name[n.name]) for n in recomputed)),
     }
     return (forward, backward), stats
+
+
+def rematerialize(step: fx.GraphModule, ctx, seed: str) -> dict:
+    """Checkpoint placement inside one graph: compile_step's whole training step.
+
+    Forward, backward and update share one program, so there is nothing to
+    split; what crosses from forward to backward is still chosen the same way
+    (the placeholder ``seed``, the loss's cotangent, plays the tangent, and
+    ``memory_budget``/``save``/``recompute`` apply). Every backward reader of
+    a value the plan recomputes then reads a copy evaluated just before its
+    first backward reader, so the forward's own value dies at its last
+    forward use and only the saved values stay alive across the step (the
+    same effect as the split, as in Checkmate's single-graph formulation).
+    Finally the seed is folded as the constant 1.
+    """
+    graph = step.graph
+    is_seed = lambda node: node.op == "placeholder" and node.name == seed  # noqa: E731
+    info = remat.analyse(step, 1, free=_aliases_input, is_tangent=is_seed)
+    save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
+    plan, budget = _plan(info, ctx, Policy(ctx.options, ctx.op_support), save_all_bytes)
+    backward = remat.backward_nodes(graph, is_seed)
+    copies: dict[fx.Node, fx.Node] = {}
+
+    def copy_of(node: fx.Node, reader: fx.Node) -> fx.Node:
+        if node not in plan.recomputed:
+            return node
+        if node not in copies:
+            args = fx.map_arg(node.args, lambda arg: copy_of(arg, reader))
+            kwargs = fx.map_arg(node.kwargs, lambda arg: copy_of(arg, reader))
+            with graph.inserting_before(reader):
+                copy = graph.create_node("call_function", node.target, args, kwargs,
+                                         name=f"{node.name}_recomputed")
+            copy.meta = dict(node.meta)
+            copies[node] = copy
+        return copies[node]
+
+    for node in list(graph.nodes):
+        if node in backward and node.op == "call_function":
+            node.args = fx.map_arg(node.args, lambda arg, reader=node: copy_of(arg, reader))
+            node.kwargs = fx.map_arg(node.kwargs, lambda arg, reader=node: copy_of(arg, reader))
+    for node in graph.nodes:
+        if node.op == "call_function":
+            node.meta[PHASE] = "backward" if node in backward or node in copies.values() \
+                else "forward"
+    _fold_seed(graph, seed)
+    graph.eliminate_dead_code()   # forward values read only through copies now
+    graph.lint()
+    step.recompile()
+    saved = [n for n in plan.saved if n not in info.primals and n not in info.free]
+    return {
+        "plan": "least saved bytes, cheap recompute" if budget is None else
+                f"memory_budget={ctx.options.memory_budget}",
+        "solver": plan.solver,
+        "optimal": plan.optimal,
+        "save_all_bytes": int(save_all_bytes),
+        "budget_bytes": None if budget is None else int(budget),
+        "saved_activation_values": len(saved),
+        "saved_activation_bytes": _bytes(saved),
+        "saved": sorted(n.name for n in saved),
+        "recomputed": sorted(n.name for n in copies),
+        "recomputed_nodes": len(copies),
+        "recomputed_flops": int(sum(remat.flops(n) for n in copies)),
+        "recompute_cost": float(sum(remat.recompute_cost(n) for n in copies)),
+    }
+
+
+def _fold_seed(graph: fx.Graph, seed: str) -> None:
+    """Replace the loss cotangent placeholder's uses by the constant 1."""
+    node = next(n for n in graph.nodes if n.op == "placeholder" and n.name == seed)
+    if not node.users:
+        return
+    value = node.meta["val"]
+    first = min(node.users, key=list(graph.nodes).index)
+    with graph.inserting_before(first):
+        one = graph.call_function(torch.ops.aten.full.default, ([], 1.0),
+                                  {"dtype": value.dtype, "device": value.device,
+                                   "pin_memory": False})
+    one.meta = dict(node.meta)
+    one.meta[PHASE] = "backward"
+    node.replace_all_uses_with(one)

@@ -38,7 +38,14 @@ import torch.fx as fx
 
 from retrograd.ir import Buffer, Kernel, Program
 
-__all__ = ["run", "is_view", "is_reshape"]
+__all__ = ["run", "is_view", "is_reshape", "PHASE"]
+
+#: Node meta key: "forward" or "backward" where one graph holds both (a
+#: compile_step program, tagged by the checkpoint pass). Nodes of different
+#: phases never share a kernel: a backward node fused into a forward kernel
+#: would run -- and keep its value alive -- from the forward on, undoing
+#: what checkpoint placement chose.
+PHASE = "retrograd_phase"
 
 aten = torch.ops.aten
 
@@ -102,6 +109,7 @@ class _Grouping:
         self.geometry: list[tuple | None] = []
         self.ancestors: dict[fx.Node, frozenset[int]] = {}
         self.group_reads: list[set[int]] = []   # groups each group depends on directly
+        self.phase: list[str | None] = []       # see ``PHASE``
 
     # -- reading values inside a group --------------------------------------
     def register_source(self, arg: fx.Node, group: int) -> fx.Node | None:
@@ -161,6 +169,8 @@ class _Grouping:
     def can_join(self, node: fx.Node, group: int) -> bool:
         if self.geometry[group] == "standalone":
             return False      # scatters and pools write memory only
+        if self.phase[group] != node.meta.get(PHASE):
+            return False
         if self.geometry[group] is not None:
             return self.can_join_reduction(node, group)
         if self.numel[group] != _numel(node):
@@ -198,7 +208,8 @@ class _Grouping:
         """The group a reduction joins (converting a pointwise group), if any."""
         source, dims, _ = self.support.describe_reduction(node)
         group = self.group_of.get(source)
-        if group is None or self.geometry[group] == "standalone":
+        if group is None or self.geometry[group] == "standalone" \
+                or self.phase[group] != node.meta.get(PHASE):
             return None
         full_shape = tuple(_val(source).shape)
         geometry = (full_shape, tuple(dims))
@@ -223,6 +234,7 @@ class _Grouping:
             self.geometry.append(geometry)
             self.group_reads.append(set())
             self.numel.append(numel)
+            self.phase.append(node.meta.get(PHASE))
         self.group_of[node] = group
         self.groups[group].append(node)
 

@@ -39,7 +39,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["JointInfo", "Plan", "analyse", "value_bytes", "flops", "recompute_cost",
+__all__ = ["JointInfo", "Plan", "analyse", "backward_nodes", "value_bytes", "flops", "recompute_cost",
            "min_cut_plan", "ilp_plan", "greedy_plan", "tradeoff", "save_all_plan", "plan_bytes"]
 
 aten = torch.ops.aten
@@ -75,17 +75,24 @@ def _is_tangent(node: fx.Node) -> bool:
     return node.op == "placeholder" and node.name.startswith("tangents")
 
 
-def analyse(joint: fx.GraphModule, num_fwd_outputs: int, free=lambda node: False) -> JointInfo:
-    """Split the joint graph's nodes into forward values and their backward readers."""
+def backward_nodes(graph: fx.Graph, is_tangent=_is_tangent) -> set[fx.Node]:
+    """The tangents and every node that depends on one."""
     backward: set[fx.Node] = set()
-    for node in joint.graph.nodes:
-        if _is_tangent(node) or any(arg in backward for arg in node.all_input_nodes):
+    for node in graph.nodes:
+        if is_tangent(node) or any(arg in backward for arg in node.all_input_nodes):
             if node.op != "output":
                 backward.add(node)
+    return backward
+
+
+def analyse(joint: fx.GraphModule, num_fwd_outputs: int, free=lambda node: False,
+            is_tangent=_is_tangent) -> JointInfo:
+    """Split the joint graph's nodes into forward values and their backward readers."""
+    backward = backward_nodes(joint.graph, is_tangent)
     output = next(node for node in joint.graph.nodes if node.op == "output")
     grads = [arg for arg in output.args[0][num_fwd_outputs:] if isinstance(arg, fx.Node)]
     forward = [n for n in joint.graph.nodes if n.op == "call_function" and n not in backward]
-    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not _is_tangent(n)]
+    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and not is_tangent(n)]
     needed = {arg for node in backward for arg in node.all_input_nodes if arg not in backward}
     needed |= {grad for grad in grads if grad not in backward}
     needed = {n for n in needed if n.op != "get_attr"}

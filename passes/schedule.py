@@ -8,6 +8,13 @@ first" heuristic of Inductor's memory-aware reordering (and of Pisarchyk &
 Lee's scheduling for inference). Fusion decided what runs together; this
 pass only reorders whole kernels, so no fusion is undone.
 
+Updates in place (``Program.updates``: an output that is the next value of
+an input, as a training step's new parameters are) add write-after-read
+edges: every kernel reading the old value runs before the kernel writing the
+new one, so that buffer_reuse can write it over the input (XLA's buffer
+donation needs the same order). An edge that would close a cycle is left
+out, and that update then stays out of place.
+
 Assumes kernels in a valid topological order (fusion's). Guarantees another
 valid topological order; its stats give the peak of live temporary bytes
 before and after.
@@ -23,6 +30,32 @@ __all__ = ["run", "peak_live_bytes"]
 def _producers(program: Program) -> dict[str, int]:
     return {name: index for index, kernel in enumerate(program.kernels)
             for name in kernel.outputs}
+
+
+def _descendants(start: int, consumers: dict[int, list[int]]) -> set[int]:
+    seen, stack = set(), [start]
+    while stack:
+        for nxt in consumers.get(stack.pop(), []):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _add_write_after_read(program: Program, producer: dict[str, int],
+                          waiting: list[set[int]], consumers: dict[int, list[int]]) -> None:
+    """Make the writer of each update wait for the readers of the old value,
+    one update at a time against the graph so far, so no edge closes a cycle."""
+    for output, source in program.updates.items():
+        writer = producer.get(output)
+        if writer is None:
+            continue
+        after = _descendants(writer, consumers)
+        for index, kernel in enumerate(program.kernels):
+            if index != writer and index not in after and index not in waiting[writer] \
+                    and any(program.root(n) == source for n in kernel.inputs):
+                waiting[writer].add(index)
+                consumers.setdefault(index, []).append(writer)
 
 
 def peak_live_bytes(program: Program) -> int:
@@ -72,6 +105,7 @@ def run(program: Program, ctx) -> dict:
     for index, producers in enumerate(waiting):
         for producer_index in producers:
             consumers.setdefault(producer_index, []).append(index)
+    _add_write_after_read(program, producer, waiting, consumers)
     pending = [len(producers) for producers in waiting]
     ready = [i for i in range(len(kernels)) if not pending[i]]
     while ready:

@@ -12,6 +12,8 @@ that they clear, so inputs can be freed as soon as they are dead.
 
 from __future__ import annotations
 
+import functools
+import gc
 import operator
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +28,31 @@ from retrograd.runtime.arena import Allocator, same_layout
 from retrograd.runtime.device import device_of, interpreter_mode
 from retrograd.runtime.loader import load_module, write_source
 
-__all__ = ["GeneratedExecutable", "FxExecutable", "check_inputs"]
+__all__ = ["GeneratedExecutable", "FxExecutable", "check_inputs", "without_cycles"]
+
+
+def without_cycles(launch):
+    """``launch`` with the reference cycles Triton's interpreter leaves collected.
+
+    The interpreter copies a launch's arguments through recursive closures
+    (``GridExecutor._init_args_hst`` / ``_restore_args_dev``) whose cells hold
+    the arguments' storages; only the cyclic collector frees them, so a
+    buffer the program deletes would stay allocated until some later
+    collection. Automatic collection is paused during the launch (so the
+    cycle stays in the youngest generation) and that generation is collected
+    after it: cheap, and buffers then die where the memory plan says.
+    """
+    @functools.wraps(launch)
+    def run(*args):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return launch(*args)
+        finally:
+            gc.collect(0)
+            if enabled:
+                gc.enable()
+    return run
 
 
 def check_inputs(program: Program, args: list) -> None:
@@ -52,7 +78,8 @@ class GeneratedExecutable:
         for name, source in kernel_sources.items():
             path = write_source(name, source)
             self.paths[name] = path
-            launchers[name] = load_module(path, interpreted).launch
+            launch = load_module(path, interpreted).launch
+            launchers[name] = without_cycles(launch) if interpreted else launch
         self.kernels = SimpleNamespace(**launchers)
         path = write_source(f"program_{program.name}", program_source)
         self.paths["program"] = path

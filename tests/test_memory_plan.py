@@ -12,6 +12,10 @@ What must hold, from the pieces to the whole:
   with an independent recount over the kernels.
 - the zoo's arenas are within 5% of the liveness lower bound; the report,
   the pass stats and the dump say so.
+- arena windows: busy periods group slots; a peak-driven cut lowers the
+  predicted footprint and never raises it; windows never overlap in time; a
+  chain of in-place writes cut out of the arenas keeps one allocation.
+- buffers the program deletes are freed there, under Triton's interpreter too.
 - the schedule pass lowers the peak where the fusion order is wasteful,
   never raises it, and keeps the order topological.
 - gradients do not depend on which of schedule / buffer_reuse ran.
@@ -21,6 +25,7 @@ What must hold, from the pieces to the whole:
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import math
 from contextlib import contextmanager
@@ -36,7 +41,7 @@ import retrograd
 from retrograd.dump import Dumper
 from retrograd.ir import Buffer, Kernel, Program
 from retrograd.options import Options
-from retrograd.passes import buffer_reuse, fusion, schedule
+from retrograd.passes import buffer_reuse, fusion, schedule, windows
 from retrograd.passes.buffer_reuse import ALIGN, Slot, overlapping, plan_offsets
 from retrograd.pipeline import OpSupport, PassContext
 from retrograd.runtime.arena import Allocator, Arena
@@ -78,8 +83,8 @@ def capturing_programs():
         except AssertionError as error:
             unsound.append((ctx.graph_name, str(error)))
             for buf in program.buffers.values():
-                buf.offset = None
-            program.arena_bytes = None
+                buf.offset = buf.arena = None
+            program.arenas, program.arena_bytes = [], None
         return stats
 
     with mock.patch.object(buffer_reuse, "run", run):
@@ -139,18 +144,30 @@ def in_place_pair(program: Program, a: Buffer, b: Buffer) -> bool:
 
 def assert_plan_sound(program: Program) -> int:
     """The arena plan of ``program`` is valid; returns how many pairs of planned
-    buffers are alive at the same kernel (so callers can see the check bit)."""
+    buffers are alive at the same kernel (so callers can see the check bit).
+
+    Every planned buffer lies inside its arena and its lifetime inside that
+    arena's window; windows never overlap in time, so only buffers of one
+    arena can be alive together."""
     planned = [b for b in program.buffers.values() if b.offset is not None]
-    assert {b.name for b in planned} == set(buffer_reuse.planned_buffers(program))
+    assert {b.name for b in planned} <= set(buffer_reuse.planned_buffers(program))
+    windows = program.arenas
+    for before, after in itertools.pairwise(windows):
+        assert before.stop < after.start, (before, after)
+    assert program.arena_bytes == max((w.nbytes for w in windows), default=0)
     escaping = program.escaping()
-    arena = program.arena_bytes or 0
     spans = recount_lifetimes(program)
     for b in planned:
         assert b.role == "temporary" and b.name not in escaping, b.name
         assert b.offset % ALIGN == 0, (b.name, b.offset)
-        assert 0 <= b.offset and b.offset + b.nbytes <= arena, (b.name, b.offset, arena)
+        window = windows[b.arena]
+        assert 0 <= b.offset and b.offset + b.nbytes <= window.nbytes, (b.name, b.offset, window)
         assert (b.first_use, b.last_use) == spans[b.name], (b.name, spans[b.name])
-    assert arena <= sum(-(-b.nbytes // ALIGN) * ALIGN for b in planned)
+        assert window.start <= b.first_use and b.last_use <= window.stop, (b.name, window)
+    for number, window in enumerate(windows):
+        inside = [b for b in planned if b.arena == number]
+        assert inside, f"arena {number} holds nothing"
+        assert window.nbytes <= sum(-(-b.nbytes // ALIGN) * ALIGN for b in inside)
     concurrent = 0
     for a, b in itertools.combinations(planned, 2):
         if not (a.first_use <= b.last_use and b.first_use <= a.last_use):
@@ -232,9 +249,13 @@ def test_zoo_arena_is_within_5_percent_of_the_live_lower_bound(zoo_runs, name, h
     folder = run["dump"] / report["graph_id"]
     plan = (folder / "memory_plan.txt").read_text()
     assert "offset" in plan.splitlines()[1]
-    rows = {line.split()[0]: line.split() for line in plan.splitlines()[2:]}
+    rows = {line.split()[0]: line.split() for line in plan.splitlines()[2:]
+            if line and not line.startswith("#")}
     for buf in program.buffers.values():
-        assert rows[buf.name][-1] == str(buf.offset)
+        assert rows[buf.name][-2:] == [str(buf.arena), str(buf.offset)]
+    for number, window in enumerate(program.arenas):
+        assert f"# arena {number}: kernels {window.start}..{window.stop}, " \
+            f"{window.nbytes} bytes" in plan
     if arena:
         assert any(row[-1] != "None" for row in rows.values())
     index = (folder / "index.html").read_text()
@@ -290,6 +311,7 @@ def _traced_program(fn, *inputs) -> Program:
     return program
 
 
+@pytest.mark.usefixtures("one_arena_per_busy_period")
 def test_in_place_pair_shares_a_slot_and_nothing_else_overlaps():
     """mm -> sin*2 -> mm: the pointwise kernel writes its result over the first
     product (which dies there); the second product gets other bytes."""
@@ -305,6 +327,7 @@ def test_in_place_pair_shares_a_slot_and_nothing_else_overlaps():
     assert stats["arena_bytes"] == stats["live_lower_bound_bytes"] == 512
 
 
+@pytest.mark.usefixtures("one_arena_per_busy_period")
 def test_plan_checker_catches_an_overlap():
     """The soundness check itself fails when two live buffers are moved together."""
     x, w = torch.randn(8, 8), torch.randn(8, 8)
@@ -370,6 +393,119 @@ def test_plan_offsets_bounds_are_tight_in_the_extremes():
     gap = [Slot(["big"], 0, 1, 64), Slot(["keep"], 0, 9, 32), Slot(["late"], 2, 9, 48)]
     assert plan_offsets(gap)[0] == 96
     assert_slots_disjoint(gap)
+
+
+# ================================================================ arena windows
+def test_busy_periods_group_slots_that_are_alive_together():
+    slots = [Slot(["a"], 0, 2, 16), Slot(["b"], 1, 3, 16), Slot(["c"], 5, 6, 16),
+             Slot(["d"], 6, 8, 16), Slot(["e"], 4, 4, 16)]
+    found = windows.busy_periods(slots)
+    assert [(w.start, w.stop) for w in found] == [(0, 3), (4, 4), (5, 8)]
+    assert [sorted(n for s in w.slots for n in s.names) for w in found] == [
+        ["a", "b"], ["e"], ["c", "d"]]
+
+
+def _lower_bound(window) -> int:
+    return buffer_reuse._live_peak((s.start, s.stop, s.size) for s in window.slots)
+
+
+def test_a_cut_keeps_a_big_arena_away_from_a_later_peak():
+    """A (1000 bytes, kernels 0..3) and B (16 bytes, 2..6) form one busy period,
+    so one arena would hold 1016 bytes through kernel 5, where something else
+    needs 500: cutting at 2 leaves A on its own and the arena at 16 bytes."""
+    a, b = Slot(["a"], 0, 3, 1000), Slot(["b"], 2, 6, 16)
+    base = [0, 0, 0, 0, 0, 500, 0]
+    found, standalone = windows.split_windows(base, windows.busy_periods([a, b]), _lower_bound)
+    assert [w.slots for w in found] == [[b]] and standalone == [a]
+    profile = windows._profile(base, found, standalone, _lower_bound)
+    assert max(profile) == 1016 < 1016 + 500
+
+
+def test_no_cut_when_nothing_is_gained():
+    a, b = Slot(["a"], 0, 3, 1000), Slot(["b"], 2, 6, 16)
+    base = [0, 0, 500, 0, 0, 0, 0]          # the peak is where both are alive anyway
+    found, standalone = windows.split_windows(base, windows.busy_periods([a, b]), _lower_bound)
+    assert len(found) == 1 and standalone == []
+
+
+window_specs = st.lists(st.tuples(st.integers(0, 20), st.integers(0, 6), st.integers(1, 40)),
+                        min_size=1, max_size=25)
+
+
+@settings(max_examples=60, deadline=None)
+@given(window_specs, st.lists(st.integers(0, 300), min_size=27, max_size=27))
+def test_window_search_never_raises_the_predicted_peak(specs, base):
+    slots = [Slot([f"s{i}"], start, start + length, 16 * size)
+             for i, (start, length, size) in enumerate(specs)]
+    periods = windows.busy_periods(slots)
+    before = max(windows._profile(base, periods, [], _lower_bound))
+    found, standalone = windows.split_windows(base, periods, _lower_bound)
+    assert max(windows._profile(base, found, standalone, _lower_bound)) <= before
+    placed = [slot for w in found for slot in w.slots] + standalone
+    assert sorted(map(id, placed)) == sorted(map(id, slots))      # each slot once
+    for earlier, later in itertools.pairwise(found):
+        assert earlier.stop < later.start                          # disjoint in time
+
+
+def test_an_in_place_chain_cut_out_of_the_arenas_keeps_one_allocation():
+    """mm -> sin*2 -> mm: the first product is born where the extern call's
+    scratch is predicted, so the window search leaves mm and mul out of the
+    arena; mul is still written over mm, and the program computes the same."""
+    from retrograd.codegen import generate_sources
+    from retrograd.runtime.executor import GeneratedExecutable
+    x, w = torch.randn(8, 8), torch.randn(8, 8)
+    program = _traced_program(lambda x, w: ((x @ w).sin() * 2 @ w).tanh(), x, w)
+    schedule.run(program, context())
+    stats = buffer_reuse.run(program, context())
+    mm, mul = program.buffers["mm"], program.buffers["mul"]
+    assert mm.offset is mul.offset is None and mul.reuses == "mm"
+    assert stats["bytes_reused_in_place"] == 256 and stats["standalone_buffers"] == 2
+    assert program.buffers["mm_1"].offset == 0 and len(program.arenas) == 1
+    kernels, wrapper = generate_sources(program, interpreted=True)
+    assert "mul = mm  # written in place" in wrapper
+    [got] = GeneratedExecutable(program, wrapper, kernels, True)([x, w])
+    torch.testing.assert_close(got, ((x @ w).sin() * 2 @ w).tanh())
+
+
+def test_zoo_programs_use_several_arenas_where_it_pays(zoo_runs):
+    """The window search is not idle on the zoo: some program holds more than
+    one arena, some buffer is cut out of them, and every plan stays sound."""
+    programs = [p for run in zoo_runs.values() for p in run["programs"].values()]
+    assert any(len(p.arenas) > 1 for p in programs)
+    assert any(b.offset is None and b.name in buffer_reuse.planned_buffers(p)
+               for p in programs for b in p.buffers.values())
+
+
+def test_interpreted_launches_free_their_arguments_when_the_program_does():
+    """Triton's interpreter keeps a launch's storages in reference cycles;
+    ``without_cycles`` collects them, so a deleted buffer's free happens at once."""
+    from retrograd.runtime.executor import without_cycles
+    program = _traced_program(lambda x: x.sin() * 2, torch.randn(64))
+    buffer_reuse.run(program, context())
+    from retrograd.codegen import generate_sources
+    from retrograd.runtime.executor import GeneratedExecutable
+    kernels, wrapper = generate_sources(program, interpreted=True)
+    executable = GeneratedExecutable(program, wrapper, kernels, True)
+    assert all(getattr(k, "__wrapped__", None) for k in vars(executable.kernels).values())
+
+    def freed(launch) -> bool:
+        x, y = torch.randn(1024), torch.empty(1024)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as profiler:
+            scratch = torch.empty(4096, dtype=torch.uint8)
+            launch(x, scratch.view(torch.float32)[:1024])
+            del scratch
+        sizes = [e.nbytes() for e in profiler.profiler.kineto_results.events()
+                 if e.name() == "[memory]"]
+        return -4096 in sizes
+
+    [launch] = vars(executable.kernels).values()
+    gc.disable()    # no collection by chance: only the wrapper's own may free it
+    try:
+        assert not freed(launch.__wrapped__)
+        assert freed(launch) and freed(without_cycles(launch.__wrapped__))
+    finally:
+        gc.enable()
 
 
 # ================================================================ random hand-built programs
@@ -539,6 +675,7 @@ def two_chains() -> Program:
     return Program("two_chains", buffers, kernels, inputs=["x"], outputs=["o"])
 
 
+@pytest.mark.usefixtures("one_arena_per_busy_period")
 def test_schedule_interleaves_independent_chains():
     program = two_chains()
     # fusion's order: A, B and a2 at kernel 2; A's chain first: B, a2 and b2 at most

@@ -616,6 +616,7 @@ def test_buffer_reuse_live_lower_bound():
     assert buffer_reuse.live_lower_bound(program, buffer_reuse.lifetimes(program)) == 192
 
 
+@pytest.mark.usefixtures("one_arena_per_busy_period")
 def test_buffer_reuse_live_bound_uses_the_storage_a_strided_buffer_spans():
     program = Program(
         "strided",

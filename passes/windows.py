@@ -1,0 +1,153 @@
+"""Arena windows: which stretch of the schedule each arena covers.
+
+An arena is held whole from the first kernel that writes one of its buffers
+to the last that reads one. A single arena for a whole program therefore sits
+beside everything the program allocates outside it -- gradients and saved
+activations as they are produced, extern results, the scratch space of
+extern calls -- even at kernels where most of its bytes are free. Eager
+PyTorch frees every temporary at its last use and does not pay that.
+
+So buffer_reuse gives a program one arena per *window*: windows never overlap
+in time, each holds the slots whose lifetimes fall inside it, and a slot
+alive across a window boundary becomes a standalone allocation (torch's
+allocator, freed at its last use, counted in ``unplanned_bytes``; buffers
+chained in place along it still share that one allocation).
+
+1. Busy periods first: the schedule splits wherever no planned slot is alive
+   across two neighbouring kernels. Such a cut costs nothing -- no slot
+   changes place -- and is the "busy period" of a heap simulator (XLA's heap
+   simulator plans each one on its own as well).
+2. Then peak-driven splits: the footprint model below predicts the bytes the
+   program holds at every kernel; while the largest prediction falls in a
+   window that holds more bytes there than its slots use, the window is cut
+   at the point that lowers the predicted peak most, and the search stops
+   when no cut lowers it (Pisarchyk & Lee's planners make the same kind of
+   choice with a memory-usage objective rather than a count of arenas).
+
+The footprint model: at kernel ``t``, the arenas held, plus every value with
+storage of its own that is alive (inputs the program still reads, extern and
+standalone results, escaping outputs from their birth on), plus, at an
+extern call, scratch as large as the bytes the call reads and writes -- torch
+allocates workspace there that the plan cannot see (convolution backward
+does on CPU), and the estimate keeps arenas small around such calls. It is a
+prediction for choosing windows, not a measurement; ``benchmarks/memory.py``
+measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from retrograd.ir import Program
+
+__all__ = ["Window", "busy_periods", "base_footprint", "split_windows"]
+
+
+@dataclass
+class Window:
+    """The slots one arena holds (``Slot`` objects of buffer_reuse)."""
+
+    slots: list = field(default_factory=list)
+
+    @property
+    def start(self) -> int:
+        return min(slot.start for slot in self.slots)
+
+    @property
+    def stop(self) -> int:
+        return max(slot.stop for slot in self.slots)
+
+
+def busy_periods(slots: list) -> list[Window]:
+    """Maximal stretches of the schedule in which some slot is always alive."""
+    windows: list[Window] = []
+    stop = None
+    for slot in sorted(slots, key=lambda s: (s.start, s.stop)):
+        if windows and slot.start <= stop:
+            windows[-1].slots.append(slot)
+            stop = max(stop, slot.stop)
+        else:
+            windows.append(Window([slot]))
+            stop = slot.stop
+    return windows
+
+
+def base_footprint(program: Program, spans: dict[str, tuple[int, int]],
+                   planned: set[str]) -> list[int]:
+    """Predicted bytes held at each kernel outside the arenas (module docstring)."""
+    count = len(program.kernels)
+    held = [0] * (count + 1)
+    for name, buffer in program.buffers.items():
+        if name in planned or buffer.role == "view" or name in program.constants \
+                or name not in spans or buffer.reuses is not None:
+            continue
+        start, stop = spans[name]
+        for index in range(max(start, 0), min(stop, count - 1) + 1):
+            held[index] += buffer.nbytes
+    for index, kernel in enumerate(program.kernels):
+        if kernel.kind == "extern":
+            held[index] += sum(program.buffers[n].nbytes for n in kernel.inputs + kernel.outputs
+                               if n in program.buffers)
+    return held[:count]
+
+
+def _add(profile: list[int], start: int, stop: int, nbytes: int) -> None:
+    for index in range(max(start, 0), min(stop, len(profile) - 1) + 1):
+        profile[index] += nbytes
+
+
+def _profile(base: list[int], windows: list[Window], standalone: list, size) -> list[int]:
+    """Footprint with ``windows`` as arenas (each ``size(window)`` bytes) and
+    ``standalone`` slots allocated on their own (a chain of in-place writes
+    keeps one allocation)."""
+    profile = list(base)
+    for window in windows:
+        _add(profile, window.start, window.stop, size(window))
+    for slot in standalone:
+        _add(profile, slot.start, slot.stop, slot.size)
+    return profile
+
+
+def _cuts(window: Window) -> list[int]:
+    """Kernel indices a window can be cut before (both sides keep a slot)."""
+    starts = sorted({slot.start for slot in window.slots})
+    return [index for index in starts if index > window.start]
+
+
+def _split(window: Window, cut: int) -> tuple[list[Window], list]:
+    """The windows left and right of ``cut`` and the slots alive across it."""
+    left = [s for s in window.slots if s.stop < cut]
+    right = [s for s in window.slots if s.start >= cut]
+    crossing = [s for s in window.slots if s.start < cut <= s.stop]
+    return [Window(part) for part in (left, right) if part], crossing
+
+
+def split_windows(base: list[int], windows: list[Window], size,
+                  limit: int = 64) -> tuple[list[Window], list]:
+    """Cut windows while a cut lowers the predicted peak (module docstring).
+
+    ``size(window)`` estimates a window's arena bytes (the liveness lower
+    bound of its slots). Returns the windows and the slots made standalone.
+    """
+    standalone: list = []
+    for _ in range(limit):
+        profile = _profile(base, windows, standalone, size)
+        if not profile:
+            break
+        peak = max(profile)
+        at = profile.index(peak)
+        window = next((w for w in windows if w.start <= at <= w.stop), None)
+        if window is None:
+            break
+        best = None
+        for cut in _cuts(window):
+            parts, crossing = _split(window, cut)
+            trial = [w for w in windows if w is not window] + parts
+            trial_peak = max(_profile(base, trial, standalone + crossing, size))
+            if trial_peak < peak and (best is None or trial_peak < best[0]):
+                best = (trial_peak, trial, crossing)
+        if best is None:
+            break
+        _, windows, crossing = best
+        standalone += crossing
+    return sorted(windows, key=lambda w: w.start), standalone
