@@ -12,7 +12,10 @@ deterministic figures).
 
 and, second table, the measured peak of live CPU memory during one training
 step (forward + backward) from ``torch.profiler`` memory events, for eager,
-``torch.compile(backend="aot_eager")`` and retrograd.
+``torch.compile(backend="aot_eager")`` and retrograd; third table, a whole
+step with SGD (momentum) for an eager loop, ``torch.compile`` + the eager
+optimizer, and ``retrograd.compile_step``. Every row of the second and third
+tables is measured in a fresh process.
 
     python benchmarks/memory.py [--out results.json]
 """
@@ -217,14 +220,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def isolated(function, name: str) -> dict:
+    """``function(name)`` in a fresh Python process: compilers keep global
+    state (dynamo, Inductor's caches and configs), and a row measured after
+    other models' rows was seen to differ from the same row measured alone."""
+    import concurrent.futures
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, name).result()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(ZOO))
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     rows = [measure(name) for name in args.models]
-    peaks = [measure_peaks(name) for name in args.models]
-    steps = [measure_steps(name) for name in args.models if name != "gpt2_tiny"]
+    peaks = [isolated(measure_peaks, name) for name in args.models]
+    steps = [isolated(measure_steps, name) for name in args.models if name != "gpt2_tiny"]
     if args.out:
         Path(args.out).write_text(json.dumps({"saved": rows, "peak": peaks, "step": steps},
                                              indent=2))

@@ -16,7 +16,8 @@ __all__ = ["Options", "EXECUTORS", "PASS_NAMES"]
 EXECUTORS = ("auto", "triton", "interpret", "fx")
 
 #: Every pass a user may name in ``disable``, in pipeline order.
-PASS_NAMES = ("dead_gradient", "cleanup", "checkpoint", "fusion", "schedule", "buffer_reuse")
+PASS_NAMES = ("dead_gradient", "cleanup", "checkpoint", "fusion", "layout", "schedule",
+              "buffer_reuse")
 
 #: Passes without which no program can be built: disabling them is an error.
 REQUIRED_PASSES = ("checkpoint", "fusion")

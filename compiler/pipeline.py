@@ -4,8 +4,9 @@ around each (timing, node counts, lint, dumps, verify, error context).
 ``GraphCompiler`` holds AOTAutograd's three hooks for one captured graph:
 ``partition`` runs the joint-level passes (cleanup, checkpoint), then
 ``compile_forward`` / ``compile_backward`` (or ``compile_inference`` when no
-gradient is needed) run fusion and buffer_reuse on each half, generate code
-and hand back an executable. Passes stay pure functions; everything around
+gradient is needed, ``compile_step`` for a whole training step) run fusion,
+layout, schedule and buffer_reuse on each half, generate code and hand back
+an executable. Passes stay pure functions; everything around
 them lives here, in the manner of MLIR's pass manager instrumentation.
 """
 
@@ -33,7 +34,8 @@ from retrograd.codegen.wrapper import generate_program
 from retrograd.dump import Dumper
 from retrograd.ir import Program
 from retrograd.options import Options
-from retrograd.passes import buffer_reuse, checkpoint, cleanup, dead_gradient, fusion, schedule
+from retrograd.passes import (buffer_reuse, checkpoint, cleanup, dead_gradient, fusion, layout,
+                              schedule)
 from retrograd.report import PassRecord, build_report
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
@@ -304,6 +306,9 @@ class GraphCompiler:
                            for out, into in self.updates.items()
                            if isinstance(program.outputs[out], str)}
         self._check_program("fusion", program, reference)
+        if "layout" not in self.options.disable:
+            run_pass("layout", layout.run, program, ctx, records)
+            self._check_program("layout", program, reference)
         if "schedule" not in self.options.disable:
             run_pass("schedule", schedule.run, program, ctx, records)
             self._check_program("schedule", program, reference)

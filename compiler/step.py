@@ -5,10 +5,12 @@ loss``. The step -- forward, loss, backward with the loss tangent folded as
 the constant 1, and the optimizer's update -- is traced once per signature
 with ``make_fx`` over ``torch.func.grad_and_value`` (functionalized, buffers
 such as BatchNorm's running statistics passed in and written back), then runs
-through the same passes as any graph except checkpoint placement (nothing is
-split, so recomputation would only duplicate work). Memory planning therefore
-spans the whole step: a gradient's storage is reused as soon as its update
-has consumed it. Without an optimizer the gradients are accumulated into
+through the same passes as any graph; checkpoint placement works inside the
+one graph (``passes/checkpoint.py::rematerialize``), and new parameters and
+optimizer state are written over the old ones inside the program (buffer
+donation, ``passes/buffer_reuse.py``). Memory planning therefore spans the
+whole step: a gradient's storage is reused as soon as its update has
+consumed it. Without an optimizer the gradients are accumulated into
 ``.grad`` as autograd does.
 
 Supported optimizers: SGD (momentum, dampening, nesterov, weight decay),

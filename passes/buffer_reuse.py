@@ -157,9 +157,20 @@ def plan_offsets(slots: list[Slot]) -> tuple[int, str]:
 
 
 def _reads_in_place(program: Program, kernel: Kernel, source: Buffer, target: Buffer,
-                    support) -> bool:
-    """Every read of ``source`` in ``kernel`` is at the index ``target`` is written."""
-    if kernel.kind != "triton" or kernel.is_reduction or not kernel.name.startswith("pointwise"):
+                    support, reductions: bool = False) -> bool:
+    """Every read of ``source`` in ``kernel`` is at the index ``target`` is written.
+
+    Pointwise kernels: each program reads an element and then writes it. With
+    ``reductions``, also reduction kernels: each program owns whole rows, reads
+    them in its loops and stores its outputs after them, so a value of the
+    same shape read without indexing is only ever read by the program that
+    overwrites it, before it does.
+    """
+    if kernel.kind != "triton":
+        return False
+    pointwise = not kernel.is_reduction and kernel.name.startswith("pointwise")
+    reduction = reductions and kernel.is_reduction and kernel.name.startswith("reduction")
+    if not (pointwise or reduction):
         return False
     if (source.shape, source.strides, source.dtype) != (target.shape, target.strides,
                                                         target.dtype):
@@ -170,7 +181,9 @@ def _reads_in_place(program: Program, kernel: Kernel, source: Buffer, target: Bu
         for arg in node.all_input_nodes:
             if arg.name != source.name:
                 continue
-            if tuple(node.meta["val"].shape) != source.shape or support.reads_by_index(node):
+            if support.reads_by_index(node):
+                return False
+            if pointwise and tuple(node.meta["val"].shape) != source.shape:
                 return False
     return True
 
@@ -243,8 +256,8 @@ def _donations(program: Program, spans, support) -> dict[str, str]:
 
     Safe when the new value comes from a generated kernel with the input's
     shape, strides and dtype, nothing reads the old value after that kernel,
-    and that kernel reads it, if at all, element for element at the index it
-    writes (the in-place rule above). XLA calls this buffer donation.
+    and that kernel reads it, if at all, only where it writes it (the in-place
+    rule above, reduction kernels included). XLA calls this buffer donation.
     """
     producer = {name: (index, kernel) for index, kernel in enumerate(program.kernels)
                 for name in kernel.outputs}
@@ -263,7 +276,7 @@ def _donations(program: Program, spans, support) -> dict[str, str]:
             continue
         last_read = spans[source][1]
         if last_read > index or last_read == index and not _reads_in_place(
-                program, kernel, old, new, support):
+                program, kernel, old, new, support, reductions=True):
             continue
         donated[output] = source
         spans[source] = (spans[source][0], index)   # kept until it is written over

@@ -26,10 +26,11 @@ chained in place along it still share that one allocation).
 
 The footprint model: at kernel ``t``, the arenas held, plus every value with
 storage of its own that is alive (inputs the program still reads, extern and
-standalone results, escaping outputs from their birth on), plus, at an
-extern call, scratch as large as the bytes the call reads and writes -- torch
-allocates workspace there that the plan cannot see (convolution backward
-does on CPU), and the estimate keeps arenas small around such calls. It is a
+standalone results, escaping outputs from their birth on), plus, at a
+convolution (``SCRATCH_OPS``), scratch as large as the bytes the call reads
+and writes -- torch allocates workspace there that the plan cannot see
+(oneDNN does on CPU, cuDNN on GPU), and the estimate keeps arenas small
+around such calls. Matrix products allocate nothing but their result. It is a
 prediction for choosing windows, not a measurement; ``benchmarks/memory.py``
 measures.
 """
@@ -40,7 +41,10 @@ from dataclasses import dataclass, field
 
 from retrograd.ir import Program
 
-__all__ = ["Window", "busy_periods", "base_footprint", "split_windows"]
+__all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "SCRATCH_OPS"]
+
+#: Extern ops that take workspace torch allocates inside the call.
+SCRATCH_OPS = ("convolution",)
 
 
 @dataclass
@@ -78,14 +82,14 @@ def base_footprint(program: Program, spans: dict[str, tuple[int, int]],
     count = len(program.kernels)
     held = [0] * (count + 1)
     for name, buffer in program.buffers.items():
-        if name in planned or buffer.role == "view" or name in program.constants \
+        if name in planned or buffer.role in ("view", "input") or name in program.constants \
                 or name not in spans or buffer.reuses is not None:
             continue
         start, stop = spans[name]
         for index in range(max(start, 0), min(stop, count - 1) + 1):
             held[index] += buffer.nbytes
     for index, kernel in enumerate(program.kernels):
-        if kernel.kind == "extern":
+        if kernel.kind == "extern" and any(op in kernel.op for op in SCRATCH_OPS):
             held[index] += sum(program.buffers[n].nbytes for n in kernel.inputs + kernel.outputs
                                if n in program.buffers)
     return held[:count]

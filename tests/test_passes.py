@@ -674,3 +674,89 @@ def test_buffer_reuse_on_a_fused_program_runs_correctly():
             spans = buffer_reuse.lifetimes(program)
             assert spans[name][1] == index
     assert_program_matches(program, gm, [x, w])
+
+
+# ================================================================ layout
+def _convolution_program():
+    """relu -> conv -> relu: the conv's input and output are generated temporaries."""
+    import torch.nn.functional as F
+    x, k = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+
+    def fn(x, k):
+        return (F.conv2d(x.relu(), k, padding=1).relu() * 2,)
+    return fuse(fn, x, k), (x, k)
+
+
+def test_layout_makes_convolution_activations_channels_last():
+    from retrograd.codegen import generate_sources
+    from retrograd.passes import layout
+    from retrograd.runtime.executor import GeneratedExecutable
+    (program, _, gm), inputs = _convolution_program()
+    stats = layout.run(program, context())
+    [conv] = [k for k in program.kernels if k.op == "aten.convolution.default"]
+    source, result = conv.inputs[0], conv.outputs[0]
+    for name in (source, result):
+        assert program.buffers[name].strides == layout.channels_last_strides(
+            program.buffers[name].shape)
+    assert stats == {"convolutions": 1, "channels_last_buffers": 2, "buffers": [source, result]}
+    assert program.buffers[program.outputs[0]].strides == (144, 36, 6, 1)   # outputs keep theirs
+    buffer_reuse.run(program, context())
+    assert_program_matches(program, gm, inputs)
+    kernels, wrapper = generate_sources(program, interpreted=True)
+    got = GeneratedExecutable(program, wrapper, kernels, True)(list(inputs))
+    torch.testing.assert_close(got[0], run_gm(gm, inputs)[0])
+    # torch returned the channels-last result the plan predicts: nothing was copied
+    assert f"{result} = rt.layout({result}, (2, 4, 6, 6), (144, 1, 24, 4))" in wrapper
+    real = torch.ops.aten.convolution(inputs[0].relu().contiguous(
+        memory_format=torch.channels_last), inputs[1], None, [1, 1], [1, 1], [1, 1], False,
+        [0, 0], 1)
+    assert real.stride() == (144, 1, 24, 4)
+
+
+def test_layout_leaves_buffers_a_view_reads():
+    import torch.nn.functional as F
+    from retrograd.passes import layout
+    x, k, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(108, 5)
+
+    def fn(x, k, w):
+        h = x.relu()    # read by the convolution and, through a view, by a product
+        return (F.conv2d(h, k, padding=1), h.flatten(1) @ w)
+    program, _, gm = fuse(fn, x, k, w)
+    assert any(k.kind == "view" and "relu" in k.inputs for k in program.kernels)
+    assert layout.run(program, context())["channels_last_buffers"] == 0
+    assert_program_matches(program, gm, [x, k, w])
+
+
+# ================================================================ updates in place
+def _update_program() -> Program:
+    """k0: x -> g; update: p, g -> new_p; k2 (extern): p, x -> y. The update
+    comes before the last reader of the old p, in fusion's order."""
+    buffers = {"p": buffer("p", (8,), "input"), "x": buffer("x", (8,), "input"),
+               "g": buffer("g", (8,)), "new_p": buffer("new_p", (8,), "output"),
+               "y": buffer("y", (8,), "output")}
+    kernels = [Kernel("pointwise_g", "triton", [], ["x"], ["g"]),
+               Kernel("pointwise_update", "triton", [], ["p", "g"], ["new_p"]),
+               Kernel("extern_use", "extern", [], ["p", "x"], ["y"])]
+    program = Program("update", buffers, kernels, inputs=["p", "x"], outputs=["new_p", "y"])
+    program.updates = {"new_p": "p"}
+    return program
+
+
+def test_schedule_runs_readers_of_an_updated_input_before_its_update():
+    from retrograd.passes import schedule
+    program = _update_program()
+    schedule.run(program, context())
+    order = [k.name for k in program.kernels]
+    assert order.index("extern_use") < order.index("pointwise_update")
+    stats = buffer_reuse.run(program, context())
+    assert stats["updates_in_place"] == 1 and program.buffers["new_p"].reuses == "p"
+    # p stays referenced until the update has written over it
+    freed_at = next(i for i, names in program.frees.items() if "p" in names)
+    assert freed_at == order.index("pointwise_update")
+
+
+def test_an_update_before_a_later_reader_stays_out_of_place():
+    program = _update_program()             # fusion's order, not rescheduled
+    stats = buffer_reuse.run(program, context())
+    assert stats["updates_in_place"] == 0 and stats["updates_out_of_place"] == 1
+    assert program.buffers["new_p"].reuses is None

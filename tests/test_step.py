@@ -118,3 +118,68 @@ def test_frozen_parameters_stay_put_and_the_rest_train():
         eager_opt.step()
     for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
         assert _relative(p.detach(), q.detach()) < 1e-5
+
+
+def _program_of(step):
+    """The Program of a Step's last signature."""
+    executable, _ = step.entries[step.last]
+    return executable.program
+
+
+@pytest.mark.parametrize("name", ["sgd-momentum", "adamw"])
+def test_parameters_and_state_are_updated_in_place(name):
+    """Every new parameter and state tensor is written over the old one inside
+    the program (no second copy of the model), and the values stay right."""
+    model = _model()
+    optimizer = OPTIMIZERS[name](list(model.parameters()))
+    step = retrograd.compile_step(model, _loss, optimizer)
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    step(x, y)                                       # creates the optimizer state
+    pointers = {id(p): p.data_ptr() for p in model.parameters()}
+    state = {(id(p), k): v.data_ptr() for p in model.parameters()
+             for k, v in optimizer.state[p].items() if k != "step"}
+    step(x, y)
+    step(x, y)
+    program = _program_of(step)
+    stats = next(p["stats"] for p in step.reports["step"]["passes"] if p["name"] == "buffer_reuse")
+    expected = len(pointers) + len(state)
+    assert stats["updates_in_place"] == expected and stats["updates_out_of_place"] == 0
+    assert len(program.updates) == expected
+    assert all(program.buffers[out].reuses == source for out, source in program.updates.items())
+    assert {id(p): p.data_ptr() for p in model.parameters()} == pointers
+    assert {(id(p), k): v.data_ptr() for p in model.parameters()
+            for k, v in optimizer.state[p].items() if k != "step"} == state
+
+
+def test_the_step_places_checkpoints_and_keeps_phases_apart():
+    """Inside the one graph the forward hands the backward fewer bytes than
+    saving everything, recomputed values carry the backward phase, and no
+    kernel mixes forward and backward nodes."""
+    from retrograd.passes.fusion import PHASE
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16),
+                                torch.nn.Linear(16, 3))
+    step = retrograd.compile_step(model, _loss, torch.optim.SGD(model.parameters(), lr=0.1))
+    step(torch.randn(6, 8), torch.randint(0, 3, (6,)))
+    stats = next(p["stats"] for p in step.reports["step"]["passes"] if p["name"] == "checkpoint")
+    assert stats["saved_activation_bytes"] < stats["save_all_bytes"]
+    assert stats["recomputed_nodes"] > 0
+    program = _program_of(step)
+    recomputed = 0
+    for kernel in program.kernels_of("triton"):
+        phases = {node.meta.get(PHASE) for node in kernel.nodes}
+        assert len(phases) == 1, (kernel.name, phases)
+        recomputed += any(node.name.endswith("_recomputed") for node in kernel.nodes)
+        if any(node.name.endswith("_recomputed") for node in kernel.nodes):
+            assert phases == {"backward"}
+    assert recomputed > 0
+
+
+def test_the_loss_seed_is_folded_as_the_constant_one():
+    model = _model()
+    step = retrograd.compile_step(model, _loss, torch.optim.SGD(model.parameters(), lr=0.1))
+    step(torch.randn(6, 8), torch.randint(0, 3, (6,)))
+    program = _program_of(step)
+    seed = program.inputs[-1]
+    assert not any(seed in kernel.inputs for kernel in program.kernels)
