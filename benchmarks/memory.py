@@ -238,7 +238,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = [measure(name) for name in args.models]
     peaks = [isolated(measure_peaks, name) for name in args.models]
-    steps = [isolated(measure_steps, name) for name in args.models if name != "gpt2_tiny"]
+    steps = [isolated(measure_steps, name) for name in args.models]
     if args.out:
         Path(args.out).write_text(json.dumps({"saved": rows, "peak": peaks, "step": steps},
                                              indent=2))

@@ -67,10 +67,14 @@ class _Cache:
     """One compiled graph per call signature."""
 
     def __init__(self, target: Callable, options: Options, module: torch.nn.Module | None,
-                 gradients=None, closed_over_ok: bool = False):
+                 gradients=None, closed_over_ok: bool = False,
+                 lifted: list[torch.nn.Module] | None = None):
         self.target = target
         self.options = options
         self.module = module
+        # modules a function closes over: their parameters and buffers become
+        # graph inputs, so a BatchNorm's running statistics are written back
+        self.lifted = list(lifted or [])
         self.gradients = gradients            # dead_gradient.GradientSpec, or None: all
         self.closed_over_ok = closed_over_ok  # grad(): closed-over parameters are constants
         self.entries: dict[tuple, tuple[Any, Any, _Flat]] = {}
@@ -84,6 +88,8 @@ class _Cache:
         if key not in self.entries:
             constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
             flat = _Flat(self.target, in_spec, constants, slots)
+            if self.lifted:
+                flat.lifted = torch.nn.ModuleList(self.lifted)
             gradients = self.gradients(leaves, slots) if callable(self.gradients) else None
             compiled, compiler = compile_graph(flat, tensors, self.options, gradients=gradients)
             if not self.closed_over_ok:
@@ -98,11 +104,13 @@ class _Cache:
         parameters want gradients, and which tensors the parameters and buffers are
         (the compiled graph keeps the ones it was traced with, so a replaced or
         converted tensor must trace again)."""
-        if self.module is None:
+        modules = ([self.module] if self.module is not None else []) + self.lifted
+        if not modules:
             return ()
-        state = [*self.module.parameters(), *self.module.buffers()]
-        return (("training", tuple(m.training for m in self.module.modules())),
-                ("requires_grad", tuple(p.requires_grad for p in self.module.parameters())),
+        holder = torch.nn.ModuleList(modules)
+        state = [*holder.parameters(), *holder.buffers()]
+        return (("training", tuple(m.training for m in holder.modules())),
+                ("requires_grad", tuple(p.requires_grad for p in holder.parameters())),
                 ("state", tuple((id(t), t.dtype, tuple(t.shape), t.device) for t in state)))
 
     @property
@@ -191,6 +199,39 @@ def compile(target: Callable | None = None, **options):
                     f"got {type(target).__name__}")
 
 
+def closed_over_modules(function: Callable) -> list[torch.nn.Module]:
+    """The modules ``function`` reaches by name: closure cells, the globals its
+    code names, default arguments, ``self`` of a bound method (outermost only).
+
+    ``grad`` lifts their parameters and buffers into graph inputs, as a
+    compiled module's are: a BatchNorm in training mode then writes its running
+    statistics back, and switching train/eval traces again. Their gradients
+    are still never computed (only ``argnums`` are wanted).
+    """
+    found: list[torch.nn.Module] = []
+
+    def add(value) -> None:
+        if isinstance(value, torch.nn.Module) and all(value is not m for m in found):
+            found.append(value)
+
+    add(getattr(function, "__self__", None))
+    function = getattr(function, "__func__", function)
+    code = getattr(function, "__code__", None)
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            add(cell.cell_contents)
+        except ValueError:   # an empty cell
+            continue
+    for value in getattr(function, "__defaults__", None) or ():
+        add(value)
+    names = getattr(code, "co_names", ())
+    globals_ = getattr(function, "__globals__", {})
+    for name in names:
+        add(globals_.get(name))
+    inner = {id(sub) for module in found for sub in module.modules() if sub is not module}
+    return [module for module in found if id(module) not in inner]
+
+
 class GradFunction:
     """``grad`` / ``value_and_grad`` of a function, compiled: only the requested
     gradients are computed (see passes/dead_gradient.py)."""
@@ -208,14 +249,19 @@ class GradFunction:
             raise ValueError(f"retrograd.grad: argnums={argnums!r} must be an int or a "
                              f"non-empty tuple of ints")
         self._wanted: tuple[int, ...] = ()
-        self._cache = _Cache(function, options, None, gradients=self._spec, closed_over_ok=True)
+        self._cache = _Cache(function, options, None, gradients=self._spec, closed_over_ok=True,
+                             lifted=closed_over_modules(function))
         functools.update_wrapper(self, function)
 
     def _spec(self, leaves, slots):
-        """Wanted primals: the tensors of the argnums arguments; only the loss's
-        tangent is live (auxiliary outputs get no gradient)."""
+        """Wanted primals: the tensors of the argnums arguments (after the lifted
+        modules' parameters and buffers); only the loss's tangent is live
+        (auxiliary outputs get no gradient)."""
         from retrograd.passes.dead_gradient import GradientSpec
-        return GradientSpec(wanted=self._wanted, live_tangents=(0,))
+        holder = torch.nn.ModuleList(self._cache.lifted)
+        offset = len(list(holder.named_parameters(remove_duplicate=False))) + len(
+            list(holder.named_buffers(remove_duplicate=False)))
+        return GradientSpec(wanted=tuple(offset + w for w in self._wanted), live_tangents=(0,))
 
     def __call__(self, *args, **kwargs):
         count = len(args)

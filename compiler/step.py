@@ -134,9 +134,12 @@ class Step:
         groups = [_hyper(optimizer, p) for p in parameters] if optimizer is not None else []
         per_parameter = 0 if kind is None else 1 if kind == "SGD" else 2
 
+        tied = _tied_names(model)
+
         def loss_of(params, buffers, batch):
             state = dict(zip(names, params))
             state.update(zip(buffer_names, buffers))
+            state.update({alias: state[name] for alias, name in tied.items() if name in state})
             with torch.nn.utils.stateless._reparametrize_module(model, state):
                 loss = loss_fn(model, *pytree.tree_unflatten(batch, batch_spec))
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -243,6 +246,21 @@ class Step:
                             state[key].copy_(value)
                     cursor += 2
                     state["step"] += 1
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every further name of a shared parameter or buffer (a language model's
+    output layer tied to its embedding) -> the name ``named_parameters`` gives
+    it, so the traced step replaces the tensor under all its names."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        if id(tensor) in first:
+            tied[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return tied
 
 
 def _device(parameters, leaves) -> torch.device:

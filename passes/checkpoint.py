@@ -192,24 +192,29 @@ def run(joint: fx.GraphModule, ctx, joint_inputs, **partition_kwargs):
     sink_recomputation(backward, {n.name for n in recomputed})
     kept, activations = saved_values(forward, backward)
     by_name = {n.name: n for n in info.forward}
-    stats = {
+    stats = _stats(ctx, plan, budget, save_all_bytes, activations,
+                   [by_name[n.name] for n in recomputed])
+    stats.update(saved_values=len(kept), saved_input_bytes=_bytes(kept) - _bytes(activations))
+    return (forward, backward), stats
+
+
+def _stats(ctx, plan, budget, save_all_bytes: float, activations, recomputed) -> dict:
+    """What a checkpoint plan chose: saved activations and recomputed nodes."""
+    return {
         "plan": "least saved bytes, cheap recompute" if budget is None else
                 f"memory_budget={ctx.options.memory_budget}",
         "solver": plan.solver,
         "optimal": plan.optimal,
         "save_all_bytes": int(save_all_bytes),
         "budget_bytes": None if budget is None else int(budget),
-        "saved_values": len(kept),
         "saved_activation_values": len(activations),
         "saved_activation_bytes": _bytes(activations),
-        "saved_input_bytes": _bytes(kept) - _bytes(activations),
         "saved": [n.name for n in activations],
         "recomputed": [n.name for n in recomputed],
         "recomputed_nodes": len(recomputed),
-        "recomputed_flops": int(sum(remat.flops(by_name[n.name]) for n in recomputed)),
-        "recompute_cost": float(sum(remat.recompute_cost(by_name[n.name]) for n in recomputed)),
+        "recomputed_flops": int(sum(remat.flops(n) for n in recomputed)),
+        "recompute_cost": float(sum(remat.recompute_cost(n) for n in recomputed)),
     }
-    return (forward, backward), stats
 
 
 def rematerialize(step: fx.GraphModule, ctx, seed: str) -> dict:
@@ -258,22 +263,10 @@ def rematerialize(step: fx.GraphModule, ctx, seed: str) -> dict:
     graph.eliminate_dead_code()   # forward values read only through copies now
     graph.lint()
     step.recompile()
-    saved = [n for n in plan.saved if n not in info.primals and n not in info.free]
-    return {
-        "plan": "least saved bytes, cheap recompute" if budget is None else
-                f"memory_budget={ctx.options.memory_budget}",
-        "solver": plan.solver,
-        "optimal": plan.optimal,
-        "save_all_bytes": int(save_all_bytes),
-        "budget_bytes": None if budget is None else int(budget),
-        "saved_activation_values": len(saved),
-        "saved_activation_bytes": _bytes(saved),
-        "saved": sorted(n.name for n in saved),
-        "recomputed": sorted(n.name for n in copies),
-        "recomputed_nodes": len(copies),
-        "recomputed_flops": int(sum(remat.flops(n) for n in copies)),
-        "recompute_cost": float(sum(remat.recompute_cost(n) for n in copies)),
-    }
+    saved = sorted((n for n in plan.saved if n not in info.primals and n not in info.free),
+                   key=lambda n: n.name)
+    return _stats(ctx, plan, budget, save_all_bytes, saved,
+                  sorted(copies, key=lambda n: n.name))
 
 
 def _fold_seed(graph: fx.Graph, seed: str) -> None:

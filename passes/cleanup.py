@@ -1,10 +1,12 @@
-"""Dead-code elimination, common-subexpression elimination, no-op views, and
-transposed matrix products written transposed.
+"""Dead-code elimination, common-subexpression elimination, no-op views,
+transposed matrix products written transposed, and unread results of masked
+ops turned off.
 
 What it does: removes nodes whose values nobody uses, merges nodes that
 compute the same pure op on the same arguments, and bypasses views that
 change nothing (a ``view`` or ``alias`` to the same shape) and fresh copies of
-constants (``lift_fresh_copy``).
+constants (``lift_fresh_copy``). An op with an ``output_mask`` (convolution
+backward, say) stops computing results nothing reads.
 
 Assumes a functional ATen graph (AOTAutograd's joint graph): no node mutates
 its inputs. Random ops are never merged (two dropouts are two masks), nor
@@ -14,6 +16,8 @@ torch.fx's own ``eliminate_dead_code`` and Inductor's CSE.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -147,6 +151,31 @@ def transpose_matmuls(graph: fx.Graph) -> int:
     return rewritten
 
 
+#: Ops with an ``output_mask`` (last argument) choosing which results they compute.
+MASKED_OPS = {torch.ops.aten.convolution_backward.default,
+              torch.ops.aten.native_layer_norm_backward.default,
+              torch.ops.aten.native_batch_norm_backward.default}
+
+
+def narrow_output_masks(graph: fx.Graph) -> int:
+    """Turn off the results of masked ops (convolution backward's grad_weight,
+    say) that nothing reads, so the op does not compute them: dead code
+    elimination removes the unread ``getitem`` but not the work inside the call."""
+    narrowed = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in MASKED_OPS:
+            continue
+        mask = list(node.args[-1])
+        read = {user.args[1] for user in node.users if user.target is operator.getitem}
+        if any(user.target is not operator.getitem for user in node.users):
+            continue
+        new = [bool(on) and index in read for index, on in enumerate(mask)]
+        if new != mask and any(new):
+            node.args = (*node.args[:-1], new)
+            narrowed += mask.count(True) - new.count(True)
+    return narrowed
+
+
 def run(gm: fx.GraphModule, ctx) -> dict:
     before = len(gm.graph.nodes)
     transposed = transpose_matmuls(gm.graph)
@@ -154,7 +183,9 @@ def run(gm: fx.GraphModule, ctx) -> dict:
     views = remove_no_op_views(gm.graph)
     merged = eliminate_common_subexpressions(gm.graph)
     gm.graph.eliminate_dead_code()
+    narrowed = narrow_output_masks(gm.graph)
     gm.recompile()
     dead = before - len(gm.graph.nodes) - views - merged
     return {"dead_nodes_removed": dead, "common_subexpressions_merged": merged,
-            "no_op_views_removed": views, "matmuls_transposed": transposed}
+            "no_op_views_removed": views, "matmuls_transposed": transposed,
+            "masked_results_dropped": narrowed}

@@ -15,6 +15,11 @@ new one, so that buffer_reuse can write it over the input (XLA's buffer
 donation needs the same order). An edge that would close a cycle is left
 out, and that update then stays out of place.
 
+Fusions that raise the peak are reported, not undone: ``peak_held_by_fusion``
+lists the outputs of fused kernels that are alive at the peak although
+nothing reads them until after it (a separate kernel, run later, would not
+hold them there).
+
 Assumes kernels in a valid topological order (fusion's). Guarantees another
 valid topological order; its stats give the peak of live temporary bytes
 before and after.
@@ -58,23 +63,55 @@ def _add_write_after_read(program: Program, producer: dict[str, int],
                 consumers.setdefault(index, []).append(writer)
 
 
-def peak_live_bytes(program: Program) -> int:
-    """Peak over the schedule of bytes held by temporaries produced so far and
-    still to be read (views count as their base)."""
+def _live_sets(program: Program) -> list[dict[str, int]]:
+    """Temporaries (name -> bytes) produced so far and still to be read, at
+    each kernel (views count as their base)."""
     readers: dict[str, int] = {}
     for index, kernel in enumerate(program.kernels):
         for name in kernel.inputs:
             readers[program.root(name)] = index
-    live, peak = {}, 0
+    live: dict[str, int] = {}
+    sets = []
     for index, kernel in enumerate(program.kernels):
         for name in kernel.outputs:
             buffer = program.buffers[name]
             if buffer.role == "temporary":
                 live[name] = buffer.nbytes
-        peak = max(peak, sum(live.values()))
+        sets.append(dict(live))
         for name in [n for n in live if readers.get(n, -1) <= index]:
             del live[name]
-    return peak
+    return sets
+
+
+def peak_live_bytes(program: Program) -> int:
+    """Peak over the schedule of bytes held by temporaries produced so far and
+    still to be read (views count as their base)."""
+    return max((sum(live.values()) for live in _live_sets(program)), default=0)
+
+
+def held_by_fusion(program: Program) -> list[dict]:
+    """Buffers alive at the peak only because a fused kernel made them early.
+
+    A fused kernel writes all its outputs at once; an output nobody reads
+    until after the peak is held across it, where a kernel of its own, run
+    just before its first reader, would not be. Reported (not undone), with
+    the bytes a split could save at most.
+    """
+    sets = _live_sets(program)
+    if not sets:
+        return []
+    peak = max(range(len(sets)), key=lambda i: sum(sets[i].values()))
+    producer = _producers(program)
+    first_read: dict[str, int] = {}
+    for index, kernel in enumerate(program.kernels):
+        for name in kernel.inputs:
+            first_read.setdefault(program.root(name), index)
+    found = []
+    for name, nbytes in sorted(sets[peak].items()):
+        kernel = program.kernels[producer[name]]
+        if len(kernel.nodes) > 1 and producer[name] < peak < first_read.get(name, -1):
+            found.append({"kernel": kernel.name, "buffer": name, "bytes": nbytes})
+    return found
 
 
 def run(program: Program, ctx) -> dict:
@@ -126,6 +163,13 @@ def run(program: Program, ctx) -> dict:
     if after > before:   # the greedy can lose; never make things worse
         program.kernels = kernels
         after = before
+    held = held_by_fusion(program)
+    if held:
+        ctx.log.info("%s: fusion holds %d bytes across the peak: %s", ctx.graph_name,
+                     sum(h["bytes"] for h in held),
+                     ", ".join(f"{h['buffer']} ({h['kernel']})" for h in held))
     return {"peak_live_bytes_before": before, "peak_live_bytes_after": after,
             "moved_kernels": sum(1 for position, i in enumerate(order) if position != i)
-            if after < before else 0}
+            if after < before else 0,
+            "peak_held_by_fusion_bytes": sum(h["bytes"] for h in held),
+            "peak_held_by_fusion": held}

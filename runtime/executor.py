@@ -117,7 +117,7 @@ class FxExecutable:
             env.pop(name, None)
         for index, kernel in enumerate(program.kernels):
             for node in kernel.nodes:
-                env[node.name] = _evaluate(node, env)
+                env[node.name] = _evaluate(node, env, kernel.aliases)
             for name in kernel.outputs:
                 buffer = program.buffers[name]
                 if kernel.kind != "view":
@@ -127,13 +127,29 @@ class FxExecutable:
         return [env[o] if isinstance(o, str) else o for o in program.outputs]
 
 
-def _evaluate(node: fx.Node, env: dict[str, Any]) -> Any:
+#: Ops that read their tensor argument for its shape, dtype and device only.
+_LIKE_OPS = {torch.ops.aten.full_like.default, torch.ops.aten.zeros_like.default,
+             torch.ops.aten.ones_like.default, torch.ops.aten.empty_like.default}
+
+
+def _evaluate(node: fx.Node, env: dict[str, Any], aliases: dict[str, str] | None = None) -> Any:
     def load(arg):
         if not isinstance(arg, fx.Node):
             return arg
+        if arg.name not in env and node.target in _LIKE_OPS:
+            # a fill inlined into a kernel that runs before (or after) the
+            # value it is shaped like: its metadata is all it needs
+            value = arg.meta["val"]
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                       device=value.device)
         if arg.name not in env:
-            # a view that fusion kept in registers only: make it here
-            env[arg.name] = _evaluate(arg, env)
+            # a view that fusion kept in registers only: the kernel's register
+            # it equals (its base may be gone from memory), else made here
+            register = (aliases or {}).get(arg.name)
+            if register in env:
+                env[arg.name] = env[register].reshape(arg.meta["val"].shape)
+            else:
+                env[arg.name] = _evaluate(arg, env, aliases)
         return env[arg.name]
     args = fx.node.map_aggregate(node.args, load)
     kwargs = fx.node.map_aggregate(node.kwargs, load)

@@ -205,7 +205,8 @@ def test_cleanup_then_view_removal_enables_cse():
     stats = cleanup.run(gm, context())
     assert targets(gm) == [aten.exp.default, aten.add.Tensor]
     assert stats == {"dead_nodes_removed": 0, "common_subexpressions_merged": 1,
-                     "no_op_views_removed": 1, "matmuls_transposed": 0}
+                     "no_op_views_removed": 1, "matmuls_transposed": 0,
+                     "masked_results_dropped": 0}
 
 
 def test_cleanup_removes_views_that_undo_each_other():
@@ -760,3 +761,44 @@ def test_an_update_before_a_later_reader_stays_out_of_place():
     stats = buffer_reuse.run(program, context())
     assert stats["updates_in_place"] == 0 and stats["updates_out_of_place"] == 1
     assert program.buffers["new_p"].reuses is None
+
+
+# ================================================================ the fx executor
+def test_fx_executor_fills_need_only_the_shape_of_what_they_are_like():
+    """A fill inlined where the value it is shaped like is not (yet, or any
+    more) in memory is made from metadata: nothing is recomputed."""
+    from retrograd.runtime.executor import _evaluate
+    gm = trace(lambda x: (torch.zeros_like(x.sin()),), torch.randn(3, 4))
+    fill = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.zeros_like.default)
+    env: dict = {}
+    value = _evaluate(fill, env)
+    assert torch.equal(value, torch.zeros(3, 4)) and env == {}
+
+
+def test_fx_executor_reads_an_in_register_view_from_its_register():
+    from retrograd.runtime.executor import _evaluate
+    gm = trace(lambda x: (x.sin().view(12) * 2,), torch.randn(3, 4))
+    view = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.view.default)
+    mul = next(iter(view.users))
+    sin = view.args[0]
+    env = {"sin_register": torch.arange(12.0).view(3, 4)}
+    got = _evaluate(mul, env, {view.name: "sin_register"})
+    assert torch.equal(got, torch.arange(12.0) * 2) and sin.name not in env
+
+
+def test_schedule_reports_fusion_outputs_held_across_the_peak():
+    """k0 (two nodes fused) writes a and b; a is read only at the end, so it is
+    held across the peak at k1, where c is made: reported, with its bytes."""
+    from retrograd.passes import schedule
+    buffers = {"x": buffer("x", (4,), "input"), "a": buffer("a", (4,)), "b": buffer("b", (4,)),
+               "c": buffer("c", (64,)), "out": buffer("out", (4,), "output")}
+    kernels = [Kernel("pointwise_ab", "triton", ["node a", "node b"], ["x"], ["a", "b"]),
+               Kernel("pointwise_c", "triton", ["node c"], ["b"], ["c"]),
+               Kernel("reduction_out", "triton", ["node out"], ["a", "c"], ["out"])]
+    program = Program("held", buffers, kernels, inputs=["x"], outputs=["out"])
+    assert schedule.held_by_fusion(program) == [
+        {"kernel": "pointwise_ab", "buffer": "a", "bytes": 16}]
+    stats = schedule.run(program, context())
+    assert stats["peak_held_by_fusion_bytes"] == 16
+    program.kernels[0].nodes = ["node a"]          # not a fusion: nothing to report
+    assert schedule.held_by_fusion(program) == []

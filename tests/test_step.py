@@ -183,3 +183,42 @@ def test_the_loss_seed_is_folded_as_the_constant_one():
     program = _program_of(step)
     seed = program.inputs[-1]
     assert not any(seed in kernel.inputs for kernel in program.kernels)
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding whose weight the output layer shares (as GPT-2's does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 6)
+        self.mix = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def test_tied_parameters_are_replaced_under_every_name():
+    torch.manual_seed(0)
+    compiled_model = _TiedLM()
+    eager_model = _TiedLM()
+    eager_model.load_state_dict(compiled_model.state_dict())
+
+    def loss(model, ids):
+        return F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+    make = OPTIMIZERS["sgd-momentum"]
+    compiled_opt = make(list(compiled_model.parameters()))
+    eager_opt = make(list(eager_model.parameters()))
+    step = retrograd.compile_step(compiled_model, loss, compiled_opt)
+    for _ in range(3):
+        ids = torch.randint(0, 11, (2, 5))
+        got = step(ids)
+        eager_opt.zero_grad()
+        expected = loss(eager_model, ids)
+        expected.backward()
+        eager_opt.step()
+        assert _relative(got.detach(), expected.detach()) < 1e-5
+    assert compiled_model.head.weight is compiled_model.embed.weight
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+        assert _relative(p.detach(), q.detach()) < 1e-5
