@@ -33,7 +33,8 @@ def families(device: str, scale: int):
     targets = torch.randint(0, vocab, (rows,), device=device)
     size = x.numel() * 4
     return [
-        ("pointwise chain (x * sigmoid(x) + y) * 0.5", lambda a, b: (a * torch.sigmoid(a) + b) * 0.5,
+        ("pointwise chain (x * sigmoid(x) + y) * 0.5",
+         lambda a, b: (a * torch.sigmoid(a) + b) * 0.5,
          (x, y), 3 * size, 4 * size),
         ("softmax", lambda a: torch.softmax(a, dim=-1), (x,), 2 * size, 3 * size),
         ("layer_norm", lambda a, w, b: F.layer_norm(a, (width,), w, b), (x, weight, bias),

@@ -62,7 +62,8 @@ def literal(value: Any) -> str:
         return repr(value)
     if isinstance(value, int):
         return str(value)
-    raise TypeError(f"retrograd codegen: cannot write {value!r} ({type(value).__name__}) as a literal")
+    raise TypeError(f"retrograd codegen: cannot write {value!r} ({type(value).__name__}) "
+                    "as a literal")
 
 
 Operand = Callable[..., str]   # operand(arg, cast_to: torch.dtype | None = None) -> str

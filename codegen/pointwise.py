@@ -365,7 +365,8 @@ def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         writer.store(name)
     body = list(writer.lines)
     if writer.needs_broadcast:
-        body.insert(0, "    broadcast = tl.full([BLOCK], 0, tl.int32)  # index of a broadcast scalar")
+        body.insert(0, "    broadcast = tl.full([BLOCK], 0, tl.int32)"
+                       "  # index of a broadcast scalar")
     body_text = "\n".join(body)
     helpers = [source for name, source in HELPERS.items() if re.search(rf"\b{name}\(", body_text)]
     args = kernel.inputs + kernel.outputs

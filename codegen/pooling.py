@@ -125,7 +125,8 @@ def _forward(node, buffers, lines, getitems):
             index = flat_index(lead + ["h", "w"], source.strides)
             lines.append(f"    value = tl.load({source.name}_ptr + {index}, mask=inside, "
                          f'other=float("-inf")).to({compute})')
-            lines.append("    take = inside & ((value > best) | ((value != value) & (best == best)))")
+            lines.append("    take = inside & ((value > best) | "
+                         "((value != value) & (best == best)))")
             lines.append("    best = tl.where(take, value, best)")
             lines.append(f"    best_index = tl.where(take, h * {width} + w, best_index)")
     _store(lines, values, out, "best", coords)
@@ -153,9 +154,11 @@ def _backward(node, buffers, lines, output):
             _holding_window(lines, h, w, kh * dilation[0], kw * dilation[1], stride, padding,
                             out_h, out_w)
             target = lead + ["oh", "ow"]
-            lines.append(f"    chosen = tl.load({index.name}_ptr + {flat_index(target, index.strides)}, "
+            lines.append(f"    chosen = tl.load({index.name}_ptr + "
+                         f"{flat_index(target, index.strides)}, "
                          f"mask=hit, other=-1)")
-            lines.append(f"    g = tl.load({grad_out.name}_ptr + {flat_index(target, grad_out.strides)}, "
+            lines.append(f"    g = tl.load({grad_out.name}_ptr + "
+                         f"{flat_index(target, grad_out.strides)}, "
                          f"mask=hit, other=0).to({compute})")
             lines.append("    total += tl.where(hit & (chosen == here), g, 0.0)")
     _store(lines, output, grad_in, "total", coords)
@@ -215,7 +218,8 @@ def _average_backward(node, buffers, lines, output):
         for kw in range(kernel[1]):
             _holding_window(lines, h, w, kh, kw, stride, padding, out_h, out_w)
             _average_divisor(node, "oh", "ow", height, width, lines)
-            lines.append(f"    g = tl.load({grad.name}_ptr + {flat_index(lead + ['oh', 'ow'], grad.strides)}, "
+            lines.append(f"    g = tl.load({grad.name}_ptr + "
+                         f"{flat_index(lead + ['oh', 'ow'], grad.strides)}, "
                          f"mask=hit, other=0).to({compute})")
             lines.append("    total += tl.where(hit, g / divisor, 0.0)")
     _store(lines, output, grad_in, "total", coords)
@@ -225,7 +229,8 @@ def _store(lines, name, buffer, value, coords) -> None:
     dtype = getattr(torch, buffer.dtype)
     value = f"_round_to_bf16({value}).to(tl.bfloat16)" if dtype == torch.bfloat16 else \
         f"({value}).to({ops.triton_dtype(dtype)})"
-    lines.append(f"    tl.store({name}_ptr + {flat_index(coords, buffer.strides)}, {value}, mask=mask)")
+    lines.append(f"    tl.store({name}_ptr + {flat_index(coords, buffer.strides)}, {value}, "
+                 "mask=mask)")
 
 
 def generate_pool(kernel: Kernel, buffers: dict[str, Buffer], block: int, graph: str = "") -> str:

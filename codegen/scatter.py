@@ -125,7 +125,8 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     if ops.is_fill(base):
         value = ops.literal(ops.fill_value(base))
         copy_lines.append(f"    tl.store({out.name}_ptr + {out_index}, "
-                          f"tl.full([BLOCK], {value}, {ops.triton_dtype(getattr(torch, out.dtype))}), "
+                          f"tl.full([BLOCK], {value}, "
+                          f"{ops.triton_dtype(getattr(torch, out.dtype))}), "
                           f"mask=mask)")
         copy_inputs = []
     else:
@@ -150,7 +151,8 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         dim, index_node = node.args[1] % max(1, len(out.shape)), node.args[2]
         index = buffers[index_node.name]
         coords = coordinates(index.shape, lines, "i")
-        lines.append(f"    position = tl.load({index.name}_ptr + {flat_index(coords, index.strides)}, "
+        lines.append(f"    position = tl.load({index.name}_ptr + "
+                     f"{flat_index(coords, index.strides)}, "
                      f"mask=mask)")
         target = coords[:dim] + ["position"] + coords[dim + 1:]
         if node.target is aten.scatter.value:
@@ -161,7 +163,8 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     size = out.shape[dim] if out.shape else 1   # a 0-dim self takes index 0 (or -1)
     lines.append(f"    position = tl.where(position < 0, position + {size}, position)")
     store = "tl.atomic_add" if accumulate else "tl.store"
-    lines.append(f"    {store}({out.name}_ptr + {flat_index(target, out.strides)}, {value}, mask=mask)")
+    lines.append(f"    {store}({out.name}_ptr + {flat_index(target, out.strides)}, {value}, "
+                 "mask=mask)")
     scatter_inputs = [name for name in kernel.inputs if name != base.name]
     copy_args = copy_inputs + [out.name]
     args = scatter_inputs + [out.name]

@@ -54,7 +54,9 @@ def render(value: Any) -> str:
         return variable(value.name)
     if isinstance(value, (list, tuple)):
         items = ", ".join(render(item) for item in value)
-        return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
+        if isinstance(value, list):
+            return f"[{items}]"
+        return f"({items}{',' if len(value) == 1 else ''})"
     if isinstance(value, float) and not math.isfinite(value):
         return f'float("{value}")'
     if isinstance(value, torch.dtype):

@@ -3,10 +3,11 @@
 Start from PyTorch's core ATen decompositions (what every backend may
 assume) and also decompose the composite ops whose parts codegen fuses
 well: dropout into a uniform draw and a comparison (so the mask comes from
-codegen's counter-based generator), GELU into erf and products, layer norm and softmax into reductions
-and pointwise math, batch norm into the same. What remains for codegen is a
-small set: pointwise math (docs/ops.md lists every lowered op), reductions,
-matrix products, convolutions, indexing and RNG.
+codegen's counter-based generator), GELU into erf and products, layer norm
+and softmax into reductions and pointwise math, batch norm into the same.
+What remains for codegen is a small set: pointwise math (docs/ops.md lists
+every lowered op), reductions, matrix products, convolutions, indexing and
+RNG.
 """
 
 from __future__ import annotations

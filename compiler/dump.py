@@ -145,14 +145,16 @@ def _index(report: dict, graph_files: list[tuple[str, str]], kernels: list[str],
     k = report["kernels"]
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>retrograd {html.escape(report['graph_id'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
+<style>body{{font-family:sans-serif;margin:2em}}
+td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
 pre{{background:#f4f4f4;padding:8px;overflow:auto}}</style></head><body>
 <h1>{html.escape(report['graph_id'])} ({report['graph']})</h1>
 <p>{report['nodes']['captured']} nodes captured, {report['nodes']['final']} final;
 {k['triton']} Triton kernels, {k['extern']} extern calls {html.escape(str(k['extern_ops']))};
 compiled in {report['compile_seconds']} s. <a href="report.json">report.json</a>,
 <a href="program.py">program.py</a>, <a href="memory_plan.txt">memory_plan.txt</a></p>
-<h2>Passes</h2><table><tr><th>pass</th><th>nodes before</th><th>after</th><th>seconds</th><th>stats</th></tr>{rows}</table>
+<h2>Passes</h2><table><tr><th>pass</th><th>nodes before</th><th>after</th><th>seconds</th>
+<th>stats</th></tr>{rows}</table>
 <h2>The program</h2>{_kernel_graph_svg(list(graph))}
 <h2>Live temporary memory over the schedule</h2>{_timeline_svg(timeline)}
 <h2>Graph after each stage</h2><ul>{files}</ul>

@@ -53,7 +53,8 @@ class Options:
 
     Example:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
-        Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), verify=False, save=(), recompute=())
+        Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), \
+verify=False, save=(), recompute=())
     """
 
     memory_budget: float | None = None

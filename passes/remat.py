@@ -39,8 +39,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["JointInfo", "Plan", "analyse", "backward_nodes", "value_bytes", "flops", "recompute_cost",
-           "min_cut_plan", "ilp_plan", "greedy_plan", "tradeoff", "save_all_plan", "plan_bytes"]
+__all__ = ["JointInfo", "Plan", "analyse", "backward_nodes", "value_bytes", "flops",
+           "recompute_cost", "min_cut_plan", "ilp_plan", "greedy_plan", "tradeoff",
+           "save_all_plan", "plan_bytes"]
 
 aten = torch.ops.aten
 

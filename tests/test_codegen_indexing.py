@@ -19,29 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import retrograd
+from checks import assert_close
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,
-             torch.float64: 1e-9}
 
 
 # ---------------------------------------------------------------- helpers
-def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
-                 what: str = "output") -> None:
-    """Eager's dtype and shape; exact for integers; NaN where ``ref`` has it;
-    relative error ``||got - ref|| / ||ref||`` under the dtype's tolerance."""
-    assert got.dtype == dtype, f"{what}: dtype {got.dtype} != eager's {dtype}"
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    if not dtype.is_floating_point:
-        assert torch.equal(got, ref.to(dtype)), f"{what}: values differ\n{got}\n{ref}"
-        return
-    got, ref = got.detach().double(), ref.detach().double()
-    assert torch.equal(got.isnan(), ref.isnan()), f"{what}: NaN positions differ"
-    finite = ref.isfinite()
-    assert torch.equal(got[~finite].nan_to_num(), ref[~finite].nan_to_num()), \
-        f"{what}: infinities differ"
-    scale = ref[finite].norm().item()
-    error = (got[finite] - ref[finite]).norm().item() / (scale if scale > 0 else 1.0)
-    assert error < TOLERANCE[dtype], f"{what}: relative error {error:.3g}"
+
 
 
 def check(fn, *inputs, grad: bool = True, extern_free=("forward", "backward"), **options):

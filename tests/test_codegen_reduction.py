@@ -27,41 +27,17 @@ import torch
 import torch.nn.functional as F
 
 import retrograd
+from checks import assert_close
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,
-             torch.float64: 1e-9}
 LONG = 1e-4          # float32 sums over a looped extent
 EXTENT = 20000       # > 2**14: several RBLOCK steps on the interpreter
 
 
 # ---------------------------------------------------------------- helpers
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||got - ref|| / ||ref||`` in float64 over the finite reference values."""
-    got, ref = got.detach().double(), ref.detach().double()
-    finite = ref.isfinite()
-    scale = ref[finite].norm().item()
-    error = (got[finite] - ref[finite]).norm().item()
-    return error / scale if scale > 0 else error
 
 
-def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
-                 tolerance: float | None = None, what: str = "output") -> None:
-    """``got`` has eager's ``dtype`` and ``ref``'s shape; exact for integers and
-    booleans; NaN and inf where ``ref`` has them; small relative error elsewhere."""
-    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got)}"
-    assert got.dtype == dtype, f"{what}: dtype {got.dtype} != eager's {dtype}"
-    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    if not dtype.is_floating_point:
-        assert torch.equal(got, ref.to(dtype)), f"{what}: values differ\n{got}\n{ref}"
-        return
-    got64, ref64 = got.detach().double(), ref.detach().double()
-    assert torch.equal(got64.isnan(), ref64.isnan()), f"{what}: NaN positions differ"
-    infinite = ref64.isinf()
-    assert torch.equal(got64[infinite], ref64[infinite]), f"{what}: infinities differ"
-    assert bool(got64[ref64.isfinite()].isfinite().all()), f"{what}: a finite value became inf/NaN"
-    limit = TOLERANCE[dtype] if tolerance is None else tolerance
-    error = relative_error(got64, ref64)
-    assert error < limit, f"{what}: relative error {error:.3g} >= {limit:g}"
+
+
 
 
 def _as_tuple(value) -> tuple:
@@ -84,7 +60,7 @@ def check(fn, *inputs, grad: bool = True, tolerance: float | None = None,
     got, ref = _as_tuple(compiled(*mine)), _as_tuple(fn(*wide))
     assert len(got) == len(ref)
     for index, (g, r, dtype) in enumerate(zip(got, ref, eager_dtypes)):
-        assert_close(g, r, dtype, tolerance, f"output {index}")
+        assert_close(g, r, dtype, f"output {index}", tolerance)
     if not any(wants):
         return compiled
     pairs = [(g, r) for g, r in zip(got, ref) if g.requires_grad]
@@ -94,7 +70,7 @@ def check(fn, *inputs, grad: bool = True, tolerance: float | None = None,
     for index, (x, x64) in enumerate(zip(mine, wide)):
         if x.requires_grad:
             assert x.grad is not None, f"input {index} got no gradient"
-            assert_close(x.grad, x64.grad, x.dtype, grad_tolerance, f"grad of input {index}")
+            assert_close(x.grad, x64.grad, x.dtype, f"grad of input {index}", grad_tolerance)
     return compiled
 
 

@@ -1,0 +1,54 @@
+"""Assertions shared by several test files: numerics against eager, and the
+shape of a Program's schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from retrograd.ir import Program
+
+__all__ = ["TOLERANCE", "relative_error", "assert_close", "assert_topological"]
+
+#: Relative error allowed against a float64 (or same-dtype) eager reference.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,
+             torch.float64: 1e-9}
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||got - ref|| / ||ref||`` in float64 over the finite reference values."""
+    got, ref = got.detach().double(), ref.detach().double()
+    finite = ref.isfinite()
+    scale = ref[finite].norm().item()
+    error = (got[finite] - ref[finite]).norm().item()
+    return error / scale if scale > 0 else error
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+                 what: str = "output", tolerance: float | None = None) -> None:
+    """``got`` has eager's ``dtype`` and ``ref``'s shape; exact for integers and
+    booleans; NaN and inf where ``ref`` has them; small relative error elsewhere."""
+    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got)}"
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype} != eager's {dtype}"
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    if not dtype.is_floating_point:
+        assert torch.equal(got, ref.to(dtype)), f"{what}: values differ\n{got}\n{ref}"
+        return
+    got64, ref64 = got.detach().double(), ref.detach().double()
+    assert torch.equal(got64.isnan(), ref64.isnan()), f"{what}: NaN positions differ"
+    infinite = ref64.isinf()
+    assert torch.equal(got64[infinite], ref64[infinite]), f"{what}: infinities differ"
+    assert bool(got64[ref64.isfinite()].isfinite().all()), f"{what}: a finite value became inf/NaN"
+    limit = TOLERANCE[dtype] if tolerance is None else tolerance
+    error = relative_error(got64, ref64)
+    assert error < limit, f"{what}: relative error {error:.3g} >= {limit:g}"
+
+
+def assert_topological(program: Program) -> None:
+    """Every kernel reads only inputs, constants and what earlier kernels wrote."""
+    written = set(program.inputs) | set(program.constants)
+    for index, kernel in enumerate(program.kernels):
+        for name in kernel.inputs:
+            assert name in written, f"kernel {index} {kernel.name} reads {name} before it exists"
+        written |= set(kernel.outputs)
+    for name in program.outputs:
+        assert not isinstance(name, str) or name in written
