@@ -1,9 +1,11 @@
-"""Buffer lifetimes and the memory plan: one arena per program.
+"""Buffer lifetimes and the memory plan: an arena per busy window of the schedule.
 
 What it does: computes, over the kernel schedule, when every buffer is first
-written and last read (a view extends its base's life), then places every
-*planned* buffer at an offset of one arena so that buffers alive at the same
-time never overlap. Planned buffers are the temporaries written by generated
+written and last read (a view extends its base's life), groups the *planned*
+buffers into windows of the schedule that never overlap in time (busy
+periods, cut further where the predicted footprint peaks: ``windows.py``),
+and places each window's buffers at offsets of that window's arena so that
+buffers alive at the same time never overlap. Planned buffers are the temporaries written by generated
 kernels and by extern calls that have an ``out=`` form (matrix products);
 values that escape the call (outputs, values saved for the backward, and
 whatever storage their views use) get their own storage, and other extern
@@ -22,6 +24,10 @@ The liveness lower bound is the largest sum of (aligned) planned bytes alive
 at one kernel, computed from lifetimes alone (buffers chained in place count
 once: they share one slot); no planner can beat it. Offsets are aligned to
 ``ALIGN`` bytes for vector loads.
+
+Updates (``Program.updates``: a training step's new parameters and optimizer
+state) are written over the input they replace where that is safe
+(``_donations``), so a step holds one copy of the model, not two.
 """
 
 from __future__ import annotations
@@ -283,16 +289,9 @@ def _donations(program: Program, spans, support) -> dict[str, str]:
     return donated
 
 
-def run(program: Program, ctx) -> dict:
-    spans = lifetimes(program)
-    donated = _donations(program, spans, ctx.op_support)
-    for output, source in donated.items():
-        program.buffers[output].reuses = source
-    program.frees = _frees(program, spans)
-    escaping = program.escaping()
-    names = planned_buffers(program)
-    slots = _slots(program, spans, names, ctx.op_support)
-    chosen, standalone = _windows(program, spans, slots)
+def _place_windows(program: Program, chosen, standalone) -> list[str]:
+    """Offsets per arena window; standalone chains keep their in-place links.
+    Returns the strategy each arena's plan used."""
     program.arenas = []
     strategies = []
     for index, window in enumerate(chosen):
@@ -303,13 +302,16 @@ def run(program: Program, ctx) -> dict:
             for name in slot.names:
                 program.buffers[name].offset = slot.offset
                 program.buffers[name].arena = index
-    arena = max((w.nbytes for w in program.arenas), default=0)
-    program.arena_bytes = arena
+    program.arena_bytes = max((w.nbytes for w in program.arenas), default=0)
     for slot in standalone:   # own storage, still written over in place along the chain
         for donor, name in zip(slot.names, slot.names[1:]):
             program.buffers[name].reuses = donor
-    kept = [slot for window in chosen for slot in window.slots]
+    return strategies
+
+
+def _stats(program: Program, slots, kept, standalone, strategies, donated) -> dict:
     planned = {name for slot in kept for name in slot.names}
+    escaping = program.escaping()
     temporaries = [b for b in program.buffers.values() if b.role == "temporary"]
     return {
         "strategy": max(set(strategies), key=strategies.count) if strategies else "none",
@@ -320,7 +322,7 @@ def run(program: Program, ctx) -> dict:
         "bytes_without_reuse": sum(align(program.buffers[n].nbytes) for n in planned),
         "bytes_reused_in_place": sum(align(program.buffers[n].nbytes) for slot in slots
                                      for n in slot.names[1:]),
-        "arena_bytes": arena,
+        "arena_bytes": program.arena_bytes,
         "arena_bytes_total": sum(w.nbytes for w in program.arenas),
         "live_lower_bound_bytes": _live_peak((s.start, s.stop, s.size) for s in kept),
         "unplanned_bytes": sum(b.nbytes for b in temporaries if b.name not in planned
@@ -328,3 +330,16 @@ def run(program: Program, ctx) -> dict:
         "updates_in_place": len(donated),
         "updates_out_of_place": len(program.updates) - len(donated),
     }
+
+
+def run(program: Program, ctx) -> dict:
+    spans = lifetimes(program)
+    donated = _donations(program, spans, ctx.op_support)
+    for output, source in donated.items():
+        program.buffers[output].reuses = source
+    program.frees = _frees(program, spans)
+    slots = _slots(program, spans, planned_buffers(program), ctx.op_support)
+    chosen, standalone = _windows(program, spans, slots)
+    strategies = _place_windows(program, chosen, standalone)
+    kept = [slot for window in chosen for slot in window.slots]
+    return _stats(program, slots, kept, standalone, strategies, donated)
