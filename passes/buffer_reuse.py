@@ -5,8 +5,9 @@ written and last read (a view extends its base's life), groups the *planned*
 buffers into windows of the schedule that never overlap in time (busy
 periods, cut further where the predicted footprint peaks: ``windows.py``),
 and places each window's buffers at offsets of that window's arena so that
-buffers alive at the same time never overlap. Planned buffers are the temporaries written by generated
-kernels and by extern calls that have an ``out=`` form (matrix products);
+buffers alive at the same time never overlap. Planned buffers are the
+temporaries written by generated kernels and by extern calls that have an
+``out=`` form (matrix products);
 values that escape the call (outputs, values saved for the backward, and
 whatever storage their views use) get their own storage, and other extern
 results stay with torch's allocator (``unplanned_bytes``). Everything is
