@@ -1,5 +1,7 @@
 """One training step (forward, backward, optimizer) of a GPT-2-like model under
-eager PyTorch, torch.compile's default backend and retrograd, in one run.
+eager PyTorch, torch.compile's default backend, retrograd's torch.compile
+backend and ``retrograd.compile_step`` (the whole step as one program), in
+one run.
 
 Reports the median step time and the peak of ``torch.cuda.max_memory_allocated``
 for each, as ratios against eager, plus a gradient check of retrograd's
@@ -52,16 +54,30 @@ def gradient_check(device: str) -> dict:
 
 
 def measure(name: str, model, step_model, ids, steps: int, warmup: int, autocast) -> dict:
-    """Median time of ``steps`` training steps after ``warmup`` (compile included there)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ids.is_cuda)
+    """Median time of ``steps`` training steps after ``warmup`` (compile included there).
 
-    def step():
-        with autocast():
-            loss = step_model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+    ``step_model`` is a wrapped model, or ``"compile_step"``: the whole step,
+    AdamW included, compiled by ``retrograd.compile_step`` as one program.
+    """
+    if step_model == "compile_step":
+        import retrograd
+        compiled = retrograd.compile_step(
+            model, lambda m, ids: m(ids, labels=ids).loss,
+            torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+        def step():
+            with autocast():
+                return compiled(ids)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ids.is_cuda)
+
+        def step():
+            with autocast():
+                loss = step_model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
 
     start = time.perf_counter()
     for _ in range(warmup):
@@ -139,7 +155,8 @@ def main() -> int:
 
     variants = [("eager", lambda m: m),
                 ("torch.compile default", lambda m: torch.compile(m)),
-                ("retrograd", lambda m: torch.compile(m, backend="retrograd"))]
+                ("retrograd", lambda m: torch.compile(m, backend="retrograd")),
+                ("retrograd compile_step", lambda m: "compile_step")]
     for name, wrap in variants:
         torch._dynamo.reset()
         model = copy.deepcopy(base)
