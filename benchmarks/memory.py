@@ -37,7 +37,7 @@ from torch._functorch.partitioners import (default_partition,
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from zoo import ZOO, clone_inputs  # noqa: E402  (the zoo lives with the tests)
+from zoo import ZOO, ZooEntry, _weighted_sum, clone_inputs  # noqa: E402  (the zoo lives with the tests)
 
 from retrograd.capture import joint_graph  # noqa: E402
 from retrograd.dump import Dumper  # noqa: E402
@@ -46,6 +46,25 @@ from retrograd.passes import checkpoint, cleanup, remat  # noqa: E402
 from retrograd.pipeline import OpSupport, PassContext  # noqa: E402
 
 BUDGETS = (None, 0.75, 0.5, 0.25)
+
+
+class DropoutMLP(torch.nn.Module):
+    """Linear -> GELU -> dropout(0.1) -> Linear: a mask to save or to recompute."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.dropout(torch.nn.functional.gelu(self.up(x)), 0.1,
+                                                     self.training))
+
+
+#: The zoo, and a model with dropout (not in the zoo: its gradients cannot be
+#: compared with eager's, which draws other masks; its memory can).
+MODELS = {**ZOO, "mlp_dropout": ZooEntry(
+    "mlp_dropout", model=DropoutMLP, inputs=lambda: (torch.randn(4, 8, requires_grad=True),),
+    loss=_weighted_sum)}
 _warnings.filterwarnings("ignore", category=FutureWarning)
 
 
@@ -85,7 +104,7 @@ def _recompute_flops(joint, forward, backward) -> int:
 
 
 def measure(name: str) -> dict:
-    entry = ZOO[name]
+    entry = MODELS[name]
     torch.manual_seed(0)
     model, inputs = entry.model(), entry.inputs()
     row = {"model": name, "eager": eager_saved_bytes(entry, copy.deepcopy(model),
@@ -143,7 +162,7 @@ def step_peak_bytes(entry, model, compiled, inputs) -> int:
 def measure_peaks(name: str) -> dict:
     """Measured peak of one training step: eager, aot_eager and retrograd."""
     import retrograd
-    entry = ZOO[name]
+    entry = MODELS[name]
     row = {"model": name}
     for label in ("eager", "aot_eager", "retrograd"):
         torch.manual_seed(0)
@@ -160,7 +179,7 @@ def measure_steps(name: str) -> dict:
     the model with the same optimizer, and retrograd.compile_step; measured
     peak after warm-up, and the Triton kernels compile_step launches."""
     import retrograd
-    entry = ZOO[name]
+    entry = MODELS[name]
     row = {"model": name}
     for label in ("eager loop", "torch.compile + optimizer", "compile_step"):
         torch.manual_seed(0)
@@ -233,7 +252,7 @@ def isolated(function, name: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(ZOO))
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     rows = [measure(name) for name in args.models]

@@ -18,20 +18,14 @@ def lowered_ops() -> dict[str, list[str]]:
     (for the docs, the CLI and the OpInfo test)."""
     from retrograd.codegen.indexing import INDEXING
     from retrograd.codegen.reduction import REDUCTIONS
-    families = {"pointwise": ops.LOWERINGS, "indexing": INDEXING, "reduction": REDUCTIONS,
-                "scatter": SCATTERS, "pooling": POOLS}
+    families = {"pointwise": [*ops.LOWERINGS, *ops.RANDOM_OPS], "indexing": INDEXING,
+                "reduction": REDUCTIONS, "scatter": SCATTERS, "pooling": POOLS}
     return {family: sorted(str(op) for op in table) for family, table in families.items()}
 
 
 def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str], str]:
     """Source of every Triton kernel (by kernel name) and of ``program.py``."""
     kernels = {}
-    rng_offsets, counter = {}, 0
-    for kernel in program.kernels_of("triton"):
-        for node in kernel.nodes:
-            if ops.is_random(node) and node.name not in rng_offsets:
-                rng_offsets[node.name] = counter
-                counter += node.meta["val"].numel()
     for kernel in program.kernels_of("triton"):
         if any(node.target in POOLS for node in kernel.nodes):
             block = choose_block(kernel.numel or 1 << 16, interpreted)
@@ -47,7 +41,6 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
                                                program.name)
         else:
             block = choose_block(kernel.numel, interpreted)
-            kernel.source = generate_pointwise(kernel, program.buffers, block, program.name,
-                                               rng_offsets)
+            kernel.source = generate_pointwise(kernel, program.buffers, block, program.name)
         kernels[kernel.name] = kernel.source
     return kernels, generate_program(program)

@@ -376,33 +376,28 @@ def _arange(node, operand):
 
 
 # ---------------------------------------------------------------- random numbers
-#: Uniform [0, 1) per element, from a counter-based generator keyed by a seed
-#: the runtime draws from torch's generator each call (see pointwise.py).
-RANDOM_OPS = {aten.rand_like.default, aten.rand.default}
-
-
-def _random(node, operand):
-    raise AssertionError("random ops are written by the kernel writer, which knows "
-                         "the seed and the node's offset in the random stream")
-
-
-for _op in RANDOM_OPS:
-    LOWERINGS[_op] = _random
+#: Uniform [0, 1) per element: ``retrograd.uniform(like, seed, offset)``, the
+#: counter-based generator keyed by a seed tensor that the decompositions
+#: draw from torch's generator (compiler/rng.py; the kernel writer emits it).
+RANDOM_OPS = ("retrograd.uniform.default",)
 
 
 def is_random(node) -> bool:
-    return getattr(node, "target", None) in RANDOM_OPS
+    return str(getattr(node, "target", "")) in RANDOM_OPS
 
 
 def is_generator(node) -> bool:
     """Ops whose value depends on the element's position (they use ``offsets``)."""
-    return getattr(node, "target", None) in RANDOM_OPS or getattr(node, "target", None) in (
+    return is_random(node) or getattr(node, "target", None) in (
         aten.arange.start_step, aten.arange.start, aten.arange.default)
 
 
-def reads_shape_only(node) -> bool:
-    """Fills and random ops look at their tensor argument's shape, not its values."""
-    return is_fill(node) or is_random(node)
+def reads_shape_only(node, arg=None) -> bool:
+    """Fills look at their tensor argument's shape, not its values; a uniform
+    draw looks at its ``like`` argument's shape (its seed is read)."""
+    if is_random(node):
+        return arg is None or arg is node.args[0]
+    return is_fill(node)
 
 
 # ---------------------------------------------------------------- queries
@@ -415,7 +410,7 @@ def _tensor_dtypes(node) -> list[torch.dtype]:
 
 def can_lower(node) -> bool:
     """True when ``node`` can run inside a generated pointwise kernel."""
-    if node.op != "call_function" or node.target not in LOWERINGS:
+    if node.op != "call_function" or node.target not in LOWERINGS and not is_random(node):
         return False
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.numel() == 0:

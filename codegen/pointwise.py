@@ -210,7 +210,6 @@ class _Writer:
         self.dtypes: dict[str, torch.dtype] = {}  # variable -> compute dtype
         self.vector: set[str] = set()             # variables holding a block
         self.needs_broadcast = False
-        self.rng_offsets: dict[str, int] = {}
 
     # -- indexing ---------------------------------------------------------
     def _coordinate(self, shape: tuple, dim: int) -> str:
@@ -313,8 +312,8 @@ class _Writer:
             expression = lower_indexing(node, self)
             used.append(expression)
         elif ops.is_random(node):
-            # each random node owns a disjoint stretch of the program's counter
-            expression = f"_uniform(seed, offsets + {self.rng_offsets[node.name]})"
+            # counter offset + i of the stream keyed by the seed tensor's value
+            expression = f"_uniform({operand(node.args[1])}, offsets + {int(node.args[2])})"
             digits = HALF_DIGITS.get(node.meta["val"].dtype)
             if digits:   # as torch draws them: k / 2**digits, so rounding never gives 1.0
                 expression = f"tl.floor({expression} * {2.0 ** digits!r}) * {2.0 ** -digits!r}"
@@ -351,14 +350,9 @@ def _mentions(texts: list[str], variable: str) -> bool:
 
 
 def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
-                       graph: str = "", rng_offsets: dict[str, int] | None = None) -> str:
-    """Triton source (kernel plus ``launch``) for a fused pointwise kernel.
-
-    ``rng_offsets`` gives each random node its first counter in the program's
-    random stream; kernels with random nodes take a ``seed`` argument.
-    """
+                       graph: str = "") -> str:
+    """Triton source (kernel plus ``launch``) for a fused pointwise kernel."""
     writer = _Writer(kernel, buffers)
-    writer.rng_offsets = rng_offsets or {}
     for node in kernel.nodes:
         writer.node(node)
     for name in kernel.outputs:
@@ -373,9 +367,6 @@ def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     params = "\n".join(
         [f"    {name}_ptr,  # in: {_describe(buffers[name])}" for name in kernel.inputs]
         + [f"    {name}_ptr,  # out: {_describe(buffers[name])}" for name in kernel.outputs])
-    if any(ops.is_random(node) for node in kernel.nodes):
-        args = args + ["seed"]
-        params += "\n    seed,  # random stream key, drawn from torch's generator per call"
     offsets = "pid * BLOCK + tl.arange(0, BLOCK)"
     if _largest_index(kernel, buffers) >= 2 ** 31:
         offsets = "pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)"

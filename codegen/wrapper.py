@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from retrograd.codegen.ops import is_random
 from retrograd.ir import Kernel, Program
 
 __all__ = ["generate_program", "render"]
@@ -93,8 +92,6 @@ def _kernel_lines(index: int, kernel: Kernel, program: Program) -> list[str]:
         for name in kernel.outputs:
             lines.append(f"{variable(name)} = {_allocate(program.buffers[name])}")
         names = ", ".join(variable(name) for name in kernel.inputs + kernel.outputs)
-        if any(is_random(node) for node in kernel.nodes):
-            names += ", seed"
         lines.append(f"kernels.{kernel.name}({names})")
         return lines
     head, *getitems = kernel.nodes
@@ -136,8 +133,6 @@ def generate_program(program: Program, title: str = "") -> str:
         names = ", ".join(variable(name) for name in program.inputs)
         body.append(f"{names}, = args")
     body.append("args.clear()")
-    if any(is_random(node) for kernel in program.kernels_of("triton") for node in kernel.nodes):
-        body.append("seed = rt.seed()  # one draw from torch's generator per call")
     for name in program.constants:
         body.append(f"{variable(name)} = rt.constant({name!r})")
     if program.frees.get(-1):

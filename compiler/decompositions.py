@@ -33,8 +33,36 @@ EXTRA = [
 ]
 
 
+def _seed(device) -> torch.Tensor:
+    """One draw from torch's generator: the key of a uniform stream."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
+
+
+def _rand_like(x, *, dtype=None, layout=None, device=None, pin_memory=None,
+               memory_format=None):
+    dtype, device = dtype or x.dtype, device or x.device
+    like = x if (dtype, torch.device(device)) == (x.dtype, x.device) else \
+        torch.zeros(x.shape, dtype=dtype, device=device)
+    return torch.ops.retrograd.uniform(like, _seed(device), 0)
+
+
+def _rand(size, *, generator=None, dtype=None, layout=None, device=None, pin_memory=None):
+    if generator is not None:   # a generator of the caller's: leave it to torch
+        return NotImplemented
+    like = torch.zeros(size, dtype=dtype or torch.get_default_dtype(), device=device)
+    return torch.ops.retrograd.uniform(like, _seed(like.device), 0)
+
+
+#: Uniform draws become a seed and a pure function of it (retrograd/rng.py),
+#: so that checkpoint placement can recompute them -- a dropout mask -- in
+#: the backward instead of saving them.
+RANDOM = {aten.rand_like.default: _rand_like, aten.rand.default: _rand}
+
+
 @functools.lru_cache(maxsize=None)
 def decomposition_table() -> dict:
+    import retrograd.rng  # noqa: F401  (registers retrograd::uniform)
     table = dict(torch._decomp.core_aten_decompositions())
     table.update(torch._decomp.get_decompositions(EXTRA))
+    table.update(RANDOM)
     return table

@@ -40,7 +40,7 @@ from retrograd.report import PassRecord, build_report
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
 from retrograd.runtime.executor import FxExecutable, GeneratedExecutable
-from retrograd.verify import compare, run_graph
+from retrograd.verify import compare, run_graph, run_program
 
 __all__ = ["GraphCompiler", "PassError", "JOINT_PASSES", "HALF_PASSES"]
 
@@ -316,12 +316,8 @@ class GraphCompiler:
             run_pass("buffer_reuse", buffer_reuse.run, program, ctx, records)
             self._check_program("buffer_reuse", program, reference)
         executable, kernels, wrapper = self._generate(program, example_inputs, records)
-        random = any(codegen_ops.is_random(n) for k in program.kernels for n in k.nodes)
         if reference is not None and not isinstance(executable, FxExecutable):
-            if random:   # Philox streams cannot reproduce torch's generator
-                log.info("%s: verify skips the generated code: it draws random numbers", name)
-            else:
-                compare("codegen", executable(list(reference[0])), reference[1])
+            compare("codegen", run_program(executable, reference[0]), reference[1])
         report = build_report(half, name, program, records, self.captured_nodes,
                               len(gm.graph.nodes), perf_counter() - self.started)
         self.reports[half] = report
@@ -332,7 +328,7 @@ class GraphCompiler:
 
     def _check_program(self, stage: str, program: Program, reference) -> None:
         if reference is not None:
-            compare(stage, FxExecutable(program)(list(reference[0])), reference[1])
+            compare(stage, run_program(FxExecutable(program), reference[0]), reference[1])
 
     def _generate(self, program: Program, example_inputs, records: list[PassRecord]):
         start = perf_counter()

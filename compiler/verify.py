@@ -10,12 +10,15 @@ booleans exactly, and a NaN where the reference has none always fails.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-__all__ = ["VerificationError", "compare", "run_graph", "TOLERANCE"]
+__all__ = ["VerificationError", "compare", "run_graph", "run_program", "same_random_numbers",
+           "TOLERANCE"]
 
 #: Relative error allowed per dtype (fused code may reorder float math).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2,
@@ -26,12 +29,27 @@ class VerificationError(AssertionError):
     """A pass changed what the graph computes."""
 
 
+@contextlib.contextmanager
+def same_random_numbers():
+    """Every stage draws the same seeds (retrograd's uniform draws are a pure
+    function of them, compiler/rng.py); the caller's generator is restored."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
 def run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list:
     """Run ``gm`` on flat inputs, whatever its pytree signature."""
-    with torch.no_grad():
-        torch.manual_seed(0)   # random ops draw the same numbers in every stage
+    with torch.no_grad(), same_random_numbers():
         result = fx.Interpreter(gm).run(*inputs, enable_io_processing=False)
     return list(result) if isinstance(result, (list, tuple)) else [result]
+
+
+def run_program(executable, inputs: Sequence[Any]) -> list:
+    """Run a compiled program (boxed) on a copy of the inputs list, seeded as above."""
+    with torch.no_grad(), same_random_numbers():
+        return list(executable(list(inputs)))
 
 
 def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:

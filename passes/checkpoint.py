@@ -7,10 +7,10 @@ next to its first backward consumer, so fusion folds it into that kernel and
 it does not stay alive longer than needed.
 
 - ``memory_budget=None``: the fewest saved bytes, recomputing only cheap ops
-  (pointwise, views, fills, reductions, indexed reads), never matrix products,
-  convolutions or random draws (a random op is recomputable only when its
-  stream replays exactly; ours are keyed per program call, so not across the
-  split). A minimum cut, as in AOTAutograd's min-cut partitioner.
+  (pointwise, views, fills, reductions, indexed reads, and uniform draws,
+  which are a pure function of a saved seed: compiler/rng.py), never matrix
+  products, convolutions or seed draws. A minimum cut, as in AOTAutograd's
+  min-cut partitioner.
 - ``memory_budget=f``: saved bytes at most ``f`` times those of the plan that
   saves every forward value the backward reads (``save_all_bytes``), at the
   least recompute cost; any deterministic op may be recomputed, matrix

@@ -306,7 +306,7 @@ class _Builder:
         "buffer", or "shape" (a lowered fill such as ``full_like(x)`` uses only
         x's shape, so x need not exist in memory for it)."""
         support = self.grouping.support
-        if support.reads_shape_only(consumer) and support.can_lower(consumer):
+        if support.reads_shape_only(consumer, arg) and support.can_lower(consumer):
             return "shape"
         group = self.grouping.group_of.get(consumer)
         if group is None:

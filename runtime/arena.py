@@ -46,12 +46,6 @@ class Allocator:
     def empty(self, shape, strides, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty_strided(shape, strides, dtype=dtype, device=self.device)
 
-    @staticmethod
-    def seed() -> int:
-        """A key for the generated random streams, drawn from torch's CPU
-        generator, so ``torch.manual_seed`` makes runs repeat (no device sync)."""
-        return int(torch.randint(0, 2**31 - 1, ()).item())
-
     def constant(self, name: str) -> Any:
         return self.constants[name]
 

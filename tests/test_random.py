@@ -38,9 +38,14 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_no_extern(compiled, halves=("forward", "backward")) -> None:
+    """Everything runs in Triton but the seed draws (one ``randint`` per random
+    node, from torch's generator: compiler/rng.py), and only in the forward."""
     for half in halves:
         kernels = compiled.reports[half]["kernels"]
-        assert kernels["extern_ops"] == {} and kernels["triton"] >= 1, (half, kernels)
+        extern = dict(kernels["extern_ops"])
+        draws = extern.pop("aten.randint.low", 0)
+        assert extern == {} and kernels["triton"] >= 1, (half, kernels)
+        assert half == "forward" or draws == 0, (half, kernels)
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +75,27 @@ def test_dropout_mask_rate_scale_and_backward(p):
     out.backward(upstream)
     torch.testing.assert_close(x.grad, upstream * kept / (1 - p), rtol=1e-6, atol=1e-7)
     assert_no_extern(compiled)
+
+
+def test_the_backward_recomputes_the_mask_from_the_forward_seed():
+    """Checkpoint placement saves the seed (8 bytes), not the mask: the backward
+    draws the same numbers again and applies exactly the forward's mask."""
+    def fn(x, w):
+        return F.dropout(torch.tanh(x @ w), 0.3, training=True)
+    compiled = retrograd.compile(fn, executor="interpret")
+    x = away_from_zero(*SHAPE).requires_grad_()
+    w = (torch.eye(SHAPE[1]) + 0.01).requires_grad_()
+    out = compiled(x, w)
+    upstream = torch.randn(SHAPE)
+    out.backward(upstream)
+    stats = next(p["stats"] for p in compiled.reports["forward"]["passes"]
+                 if p["name"] == "checkpoint")
+    assert "randint" in stats["saved"] and "uniform" in stats["recomputed"]
+    assert not any(name.startswith(("gt", "uniform")) for name in stats["saved"])
+    reference = x.detach().clone().requires_grad_()
+    kept = (out != 0).float()
+    (torch.tanh(reference @ w.detach()) * kept / 0.7).backward(upstream)
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_mask_in_bfloat16():
@@ -104,12 +130,13 @@ def test_two_dropouts_in_one_graph_are_independent():
                                  executor="interpret")
     a, b = compiled(away_from_zero(*SHAPE))
     assert abs(correlation(a != 0, b != 0)) < 5 / math.sqrt(N)
-    assert compiled.reports["forward"]["kernels"]["extern_ops"] == {}
+    # each draw has a seed of its own: two streams, not two stretches of one
+    assert compiled.reports["forward"]["kernels"]["extern_ops"] == {"aten.randint.low": 2}
 
 
 def test_dropouts_in_different_kernels_are_independent():
     """The two draws are in kernels on either side of a matrix product: each
-    random node has its own stretch of the call's stream."""
+    random node has a stream of its own (its own seed)."""
     def fn(x, w):
         first = F.dropout(x, 0.5)
         return first, F.dropout(first @ w + 1.0, 0.5)
@@ -203,7 +230,7 @@ def test_rand_like_is_uniform():
     flat = values.flatten()
     assert abs(correlation(flat[:-1], flat[1:])) < bound
     kernels = compiled.reports["forward"]["kernels"]
-    assert kernels["triton"] == 1 and kernels["extern"] == 0, kernels
+    assert kernels["triton"] == 1 and kernels["extern_ops"] == {"aten.randint.low": 1}, kernels
 
 
 def test_rand_like_repeats_under_manual_seed():

@@ -1,0 +1,77 @@
+"""Random numbers as a deterministic function of a seed: ``retrograd::uniform``.
+
+``torch.rand_like(x)`` draws from torch's generator, so recomputing it gives
+other numbers: a dropout mask cannot be recomputed in the backward and must
+be saved (one byte per element, for every dropout). retrograd's
+decompositions write every uniform draw as two nodes instead:
+
+    seed = aten.randint(0, 2**31 - 1, [])     # one draw from torch's generator
+    u = retrograd.uniform(like, seed, offset)  # Philox 4x32-10 of (seed, offset + i)
+
+The seed node is random (never recomputed, saved: 8 bytes); ``uniform`` is a
+pure function of it, so checkpoint placement may recompute it -- and the
+mask -- in the backward, where the same seed gives the same numbers. This is
+the counter-based RNG of JAX and of AOTAutograd's functionalized RNG (Salmon
+et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), here on CPU
+too.
+
+The eager implementation below (numpy, used by the ``fx`` executor and by
+``verify``) computes exactly what the generated Triton helper ``_uniform``
+computes: the top 24 bits of Philox's first word times 2**-24, rounded down
+to ``k / 2**digits`` for half precision, as torch draws them.
+"""
+
+from __future__ import annotations
+
+import numpy
+import torch
+
+__all__ = ["uniform", "philox_uniform", "HALF_DIGITS"]
+
+#: Mantissa bits of the half-precision uniforms torch draws (k / 2**digits).
+HALF_DIGITS = {torch.float16: 11, torch.bfloat16: 8}
+
+_MASK = numpy.uint64(0xFFFFFFFF)
+
+
+def _mulhi(a: int, b: numpy.ndarray) -> numpy.ndarray:
+    return ((numpy.uint64(a) * b.astype(numpy.uint64)) >> numpy.uint64(32)).astype(numpy.uint32)
+
+
+def _mullo(a: int, b: numpy.ndarray) -> numpy.ndarray:
+    return ((numpy.uint64(a) * b.astype(numpy.uint64)) & _MASK).astype(numpy.uint32)
+
+
+def philox_uniform(seed: int, counters: numpy.ndarray) -> numpy.ndarray:
+    """Uniform float32 in [0, 1) at each 32-bit counter, keyed by ``seed``."""
+    c0 = counters.astype(numpy.uint32)
+    c1 = numpy.zeros_like(c0)
+    c2 = numpy.zeros_like(c0)
+    c3 = numpy.zeros_like(c0)
+    k0, k1 = seed & 0xFFFFFFFF, 0
+    for _ in range(10):
+        old0, old2 = c0, c2
+        c0 = _mulhi(0xCD9E8D57, old2) ^ c1 ^ numpy.uint32(k0)
+        c2 = _mulhi(0xD2511F53, old0) ^ c3 ^ numpy.uint32(k1)
+        c1 = _mullo(0xCD9E8D57, old2)
+        c3 = _mullo(0xD2511F53, old0)
+        k0 = (k0 + 0x9E3779B9) & 0xFFFFFFFF
+        k1 = (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return (c0 >> numpy.uint32(8)).astype(numpy.float32) * numpy.float32(2.0 ** -24)
+
+
+@torch.library.custom_op("retrograd::uniform", mutates_args=())
+def uniform(like: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    """Uniform [0, 1) shaped like ``like`` (its dtype and device; contiguous),
+    element ``i`` from counter ``offset + i`` of the stream keyed by ``seed``."""
+    counters = numpy.arange(offset, offset + like.numel(), dtype=numpy.int64)
+    values = torch.from_numpy(philox_uniform(int(seed), counters & 0xFFFFFFFF))
+    digits = HALF_DIGITS.get(like.dtype)
+    if digits:
+        values = torch.floor(values * 2.0 ** digits) * 2.0 ** -digits
+    return values.to(like.dtype).reshape(like.shape).to(like.device)
+
+
+@uniform.register_fake
+def _(like: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
