@@ -151,6 +151,66 @@ def transpose_matmuls(graph: fx.Graph) -> int:
     return rewritten
 
 
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _row_operand(arg, shape, dim: int) -> bool:
+    """A scalar, or a tensor of ``shape`` but for size 1 at ``dim``."""
+    value = _val(arg)
+    if not isinstance(value, torch.Tensor):
+        return not isinstance(arg, fx.Node)
+    return value.dim() == len(shape) and value.shape[dim] == 1 and all(
+        size == shape[d] for d, size in enumerate(value.shape) if d != dim)
+
+
+def _push_one(graph: fx.Graph, gather: fx.Node) -> fx.Node | None:
+    """``gather(f(x, rows...), dim, index)`` -> ``f(gather(x, dim, index), rows...)``
+    for a pointwise ``f`` whose other operands are constant along ``dim``."""
+    source, dim, index = gather.args[:3]
+    inner = source if isinstance(source, fx.Node) else None
+    if inner is None or inner.op != "call_function" or len(gather.args) > 3 or gather.kwargs \
+            or torch.Tag.pointwise not in getattr(inner.target, "tags", ()):
+        return None
+    shape = tuple(_val(inner).shape)
+    dim = dim % len(shape)
+    if any(size != shape[d] for d, size in enumerate(_val(index).shape) if d != dim):
+        return None
+    full = [a for a in inner.args if isinstance(_val(a), torch.Tensor)
+            and tuple(_val(a).shape) == shape]
+    if len(full) != 1 or not all(a is full[0] or _row_operand(a, shape, dim) for a in inner.args) \
+            or any(isinstance(v, fx.Node) for v in inner.kwargs.values()):
+        return None
+    with graph.inserting_before(gather):
+        pushed = graph.call_function(aten.gather.default, (full[0], dim, index))
+        pushed.meta["val"] = aten.gather.default(_val(full[0]), dim, _val(index))
+        args = tuple(pushed if a is full[0] else a for a in inner.args)
+        result = graph.call_function(inner.target, args, dict(inner.kwargs))
+        result.meta["val"] = inner.target(*[_val(a) if isinstance(a, fx.Node) else a
+                                            for a in args], **inner.kwargs)
+    gather.replace_all_uses_with(result)
+    graph.erase_node(gather)
+    return pushed
+
+
+def push_gathers(graph: fx.Graph) -> int:
+    """Move each ``gather`` through the pointwise ops that made its source, as
+    long as their other operands are constant along the gathered dimension:
+    ``gather(x - amax - log(sum(exp(x - amax))), 1, target)`` (cross-entropy's
+    log-softmax, then the target's entry) becomes ``gather(x, 1, target) -
+    amax - log(...)``. An indexed read needs its source in memory; now that
+    source is the logits, which are there anyway, and the full log-softmax
+    need not be written (Liger's and Inductor's fused cross-entropy avoid it
+    the same way)."""
+    pushed = 0
+    for node in list(graph.nodes):
+        while node is not None and node.op == "call_function" \
+                and node.target is aten.gather.default:
+            node = _push_one(graph, node)
+            pushed += node is not None
+    return pushed
+
+
 #: Ops with an ``output_mask`` (last argument) choosing which results they compute.
 MASKED_OPS = {torch.ops.aten.convolution_backward.default,
               torch.ops.aten.native_layer_norm_backward.default,
@@ -181,6 +241,8 @@ def run(gm: fx.GraphModule, ctx) -> dict:
     transposed = transpose_matmuls(gm.graph)
     before += 1 * transposed   # each rewrite adds one node; not "dead" code
     views = remove_no_op_views(gm.graph)
+    gathers = push_gathers(gm.graph)
+    before += gathers   # each push adds a node net (the gather moves, the op is copied)
     merged = eliminate_common_subexpressions(gm.graph)
     gm.graph.eliminate_dead_code()
     narrowed = narrow_output_masks(gm.graph)
@@ -188,4 +250,4 @@ def run(gm: fx.GraphModule, ctx) -> dict:
     dead = before - len(gm.graph.nodes) - views - merged
     return {"dead_nodes_removed": dead, "common_subexpressions_merged": merged,
             "no_op_views_removed": views, "matmuls_transposed": transposed,
-            "masked_results_dropped": narrowed}
+            "masked_results_dropped": narrowed, "gathers_pushed": gathers}

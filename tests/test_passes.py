@@ -199,7 +199,7 @@ def test_cleanup_then_view_removal_enables_cse():
     assert targets(gm) == [aten.exp.default, aten.add.Tensor]
     assert stats == {"dead_nodes_removed": 0, "common_subexpressions_merged": 1,
                      "no_op_views_removed": 1, "matmuls_transposed": 0,
-                     "masked_results_dropped": 0}
+                     "masked_results_dropped": 0, "gathers_pushed": 0}
 
 
 def test_cleanup_removes_views_that_undo_each_other():
@@ -216,6 +216,34 @@ def test_cleanup_writes_a_transposed_product_transposed():
     [product] = [n for n in gm.graph.nodes if n.target is aten.mm.default]
     assert product.meta["val"].shape == (4, 3) and product.meta["val"].is_contiguous()
     torch.testing.assert_close(gm(a, b)[0], (a @ b).t())
+
+
+def test_cleanup_gathers_the_logits_not_the_log_softmax():
+    """Cross-entropy's gather moves through log-softmax's pointwise ops (their
+    other operands are row values): it reads the logits, and the log-softmax
+    is no longer needed in memory for it. Same values."""
+    import torch.nn.functional as F
+    logits, target = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    gm = trace(lambda x, t: F.cross_entropy(x, t, reduction="none"), logits, target,
+               decompose=True)
+    expected = run_gm(gm, [logits, target])
+    stats = cleanup.run(gm, context())
+    assert stats["gathers_pushed"] == 2
+    [gather] = [n for n in gm.graph.nodes if n.target is aten.gather.default]
+    assert gather.args[0].op == "placeholder"
+    torch.testing.assert_close(run_gm(gm, [logits, target]), expected)
+
+
+def test_cleanup_keeps_a_gather_whose_source_varies_along_the_dimension():
+    x, y, index = torch.randn(4, 5), torch.randn(4, 5), torch.randint(0, 5, (4, 2))
+    gm = trace(lambda x, y, i: torch.gather(x * y, 1, i), x, y, index)
+    expected = run_gm(gm, [x, y, index])
+    assert cleanup.run(gm, context())["gathers_pushed"] == 0
+    torch.testing.assert_close(run_gm(gm, [x, y, index]), expected)
+    # a row operand, but the index is narrower along another dimension: kept too
+    gm = trace(lambda x, r, i: torch.gather(x - r, 1, i), x, torch.randn(4, 1),
+               torch.randint(0, 5, (3, 2)))
+    assert cleanup.run(gm, context())["gathers_pushed"] == 0
 
 
 # ================================================================ fusion
