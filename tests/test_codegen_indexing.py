@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import retrograd
-from checks import assert_close
+from checks import check_against_eager
 
 
 
@@ -28,31 +28,10 @@ from checks import assert_close
 
 
 def check(fn, *inputs, grad: bool = True, extern_free=("forward", "backward"), **options):
-    """Compile ``fn``; compare outputs and the gradients of floating inputs with
-    eager on float64 copies; assert no extern op in the ``extern_free`` halves."""
-    compiled = retrograd.compile(fn, executor="interpret", **options)
-    wants = [grad and x.is_floating_point() for x in inputs]
-    mine = [x.detach().clone().requires_grad_(w) for x, w in zip(inputs, wants)]
-    wide = [(x.detach().double() if x.is_floating_point() else x.detach().clone())
-            .requires_grad_(w) for x, w in zip(inputs, wants)]
-    with torch.no_grad():
-        eager = fn(*[x.detach() for x in inputs])
-    got, ref = compiled(*mine), fn(*wide)
-    many = isinstance(ref, tuple)
-    got, ref, eager = (got, ref, eager) if many else ((got,), (ref,), (eager,))
-    for index, (g, r, e) in enumerate(zip(got, ref, eager)):
-        assert_close(g, r, e.dtype, f"output {index}")
-    if any(wants):
-        pairs = [(g, r) for g, r in zip(got, ref) if g.requires_grad]
-        upstream = [torch.randn(g.shape, dtype=torch.float64) for g, _ in pairs]
-        torch.autograd.backward([g for g, _ in pairs], [u.to(g.dtype) for u, (g, _) in
-                                                        zip(upstream, pairs)])
-        torch.autograd.backward([r for _, r in pairs], upstream)
-        for index, (x, x64) in enumerate(zip(mine, wide)):
-            if x.requires_grad:
-                assert x.grad is not None, f"input {index} got no gradient"
-                assert_close(x.grad, x64.grad, x.dtype, f"grad of input {index}")
-    for half in extern_free if any(wants) else ("forward",):
+    """``check_against_eager``, and no extern op in the ``extern_free`` halves."""
+    compiled = check_against_eager(fn, *inputs, grad=grad, **options)
+    wants = any(grad and x.is_floating_point() for x in inputs)
+    for half in extern_free if wants else ("forward",):
         kernels = compiled.reports[half]["kernels"]
         assert kernels["extern_ops"] == {}, f"{half}: extern ops {kernels['extern_ops']}"
     assert compiled.reports["forward"]["kernels"]["triton"] >= 1

@@ -26,8 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import retrograd
-from checks import assert_close
+from checks import check_against_eager as check
 
 LONG = 1e-4          # float32 sums over a looped extent
 EXTENT = 20000       # > 2**14: several RBLOCK steps on the interpreter
@@ -38,40 +37,6 @@ EXTENT = 20000       # > 2**14: several RBLOCK steps on the interpreter
 
 
 
-
-
-def _as_tuple(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def check(fn, *inputs, grad: bool = True, tolerance: float | None = None,
-          grad_tolerance: float | None = None, **options):
-    """Compile ``fn``, compare its outputs (and, with ``grad``, the gradients of
-    its floating inputs under random upstream gradients) with eager on float64
-    copies of ``inputs``. Output dtypes must be eager's. Returns the compiled
-    function (for its reports)."""
-    compiled = retrograd.compile(fn, executor="interpret", **options)
-    wants = [grad and x.is_floating_point() for x in inputs]
-    mine = [x.detach().clone().requires_grad_(w) for x, w in zip(inputs, wants)]
-    wide = [(x.detach().double() if x.is_floating_point() else x.detach().clone())
-            .requires_grad_(w) for x, w in zip(inputs, wants)]
-    with torch.no_grad():
-        eager_dtypes = [o.dtype for o in _as_tuple(fn(*[x.detach() for x in inputs]))]
-    got, ref = _as_tuple(compiled(*mine)), _as_tuple(fn(*wide))
-    assert len(got) == len(ref)
-    for index, (g, r, dtype) in enumerate(zip(got, ref, eager_dtypes)):
-        assert_close(g, r, dtype, f"output {index}", tolerance)
-    if not any(wants):
-        return compiled
-    pairs = [(g, r) for g, r in zip(got, ref) if g.requires_grad]
-    upstream = [torch.randn(g.shape, dtype=torch.float64).to(g.dtype) for g, _ in pairs]
-    torch.autograd.backward([g for g, _ in pairs], upstream)
-    torch.autograd.backward([r for _, r in pairs], [u.double() for u in upstream])
-    for index, (x, x64) in enumerate(zip(mine, wide)):
-        if x.requires_grad:
-            assert x.grad is not None, f"input {index} got no gradient"
-            assert_close(x.grad, x64.grad, x.dtype, f"grad of input {index}", grad_tolerance)
-    return compiled
 
 
 def assert_triton(compiled, halves=("forward", "backward"), kernels: int | None = None) -> None:
