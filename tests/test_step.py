@@ -39,6 +39,20 @@ def _relative(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _eager_step(model, optimizer, loss_fn, *batch) -> torch.Tensor:
+    """One step of the eager loop compile_step is compared with."""
+    optimizer.zero_grad()
+    loss = loss_fn(model, *batch)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _assert_same_parameters(compiled_model, eager_model) -> None:
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+        assert _relative(p.detach(), q.detach()) < 1e-5
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_steps_match_an_eager_loop(name):
     compiled_model, eager_model = _model(), _model()
@@ -50,13 +64,10 @@ def test_steps_match_an_eager_loop(name):
     for _ in range(4):
         x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
         loss = step(x, y)
-        eager_opt.zero_grad()
-        reference = _loss(eager_model, x, y)
-        reference.backward()
-        eager_opt.step()
+        reference = _eager_step(eager_model, eager_opt, _loss, x, y)
         assert _relative(loss.detach(), reference.detach()) < 1e-5
+    _assert_same_parameters(compiled_model, eager_model)
     for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
-        assert _relative(p.detach(), q.detach()) < 1e-5
         for key, value in eager_opt.state[q].items():
             mine = compiled_opt.state[p][key]
             assert _relative(torch.as_tensor(mine).float(), torch.as_tensor(value).float()) < 1e-5
@@ -115,11 +126,8 @@ def test_frozen_parameters_stay_put_and_the_rest_train():
     for _ in range(2):
         x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
         step(x, y)
-        eager_opt.zero_grad()
-        _loss(eager_model, x, y).backward()
-        eager_opt.step()
-    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
-        assert _relative(p.detach(), q.detach()) < 1e-5
+        _eager_step(eager_model, eager_opt, _loss, x, y)
+    _assert_same_parameters(compiled_model, eager_model)
 
 
 def _program_of(step):
@@ -216,14 +224,10 @@ def test_tied_parameters_are_replaced_under_every_name():
     for _ in range(3):
         ids = torch.randint(0, 11, (2, 5))
         got = step(ids)
-        eager_opt.zero_grad()
-        expected = loss(eager_model, ids)
-        expected.backward()
-        eager_opt.step()
+        expected = _eager_step(eager_model, eager_opt, loss, ids)
         assert _relative(got.detach(), expected.detach()) < 1e-5
     assert compiled_model.head.weight is compiled_model.embed.weight
-    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
-        assert _relative(p.detach(), q.detach()) < 1e-5
+    _assert_same_parameters(compiled_model, eager_model)
 
 
 def test_a_memory_budget_applies_to_the_step():
@@ -238,13 +242,9 @@ def test_a_memory_budget_applies_to_the_step():
     optimizer = torch.optim.SGD(eager.parameters(), lr=0.1)
     x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
     got = step(x, y)
-    optimizer.zero_grad()
-    expected = _loss(eager, x, y)
-    expected.backward()
-    optimizer.step()
+    expected = _eager_step(eager, optimizer, _loss, x, y)
     assert _relative(got.detach(), expected.detach()) < 1e-5
-    for p, q in zip(model.parameters(), eager.parameters()):
-        assert _relative(p.detach(), q.detach()) < 1e-5
+    _assert_same_parameters(model, eager)
     stats = next(p["stats"] for p in step.reports["step"]["passes"] if p["name"] == "checkpoint")
     assert stats["plan"] == "memory_budget=0.3"
     assert stats["saved_activation_bytes"] <= stats["budget_bytes"] < stats["save_all_bytes"]
