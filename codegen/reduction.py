@@ -258,17 +258,20 @@ class _Writer:
             return f"{variable}.to({ops.triton_dtype(cast_to)})"
         return variable
 
+    def address(self, buffer, consumer, full: bool) -> tuple[str, str]:
+        """Index and mask of ``buffer`` in the loop over the reduced elements
+        (``full``), or once per row, as the node ``consumer`` uses it."""
+        if full:
+            return self.full_index(buffer.shape, buffer.strides), "mask"
+        return (self.row_index(buffer.shape, buffer.strides, consumer.meta["val"].shape),
+                "row_mask")
+
     def _load(self, name: str, consumer, full: bool) -> str:
         buffer = self.buffers[name]
         cache = self.loop_loads if full else self.row_loads
         key = (name, "full") if full else (name, tuple(consumer.meta["val"].shape))
         if key not in cache:
-            if full:
-                index = self.full_index(buffer.shape, buffer.strides)
-                mask = "mask"
-            else:
-                index = self.row_index(buffer.shape, buffer.strides, consumer.meta["val"].shape)
-                mask = "row_mask"
+            index, mask = self.address(buffer, consumer, full)
             variable = f"{name}_{'in' if full else 'row'}{len(cache)}"
             dtype = getattr(torch, buffer.dtype)
             text = f"tl.load({name}_ptr + {index}, mask={mask}, other=0)"
@@ -417,13 +420,7 @@ class _Writer:
 
     def store(self, name: str, full: bool) -> None:
         buffer = self.buffers[name]
-        node = self.group[name]
-        if full:
-            index = self.full_index(buffer.shape, buffer.strides)
-            mask = "mask"
-        else:
-            index = self.row_index(buffer.shape, buffer.strides, node.meta["val"].shape)
-            mask = "row_mask"
+        index, mask = self.address(buffer, self.group[name], full)
         dtype = getattr(torch, buffer.dtype)
         value = name
         if dtype == torch.bfloat16:
