@@ -235,8 +235,7 @@ def footprint(program: Program, spans) -> tuple[list[int], list[int]]:
     search predicted there (``passes/windows.py``), for the dump's picture."""
     held = [0] * len(program.kernels)
     for window in program.arenas:
-        for index in range(window.start, window.stop + 1):
-            held[index] += window.nbytes
+        windows.add_span(held, window.start, window.stop, window.nbytes)
     planned = {name for name, b in program.buffers.items() if b.offset is not None}
     base = windows.base_footprint(program, spans, planned)
     return held, [a + b for a, b in zip(held, base)]

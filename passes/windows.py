@@ -24,9 +24,11 @@ chained in place along it still share that one allocation).
    when no cut lowers it (Pisarchyk & Lee's planners make the same kind of
    choice with a memory-usage objective rather than a count of arenas).
 
-The footprint model: at kernel ``t``, the arenas held, plus every value with
-storage of its own that is alive (inputs the program still reads, extern and
-standalone results, escaping outputs from their birth on), plus, at a
+The footprint model: at kernel ``t``, the arenas held, plus every storage of
+the program's own that is alive (extern and standalone results, escaping
+outputs from their birth on; a buffer written in place over another extends
+that storage's life; inputs are left out: the caller holds most of them,
+parameters and the batch, anyway), plus, at a
 convolution (``SCRATCH_OPS``), scratch as large as the bytes the call reads
 and writes -- torch allocates workspace there that the plan cannot see
 (oneDNN does on CPU, cuDNN on GPU), and the estimate keeps arenas small
@@ -41,7 +43,8 @@ from dataclasses import dataclass, field
 
 from retrograd.ir import Program
 
-__all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "SCRATCH_OPS"]
+__all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "add_span",
+           "SCRATCH_OPS"]
 
 #: Extern ops that take workspace torch allocates inside the call.
 SCRATCH_OPS = ("convolution",)
@@ -76,26 +79,40 @@ def busy_periods(slots: list) -> list[Window]:
     return windows
 
 
+def _storages(program: Program, spans: dict[str, tuple[int, int]], planned: set[str]):
+    """(bytes, first, last) per storage outside the arenas. A buffer written in
+    place over another (``Buffer.reuses``) allocates nothing and extends the
+    life of the storage it reuses; program inputs are the caller's."""
+    lives: dict[str, tuple[int, int]] = {}
+    for name, buffer in program.buffers.items():
+        if name in planned or buffer.role == "view" or name in program.constants \
+                or name not in spans:
+            continue
+        root = name
+        while program.buffers[root].reuses is not None:
+            root = program.buffers[root].reuses
+        start, stop = spans[name]
+        first, last = lives.get(root, (start, stop))
+        lives[root] = (min(first, start), max(last, stop))
+    return [(program.buffers[root].nbytes, first, last) for root, (first, last) in lives.items()
+            if program.buffers[root].role != "input"]
+
+
 def base_footprint(program: Program, spans: dict[str, tuple[int, int]],
                    planned: set[str]) -> list[int]:
     """Predicted bytes held at each kernel outside the arenas (module docstring)."""
-    count = len(program.kernels)
-    held = [0] * (count + 1)
-    for name, buffer in program.buffers.items():
-        if name in planned or buffer.role in ("view", "input") or name in program.constants \
-                or name not in spans or buffer.reuses is not None:
-            continue
-        start, stop = spans[name]
-        for index in range(max(start, 0), min(stop, count - 1) + 1):
-            held[index] += buffer.nbytes
+    held = [0] * len(program.kernels)
+    for nbytes, start, stop in _storages(program, spans, planned):
+        add_span(held, start, stop, nbytes)
     for index, kernel in enumerate(program.kernels):
         if kernel.kind == "extern" and any(op in kernel.op for op in SCRATCH_OPS):
             held[index] += sum(program.buffers[n].nbytes for n in kernel.inputs + kernel.outputs
                                if n in program.buffers)
-    return held[:count]
+    return held
 
 
-def _add(profile: list[int], start: int, stop: int, nbytes: int) -> None:
+def add_span(profile: list[int], start: int, stop: int, nbytes: int) -> None:
+    """Add ``nbytes`` at kernels ``start..stop`` (clipped to the schedule)."""
     for index in range(max(start, 0), min(stop, len(profile) - 1) + 1):
         profile[index] += nbytes
 
@@ -106,9 +123,9 @@ def _profile(base: list[int], windows: list[Window], standalone: list, size) -> 
     keeps one allocation)."""
     profile = list(base)
     for window in windows:
-        _add(profile, window.start, window.stop, size(window))
+        add_span(profile, window.start, window.stop, size(window))
     for slot in standalone:
-        _add(profile, slot.start, slot.stop, slot.size)
+        add_span(profile, slot.start, slot.stop, slot.size)
     return profile
 
 
