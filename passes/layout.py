@@ -28,12 +28,11 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.fx as fx
 
 from retrograd.ir import Buffer, Kernel, Program
 
 __all__ = ["run", "channels_last_strides", "CONVOLUTIONS"]
-
-aten = torch.ops.aten
 
 CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
 
@@ -55,11 +54,13 @@ def _is_convolution(kernel: Kernel) -> bool:
     return kernel.kind == "extern" and kernel.op in CONVOLUTIONS
 
 
-def _movable(program: Program, name: str, readers, producers, last) -> bool:
-    """A temporary 4-D activation whose every reader copes with any layout."""
+def _movable(program: Program, name: str, readers, producers, escaping, last) -> bool:
+    """A temporary 4-D activation not yet channels-last, written by a generated
+    kernel or by a convolution torch lays out channels-last (``last``), whose
+    every reader copes with any layout."""
     buffer: Buffer | None = program.buffers.get(name)
     if buffer is None or buffer.role != "temporary" or len(buffer.shape) != 4 \
-            or name in program.escaping() or buffer.strides == channels_last_strides(buffer.shape):
+            or name in escaping or buffer.strides == channels_last_strides(buffer.shape):
         return False
     producer = producers.get(name)
     if producer is None or not (producer.kind == "triton" or name in last):
@@ -85,27 +86,30 @@ def _results(kernel: Kernel) -> list[str]:
 def run(program: Program, ctx) -> dict:
     readers = _readers(program)
     producers = {name: kernel for kernel in program.kernels for name in kernel.outputs}
-    last: set[str] = set()        # convolution results already channels-last
+    escaping = program.escaping()
+    last: set[str] = set()        # convolution results torch returns channels-last
     changed: list[str] = []
     convolutions = 0
+
+    def movable(name: str) -> bool:
+        return _movable(program, name, readers, producers, escaping, last)
+
     for kernel in program.kernels:
         if not _is_convolution(kernel) or not _cpu(kernel):
             continue
         head = kernel.nodes[0]
         backward = kernel.op == "aten.convolution_backward.default"
         source = head.args[1 if backward else 0]
-        if getattr(source, "name", None) is None or not _movable(
-                program, source.name, readers, producers, last) and source.name not in changed:
+        if not isinstance(source, fx.Node) or source.name not in changed \
+                and not movable(source.name):
             continue
         convolutions += 1
+        last |= set(_results(kernel))
         moved = [source.name] + ([head.args[0].name] if backward else []) + _results(kernel)
         for name in moved:
-            if name in changed or not _movable(program, name, readers, producers,
-                                               last | set(_results(kernel))):
-                continue
-            buffer = program.buffers[name]
-            buffer.strides = channels_last_strides(buffer.shape)
-            changed.append(name)
-        last |= set(_results(kernel))
+            if name not in changed and movable(name):
+                buffer = program.buffers[name]
+                buffer.strides = channels_last_strides(buffer.shape)
+                changed.append(name)
     return {"convolutions": convolutions, "channels_last_buffers": len(changed),
             "buffers": changed}
