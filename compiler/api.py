@@ -107,10 +107,11 @@ class _Cache:
         modules = ([self.module] if self.module is not None else []) + self.lifted
         if not modules:
             return ()
-        holder = torch.nn.ModuleList(modules)
-        state = [*holder.parameters(), *holder.buffers()]
-        return (("training", tuple(m.training for m in holder.modules())),
-                ("requires_grad", tuple(p.requires_grad for p in holder.parameters())),
+        parameters = [p for module in modules for p in module.parameters()]
+        state = parameters + [b for module in modules for b in module.buffers()]
+        return (("training", tuple(sub.training for module in modules
+                                   for sub in module.modules())),
+                ("requires_grad", tuple(p.requires_grad for p in parameters)),
                 ("state", tuple((id(t), t.dtype, tuple(t.shape), t.device) for t in state)))
 
     @property

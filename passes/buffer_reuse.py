@@ -267,12 +267,12 @@ def _donations(program: Program, spans, support) -> dict[str, str]:
     """
     producer = {name: (index, kernel) for index, kernel in enumerate(program.kernels)
                 for name in kernel.outputs}
-    escaping_inputs = {program.root(n) for n in program.outputs if isinstance(n, str)}
+    escaping = program.escaping()
     outputs = [n for n in program.outputs if isinstance(n, str)]
     donated: dict[str, str] = {}
     for output, source in program.updates.items():
         new, old = program.buffers.get(output), program.buffers.get(source)
-        if new is None or old is None or output not in producer or source in escaping_inputs \
+        if new is None or old is None or output not in producer or source in escaping \
                 or new.role == "view" or outputs.count(output) != 1 \
                 or source in donated.values() or source not in program.inputs:
             continue
