@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-from retrograd.capture import compile_graph, signature
+from retrograd.capture import compile_graph, real_primals, signature
 from retrograd.options import Options
 
 __all__ = ["compile", "grad", "value_and_grad", "CompiledModule", "CompiledFunction",
@@ -259,9 +259,7 @@ class GradFunction:
         modules' parameters and buffers); only the loss's tangent is live
         (auxiliary outputs get no gradient)."""
         from retrograd.passes.dead_gradient import GradientSpec
-        holder = torch.nn.ModuleList(self._cache.lifted)
-        offset = len(list(holder.named_parameters(remove_duplicate=False))) + len(
-            list(holder.named_buffers(remove_duplicate=False)))
+        offset = len(real_primals(torch.nn.ModuleList(self._cache.lifted), []))
         return GradientSpec(wanted=tuple(offset + w for w in self._wanted), live_tangents=(0,))
 
     def __call__(self, *args, **kwargs):

@@ -26,7 +26,7 @@ from retrograd.decompositions import decomposition_table
 from retrograd.options import Options
 from retrograd.pipeline import GraphCompiler
 
-__all__ = ["compile_graph", "signature", "joint_graph"]
+__all__ = ["compile_graph", "signature", "joint_graph", "real_primals"]
 
 
 def signature(values: Sequence[Any]) -> tuple:
@@ -51,7 +51,7 @@ def signature(values: Sequence[Any]) -> tuple:
     return tuple(key)
 
 
-def _real_primals(module: torch.nn.Module, inputs: Sequence[Any]) -> list:
+def real_primals(module: torch.nn.Module, inputs: Sequence[Any]) -> list:
     """The values AOTAutograd will see as primals: parameters, buffers, then inputs."""
     params = dict(module.named_parameters(remove_duplicate=False))
     buffers = dict(module.named_buffers(remove_duplicate=False))
@@ -79,7 +79,7 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
     ``gradients`` (a ``dead_gradient.GradientSpec``) says which gradients the
     caller will use and which output tangents are known to be zero.
     """
-    compiler = GraphCompiler(options, _real_primals(module, example_inputs), captured_text,
+    compiler = GraphCompiler(options, real_primals(module, example_inputs), captured_text,
                              gradients)
     compiled = aot_module_simplified(
         module, _fake_inputs(example_inputs),
