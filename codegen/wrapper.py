@@ -58,6 +58,8 @@ def render(value: Any) -> str:
         return f"({items}{',' if len(value) == 1 else ''})"
     if isinstance(value, float) and not math.isfinite(value):
         return f'float("{value}")'
+    if isinstance(value, complex):
+        return f"complex({render(value.real)}, {render(value.imag)})"
     if isinstance(value, torch.dtype):
         return str(value)
     if isinstance(value, torch.device):
