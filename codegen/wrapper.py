@@ -68,17 +68,25 @@ def render(value: Any) -> str:
         return str(value)
     if isinstance(value, (bool, int, float, str, type(None))):
         return repr(value)
+    if isinstance(value, torch._ops.OpOverload):   # an argument of a higher-order op
+        return _op_name(value)
     raise TypeError(f"retrograd wrapper: cannot write argument {value!r} "
                     f"({type(value).__name__}) into program.py")
+
+
+def _op_name(target: torch._ops.OpOverload) -> str:
+    namespace = target.namespace
+    return f"{namespace}.{target._opname}.{target._overloadname}" \
+        if namespace in ("aten", "prims") else \
+        f"torch.ops.{namespace}.{target._opname}.{target._overloadname}"
 
 
 def _call(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        namespace = target.namespace
-        function = f"{namespace}.{target._opname}.{target._overloadname}" \
-            if namespace in ("aten", "prims") else \
-            f"torch.ops.{namespace}.{target._opname}.{target._overloadname}"
+        function = _op_name(target)
+    elif isinstance(target, torch._ops.HigherOrderOperator):   # with_effects, say
+        function = f"torch.ops.higher_order.{target.name()}"
     elif target is operator.getitem:
         return f"{render(node.args[0])}[{render(node.args[1])}]"
     else:
