@@ -42,8 +42,7 @@ from retrograd.runtime.device import choose_executor, device_of
 from retrograd.runtime.executor import FxExecutable, GeneratedExecutable
 from retrograd.verify import compare, run_graph, run_program
 
-__all__ = ["GraphCompiler", "PassError", "UnsupportedError", "unsupported_capture",
-           "JOINT_PASSES", "HALF_PASSES"]
+__all__ = ["GraphCompiler", "PassError", "JOINT_PASSES", "HALF_PASSES"]
 
 log = logging.getLogger("retrograd")
 
@@ -55,49 +54,6 @@ HALF_PASSES = ("fusion", "schedule", "buffer_reuse")
 
 class PassError(RuntimeError):
     """A pass raised; the message names the pass and graph, the cause is chained."""
-
-
-class UnsupportedError(RuntimeError):
-    """What the caller asked for is outside what retrograd compiles (by design,
-    not by accident): the message names the op and says what to do instead."""
-
-
-def _data_dependent_errors() -> tuple[type, ...]:
-    from torch._subclasses.fake_tensor import (DataDependentOutputException,
-                                               DynamicOutputShapeException)
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-    return DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode
-
-
-def _user_line(exc: BaseException) -> str:
-    """`` at file:line`` of the innermost frame outside torch and retrograd."""
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    skip = (os.path.dirname(torch.__file__),) + tuple(
-        os.path.join(root, package) + os.sep for package in ("compiler", "passes", "codegen",
-                                                             "runtime"))
-    where = ""
-    for frame, line in traceback.walk_tb(exc.__traceback__):
-        name = frame.f_code.co_filename
-        if not name.startswith(skip) and "importlib" not in name:
-            where = f" at {name}:{line}"
-    return where
-
-
-def unsupported_capture(exc: BaseException) -> UnsupportedError | None:
-    """A clean error for a capture that failed because a shape depends on
-    tensor values (``tensor_split`` by a tensor of indices, ``nonzero``, a
-    boolean mask): capture traces static shapes from fake tensors, which have
-    no values. None when ``exc`` is something else."""
-    if not isinstance(exc, _data_dependent_errors()):
-        return None
-    return UnsupportedError(
-        f"retrograd: a shape depends on tensor values{_user_line(exc)} "
-        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-        "retrograd.compile captures "
-        "static shapes and cannot trace it. Pass the sizes or indices as Python ints, "
-        "or use torch.compile(backend='retrograd'), which runs that op eagerly (a graph "
-        "break).")
 
 
 class OpSupport:
