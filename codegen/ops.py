@@ -333,7 +333,12 @@ FILL_OPS = {aten.full.default, aten.full_like.default, aten.scalar_tensor.defaul
 
 
 def is_fill(node) -> bool:
-    return getattr(node, "target", None) in FILL_OPS
+    """A constant fill codegen can write as a literal: not a complex one (no
+    complex registers in Triton), which stays an extern call."""
+    if getattr(node, "target", None) not in FILL_OPS:
+        return False
+    val = node.meta.get("val")
+    return not isinstance(val, torch.Tensor) or val.dtype in TRITON_DTYPES
 
 
 def fill_value(node) -> Any:

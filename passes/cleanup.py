@@ -5,7 +5,10 @@ ops turned off.
 What it does: removes nodes whose values nobody uses, merges nodes that
 compute the same pure op on the same arguments, and bypasses views that
 change nothing (a ``view`` or ``alias`` to the same shape) and fresh copies of
-constants (``lift_fresh_copy``). An op with an ``output_mask`` (convolution
+constants (``lift_fresh_copy``). Views that change what the elements mean
+(``_conj``, ``_neg_view``, ``view_as_real``, ``view_as_complex``) are never
+no-ops, and a layout counts as the same only with the same conjugate and
+negative bits. A conjugate view of a Python number becomes that number. An op with an ``output_mask`` (convolution
 backward, say) stops computing results nothing reads.
 
 Assumes a functional ATen graph (AOTAutograd's joint graph): no node mutates
@@ -30,6 +33,11 @@ aten = torch.ops.aten
 CONSTANT_COPIES = {aten.lift_fresh_copy.default}
 NO_OP_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.alias.default,
                aten.reshape.default}
+#: Views that change what the elements mean, not where they are: a conjugate or
+#: negative view flips a bit of the tensor (``is_conj``, ``is_neg``) and
+#: ``view_as_real`` / ``view_as_complex`` reinterpret the dtype. Never no-ops.
+MEANING_VIEWS = {aten._conj.default, aten._neg_view.default, aten.view_as_real.default,
+                 aten.view_as_complex.default, aten.conj.default}
 
 
 def _is_pure(node: fx.Node) -> bool:
@@ -82,9 +90,11 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> int:
 
 
 def _same_layout(a, b) -> bool:
+    """Same shape, strides, offset and dtype, and the same conjugate and
+    negative bits (``_conj(x)`` has x's layout but not its values)."""
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
         and a.stride() == b.stride() and a.storage_offset() == b.storage_offset() \
-        and a.dtype == b.dtype
+        and a.dtype == b.dtype and a.is_conj() == b.is_conj() and a.is_neg() == b.is_neg()
 
 
 def _view_chain_root(node: fx.Node) -> fx.Node:
@@ -98,7 +108,8 @@ def remove_no_op_views(graph: fx.Graph) -> int:
     output = next(node for node in graph.nodes if node.op == "output")
     removed = 0
     for node in list(graph.nodes):
-        if node.op == "call_function" and is_view(node) and node not in output.all_input_nodes:
+        if node.op == "call_function" and is_view(node) and node not in output.all_input_nodes \
+                and node.target not in MEANING_VIEWS:
             root = _view_chain_root(node)
             if root is not node and _same_layout(node.meta.get("val"), root.meta.get("val")):
                 node.replace_all_uses_with(root)   # views that undo each other
@@ -113,13 +124,39 @@ def remove_no_op_views(graph: fx.Graph) -> int:
         before, after = source.meta.get("val"), node.meta.get("val")
         # a functional graph never writes a constant, so its fresh copy is the constant
         constant_copy = node.target in CONSTANT_COPIES and source.op == "get_attr"
-        if constant_copy or isinstance(before, torch.Tensor) and isinstance(
-                after, torch.Tensor) and before.shape == after.shape \
-                and before.stride() == after.stride():
+        if constant_copy or _same_layout(before, after):
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             removed += 1
     return removed
+
+
+#: Views of a Python number (AOTAutograd's backward of ``x * (1+2j)`` takes
+#: ``_conj((1+2j))``): the number they stand for.
+NUMBER_VIEWS = {aten._conj.default: lambda value: value.conjugate(),
+                aten.conj.default: lambda value: value.conjugate(),
+                aten._neg_view.default: lambda value: -value}
+
+
+def fold_number_views(graph: fx.Graph) -> int:
+    """``_conj(1+2j)`` -> ``1-2j`` in the users' arguments: a view needs a tensor
+    to alias, and later passes read a view's first argument as a node. The
+    users (``mul(tangent, _conj(1+2j))``) take the number as the wrapped
+    scalar it was, so promotion is unchanged."""
+    folded = 0
+    for node in list(graph.nodes):
+        fold = NUMBER_VIEWS.get(node.target) if node.op == "call_function" else None
+        if fold is None or not isinstance(node.args[0], (bool, int, float, complex)):
+            continue
+        value = fold(node.args[0])
+        if any(user.op != "call_function" for user in node.users):
+            continue
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+        graph.erase_node(node)
+        folded += 1
+    return folded
 
 
 def transpose_matmuls(graph: fx.Graph) -> int:
@@ -240,7 +277,7 @@ def run(gm: fx.GraphModule, ctx) -> dict:
     before = len(gm.graph.nodes)
     transposed = transpose_matmuls(gm.graph)
     before += 1 * transposed   # each rewrite adds one node; not "dead" code
-    views = remove_no_op_views(gm.graph)
+    views = remove_no_op_views(gm.graph) + fold_number_views(gm.graph)
     gathers = push_gathers(gm.graph)
     before += gathers   # each push adds a node net (the gather moves, the op is copied)
     merged = eliminate_common_subexpressions(gm.graph)
