@@ -13,15 +13,19 @@ whole step: a gradient's storage is reused as soon as its update has
 consumed it. Without an optimizer the gradients are accumulated into
 ``.grad`` as autograd does.
 
-Supported optimizers: SGD (momentum, dampening, nesterov, weight decay),
-Adam and AdamW (weight decay; no amsgrad), with any number of parameter
-groups. Their state lives in ``optimizer.state`` in torch's own format, so
-the optimizer can be stepped eagerly or saved as usual. Hyperparameters are
-baked into the trace; changing one (a learning-rate schedule) traces again.
+Supported optimizers: SGD, Adam and AdamW with any number of parameter
+groups, flag by flag (``compiler/optimizers.py``). Their state lives in
+``optimizer.state`` in torch's own format, so the optimizer can be stepped
+eagerly or saved as usual. The per-group numbers a scheduler changes are
+tensor inputs of the program, so a schedule never recompiles. Parameters the
+loss does not reach get no update and no state, as in eager (whose
+``zero_grad`` leaves their ``.grad`` None). ``max_grad_norm`` clips the
+gradients by their global L2 norm inside the program, before the update.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -31,72 +35,53 @@ from torch.func import functionalize, grad_and_value
 
 from retrograd.capture import signature
 from retrograd.decompositions import decomposition_table
+from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
+                                  clip_gradients, family, initial_state, mark_stepped, state_keys,
+                                  structure, update)
 from retrograd.options import Options
 from retrograd.pipeline import GraphCompiler
 
 __all__ = ["compile_step", "Step", "SUPPORTED_OPTIMIZERS"]
 
-SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+def _group_indices(optimizer, parameters) -> tuple[int, ...]:
+    """The index of each parameter's group in ``optimizer.param_groups``."""
+    where = {id(p): index for index, group in enumerate(optimizer.param_groups)
+             for p in group["params"]}
+    if any(id(p) not in where for p in parameters):
+        raise ValueError("retrograd.compile_step: a trainable parameter of the model is not in "
+                         "the optimizer")
+    return tuple(where[id(p)] for p in parameters)
 
 
-def _hyper(optimizer, parameter) -> dict:
-    for group in optimizer.param_groups:
-        if any(p is parameter for p in group["params"]):
-            return group
-    raise ValueError("retrograd.compile_step: a trainable parameter of the model is not in "
-                     "the optimizer")
-
-
-def _check_optimizer(optimizer) -> None:
-    if optimizer is None:
+def _check_max_grad_norm(value) -> None:
+    if value is None:
         return
-    if type(optimizer) not in SUPPORTED_OPTIMIZERS:
-        names = ", ".join(o.__name__ for o in SUPPORTED_OPTIMIZERS)
-        raise ValueError(f"retrograd.compile_step: optimizer {type(optimizer).__name__} is not "
-                         f"supported; supported: {names} (or None to fill .grad)")
-    for group in optimizer.param_groups:
-        for flag in ("amsgrad", "maximize", "capturable", "differentiable"):
-            if group.get(flag):
-                raise ValueError(f"retrograd.compile_step: {type(optimizer).__name__} with "
-                                 f"{flag}=True is not supported")
-        if isinstance(group["lr"], torch.Tensor):
-            raise ValueError("retrograd.compile_step: a tensor learning rate is not supported")
-
-
-def _update(kind: str, group: dict, p, g, state: list, step, first: bool):
-    """One parameter's new value and new state, written as torch computes them."""
-    lr, decay = group["lr"], group.get("weight_decay", 0.0)
-    if kind == "SGD":
-        momentum, dampening = group["momentum"], group["dampening"]
-        if decay:
-            g = g + decay * p
-        if not momentum:
-            return p - lr * g, []
-        buffer = g if first else momentum * state[0] + (1 - dampening) * g
-        direction = g + momentum * buffer if group["nesterov"] else buffer
-        return p - lr * direction, [buffer]
-    beta1, beta2 = group["betas"]
-    exp_avg, exp_avg_sq = state
-    if kind == "AdamW":
-        p = p * (1 - lr * decay)
-    elif decay:
-        g = g + decay * p
-    exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
-    correction1 = 1 - torch.pow(beta1, step)
-    correction2 = 1 - torch.pow(beta2, step)
-    denominator = (exp_avg_sq.sqrt() / correction2.sqrt()) + group["eps"]
-    return p - (lr / correction1) * exp_avg / denominator, [exp_avg, exp_avg_sq]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"retrograd.compile_step: max_grad_norm={value!r} must be None or a "
+                         f"positive finite number")
 
 
 class Step:
     """A compiled training step; call it with a batch, get the loss."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer, options: Options):
-        _check_optimizer(optimizer)
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer, options: Options,
+                 max_grad_norm: float | None = None):
+        check_optimizer(optimizer)
+        _check_max_grad_norm(max_grad_norm)
+        if max_grad_norm is not None and optimizer is None:
+            raise ValueError("retrograd.compile_step: max_grad_norm needs an optimizer (without "
+                             "one the gradients accumulate in .grad, clip them there)")
         self.model, self.loss_fn, self.optimizer, self.options = model, loss_fn, optimizer, options
+        self.max_grad_norm = max_grad_norm
+        self.kind = family(optimizer)
+        self.hyperparameters = Hyperparameters()
+        #: per signature without the state: which parameters the loss reaches
+        self.reached: dict[tuple, tuple[int, ...]] = {}
         self.entries: dict[tuple, tuple[Any, GraphCompiler]] = {}
         self.last: tuple | None = None
+        self._fresh: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def reports(self) -> dict[str, dict]:
@@ -104,37 +89,40 @@ class Step:
         return self.entries[self.last][1].reports if self.last else {}
 
     # -- state in torch's own format ----------------------------------------------
-    def _state(self, parameters) -> tuple[list, torch.Tensor | None, bool]:
-        """(flat state tensors, step count tensor, first step?)"""
+    def _groups(self, parameters) -> tuple[int, ...]:
+        return _group_indices(self.optimizer, parameters) if self.optimizer is not None else ()
+
+    def _state(self, parameters, used, groups, device) -> tuple[list, list, list]:
+        """(state tensors, Adam step counts, [SGD fresh-buffer flags]) of the
+        parameters the loss reaches, state created as torch creates it."""
         if self.optimizer is None:
-            return [], None, False
-        kind = type(self.optimizer).__name__
-        flat, first, step = [], False, None
-        for p in parameters:
+            return [], [], []
+        flat, counts, fresh = [], [], []
+        for index in used:
+            p, group = parameters[index], self.optimizer.param_groups[groups[index]]
             state = self.optimizer.state[p]
-            if kind == "SGD":
-                if _hyper(self.optimizer, p)["momentum"]:
-                    first = first or state.get("momentum_buffer") is None
-                    flat.append(state.get("momentum_buffer"))
-            else:
+            if self.kind == "Adam":
                 if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                flat += [state["exp_avg"], state["exp_avg_sq"]]
-                step = state["step"]
-        if first:
-            flat = [torch.zeros_like(p) for p in parameters if self.optimizer.state[p] is not None
-                    and _hyper(self.optimizer, p)["momentum"]]
-        return flat, step, first
+                    state.update(initial_state(self.kind, group, p))
+                flat += [state[key] for key in state_keys(self.kind, group)]
+                counts.append(state["step"])
+            elif state_keys(self.kind, group):
+                buffer = state.get("momentum_buffer")
+                fresh.append(buffer is None)
+                flat.append(torch.zeros_like(p) if buffer is None else buffer)
+        return flat, counts, self._fresh_flags(tuple(fresh), device)
 
-    def _function(self, names, buffer_names, parameters, first, batch_spec):
-        model, loss_fn, optimizer = self.model, self.loss_fn, self.optimizer
-        kind = type(optimizer).__name__ if optimizer is not None else None
-        groups = [_hyper(optimizer, p) for p in parameters] if optimizer is not None else []
-        per_parameter = 0 if kind is None else 1 if kind == "SGD" else 2
+    def _fresh_flags(self, values: tuple, device) -> list:
+        """One bool tensor, kept while the flags stay the same (after the first step)."""
+        if not values:
+            return []
+        if self._fresh is None or self._fresh[0] != values or self._fresh[1].device != device:
+            self._fresh = (values, torch.tensor(values, dtype=torch.bool, device=device))
+        return [self._fresh[1]]
 
-        tied = _tied_names(model)
+    # -- tracing --------------------------------------------------------------------
+    def _loss_of(self, names, buffer_names, batch_spec):
+        model, loss_fn, tied = self.model, self.loss_fn, _tied_names(self.model)
 
         def loss_of(params, buffers, batch):
             state = dict(zip(names, params))
@@ -145,7 +133,32 @@ class Step:
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("retrograd.compile_step: loss_fn must return a scalar tensor, "
                                  f"got {getattr(loss, 'shape', type(loss).__name__)}")
+            if not loss.is_floating_point():
+                raise ValueError("retrograd.compile_step: loss_fn must return a floating-point "
+                                 f"loss, got dtype {loss.dtype} (it has no gradient)")
             return loss.reshape(())
+        return loss_of
+
+    @staticmethod
+    def _reached(loss_of, parameters, buffers, leaves) -> tuple[int, ...]:
+        """Indices of the parameters autograd gives a gradient (eager's
+        ``.grad`` is not None), found by a fake-tensor trace of the loss and
+        ``torch.autograd.grad``: ``grad_and_value`` returns zeros for the others."""
+        found: list[bool] = []
+
+        def probe(params, buffers, batch):
+            params = [p.detach().requires_grad_() for p in params]
+            with torch.enable_grad():
+                loss = loss_of(params, buffers, batch)
+                grads = (torch.autograd.grad(loss, params, allow_unused=True)
+                         if loss.requires_grad else [None] * len(params))
+            found.extend(g is not None for g in grads)
+            return loss.detach()
+        make_fx(probe, tracing_mode="fake")([p.detach() for p in parameters], buffers, leaves)
+        return tuple(index for index, reached in enumerate(found) if reached)
+
+    def _function(self, loss_of, used, groups):
+        kind, optimizer, max_norm = self.kind, self.optimizer, self.max_grad_norm
 
         def seeded(params, buffers, batch, seed):
             """The loss times its cotangent ``seed`` (1 at run time): every
@@ -154,98 +167,115 @@ class Step:
             loss = loss_of(params, buffers, batch)
             return loss * seed, loss
 
-        def step(params, buffers, state, count, batch, seed):
+        def step(params, buffers, state, counts, hyper, fresh, batch, seed):
             grads, (_, loss) = grad_and_value(seeded, has_aux=True)(params, buffers, batch, seed)
+            grads = [grads[index] for index in used]
+            if max_norm is not None:
+                grads = clip_gradients(grads, max_norm)
             if kind is None:
-                return loss, list(grads), []
-            new_params, new_state, cursor = [], [], 0
-            count = None if count is None else count + 1
-            for p, g, group in zip(params, grads, groups):
-                taken = state[cursor:cursor + per_parameter] if (
-                    kind != "SGD" or group["momentum"]) else []
-                cursor += len(taken)
-                value, kept = _update(kind, group, p, g, taken, count, first)
+                return loss, grads, []
+            per_group = Hyperparameters.unflatten(optimizer, hyper)
+            new_params, new_state, cursor, momentum = [], [], 0, 0
+            for k, index in enumerate(used):
+                group = optimizer.param_groups[groups[index]]
+                width = len(state_keys(kind, group))
+                flag = None
+                if kind == "SGD" and width:
+                    flag, momentum = fresh[0][momentum], momentum + 1
+                count = counts[k] + 1 if kind == "Adam" else None
+                value, kept = update(kind, group, per_group[groups[index]], params[index],
+                                     grads[k], state[cursor:cursor + width], count, flag)
+                cursor += width
                 new_params.append(value)
                 new_state += kept
             return loss, new_params, new_state
         return step
 
+    # -- one call -------------------------------------------------------------------
     def __call__(self, *batch):
+        check_optimizer(self.optimizer)   # flags may have changed since the last call
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         names, parameters = [n for n, _ in named], [p for _, p in named]
         # frozen parameters ride along with the buffers: inputs, never differentiated
         frozen = [(n, p.detach()) for n, p in self.model.named_parameters() if not p.requires_grad]
         buffer_names = [n for n, _ in frozen] + [n for n, _ in self.model.named_buffers()]
         buffers = [b for _, b in frozen] + [b for _, b in self.model.named_buffers()]
-        state, count, first = self._state(parameters)
         leaves, batch_spec = pytree.tree_flatten(batch)
-        hyper = tuple(tuple(sorted((k, v) for k, v in g.items() if k != "params"
-                                   and isinstance(v, (int, float, bool, tuple))))
-                      for g in (self.optimizer.param_groups if self.optimizer else []))
-        key = signature(parameters + buffers + leaves) + (first, hyper, self.model.training,
-                                                          str(batch_spec))
+        device, groups = _device(parameters, leaves), self._groups(parameters)
         detached = [p.detach() for p in parameters]
-        seed = torch.ones((), dtype=torch.float32, device=_device(parameters, leaves))
-        inputs = [detached, buffers, state, count, leaves, seed]
+        shape = signature(parameters + buffers + leaves) + (
+            structure(self.optimizer), groups, self.max_grad_norm, self.model.training,
+            str(batch_spec))
+        loss_of = self._loss_of(names, buffer_names, batch_spec)
+        if shape not in self.reached:
+            self.reached[shape] = self._reached(loss_of, detached, buffers, leaves)
+        used = self.reached[shape]
+        state, counts, fresh = self._state(parameters, used, groups, device)
+        hyper = [] if self.optimizer is None else self.hyperparameters.inputs(
+            self.optimizer, device, _hyper_dtype(parameters))
+        seed = torch.ones((), dtype=torch.float32, device=device)
+        inputs = [detached, buffers, state, counts, hyper, fresh, leaves, seed]
+        key = shape + signature(state + counts + hyper + fresh)
         if key not in self.entries:
-            function = self._function(names, buffer_names, parameters, first, batch_spec)
-            traced = make_fx(functionalize(function), decomposition_table=decomposition_table(),
-                             tracing_mode="fake")(*inputs)
-            flat = pytree.tree_flatten(inputs)[0]
-            compiler = GraphCompiler(self.options, flat)
-            executable = compiler.compile_step(traced, flat, seed=len(flat) - 1,
-                                               updates=self._updates(inputs, len(parameters),
-                                                                     len(state)))
-            self.entries[key] = (executable, compiler)
+            self.entries[key] = self._compile(inputs, loss_of, used, groups, len(state))
         self.last = key
         executable, _ = self.entries[key]
         with torch.no_grad():   # the program computes its own gradients
             flat = [v.detach() if isinstance(v, torch.Tensor) else v
                     for v in pytree.tree_flatten(inputs)[0]]
-            loss, new_params, new_state = self._unpack(executable(flat), len(parameters),
-                                                       len(state))
-        self._write_back(parameters, new_params, new_state, count)
+            outputs = executable(flat)
+        loss = outputs[0]
+        new_params, new_state = outputs[1:1 + len(used)], outputs[1 + len(used):]
+        self._write_back([parameters[i] for i in used], new_params, state, new_state)
+        mark_stepped(self.optimizer)
         return loss
 
-    def _updates(self, inputs, parameter_count: int, state_count: int) -> dict[int, int]:
+    def _compile(self, inputs, loss_of, used, groups, state_count: int):
+        function = self._function(loss_of, used, groups)
+        traced = make_fx(functionalize(function), decomposition_table=decomposition_table(),
+                         tracing_mode="fake")(*inputs)
+        flat = pytree.tree_flatten(inputs)[0]
+        compiler = GraphCompiler(self.options, flat)
+        updates = self._updates(inputs, used, state_count)
+        return compiler.compile_step(traced, flat, seed=len(flat) - 1, updates=updates), compiler
+
+    def _updates(self, inputs, used, state_count: int) -> dict[int, int]:
         """Output position -> input position of each value the step replaces
         (parameters, optimizer state), for the program to update in place."""
         if self.optimizer is None:
             return {}
         state_at = sum(len(part) for part in inputs[:2])
-        pairs = {1 + i: i for i in range(parameter_count)}
-        pairs.update({1 + parameter_count + j: state_at + j for j in range(state_count)})
+        pairs = {1 + k: index for k, index in enumerate(used)}
+        pairs.update({1 + len(used) + j: state_at + j for j in range(state_count)})
         return pairs
 
-    @staticmethod
-    def _unpack(outputs, parameter_count, state_count):
-        loss = outputs[0]
-        return (loss, outputs[1:1 + parameter_count],
-                outputs[1 + parameter_count:1 + parameter_count + state_count])
-
-    def _write_back(self, parameters, new_params, new_state, count) -> None:
+    def _write_back(self, parameters, new_params, state, new_state) -> None:
+        """Parameters, state and step counts of the reached parameters, in place
+        where the program did not already write them."""
         with torch.no_grad():
             if self.optimizer is None:   # gradients accumulate as autograd does
                 for p, g in zip(parameters, new_params):
                     p.grad = g if p.grad is None else p.grad.add_(g)
                 return
-            for p, value in zip(parameters, new_params):
-                if not _same_memory(p, value):   # not already updated in place
-                    p.copy_(value)
-            kind = type(self.optimizer).__name__
+            for target, value in zip(list(parameters) + list(state),
+                                     list(new_params) + list(new_state)):
+                if not _same_memory(target, value):   # not already updated in place
+                    target.copy_(value)
             cursor = 0
             for p in parameters:
-                state = self.optimizer.state[p]
-                if kind == "SGD":
-                    if _hyper(self.optimizer, p)["momentum"]:
-                        state["momentum_buffer"] = new_state[cursor]
-                        cursor += 1
-                else:
-                    for key, value in zip(("exp_avg", "exp_avg_sq"), new_state[cursor:cursor + 2]):
-                        if not _same_memory(state[key], value):
-                            state[key].copy_(value)
-                    cursor += 2
-                    state["step"] += 1
+                entry = self.optimizer.state[p]
+                group = self.optimizer.param_groups[_group_indices(self.optimizer, [p])[0]]
+                for key in state_keys(self.kind, group):
+                    entry[key] = state[cursor]   # SGD's first buffer is created here
+                    cursor += 1
+                if self.kind == "Adam":
+                    entry["step"] += 1
+
+
+def _hyper_dtype(parameters) -> torch.dtype:
+    """float64 numbers for float64 parameters, float32 otherwise (as torch's
+    scalar arguments are rounded to the computation's type)."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in parameters) else torch.float32
 
 
 def _tied_names(model: torch.nn.Module) -> dict[str, str]:
@@ -276,12 +306,17 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.device == b.device)
 
 
-def compile_step(model: torch.nn.Module, loss_fn: Callable, optimizer=None, **options) -> Step:
+def compile_step(model: torch.nn.Module, loss_fn: Callable, optimizer=None, *,
+                 max_grad_norm: float | None = None, **options) -> Step:
     """Compile ``loss_fn(model, *batch)``'s training step, optimizer update included.
+
+    ``max_grad_norm`` clips the gradients as ``torch.nn.utils.clip_grad_norm_``
+    (global L2 norm) between the backward and the update; ``options`` are the
+    compiler options of ``retrograd.compile``.
 
     Example:
         >>> step = retrograd.compile_step(model, lambda m, x, y: F.cross_entropy(m(x), y),
         ...                               torch.optim.AdamW(model.parameters(), lr=1e-3))
         >>> loss = step(x, y)
     """
-    return Step(model, loss_fn, optimizer, Options.from_mapping(options))
+    return Step(model, loss_fn, optimizer, Options.from_mapping(options), max_grad_norm)
