@@ -22,7 +22,7 @@ import torch
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retrograd.decompositions import decomposition_table
+from retrograd.decompositions import decomposition_table, traced_right
 from retrograd.options import Options
 from retrograd.pipeline import GraphCompiler
 
@@ -81,14 +81,15 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
     """
     compiler = GraphCompiler(options, real_primals(module, example_inputs), captured_text,
                              gradients)
-    compiled = aot_module_simplified(
-        module, _fake_inputs(example_inputs),
-        fw_compiler=compiler.compile_forward,
-        bw_compiler=compiler.compile_backward,
-        partition_fn=compiler.partition,
-        inference_compiler=compiler.compile_inference,
-        decompositions=decomposition_table(),
-    )
+    with traced_right():
+        compiled = aot_module_simplified(
+            module, _fake_inputs(example_inputs),
+            fw_compiler=compiler.compile_forward,
+            bw_compiler=compiler.compile_backward,
+            partition_fn=compiler.partition,
+            inference_compiler=compiler.compile_inference,
+            decompositions=decomposition_table(),
+        )
     return compiled, compiler
 
 
@@ -115,9 +116,10 @@ def joint_graph(module: torch.nn.Module, example_inputs: Sequence[Any]):
         raise AssertionError("joint_graph compiles nothing")
 
     try:
-        aot_module_simplified(module, list(example_inputs), fw_compiler=never,
-                              bw_compiler=never, partition_fn=partition,
-                              decompositions=decomposition_table())
+        with traced_right():
+            aot_module_simplified(module, list(example_inputs), fw_compiler=never,
+                                  bw_compiler=never, partition_fn=partition,
+                                  decompositions=decomposition_table())
     except _JointCaptured:
         pass
     if not captured:

@@ -8,16 +8,24 @@ and softmax into reductions and pointwise math, batch norm into the same.
 What remains for codegen is a small set: pointwise math (docs/ops.md lists
 every lowered op), reductions, matrix products, convolutions, indexing and
 RNG.
+
+Some of PyTorch's core decompositions are written for inference and export
+and are wrong in a training joint graph, where AOTAutograd pairs a
+decomposed forward with the op's own derivative formula. Those are left out
+(``EXCLUDED``, each with its reason); ``tests/test_decompositions.py`` runs
+every entry against the op it replaces on PyTorch's OpInfo samples, all
+outputs compared, so the next such entry fails there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch._decomp
 
-__all__ = ["decomposition_table"]
+__all__ = ["decomposition_table", "traced_right", "EXCLUDED", "AUTOGRAD_FIXES"]
 
 aten = torch.ops.aten
 
@@ -59,10 +67,80 @@ def _rand(size, *, generator=None, dtype=None, layout=None, device=None, pin_mem
 RANDOM = {aten.rand_like.default: _rand_like, aten.rand.default: _rand}
 
 
+def _multilabel_margin_loss_forward(input, target, reduction: int):
+    """``aten.multilabel_margin_loss_forward`` as torch's decomposition writes
+    it, with the padding after each row's -1 terminator masked out of the loss
+    (torch 2.13 counts it as more copies of the first target)."""
+    orig_shape = input.shape
+    input, target = torch.atleast_2d(input), torch.atleast_2d(target)
+    dim = input.shape[1]
+    idx = torch.arange(dim, device=target.device)
+    end = torch.amin(torch.where(target == -1, idx, dim), dim=-1, keepdim=True)
+    listed = idx < end                                   # (N, dim): j-th target is real
+    u = torch.gather(input, -1, torch.where(listed, target, 0))
+    is_target = torch.any(idx == torch.where(listed, target, -1).unsqueeze(-1), dim=1)
+    z = (1.0 - u.T.unsqueeze(-1) + input).clamp_min(0) / dim   # (j, N, dim)
+    z = torch.where(is_target | ~listed.T.unsqueeze(-1), 0, z)
+    if reduction == 1:
+        z = z.sum(dim=(0, -1)).mean()
+    elif reduction == 2:
+        z = z.sum()
+    else:
+        z = z.sum(dim=(0, -1))
+    return z, is_target.to(input.dtype).reshape(orig_shape)
+
+
+#: Decompositions that PyTorch registers at the Autograd dispatch key (they
+#: run while any graph is traced, before the table is consulted) and that are
+#: wrong; replaced by fixed ones while retrograd traces (``traced_right``).
+AUTOGRAD_FIXES = {
+    aten.multilabel_margin_loss_forward.default: _multilabel_margin_loss_forward,
+}
+
+
+@contextlib.contextmanager
+def traced_right():
+    """Trace with ``AUTOGRAD_FIXES`` in place of PyTorch's Autograd-key
+    decompositions; PyTorch's own are put back on exit. Callers hold the
+    compile lock where there is one: the kernels live on the op objects."""
+    key = torch._C.DispatchKey.Autograd
+    saved = {op: op.py_kernels.get(key) for op in AUTOGRAD_FIXES}
+    try:
+        for op, fixed in AUTOGRAD_FIXES.items():
+            op.py_kernels[key] = fixed
+            op._dispatch_cache.clear()
+        yield
+    finally:
+        for op, kernel in saved.items():
+            if kernel is None:
+                op.py_kernels.pop(key, None)
+            else:
+                op.py_kernels[key] = kernel
+            op._dispatch_cache.clear()
+
+
+#: Core decompositions that are wrong for training, and why.
+EXCLUDED = {
+    # Returns the attention probabilities (B x H x T x T) where the op's
+    # derivative formula (``_scaled_dot_product_flash_attention_for_cpu_backward``)
+    # expects the logsumexp (B x H x T): every gradient of SDPA came out wrong,
+    # and the O(T^2) probabilities were saved. The fused op stays whole and
+    # runs as an extern call, saving its O(T) logsumexp (Inductor excludes it too).
+    aten._scaled_dot_product_flash_attention_for_cpu.default:
+        "returns attention probabilities where the backward expects the logsumexp",
+    # Counts the padding after a target list's -1 terminator as targets
+    # (torch 2.13); the fixed version is in AUTOGRAD_FIXES.
+    aten.multilabel_margin_loss_forward.default:
+        "counts targets after the -1 terminator",
+}
+
+
 @functools.lru_cache(maxsize=None)
 def decomposition_table() -> dict:
     import retrograd.rng  # noqa: F401  (registers retrograd::uniform)
     table = dict(torch._decomp.core_aten_decompositions())
     table.update(torch._decomp.get_decompositions(EXTRA))
     table.update(RANDOM)
+    for op in EXCLUDED:
+        table.pop(op, None)
     return table

@@ -134,6 +134,22 @@ def _extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int):
     return forward, backward
 
 
+def _tensor_values(saved: list[fx.Node], info) -> list[fx.Node]:
+    """``saved`` with each multi-output node (``split_with_sizes``, a fused
+    attention op) replaced by those of its ``getitem`` results the backward
+    reads: only tensors can cross to the backward as graph outputs."""
+    forward = set(info.forward)
+    result = []
+    for node in saved:
+        if node.op == "placeholder" or isinstance(node.meta.get("val"), torch.Tensor):
+            result.append(node)
+            continue
+        result += [item for item in node.users
+                   if item.target is operator.getitem and item not in result
+                   and (item in info.needed or any(u not in forward for u in item.users))]
+    return result
+
+
 def sink_recomputation(backward: fx.GraphModule, recomputed: set[str]) -> None:
     """Move each recomputed node just before its first consumer (latest first,
     so chains follow their consumers), keeping recomputed values short-lived."""
@@ -185,7 +201,7 @@ def run(joint: fx.GraphModule, ctx, joint_inputs, **partition_kwargs):
     plan, budget = _plan(info, ctx, policy, save_all_bytes)
     saved = [n for n in joint.graph.nodes if n in plan.saved or n.op == "placeholder"
              and not n.name.startswith("tangents")]
-    forward, backward = _extract(joint, saved, count)
+    forward, backward = _extract(joint, _tensor_values(saved, info), count)
     forward_names = {n.name for n in info.forward}
     recomputed = [n for n in backward.graph.nodes
                   if n.op == "call_function" and n.name in forward_names]

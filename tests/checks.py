@@ -9,7 +9,8 @@ import torch
 import retrograd
 from retrograd.ir import Program
 
-__all__ = ["TOLERANCE", "relative_error", "assert_close", "check_against_eager",
+__all__ = ["TOLERANCE", "relative_error", "assert_close", "assert_close_floor",
+           "check_against_eager",
            "assert_topological"]
 
 #: Relative error allowed against a float64 (or same-dtype) eager reference.
@@ -44,6 +45,20 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
     limit = TOLERANCE[dtype] if tolerance is None else tolerance
     error = relative_error(got64, ref64)
     assert error < limit, f"{what}: relative error {error:.3g} >= {limit:g}"
+
+
+def assert_close_floor(got: torch.Tensor, ref: torch.Tensor, tolerance: float,
+                       floor: float = 0.0, what: str = "value") -> None:
+    """``max|got - ref| <= tolerance * max(max|ref|, floor)``: relative to the
+    largest reference value, with ``floor`` (the scale of the other outputs)
+    for values that are mathematically zero and so only rounding noise."""
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got64, ref64 = got.detach().double(), ref.detach().double()
+    assert torch.equal(got64.isnan(), ref64.isnan()), f"{what}: NaN positions differ"
+    scale = max(ref64.abs().max().item() if ref64.numel() else 0.0, floor)
+    error = (got64 - ref64).abs().max().item() if ref64.numel() else 0.0
+    assert error <= tolerance * scale, \
+        f"{what}: max error {error:.3g} > {tolerance:g} x scale {scale:.3g}"
 
 
 def _as_tuple(value) -> tuple:
