@@ -238,9 +238,14 @@ def clip_gradients(grads: list, max_norm: float) -> list:
     by ``min(1, max_norm / (||all gradients||_2 + 1e-6))``."""
     if not grads:
         return grads
-    total = grads[0].float().square().sum()
+    total = _wide(grads[0]).square().sum()
     for g in grads[1:]:
-        total = total + g.float().square().sum()
+        total = total + _wide(g).square().sum()
     total = total.sqrt()
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return [g * scale.to(g.dtype) for g in grads]
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """Half precision summed in float32 (as torch's norms accumulate); wider kept."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor

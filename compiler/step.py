@@ -226,7 +226,9 @@ class Step:
             outputs = executable(flat)
         loss = outputs[0]
         new_params, new_state = outputs[1:1 + len(used)], outputs[1 + len(used):]
-        self._write_back([parameters[i] for i in used], new_params, state, new_state)
+        groups_used = [self.optimizer.param_groups[groups[i]] for i in used] if groups else []
+        self._write_back([parameters[i] for i in used], groups_used, new_params, state,
+                         new_state)
         mark_stepped(self.optimizer)
         return loss
 
@@ -249,7 +251,7 @@ class Step:
         pairs.update({1 + len(used) + j: state_at + j for j in range(state_count)})
         return pairs
 
-    def _write_back(self, parameters, new_params, state, new_state) -> None:
+    def _write_back(self, parameters, groups, new_params, state, new_state) -> None:
         """Parameters, state and step counts of the reached parameters, in place
         where the program did not already write them."""
         with torch.no_grad():
@@ -262,9 +264,8 @@ class Step:
                 if not _same_memory(target, value):   # not already updated in place
                     target.copy_(value)
             cursor = 0
-            for p in parameters:
+            for p, group in zip(parameters, groups):
                 entry = self.optimizer.state[p]
-                group = self.optimizer.param_groups[_group_indices(self.optimizer, [p])[0]]
                 for key in state_keys(self.kind, group):
                     entry[key] = state[cursor]   # SGD's first buffer is created here
                     cursor += 1

@@ -225,3 +225,24 @@ def test_optimizer_step_hooks_are_refused():
         retrograd.compile_step(model, _loss, optimizer)
     handle.remove()
     retrograd.compile_step(model, _loss, optimizer)
+
+
+def test_float64_steps_match_to_double_precision():
+    """Hyperparameters and the clipping norm follow float64 parameters (no
+    float32 rounding on the way)."""
+    compiled, eager = _pair()
+    compiled.double(), eager.double()
+    make = lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, amsgrad=True)  # noqa: E731
+    compiled_opt, eager_opt = make(compiled), make(eager)
+    step = retrograd.compile_step(compiled, _loss, compiled_opt, max_grad_norm=0.2)
+    for _ in range(3):
+        x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+        step(x, y)
+        eager_opt.zero_grad()
+        _loss(eager, x, y).backward()
+        torch.nn.utils.clip_grad_norm_(eager.parameters(), 0.2)
+        eager_opt.step()
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        assert _relative(p.detach(), q.detach()) < 1e-12
+        for key, value in eager_opt.state.get(q, {}).items():
+            assert _relative(compiled_opt.state[p][key], value) < 1e-12, key
