@@ -12,7 +12,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["compile", "grad", "value_and_grad", "compile_step", "Options"]
+__all__ = ["compile", "grad", "value_and_grad", "compile_step", "Options",
+           "UnsupportedError"]
 __version__ = "0.1.0"
 
 
@@ -23,6 +24,9 @@ def __getattr__(name: str):
     if name == "compile_step":
         from retrograd.step import compile_step
         return compile_step
+    if name == "UnsupportedError":
+        from retrograd.errors import UnsupportedError
+        return UnsupportedError
     if name == "Options":
         from retrograd.options import Options
         return Options

@@ -4,7 +4,12 @@ The first call with a given signature (shapes, dtypes, devices,
 requires_grad flags, non-tensor values, grad mode, autocast) traces the
 call through AOTAutograd and compiles it; later calls with that signature
 reuse it, and a new signature traces again. Non-tensor arguments are baked
-into the trace. Outputs keep their structure (tuples, dicts, dataclass
+into the trace; so are the Python values the code reads (a module's
+``self.temperature``, a float a function closes over), and guards
+(guards.py) trace again when one changes. Code that needs tensor values
+while tracing (``.item()``, ``x[x > 0]``) raises ``UnsupportedError``
+(errors.py); hooks run at trace time only and are warned about (hooks.py).
+Outputs keep their structure (tuples, dicts, dataclass
 outputs such as transformers' ModelOutput); gradients flow through ordinary
 autograd.
 """
@@ -12,16 +17,25 @@ autograd.
 from __future__ import annotations
 
 import functools
+import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
 
 from retrograd.capture import compile_graph, real_primals, signature
+from retrograd.errors import DATA_DEPENDENT, UnsupportedError, data_dependent_error
+from retrograd.guards import (Guards, function_guards, module_function_guards,
+                              module_read_guards, recording_module_reads)
+from retrograd.hooks import hook_key, warn_about_hooks
 from retrograd.options import Options
+from retrograd.reach import reachable_modules
 
 __all__ = ["compile", "grad", "value_and_grad", "CompiledModule", "CompiledFunction",
-           "GradFunction"]
+           "GradFunction", "UnsupportedError"]
+
+log = logging.getLogger("retrograd")
 
 
 class _Flat(torch.nn.Module):
@@ -31,6 +45,8 @@ class _Flat(torch.nn.Module):
     module rebuilds the user's arguments around the tensors and records how
     to rebuild the user's output structure.
     """
+
+    _retrograd_internal = True   # its attribute reads are not guarded (guards.py)
 
     def __init__(self, target: Callable, in_spec, leaves: list, tensor_slots: list[int]):
         super().__init__()
@@ -63,54 +79,115 @@ class _Flat(torch.nn.Module):
         return pytree.tree_unflatten(leaves, self.out_spec)
 
 
+@dataclass
+class _Entry:
+    """One compiled graph: AOTAutograd's callable, our compiler (its reports),
+    the wrapper that rebuilds outputs, and the Python values it was traced with."""
+
+    compiled: Any
+    compiler: Any
+    flat: _Flat
+    guards: Guards
+
+
 class _Cache:
-    """One compiled graph per call signature."""
+    """Compiled graphs per call signature, each with guards on the Python state
+    its trace baked in (guards.py); a signature whose guards all fail traces again."""
 
     def __init__(self, target: Callable, options: Options, module: torch.nn.Module | None,
                  gradients=None, closed_over_ok: bool = False,
-                 lifted: list[torch.nn.Module] | None = None):
+                 discover: Callable[[], list[torch.nn.Module]] | None = None,
+                 face: str = "retrograd.compile"):
         self.target = target
         self.options = options
         self.module = module
-        # modules a function closes over: their parameters and buffers become
-        # graph inputs, so a BatchNorm's running statistics are written back
-        self.lifted = list(lifted or [])
+        # modules a function reaches (grad()): their parameters and buffers
+        # become graph inputs, so a BatchNorm's running statistics are written
+        # back and a replaced parameter is seen; found again on every call
+        self.discover = discover
+        self.lifted: list[torch.nn.Module] = []
         self.gradients = gradients            # dead_gradient.GradientSpec, or None: all
         self.closed_over_ok = closed_over_ok  # grad(): closed-over parameters are constants
-        self.entries: dict[tuple, tuple[Any, Any, _Flat]] = {}
-        self.last: tuple | None = None
+        self.entries: dict[tuple, list[_Entry]] = {}
+        self.last: _Entry | None = None
+        self.face = face
+        self.what = ("the function" if module is None
+                     else f"{type(module).__name__}.forward")
 
     def __call__(self, *args, **kwargs):
         leaves, in_spec = pytree.tree_flatten((args, kwargs))
         slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         tensors = [leaves[i] for i in slots]
+        if self.discover is not None:
+            self.lifted = self.discover()
         key = signature(leaves) + self._module_key()
-        if key not in self.entries:
-            constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-            flat = _Flat(self.target, in_spec, constants, slots)
-            if self.lifted:
-                flat.lifted = torch.nn.ModuleList(self.lifted)
-            gradients = self.gradients(leaves, slots) if callable(self.gradients) else None
-            compiled, compiler = compile_graph(flat, tensors, self.options, gradients=gradients)
-            if not self.closed_over_ok:
-                _refuse_closed_over_grads(compiler, self.module)
-            self.entries[key] = (compiled, compiler, flat)
-        self.last = key
-        compiled, _, flat = self.entries[key]
-        return flat.rebuild(compiled(*tensors))
+        entry = self._lookup(key)
+        if entry is None:
+            entry = self._trace(leaves, in_spec, slots, tensors)
+            self.entries.setdefault(key, []).append(entry)
+        self.last = entry
+        return entry.flat.rebuild(entry.compiled(*tensors))
+
+    def _lookup(self, key: tuple) -> _Entry | None:
+        """The entry of ``key`` whose guards hold; logs why the others fail."""
+        for entry in self.entries.get(key, ()):
+            changed = entry.guards.failing()
+            if changed is None:
+                return entry
+            log.info("%s: tracing %s again: %s changed", self.face, self.what, changed)
+        return None
+
+    def _trace(self, leaves, in_spec, slots, tensors) -> _Entry:
+        constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+        flat = _Flat(self.target, in_spec, constants, slots)
+        if self.lifted:
+            flat.lifted = torch.nn.ModuleList(self.lifted)
+        gradients = self.gradients(leaves, slots) if callable(self.gradients) else None
+        modules = self._modules()
+        guards = Guards()
+        if self.module is None:
+            function_guards(self.target, guards)
+        module_function_guards(modules, guards)
+        warn_about_hooks(self._named_modules(), f"{self.face} of {self.what}")
+        try:
+            with recording_module_reads() as reads:
+                compiled, compiler = compile_graph(flat, tensors, self.options,
+                                                   gradients=gradients)
+        except DATA_DEPENDENT as error:
+            raise data_dependent_error(error, f"{self.face} of {self.what}") from error
+        module_read_guards(reads, {id(sub): label for label, sub in self._named_modules()},
+                           guards)
+        guards.refresh(f"{self.face}: {self.what}")
+        if not self.closed_over_ok:
+            _refuse_closed_over_grads(compiler, self.module)
+        return _Entry(compiled, compiler, flat, guards)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return ([self.module] if self.module is not None else []) + self.lifted
+
+    def _named_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """(label, submodule) for every submodule, for messages: the class of
+        the module compiled or lifted, then the path ("Tempered.act")."""
+        named = []
+        for module in self._modules():
+            for path, sub in module.named_modules(remove_duplicate=False):
+                named.append((".".join(filter(None, (type(module).__name__, path))), sub))
+        return named
 
     def _module_key(self) -> tuple:
-        """The module state a trace bakes in: train/eval of every submodule, which
-        parameters want gradients, and which tensors the parameters and buffers are
-        (the compiled graph keeps the ones it was traced with, so a replaced or
-        converted tensor must trace again)."""
-        modules = ([self.module] if self.module is not None else []) + self.lifted
+        """The module state a trace bakes in: which modules are lifted, train/eval
+        of every submodule, its hooks, which parameters want gradients, and which
+        tensors the parameters and buffers are (the compiled graph keeps the ones
+        it was traced with, so a replaced or converted tensor must trace again)."""
+        modules = self._modules()
         if not modules:
             return ()
+        subs = [sub for module in modules for sub in module.modules()]
         parameters = [p for module in modules for p in module.parameters()]
         state = parameters + [b for module in modules for b in module.buffers()]
-        return (("training", tuple(sub.training for module in modules
-                                   for sub in module.modules())),
+        return (("lifted", tuple(id(module) for module in self.lifted)),
+                ("training", tuple(sub.training for sub in subs)),
+                ("hooks", hook_key(subs)),
                 ("requires_grad", tuple(p.requires_grad for p in parameters)),
                 ("state", tuple((id(t), t.dtype, tuple(t.shape), t.device) for t in state)))
 
@@ -118,7 +195,7 @@ class _Cache:
     def reports(self) -> dict[str, dict]:
         if self.last is None:
             return {}
-        return self.entries[self.last][1].reports
+        return self.last.compiler.reports
 
 
 def _refuse_closed_over_grads(compiler, module) -> None:
@@ -200,37 +277,8 @@ def compile(target: Callable | None = None, **options):
                     f"got {type(target).__name__}")
 
 
-def closed_over_modules(function: Callable) -> list[torch.nn.Module]:
-    """The modules ``function`` reaches by name: closure cells, the globals its
-    code names, default arguments, ``self`` of a bound method (outermost only).
-
-    ``grad`` lifts their parameters and buffers into graph inputs, as a
-    compiled module's are: a BatchNorm in training mode then writes its running
-    statistics back, and switching train/eval traces again. Their gradients
-    are still never computed (only ``argnums`` are wanted).
-    """
-    found: list[torch.nn.Module] = []
-
-    def add(value) -> None:
-        if isinstance(value, torch.nn.Module) and all(value is not m for m in found):
-            found.append(value)
-
-    add(getattr(function, "__self__", None))
-    function = getattr(function, "__func__", function)
-    code = getattr(function, "__code__", None)
-    for cell in getattr(function, "__closure__", None) or ():
-        try:
-            add(cell.cell_contents)
-        except ValueError:   # an empty cell
-            continue
-    for value in getattr(function, "__defaults__", None) or ():
-        add(value)
-    names = getattr(code, "co_names", ())
-    globals_ = getattr(function, "__globals__", {})
-    for name in names:
-        add(globals_.get(name))
-    inner = {id(sub) for module in found for sub in module.modules() if sub is not module}
-    return [module for module in found if id(module) not in inner]
+#: kept under its first name; see reach.reachable_modules
+closed_over_modules = reachable_modules
 
 
 class GradFunction:
@@ -251,7 +299,8 @@ class GradFunction:
                              f"non-empty tuple of ints")
         self._wanted: tuple[int, ...] = ()
         self._cache = _Cache(function, options, None, gradients=self._spec, closed_over_ok=True,
-                             lifted=closed_over_modules(function))
+                             discover=functools.partial(reachable_modules, function),
+                             face="retrograd.grad")
         functools.update_wrapper(self, function)
 
     def _spec(self, leaves, slots):

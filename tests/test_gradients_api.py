@@ -638,3 +638,82 @@ def test_closed_over_modules_are_found_by_name():
     assert found == [outer, other] or found == [other, outer]
     assert closed_over_modules(lambda x: x.sum()) == []
     assert closed_over_modules(outer.forward) == [outer]
+
+
+# -- 8. modules reached through containers and objects ------------------------------------------
+
+class Trainer:
+    """A plain object holding a model, as training loops do."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+
+
+
+def _loss_through(holder):
+    """A loss that reaches the model only through ``holder``."""
+    if isinstance(holder, dict):
+        return lambda x: holder["enc"](x).square().sum()
+    if isinstance(holder, list):
+        return lambda x: holder[0](x).square().sum()
+    return lambda x: holder.model(x).square().sum()
+
+
+@pytest.mark.parametrize("holder", ["dict", "list", "attribute"])
+def test_a_module_reached_through_a_container_is_lifted(holder):
+    """A replaced parameter and an in-place update (an optimizer step) of a
+    model held in a dict, a list or a plain object's attribute give the right
+    gradient: its parameters are graph inputs, not constants of the trace."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    held = {"dict": {"enc": model}, "list": [model], "attribute": Trainer(model)}[holder]
+    loss = _loss_through(held)
+    g = retrograd.grad(loss, executor="fx")
+    x = torch.randn(5, 4)
+
+    def check():
+        expected = torch.func.grad(loss)(x)
+        assert relative_error(g(x), expected) < 1e-5
+
+    check()
+    model[0].weight = nn.Parameter(torch.randn(3, 4))
+    check()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).square().sum().backward()
+    optimizer.step()
+    check()
+    assert _pass_stats(g.reports)["unwanted_gradients"] == len(list(model.parameters()))
+
+
+def test_a_module_swapped_in_the_container_is_used():
+    torch.manual_seed(0)
+    models = {"enc": nn.Linear(4, 2)}
+
+    def loss(x):
+        return models["enc"](x).sin().sum()
+
+    g = retrograd.grad(loss, executor="fx")
+    x = torch.randn(3, 4)
+    g(x)
+    models["enc"] = nn.Linear(4, 2)
+    assert relative_error(g(x), torch.func.grad(loss)(x)) < 1e-5
+
+
+def test_reachable_modules_follow_containers_objects_and_helpers():
+    from retrograd.reach import reachable_modules
+    first, second, third = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    nested = {"a": [(first,)]}
+    trainer = Trainer(second)
+
+    def helper(x):
+        return third(x)
+
+    def function(x):
+        return nested["a"][0][0](x) + trainer.model(x) + helper(x) + F.relu(x)
+
+    found = reachable_modules(function)
+    assert sorted(map(id, found)) == sorted(map(id, (first, second, third)))
+    assert reachable_modules(function, depth=1) == []
+    whole = nn.Sequential(first, second)
+    assert reachable_modules(lambda x: whole(x) + first(x)) == [whole]   # outermost only

@@ -1,0 +1,197 @@
+"""Guards on the Python state a standalone trace baked in.
+
+A trace turns every Python value the code reads into a constant: a module's
+``self.temperature``, a ``self.use_mask`` flag, a float the function closes
+over, a global, a tensor constant. Dynamo guards on what it read; the
+standalone face does the same for what it can see without bytecode analysis:
+
+- **module attributes**: while tracing, ``nn.Module.__getattribute__`` is
+  wrapped to record every plain attribute read (``__dict__`` and class
+  attributes; parameters, buffers and submodules are inputs, keyed apart);
+- **what a function reads by name** (``reach.references``): closure cells,
+  default arguments, the globals its code names, attributes of plain objects
+  it names (``cfg.temperature``), following helper functions of the user's
+  code for two steps. For a module, the ``forward`` of each class in it.
+
+Guarded values: numbers, strings, bools, None, dtypes, devices, enums,
+tuples/lists/dicts of them (by value), and tensors (by identity and version
+counter: an in-place change to a constant traces again). Other values
+(a config object read inside a module) are not guarded; docs/design.md says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import threading
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from retrograd.errors import user_stacklevel
+from retrograd.reach import (MISSING, Reference, code_names, is_plain_object, library_function,
+                             references)
+
+__all__ = ["Guards", "frozen", "function_guards", "recording_module_reads"]
+
+_SIMPLE = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device,
+           enum.Enum)
+
+#: nn.Module's own bookkeeping (hooks, parameter dicts, train flag): keyed elsewhere.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | frozenset(dir(torch.nn.Module))
+
+
+def frozen(value: Any, depth: int = 0):
+    """A comparable snapshot of ``value``, or None where no guard can be built.
+
+    The type is part of it (``1``, ``1.0`` and ``True`` trace alike but are
+    different values); tensors are snapshot by identity and version counter.
+    """
+    if isinstance(value, _SIMPLE) or value is MISSING:
+        return (type(value), value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    if depth >= 3:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) <= 64:
+        parts = tuple(frozen(item, depth + 1) for item in value)
+        return None if None in parts else (type(value), parts)
+    if isinstance(value, dict) and len(value) <= 64:
+        parts = tuple((frozen(k, depth + 1), frozen(v, depth + 1)) for k, v in value.items())
+        return None if any(None in part for part in parts) else (type(value), parts)
+    return None
+
+
+@dataclass
+class _Guard:
+    label: str
+    get: Callable[[], Any]
+    value: Any
+
+
+@dataclass
+class Guards:
+    """The Python values one compiled graph was traced with."""
+
+    items: list[_Guard] = field(default_factory=list)
+
+    def add(self, label: str, get: Callable[[], Any]) -> None:
+        value = frozen(_read(get))
+        if value is not None:
+            self.items.append(_Guard(label, get, value))
+
+    def failing(self) -> str | None:
+        """The label of the first value that changed since the trace, or None."""
+        for guard in self.items:
+            if frozen(_read(guard.get)) != guard.value:
+                return guard.label
+        return None
+
+    def refresh(self, what: str) -> None:
+        """Take the values as they are after the trace; warn for the ones the
+        trace itself changed (a compiled graph does not replay Python side effects)."""
+        for guard in self.items:
+            now = frozen(_read(guard.get))
+            if now != guard.value:
+                warnings.warn(f"{what} changed {guard.label} while it was "
+                              f"traced; the compiled graph does not run Python side effects "
+                              f"again. torch.compile(..., backend='retrograd') replays them",
+                              stacklevel=user_stacklevel())
+                guard.value = now
+        self.items = [guard for guard in self.items if guard.value is not None]
+
+
+def _read(get: Callable[[], Any]) -> Any:
+    try:
+        return get()
+    except Exception:   # noqa: BLE001 - a value that no longer reads is a changed value
+        return MISSING
+
+
+def function_guards(function: Callable, guards: Guards, depth: int = 2,
+                    seen: set | None = None) -> None:
+    """Add guards on what ``function`` reads by name (see the module docstring)."""
+    seen = set() if seen is None else seen
+    code = getattr(getattr(function, "__func__", function), "__code__", function)
+    if id(code) in seen or depth < 0:
+        return
+    seen.add(id(code))
+    names = code_names(function)
+    for reference in references(function):
+        value = _read(reference.get)
+        if isinstance(value, (types.FunctionType, functools.partial)):
+            if not library_function(value):
+                function_guards(value, guards, depth - 1, seen)
+        elif is_plain_object(value) and not isinstance(value, types.MethodType):
+            _object_guards(reference, value, names, guards)
+        else:
+            guards.add(reference.label, reference.get)
+
+
+def _object_guards(reference: Reference, value: Any, names: set[str], guards: Guards) -> None:
+    """Guard the attributes of a plain object that the code names (``cfg.scale``)."""
+    for name in sorted(names & set(vars(value))):
+        guards.add(f"attribute {name!r} of {reference.label}",
+                   lambda get=reference.get, name=name: getattr(get(), name))
+
+
+def module_function_guards(modules: list[torch.nn.Module], guards: Guards) -> None:
+    """Guards on the globals read by the ``forward`` of each class in ``modules``."""
+    seen: set = set()
+    classes = {type(sub) for module in modules for sub in module.modules()}
+    for cls in sorted(classes, key=lambda c: c.__qualname__):
+        forward = getattr(cls, "forward", None)
+        if isinstance(forward, types.FunctionType) and not library_function(forward):
+            function_guards(forward, guards, depth=1, seen=seen)
+
+
+# -- recording the module attributes a trace reads ------------------------------------------
+
+_recorders: list[dict] = []
+_lock = threading.Lock()
+
+
+def _recording_getattribute(self, name):
+    value = object.__getattribute__(self, name)
+    if _recorders and name not in _MODULE_INTERNALS and not name.startswith("__"):
+        reads = _recorders[-1]
+        if (id(self), name) not in reads and not getattr(type(self), "_retrograd_internal",
+                                                         False):
+            reads[(id(self), name)] = (self, name, frozen(value))   # as the trace saw it
+    return value
+
+
+@contextlib.contextmanager
+def recording_module_reads() -> Iterator[dict]:
+    """Record ``(module, name)`` of each plain attribute a module reads inside
+    the block: ``nn.Module.__getattribute__`` is wrapped for its duration (the
+    class attribute is removed again on exit, so eager code pays nothing)."""
+    reads: dict = {}
+    with _lock:
+        if not _recorders:
+            torch.nn.Module.__getattribute__ = _recording_getattribute
+        _recorders.append(reads)
+    try:
+        yield reads
+    finally:
+        with _lock:
+            _recorders.remove(reads)
+            if not _recorders:
+                del torch.nn.Module.__getattribute__
+
+
+def module_read_guards(reads: dict, names: dict[int, str], guards: Guards) -> None:
+    """Guards on the recorded reads, with the values the trace read (``refresh``
+    then warns where the trace itself changed one); ``names`` maps id(module)
+    to a label."""
+    for module, name, value in reads.values():
+        # graphs that torch builds while tracing are not the user's state
+        if value is not None and not isinstance(module, torch.fx.GraphModule):
+            label = names.get(id(module), type(module).__name__)
+            guards.items.append(_Guard(f"attribute {label}.{name}",
+                                       lambda module=module, name=name: getattr(module, name),
+                                       value))
