@@ -16,7 +16,11 @@ tensors, computed on the host in double precision (``1 - beta`` rather than
 computes it in Python floats) and refreshed in place when a value changes.
 A schedule therefore never recompiles; only structural choices (momentum or
 weight decay zero or not, nesterov, maximize, amsgrad, decoupled decay) are
-part of the compiled signature.
+part of the compiled signature. Adam's step counts stay on the host, as in
+torch with ``capturable=False``: its bias corrections are computed there in
+double per *clock* (a group at one step count; every parameter of a group
+shares one unless some got gradients at other steps) and enter as inputs too,
+so the program reads no host tensor.
 
 The update formulas follow torch's single-tensor implementations
 (``torch/optim/sgd.py``, ``torch/optim/adam.py``) operation by operation.
@@ -24,7 +28,6 @@ The update formulas follow torch's single-tensor implementations
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -152,56 +155,70 @@ def _values(kind: str, group: dict) -> dict[str, float]:
         return {"lr": lr, "weight_decay": decay, "momentum": float(group["momentum"]),
                 "one_minus_dampening": 1.0 - float(group["dampening"])}
     beta1, beta2 = (float(b) for b in group["betas"])
-    return {"lr": lr, "weight_decay": decay, "one_minus_beta1": 1.0 - beta1,
-            "log_beta1": math.log(beta1) if beta1 > 0 else -math.inf,
-            "beta2": beta2, "one_minus_beta2": 1.0 - beta2,
-            "log_beta2": math.log(beta2) if beta2 > 0 else -math.inf,
-            "eps": float(group["eps"]), "decay_factor": 1.0 - lr * decay}
+    return {"weight_decay": decay, "one_minus_beta1": 1.0 - beta1, "beta2": beta2,
+            "one_minus_beta2": 1.0 - beta2, "eps": float(group["eps"]),
+            "decay_factor": 1.0 - lr * decay}
+
+
+def _clock_values(group: dict, step: float) -> dict[str, float]:
+    """Adam's bias corrections at step ``step`` (the count after this update),
+    computed on the host in double as torch does with its host step count."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    return {"step_size": float(group["lr"]) / (1.0 - beta1 ** step),
+            "correction2_sqrt": (1.0 - beta2 ** step) ** 0.5}
 
 
 class Hyperparameters:
-    """The 0-dim tensor inputs holding every group's numbers, kept between
-    calls and refreshed in place (``fill_``: no host-device synchronization)
-    only where a value changed."""
+    """The 0-dim tensor inputs holding every group's numbers (and, for Adam,
+    every *clock*'s: a group at one step count), kept between calls on the
+    parameters' device and refreshed in place (``fill_``: no host-device
+    synchronization) only where a value changed."""
 
     def __init__(self):
-        self.tensors: dict[tuple[int, str], torch.Tensor] = {}
-        self.seen: dict[tuple[int, str], float] = {}
+        self.tensors: dict[tuple, torch.Tensor] = {}
+        self.seen: dict[tuple, float] = {}
 
-    def inputs(self, optimizer, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        """One tensor per (group, name), in group order then name order."""
-        kind, flat = family(optimizer), []
-        for index, group in enumerate(optimizer.param_groups):
-            for name, value in _values(kind, group).items():
-                key = (index, name)
-                tensor = self.tensors.get(key)
-                if tensor is None or tensor.device != device or tensor.dtype != dtype:
-                    tensor = self.tensors[key] = torch.full((), value, dtype=dtype,
-                                                            device=device)
-                elif self.seen[key] != value:
-                    tensor.fill_(value)
-                self.seen[key] = value
-                flat.append(tensor)
-        return flat
+    def inputs(self, optimizer, clocks: Sequence[tuple[int, float]], device: torch.device,
+               dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per group its numbers, then per clock ``(group index, step)`` its
+        corrections, each group or clock in name order."""
+        kind, groups = family(optimizer), optimizer.param_groups
+        values = [((index, name), value) for index, group in enumerate(groups)
+                  for name, value in _values(kind, group).items()]
+        values += [(("clock", k, name), value) for k, (index, step) in enumerate(clocks)
+                   for name, value in _clock_values(groups[index], step).items()]
+        return [self._tensor(key, value, device, dtype) for key, value in values]
+
+    def _tensor(self, key: tuple, value: float, device, dtype) -> torch.Tensor:
+        tensor = self.tensors.get(key)
+        if tensor is None or tensor.device != device or tensor.dtype != dtype:
+            tensor = self.tensors[key] = torch.full((), value, dtype=dtype, device=device)
+        elif self.seen[key] != value:
+            tensor.fill_(value)
+        self.seen[key] = value
+        return tensor
 
     @staticmethod
-    def unflatten(optimizer, flat: Sequence) -> list[dict]:
-        """Per group, name -> the traced input, the inverse of ``inputs``."""
+    def unflatten(optimizer, clock_count: int, flat: Sequence) -> tuple[list, list]:
+        """(per group, per clock) name -> traced input: the inverse of ``inputs``."""
         kind, groups, cursor = family(optimizer), [], 0
         for group in optimizer.param_groups:
             names = list(_values(kind, group))
             groups.append(dict(zip(names, flat[cursor:cursor + len(names)])))
             cursor += len(names)
-        return groups
+        names = ("step_size", "correction2_sqrt")
+        clocks = [dict(zip(names, flat[cursor + 2 * k:cursor + 2 * k + 2]))
+                  for k in range(clock_count)]
+        return groups, clocks
 
 
-def update(kind: str, group: dict, hyper: dict, p, g, state: list, count, fresh):
+def update(kind: str, group: dict, hyper: dict, clock: dict | None, p, g, state: list, fresh):
     """One parameter's new value and new state tensors, as torch computes them.
 
-    ``hyper`` holds the group's numbers as traced tensors; ``group`` is read
-    only for structural flags. ``count`` is the step number this update makes
-    (Adam); ``fresh`` is true where SGD's momentum buffer does not exist yet
-    (torch then starts it at the gradient itself).
+    ``hyper`` holds the group's numbers as traced tensors, ``clock`` Adam's
+    bias corrections at this parameter's step; ``group`` is read only for
+    structural flags. ``fresh`` is true where SGD's momentum buffer does not
+    exist yet (torch then starts it at the gradient itself).
     """
     if group["maximize"]:
         g = -g
@@ -221,16 +238,13 @@ def update(kind: str, group: dict, hyper: dict, p, g, state: list, count, fresh)
         g = g + hyper["weight_decay"] * p
     exp_avg = state[0] + (g - state[0]) * hyper["one_minus_beta1"]
     exp_avg_sq = state[1] * hyper["beta2"] + hyper["one_minus_beta2"] * g * g
-    # 1 - beta**t without cancelling digits: beta is near 1
-    correction1 = -torch.expm1(count * hyper["log_beta1"])
-    correction2 = -torch.expm1(count * hyper["log_beta2"])
     new_state = [exp_avg, exp_avg_sq]
     second = exp_avg_sq
     if group["amsgrad"]:
         second = torch.maximum(state[2], exp_avg_sq)
         new_state.append(second)
-    denominator = second.sqrt() / correction2.sqrt() + hyper["eps"]
-    return p - (hyper["lr"] / correction1) * exp_avg / denominator, new_state
+    denominator = second.sqrt() / clock["correction2_sqrt"] + hyper["eps"]
+    return p - clock["step_size"] * (exp_avg / denominator), new_state
 
 
 def clip_gradients(grads: list, max_norm: float) -> list:

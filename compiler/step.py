@@ -92,12 +92,14 @@ class Step:
     def _groups(self, parameters) -> tuple[int, ...]:
         return _group_indices(self.optimizer, parameters) if self.optimizer is not None else ()
 
-    def _state(self, parameters, used, groups, device) -> tuple[list, list, list]:
-        """(state tensors, Adam step counts, [SGD fresh-buffer flags]) of the
-        parameters the loss reaches, state created as torch creates it."""
+    def _state(self, parameters, used, groups, device) -> tuple[list, list, tuple, list]:
+        """(state tensors, Adam clocks, each reached parameter's clock, [SGD
+        fresh-buffer flags]) of the parameters the loss reaches, state created
+        as torch creates it. A clock is (group index, step count after this
+        step); parameters that share one share their bias corrections."""
         if self.optimizer is None:
-            return [], [], []
-        flat, counts, fresh = [], [], []
+            return [], [], (), []
+        flat, fresh, clocks, clock_of = [], [], {}, []
         for index in used:
             p, group = parameters[index], self.optimizer.param_groups[groups[index]]
             state = self.optimizer.state[p]
@@ -105,12 +107,13 @@ class Step:
                 if not state:
                     state.update(initial_state(self.kind, group, p))
                 flat += [state[key] for key in state_keys(self.kind, group)]
-                counts.append(state["step"])
+                clock = (groups[index], float(state["step"]) + 1)
+                clock_of.append(clocks.setdefault(clock, len(clocks)))
             elif state_keys(self.kind, group):
                 buffer = state.get("momentum_buffer")
                 fresh.append(buffer is None)
                 flat.append(torch.zeros_like(p) if buffer is None else buffer)
-        return flat, counts, self._fresh_flags(tuple(fresh), device)
+        return flat, list(clocks), tuple(clock_of), self._fresh_flags(tuple(fresh), device)
 
     def _fresh_flags(self, values: tuple, device) -> list:
         """One bool tensor, kept while the flags stay the same (after the first step)."""
@@ -157,8 +160,9 @@ class Step:
         make_fx(probe, tracing_mode="fake")([p.detach() for p in parameters], buffers, leaves)
         return tuple(index for index, reached in enumerate(found) if reached)
 
-    def _function(self, loss_of, used, groups):
+    def _function(self, loss_of, used, groups, clock_of):
         kind, optimizer, max_norm = self.kind, self.optimizer, self.max_grad_norm
+        clock_count = len(set(clock_of))
 
         def seeded(params, buffers, batch, seed):
             """The loss times its cotangent ``seed`` (1 at run time): every
@@ -167,24 +171,25 @@ class Step:
             loss = loss_of(params, buffers, batch)
             return loss * seed, loss
 
-        def step(params, buffers, state, counts, hyper, fresh, batch, seed):
+        def step(params, buffers, state, hyper, fresh, batch, seed):
             grads, (_, loss) = grad_and_value(seeded, has_aux=True)(params, buffers, batch, seed)
             grads = [grads[index] for index in used]
             if max_norm is not None:
                 grads = clip_gradients(grads, max_norm)
             if kind is None:
                 return loss, grads, []
-            per_group = Hyperparameters.unflatten(optimizer, hyper)
+            per_group, per_clock = Hyperparameters.unflatten(optimizer, clock_count, hyper)
             new_params, new_state, cursor, momentum = [], [], 0, 0
             for k, index in enumerate(used):
                 group = optimizer.param_groups[groups[index]]
                 width = len(state_keys(kind, group))
-                flag = None
+                flag = clock = None
                 if kind == "SGD" and width:
                     flag, momentum = fresh[0][momentum], momentum + 1
-                count = counts[k] + 1 if kind == "Adam" else None
-                value, kept = update(kind, group, per_group[groups[index]], params[index],
-                                     grads[k], state[cursor:cursor + width], count, flag)
+                if kind == "Adam":
+                    clock = per_clock[clock_of[k]]
+                value, kept = update(kind, group, per_group[groups[index]], clock, params[index],
+                                     grads[k], state[cursor:cursor + width], flag)
                 cursor += width
                 new_params.append(value)
                 new_state += kept
@@ -210,14 +215,14 @@ class Step:
         if shape not in self.reached:
             self.reached[shape] = self._reached(loss_of, detached, buffers, leaves)
         used = self.reached[shape]
-        state, counts, fresh = self._state(parameters, used, groups, device)
+        state, clocks, clock_of, fresh = self._state(parameters, used, groups, device)
         hyper = [] if self.optimizer is None else self.hyperparameters.inputs(
-            self.optimizer, device, _hyper_dtype(parameters))
+            self.optimizer, clocks, device, _hyper_dtype(parameters))
         seed = torch.ones((), dtype=torch.float32, device=device)
-        inputs = [detached, buffers, state, counts, hyper, fresh, leaves, seed]
-        key = shape + signature(state + counts + hyper + fresh)
+        inputs = [detached, buffers, state, hyper, fresh, leaves, seed]
+        key = shape + (clock_of,) + signature(state + hyper + fresh)
         if key not in self.entries:
-            self.entries[key] = self._compile(inputs, loss_of, used, groups, len(state))
+            self.entries[key] = self._compile(inputs, loss_of, used, groups, clock_of)
         self.last = key
         executable, _ = self.entries[key]
         with torch.no_grad():   # the program computes its own gradients
@@ -232,13 +237,13 @@ class Step:
         mark_stepped(self.optimizer)
         return loss
 
-    def _compile(self, inputs, loss_of, used, groups, state_count: int):
-        function = self._function(loss_of, used, groups)
+    def _compile(self, inputs, loss_of, used, groups, clock_of):
+        function = self._function(loss_of, used, groups, clock_of)
         traced = make_fx(functionalize(function), decomposition_table=decomposition_table(),
                          tracing_mode="fake")(*inputs)
         flat = pytree.tree_flatten(inputs)[0]
         compiler = GraphCompiler(self.options, flat)
-        updates = self._updates(inputs, used, state_count)
+        updates = self._updates(inputs, used, len(inputs[2]))
         return compiler.compile_step(traced, flat, seed=len(flat) - 1, updates=updates), compiler
 
     def _updates(self, inputs, used, state_count: int) -> dict[int, int]:

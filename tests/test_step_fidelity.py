@@ -246,3 +246,27 @@ def test_float64_steps_match_to_double_precision():
         assert _relative(p.detach(), q.detach()) < 1e-12
         for key, value in eager_opt.state.get(q, {}).items():
             assert _relative(compiled_opt.state[p][key], value) < 1e-12, key
+
+
+def test_adam_step_counts_are_per_parameter():
+    """A parameter that got gradients at other steps keeps its own count (and
+    bias corrections), as torch's per-parameter ``state["step"]``."""
+    compiled, eager = _pair()
+    make = lambda m: torch.optim.Adam(m.parameters(), lr=0.01, betas=(0.5, 0.7))  # noqa: E731
+    compiled_opt, eager_opt = make(compiled), make(eager)
+    for model, optimizer in ((compiled, compiled_opt), (eager, eager_opt)):
+        for _ in range(2):   # two eager steps in which only the head has gradients
+            model.head.weight.grad = torch.linspace(-1, 1, 48).reshape(3, 16)
+            optimizer.step()
+            optimizer.zero_grad()
+    step = retrograd.compile_step(compiled, _loss, compiled_opt)
+    for _ in range(3):
+        x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+        step(x, y)
+        eager_opt.zero_grad()
+        _loss(eager, x, y).backward()
+        eager_opt.step()
+    _assert_match(compiled, compiled_opt, eager, eager_opt)
+    assert compiled_opt.state[compiled.head.weight]["step"] == 5
+    assert compiled_opt.state[compiled.body.weight]["step"] == 3
+    assert len(step.entries) == 1
