@@ -143,20 +143,19 @@ class _Cache:
         if self.lifted:
             flat.lifted = torch.nn.ModuleList(self.lifted)
         gradients = self.gradients(leaves, slots) if callable(self.gradients) else None
-        modules = self._modules()
+        watched = self._named_modules()
         guards = Guards()
         if self.module is None:
             function_guards(self.target, guards)
-        module_function_guards(modules, guards)
-        warn_about_hooks(self._named_modules(), f"{self.face} of {self.what}")
+        module_function_guards([sub for _, sub in watched], guards)
+        warn_about_hooks(watched, f"{self.face} of {self.what}")
         try:
             with recording_module_reads() as reads:
                 compiled, compiler = compile_graph(flat, tensors, self.options,
                                                    gradients=gradients)
         except DATA_DEPENDENT as error:
             raise data_dependent_error(error, f"{self.face} of {self.what}") from error
-        module_read_guards(reads, {id(sub): label for label, sub in self._named_modules()},
-                           guards)
+        module_read_guards(reads, {id(sub): label for label, sub in watched}, guards)
         guards.refresh(f"{self.face}: {self.what}")
         if not self.closed_over_ok:
             _refuse_closed_over_grads(compiler, self.module)
@@ -166,10 +165,13 @@ class _Cache:
         return ([self.module] if self.module is not None else []) + self.lifted
 
     def _named_modules(self) -> list[tuple[str, torch.nn.Module]]:
-        """(label, submodule) for every submodule, for messages: the class of
-        the module compiled or lifted, then the path ("Tempered.act")."""
+        """(label, submodule) for every submodule of the modules the call uses
+        (compiled, lifted, or reached by a compiled function), labelled by the
+        class of the outer module, then the path ("Tempered.act")."""
         named = []
-        for module in self._modules():
+        modules = self._modules() if self.module is not None or self.discover is not None \
+            else reachable_modules(self.target)
+        for module in modules:
             for path, sub in module.named_modules(remove_duplicate=False):
                 named.append((".".join(filter(None, (type(module).__name__, path))), sub))
         return named

@@ -187,11 +187,10 @@ def recording_module_reads() -> Iterator[dict]:
 def module_read_guards(reads: dict, names: dict[int, str], guards: Guards) -> None:
     """Guards on the recorded reads, with the values the trace read (``refresh``
     then warns where the trace itself changed one); ``names`` maps id(module)
-    to a label."""
+    to a label for the user's modules: the modules torch builds while tracing
+    (graphs, holders of tensor constants) are not guarded."""
     for module, name, value in reads.values():
-        # graphs that torch builds while tracing are not the user's state
-        if value is not None and not isinstance(module, torch.fx.GraphModule):
-            label = names.get(id(module), type(module).__name__)
-            guards.items.append(_Guard(f"attribute {label}.{name}",
+        if value is not None and id(module) in names:
+            guards.items.append(_Guard(f"attribute {names[id(module)]}.{name}",
                                        lambda module=module, name=name: getattr(module, name),
                                        value))

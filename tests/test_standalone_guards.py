@@ -114,6 +114,33 @@ def test_unchanged_attributes_reuse_the_graph(traces):
     assert len(traces) == 1
 
 
+def test_modules_a_function_reaches_are_guarded(traces):
+    """The same guards for a module used by a compiled function (under no_grad,
+    where its parameters may be constants) and by ``retrograd.grad``."""
+    torch.manual_seed(0)
+    model = Tempered()
+    x = torch.randn(3, 4)
+
+    def function(x):
+        return model(x) * 2
+
+    compiled = retrograd.compile(function, executor="fx")
+    with torch.no_grad():
+        assert relative_error(compiled(x), function(x)) < 1e-6
+        model.temperature = 4.0
+        assert relative_error(compiled(x), function(x)) < 1e-6
+    assert len(traces) == 2
+
+    def loss(x):
+        return model(x).square().sum()
+
+    gradient = retrograd.grad(loss, executor="fx")
+    assert relative_error(gradient(x), torch.func.grad(loss)(x)) < 1e-5
+    model.mode = "sigmoid"
+    assert relative_error(gradient(x), torch.func.grad(loss)(x)) < 1e-5
+    assert len(traces) == 4
+
+
 def test_an_attribute_changed_by_the_trace_itself_is_warned_about(traces):
     class Counting(nn.Module):
         def __init__(self):
