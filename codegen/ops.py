@@ -310,14 +310,22 @@ def _identity(node, operand):
 @_register(aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 def _cast(node, operand):
     target = node.meta["val"].dtype
-    value = operand(node.args[0], compute_dtype(target))
+    source = getattr(getattr(node.args[0], "meta", {}).get("val"), "dtype", None)
+    leaves_half = source in _ROUND_HALF and target != source
+    value = operand(node.args[0], torch.float32 if leaves_half else compute_dtype(target))
+    if leaves_half:
+        # A half value computed in float32 registers leaves its dtype here:
+        # round it to that dtype first, so a widening cast sees torch's value.
+        value = _ROUND_HALF[source].format(value)
+        if compute_dtype(target) != torch.float32:
+            value = f"{value}.to({triton_dtype(compute_dtype(target))})"
     # A cast to half precision must round, even though registers stay float32:
     # what follows in the kernel has to see the value torch would see.
-    if target == torch.bfloat16:
-        return f"_round_to_bf16({value})"
-    if target == torch.float16:
-        return f"{value}.to(tl.float16).to(tl.float32)"
-    return value
+    return _ROUND_HALF[target].format(value) if target in _ROUND_HALF else value
+
+
+_ROUND_HALF = {torch.bfloat16: "_round_to_bf16({})",
+               torch.float16: "{}.to(tl.float16).to(tl.float32)"}
 
 
 @_register(aten.copy.default)

@@ -1,0 +1,125 @@
+"""Differential fuzzing: random programs through retrograd against eager.
+
+Programs (tests/fuzz_programs.py, fuzz_ops.py, fuzz_shapes.py) chain a few
+pointwise ops, casts, reductions, views, indexing ops and scaled dot-product
+attention over random float32/float64/bfloat16/float16/integer inputs;
+tests/fuzz_check.py compiles each with ``retrograd.compile`` (generated
+Triton under the interpreter) or ``torch.compile(backend="retrograd")`` and
+compares outputs and input gradients with eager and a float64 reference.
+A failure is shrunk by hypothesis and printed as Python source.
+
+CI runs a fixed, derandomized budget here; ``benchmarks/fuzz.py`` runs as
+many as asked and writes failures to a file. Each bug the fuzzer found has
+its minimal program below as a regression test (``REGRESSIONS``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import fuzz_check
+from fuzz_programs import program_from_source, programs
+
+_QUIET = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
+
+# ---------------------------------------------------------------- the budget
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=_QUIET)
+@given(programs())
+def test_fuzz_compile(program):
+    fuzz_check.check(program, "compile")
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, database=None,
+          suppress_health_check=_QUIET)
+@given(programs(max_ops=4))
+def test_fuzz_torch_compile(program):
+    try:
+        fuzz_check.check(program, "torch.compile")
+    finally:
+        torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- the checker itself
+def test_check_catches_a_wrong_output(monkeypatch):
+    """The comparison fails on an output 0.1% off (so a pass means something)."""
+    program = program_from_source(_ATTENTION)
+
+    def off_by_a_little(fn, face):
+        return lambda *xs: tuple(y * 1.001 for y in fn(*xs))
+
+    monkeypatch.setattr(fuzz_check, "_compile", off_by_a_little)
+    with pytest.raises(fuzz_check.FuzzFailure, match="output 0"):
+        fuzz_check.check(program)
+
+
+def test_check_catches_a_wrong_gradient(monkeypatch):
+    program = program_from_source(_ATTENTION)
+
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.001
+
+    def wrong_backward(fn, face):
+        return lambda *xs: tuple(Scaled.apply(y) for y in fn(*xs))
+
+    monkeypatch.setattr(fuzz_check, "_compile", wrong_backward)
+    with pytest.raises(fuzz_check.FuzzFailure, match="grad of input"):
+        fuzz_check.check(program)
+
+
+_ATTENTION = '''
+import torch
+import torch.nn.functional as F
+
+
+def fn(x0, x1, x2):
+    v3 = F.scaled_dot_product_attention(x0, x1, x2, is_causal=True)
+    return v3,
+
+
+def make_inputs():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((1, 2, 3, 4), generator=g).requires_grad_()
+    x1 = torch.randn((1, 2, 5, 4), generator=g).requires_grad_()
+    x2 = torch.randn((1, 2, 5, 3), generator=g).requires_grad_()
+    return [x0, x1, x2]
+'''
+
+# ---------------------------------------------------------------- regressions
+#: Minimal programs of bugs the fuzzer found, each fixed: (id, source).
+REGRESSIONS = [
+    # The gradient of a float32 input through a bfloat16 cast is a bfloat16
+    # sum; the cast back to float32 used the unrounded float32 register.
+    ("widening_cast_rounds_half_first", '''
+import torch
+import torch.nn.functional as F
+
+
+def fn(x0):
+    v1 = x0.to(torch.bfloat16)
+    v2 = -v1
+    v3 = -v1
+    v4 = -v3
+    return v2, v4,
+
+
+def make_inputs():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((), generator=g).requires_grad_()
+    return [x0]
+'''),
+    ("attention_causal", _ATTENTION),
+]
+
+
+@pytest.mark.parametrize("source", [s for _, s in REGRESSIONS], ids=[n for n, _ in REGRESSIONS])
+def test_fuzz_regression(source):
+    fuzz_check.check(program_from_source(source))
