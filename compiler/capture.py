@@ -80,7 +80,7 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
     caller will use and which output tangents are known to be zero.
     """
     compiler = GraphCompiler(options, real_primals(module, example_inputs), captured_text,
-                             gradients)
+                             gradients, module=module)
     with traced_right():
         compiled = aot_module_simplified(
             module, _fake_inputs(example_inputs),

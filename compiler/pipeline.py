@@ -40,7 +40,7 @@ from retrograd.report import PassRecord, build_report
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
 from retrograd.runtime.executor import FxExecutable, GeneratedExecutable
-from retrograd.verify import compare, run_graph, run_program
+from retrograd.verify import check_joint, compare, run_graph, run_program
 
 __all__ = ["GraphCompiler", "PassError", "JOINT_PASSES", "HALF_PASSES"]
 
@@ -160,8 +160,10 @@ class GraphCompiler:
     """Compiles one captured graph through AOTAutograd's hooks; keeps its reports."""
 
     def __init__(self, options: Options, real_inputs: Sequence[Any] | None = None,
-                 captured_text: str | None = None, gradients=None):
+                 captured_text: str | None = None, gradients=None,
+                 module: torch.nn.Module | None = None):
         self.options = options
+        self.module = module   # as captured: verify's joint stage runs it in eager
         self.gradients = gradients
         self.real_inputs = list(real_inputs) if real_inputs is not None else None
         self.captured_text = captured_text
@@ -200,6 +202,13 @@ class GraphCompiler:
             return [r.detach() if isinstance(r, torch.Tensor) else r for r in self.real_inputs]
         return [_real(fake) for fake in fakes]
 
+    def _check_joint(self, joint: fx.GraphModule, reference: list, tangents: list,
+                     num_fwd_outputs: int) -> None:
+        skipped = check_joint(self.module, self.real_inputs, joint, reference, tangents,
+                              num_fwd_outputs)
+        if skipped is not None:
+            log.info("%s: verify: joint stage skipped: %s", self.graph_id, skipped)
+
     def _check(self, stage: str, gm: fx.GraphModule, inputs: list, reference: list) -> None:
         if self.options.verify:
             compare(stage, run_graph(gm, inputs), reference)
@@ -222,6 +231,7 @@ class GraphCompiler:
                 and i not in spec.live_tangents) else t for i, t in enumerate(tangents)]
             inputs = primals + tangents
             reference = run_graph(joint, inputs)
+            self._check_joint(joint, reference, tangents, kwargs["num_fwd_outputs"])
         if "dead_gradient" not in self.options.disable:
             run_pass("dead_gradient", dead_gradient.run, joint, ctx, self.joint_records,
                      kwargs["num_fwd_outputs"])
