@@ -13,9 +13,10 @@ standalone face does the same for what it can see without bytecode analysis:
   it names (``cfg.temperature``), following helper functions of the user's
   code for two steps. For a module, the ``forward`` of each class in it.
 
-Guarded values: numbers, strings, bools, None, dtypes, devices, enums,
-tuples/lists/dicts of them (by value), and tensors (by identity and version
-counter: an in-place change to a constant traces again). Other values
+Guarded values: numbers (numpy scalars too), strings, bools, None, dtypes,
+devices, enums, tuples/lists/dicts of them and small numpy arrays (by value),
+and tensors (by identity and version counter: an in-place change to a
+constant traces again). Other values
 (a config object read inside a module) are not guarded; docs/design.md says so.
 """
 
@@ -24,22 +25,26 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import numbers
 import threading
 import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy
 import torch
 
-from retrograd.errors import user_stacklevel
-from retrograd.reach import (MISSING, Reference, code_names, is_plain_object, library_function,
-                             references)
+from retrograd.errors import UnsupportedError, user_stacklevel
+from retrograd.reach import (MISSING, Reference, attribute_names, is_plain_object,
+                             library_function, references)
 
 __all__ = ["Guards", "frozen", "function_guards", "recording_module_reads"]
 
-_SIMPLE = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device,
-           enum.Enum)
+_SIMPLE = (numbers.Number, str, bytes, type(None), torch.dtype, torch.device, enum.Enum)
+
+#: Containers and arrays up to this many items are guarded by value.
+_MAX_ITEMS = 1024
 
 #: nn.Module's own bookkeeping (hooks, parameter dicts, train flag): keyed elsewhere.
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | frozenset(dir(torch.nn.Module))
@@ -55,15 +60,37 @@ def frozen(value: Any, depth: int = 0):
         return (type(value), value)
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value), value._version)
+    if isinstance(value, numpy.ndarray):
+        return (("ndarray", value.dtype.str, value.shape, value.tobytes())
+                if value.size <= _MAX_ITEMS else None)
     if depth >= 3:
         return None
-    if isinstance(value, (tuple, list)) and len(value) <= 64:
+    if isinstance(value, (tuple, list)) and len(value) <= _MAX_ITEMS:
         parts = tuple(frozen(item, depth + 1) for item in value)
         return None if None in parts else (type(value), parts)
-    if isinstance(value, dict) and len(value) <= 64:
+    if isinstance(value, dict) and len(value) <= _MAX_ITEMS:
         parts = tuple((frozen(k, depth + 1), frozen(v, depth + 1)) for k, v in value.items())
         return None if any(None in part for part in parts) else (type(value), parts)
     return None
+
+
+def too_large(value: Any) -> bool:
+    """Data no guard can hold by value: a numpy array, list, tuple or dict of
+    more than ``_MAX_ITEMS`` numbers or strings (containers of modules or
+    objects are not data, and are not guarded)."""
+    if isinstance(value, numpy.ndarray):
+        return value.size > _MAX_ITEMS
+    items = list(value.values()) if isinstance(value, dict) else value
+    return (isinstance(value, (list, tuple, dict)) and len(items) > _MAX_ITEMS
+            and all(isinstance(item, _SIMPLE) for item in items))
+
+
+def _refuse(label: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"retrograd: the trace reads {label}, a container or array of more than "
+        f"{_MAX_ITEMS} values; the standalone face cannot guard it by value, so a change "
+        f"would be silently ignored. Make it a tensor (a buffer or an argument), or use "
+        f"torch.compile(..., backend=\"retrograd\")")
 
 
 @dataclass
@@ -80,9 +107,13 @@ class Guards:
     items: list[_Guard] = field(default_factory=list)
 
     def add(self, label: str, get: Callable[[], Any]) -> None:
-        value = frozen(_read(get))
+        """Guard ``get()``'s value as it is now; refuses data too large to guard."""
+        current = _read(get)
+        value = frozen(current)
         if value is not None:
             self.items.append(_Guard(label, get, value))
+        elif too_large(current):
+            raise _refuse(label)
 
     def failing(self) -> str | None:
         """The label of the first value that changed since the trace, or None."""
@@ -120,7 +151,7 @@ def function_guards(function: Callable, guards: Guards, depth: int = 2,
     if id(code) in seen or depth < 0:
         return
     seen.add(id(code))
-    names = code_names(function)
+    names = attribute_names(function)
     for reference in references(function):
         value = _read(reference.get)
         if isinstance(value, (types.FunctionType, functools.partial)):
@@ -152,6 +183,7 @@ def module_function_guards(modules: list[torch.nn.Module], guards: Guards) -> No
 # -- recording the module attributes a trace reads ------------------------------------------
 
 _recorders: list[dict] = []
+_TOO_LARGE = object()
 _lock = threading.Lock()
 
 
@@ -161,7 +193,9 @@ def _recording_getattribute(self, name):
         reads = _recorders[-1]
         if (id(self), name) not in reads and not getattr(type(self), "_retrograd_internal",
                                                          False):
-            reads[(id(self), name)] = (self, name, frozen(value))   # as the trace saw it
+            snapshot = frozen(value)   # as the trace saw it
+            reads[(id(self), name)] = (self, name, _TOO_LARGE if snapshot is None
+                                       and too_large(value) else snapshot)
     return value
 
 
@@ -190,6 +224,8 @@ def module_read_guards(reads: dict, names: dict[int, str], guards: Guards) -> No
     to a label for the user's modules: the modules torch builds while tracing
     (graphs, holders of tensor constants) are not guarded."""
     for module, name, value in reads.values():
+        if value is _TOO_LARGE and id(module) in names:
+            raise _refuse(f"attribute {names[id(module)]}.{name}")
         if value is not None and id(module) in names:
             guards.items.append(_Guard(f"attribute {names[id(module)]}.{name}",
                                        lambda module=module, name=name: getattr(module, name),

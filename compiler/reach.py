@@ -14,6 +14,7 @@ inputs, found through dicts, lists, tuples and object attributes as well).
 
 from __future__ import annotations
 
+import dis
 import functools
 import types
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 __all__ = ["Reference", "MISSING", "references", "reachable_modules", "is_plain_object",
-           "library_function"]
+           "library_function", "attribute_names"]
 
 #: What a getter returns for a name that no longer resolves (an empty cell, a deleted global).
 MISSING = object()
@@ -49,19 +50,24 @@ def _cell_getter(cell) -> Callable[[], Any]:
     return get
 
 
-def _code_names(code: types.CodeType) -> set[str]:
-    """Names the code reads (``co_names``), nested code objects included."""
-    names = set(code.co_names)
+@functools.lru_cache(maxsize=1024)
+def _names(code: types.CodeType, globals_: bool) -> frozenset[str]:
+    """The global names (``LOAD_GLOBAL``) or the attribute names (``LOAD_ATTR``,
+    ``LOAD_METHOD``) ``code`` reads, nested code objects (lambdas,
+    comprehensions) included."""
+    wanted = ("LOAD_GLOBAL", "LOAD_NAME") if globals_ else ("LOAD_ATTR", "LOAD_METHOD")
+    names = {instruction.argval for instruction in dis.get_instructions(code)
+             if instruction.opname in wanted}
     for constant in code.co_consts:
         if isinstance(constant, types.CodeType):
-            names |= _code_names(constant)
-    return names
+            names |= _names(constant, globals_)
+    return frozenset(names)
 
 
-def code_names(function: Callable) -> set[str]:
-    """The global and attribute names ``function``'s code mentions."""
+def attribute_names(function: Callable) -> frozenset[str]:
+    """The attribute names ``function``'s code reads (``cfg.scale`` gives "scale")."""
     code = getattr(getattr(function, "__func__", function), "__code__", None)
-    return _code_names(code) if code is not None else set()
+    return _names(code, False) if code is not None else frozenset()
 
 
 def library_function(function: Callable) -> bool:
@@ -100,7 +106,7 @@ def references(function: Callable) -> Iterator[Reference]:
         yield Reference(f"default argument {key!r} of {name}",
                         lambda key=key: (function.__kwdefaults__ or {}).get(key, MISSING))
     globals_ = function.__globals__
-    for variable in sorted(_code_names(code)):
+    for variable in sorted(_names(code, True)):
         if variable in globals_:
             yield Reference(f"global {variable!r} read by {name}",
                             lambda variable=variable: globals_.get(variable, MISSING))

@@ -239,6 +239,28 @@ def test_a_constant_tensor_updated_in_place_traces_again(traces):
     assert len(traces) == 2
 
 
+def test_data_too_large_to_guard_is_a_clear_error():
+    weights = [0.5] * 2000
+
+    def function(x):
+        return x * weights[3]
+
+    with pytest.raises(retrograd.UnsupportedError, match=r"closure variable 'weights'.*more "
+                                                         r"than 1024 values.*tensor"):
+        retrograd.compile(function, executor="fx")(torch.randn(3))
+
+    class Weighted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = list(range(2000))
+
+        def forward(self, x):
+            return x * self.table[5]
+
+    with pytest.raises(retrograd.UnsupportedError, match=r"attribute Weighted\.table"):
+        retrograd.compile(Weighted(), executor="fx")(torch.randn(3))
+
+
 # -- 3. data-dependent code --------------------------------------------------------------------
 
 def branch_on_a_value(y):
