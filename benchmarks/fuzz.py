@@ -42,6 +42,8 @@ def run_batch(seed: int, examples: int, face: str, max_ops: int) -> str | None:
     except fuzz_check.FuzzFailure as failure:
         cause = failure.__cause__
         return str(failure) + (f"\n{type(cause).__name__}: {cause}" if cause else "")
+    except Exception as error:   # noqa: BLE001 - the fuzzer's own bug: report it, go on
+        return f"the fuzzer raised {type(error).__name__}: {error}"
     return None
 
 

@@ -165,7 +165,11 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     store = "tl.atomic_add" if accumulate else "tl.store"
     lines.append(f"    {store}({out.name}_ptr + {flat_index(target, out.strides)}, {value}, "
                  "mask=mask)")
-    scatter_inputs = [name for name in kernel.inputs if name != base.name]
+    # self is read by the copy step only, unless it is also the index or the
+    # source (``x.index_put((i,), x)``): then the scatter step reads it too
+    read = list(node.args[1:]) + (list(node.args[1]) if isinstance(node.args[1], list) else [])
+    reread = {a.name for a in read if _is_node(a)}
+    scatter_inputs = [name for name in kernel.inputs if name != base.name or name in reread]
     copy_args = copy_inputs + [out.name]
     args = scatter_inputs + [out.name]
     numel = kernel.numel

@@ -2,9 +2,8 @@
 
 Each generator takes the ``Builder`` (tests/fuzz_programs.py), draws an op and
 its operands, and returns whether it added a step. Views, indexing and
-attention are in tests/fuzz_shapes.py. ``GENERATORS`` lists them all, the
-simplest first (hypothesis shrinks towards the start of the list) and
-repeated for weight.
+attention are in tests/fuzz_shapes.py, scatters, norms and matmul in
+tests/fuzz_extra.py; ``fuzz_programs.default_generators()`` lists them all.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ import torch
 
 from fuzz_programs import FLOATS, Builder, Value, dtype_name, stable
 
-__all__ = ["GENERATORS", "float_input", "partner"]
+__all__ = ["float_input", "partner", "unary", "binary", "scalar", "where", "clamp", "compare",
+           "cast", "reduction"]
 
 _FLOAT_DTYPES = [torch.float32] * 4 + [torch.float64, torch.bfloat16, torch.float16]
 _SCALARS = [2, 0.5, -1.5, 3, -2, 0.25]
@@ -270,13 +270,3 @@ def reduction(builder: Builder) -> bool:
     else:
         source = f"{name}.{kind}({dim}, keepdim={keep})"
     return bool(builder.add(source, [x], kind in ("amax", "amin") and x.exact))
-
-
-def _generators():
-    import fuzz_shapes
-    return ([unary, binary, scalar, reduction, fuzz_shapes.view, unary, binary, reduction,
-             fuzz_shapes.view, where, clamp, compare, cast, fuzz_shapes.index, reduction,
-             fuzz_shapes.view, fuzz_shapes.index, fuzz_shapes.attention, fuzz_shapes.cat])
-
-
-GENERATORS = _generators()

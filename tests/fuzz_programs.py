@@ -33,11 +33,12 @@ clamps and upcasts make of them, which compiled code reproduces bit for bit)
 or where every element is far from the branch point (``stable``).
 
 ``programs()`` is the hypothesis strategy; the op generators live in
-tests/fuzz_ops.py.
+tests/fuzz_ops.py, fuzz_shapes.py and fuzz_extra.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import linecache
 import warnings
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 __all__ = ["FuzzProgram", "Builder", "Value", "programs", "program_from_source",
+           "default_generators",
            "MAX_MAGNITUDE", "FLOATS"]
 
 #: Results larger than this (in absolute value) are left out of programs.
@@ -62,7 +64,6 @@ _MARGIN = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 3e-2,
 _DTYPE_NAMES = {torch.float32: "torch.float32", torch.float64: "torch.float64",
                 torch.bfloat16: "torch.bfloat16", torch.float16: "torch.float16",
                 torch.int64: "torch.int64", torch.int32: "torch.int32", torch.bool: "torch.bool"}
-_files = count()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -99,7 +100,8 @@ class FuzzProgram:
         return f"program_from_source('''\n{self.source}''')"
 
     def build(self):
-        filename = f"<fuzz-program-{next(_files)}>"
+        # the same program, the same name: hypothesis tells failures apart by place
+        filename = f"<fuzz-program-{hashlib.sha1(self.source.encode()).hexdigest()[:12]}>"
         linecache.cache[filename] = (len(self.source), None,
                                      self.source.splitlines(keepends=True), filename)
         namespace: dict = {}
@@ -251,12 +253,23 @@ def stable(value: Value, *branch_points) -> bool:
     return True
 
 
+def default_generators() -> list:
+    """Every op generator, the simplest first (hypothesis shrinks towards the
+    start of the list), the common ones repeated for weight."""
+    import fuzz_extra
+    import fuzz_ops as o
+    import fuzz_shapes as s
+    return [o.unary, o.binary, o.scalar, o.reduction, s.view, o.unary, o.binary, o.reduction,
+            s.view, o.where, o.clamp, o.compare, o.cast, s.index, o.reduction, s.view, s.index,
+            s.attention, s.cat, fuzz_extra.scatter, fuzz_extra.normalize, fuzz_extra.matmul]
+
+
 @st.composite
 def programs(draw, max_ops: int = 6, generators=None) -> FuzzProgram:
     """A random program of 1..``max_ops`` ops drawn from ``generators``
-    (default: every generator in tests/fuzz_ops.py)."""
+    (default: ``default_generators()``)."""
     import fuzz_ops
-    generators = generators or fuzz_ops.GENERATORS
+    generators = generators or default_generators()
     builder = Builder(draw, draw(st.integers(0, 2**16)))
     for _ in range(draw(st.integers(1, 2))):
         fuzz_ops.float_input(builder)

@@ -116,6 +116,24 @@ def make_inputs():
     x0 = torch.randn((), generator=g).requires_grad_()
     return [x0]
 '''),
+    # index_put whose values are its self: the scatter kernel was not passed
+    # the values' pointer (self was read by the copy step only).
+    ("index_put_values_are_self", '''
+import torch
+import torch.nn.functional as F
+
+
+def fn(x0, i1):
+    v2 = x0.index_put((i1,), x0)
+    return v2,
+
+
+def make_inputs():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((1, 4, 1), generator=g).requires_grad_()
+    i1 = torch.randperm(1, generator=g)[:1]
+    return [x0, i1]
+'''),
     ("attention_causal", _ATTENTION),
 ]
 
