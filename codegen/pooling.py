@@ -110,8 +110,8 @@ def _holding_window(lines, h: str, w: str, dh: int, dw: int, stride, padding, ou
 def _forward(node, buffers, lines, getitems):
     source = buffers[node.args[0].name]
     kernel, stride, padding, dilation = _window(node.args[1:5])
-    values, indices = getitems
-    out = buffers[values]
+    values, indices = getitems   # either may be None: nothing reads it from memory
+    out = buffers[values or indices]
     coords = coordinates(out.shape, lines, "x")
     lead, (oh, ow) = coords[:-2], coords[-2:]
     height, width = source.shape[-2:]
@@ -129,23 +129,35 @@ def _forward(node, buffers, lines, getitems):
                          "((value != value) & (best == best)))")
             lines.append("    best = tl.where(take, value, best)")
             lines.append(f"    best_index = tl.where(take, h * {width} + w, best_index)")
-    _store(lines, values, out, "best", coords)
+    if values is not None:
+        _store(lines, values, out, "best", coords)
     if indices is not None:
         index_buffer = buffers[indices]
         lines.append(f"    tl.store({indices}_ptr + {flat_index(coords, index_buffer.strides)}, "
                      f"best_index, mask=mask)")
 
 
+def _upstream(grad, buffers, target, compute: str) -> str:
+    """``g = ...``: the upstream gradient at output window ``target``. A fill
+    (``ones_like`` of a summed output) that fusion writes into the kernel as a
+    literal has no buffer: it is its value."""
+    if grad.name not in buffers:
+        return f"    g = tl.full([BLOCK], {ops.literal(ops.fill_value(grad))}, {compute})"
+    buffer = buffers[grad.name]
+    return (f"    g = tl.load({grad.name}_ptr + {flat_index(target, buffer.strides)}, "
+            f"mask=hit, other=0).to({compute})")
+
+
 def _backward(node, buffers, lines, output):
     grad, source, _kernel, _stride, _padding, _dilation, _ceil, indices = node.args[:8]
     kernel, stride, padding, dilation = _window(node.args[2:6])
     grad_in = buffers[output]
-    grad_out, index = buffers[grad.name], buffers[indices.name]
+    index = buffers[indices.name]
     coords = coordinates(grad_in.shape, lines, "x")
     lead, (h, w) = coords[:-2], coords[-2:]
-    out_h, out_w = grad_out.shape[-2:]
+    out_h, out_w = grad.meta["val"].shape[-2:]
     width = grad_in.shape[-1]
-    compute = _compute_dtype(grad_out)
+    compute = ops.triton_dtype(ops.compute_dtype(grad.meta["val"].dtype))
     lines.append(f"    total = tl.full([BLOCK], 0.0, {compute})")
     lines.append(f"    here = {h} * {width} + {w}")
     for kh in range(kernel[0]):
@@ -157,9 +169,7 @@ def _backward(node, buffers, lines, output):
             lines.append(f"    chosen = tl.load({index.name}_ptr + "
                          f"{flat_index(target, index.strides)}, "
                          f"mask=hit, other=-1)")
-            lines.append(f"    g = tl.load({grad_out.name}_ptr + "
-                         f"{flat_index(target, grad_out.strides)}, "
-                         f"mask=hit, other=0).to({compute})")
+            lines.append(_upstream(grad, buffers, target, compute))
             lines.append("    total += tl.where(hit & (chosen == here), g, 0.0)")
     _store(lines, output, grad_in, "total", coords)
 
@@ -205,22 +215,20 @@ def _average_forward(node, buffers, lines, output):
 
 
 def _average_backward(node, buffers, lines, output):
-    grad = buffers[node.args[0].name]
+    grad = node.args[0]
     kernel, stride, padding, _ = _window(node.args[2:5])
     grad_in = buffers[output]
     coords = coordinates(grad_in.shape, lines, "x")
     lead, (h, w) = coords[:-2], coords[-2:]
     height, width = grad_in.shape[-2:]
-    out_h, out_w = grad.shape[-2:]
+    out_h, out_w = grad.meta["val"].shape[-2:]
     compute = _compute_dtype(grad_in)
     lines.append(f"    total = tl.full([BLOCK], 0, {compute})")
     for kh in range(kernel[0]):
         for kw in range(kernel[1]):
             _holding_window(lines, h, w, kh, kw, stride, padding, out_h, out_w)
             _average_divisor(node, "oh", "ow", height, width, lines)
-            lines.append(f"    g = tl.load({grad.name}_ptr + "
-                         f"{flat_index(lead + ['oh', 'ow'], grad.strides)}, "
-                         f"mask=hit, other=0).to({compute})")
+            lines.append(_upstream(grad, buffers, lead + ["oh", "ow"], compute))
             lines.append("    total += tl.where(hit, g / divisor, 0.0)")
     _store(lines, output, grad_in, "total", coords)
 
@@ -240,9 +248,10 @@ def generate_pool(kernel: Kernel, buffers: dict[str, Buffer], block: int, graph:
     lines: list[str] = []
     if node.target is aten.max_pool2d_with_indices.default:
         by_index = {n.args[1]: n.name for n in kernel.nodes if n.target is not node.target}
-        outputs = (by_index.get(0), by_index.get(1))
+        outputs = tuple(by_index.get(i) if by_index.get(i) in kernel.outputs else None
+                        for i in (0, 1))
         _forward(node, buffers, lines, outputs)
-        numel = buffers[outputs[0]].numel
+        numel = buffers[outputs[0] or outputs[1]].numel
     else:
         build = {aten.max_pool2d_with_indices_backward.default: _backward,
                  aten.avg_pool2d.default: _average_forward,
