@@ -6,7 +6,7 @@ call through AOTAutograd and compiles it; later calls with that signature
 reuse it, and a new signature traces again. Non-tensor arguments are baked
 into the trace; so are the Python values the code reads (a module's
 ``self.temperature``, a float a function closes over), and guards
-(guards.py) trace again when one changes. Code that needs tensor values
+(guards.py) trace again when one changes (trace_cache.py keeps the graphs). Code that needs tensor values
 while tracing (``.item()``, ``x[x > 0]``) raises ``UnsupportedError``
 (errors.py); hooks run at trace time only and are warned about (hooks.py).
 Outputs keep their structure (tuples, dicts, dataclass
@@ -17,201 +17,19 @@ autograd.
 from __future__ import annotations
 
 import functools
-import logging
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
 
-from retrograd.capture import compile_graph, real_primals, signature
-from retrograd.errors import DATA_DEPENDENT, UnsupportedError, data_dependent_error
-from retrograd.guards import (Guards, function_guards, module_function_guards,
-                              module_read_guards, recording_module_reads)
-from retrograd.hooks import hook_key, warn_about_hooks
+from retrograd.capture import real_primals
+from retrograd.errors import UnsupportedError
 from retrograd.options import Options
 from retrograd.reach import reachable_modules
+from retrograd.trace_cache import TraceCache
 
 __all__ = ["compile", "grad", "value_and_grad", "CompiledModule", "CompiledFunction",
            "GradFunction", "UnsupportedError"]
-
-log = logging.getLogger("retrograd")
-
-
-class _Flat(torch.nn.Module):
-    """``target(*args, **kwargs)`` as a module of tensor inputs and tensor outputs.
-
-    AOTAutograd wants flat tensor inputs and a tuple of tensors out; this
-    module rebuilds the user's arguments around the tensors and records how
-    to rebuild the user's output structure.
-    """
-
-    _retrograd_internal = True   # its attribute reads are not guarded (guards.py)
-
-    def __init__(self, target: Callable, in_spec, leaves: list, tensor_slots: list[int]):
-        super().__init__()
-        self.target = target
-        self.in_spec = in_spec
-        self.leaves = leaves
-        self.tensor_slots = tensor_slots
-        self.out_spec = None
-        self.out_constants: dict[int, Any] = {}
-        self.out_tensor_slots: list[int] = []
-
-    def forward(self, *tensors):
-        leaves = list(self.leaves)
-        for slot, tensor in zip(self.tensor_slots, tensors):
-            leaves[slot] = tensor
-        args, kwargs = pytree.tree_unflatten(leaves, self.in_spec)
-        result = self.target(*args, **kwargs)
-        out_leaves, self.out_spec = pytree.tree_flatten(result)
-        self.out_tensor_slots = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
-        self.out_constants = {i: v for i, v in enumerate(out_leaves)
-                              if not isinstance(v, torch.Tensor)}
-        return tuple(out_leaves[i] for i in self.out_tensor_slots)
-
-    def rebuild(self, tensors) -> Any:
-        leaves = [None] * (len(self.out_tensor_slots) + len(self.out_constants))
-        for slot, tensor in zip(self.out_tensor_slots, tensors):
-            leaves[slot] = tensor
-        for slot, value in self.out_constants.items():
-            leaves[slot] = value
-        return pytree.tree_unflatten(leaves, self.out_spec)
-
-
-@dataclass
-class _Entry:
-    """One compiled graph: AOTAutograd's callable, our compiler (its reports),
-    the wrapper that rebuilds outputs, and the Python values it was traced with."""
-
-    compiled: Any
-    compiler: Any
-    flat: _Flat
-    guards: Guards
-
-
-class _Cache:
-    """Compiled graphs per call signature, each with guards on the Python state
-    its trace baked in (guards.py); a signature whose guards all fail traces again."""
-
-    def __init__(self, target: Callable, options: Options, module: torch.nn.Module | None,
-                 gradients=None, closed_over_ok: bool = False,
-                 discover: Callable[[], list[torch.nn.Module]] | None = None,
-                 face: str = "retrograd.compile"):
-        self.target = target
-        self.options = options
-        self.module = module
-        # modules a function reaches (grad()): their parameters and buffers
-        # become graph inputs, so a BatchNorm's running statistics are written
-        # back and a replaced parameter is seen; found again on every call
-        self.discover = discover
-        self.lifted: list[torch.nn.Module] = []
-        self.gradients = gradients            # dead_gradient.GradientSpec, or None: all
-        self.closed_over_ok = closed_over_ok  # grad(): closed-over parameters are constants
-        self.entries: dict[tuple, list[_Entry]] = {}
-        self.last: _Entry | None = None
-        self.face = face
-        self.what = ("the function" if module is None
-                     else f"{type(module).__name__}.forward")
-
-    def __call__(self, *args, **kwargs):
-        leaves, in_spec = pytree.tree_flatten((args, kwargs))
-        slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-        tensors = [leaves[i] for i in slots]
-        if self.discover is not None:
-            self.lifted = self.discover()
-        key = signature(leaves) + self._module_key()
-        entry = self._lookup(key)
-        if entry is None:
-            entry = self._trace(leaves, in_spec, slots, tensors)
-            self.entries.setdefault(key, []).append(entry)
-        self.last = entry
-        return entry.flat.rebuild(entry.compiled(*tensors))
-
-    def _lookup(self, key: tuple) -> _Entry | None:
-        """The entry of ``key`` whose guards hold; logs why the others fail."""
-        for entry in self.entries.get(key, ()):
-            changed = entry.guards.failing()
-            if changed is None:
-                return entry
-            log.info("%s: tracing %s again: %s changed", self.face, self.what, changed)
-        return None
-
-    def _trace(self, leaves, in_spec, slots, tensors) -> _Entry:
-        constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-        flat = _Flat(self.target, in_spec, constants, slots)
-        if self.lifted:
-            flat.lifted = torch.nn.ModuleList(self.lifted)
-        gradients = self.gradients(leaves, slots) if callable(self.gradients) else None
-        watched = self._named_modules()
-        guards = Guards()
-        if self.module is None:
-            function_guards(self.target, guards)
-        module_function_guards([sub for _, sub in watched], guards)
-        warn_about_hooks(watched, f"{self.face} of {self.what}")
-        try:
-            with recording_module_reads() as reads:
-                compiled, compiler = compile_graph(flat, tensors, self.options,
-                                                   gradients=gradients)
-        except DATA_DEPENDENT as error:
-            raise data_dependent_error(error, f"{self.face} of {self.what}") from error
-        module_read_guards(reads, {id(sub): label for label, sub in watched}, guards)
-        guards.refresh(f"{self.face}: {self.what}")
-        if not self.closed_over_ok:
-            _refuse_closed_over_grads(compiler, self.module)
-        return _Entry(compiled, compiler, flat, guards)
-
-    def _modules(self) -> list[torch.nn.Module]:
-        return ([self.module] if self.module is not None else []) + self.lifted
-
-    def _named_modules(self) -> list[tuple[str, torch.nn.Module]]:
-        """(label, submodule) for every submodule of the modules the call uses
-        (compiled, lifted, or reached by a compiled function), labelled by the
-        class of the outer module, then the path ("Tempered.act")."""
-        named = []
-        modules = self._modules() if self.module is not None or self.discover is not None \
-            else reachable_modules(self.target)
-        for module in modules:
-            for path, sub in module.named_modules(remove_duplicate=False):
-                named.append((".".join(filter(None, (type(module).__name__, path))), sub))
-        return named
-
-    def _module_key(self) -> tuple:
-        """The module state a trace bakes in: which modules are lifted, train/eval
-        of every submodule, its hooks, which parameters want gradients, and which
-        tensors the parameters and buffers are (the compiled graph keeps the ones
-        it was traced with, so a replaced or converted tensor must trace again)."""
-        modules = self._modules()
-        if not modules:
-            return ()
-        subs = [sub for module in modules for sub in module.modules()]
-        parameters = [p for module in modules for p in module.parameters()]
-        state = parameters + [b for module in modules for b in module.buffers()]
-        return (("lifted", tuple(id(module) for module in self.lifted)),
-                ("training", tuple(sub.training for sub in subs)),
-                ("hooks", hook_key(subs)),
-                ("requires_grad", tuple(p.requires_grad for p in parameters)),
-                ("state", tuple((id(t), t.dtype, tuple(t.shape), t.device) for t in state)))
-
-    @property
-    def reports(self) -> dict[str, dict]:
-        if self.last is None:
-            return {}
-        return self.last.compiler.reports
-
-
-def _refuse_closed_over_grads(compiler, module) -> None:
-    """Code that closes over tensors requiring grad (other than a module's own
-    parameters) would silently lose their gradients: AOTAutograd bakes them in
-    as constants. Under no_grad nothing is lost."""
-    closed = compiler.closed_over_grads
-    if closed and torch.is_grad_enabled():
-        what = "the function" if module is None else f"{type(module).__name__}.forward"
-        raise ValueError(
-            f"retrograd.compile: {what} closes over tensors that require grad "
-            f"({', '.join(closed)}); their gradients would be lost. Pass them as "
-            f"arguments, or make them parameters of an nn.Module")
-
 
 class CompiledModule(torch.nn.Module):
     """A drop-in for the wrapped module: same parameters, train/eval, state_dict
@@ -220,7 +38,7 @@ class CompiledModule(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, options: Options):
         super().__init__()
         self._orig_mod = module
-        self._cache = _Cache(module, options, module)
+        self._cache = TraceCache(module, options, module)
 
     def forward(self, *args, **kwargs):
         return self._cache(*args, **kwargs)
@@ -241,7 +59,7 @@ class CompiledFunction:
     """A compiled plain function; ``.reports`` as for modules."""
 
     def __init__(self, function: Callable, options: Options):
-        self._cache = _Cache(function, options, None)
+        self._cache = TraceCache(function, options, None)
         functools.update_wrapper(self, function)
 
     def __call__(self, *args, **kwargs):
@@ -300,7 +118,7 @@ class GradFunction:
             raise ValueError(f"retrograd.grad: argnums={argnums!r} must be an int or a "
                              f"non-empty tuple of ints")
         self._wanted: tuple[int, ...] = ()
-        self._cache = _Cache(function, options, None, gradients=self._spec, closed_over_ok=True,
+        self._cache = TraceCache(function, options, None, gradients=self._spec, closed_over_ok=True,
                              discover=functools.partial(reachable_modules, function),
                              face="retrograd.grad")
         functools.update_wrapper(self, function)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import retrograd
 import retrograd.api
+import retrograd.trace_cache
 import retrograd.backend
 import retrograd.codegen.ops
 import retrograd.passes.cleanup
@@ -57,7 +58,7 @@ class RetraceCounter:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        for module in (retrograd.api, retrograd.backend):
+        for module in (retrograd.trace_cache, retrograd.backend):
             original = module.compile_graph
             monkeypatch.setattr(module, "compile_graph", self._counting(original))
 

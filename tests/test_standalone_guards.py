@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 import retrograd
-import retrograd.api
+import retrograd.trace_cache
 from zoo import relative_error
 
 pytestmark = pytest.mark.usefixtures("no_dump_env")
@@ -33,13 +33,13 @@ HERE = Path(__file__).resolve()
 def traces(monkeypatch) -> list:
     """One item per graph the standalone face compiles."""
     calls: list = []
-    original = retrograd.api.compile_graph
+    original = retrograd.trace_cache.compile_graph
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(retrograd.api, "compile_graph", counted)
+    monkeypatch.setattr(retrograd.trace_cache, "compile_graph", counted)
     return calls
 
 
