@@ -92,6 +92,7 @@ FLAGS = {
     "adamw-amsgrad": lambda m: torch.optim.AdamW(m.parameters(), lr=0.02, amsgrad=True,
                                                  betas=(0.5, 0.6)),
     "adam-foreach": lambda m: torch.optim.Adam(m.parameters(), lr=0.01, foreach=True),
+    "adamw-fused": lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, fused=True),
     "sgd-maximize": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,
                                               weight_decay=0.1, maximize=True),
     "sgd-dampening": lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,
