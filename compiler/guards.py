@@ -130,7 +130,7 @@ class Guards:
             if now != guard.value:
                 warnings.warn(f"{what} changed {guard.label} while it was "
                               f"traced; the compiled graph does not run Python side effects "
-                              f"again. torch.compile(..., backend='retrograd') replays them",
+                              f"again. torch.compile(..., backend=\"retrograd\") replays them",
                               stacklevel=user_stacklevel())
                 guard.value = now
         self.items = [guard for guard in self.items if guard.value is not None]

@@ -105,7 +105,7 @@ class TraceCache:
         self.entries: dict[tuple, list[_Entry]] = {}
         self.last: _Entry | None = None
         self.face = face
-        self.what = ("the function" if module is None
+        self.what = (getattr(target, "__qualname__", "the function") if module is None
                      else f"{type(module).__name__}.forward")
 
     def __call__(self, *args, **kwargs):

@@ -297,7 +297,10 @@ def test_data_dependent_code_is_an_unsupported_error_naming_op_and_line(case):
     assert op in message
     assert f"{HERE}:{line_of(f'# marker: {case}')}" in message
     assert 'torch.compile(..., backend="retrograd")' in message
+    assert message.startswith(f"retrograd.compile of {function.__name__}: ")
     assert isinstance(raised.value, RuntimeError)
+    with pytest.raises(retrograd.UnsupportedError, match=rf"^retrograd\.grad of .*<lambda>: {op}"):
+        retrograd.grad(lambda y: function(y).sum(), executor="fx")(y)
 
 
 @pytest.mark.parametrize("case", list(DATA_DEPENDENT))
