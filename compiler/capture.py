@@ -23,6 +23,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from retrograd.decompositions import decomposition_table, traced_right
+from retrograd.errors import UnsupportedError
 from retrograd.options import Options
 from retrograd.pipeline import GraphCompiler
 
@@ -33,6 +34,10 @@ def signature(values: Sequence[Any]) -> tuple:
     """What a compiled graph is specialized on: tensor metadata, other values as-is."""
     key = []
     for value in values:
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            raise UnsupportedError(f"retrograd: an argument is a {value.layout} tensor (shape "
+                                   f"{tuple(value.shape)}); retrograd compiles dense, strided "
+                                   "tensors only: pass .to_dense() of it")
         if isinstance(value, torch.Tensor):
             key.append(("tensor", tuple(value.shape), tuple(value.stride()), value.dtype,
                         value.device, value.requires_grad))
