@@ -55,7 +55,8 @@ _NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "eps")
 
 
 def family(optimizer) -> str | None:
-    """"SGD" or "Adam" (Adam and AdamW differ only in their flags), None without one."""
+    """The update family: ``"SGD"``, ``"Adam"`` (AdamW is Adam with its own
+    default flags) or None without an optimizer."""
     if optimizer is None:
         return None
     return "SGD" if type(optimizer) is torch.optim.SGD else "Adam"

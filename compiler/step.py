@@ -19,7 +19,9 @@ groups, flag by flag (``compiler/optimizers.py``). Their state lives in
 eagerly or saved as usual. The per-group numbers a scheduler changes are
 tensor inputs of the program, so a schedule never recompiles. Parameters the
 loss does not reach get no update and no state, as in eager (whose
-``zero_grad`` leaves their ``.grad`` None). ``max_grad_norm`` clips the
+``zero_grad`` leaves their ``.grad`` None); which those are is found by a
+fake-tensor trace of the loss with ``torch.autograd.grad`` before the step is
+traced, so ``loss_fn`` runs twice per new signature. ``max_grad_norm`` clips the
 gradients by their global L2 norm inside the program, before the update.
 """
 
