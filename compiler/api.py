@@ -56,10 +56,17 @@ class CompiledModule(torch.nn.Module):
 
 
 class CompiledFunction:
-    """A compiled plain function; ``.reports`` as for modules."""
+    """A compiled plain function; ``.reports`` as for modules.
+
+    The modules the function reaches (``reach.reachable_modules``: a model it
+    closes over, ``models["enc"]``, ``trainer.model``) are lifted as for
+    ``grad``: their parameters are graph inputs and get gradients, a
+    replaced parameter or train/eval switch traces again.
+    """
 
     def __init__(self, function: Callable, options: Options):
-        self._cache = TraceCache(function, options, None)
+        self._cache = TraceCache(function, options, None,
+                                 discover=functools.partial(reachable_modules, function))
         functools.update_wrapper(self, function)
 
     def __call__(self, *args, **kwargs):

@@ -13,6 +13,7 @@ tracing and are warned about once each.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -139,6 +140,30 @@ def test_modules_a_function_reaches_are_guarded(traces):
     model.mode = "sigmoid"
     assert relative_error(gradient(x), torch.func.grad(loss)(x)) < 1e-5
     assert len(traces) == 4
+
+
+def test_a_compiled_function_lifts_the_model_it_reaches(traces):
+    """``retrograd.compile(lambda x: models["net"](x))`` trains the model like
+    eager (its parameters are graph inputs, not constants), and a replaced
+    parameter traces again."""
+    torch.manual_seed(0)
+    models = {"net": nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))}
+    reference = copy.deepcopy(models["net"])
+
+    def function(x):
+        return models["net"](x) * 2
+
+    compiled = retrograd.compile(function, executor="fx")
+    x = torch.randn(5, 4)
+    compiled(x).square().sum().backward()
+    (reference(x) * 2).square().sum().backward()
+    for mine, theirs in zip(models["net"].parameters(), reference.parameters()):
+        assert relative_error(mine.grad, theirs.grad) < 1e-5
+    replacement = torch.randn(3, 4)
+    models["net"][0].weight = nn.Parameter(replacement.clone())
+    reference[0].weight = nn.Parameter(replacement.clone())
+    assert relative_error(compiled(x), reference(x) * 2) < 1e-6
+    assert len(traces) == 2
 
 
 def test_an_attribute_changed_by_the_trace_itself_is_warned_about(traces):
