@@ -13,6 +13,7 @@ runs; otherwise the call traces again through AOTAutograd
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,14 +21,16 @@ import torch
 import torch.utils._pytree as pytree
 
 from retrograd.capture import compile_graph, signature
-from retrograd.errors import DATA_DEPENDENT, data_dependent_error
+from retrograd.errors import DATA_DEPENDENT, data_dependent_error, user_stacklevel
 from retrograd.guards import (Guards, function_guards, module_function_guards,
                               module_read_guards, recording_module_reads)
 from retrograd.hooks import hook_key, warn_about_hooks
 from retrograd.options import Options
-from retrograd.reach import reachable_modules
 
-__all__ = ["TraceCache"]
+__all__ = ["TraceCache", "MAX_ENTRIES"]
+
+#: Graphs kept per signature (each for other guarded Python values), as dynamo's cache limit.
+MAX_ENTRIES = 8
 
 log = logging.getLogger("retrograd")
 
@@ -95,7 +98,7 @@ class TraceCache:
         self.target = target
         self.options = options
         self.module = module
-        # modules a function reaches (grad()): their parameters and buffers
+        # modules a function reaches (reach.py): their parameters and buffers
         # become graph inputs, so a BatchNorm's running statistics are written
         # back and a replaced parameter is seen; found again on every call
         self.discover = discover
@@ -105,6 +108,8 @@ class TraceCache:
         self.entries: dict[tuple, list[_Entry]] = {}
         self.last: _Entry | None = None
         self.face = face
+        self.changed: str | None = None   # the guard that failed last
+        self.warned_retracing = False
         self.what = (getattr(target, "__qualname__", "the function") if module is None
                      else f"{type(module).__name__}.forward")
 
@@ -118,9 +123,24 @@ class TraceCache:
         entry = self._lookup(key)
         if entry is None:
             entry = self._trace(leaves, in_spec, slots, tensors)
-            self.entries.setdefault(key, []).append(entry)
+            self._keep(key, entry)
         self.last = entry
         return entry.flat.rebuild(entry.compiled(*tensors))
+
+    def _keep(self, key: tuple, entry: _Entry) -> None:
+        """Store ``entry``; past ``MAX_ENTRIES`` graphs for one signature the
+        oldest goes (a value that changes on every call would otherwise keep
+        every graph alive), with a warning once per cache."""
+        kept = self.entries.setdefault(key, [])
+        kept.append(entry)
+        if len(kept) > MAX_ENTRIES:
+            del kept[0]
+            if not self.warned_retracing:
+                self.warned_retracing = True
+                warnings.warn(f"{self.face}: {self.what} was traced more than {MAX_ENTRIES} "
+                              f"times for one signature because Python values it reads keep "
+                              f"changing (last: {self.changed}); pass such a value as a "
+                              f"tensor argument", stacklevel=user_stacklevel())
 
     def _lookup(self, key: tuple) -> _Entry | None:
         """The entry of ``key`` whose guards hold; logs why the others fail."""
@@ -129,6 +149,7 @@ class TraceCache:
             if changed is None:
                 return entry
             log.info("%s: tracing %s again: %s changed", self.face, self.what, changed)
+            self.changed = changed
         return None
 
     def _trace(self, leaves, in_spec, slots, tensors) -> _Entry:
@@ -160,12 +181,10 @@ class TraceCache:
 
     def _named_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """(label, submodule) for every submodule of the modules the call uses
-        (compiled, lifted, or reached by a compiled function), labelled by the
-        class of the outer module, then the path ("Tempered.act")."""
+        (compiled or lifted), labelled by the class of the outer module, then
+        the path ("Tempered.act")."""
         named = []
-        modules = self._modules() if self.module is not None or self.discover is not None \
-            else reachable_modules(self.target)
-        for module in modules:
+        for module in self._modules():
             for path, sub in module.named_modules(remove_duplicate=False):
                 named.append((".".join(filter(None, (type(module).__name__, path))), sub))
         return named

@@ -208,6 +208,22 @@ def test_a_changed_global_traces_again(traces, monkeypatch):
     assert len(traces) == 3
 
 
+def test_a_value_changing_on_every_call_keeps_a_bounded_cache(traces):
+    step = 0.0
+
+    def function(x):
+        return x * step
+
+    compiled = retrograd.compile(function, executor="fx")
+    x = torch.randn(3)
+    with pytest.warns(UserWarning, match=r"traced more than 8 times.*'step'.*argument"):
+        for value in range(10):
+            step = float(value)
+            assert relative_error(compiled(x), function(x)) < 1e-6
+    assert len(traces) == 10
+    assert [len(kept) for kept in compiled._cache.entries.values()] == [8]
+
+
 def test_a_changed_closed_over_float_traces_again(traces):
     scale = 2.0
 
