@@ -3,15 +3,16 @@
 The first call with a given signature (shapes, dtypes, devices,
 requires_grad flags, non-tensor values, grad mode, autocast) traces the
 call through AOTAutograd and compiles it; later calls with that signature
-reuse it, and a new signature traces again. Non-tensor arguments are baked
-into the trace; so are the Python values the code reads (a module's
-``self.temperature``, a float a function closes over), and guards
-(guards.py) trace again when one changes (trace_cache.py keeps the graphs). Code that needs tensor values
-while tracing (``.item()``, ``x[x > 0]``) raises ``UnsupportedError``
-(errors.py); hooks run at trace time only and are warned about (hooks.py).
-Outputs keep their structure (tuples, dicts, dataclass
-outputs such as transformers' ModelOutput); gradients flow through ordinary
-autograd.
+reuse it, and a new signature traces again (trace_cache.py keeps the
+graphs). Non-tensor arguments are baked into the trace; so are the Python
+values the code reads (a module's ``self.temperature``, a float a function
+closes over), and guards (guards.py) trace again when one changes. Modules a
+function reaches are lifted into graph inputs (reach.py). Code that needs
+tensor values while tracing (``.item()``, ``x[x > 0]``) raises
+``UnsupportedError`` (errors.py); hooks run at trace time only and are
+warned about (hooks.py). Outputs keep their structure (tuples, dicts,
+dataclass outputs such as transformers' ModelOutput); gradients flow
+through ordinary autograd.
 """
 
 from __future__ import annotations
