@@ -36,7 +36,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functionalize, grad_and_value
 
 from retrograd.capture import signature
-from retrograd.decompositions import decomposition_table
+from retrograd.decompositions import decomposition_table, traced_right
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
                                   clip_gradients, family, initial_state, mark_stepped, state_keys,
                                   structure, update)
@@ -159,7 +159,9 @@ class Step:
                          if loss.requires_grad else [None] * len(params))
             found.extend(g is not None for g in grads)
             return loss.detach()
-        make_fx(probe, tracing_mode="fake")([p.detach() for p in parameters], buffers, leaves)
+        with traced_right():   # a tensor the loss closes over (class weights) is a constant
+            make_fx(probe, tracing_mode="fake", _allow_non_fake_inputs=True)(
+                [p.detach() for p in parameters], buffers, leaves)
         return tuple(index for index, reached in enumerate(found) if reached)
 
     def _function(self, loss_of, used, groups, clock_of):
@@ -241,8 +243,9 @@ class Step:
 
     def _compile(self, inputs, loss_of, used, groups, clock_of):
         function = self._function(loss_of, used, groups, clock_of)
-        traced = make_fx(functionalize(function), decomposition_table=decomposition_table(),
-                         tracing_mode="fake")(*inputs)
+        with traced_right():
+            traced = make_fx(functionalize(function), decomposition_table=decomposition_table(),
+                             tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
         flat = pytree.tree_flatten(inputs)[0]
         compiler = GraphCompiler(self.options, flat)
         updates = self._updates(inputs, used, len(inputs[2]))

@@ -180,3 +180,25 @@ def test_multilabel_margin_loss_after_terminator(reduction):
     expected.sum().backward()
     got.sum().backward()
     torch.testing.assert_close(x2.grad, x.grad)
+
+
+def test_compile_step_traces_with_the_fixed_decompositions():
+    """compile_step traces its own graph (make_fx): it must use the fixes too."""
+    import retrograd
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 6)
+    reference = torch.nn.Linear(6, 6)
+    reference.load_state_dict(model.state_dict())
+    target = torch.tensor([[3, 0, -1, 1, 1, 1], [2, -1, 0, 0, 0, 0]])
+    x = torch.randn(2, 6)
+    loss_fn = lambda m, x: F.multilabel_margin_loss(m(x), target)  # noqa: E731
+    step = retrograd.compile_step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(2):
+        got = step(x)
+        optimizer.zero_grad()
+        expected = loss_fn(reference, x)
+        expected.backward()
+        optimizer.step()
+        torch.testing.assert_close(got.detach(), expected.detach())
+    torch.testing.assert_close(model.weight, reference.weight)
