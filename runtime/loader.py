@@ -1,15 +1,24 @@
 """Generated source on disk and loaded as modules.
 
-Triton's ``jit`` needs kernels in real files (a plain ``exec`` silently
-computes wrong results under the interpreter), so every kernel and program
-is written to a per-user cache folder and imported from there.
+Triton's ``jit`` needs a kernel's source to be findable by ``inspect`` (a
+plain ``exec`` of a string silently computes wrong results under the
+interpreter), so every kernel and program is written to a per-user cache
+folder, and the verified text is registered in ``linecache`` under that
+file's name before it is compiled.
 
-Safety rules, because several processes may compile at once:
+Safety rules, because several processes may compile at once and the folder
+is a place code is loaded from:
 - the folder is created owner-only (0700) and refused if others can write it
   (group or other write bits, or another user owns it);
 - a file's name carries a hash of its content and of the versions that
-  could change what it means; a file is reused only if its content hashes
-  to that key, so a half-written or tampered file is rewritten, never loaded;
+  could change what it means. A file is read once, without following a
+  link, and reused only if it is a regular file of ours that no one else
+  can write and its bytes hash to that key; anything else (tampered,
+  truncated, not UTF-8, a link, another user's) is rebuilt, never loaded
+  and never an error;
+- what runs is compiled by us from those verified bytes: no bytecode is
+  written and any ``__pycache__`` found is ignored, so an altered ``.pyc``
+  cannot bypass the check;
 - writes go to a temporary file in the same folder, then ``os.replace``,
   which is atomic on POSIX: readers see the old file or the whole new one.
 """
@@ -18,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
+import linecache
 import os
 import stat
 import sys
@@ -33,6 +42,8 @@ from retrograd.runtime.device import interpreter_mode
 __all__ = ["cache_dir", "source_key", "write_source", "load_module"]
 
 _LOADED: dict[tuple[str, bool], ModuleType] = {}
+_WRITTEN: dict[str, str] = {}    # path -> the source this process wrote or verified there
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def cache_dir() -> Path:
@@ -66,11 +77,52 @@ def source_key(source: str) -> str:
     return hashlib.sha256((_versions() + "\n" + source).encode()).hexdigest()[:24]
 
 
-def _content_matches(path: Path, key: str) -> bool:
-    try:
-        return source_key(path.read_text()) == key
-    except OSError:
+def _trusted(info: os.stat_result) -> bool:
+    """A regular file of ours that no other user can write."""
+    if not stat.S_ISREG(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return False
+    return not hasattr(os, "getuid") or info.st_uid == os.getuid()
+
+
+def _read_trusted(path: Path, limit: int | None = None) -> str | None:
+    """The file's text if it is trusted and UTF-8, read once without following a
+    link; ``None`` for anything else (missing, a link, a FIFO, another user's,
+    larger than ``limit`` bytes, not UTF-8)."""
+    try:
+        handle = os.open(path, _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(handle)
+        if not _trusted(info) or (limit is not None and info.st_size != limit):
+            return None
+        with os.fdopen(handle, "rb", closefd=False) as file:
+            data = file.read()
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(handle)
+
+
+def _key_of(path: Path) -> str:
+    """The content key a cache file's name carries (``<stem>_<key>.py``)."""
+    return path.stem.rsplit("_", 1)[-1]
+
+
+def _write_atomically(folder: Path, path: Path, stem: str, source: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{stem}_", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(source.encode("utf-8"))
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)   # replaces a link or a bad file itself, never its target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def write_source(stem: str, source: str) -> Path:
@@ -78,32 +130,43 @@ def write_source(stem: str, source: str) -> Path:
     key = source_key(source)
     folder = cache_dir()
     path = folder / f"{stem}_{key}.py"
-    if path.exists() and _content_matches(path, key):
-        return path
-    handle, temporary = tempfile.mkstemp(prefix=f".{stem}_", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(source)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    if _read_trusted(path, len(source.encode("utf-8"))) != source:
+        _write_atomically(folder, path, stem, source)
+    _WRITTEN[str(path)] = source
     return path
 
 
+def _verified_source(path: Path) -> str:
+    """The text to run for ``path``: its bytes if they hash to the key in its
+    name; else, when this process wrote it, the file is rebuilt from that text."""
+    text = _read_trusted(path)
+    if text is not None and source_key(text) == _key_of(path):
+        return text
+    known = _WRITTEN.get(str(path))
+    if known is None:
+        raise RuntimeError(
+            f"retrograd: cached file {path} does not match the hash in its name (changed, "
+            f"damaged, a link or another user's); delete it and compile again")
+    _write_atomically(path.parent, path, path.stem, known)
+    return known
+
+
 def load_module(path: Path, interpreted: bool) -> ModuleType:
-    """Import a generated file; kernels are decorated for the interpreter if asked."""
+    """Run a generated file's verified text as a module; kernels are decorated
+    for the interpreter if asked. No bytecode is read or written."""
     cache_key = (str(path), interpreted)
     if cache_key in _LOADED:
         return _LOADED[cache_key]
-    name = f"retrograd_generated.{path.stem}{'_interpreted' if interpreted else ''}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    source = _verified_source(Path(path))
+    filename = str(path)
+    # Triton reads kernels back through inspect/linecache: give it exactly the
+    # verified text (an entry without mtime is never re-read from disk).
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    name = f"retrograd_generated.{Path(path).stem}{'_interpreted' if interpreted else ''}"
+    module = ModuleType(name)
+    module.__file__ = filename
+    code = compile(source, filename, "exec", dont_inherit=True)
     with interpreter_mode(interpreted):
-        spec.loader.exec_module(module)
+        exec(code, module.__dict__)
     _LOADED[cache_key] = module
     return module

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import sys
 
 import pytest
 
@@ -198,3 +199,144 @@ def test_concurrent_writers_never_show_a_partial_file(cache):
         index = int(text.split("\n", 1)[0].removeprefix("INDEX = "))
         assert text == concurrent_source(index)
     assert not [path for path in cache.iterdir() if path.suffix == ".tmp"]
+
+
+# ---------------------------------------------------------------- hostile cache files
+GENUINE = "VALUE = 'genuine'\n\ndef answer():\n    return 'genuine answer'\n"
+
+
+def fresh_process(monkeypatch) -> None:
+    """Forget every module loaded so far, as a new process would."""
+    monkeypatch.setattr(loader, "_LOADED", {})
+
+
+def test_a_cached_file_that_is_not_utf8_is_rebuilt(cache):
+    path = loader.write_source("binary", GENUINE)
+    path.write_bytes(b"VALUE = '\xff\xfe\x80 not utf-8'\n")
+    assert loader.write_source("binary", GENUINE) == path
+    assert path.read_text() == GENUINE
+    assert loader.load_module(path, interpreted=False).VALUE == "genuine"
+
+
+def pyc_header(path) -> bytes:
+    """A bytecode header that matches ``path``'s mtime and size, as importlib checks."""
+    import importlib.util
+    info = os.stat(path)
+    return (importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little")
+            + (int(info.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+            + (info.st_size & 0xFFFFFFFF).to_bytes(4, "little"))
+
+
+def plant_pyc(path, body: bytes) -> None:
+    import importlib.util
+    pyc = importlib.util.cache_from_source(str(path))
+    os.makedirs(os.path.dirname(pyc), exist_ok=True)
+    with open(pyc, "wb") as file:
+        file.write(pyc_header(path) + body)
+
+
+def test_a_corrupt_pyc_is_ignored(cache, monkeypatch):
+    path = loader.write_source("corrupt", GENUINE)
+    plant_pyc(path, b"\x00garbage, not marshal data\xff" * 4)
+    fresh_process(monkeypatch)
+    assert loader.write_source("corrupt", GENUINE) == path
+    assert loader.load_module(path, interpreted=False).VALUE == "genuine"
+
+
+def test_an_altered_pyc_is_never_run(cache, monkeypatch, tmp_path):
+    import marshal
+    marker = tmp_path / "evil_ran"
+    path = loader.write_source("altered", GENUINE)
+    evil = compile(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                   "VALUE = 'evil'\n", str(path), "exec")
+    plant_pyc(path, marshal.dumps(evil))
+    fresh_process(monkeypatch)
+    module = loader.load_module(loader.write_source("altered", GENUINE), interpreted=False)
+    assert module.VALUE == "genuine"
+    assert not marker.exists()
+
+
+def test_loading_writes_no_bytecode(cache, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    path = loader.write_source("nobytecode", GENUINE)
+    loader.load_module(path, interpreted=False)
+    assert not (cache / "__pycache__").exists()
+
+
+def test_a_file_changed_between_write_and_load_is_rebuilt_not_run(cache):
+    path = loader.write_source("swapped", GENUINE)
+    path.write_text("VALUE = 'evil'\n")
+    assert loader.load_module(path, interpreted=False).VALUE == "genuine"
+    assert path.read_text() == GENUINE
+
+
+def test_an_unknown_file_that_does_not_match_its_name_is_an_error(cache):
+    path = loader.write_source("stranger", GENUINE)
+    path.write_text("VALUE = 'evil'\n")
+    loader._WRITTEN.pop(str(path))
+    with pytest.raises(RuntimeError, match="does not match the hash") as error:
+        loader.load_module(path, interpreted=False)
+    assert str(path) in str(error.value)
+
+
+def test_getsource_gives_the_verified_text_even_if_the_file_changes(cache):
+    import inspect
+    path = loader.write_source("inspected", GENUINE)
+    module = loader.load_module(path, interpreted=False)
+    path.write_text("VALUE = 'evil'\n\ndef answer():\n    return 'evil answer'\n")
+    assert "genuine answer" in inspect.getsource(module.answer)
+
+
+def test_a_symlink_in_the_cache_is_replaced_and_its_target_untouched(cache, tmp_path):
+    victim = tmp_path / "victim.py"
+    victim.write_text(GENUINE)                      # same bytes: the link would pass a hash
+    path = loader.cache_dir() / f"linked_{loader.source_key(GENUINE)}.py"
+    path.symlink_to(victim)
+    assert loader.write_source("linked", GENUINE) == path
+    assert not path.is_symlink() and path.read_text() == GENUINE
+    path.write_text("VALUE = 'changed later'\n")
+    assert victim.read_text() == GENUINE
+
+
+def test_a_cached_file_others_can_write_is_rebuilt(cache):
+    path = loader.write_source("shared", GENUINE)
+    os.chmod(path, 0o666)
+    loader.write_source("shared", GENUINE)
+    assert mode_of(path) == 0o600
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="giving a file to another user needs root")
+def test_a_cached_file_another_user_owns_is_rebuilt(cache):
+    path = loader.write_source("foreign", GENUINE)
+    os.chown(path, os.getuid() + 4242, -1)
+    loader.write_source("foreign", GENUINE)
+    assert os.stat(path).st_uid == os.getuid()
+
+
+KERNEL = '''import triton
+import triton.language as tl
+
+
+@triton.jit
+def double(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) * 2, mask=mask)
+'''
+
+
+def test_a_triton_kernel_runs_from_the_verified_text(cache):
+    import inspect
+
+    import torch
+    path = loader.write_source("kernel_double", KERNEL)
+    module = loader.load_module(path, interpreted=True)
+    path.write_text(KERNEL.replace("* 2", "* 3"))       # a later change must not matter
+    assert "* 2" in inspect.getsource(module.double.fn)
+    x = torch.arange(10, dtype=torch.float32)
+    out = torch.empty_like(x)
+    from retrograd.runtime.device import interpreter_mode
+    with interpreter_mode(True):
+        module.double[(1,)](x, out, 10, BLOCK=16)
+    assert torch.equal(out, x * 2)
