@@ -32,19 +32,25 @@ def run_batch(seed: int, examples: int, face: str, max_ops: int) -> str | None:
     """One hypothesis run; the shrunk failure's message, or None."""
     @hypothesis_seed(seed)
     @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
-              suppress_health_check=list(HealthCheck))
+              report_multiple_bugs=False, suppress_health_check=list(HealthCheck))
     @given(fuzz_programs.programs(max_ops=max_ops))
     def fuzz(program):
         fuzz_check.check(program, face)
 
     try:
         fuzz()
-    except fuzz_check.FuzzFailure as failure:
-        cause = failure.__cause__
-        return str(failure) + (f"\n{type(cause).__name__}: {cause}" if cause else "")
-    except Exception as error:   # noqa: BLE001 - the fuzzer's own bug: report it, go on
-        return f"the fuzzer raised {type(error).__name__}: {error}"
+    except Exception as error:   # noqa: BLE001 - the fuzzer's own bugs are reported too
+        return _describe(error)
     return None
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, BaseExceptionGroup):
+        return "\n\n".join(_describe(e) for e in error.exceptions)
+    if not isinstance(error, fuzz_check.FuzzFailure):
+        return f"the fuzzer raised {type(error).__name__}: {error}"
+    cause = error.__cause__
+    return str(error) + (f"\n{type(cause).__name__}: {cause}" if cause else "")
 
 
 def _signature(message: str) -> str:

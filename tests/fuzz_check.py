@@ -6,8 +6,9 @@ Three runs of the same program on the same inputs:
 - ``compiled``: ``retrograd.compile(fn, executor="auto")`` (generated Triton,
   under the interpreter on CPU), or ``torch.compile(fn, backend="retrograd")``;
 - ``eager``: the program as written, in its own dtypes;
-- ``wide``: the program with every floating input widened to float64 (the
-  reference; where the program itself casts, it casts in this run too).
+- ``wide``: the reference: every floating input widened to float64 and every
+  cast in the program to a floating dtype made a cast to float64, so it
+  computes in float64 throughout.
 
 Integer and boolean outputs must equal eager's. A floating output (or the
 gradient of a floating input that requires grad, under one random upstream
@@ -42,11 +43,10 @@ class FuzzFailure(AssertionError):
     """Compiled and eager disagree (or compiling raised) on a fuzzed program."""
 
 
-def _clone(x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-    y = x.detach().clone()
-    if wide and y.is_floating_point():
-        y = y.double()
-    return y.requires_grad_(x.requires_grad)
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    if not x.is_floating_point():
+        return x
+    return x.detach().double().requires_grad_(x.requires_grad)
 
 
 def _compile(fn, face: str):
@@ -88,9 +88,9 @@ def _upstream(outputs) -> list:
 
 def _reference(fn, inputs, upstream, eager_out, eager_grads):
     """Outputs and gradients of the float64 run; eager's where the program
-    cannot run widened (it casts one attention operand back to float32)."""
+    cannot run widened."""
     try:
-        wide_inputs = [_clone(x, wide=True) for x in inputs]
+        wide_inputs = [_widen(x) for x in inputs]
         wide_out = _run(fn, wide_inputs)
         return wide_out, _gradients(wide_out, wide_inputs, upstream)
     except RuntimeError:
@@ -133,17 +133,18 @@ def check(program, face: str = "compile") -> None:
     """Run ``program`` (a FuzzProgram) compiled, eager and in float64; raise
     FuzzFailure with its source and every difference found."""
     fn, make_inputs = program.build()
-    inputs = make_inputs()
+    inputs = make_inputs()   # each run draws its own: the same values and strides
     try:   # a program eager rejects (forward or backward) is not a test case
-        eager_inputs = [_clone(x) for x in inputs]
+        eager_inputs = make_inputs()
         eager_out = _run(fn, eager_inputs)
         upstream = _upstream(eager_out)
         eager_grads = _gradients(eager_out, eager_inputs, upstream)
     except RuntimeError:
         reject()
-    wide_out, wide_grads = _reference(fn, inputs, upstream, eager_out, eager_grads)
+    wide_fn, _ = program.build(wide=True)
+    wide_out, wide_grads = _reference(wide_fn, inputs, upstream, eager_out, eager_grads)
     try:
-        compiled_inputs = [_clone(x) for x in inputs]
+        compiled_inputs = make_inputs()
         got = _run(_compile(fn, face), compiled_inputs)
         problems = [] if len(got) == len(eager_out) else [
             f"{len(got)} outputs where eager has {len(eager_out)}"]

@@ -70,7 +70,7 @@ def partner(builder: Builder, value: Value, dtypes=None) -> Value:
     sizes = [size if builder.flag() else 1 for size in value.shape[rank - builder.integer(0, rank):]]
     sizes = [builder.integer(2, 3) if value.shape[rank - len(sizes) + i] == 1 and size == 1
              and builder.flag() else size for i, size in enumerate(sizes)]
-    if builder.integer(0, 3) == 0:
+    if len(sizes) == rank and builder.integer(0, 3) == 0:   # one more leading dim
         sizes = [builder.integer(1, 3)] + sizes
     dtype = builder.choice(dtypes or _FLOAT_DTYPES + [torch.int64])
     return builder.new_input(tuple(sizes), dtype)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import linecache
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 
 import torch
@@ -90,23 +90,36 @@ class Value:
         return self.tensor.dtype in FLOATS
 
 
-@dataclass
 class FuzzProgram:
     """A program's source; ``build()`` executes it into ``(fn, make_inputs)``."""
-    source: str
-    ops: list[str] = field(default_factory=list)
+
+    def __init__(self, source: str, ops: list[str] | None = None):
+        self.source = source
+        self.ops = list(ops or [])   # the generators that made it, for statistics
 
     def __repr__(self) -> str:   # hypothesis prints falsifying examples with repr
         return f"program_from_source('''\n{self.source}''')"
 
-    def build(self):
+    def build(self, wide: bool = False):
+        """``(fn, make_inputs)``; with ``wide``, ``fn`` computes in float64
+        throughout (its casts to floating dtypes become casts to float64): the
+        reference that eager's and compiled code's rounding are measured against."""
+        source = self.source
+        for narrow, wider in _WIDEN if wide else ():
+            source = source.replace(narrow, wider)
         # the same program, the same name: hypothesis tells failures apart by place
-        filename = f"<fuzz-program-{hashlib.sha1(self.source.encode()).hexdigest()[:12]}>"
-        linecache.cache[filename] = (len(self.source), None,
-                                     self.source.splitlines(keepends=True), filename)
+        filename = f"<fuzz-program-{hashlib.sha1(source.encode()).hexdigest()[:12]}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True),
+                                     filename)
         namespace: dict = {}
-        exec(compile(self.source, filename, "exec"), namespace)
+        exec(compile(source, filename, "exec"), namespace)
         return namespace["fn"], namespace["make_inputs"]
+
+
+#: Source rewrites of the float64 reference (generated programs spell casts only so).
+_WIDEN = [("torch.float16", "torch.float64"), ("torch.bfloat16", "torch.float64"),
+          ("torch.float32", "torch.float64"), (".half()", ".double()"),
+          (".bfloat16()", ".double()"), (".float()", ".double()")]
 
 
 def program_from_source(source: str) -> FuzzProgram:
@@ -159,11 +172,13 @@ class Builder:
         if text is not None:
             name, source = f"{'m' if dtype == torch.bool else 'i'}{next(self.counter)}", text
         elif dtype in FLOATS:
+            created, view = self._layout(shape)
             if dtype == torch.float32:
-                text = f"torch.randn({shape}, generator=g)"
+                text = f"torch.randn({created}, generator=g)"
             else:
-                text = f"torch.randn({shape}, generator=g, dtype=torch.float64)"
+                text = f"torch.randn({created}, generator=g, dtype=torch.float64)"
                 text += "" if dtype == torch.float64 else f".to({dtype_name(dtype)})"
+            text += view
             wants = self.integer(0, 4) > 0 if requires_grad is None else requires_grad
             name = f"x{next(self.counter)}"
             source = text + (".requires_grad_()" if wants else "")
@@ -180,6 +195,18 @@ class Builder:
         self.inputs.append((name, source))
         self.values.append(value)
         return value
+
+    def _layout(self, shape: tuple) -> tuple[tuple, str]:
+        """(shape to draw, view of it): most inputs are contiguous, some are
+        transposed, strided or offset views, so kernels meet odd strides."""
+        form = self.integer(0, 5) if shape else 0
+        if form == 3 and len(shape) >= 2:
+            return shape[:-2] + (shape[-1], shape[-2]), ".mT"
+        if form == 4:
+            return (2 * shape[0],) + shape[1:], "[::2]"
+        if form == 5:
+            return (shape[0] + 1,) + shape[1:], "[1:]"
+        return shape, ""
 
     def add(self, expression: str, reads: list[Value], exact: bool = False,
             outputs: int = 1) -> list[Value] | None:

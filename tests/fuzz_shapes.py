@@ -130,7 +130,7 @@ def index(builder: Builder) -> bool:
     if form == "two" and rank >= 2:
         i = _indices(builder, builder.shape(max_rank=2, max_size=3, min_rank=1), shape[0],
                      negative=True)
-        j = _indices(builder, i.shape[len(i.shape) - builder.integer(0, len(i.shape)):],
+        j = _indices(builder, i.shape[len(i.shape) - builder.integer(1, len(i.shape)):],
                      shape[1], negative=True)
         return bool(builder.add(f"{x.name}[{i.name}, {j.name}]", [x, i, j], x.exact))
     i = _indices(builder, builder.shape(max_rank=2, max_size=4, min_rank=1), shape[d], negative=True)
