@@ -5,44 +5,145 @@ own code printing, so ``diff 02_cleanup.py 03_checkpoint.py`` shows what a
 pass did), each kernel's Triton source, ``program.py``, ``memory_plan.txt``,
 ``report.json`` and ``index.html``. Files are written only when dumping is
 on; the dumper is a no-op otherwise so passes never check.
+
+``dump_dir`` may be a shared folder and graph ids are predictable, so no
+write follows a link: a graph folder is used only if it is a real folder of
+ours that no one else can write (else a fresh one is made next to it, with a
+warning), every file is written to a new temporary file (``O_EXCL``,
+``O_NOFOLLOW``) opened relative to that folder and renamed over the name,
+which replaces a planted link itself, never its target. A dump that cannot
+be written is a warning, never a failed compile.
 """
 
 from __future__ import annotations
 
 import difflib
 import html
+import os
+import secrets
+import stat
+import tempfile
+import warnings
 from pathlib import Path
 
 from retrograd.report import to_json
 
 __all__ = ["Dumper"]
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _ours(info: os.stat_result) -> bool:
+    """A real folder of ours that no other user can write."""
+    if not stat.S_ISDIR(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return False
+    return not hasattr(os, "getuid") or info.st_uid == os.getuid()
+
+
+def _graph_folder(root: Path, graph_id: str) -> Path:
+    """``root/graph_id`` if it is (or is now made) a folder of ours only we can
+    write; else a fresh folder ``root/graph_id-XXXX``, with one warning."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / graph_id
+    try:
+        os.mkdir(folder, 0o755)
+    except FileExistsError:
+        pass
+    try:
+        if _ours(os.lstat(folder)):
+            return folder
+    except OSError:
+        pass
+    fresh = Path(tempfile.mkdtemp(prefix=f"{graph_id}-", dir=root))
+    warnings.warn(f"retrograd: dump folder {folder} is a link, another user's or writable by "
+                  f"others; not writing there, dumping to {fresh} instead", RuntimeWarning,
+                  stacklevel=3)
+    return fresh
+
+
+def _open_folder(name, parent: int | None = None, create: bool = False) -> int:
+    """A descriptor of a folder of ours, opened without following a link."""
+    if create:
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent)
+        except FileExistsError:
+            pass
+    handle = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    if not _ours(os.fstat(handle)):
+        os.close(handle)
+        raise PermissionError(f"{name} is not a folder of yours that only you can write")
+    return handle
+
+
+def _replace_in(folder: int, name: str, data: bytes) -> None:
+    """Write ``name`` in the folder ``folder`` through a new temporary file and a rename."""
+    temporary = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    handle = os.open(temporary, _NEW_FILE_FLAGS, 0o644, dir_fd=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        try:
+            os.unlink(temporary, dir_fd=folder)
+        except OSError:
+            pass
+        raise
+
+
+def safe_write(folder: Path, relative: str, text: str) -> None:
+    """Write ``folder/relative`` creating subfolders, following no link anywhere below
+    ``folder`` (``folder`` itself included)."""
+    *subfolders, name = Path(relative).parts
+    handle = _open_folder(folder)
+    try:
+        for part in subfolders:
+            child = _open_folder(part, handle, create=True)
+            os.close(handle)
+            handle = child
+        _replace_in(handle, name, text.encode("utf-8"))
+    finally:
+        os.close(handle)
+
 
 class Dumper:
     """Writes one graph's dump files; the same files into every folder it serves."""
 
     def __init__(self, root: str | None, graph_ids: list[str], counter: int = 0):
-        self.folders = [Path(root) / graph_id for graph_id in graph_ids] if root else []
+        self.folders = [_graph_folder(Path(root), graph_id) for graph_id in graph_ids] \
+            if root else []
         self.counter = counter
         self.graph_files: list[tuple[str, str]] = []   # (file name, text)
-        for folder in self.folders:
-            (folder / "kernels").mkdir(parents=True, exist_ok=True)
+        self.failed: set[Path] = set()                 # folders already warned about
+        self.by_id = dict(zip(graph_ids, self.folders))
 
     @property
     def enabled(self) -> bool:
         return bool(self.folders)
 
     def fork(self, graph_id: str, root: str | None) -> "Dumper":
-        """A dumper for one half that continues this one's numbering and history."""
-        child = Dumper(root, [graph_id], self.counter)
+        """A dumper for one half that continues this one's numbering and history
+        (and its folder for that graph id, if it already has one)."""
+        folder = self.by_id.get(graph_id)
+        child = Dumper(root if folder is None else None, [graph_id], self.counter)
+        if folder is not None:
+            child.folders, child.by_id = [folder], {graph_id: folder}
         child.graph_files = list(self.graph_files)
         return child
 
     def write(self, relative: str, text: str) -> None:
+        """Write one file into every folder; a failure warns once per folder."""
         for folder in self.folders:
-            path = folder / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            if folder in self.failed:
+                continue
+            try:
+                safe_write(folder, relative, text)
+            except OSError as error:
+                self.failed.add(folder)
+                warnings.warn(f"retrograd: cannot write the dump file {folder / relative} "
+                              f"({error}); no more dump files go to {folder}", RuntimeWarning,
+                              stacklevel=2)
 
     def stage(self, name: str, text: str, suffix: str = ".py") -> None:
         """The graph after a stage, as ``NN_<name>.py``."""
