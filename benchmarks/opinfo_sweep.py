@@ -111,6 +111,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:200]
 
 
+def _share(count: int, total: int) -> str:
+    return f"{100 * count / total:.1f}%" if total else "n/a"
+
+
 def markdown(rows: list[dict], total: int, note: str) -> str:
     """docs/opinfo.md: how much ran, the totals, then one row per OpInfo."""
     counts = Counter(row["status"] for row in rows)
@@ -133,13 +137,25 @@ def markdown(rows: list[dict], total: int, note: str) -> str:
         f"**Coverage of this run:** {len(rows)} of the {total} OpInfos with a float32 "
         f"backward. {note}",
         "",
-        "| verdict | OpInfos |",
-        "| --- | ---: |",
+        "The verdict is the worst over both faces; the face columns give each face's own",
+        "(there, pass means right values and gradients; whether Triton ran is counted over",
+        "both faces).",
+        "",
+        "| verdict | OpInfos | retrograd.compile | torch.compile |",
+        "| --- | ---: | ---: | ---: |",
     ]
-    lines += [f"| {status} | {counts[status]} |" for status in STATUSES]
-    share = f"{100 * right / judged:.1f}%" if judged else "n/a"
-    lines += ["", f"Gradient-right (pass + extern-only) among the {judged} OpInfos with a usable "
-              f"sample: **{right} = {share}**. Internal crashes: **{counts['crash']}**.", ""]
+    per_face = {face: Counter(row.get("faces", {}).get(face) for row in rows)
+                for face in harness.FACES}
+    lines += [f"| {status} | {counts[status]} | {per_face['compile'][status]} | "
+              f"{per_face['torch.compile'][status]} |" for status in STATUSES]
+    never_wrong = judged - counts["wrong"] - counts["crash"] - counts["timeout"]
+    lines += ["", f"Of the {judged} OpInfos with a usable sample: gradient-right on both faces "
+              f"(pass + extern-only) **{right} = {_share(right, judged)}**; never a wrong "
+              f"number nor a crash (retrograd's own UnsupportedError allowed) **{never_wrong} = "
+              f"{_share(never_wrong, judged)}**; internal crashes **{counts['crash']}**. "
+              "Gradient-right per face: " + ", ".join(
+                  f"{face} {_share(per_face[face]['pass'] + per_face[face]['extern-only'], judged)}"
+                  for face in harness.FACES) + ".", ""]
     for status in ("crash", "wrong", "timeout", "xfail"):
         bad = [row for row in rows if row["status"] == status]
         if bad:

@@ -281,6 +281,35 @@ def _reports_of(graphs) -> list[dict]:
             for report in compiler.reports.values()]
 
 
+@contextlib.contextmanager
+def fixed_seed():
+    """Torch's generator at SEED, and ``torch.manual_seed`` a no-op inside: the
+    OpInfos of random ops reseed inside the op (``wrapper_set_seed``), which a
+    trace runs once and does not replay, so eager and compiled runs would
+    start from different states."""
+    torch.random.default_generator.manual_seed(SEED)
+    original = torch.manual_seed
+    torch.manual_seed = lambda seed: torch.random.default_generator
+    try:
+        yield
+    finally:
+        torch.manual_seed = original
+
+
+def _compiled_run(function, tensors, upstream, face: str, executor: str):
+    """``run`` through ``face``; also the compiled graphs' reports."""
+    if face == "compile":
+        compiled = retrograd.compile(function, executor=executor)
+        outputs, grads = run(compiled, tensors, upstream)
+        return outputs, grads, list(compiled.reports.values())
+    torch._dynamo.reset()
+    with recording_graphs() as graphs:
+        compiled = torch.compile(function, backend="retrograd", options={"executor": executor})
+        outputs, grads = run(compiled, tensors, upstream)
+    torch._dynamo.reset()
+    return outputs, grads, _reports_of(graphs)
+
+
 def check_sample(op, sample, face: str = "compile", executor: str = "interpret") -> list[dict]:
     """Compile ``op`` on ``sample`` through ``face``, run it forward and backward,
     compare with eager (raises Mismatch); returns the compiled graphs' reports."""
@@ -288,21 +317,11 @@ def check_sample(op, sample, face: str = "compile", executor: str = "interpret")
     reference = outputs_of(function(*tensors))
     upstream = [torch.randn_like(o) if o.is_floating_point() and o.requires_grad else None
                 for o in reference]
-    torch.manual_seed(SEED)   # both runs start from the same generator state
-    ref_outputs, ref_grads = run(function, tensors, upstream)
-    torch.manual_seed(SEED)
-    if face == "compile":
-        compiled = retrograd.compile(function, executor=executor)
-        got_outputs, got_grads = run(compiled, tensors, upstream)
-        reports = list(compiled.reports.values())
-    else:
-        torch._dynamo.reset()
-        with recording_graphs() as graphs:
-            compiled = torch.compile(function, backend="retrograd",
-                                     options={"executor": executor})
-            got_outputs, got_grads = run(compiled, tensors, upstream)
-        reports = _reports_of(graphs)
-        torch._dynamo.reset()
+    with fixed_seed():   # both runs start from the same generator state
+        ref_outputs, ref_grads = run(function, tensors, upstream)
+    with fixed_seed():
+        got_outputs, got_grads, reports = _compiled_run(function, tensors, upstream, face,
+                                                        executor)
     cache = []
 
     def precise(kind: int, index: int):
@@ -410,10 +429,9 @@ def _one(op, sample, face, executor, verdict) -> tuple[str, str]:
         reports = check_sample(op, sample, face, executor)
     except Mismatch as exc:
         if is_random(op, sample):
-            return "xfail", ("random op: its values depend on the random stream (the OpInfo "
-                             "reseeds inside the op, which a trace does not replay, and "
-                             "retrograd's uniform draws are its own Philox stream): "
-                             + _first_line(exc))
+            return "xfail", ("random op: retrograd's uniform draws are its own stream "
+                             "(a seed from torch's generator, then Philox), so its values "
+                             "differ from eager's: " + _first_line(exc))
         return "wrong", _first_line(exc)
     except Exception as exc:
         refusal = clean_refusal(exc)
