@@ -340,3 +340,40 @@ def test_a_triton_kernel_runs_from_the_verified_text(cache):
     with interpreter_mode(True):
         module.double[(1,)](x, out, 10, BLOCK=16)
     assert torch.equal(out, x * 2)
+
+
+FRESH_RUN = """
+import torch, retrograd
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+x = torch.randn(2, 4)
+model(x).sum().backward()
+eager = [p.grad.clone() for p in model.parameters()]
+model.zero_grad()
+retrograd.compile(model)(x).sum().backward()
+assert all(torch.allclose(p.grad, e) for p, e in zip(model.parameters(), eager))
+print("ok")
+"""
+
+
+def test_a_poisoned_cache_heals_in_a_fresh_process(cache, tmp_path):
+    """Compile once, then damage every cached file for real (bytes that are not
+    UTF-8, corrupt bytecode, bytecode altered to run other code) and run again
+    in a new process: it must compile, match eager and never run the planted code."""
+    import marshal
+    import subprocess
+    environment = dict(os.environ, RETROGRAD_CACHE_DIR=str(cache))
+    exec(FRESH_RUN, {})                                  # the first run: here, to save time
+    files = sorted(cache.glob("*.py"))
+    assert len(files) >= 3
+    marker = tmp_path / "evil_ran"
+    evil = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    for path in files[1:]:
+        plant_pyc(path, marshal.dumps(compile(evil, str(path), "exec")))
+    plant_pyc(files[-1], b"\x00corrupt\xff" * 8)
+    files[0].write_bytes(b"# \xff\xfe not utf-8\n")
+    second = subprocess.run([sys.executable, "-c", FRESH_RUN], env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "ok" in second.stdout, second.stderr
+    assert not marker.exists()
+    files[0].read_text(encoding="utf-8")                # rebuilt
