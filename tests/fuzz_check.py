@@ -154,6 +154,8 @@ def check(program, face: str = "compile") -> None:
         names = [i for i, x in enumerate(inputs) if x.requires_grad]
         problems += [compare(f"grad of input {n}", g, e, w) for n, g, e, w
                      in zip(names, got_grads, eager_grads, wide_grads)]
+        problems += [compare(f"input {n} after the call", g, e, e)   # in-place writes
+                     for n, (g, e) in enumerate(zip(compiled_inputs, eager_inputs))]
     except FuzzFailure as failure:
         problems = [str(failure)]
     except Exception as error:   # noqa: BLE001 - any exception is a finding

@@ -1,6 +1,7 @@
 """Op generators of the differential fuzzer beyond the issue's list, for the
 code paths around it: scatters and in-place updates of intermediates
-(functionalization, scatter kernels with repeated indices), normalizations
+(functionalization, scatter kernels with repeated indices) and of inputs
+that do not require grad (written back after the call), normalizations
 and losses (fused reductions with epilogues), and matrix products (extern
 calls between generated kernels, reading views)."""
 
@@ -9,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from fuzz_ops import float_input
-from fuzz_programs import FLOATS, Builder, Value
+from fuzz_programs import FLOATS, Builder, Value, stable
 
-__all__ = ["scatter", "normalize", "matmul"]
+__all__ = ["scatter", "normalize", "matmul", "mutate"]
 
 
 def _float(builder: Builder) -> Value:
@@ -96,3 +97,20 @@ def matmul(builder: Builder) -> bool:
     w = builder.pick(lambda v: v.dtype == x.dtype and len(v.shape) == 2 and v.shape[0] == inner)
     w = w or builder.new_input((inner, builder.integer(1, 6)), x.dtype)
     return bool(builder.add(f"{x.name} @ {w.name}", [x, w]))
+
+
+def mutate(builder: Builder) -> bool:
+    """An in-place op on a pool value or on a view of it: an input that does not
+    require grad (the compiled call must write it back) or an intermediate."""
+    x = builder.pick(lambda v: v.dtype != torch.bool and not (v.input and v.grad))
+    if x is None or not x.shape:
+        return False
+    rank = len(x.shape)
+    d = builder.integer(-rank, rank - 1)
+    target = builder.choice([x.name, f"{x.name}[1:]", f"{x.name}.select({d}, 0)",
+                             f"{x.name}.transpose(0, {d})"])
+    s = builder.choice([2, -1, 3]) if not x.is_float else builder.choice([0.5, -1.5, 2])
+    change = builder.choice([f"add_({s})", f"mul_({s})", f"clamp_(min={s})", f"fill_({s})"])
+    if change.startswith("clamp_") and not stable(x, s):
+        return False
+    return bool(builder.add(f"{target}.{change}", [x]))

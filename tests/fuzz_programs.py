@@ -76,6 +76,8 @@ class Value:
     name: str
     tensor: torch.Tensor
     exact: bool = False
+    grad: bool = False        # requires grad in the real run
+    input: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -190,7 +192,8 @@ class Builder:
             text = f"torch.randint({low}, {high}, {shape}, generator=g)"
             text += "" if dtype == torch.int64 else f".to({dtype_name(dtype)})"
             source = text
-        value = Value(name, eval(text, self.namespace), exact=True)
+        value = Value(name, eval(text, self.namespace), exact=True,
+                      grad=source.endswith(".requires_grad_()"), input=True)
         self.namespace[name] = value.tensor
         self.inputs.append((name, source))
         self.values.append(value)
@@ -224,7 +227,9 @@ class Builder:
         names = [f"v{next(self.counter)}" for _ in results]
         self.steps.append((", ".join(names), expression))
         self.read |= {value.name for value in reads}
-        made = [Value(name, tensor, exact) for name, tensor in zip(names, results)]
+        grad = any(value.grad for value in reads)
+        made = [Value(name, tensor, exact, grad and tensor.dtype in FLOATS)
+                for name, tensor in zip(names, results)]
         for value in made:
             self.namespace[value.name] = value.tensor
         self.values.extend(made)
@@ -288,7 +293,8 @@ def default_generators() -> list:
     import fuzz_shapes as s
     return [o.unary, o.binary, o.scalar, o.reduction, s.view, o.unary, o.binary, o.reduction,
             s.view, o.where, o.clamp, o.compare, o.cast, s.index, o.reduction, s.view, s.index,
-            s.attention, s.cat, fuzz_extra.scatter, fuzz_extra.normalize, fuzz_extra.matmul]
+            s.attention, s.cat, fuzz_extra.scatter, fuzz_extra.normalize, fuzz_extra.matmul,
+            fuzz_extra.mutate]
 
 
 @st.composite
