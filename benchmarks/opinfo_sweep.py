@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import opinfo_harness as harness  # noqa: E402  (the harness lives with the tests)
+import opinfo_harness as harness
 
 STATUSES = ("pass", "extern-only", "xfail", "wrong", "crash", "timeout", "skip")
 
@@ -84,15 +84,14 @@ def run_one(op, args) -> dict:
 def sweep(args) -> list[dict]:
     rows = []
     ops = select(args)
-    out = open(args.jsonl, "a") if args.jsonl else None
     for number, op in enumerate(ops):
         row = run_one(op, args)
         rows.append(row)
         print(f"[{number + 1}/{len(ops)}] {row['op']}: {row['status']} ({row['seconds']} s) "
               f"{row.get('detail', '')[:160]}", flush=True)
-        if out is not None:
-            out.write(json.dumps(row) + "\n")
-            out.flush()
+        if args.jsonl:   # one line per OpInfo, as it comes: a stopped run keeps what it did
+            with open(args.jsonl, "a") as out:
+                out.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -134,8 +133,8 @@ def markdown(rows: list[dict], total: int, note: str) -> str:
         "**crash** (any other exception: an internal error), **timeout**, **skip** (no usable",
         "sample: eager refuses it, or every sample is complex, empty or too large).",
         "",
-        f"**Coverage of this run:** {len(rows)} of the {total} OpInfos with a float32 "
-        f"backward. {note}",
+        (f"**Coverage of this run:** {len(rows)} of the {total} OpInfos with a float32 "
+         f"backward. {note}"),
         "",
         "The verdict is the worst over both faces; the face columns give each face's own",
         "(there, pass means right values and gradients; whether Triton ran is counted over",

@@ -151,9 +151,11 @@ def fold_number_views(graph: fx.Graph) -> int:
         value = fold(node.args[0])
         if any(user.op != "call_function" for user in node.users):
             continue
+        def swap(n, node=node, value=value):
+            return value if n is node else n
         for user in list(node.users):
-            user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
-            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+            user.args = fx.node.map_arg(user.args, swap)
+            user.kwargs = fx.node.map_arg(user.kwargs, swap)
         graph.erase_node(node)
         folded += 1
     return folded

@@ -25,10 +25,9 @@ import contextlib
 import itertools
 from dataclasses import dataclass, field
 
+import retrograd
 import torch
 import torch.utils._pytree as pytree
-
-import retrograd
 
 TOLERANCE = 1e-4
 MAX_NUMEL = 20000

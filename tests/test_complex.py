@@ -11,13 +11,12 @@ complex gradient (autograd's backward of a product conjugates).
 from __future__ import annotations
 
 import pytest
-import torch
-import torch.fx as fx
-
 import retrograd
+import torch
 from retrograd.capture import joint_graph
 from retrograd.passes import cleanup
 from retrograd.pipeline import OpSupport
+from torch import fx
 
 aten = torch.ops.aten
 

@@ -29,6 +29,14 @@ OpInfo samples are finite, so ``test_opinfo_special_values`` also runs the
 elementwise OpInfos forward on every pair of special values (infinities, NaN,
 signed zeros, huge and tiny numbers), element by element.
 
+Beyond this list, ``test_opinfo_database_sample`` draws 25 OpInfos of the
+whole database (every one with a float32 backward) with a seed from the date
+or ``RETROGRAD_OPINFO_SEED`` (printed in the test id) and runs one sample of
+each through both faces: it fails on a wrong value or gradient and on an
+internal crash (a clean UnsupportedError and extern-only runs are fine).
+``benchmarks/opinfo_sweep.py`` runs the whole database (docs/opinfo.md).
+The comparison and sample helpers live in ``opinfo_harness.py``.
+
 Runtime: each sample compiles a forward and a backward graph (~0.3 s each)
 and launches a few interpreted kernels, so samples are capped per OpInfo
 (MAX_SAMPLES), picked spread over the OpInfo's list for variety.

@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
-import torch._decomp
-import torch.nn as nn
-import torch.nn.functional as F
-
 import retrograd
 import retrograd.capture
+import torch
+import torch._decomp
+import torch.nn.functional as F
 from retrograd.verify import VerificationError, compare
+from torch import nn
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_dump_env")
 
