@@ -62,6 +62,16 @@ def _graph_folder(root: Path, graph_id: str) -> Path:
     return fresh
 
 
+def _folder_or_warn(root: Path, graph_id: str) -> Path | None:
+    """The graph's folder, or ``None`` with a warning when none can be made."""
+    try:
+        return _graph_folder(root, graph_id)
+    except OSError as error:
+        warnings.warn(f"retrograd: cannot make a dump folder for {graph_id} in {root} "
+                      f"({error}); not dumping it", RuntimeWarning, stacklevel=3)
+        return None
+
+
 def _open_folder(name, parent: int | None = None, create: bool = False) -> int:
     """A descriptor of a folder of ours, opened without following a link."""
     if create:
@@ -111,18 +121,19 @@ class Dumper:
     """Writes one graph's dump files; the same files into every folder it serves."""
 
     def __init__(self, root: str | None, graph_ids: list[str], counter: int = 0):
-        self.folders = [_graph_folder(Path(root), graph_id) for graph_id in graph_ids] \
-            if root else []
+        chosen = [(graph_id, _folder_or_warn(Path(root), graph_id))
+                  for graph_id in (graph_ids if root else [])]
+        self.folders = [folder for _, folder in chosen if folder is not None]
         self.counter = counter
         self.graph_files: list[tuple[str, str]] = []   # (file name, text)
         self.failed: set[Path] = set()                 # folders already warned about
-        self.by_id = dict(zip(graph_ids, self.folders))
+        self.by_id = {graph_id: folder for graph_id, folder in chosen if folder is not None}
 
     @property
     def enabled(self) -> bool:
         return bool(self.folders)
 
-    def fork(self, graph_id: str, root: str | None) -> "Dumper":
+    def fork(self, graph_id: str, root: str | None) -> Dumper:
         """A dumper for one half that continues this one's numbering and history
         (and its folder for that graph id, if it already has one)."""
         folder = self.by_id.get(graph_id)

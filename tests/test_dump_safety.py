@@ -11,7 +11,6 @@ import types
 import warnings
 
 import pytest
-
 from retrograd.dump import Dumper
 from retrograd.pipeline import PassError, run_pass
 
@@ -88,10 +87,11 @@ def test_a_kernels_folder_that_is_a_link_is_not_written_through(root, victim):
     folder.mkdir(mode=0o755)
     (folder / "kernels").symlink_to(victim.parent, target_is_directory=True)
     dumper = Dumper(str(root), [GRAPH])
-    with pytest.warns(RuntimeWarning, match="cannot write the dump file") as record:
+    with pytest.warns(RuntimeWarning, match="cannot write the dump file"):
         dumper.write("kernels/precious.txt", "overwritten\n")
-        dumper.write("kernels/other.py", "x = 2\n")      # no second warning
-    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # no second warning
+        dumper.write("kernels/other.py", "x = 2\n")
     assert victim.read_text() == BEFORE
     assert regular_files(victim.parent) == ["precious.txt"]
 
@@ -145,3 +145,12 @@ def test_a_write_that_fails_is_a_warning_not_an_error(tmp_path):
     (tmp_path / GRAPH / "report.json").mkdir()            # a folder where a file goes
     with pytest.warns(RuntimeWarning, match="report.json"):
         dumper.write("report.json", "{}\n")
+
+
+def test_a_dump_root_that_cannot_be_made_is_a_warning(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    with pytest.warns(RuntimeWarning, match="cannot make a dump folder"):
+        dumper = Dumper(str(blocker / "dumps"), [GRAPH])
+    assert not dumper.enabled
+    dumper.write("report.json", "{}\n")                   # a no-op, no error

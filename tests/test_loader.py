@@ -9,7 +9,6 @@ import stat
 import sys
 
 import pytest
-
 from retrograd.runtime import loader
 
 
@@ -363,7 +362,7 @@ def test_a_poisoned_cache_heals_in_a_fresh_process(cache, tmp_path):
     import marshal
     import subprocess
     environment = dict(os.environ, RETROGRAD_CACHE_DIR=str(cache))
-    exec(FRESH_RUN, {})                                  # the first run: here, to save time
+    exec(FRESH_RUN, {})  # noqa: S102 -- the first run, in this process to save time
     files = sorted(cache.glob("*.py"))
     assert len(files) >= 3
     marker = tmp_path / "evil_ran"
@@ -373,7 +372,7 @@ def test_a_poisoned_cache_heals_in_a_fresh_process(cache, tmp_path):
     plant_pyc(files[-1], b"\x00corrupt\xff" * 8)
     files[0].write_bytes(b"# \xff\xfe not utf-8\n")
     second = subprocess.run([sys.executable, "-c", FRESH_RUN], env=environment,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0 and "ok" in second.stdout, second.stderr
     assert not marker.exists()
     files[0].read_text(encoding="utf-8")                # rebuilt
