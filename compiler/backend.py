@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from retrograd.capture import compile_graph, signature
+from retrograd.errors import DATA_DEPENDENT, UnsupportedError
 from retrograd.options import Options
 
 __all__ = ["retrograd_backend", "CompiledGraph"]
@@ -51,11 +52,26 @@ class CompiledGraph:
         if key not in self.compiled:
             concrete = [int(a) if isinstance(a, torch.SymInt) else a for a in args]
             gm = bake_scalars(self.gm, scalars) if scalars else self.gm
-            self.compiled[key], self.compilers[key] = compile_graph(
-                gm, concrete, self.options,
-                captured_text=gm.print_readable(print_output=False))
+            try:
+                self.compiled[key], self.compilers[key] = compile_graph(
+                    gm, concrete, self.options,
+                    captured_text=gm.print_readable(print_output=False))
+            except DATA_DEPENDENT as error:   # a clean error, not a fake-tensor exception
+                raise _data_dependent(error) from error
         self.last_key = key
         return self.compiled[key](*args)
+
+
+def _data_dependent(error: BaseException) -> UnsupportedError:
+    """The error for a graph whose trace needs tensor values: dynamo handed over
+    an op (a boolean-mask index, say) whose ATen decomposition makes a shape
+    from the data (``nonzero``, ``unique``); retrograd traces static shapes."""
+    op = getattr(error, "func", None) or type(error).__name__
+    return UnsupportedError(
+        f"retrograd (torch.compile face): tracing a graph dynamo handed over reached {op}, "
+        "whose output shape depends on tensor values; retrograd compiles static shapes. "
+        "Index with integer tensors instead of boolean masks, or keep that code out of "
+        "the compiled region (torch.compiler.disable)")
 
 
 def scalar_inputs(gm: torch.fx.GraphModule) -> list[int]:
