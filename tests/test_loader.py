@@ -376,3 +376,24 @@ def test_a_poisoned_cache_heals_in_a_fresh_process(cache, tmp_path):
     assert second.returncode == 0 and "ok" in second.stdout, second.stderr
     assert not marker.exists()
     files[0].read_text(encoding="utf-8")                # rebuilt
+
+
+def test_a_fifo_planted_in_the_cache_neither_hangs_nor_is_read(cache):
+    import threading
+    path = loader.cache_dir() / f"piped_{loader.source_key(GENUINE)}.py"
+    os.mkfifo(path)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(loader.write_source("piped", GENUINE)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert done == [path], "write_source blocked on a FIFO"
+    assert stat.S_ISREG(os.lstat(path).st_mode) and path.read_text() == GENUINE
+
+
+def test_a_folder_where_a_cached_file_goes_is_a_clear_error(cache):
+    path = loader.cache_dir() / f"folder_{loader.source_key(GENUINE)}.py"
+    path.mkdir()
+    with pytest.raises(RuntimeError, match="is a folder where a cached file goes") as error:
+        loader.write_source("folder", GENUINE)
+    assert str(path) in str(error.value)
