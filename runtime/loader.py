@@ -118,12 +118,14 @@ def _write_atomically(folder: Path, path: Path, stem: str, source: str) -> None:
             os.fsync(file.fileno())
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)   # replaces a link or a bad file itself, never its target
-    except BaseException as error:
+    except IsADirectoryError as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
-        if isinstance(error, IsADirectoryError):
-            raise RuntimeError(f"retrograd: {path} is a folder where a cached file goes; "
-                               f"delete it and compile again") from error
+        raise RuntimeError(f"retrograd: {path} is a folder where a cached file goes; "
+                           f"delete it and compile again") from error
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
         raise
 
 
