@@ -212,6 +212,8 @@ def _push_one(graph: fx.Graph, gather: fx.Node) -> fx.Node | None:
             or torch.Tag.pointwise not in getattr(inner.target, "tags", ()):
         return None
     shape = tuple(_val(inner).shape)
+    if not shape:   # a 0-dim gather (its index is 0-dim too): nothing to move
+        return None
     dim = dim % len(shape)
     if any(size != shape[d] for d, size in enumerate(_val(index).shape) if d != dim):
         return None

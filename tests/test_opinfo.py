@@ -332,3 +332,17 @@ def test_torch_compile_face_refuses_data_dependent_shapes_cleanly(fresh_dynamo):
         harness.check_sample(op, sample, "torch.compile")
     refusal = harness.clean_refusal(info.value)
     assert refusal is not None and "aten.nonzero" in str(refusal), repr(info.value)
+
+
+def test_gather_of_a_zero_dim_value():
+    """Cleanup moves gathers through pointwise ops by their dimension; a 0-dim
+    gather (scatter_reduce's backward on 0-dim samples) has none to move along
+    (it divided by the rank, zero)."""
+    x = torch.tensor(1.5, requires_grad=True)
+    index = torch.tensor(0)
+    compiled = retrograd.compile(lambda x, i: torch.gather(x * 2 - 1, 0, i) ** 2,
+                                 executor="interpret")
+    value = compiled(x, index)
+    (grad,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(value.detach(), torch.tensor(4.0))
+    torch.testing.assert_close(grad, torch.tensor(8.0))
