@@ -246,12 +246,7 @@ def test_opinfo_special_values(op):
 # ---------------------------------------------------------------- the whole database
 #: OpInfos whose gradient retrograd gets wrong today, with why: the rotating
 #: sample below lets them fail (docs/opinfo.md lists them as wrong).
-KNOWN_WRONG = {
-    "nn.functional.soft_margin_loss": (
-        "PyTorch's decomposition of soft_margin_loss_backward computes "
-        "sigmoid(y * x) - 1, which cancels in float32 where y * x is large (the "
-        "gradient ~1e-8 is off by ~10%); compiler/decompositions.py needs its own"),
-}
+KNOWN_WRONG: dict[str, str] = {}
 ROTATION_SIZE = 25
 
 
