@@ -26,14 +26,14 @@ from fuzz_programs import program_from_source, programs
 _QUIET = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 
 # ---------------------------------------------------------------- the budget
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=_QUIET)
 @given(programs())
 def test_fuzz_compile(program):
     fuzz_check.check(program, "compile")
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, database=None,
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
           suppress_health_check=_QUIET)
 @given(programs(max_ops=4))
 def test_fuzz_torch_compile(program):
