@@ -21,11 +21,10 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import seed as hypothesis_seed  # noqa: E402
-
-import fuzz_check  # noqa: E402
-import fuzz_programs  # noqa: E402
+import fuzz_check
+import fuzz_programs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hypothesis_seed
 
 
 def run_batch(seed: int, examples: int, face: str, max_ops: int) -> str | None:
@@ -45,7 +44,7 @@ def run_batch(seed: int, examples: int, face: str, max_ops: int) -> str | None:
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, BaseExceptionGroup):
+    if isinstance(getattr(error, "exceptions", None), (list, tuple)):   # an ExceptionGroup
         return "\n\n".join(_describe(e) for e in error.exceptions)
     if not isinstance(error, fuzz_check.FuzzFailure):
         return f"the fuzzer raised {type(error).__name__}: {error}"

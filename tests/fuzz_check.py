@@ -26,12 +26,11 @@ the program's source and what differs.
 
 from __future__ import annotations
 
+import retrograd
 import torch
 from hypothesis import reject
 
-import retrograd
-
-__all__ = ["FuzzFailure", "check", "TOLERANCE", "FLOOR", "SLACK"]
+__all__ = ["FLOOR", "SLACK", "TOLERANCE", "FuzzFailure", "check"]
 
 TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 4e-3,
              torch.bfloat16: 3e-2}
@@ -158,7 +157,7 @@ def check(program, face: str = "compile") -> None:
                      for n, (g, e) in enumerate(zip(compiled_inputs, eager_inputs))]
     except FuzzFailure as failure:
         problems = [str(failure)]
-    except Exception as error:   # noqa: BLE001 - any exception is a finding
+    except Exception as error:
         raise FuzzFailure(f"{face} raised {type(error).__name__} on\n\n{program.source}") from error
     problems = [p for p in problems if p]
     if problems:

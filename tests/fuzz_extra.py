@@ -8,11 +8,10 @@ calls between generated kernels, reading views)."""
 from __future__ import annotations
 
 import torch
-
 from fuzz_ops import float_input
 from fuzz_programs import FLOATS, Builder, Value, stable
 
-__all__ = ["scatter", "normalize", "matmul", "mutate"]
+__all__ = ["matmul", "mutate", "normalize", "scatter"]
 
 
 def _float(builder: Builder) -> Value:

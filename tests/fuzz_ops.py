@@ -9,11 +9,20 @@ tests/fuzz_extra.py; ``fuzz_programs.default_generators()`` lists them all.
 from __future__ import annotations
 
 import torch
-
 from fuzz_programs import FLOATS, Builder, Value, dtype_name, stable
 
-__all__ = ["float_input", "partner", "unary", "binary", "scalar", "where", "clamp", "compare",
-           "cast", "reduction"]
+__all__ = [
+    "binary",
+    "cast",
+    "clamp",
+    "compare",
+    "float_input",
+    "partner",
+    "reduction",
+    "scalar",
+    "unary",
+    "where",
+]
 
 _FLOAT_DTYPES = [torch.float32] * 4 + [torch.float64, torch.bfloat16, torch.float16]
 _SCALARS = [2, 0.5, -1.5, 3, -2, 0.25]
@@ -67,7 +76,8 @@ def partner(builder: Builder, value: Value, dtypes=None) -> Value:
         if found is not None:
             return found
     rank = len(value.shape)
-    sizes = [size if builder.flag() else 1 for size in value.shape[rank - builder.integer(0, rank):]]
+    suffix = value.shape[rank - builder.integer(0, rank):]
+    sizes = [size if builder.flag() else 1 for size in suffix]
     sizes = [builder.integer(2, 3) if value.shape[rank - len(sizes) + i] == 1 and size == 1
              and builder.flag() else size for i, size in enumerate(sizes)]
     if len(sizes) == rank and builder.integer(0, 3) == 0:   # one more leading dim
@@ -199,7 +209,8 @@ def cast(builder: Builder) -> bool:
     exact = target not in FLOATS or x.dtype in widening.get(target, ())
     text = builder.choice([f"{x.name}.to({dtype_name(target)})",
                            {torch.float32: f"{x.name}.float()", torch.float64: f"{x.name}.double()",
-                            torch.bfloat16: f"{x.name}.bfloat16()", torch.float16: f"{x.name}.half()",
+                            torch.bfloat16: f"{x.name}.bfloat16()",
+                            torch.float16: f"{x.name}.half()",
                             torch.int64: f"{x.name}.long()", torch.bool: f"{x.name}.bool()",
                             torch.int32: f"{x.name}.int()"}[target]])
     return bool(builder.add(text, [x], exact and x.exact))
@@ -228,7 +239,8 @@ def _no_ties(x: Value, dim) -> bool:
     dims = range(tensor.dim()) if dim is None else [dim] if isinstance(dim, int) else list(dim)
     dims = sorted(d % tensor.dim() for d in dims)
     rest = [d for d in range(tensor.dim()) if d not in dims]
-    rows = tensor.permute(rest + dims).reshape(-1 if rest else 1, _count(tensor.shape[d] for d in dims))
+    extent = _count(tensor.shape[d] for d in dims)
+    rows = tensor.permute(rest + dims).reshape(-1 if rest else 1, extent)
     if rows.shape[1] < 2:
         return True
     ordered = rows.sort(dim=1).values
@@ -260,7 +272,8 @@ def reduction(builder: Builder) -> bool:
     elif kind in ("var", "std"):
         source = f"torch.{kind}({name}, {dims}correction={builder.integer(0, 1)}, keepdim={keep})"
     elif kind == "logsumexp":
-        source = f"torch.logsumexp({name}, {dim if dim is not None else tuple(range(rank))}, {keep})"
+        dims = dim if dim is not None else tuple(range(rank))
+        source = f"torch.logsumexp({name}, {dims}, {keep})"
     elif kind == "prod":
         dim = dim if not isinstance(dim, tuple) else dim[0]
         source = f"torch.prod({name}, {dim}, keepdim={keep})" if dim is not None else \

@@ -6,11 +6,10 @@ value exact (they copy elements); see tests/fuzz_programs.py."""
 from __future__ import annotations
 
 import torch
-
 from fuzz_ops import float_input, partner
 from fuzz_programs import FLOATS, Builder, Value
 
-__all__ = ["view", "index", "cat", "attention"]
+__all__ = ["attention", "cat", "index", "view"]
 
 
 def _any(builder: Builder) -> Value:
@@ -133,7 +132,8 @@ def index(builder: Builder) -> bool:
         j = _indices(builder, i.shape[len(i.shape) - builder.integer(1, len(i.shape)):],
                      shape[1], negative=True)
         return bool(builder.add(f"{x.name}[{i.name}, {j.name}]", [x, i, j], x.exact))
-    i = _indices(builder, builder.shape(max_rank=2, max_size=4, min_rank=1), shape[d], negative=True)
+    i = _indices(builder, builder.shape(max_rank=2, max_size=4, min_rank=1), shape[d],
+                 negative=True)
     prefix = ":, " * (d % rank) if builder.flag() or d % rank == 0 else "..., "
     if prefix == "..., ":
         i = _indices(builder, i.shape, shape[-1], negative=True)
