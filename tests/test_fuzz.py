@@ -170,3 +170,34 @@ def test_saved_input_mutated_later():
     got = torch.autograd.grad(retrograd.compile(fn)(*xs).sum(), xs[0])[0]
     assert torch.equal(xs[1], make_inputs()[1] + 0.5)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.xfail(strict=True, reason="the gradient of an overlapping unfold of a computed "
+                                       "value is wrong (found by the fuzzer, not fixed yet)")
+def test_overlapping_unfold_gradient():
+    """Windows of size 2, step 1 over dim 0 overlap: the middle row's gradient
+    sums two windows. Found as part of a longer program by benchmarks/fuzz.py
+    (seed 802)."""
+    def fn(x):
+        return (x * 2).unfold(-3, 2, 1)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 5, generator=generator)
+    upstream = torch.randn(2, 1, 5, 2, generator=generator)
+    grads = []
+    for function in (fn, retrograd.compile(fn)):
+        leaf = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(function(leaf), leaf, upstream)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.xfail(strict=True, raises=Exception,
+                   reason="a constant fill feeding a reduction of a bfloat16 value is "
+                          "emitted as `0.5.to(...)` (found by the fuzzer, not fixed yet)")
+def test_fill_into_half_softmax():
+    """Found by benchmarks/fuzz.py (torch.compile face, seed 701)."""
+    def fn(x):
+        return torch.softmax((-x).fill_(0.5), 0)
+
+    x = torch.randn(2, generator=torch.Generator().manual_seed(0)).bfloat16()
+    torch.testing.assert_close(retrograd.compile(fn)(x), fn(x))
