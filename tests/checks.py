@@ -1,6 +1,6 @@
 """Assertions shared by several test files: numerics against eager (a
-compiled function against float64 eager, outputs and gradients), and the
-shape of a Program's schedule."""
+compiled function against float64 eager, outputs and gradients), the
+shape of a Program's schedule, and compiling through either face."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import retrograd
 from retrograd.ir import Program
 
 __all__ = ["TOLERANCE", "relative_error", "assert_close", "assert_close_floor",
-           "check_against_eager",
-           "assert_topological"]
+           "check_against_eager", "assert_topological", "FACES", "compile_with"]
+
+#: The two faces a test can compile through (``compile_with``).
+FACES = ("standalone", "torch.compile")
 
 #: Relative error allowed against a float64 (or same-dtype) eager reference.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,
@@ -104,3 +106,10 @@ def assert_topological(program: Program) -> None:
         written |= set(kernel.outputs)
     for name in program.outputs:
         assert not isinstance(name, str) or name in written
+
+
+def compile_with(face: str, target, **options):
+    """``target`` compiled through ``face`` (one of ``FACES``) with ``options``."""
+    if face == "standalone":
+        return retrograd.compile(target, **options)
+    return torch.compile(target, backend="retrograd", options=options or None)

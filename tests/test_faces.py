@@ -15,30 +15,22 @@ import json
 import logging
 
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 import retrograd
 import retrograd.api
-import retrograd.trace_cache
 import retrograd.backend
 import retrograd.codegen.ops
 import retrograd.passes.cleanup
+import retrograd.trace_cache
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from checks import FACES, compile_with
 from retrograd.verify import VerificationError
-from zoo import ZOO, MLP, SmallCNN, assert_parity, clone_inputs, training_step
+from zoo import MLP, ZOO, SmallCNN, assert_parity, clone_inputs, training_step
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_dump_env")
 
-FACES = ("standalone", "torch.compile")
 aten = torch.ops.aten
-
-
-def compile_with(face: str, target, **options):
-    """``target`` compiled through ``face`` with ``options``."""
-    if face == "standalone":
-        return retrograd.compile(target, **options)
-    return torch.compile(target, backend="retrograd", options=options or None)
 
 
 def _step(model, parameters_of, *inputs, entry=ZOO["mlp"]):

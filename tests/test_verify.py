@@ -19,19 +19,13 @@ import retrograd.capture
 import torch
 import torch._decomp
 import torch.nn.functional as F
+from checks import FACES, compile_with
 from retrograd.verify import VerificationError, compare
 from torch import nn
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_dump_env")
 
-FACES = ("standalone", "torch.compile")
 aten = torch.ops.aten
-
-
-def compile_with(face: str, target, **options):
-    if face == "standalone":
-        return retrograd.compile(target, **options)
-    return torch.compile(target, backend="retrograd", options=options)
 
 
 def _with_decomposition(monkeypatch, op, decomposition) -> None:
