@@ -8,14 +8,10 @@ calls between generated kernels, reading views)."""
 from __future__ import annotations
 
 import torch
-from fuzz_ops import float_input
+from fuzz_ops import float_value
 from fuzz_programs import FLOATS, Builder, Value, stable
 
 __all__ = ["matmul", "mutate", "normalize", "scatter"]
-
-
-def _float(builder: Builder) -> Value:
-    return builder.pick(lambda value: value.is_float) or float_input(builder)
 
 
 def _source(builder: Builder, shape, dtype) -> Value:
@@ -26,7 +22,7 @@ def _source(builder: Builder, shape, dtype) -> Value:
 def scatter(builder: Builder) -> bool:
     """index_add / scatter_add / index_put (accumulating, or at distinct
     positions) / masked_fill / an in-place add into a clone."""
-    x = _float(builder)
+    x = float_value(builder)
     shape, rank = x.shape, len(x.shape)
     if rank == 0:
         return False
@@ -64,7 +60,7 @@ def scatter(builder: Builder) -> bool:
 
 def normalize(builder: Builder) -> bool:
     """layer_norm / rms_norm over trailing dims (affine or not), cross_entropy."""
-    x = _float(builder)
+    x = float_value(builder)
     shape, rank = x.shape, len(x.shape)
     if rank == 0:
         return False
@@ -89,7 +85,7 @@ def normalize(builder: Builder) -> bool:
 
 def matmul(builder: Builder) -> bool:
     """``x @ w`` with ``w`` a pool value or a fresh input of matching inner size."""
-    x = _float(builder)
+    x = float_value(builder)
     if not x.shape:
         return False
     inner = x.shape[-1]

@@ -8,8 +8,10 @@ tests/fuzz_extra.py; ``fuzz_programs.default_generators()`` lists them all.
 
 from __future__ import annotations
 
+import math
+
 import torch
-from fuzz_programs import FLOATS, Builder, Value, dtype_name, stable
+from fuzz_programs import FLOATS, MAX_NUMEL, Builder, Value, dtype_name, stable
 
 __all__ = [
     "binary",
@@ -17,6 +19,7 @@ __all__ = [
     "clamp",
     "compare",
     "float_input",
+    "float_value",
     "partner",
     "reduction",
     "scalar",
@@ -53,7 +56,8 @@ def float_input(builder: Builder) -> Value:
     return builder.new_input(builder.shape(), builder.choice(_FLOAT_DTYPES))
 
 
-def _float(builder: Builder) -> Value:
+def float_value(builder: Builder) -> Value:
+    """A floating pool value, or a fresh float input when there is none."""
     return builder.pick(lambda value: value.is_float) or float_input(builder)
 
 
@@ -65,12 +69,8 @@ def partner(builder: Builder, value: Value, dtypes=None) -> Value:
     """A pool value that broadcasts with ``value``, or a fresh input shaped to
     (a suffix of its shape with some sizes 1, or one more leading dim)."""
     def fits(other: Value) -> bool:
-        try:
-            shape = torch.broadcast_shapes(value.shape, other.shape)
-        except RuntimeError:
-            return False
         return (other is not value and other.dtype != torch.bool
-                and (dtypes is None or other.dtype in dtypes) and _count(shape) <= 512)
+                and (dtypes is None or other.dtype in dtypes) and _broadcasts(value, other))
     if builder.flag():
         found = builder.pick(fits)
         if found is not None:
@@ -84,13 +84,6 @@ def partner(builder: Builder, value: Value, dtypes=None) -> Value:
         sizes = [builder.integer(1, 3)] + sizes
     dtype = builder.choice(dtypes or _FLOAT_DTYPES + [torch.int64])
     return builder.new_input(tuple(sizes), dtype)
-
-
-def _count(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 # ---------------------------------------------------------------- pointwise
@@ -136,7 +129,7 @@ def where(builder: Builder) -> bool:
     a = _numeric(builder)
     c = builder.pick(lambda value: value.dtype == torch.bool and _broadcasts(value, a))
     if c is None:
-        probe = _float(builder)
+        probe = float_value(builder)
         threshold = builder.choice([0.0, 0.5, -0.5])
         if not stable(probe, threshold) or not _broadcasts(probe, a):
             return False
@@ -153,7 +146,7 @@ def where(builder: Builder) -> bool:
 
 def _broadcasts(x: Value, y: Value) -> bool:
     try:
-        return _count(torch.broadcast_shapes(x.shape, y.shape)) <= 512
+        return math.prod(torch.broadcast_shapes(x.shape, y.shape)) <= MAX_NUMEL
     except RuntimeError:
         return False
 
@@ -239,7 +232,7 @@ def _no_ties(x: Value, dim) -> bool:
     dims = range(tensor.dim()) if dim is None else [dim] if isinstance(dim, int) else list(dim)
     dims = sorted(d % tensor.dim() for d in dims)
     rest = [d for d in range(tensor.dim()) if d not in dims]
-    extent = _count(tensor.shape[d] for d in dims)
+    extent = math.prod(tensor.shape[d] for d in dims)
     rows = tensor.permute(rest + dims).reshape(-1 if rest else 1, extent)
     if rows.shape[1] < 2:
         return True

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import linecache
+import math
 import warnings
 from dataclasses import dataclass
 from itertools import count
@@ -169,7 +170,7 @@ class Builder:
     def shape(self, max_rank: int = 4, max_size: int = 5, min_rank: int = 0) -> tuple[int, ...]:
         rank = self.integer(min_rank, max_rank)
         sizes = tuple(self.integer(1, max_size) for _ in range(rank))
-        return sizes if _numel(sizes) <= MAX_NUMEL else sizes[:2]
+        return sizes if math.prod(sizes) <= MAX_NUMEL else sizes[:2]
 
     # ------------------------------------------------------------ pool
     def new_input(self, shape, dtype: torch.dtype, low: int = -3, high: int = 4,
@@ -255,13 +256,6 @@ class Builder:
         lines += [f"    {name} = {source}" for name, source in self.inputs]
         lines += [f"    return [{arguments}]"]
         return FuzzProgram("\n".join(lines) + "\n", list(self.ops))
-
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 def _usable(tensor: torch.Tensor) -> bool:
