@@ -27,18 +27,12 @@ import warnings
 from pathlib import Path
 
 from retrograd.report import to_json
+from retrograd.runtime.loader import ours_alone
 
 __all__ = ["Dumper"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-
-
-def _ours(info: os.stat_result) -> bool:
-    """A real folder of ours that no other user can write."""
-    if not stat.S_ISDIR(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return False
-    return not hasattr(os, "getuid") or info.st_uid == os.getuid()
 
 
 def _graph_folder(root: Path, graph_id: str) -> Path:
@@ -51,7 +45,7 @@ def _graph_folder(root: Path, graph_id: str) -> Path:
     except FileExistsError:
         pass
     try:
-        if _ours(os.lstat(folder)):
+        if ours_alone(os.lstat(folder), stat.S_ISDIR):
             return folder
     except OSError:
         pass
@@ -80,7 +74,7 @@ def _open_folder(name, parent: int | None = None, create: bool = False) -> int:
         except FileExistsError:
             pass
     handle = os.open(name, _DIR_FLAGS, dir_fd=parent)
-    if not _ours(os.fstat(handle)):
+    if not ours_alone(os.fstat(handle), stat.S_ISDIR):
         os.close(handle)
         raise PermissionError(f"{name} is not a folder of yours that only you can write")
     return handle

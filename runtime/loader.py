@@ -38,7 +38,7 @@ from types import ModuleType
 import torch
 from retrograd.runtime.device import interpreter_mode
 
-__all__ = ["cache_dir", "source_key", "write_source", "load_module"]
+__all__ = ["cache_dir", "load_module", "ours_alone", "source_key", "write_source"]
 
 _LOADED: dict[tuple[str, bool], ModuleType] = {}
 _WRITTEN: dict[str, str] = {}    # path -> the source this process wrote or verified there
@@ -76,9 +76,11 @@ def source_key(source: str) -> str:
     return hashlib.sha256((_versions() + "\n" + source).encode()).hexdigest()[:24]
 
 
-def _trusted(info: os.stat_result) -> bool:
-    """A regular file of ours that no other user can write."""
-    if not stat.S_ISREG(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+def ours_alone(info: os.stat_result, is_kind=stat.S_ISREG) -> bool:
+    """Of the kind asked (a regular file unless ``is_kind`` says otherwise), ours,
+    and no other user can write it: the one trust test for what retrograd loads
+    from or writes into (the dumps use it for their folders)."""
+    if not is_kind(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return False
     return not hasattr(os, "getuid") or info.st_uid == os.getuid()
 
@@ -93,7 +95,7 @@ def _read_trusted(path: Path, limit: int | None = None) -> str | None:
         return None
     try:
         info = os.fstat(handle)
-        if not _trusted(info) or (limit is not None and info.st_size != limit):
+        if not ours_alone(info) or (limit is not None and info.st_size != limit):
             return None
         with os.fdopen(handle, "rb", closefd=False) as file:
             data = file.read()
