@@ -20,11 +20,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,
              torch.float64: 1e-9}
 
 
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||got - ref|| / ||ref||`` in float64 over the finite reference values."""
+def relative_error(got: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """``||got - ref|| / max(||ref||, floor)`` in float64 over the finite
+    reference values (``floor``: a scale for values that are mathematically zero)."""
     got, ref = got.detach().double(), ref.detach().double()
     finite = ref.isfinite()
-    scale = ref[finite].norm().item()
+    scale = max(ref[finite].norm().item(), floor)
     error = (got[finite] - ref[finite]).norm().item()
     return error / scale if scale > 0 else error
 
