@@ -85,17 +85,17 @@ def ours_alone(info: os.stat_result, is_kind=stat.S_ISREG) -> bool:
     return not hasattr(os, "getuid") or info.st_uid == os.getuid()
 
 
-def _read_trusted(path: Path, limit: int | None = None) -> str | None:
+def _read_trusted(path: Path, size: int | None = None) -> str | None:
     """The file's text if it is trusted and UTF-8, read once without following a
     link; ``None`` for anything else (missing, a link, a FIFO, another user's,
-    larger than ``limit`` bytes, not UTF-8)."""
+    not exactly ``size`` bytes long when ``size`` is given, not UTF-8)."""
     try:
         handle = os.open(path, _READ_FLAGS)
     except OSError:
         return None
     try:
         info = os.fstat(handle)
-        if not ours_alone(info) or (limit is not None and info.st_size != limit):
+        if not ours_alone(info) or (size is not None and info.st_size != size):
             return None
         with os.fdopen(handle, "rb", closefd=False) as file:
             data = file.read()
