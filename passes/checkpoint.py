@@ -48,9 +48,15 @@ EXACT_LIMIT = 600
 
 
 def _aliases_input(node: fx.Node | None) -> bool:
-    """True for a forward placeholder or a view of one (``permute(primals_1)``):
-    it shares the caller's storage, so saving it costs no memory."""
-    while node is not None and is_view(node) and isinstance(node.args[0], fx.Node):
+    """True for a forward placeholder or a view of one (``permute(primals_1)``,
+    an item of ``split(primals_1)``): it shares the caller's storage, so saving
+    it costs no memory. Never for a multi-output node itself: only tensors can
+    cross to the backward, so the planners must save its items instead."""
+    if node is not None and node.op != "placeholder" and \
+            not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    while node is not None and (is_view(node) or node.target is operator.getitem) \
+            and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node is not None and node.op == "placeholder"
 
@@ -134,22 +140,6 @@ def _extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int):
     return forward, backward
 
 
-def _tensor_values(saved: list[fx.Node], info) -> list[fx.Node]:
-    """``saved`` with each multi-output node (``split_with_sizes``, a fused
-    attention op) replaced by those of its ``getitem`` results the backward
-    reads: only tensors can cross to the backward as graph outputs."""
-    forward = set(info.forward)
-    result = []
-    for node in saved:
-        if node.op == "placeholder" or isinstance(node.meta.get("val"), torch.Tensor):
-            result.append(node)
-            continue
-        result += [item for item in node.users
-                   if item.target is operator.getitem and item not in result
-                   and (item in info.needed or any(u not in forward for u in item.users))]
-    return result
-
-
 def sink_recomputation(backward: fx.GraphModule, recomputed: set[str]) -> None:
     """Move each recomputed node just before its first consumer (latest first,
     so chains follow their consumers), keeping recomputed values short-lived."""
@@ -201,7 +191,7 @@ def run(joint: fx.GraphModule, ctx, joint_inputs, **partition_kwargs):
     plan, budget = _plan(info, ctx, policy, save_all_bytes)
     saved = [n for n in joint.graph.nodes if n in plan.saved or n.op == "placeholder"
              and not n.name.startswith("tangents")]
-    forward, backward = _extract(joint, _tensor_values(saved, info), count)
+    forward, backward = _extract(joint, saved, count)
     forward_names = {n.name for n in info.forward}
     recomputed = [n for n in backward.graph.nodes
                   if n.op == "call_function" and n.name in forward_names]
