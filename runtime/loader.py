@@ -111,8 +111,10 @@ def _key_of(path: Path) -> str:
     return path.stem.rsplit("_", 1)[-1]
 
 
-def _write_atomically(folder: Path, path: Path, stem: str, source: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{stem}_", suffix=".tmp", dir=folder)
+def _write_atomically(path: Path, source: str) -> None:
+    """Write ``path`` through a temporary file beside it and ``os.replace``."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}_", suffix=".tmp",
+                                         dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(source.encode("utf-8"))
@@ -137,7 +139,7 @@ def write_source(stem: str, source: str) -> Path:
     folder = cache_dir()
     path = folder / f"{stem}_{key}.py"
     if _read_trusted(path, len(source.encode("utf-8"))) != source:
-        _write_atomically(folder, path, stem, source)
+        _write_atomically(path, source)
     _WRITTEN[str(path)] = source
     return path
 
@@ -153,7 +155,7 @@ def _verified_source(path: Path) -> str:
         raise RuntimeError(
             f"retrograd: cached file {path} does not match the hash in its name (changed, "
             f"damaged, a link or another user's); delete it and compile again")
-    _write_atomically(path.parent, path, path.stem, known)
+    _write_atomically(path, known)
     return known
 
 
