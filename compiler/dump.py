@@ -115,17 +115,22 @@ class Dumper:
     """Writes one graph's dump files; the same files into every folder it serves."""
 
     def __init__(self, root: str | None, graph_ids: list[str], counter: int = 0):
-        chosen = [(graph_id, _folder_or_warn(Path(root), graph_id))
-                  for graph_id in (graph_ids if root else [])]
-        self.folders = [folder for _, folder in chosen if folder is not None]
+        self.by_id: dict[str, Path] = {}               # graph id -> its folder, if one was made
+        for graph_id in graph_ids if root else []:
+            folder = _folder_or_warn(Path(root), graph_id)
+            if folder is not None:
+                self.by_id[graph_id] = folder
         self.counter = counter
         self.graph_files: list[tuple[str, str]] = []   # (file name, text)
         self.failed: set[Path] = set()                 # folders already warned about
-        self.by_id = {graph_id: folder for graph_id, folder in chosen if folder is not None}
+
+    @property
+    def folders(self) -> list[Path]:
+        return list(self.by_id.values())
 
     @property
     def enabled(self) -> bool:
-        return bool(self.folders)
+        return bool(self.by_id)
 
     def fork(self, graph_id: str, root: str | None) -> Dumper:
         """A dumper for one half that continues this one's numbering and history
@@ -133,7 +138,7 @@ class Dumper:
         folder = self.by_id.get(graph_id)
         child = Dumper(root if folder is None else None, [graph_id], self.counter)
         if folder is not None:
-            child.folders, child.by_id = [folder], {graph_id: folder}
+            child.by_id = {graph_id: folder}
         child.graph_files = list(self.graph_files)
         return child
 
