@@ -113,8 +113,9 @@ AUTOGRAD_FIXES = {
 @contextlib.contextmanager
 def traced_right():
     """Trace with ``AUTOGRAD_FIXES`` in place of PyTorch's Autograd-key
-    decompositions; PyTorch's own are put back on exit. Callers hold the
-    compile lock where there is one: the kernels live on the op objects."""
+    decompositions; PyTorch's own are put back on exit. The kernels live on
+    the op objects, so this is process-wide while it lasts: two threads
+    tracing at once are not yet safe (issue 11's compile lock)."""
     key = torch._C.DispatchKey.Autograd
     saved = {op: op.py_kernels.get(key) for op in AUTOGRAD_FIXES}
     try:

@@ -10,7 +10,7 @@ import retrograd
 from retrograd.ir import Program
 
 __all__ = ["TOLERANCE", "relative_error", "assert_close", "assert_close_floor",
-           "check_against_eager", "assert_topological", "FACES", "compile_with"]
+           "check_against_eager", "eager_step", "assert_topological", "FACES", "compile_with"]
 
 #: The two faces a test can compile through (``compile_with``).
 FACES = ("standalone", "torch.compile")
@@ -62,6 +62,15 @@ def assert_close_floor(got: torch.Tensor, ref: torch.Tensor, tolerance: float,
     error = (got64 - ref64).abs().max().item() if ref64.numel() else 0.0
     assert error <= tolerance * scale, \
         f"{what}: max error {error:.3g} > {tolerance:g} x scale {scale:.3g}"
+
+
+def eager_step(model, optimizer, loss_fn, *batch) -> torch.Tensor:
+    """One step of the eager loop that ``retrograd.compile_step`` is compared with."""
+    optimizer.zero_grad()
+    loss = loss_fn(model, *batch)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def _as_tuple(value) -> tuple:

@@ -23,6 +23,8 @@ import torch.utils._pytree as pytree
 from torch.testing._internal.common_methods_invocations import op_db
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import retrograd
+from checks import eager_step
 from retrograd.decompositions import AUTOGRAD_FIXES, EXCLUDED, FIXED, decomposition_table
 
 aten = torch.ops.aten
@@ -185,7 +187,6 @@ def test_soft_margin_loss_backward_keeps_small_gradients(reduction):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_multilabel_margin_loss_after_terminator(reduction):
     """The Autograd-key decomposition counted the padding after -1 as targets."""
-    import retrograd
     torch.manual_seed(0)
     x = torch.randn(4, 6, requires_grad=True)
     target = torch.tensor([[3, 0, -1, 1, 1, 1], [2, -1, 0, 0, 0, 0],
@@ -202,7 +203,6 @@ def test_multilabel_margin_loss_after_terminator(reduction):
 
 def test_compile_step_traces_with_the_fixed_decompositions():
     """compile_step traces its own graph (make_fx): it must use the fixes too."""
-    import retrograd
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 6)
     reference = torch.nn.Linear(6, 6)
@@ -214,9 +214,6 @@ def test_compile_step_traces_with_the_fixed_decompositions():
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     for _ in range(2):
         got = step(x)
-        optimizer.zero_grad()
-        expected = loss_fn(reference, x)
-        expected.backward()
-        optimizer.step()
+        expected = eager_step(reference, optimizer, loss_fn, x)
         torch.testing.assert_close(got.detach(), expected.detach())
     torch.testing.assert_close(model.weight, reference.weight)

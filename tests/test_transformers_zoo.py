@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import retrograd
-from checks import assert_close_floor
+from checks import assert_close_floor, eager_step
 from hf_zoo import HF_ZOO
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -188,10 +188,7 @@ def test_compile_step_matches_eager_loop(name, optimizer):
     eager_optimizer = optimizer(reference.parameters())
     for _ in range(3):
         loss = step(batch)
-        eager_optimizer.zero_grad()
-        expected = loss_fn(reference, batch)
-        expected.backward()
-        eager_optimizer.step()
+        expected = eager_step(reference, eager_optimizer, loss_fn, batch)
         assert_close_floor(loss.detach(), expected.detach(), 1e-5, what="loss")
     # each parameter relative to how far the eager optimizer moved it
     for (name_, got), expected, before in zip(model.named_parameters(),
