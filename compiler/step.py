@@ -127,12 +127,16 @@ class Step:
 
     # -- tracing --------------------------------------------------------------------
     def _loss_of(self, names, buffer_names, batch_spec):
-        model, loss_fn, tied = self.model, self.loss_fn, _tied_names(self.model)
+        """The loss as a function of parameters, buffers and batch leaves; it
+        runs only while tracing, so the model's ties are looked up there and
+        not on every step."""
+        model, loss_fn = self.model, self.loss_fn
 
         def loss_of(params, buffers, batch):
             state = dict(zip(names, params))
             state.update(zip(buffer_names, buffers))
-            state.update({alias: state[name] for alias, name in tied.items() if name in state})
+            state.update({alias: state[name] for alias, name in _tied_names(model).items()
+                          if name in state})
             with torch.nn.utils.stateless._reparametrize_module(model, state):
                 loss = loss_fn(model, *pytree.tree_unflatten(batch, batch_spec))
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import retrograd
+import retrograd.step
 
 
 def _model() -> torch.nn.Module:
@@ -215,7 +216,13 @@ class _TiedLM(torch.nn.Module):
         return self.head(torch.tanh(self.mix(self.embed(ids))))
 
 
-def test_tied_parameters_are_replaced_under_every_name():
+def test_tied_parameters_are_replaced_under_every_name(monkeypatch):
+    """The ties are looked up while tracing only: a step that reuses its
+    program does not walk the model for them again."""
+    looked_up = []
+    real = retrograd.step._tied_names
+    monkeypatch.setattr(retrograd.step, "_tied_names",
+                        lambda model: looked_up.append(1) or real(model))
     torch.manual_seed(0)
     compiled_model = _TiedLM()
     eager_model = _TiedLM()
@@ -227,11 +234,14 @@ def test_tied_parameters_are_replaced_under_every_name():
     compiled_opt = make(list(compiled_model.parameters()))
     eager_opt = make(list(eager_model.parameters()))
     step = retrograd.compile_step(compiled_model, loss, compiled_opt)
-    for _ in range(3):
+    for call in range(3):
         ids = torch.randint(0, 11, (2, 5))
         got = step(ids)
         expected = _eager_step(eager_model, eager_opt, loss, ids)
         assert _relative(got.detach(), expected.detach()) < 1e-5
+        if call == 0:
+            traced = len(looked_up)
+    assert traced and len(looked_up) == traced
     assert compiled_model.head.weight is compiled_model.embed.weight
     _assert_same_parameters(compiled_model, eager_model)
 
