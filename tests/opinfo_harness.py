@@ -22,12 +22,14 @@ sample: eager refuses it, or every sample is empty or too large).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from dataclasses import dataclass, field
 
 import retrograd
 import torch
 import torch.utils._pytree as pytree
+from checks import relative_error
 
 TOLERANCE = 1e-4
 MAX_NUMEL = 20000
@@ -158,14 +160,6 @@ def pick_samples(op, count: int, dtype=torch.float32, considered: int = 200, ext
 
 
 # ---------------------------------------------------------------- comparison
-def relative_error(got: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    """``||got - ref|| / max(||ref||, floor)`` over the finite elements of ``ref``."""
-    got, ref = got.detach().double(), ref.detach().double()
-    finite = ref.isfinite()
-    scale = max(ref[finite].norm().item(), floor)
-    return (got[finite] - ref[finite]).norm().item() / (scale if scale > 0 else 1.0)
-
-
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise Mismatch(message)
@@ -281,12 +275,12 @@ def _reports_of(graphs) -> list[dict]:
 
 
 @contextlib.contextmanager
-def fixed_seed():
-    """Torch's generator at SEED, and ``torch.manual_seed`` a no-op inside: the
+def fixed_seed(seed: int = SEED):
+    """Torch's generator at ``seed``, and ``torch.manual_seed`` a no-op inside: the
     OpInfos of random ops reseed inside the op (``wrapper_set_seed``), which a
     trace runs once and does not replay, so eager and compiled runs would
     start from different states."""
-    torch.random.default_generator.manual_seed(SEED)
+    torch.random.default_generator.manual_seed(seed)
     original = torch.manual_seed
     torch.manual_seed = lambda seed: torch.random.default_generator
     try:
@@ -321,14 +315,12 @@ def check_sample(op, sample, face: str = "compile", executor: str = "interpret")
     with fixed_seed():
         got_outputs, got_grads, reports = _compiled_run(function, tensors, upstream, face,
                                                         executor)
-    cache = []
+    @functools.cache   # run in float64 only if some comparison needs it, and once
+    def wide():
+        return float64_run(function, tensors, upstream)
 
     def precise(kind: int, index: int):
-        def value():
-            if not cache:
-                cache.append(float64_run(function, tensors, upstream))
-            return None if cache[0] is None else cache[0][kind][index]
-        return value
+        return lambda: None if wide() is None else wide()[kind][index]
 
     _check(len(got_outputs) == len(ref_outputs),
            f"{len(got_outputs)} outputs, eager has {len(ref_outputs)}")
@@ -411,15 +403,9 @@ def is_random(op, sample) -> bool:
     trace does not replay: that reseeding is turned off for this check.)"""
     function, tensors = closure(op, sample)
     values = []
-    original = torch.manual_seed
-    try:
-        torch.manual_seed = lambda seed: torch.random.default_generator
-        for seed in (1, 2):
-            torch.random.default_generator.manual_seed(seed)
-            with torch.no_grad():
-                values.append([_dense(o) for o in outputs_of(function(*tensors))])
-    finally:
-        torch.manual_seed = original
+    for seed in (1, 2):
+        with fixed_seed(seed), torch.no_grad():
+            values.append([_dense(o) for o in outputs_of(function(*tensors))])
     return any(not torch.equal(a, b) for a, b in zip(*values))
 
 
