@@ -207,12 +207,13 @@ class Step:
     # -- one call -------------------------------------------------------------------
     def __call__(self, *batch):
         check_optimizer(self.optimizer)   # flags may have changed since the last call
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        every = list(self.model.named_parameters())   # one walk of the model per step
+        named = [(n, p) for n, p in every if p.requires_grad]
         names, parameters = [n for n, _ in named], [p for _, p in named]
         # frozen parameters ride along with the buffers: inputs, never differentiated
-        frozen = [(n, p.detach()) for n, p in self.model.named_parameters() if not p.requires_grad]
-        buffer_names = [n for n, _ in frozen] + [n for n, _ in self.model.named_buffers()]
-        buffers = [b for _, b in frozen] + [b for _, b in self.model.named_buffers()]
+        other = [(n, p.detach()) for n, p in every if not p.requires_grad]
+        other += self.model.named_buffers()
+        buffer_names, buffers = [n for n, _ in other], [b for _, b in other]
         leaves, batch_spec = pytree.tree_flatten(batch)
         device, groups = _device(parameters, leaves), self._groups(parameters)
         detached = [p.detach() for p in parameters]
