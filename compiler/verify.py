@@ -78,7 +78,8 @@ def _floors(ref: Sequence[Any]) -> list[float]:
     rms = []
     for value in ref:
         if isinstance(value, torch.Tensor) and _is_float(value) and value.numel():
-            finite = _wide(value)[torch.isfinite(_wide(value))]
+            wide = _wide(value)
+            finite = wide[torch.isfinite(wide)]
             rms.append(finite.norm().item() / max(finite.numel(), 1) ** 0.5)
         else:
             rms.append(0.0)
