@@ -8,8 +8,9 @@ change nothing (a ``view`` or ``alias`` to the same shape) and fresh copies of
 constants (``lift_fresh_copy``). Views that change what the elements mean
 (``_conj``, ``_neg_view``, ``view_as_real``, ``view_as_complex``) are never
 no-ops, and a layout counts as the same only with the same conjugate and
-negative bits. A conjugate view of a Python number becomes that number. An op with an ``output_mask`` (convolution
-backward, say) stops computing results nothing reads.
+negative bits. A conjugate view of a Python number becomes that number. An
+op with an ``output_mask`` (convolution backward, say) stops computing
+results nothing reads.
 
 Assumes a functional ATen graph (AOTAutograd's joint graph): no node mutates
 its inputs. Random ops are never merged (two dropouts are two masks), nor
