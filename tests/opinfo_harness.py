@@ -315,6 +315,7 @@ def check_sample(op, sample, face: str = "compile", executor: str = "interpret")
     with fixed_seed():
         got_outputs, got_grads, reports = _compiled_run(function, tensors, upstream, face,
                                                         executor)
+
     @functools.cache   # run in float64 only if some comparison needs it, and once
     def wide():
         return float64_run(function, tensors, upstream)

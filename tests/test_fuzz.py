@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 
+
 # ---------------------------------------------------------------- the budget
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=_QUIET)

@@ -125,13 +125,10 @@ def _opinfos() -> list:
 OPINFOS = _opinfos()
 
 
-_id = harness.op_id
-
-
 def _param(op):
     reason = XFAIL.get((op.name, op.variant_test_name))
     marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-    return pytest.param(op, id=_id(op), marks=marks)
+    return pytest.param(op, id=harness.op_id(op), marks=marks)
 
 
 # ---------------------------------------------------------------- samples
@@ -212,7 +209,7 @@ def _special_sample(op):
     return sample.transform(lambda t: next(grids) if isinstance(t, torch.Tensor) else t)
 
 
-@pytest.mark.parametrize("op", ELEMENTWISE, ids=_id)
+@pytest.mark.parametrize("op", ELEMENTWISE, ids=harness.op_id)
 def test_opinfo_special_values(op):
     """Forward only, each element against eager: same NaNs, same infinities
     (with their signs), relative error under TOLERANCE elsewhere."""
@@ -297,7 +294,6 @@ def test_opinfo_former_crashes(name, fresh_dynamo):
     assert verdict.status in ("pass", "extern-only", "xfail"), f"{verdict.status}: {verdict.detail}"
     if verdict.status == "xfail":
         assert "UnsupportedError" in verdict.detail
-
 
 
 def test_higher_order_op_runs_as_extern_call():
