@@ -179,12 +179,13 @@ def attention_block() -> ZooEntry:
 # -- GPT-2, tiny ----------------------------------------------------------------
 
 def _gpt2_model() -> nn.Module:
-    """Built from a config with random weights (no download); eager attention."""
+    """Built from a config with random weights (no download) and the library's
+    default attention (SDPA). Dropout is off so that gradients compare exactly
+    with eager; tests/test_transformers_zoo.py covers the default dropout."""
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=64,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         summary_first_dropout=0.0, bos_token_id=0, eos_token_id=1)
-    config._attn_implementation = "eager"
     model = GPT2LMHeadModel(config)
     model.train()
     return model
