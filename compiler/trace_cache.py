@@ -197,9 +197,12 @@ class TraceCache:
         modules = self._modules()
         if not modules:
             return ()
+        # one walk of the module tree on every call: each submodule's own
+        # parameters and buffers (``parameters()`` and ``buffers()`` would walk
+        # the tree twice more; a tensor shared by two submodules is listed twice)
         subs = [sub for module in modules for sub in module.modules()]
-        parameters = [p for module in modules for p in module.parameters()]
-        state = parameters + [b for module in modules for b in module.buffers()]
+        parameters = [p for sub in subs for p in sub._parameters.values() if p is not None]
+        state = parameters + [b for sub in subs for b in sub._buffers.values() if b is not None]
         return (("lifted", tuple(id(module) for module in self.lifted)),
                 ("training", tuple(sub.training for sub in subs)),
                 ("hooks", hook_key(subs)),
