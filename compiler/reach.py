@@ -164,5 +164,7 @@ def reachable_modules(function: Callable, depth: int = 4) -> list[torch.nn.Modul
             else:
                 following.extend(_children(value))
         frontier = following
+    if len(found) < 2:   # the usual case, and this runs on every call: no tree walk
+        return found
     inner = {id(sub) for module in found for sub in module.modules() if sub is not module}
     return [module for module in found if id(module) not in inner]
