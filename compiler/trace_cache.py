@@ -162,7 +162,7 @@ class TraceCache:
         guards = Guards()
         if self.module is None:
             function_guards(self.target, guards)
-        module_function_guards([sub for _, sub in watched], guards)
+        module_function_guards(self._modules(), guards)
         warn_about_hooks(watched, f"{self.face} of {self.what}")
         try:
             with recording_module_reads() as reads:
