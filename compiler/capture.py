@@ -77,6 +77,43 @@ def _fake_inputs(inputs: Sequence[Any]) -> list:
             for value in inputs]
 
 
+def overlaps(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` share memory other than through a
+    zero stride: ``unfold`` with a step below its size, some ``as_strided``."""
+    span = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape)
+                               if sz > 1 and st > 0):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+class _OutputsOwnMemory(torch.nn.Module):
+    """``module`` with each output that is an overlapping view of an
+    intermediate returned as a copy.
+
+    AOTAutograd (torch 2.13; ``aot_eager`` too) hands the backward a wrong
+    tangent for such an output, so its gradients came out wrong without an
+    error (``(x * 2).unfold(0, 2, 1)``). A copy has the same values and the
+    same gradient; only a write into the returned tensor no longer reaches the
+    intermediate, which the caller cannot see anyway. Views of the inputs keep
+    their aliasing (AOTAutograd regenerates those right).
+    """
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        outputs = self.inner(*args)
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        return type(outputs)(
+            o.clone() if isinstance(o, torch.Tensor) and overlaps(o)
+            and not any(torch._C._is_alias_of(o, i) for i in inputs) else o
+            for o in outputs)
+
+
 def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], options: Options,
                   captured_text: str | None = None, gradients=None):
     """Compile ``module(*example_inputs)`` (tuple outputs); returns (callable, compiler).
@@ -84,6 +121,7 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
     ``gradients`` (a ``dead_gradient.GradientSpec``) says which gradients the
     caller will use and which output tangents are known to be zero.
     """
+    module = _OutputsOwnMemory(module)
     compiler = GraphCompiler(options, real_primals(module, example_inputs), captured_text,
                              gradients, module=module)
     with traced_right():
