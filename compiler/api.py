@@ -32,6 +32,7 @@ from retrograd.trace_cache import TraceCache
 __all__ = ["compile", "grad", "value_and_grad", "CompiledModule", "CompiledFunction",
            "GradFunction", "UnsupportedError"]
 
+
 class CompiledModule(torch.nn.Module):
     """A drop-in for the wrapped module: same parameters, train/eval, state_dict
     (under ``_orig_mod.`` as with torch.compile), and ``.reports``."""
@@ -105,10 +106,6 @@ def compile(target: Callable | None = None, **options):
                     f"got {type(target).__name__}")
 
 
-#: kept under its first name; see reach.reachable_modules
-closed_over_modules = reachable_modules
-
-
 class GradFunction:
     """``grad`` / ``value_and_grad`` of a function, compiled: only the requested
     gradients are computed (see passes/dead_gradient.py)."""
@@ -126,9 +123,10 @@ class GradFunction:
             raise ValueError(f"retrograd.grad: argnums={argnums!r} must be an int or a "
                              f"non-empty tuple of ints")
         self._wanted: tuple[int, ...] = ()
-        self._cache = TraceCache(function, options, None, gradients=self._spec, closed_over_ok=True,
-                             discover=functools.partial(reachable_modules, function),
-                             face="retrograd.grad")
+        self._cache = TraceCache(function, options, None, gradients=self._spec,
+                                 closed_over_ok=True,
+                                 discover=functools.partial(reachable_modules, function),
+                                 face="retrograd.grad")
         functools.update_wrapper(self, function)
 
     def _spec(self, leaves, slots):

@@ -628,16 +628,16 @@ def test_batch_norm_in_training_mode():
 
 
 def test_closed_over_modules_are_found_by_name():
-    from retrograd.api import closed_over_modules
+    from retrograd.reach import reachable_modules
     outer = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     other = nn.Linear(2, 2)
 
     def uses_both(x, scale=other):
         return outer(x).sum() + scale(x).sum()
-    found = closed_over_modules(uses_both)
+    found = reachable_modules(uses_both)
     assert found == [outer, other] or found == [other, outer]
-    assert closed_over_modules(lambda x: x.sum()) == []
-    assert closed_over_modules(outer.forward) == [outer]
+    assert reachable_modules(lambda x: x.sum()) == []
+    assert reachable_modules(outer.forward) == [outer]
 
 
 # -- 8. modules reached through containers and objects ------------------------------------------
