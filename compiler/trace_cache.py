@@ -190,10 +190,12 @@ class TraceCache:
         return named
 
     def _module_key(self) -> tuple:
-        """The module state a trace bakes in: which modules are lifted, train/eval
-        of every submodule, its hooks, which parameters want gradients, and which
-        tensors the parameters and buffers are (the compiled graph keeps the ones
-        it was traced with, so a replaced or converted tensor must trace again)."""
+        """The module state a trace bakes in: which modules are lifted, which
+        submodules they hold (a swapped ``nn.ReLU`` has no parameter to tell it
+        apart), train/eval of every submodule, its hooks, which parameters want
+        gradients, and which tensors the parameters and buffers are (the compiled
+        graph keeps the ones it was traced with, so a replaced or converted tensor
+        must trace again)."""
         modules = self._modules()
         if not modules:
             return ()
@@ -204,6 +206,7 @@ class TraceCache:
         parameters = [p for sub in subs for p in sub._parameters.values() if p is not None]
         state = parameters + [b for sub in subs for b in sub._buffers.values() if b is not None]
         return (("lifted", tuple(id(module) for module in self.lifted)),
+                ("modules", tuple((id(sub), type(sub)) for sub in subs)),
                 ("training", tuple(sub.training for sub in subs)),
                 ("hooks", hook_key(subs)),
                 ("requires_grad", tuple(p.requires_grad for p in parameters)),

@@ -106,6 +106,19 @@ def test_a_changed_module_attribute_traces_again(attribute, value, traces):
     assert len(traces) == 2
 
 
+def test_a_swapped_submodule_without_parameters_traces_again(traces):
+    """``model.act = nn.Tanh()`` changes no parameter, buffer or plain attribute:
+    the submodule's identity is part of the cache key."""
+    torch.manual_seed(0)
+    model = Tempered()
+    compiled = retrograd.compile(model, executor="fx")
+    x = torch.randn(3, 4)
+    assert_matches_eager(compiled, model, x)
+    model.act = nn.Tanh()
+    assert_matches_eager(compiled, model, x)
+    assert len(traces) == 2
+
+
 def test_unchanged_attributes_reuse_the_graph(traces):
     torch.manual_seed(0)
     model = Tempered()
