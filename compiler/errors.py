@@ -13,6 +13,7 @@ such code.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import sysconfig
@@ -58,22 +59,29 @@ def _roots(packages) -> tuple[str, ...]:
                  for folder in package.__path__)
 
 
-def _is_library(filename: str) -> bool:
-    """Frames of torch, of retrograd's packages and of the standard library
-    are not the user's; other site-packages (transformers) are."""
+@functools.cache
+def _library_folders() -> tuple[tuple[str, ...], str, str]:
+    """The folders of torch and retrograd's packages, the standard library and
+    site-packages; found once, not for every frame a stack walk looks at."""
     import retrograd
     import retrograd.codegen
     import retrograd.passes
     import retrograd.runtime
+    paths = sysconfig.get_paths()
+    return (_roots((torch, retrograd, retrograd.passes, retrograd.codegen, retrograd.runtime)),
+            os.path.join(os.path.realpath(paths["stdlib"]), ""),
+            os.path.join(os.path.realpath(paths["purelib"]), ""))
+
+
+def _is_library(filename: str) -> bool:
+    """Frames of torch, of retrograd's packages and of the standard library
+    are not the user's; other site-packages (transformers) are."""
     if filename.startswith("<"):
         return True
     path = os.path.realpath(filename)
-    if path.startswith(_roots((torch, retrograd, retrograd.passes, retrograd.codegen,
-                               retrograd.runtime))):
+    ours, stdlib, site = _library_folders()
+    if path.startswith(ours):
         return True
-    paths = sysconfig.get_paths()
-    stdlib = os.path.join(os.path.realpath(paths["stdlib"]), "")
-    site = os.path.join(os.path.realpath(paths["purelib"]), "")
     return path.startswith(stdlib) and not path.startswith(site)
 
 
