@@ -310,6 +310,8 @@ def _identity(node, operand):
 @_register(aten._to_copy.default, torch.ops.prims.convert_element_type.default)
 def _cast(node, operand):
     target = node.meta["val"].dtype
+    if is_fill(node.args[0]):   # a cast of a constant is a constant: fold it here
+        return literal(_held_as(fill_value(node.args[0]), target))
     source = getattr(getattr(node.args[0], "meta", {}).get("val"), "dtype", None)
     leaves_half = source in _ROUND_HALF and target != source
     value = operand(node.args[0], torch.float32 if leaves_half else compute_dtype(target))
@@ -361,10 +363,15 @@ def fill_value(node) -> Any:
         value = node.args[1]
     else:  # scalar_tensor
         value = node.args[0]
-    dtype = node.meta["val"].dtype
-    if dtype == torch.bool:
-        return bool(value)
-    return float(value) if dtype in FLOATS else int(value)
+    return _held_as(value, node.meta["val"].dtype)
+
+
+def _held_as(value, dtype: torch.dtype) -> Any:
+    """``value`` as an element of ``dtype`` holds it, converted the way torch
+    converts (0.1 in bfloat16 is 0.10009765625; 2.7 in int32 is 2), as a
+    Python number."""
+    wide = torch.float64 if isinstance(value, float) else None
+    return torch.tensor(value, dtype=wide).to(dtype).item()
 
 
 def _fill(node, operand):

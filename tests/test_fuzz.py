@@ -201,13 +201,23 @@ def test_overlapping_output_view_gradient(view, face):
         assert outputs[1].stride() == outputs[0].stride()
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="a constant fill feeding a reduction of a bfloat16 value is "
-                          "emitted as `0.5.to(...)` (found by the fuzzer, not fixed yet)")
 def test_fill_into_half_softmax():
-    """Found by benchmarks/fuzz.py (torch.compile face, seed 701)."""
+    """A cast of a constant fill is folded at codegen: it was emitted as
+    ``_round_to_bf16(0.5)``, a method call on a Python float, which the
+    interpreter refused. Found by benchmarks/fuzz.py (torch.compile face, seed 701)."""
     def fn(x):
         return torch.softmax((-x).fill_(0.5), 0)
 
     x = torch.randn(2, generator=torch.Generator().manual_seed(0)).bfloat16()
     torch.testing.assert_close(retrograd.compile(fn)(x), fn(x))
+
+
+def test_a_half_fill_holds_its_rounded_value():
+    """``full_like(x, 0.1)`` in bfloat16 holds 0.10009765625, and so must the
+    literal codegen writes for it: with 0.1 itself, sums came out 1 ulp off."""
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).bfloat16()
+
+    def fn(x):
+        return x + torch.full_like(x, 0.1)
+
+    assert torch.equal(retrograd.compile(fn)(x), fn(x))
