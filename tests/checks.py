@@ -1,16 +1,20 @@
 """Assertions shared by several test files: numerics against eager (a
 compiled function against float64 eager, outputs and gradients), the
-shape of a Program's schedule, and compiling through either face."""
+shape of a Program's schedule, compiling through either face and counting
+the graphs it compiles."""
 
 from __future__ import annotations
 
 import torch
 
 import retrograd
+import retrograd.backend
+import retrograd.trace_cache
 from retrograd.ir import Program
 
 __all__ = ["TOLERANCE", "relative_error", "assert_close", "assert_close_floor",
-           "check_against_eager", "eager_step", "assert_topological", "FACES", "compile_with"]
+           "check_against_eager", "eager_step", "assert_topological", "FACES", "compile_with",
+           "RetraceCounter"]
 
 #: The two faces a test can compile through (``compile_with``).
 FACES = ("standalone", "torch.compile")
@@ -123,3 +127,19 @@ def compile_with(face: str, target, **options):
     if face == "standalone":
         return retrograd.compile(target, **options)
     return torch.compile(target, backend="retrograd", options=options or None)
+
+
+class RetraceCounter:
+    """Counts the graphs retrograd compiles, by patching ``compile_graph`` in both faces."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for module in (retrograd.trace_cache, retrograd.backend):
+            original = module.compile_graph
+            monkeypatch.setattr(module, "compile_graph", self._counting(original))
+
+    def _counting(self, original):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+        return counted

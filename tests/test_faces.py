@@ -20,11 +20,10 @@ import retrograd.api
 import retrograd.backend
 import retrograd.codegen.ops
 import retrograd.passes.cleanup
-import retrograd.trace_cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from checks import FACES, compile_with
+from checks import FACES, RetraceCounter, compile_with
 from retrograd.verify import VerificationError
 from zoo import MLP, ZOO, SmallCNN, assert_parity, clone_inputs, training_step
 
@@ -43,22 +42,6 @@ def _same(got, expected, tolerance: float = 1e-5) -> None:
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
-
-
-class RetraceCounter:
-    """Counts the graphs retrograd compiles, by patching ``compile_graph`` in both faces."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        for module in (retrograd.trace_cache, retrograd.backend):
-            original = module.compile_graph
-            monkeypatch.setattr(module, "compile_graph", self._counting(original))
-
-    def _counting(self, original):
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-        return counted
 
 
 # -- module-likeness ------------------------------------------------------------------

@@ -649,8 +649,6 @@ class Trainer:
         self.model = model
 
 
-
-
 def _loss_through(holder):
     """A loss that reaches the model only through ``holder``."""
     if isinstance(holder, dict):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import retrograd
-import retrograd.trace_cache
+from checks import RetraceCounter
 from zoo import relative_error
 
 pytestmark = pytest.mark.usefixtures("no_dump_env")
@@ -31,17 +31,9 @@ HERE = Path(__file__).resolve()
 
 
 @pytest.fixture
-def traces(monkeypatch) -> list:
-    """One item per graph the standalone face compiles."""
-    calls: list = []
-    original = retrograd.trace_cache.compile_graph
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(retrograd.trace_cache, "compile_graph", counted)
-    return calls
+def traces(monkeypatch) -> RetraceCounter:
+    """Counts the graphs compiled (``traces.calls``)."""
+    return RetraceCounter(monkeypatch)
 
 
 def line_of(marker: str) -> int:
@@ -100,10 +92,10 @@ def test_a_changed_module_attribute_traces_again(attribute, value, traces):
     original = getattr(owner, name)
     setattr(owner, name, value)
     assert_matches_eager(compiled, model, x)
-    assert len(traces) == 2
+    assert traces.calls == 2
     setattr(owner, name, original)     # back to the first values: the first graph again
     assert_matches_eager(compiled, model, x)
-    assert len(traces) == 2
+    assert traces.calls == 2
 
 
 def test_a_swapped_submodule_without_parameters_traces_again(traces):
@@ -116,7 +108,7 @@ def test_a_swapped_submodule_without_parameters_traces_again(traces):
     assert_matches_eager(compiled, model, x)
     model.act = nn.Tanh()
     assert_matches_eager(compiled, model, x)
-    assert len(traces) == 2
+    assert traces.calls == 2
 
 
 def test_unchanged_attributes_reuse_the_graph(traces):
@@ -125,7 +117,7 @@ def test_unchanged_attributes_reuse_the_graph(traces):
     compiled = retrograd.compile(model, executor="fx")
     for _ in range(3):
         assert_matches_eager(compiled, model, torch.randn(3, 4))
-    assert len(traces) == 1
+    assert traces.calls == 1
 
 
 def test_modules_a_function_reaches_are_guarded(traces):
@@ -143,7 +135,7 @@ def test_modules_a_function_reaches_are_guarded(traces):
         assert relative_error(compiled(x), function(x)) < 1e-6
         model.temperature = 4.0
         assert relative_error(compiled(x), function(x)) < 1e-6
-    assert len(traces) == 2
+    assert traces.calls == 2
 
     def loss(x):
         return model(x).square().sum()
@@ -152,7 +144,7 @@ def test_modules_a_function_reaches_are_guarded(traces):
     assert relative_error(gradient(x), torch.func.grad(loss)(x)) < 1e-5
     model.mode = "sigmoid"
     assert relative_error(gradient(x), torch.func.grad(loss)(x)) < 1e-5
-    assert len(traces) == 4
+    assert traces.calls == 4
 
 
 def test_a_compiled_function_lifts_the_model_it_reaches(traces):
@@ -176,7 +168,7 @@ def test_a_compiled_function_lifts_the_model_it_reaches(traces):
     models["net"][0].weight = nn.Parameter(replacement.clone())
     reference[0].weight = nn.Parameter(replacement.clone())
     assert relative_error(compiled(x), reference(x) * 2) < 1e-6
-    assert len(traces) == 2
+    assert traces.calls == 2
 
 
 def test_an_attribute_changed_by_the_trace_itself_is_warned_about(traces):
@@ -197,7 +189,7 @@ def test_an_attribute_changed_by_the_trace_itself_is_warned_about(traces):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compiled(torch.randn(3))   # no retrace loop on the counter's new value
-    assert len(traces) == 1
+    assert traces.calls == 1
 
 
 # -- 2. what a function reads by name -----------------------------------------------------
@@ -218,7 +210,7 @@ def test_a_changed_global_traces_again(traces, monkeypatch):
     assert_matches_eager(compiled, global_reader, x)
     monkeypatch.setitem(globals(), "USE_COS", True)
     assert_matches_eager(compiled, global_reader, x)
-    assert len(traces) == 3
+    assert traces.calls == 3
 
 
 def test_a_value_changing_on_every_call_keeps_a_bounded_cache(traces):
@@ -236,7 +228,7 @@ def test_a_value_changing_on_every_call_keeps_a_bounded_cache(traces):
             assert relative_error(compiled(x), function(x)) < 1e-6
     (message,) = [str(w.message) for w in caught if "traced more than" in str(w.message)]
     assert "traced more than 8 times" in message and "'step'" in message
-    assert len(traces) == 10
+    assert traces.calls == 10
     assert [len(kept) for kept in compiled._cache.entries.values()] == [8]
 
 
@@ -251,7 +243,7 @@ def test_a_changed_closed_over_float_traces_again(traces):
     assert_matches_eager(compiled, function, x)
     scale = 5.0   # read by function through its closure cell
     assert_matches_eager(compiled, function, x)
-    assert len(traces) == 2
+    assert traces.calls == 2
 
 
 def test_helpers_and_plain_objects_are_followed(traces):
@@ -276,10 +268,10 @@ def test_helpers_and_plain_objects_are_followed(traces):
     assert_matches_eager(compiled, function, x)
     offset[0] = 3.0
     assert_matches_eager(compiled, function, x)
-    assert len(traces) == 3
+    assert traces.calls == 3
     config.unused.append(3)   # not named by the code: no guard, no retrace
     assert_matches_eager(compiled, function, x)
-    assert len(traces) == 3
+    assert traces.calls == 3
 
 
 def test_a_constant_tensor_updated_in_place_traces_again(traces):
@@ -293,7 +285,7 @@ def test_a_constant_tensor_updated_in_place_traces_again(traces):
     assert_matches_eager(compiled, function, x)
     bias.mul_(-3.0)
     assert_matches_eager(compiled, function, x)
-    assert len(traces) == 2
+    assert traces.calls == 2
 
 
 def test_data_too_large_to_guard_is_a_clear_error():
@@ -406,7 +398,7 @@ def test_hooks_warn_once_each_naming_the_hook_and_module(traces):
         compiled(torch.randn(3, 4, requires_grad=True)).sum().backward()
         compiled(torch.randn(5, 4, requires_grad=True)).sum().backward()   # traces again
     messages = [str(w.message) for w in caught if "runs only while" in str(w.message)]
-    assert len(traces) == 2 and len(messages) == 3, messages
+    assert traces.calls == 2 and len(messages) == 3, messages
     assert any("forward hook 'record_output' on Sequential.0 (Linear)" in m for m in messages)
     assert any("forward pre-hook" in m and "<lambda>" in m and "on Sequential.2 (Linear)" in m
                for m in messages)
@@ -427,6 +419,6 @@ def test_a_hook_added_or_removed_after_the_first_call_traces_again(traces):
         assert_matches_eager(compiled, model, x)
     handle.remove()
     assert_matches_eager(compiled, model, x)
-    assert len(traces) == 2   # the hookless graph is reused
+    assert traces.calls == 2   # the hookless graph is reused
     with torch.no_grad():
         assert relative_error(compiled(x), model(x)) < 1e-6
