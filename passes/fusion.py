@@ -260,11 +260,16 @@ class _Grouping:
                 for group in self.groups_reachable_by_register(arg):
                     if group not in candidates:
                         candidates.append(group)
-            for arg in _tensor_args(node):   # siblings: kernels already reading arg
+            # siblings: kernels already reading arg, so it is loaded once. Not for
+            # a fill (a literal) or a single number (compile_step's learning
+            # rate): one load saves nothing, and joining would hold every
+            # parameter's gradient until the last of them is ready
+            for arg in _tensor_args(node):
+                if support.is_fill(arg) or _numel(arg) == 1:
+                    continue
                 for user in arg.users:
                     group = self.group_of.get(user)
-                    if group is not None and group not in candidates \
-                            and not support.is_fill(arg):
+                    if group is not None and group not in candidates:
                         candidates.append(group)
             joined = next((g for g in candidates if self.can_join(node, g)), None)
             self.add(node, joined, None, _numel(node))

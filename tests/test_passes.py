@@ -385,6 +385,16 @@ def test_fusion_siblings_reading_one_input_share_a_kernel():
     assert len(triton_kernels(program)) == 1
 
 
+def test_fusion_does_not_join_kernels_over_a_shared_number():
+    """Two chains that share only a 0-dim input (compile_step's learning rate)
+    stay apart: joining them saves one load and holds the first chain's inputs
+    until the second's are ready (every gradient until the last, in a step)."""
+    x, y, lr = torch.randn(4, 5), torch.randn(4, 5), torch.tensor(0.1)
+    program, _, gm = fuse(lambda x, y, lr: (lr * x, (lr * y).sin()), x, y, lr)
+    assert kernel_of(program, "mul") is not kernel_of(program, "mul_1")
+    assert_program_matches(program, gm, [x, y, lr])
+
+
 def _random_graph_function(seed: int):
     """A function of pointwise ops, reshapes, permutes and matmuls over square
     tensors, chosen by ``seed``: fusion's invariants must hold for all of them."""
