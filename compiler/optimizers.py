@@ -229,8 +229,13 @@ def update(kind: str, group: dict, hyper: dict, clock: dict | None, p, g, state:
             g = g + hyper["weight_decay"] * p
         if group["momentum"] == 0:
             return p - hyper["lr"] * g, []
-        blended = hyper["momentum"] * state[0] + hyper["one_minus_dampening"] * g
-        buffer = torch.where(fresh, g, blended)
+        # torch starts a fresh buffer at the gradient itself: the same as
+        # blending a zero buffer with weights (0, 1). Chosen on the 0-dim
+        # weights, not with a where over tensors, so the gradient is read once
+        # and dies at this update (a where also kept the unscaled gradient).
+        keep = torch.where(fresh, 0.0, hyper["momentum"])
+        take = torch.where(fresh, 1.0, hyper["one_minus_dampening"])
+        buffer = keep * state[0] + take * g
         direction = g + hyper["momentum"] * buffer if group["nesterov"] else buffer
         return p - hyper["lr"] * direction, [buffer]
     if decay and group["decoupled_weight_decay"]:
