@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import retrograd
 import retrograd.step
+from checks import eager_step
 
 
 def _model() -> torch.nn.Module:
@@ -40,15 +41,6 @@ def _relative(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _eager_step(model, optimizer, loss_fn, *batch) -> torch.Tensor:
-    """One step of the eager loop compile_step is compared with."""
-    optimizer.zero_grad()
-    loss = loss_fn(model, *batch)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
 def _assert_same_parameters(compiled_model, eager_model) -> None:
     for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
         assert _relative(p.detach(), q.detach()) < 1e-5
@@ -65,7 +57,7 @@ def test_steps_match_an_eager_loop(name):
     for _ in range(4):
         x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
         loss = step(x, y)
-        reference = _eager_step(eager_model, eager_opt, _loss, x, y)
+        reference = eager_step(eager_model, eager_opt, _loss, x, y)
         assert _relative(loss.detach(), reference.detach()) < 1e-5
     _assert_same_parameters(compiled_model, eager_model)
     for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
@@ -100,7 +92,7 @@ def test_a_learning_rate_change_does_not_recompile():
         for group in optimizer.param_groups + eager_opt.param_groups:
             group["lr"] = lr
         step(x, y)
-        _eager_step(eager, eager_opt, _loss, x, y)
+        eager_step(eager, eager_opt, _loss, x, y)
     assert len(step.entries) == 1
     _assert_same_parameters(model, eager)
 
@@ -133,7 +125,7 @@ def test_frozen_parameters_stay_put_and_the_rest_train():
     for _ in range(2):
         x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
         step(x, y)
-        _eager_step(eager_model, eager_opt, _loss, x, y)
+        eager_step(eager_model, eager_opt, _loss, x, y)
     _assert_same_parameters(compiled_model, eager_model)
 
 
@@ -237,7 +229,7 @@ def test_tied_parameters_are_replaced_under_every_name(monkeypatch):
     for call in range(3):
         ids = torch.randint(0, 11, (2, 5))
         got = step(ids)
-        expected = _eager_step(eager_model, eager_opt, loss, ids)
+        expected = eager_step(eager_model, eager_opt, loss, ids)
         assert _relative(got.detach(), expected.detach()) < 1e-5
         if call == 0:
             traced = len(looked_up)
@@ -258,7 +250,7 @@ def test_a_memory_budget_applies_to_the_step():
     optimizer = torch.optim.SGD(eager.parameters(), lr=0.1)
     x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
     got = step(x, y)
-    expected = _eager_step(eager, optimizer, _loss, x, y)
+    expected = eager_step(eager, optimizer, _loss, x, y)
     assert _relative(got.detach(), expected.detach()) < 1e-5
     _assert_same_parameters(model, eager)
     stats = next(p["stats"] for p in step.reports["step"]["passes"] if p["name"] == "checkpoint")
