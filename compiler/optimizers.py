@@ -213,13 +213,24 @@ class Hyperparameters:
         return groups, clocks
 
 
-def update(kind: str, group: dict, hyper: dict, clock: dict | None, p, g, state: list, fresh):
+def momentum_weights(hyper: dict, fresh):
+    """SGD's weights of the old momentum buffer and of the gradient, one pair per
+    parameter flagged in ``fresh`` (true where the buffer does not exist yet):
+    torch starts a fresh buffer at the gradient itself, the same as blending a
+    zero buffer with weights (0, 1). Chosen on these numbers, not by a ``where``
+    over whole tensors, so each gradient is read once and dies at its update
+    (a ``where`` also kept the unscaled gradient); computed once per group."""
+    return (torch.where(fresh, 0.0, hyper["momentum"]),
+            torch.where(fresh, 1.0, hyper["one_minus_dampening"]))
+
+
+def update(kind: str, group: dict, hyper: dict, clock: dict | None, p, g, state: list, blend):
     """One parameter's new value and new state tensors, as torch computes them.
 
     ``hyper`` holds the group's numbers as traced tensors, ``clock`` Adam's
     bias corrections at this parameter's step; ``group`` is read only for
-    structural flags. ``fresh`` is true where SGD's momentum buffer does not
-    exist yet (torch then starts it at the gradient itself).
+    structural flags. ``blend`` is this parameter's pair of SGD momentum
+    weights (``momentum_weights``).
     """
     if group["maximize"]:
         g = -g
@@ -229,12 +240,7 @@ def update(kind: str, group: dict, hyper: dict, clock: dict | None, p, g, state:
             g = g + hyper["weight_decay"] * p
         if group["momentum"] == 0:
             return p - hyper["lr"] * g, []
-        # torch starts a fresh buffer at the gradient itself: the same as
-        # blending a zero buffer with weights (0, 1). Chosen on the 0-dim
-        # weights, not with a where over tensors, so the gradient is read once
-        # and dies at this update (a where also kept the unscaled gradient).
-        keep = torch.where(fresh, 0.0, hyper["momentum"])
-        take = torch.where(fresh, 1.0, hyper["one_minus_dampening"])
+        keep, take = blend
         buffer = keep * state[0] + take * g
         direction = g + hyper["momentum"] * buffer if group["nesterov"] else buffer
         return p - hyper["lr"] * direction, [buffer]

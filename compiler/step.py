@@ -38,8 +38,8 @@ from torch.func import functionalize, grad_and_value
 from retrograd.capture import signature
 from retrograd.decompositions import decomposition_table, traced_right
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
-                                  clip_gradients, family, initial_state, mark_stepped, state_keys,
-                                  structure, update)
+                                  clip_gradients, family, initial_state, mark_stepped,
+                                  momentum_weights, state_keys, structure, update)
 from retrograd.options import Options
 from retrograd.pipeline import GraphCompiler
 
@@ -187,17 +187,22 @@ class Step:
             if kind is None:
                 return loss, grads, []
             per_group, per_clock = Hyperparameters.unflatten(optimizer, clock_count, hyper)
+            weights = {}   # SGD momentum weights per group, over all buffers: once each
             new_params, new_state, cursor, momentum = [], [], 0, 0
             for k, index in enumerate(used):
                 group = optimizer.param_groups[groups[index]]
                 width = len(state_keys(kind, group))
-                flag = clock = None
+                blend = clock = None
                 if kind == "SGD" and width:
-                    flag, momentum = fresh[0][momentum], momentum + 1
+                    if groups[index] not in weights:
+                        weights[groups[index]] = momentum_weights(per_group[groups[index]],
+                                                                  fresh[0])
+                    keep, take = weights[groups[index]]
+                    blend, momentum = (keep[momentum], take[momentum]), momentum + 1
                 if kind == "Adam":
                     clock = per_clock[clock_of[k]]
                 value, kept = update(kind, group, per_group[groups[index]], clock, params[index],
-                                     grads[k], state[cursor:cursor + width], flag)
+                                     grads[k], state[cursor:cursor + width], blend)
                 cursor += width
                 new_params.append(value)
                 new_state += kept

@@ -275,24 +275,25 @@ def test_adam_step_counts_are_per_parameter():
 
 def test_sgd_momentum_reads_the_gradient_once():
     """The first-step choice (torch starts the buffer at the gradient) is made
-    on the 0-dim weights: the traced update reads the gradient in one op, so
-    it dies at its update instead of living beside its scaled copy."""
+    on the momentum weights, numbers: the traced update reads the gradient in
+    one op, so it dies at its update instead of living beside its scaled copy."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from retrograd.optimizers import update
+    from retrograd.optimizers import momentum_weights, update
     group = {"maximize": False, "weight_decay": 0.0, "momentum": 0.9, "nesterov": False}
 
     def step(p, g, buffer, momentum, one_minus_dampening, lr, fresh):
         hyper = {"momentum": momentum, "one_minus_dampening": one_minus_dampening, "lr": lr}
-        return update("SGD", group, hyper, None, p, g, [buffer], fresh)
+        keep, take = momentum_weights(hyper, fresh)
+        return update("SGD", group, hyper, None, p, g, [buffer], (keep[0], take[0]))
 
-    scalars = [torch.tensor(0.9), torch.tensor(1.0), torch.tensor(0.1), torch.tensor(True)]
+    scalars = [torch.tensor(0.9), torch.tensor(1.0), torch.tensor(0.1), torch.tensor([True])]
     graph = make_fx(step)(torch.randn(3), torch.randn(3), torch.zeros(3), *scalars).graph
     gradient = [n for n in graph.nodes if n.op == "placeholder"][1]
     assert len(gradient.users) == 1
     p, g = torch.randn(3), torch.randn(3)
     for fresh, buffer in ((True, torch.zeros(3)), (False, torch.randn(3))):
-        new_p, (new_buffer,) = step(p, g, buffer, *scalars[:3], torch.tensor(fresh))
+        new_p, (new_buffer,) = step(p, g, buffer, *scalars[:3], torch.tensor([fresh]))
         expected = g if fresh else buffer * 0.9 + g
         assert torch.equal(new_buffer, expected)
         assert torch.equal(new_p, p - 0.1 * expected)
