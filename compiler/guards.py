@@ -182,15 +182,18 @@ def module_function_guards(modules: list[torch.nn.Module], guards: Guards) -> No
 
 # -- recording the module attributes a trace reads ------------------------------------------
 
-_recorders: list[dict] = []
+#: thread id -> that thread's open recordings (innermost last); a trace in one
+#: thread never records (or misses) reads made in another
+_recorders: dict[int, list[dict]] = {}
 _TOO_LARGE = object()
 _lock = threading.Lock()
 
 
 def _recording_getattribute(self, name):
     value = object.__getattribute__(self, name)
-    if _recorders and name not in _MODULE_INTERNALS and not name.startswith("__"):
-        reads = _recorders[-1]
+    stack = _recorders.get(threading.get_ident()) if _recorders else None
+    if stack and name not in _MODULE_INTERNALS and not name.startswith("__"):
+        reads = stack[-1]
         if (id(self), name) not in reads and not getattr(type(self), "_retrograd_internal",
                                                          False):
             snapshot = frozen(value)   # as the trace saw it
@@ -205,15 +208,19 @@ def recording_module_reads() -> Iterator[dict]:
     the block: ``nn.Module.__getattribute__`` is wrapped for its duration (the
     class attribute is removed again on exit, so eager code pays nothing)."""
     reads: dict = {}
+    thread = threading.get_ident()
     with _lock:
         if not _recorders:
             torch.nn.Module.__getattribute__ = _recording_getattribute
-        _recorders.append(reads)
+        _recorders.setdefault(thread, []).append(reads)
     try:
         yield reads
     finally:
         with _lock:
-            _recorders.remove(reads)
+            stack = _recorders[thread]
+            stack.pop()   # this block's own: blocks nest within a thread
+            if not stack:
+                del _recorders[thread]
             if not _recorders:
                 del torch.nn.Module.__getattribute__
 
