@@ -8,8 +8,10 @@ graphs). Non-tensor arguments are baked into the trace; so are the Python
 values the code reads (a module's ``self.temperature``, a float a function
 closes over), and guards (guards.py) trace again when one changes. Modules a
 function reaches are lifted into graph inputs (reach.py). Code that needs
-tensor values while tracing (``.item()``, ``x[x > 0]``) raises
-``UnsupportedError`` (errors.py); hooks run at trace time only and are
+tensor values while tracing (``.item()``, ``x[x > 0]``) is handed to
+``torch.compile(backend="retrograd")``, with a warning
+(dynamo_fallback.py), or with ``data_dependent="error"`` (and always in
+``grad``) raises ``UnsupportedError`` (errors.py); hooks run at trace time only and are
 warned about (hooks.py). Outputs keep their structure (tuples, dicts,
 dataclass outputs such as transformers' ModelOutput); gradients flow
 through ordinary autograd.
@@ -126,7 +128,7 @@ class GradFunction:
         self._cache = TraceCache(function, options, None, gradients=self._spec,
                                  closed_over_ok=True,
                                  discover=functools.partial(reachable_modules, function),
-                                 face="retrograd.grad")
+                                 face="retrograd.grad", may_split=False)
         functools.update_wrapper(self, function)
 
     def _spec(self, leaves, slots):

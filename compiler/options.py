@@ -15,6 +15,9 @@ __all__ = ["Options", "EXECUTORS", "PASS_NAMES"]
 
 EXECUTORS = ("auto", "triton", "interpret", "fx")
 
+#: ``data_dependent``: hand such code to dynamo, or refuse it.
+DATA_DEPENDENT_CHOICES = ("split", "error")
+
 #: Every pass a user may name in ``disable``, in pipeline order.
 PASS_NAMES = ("dead_gradient", "cleanup", "checkpoint", "fusion", "layout", "schedule",
               "buffer_reuse")
@@ -50,11 +53,17 @@ class Options:
             ("addmm_3"), in the spirit of JAX's ``save_only_these_names``.
         recompute: ops or values never saved for the backward (recomputed
             from what is saved); same patterns as ``save``.
+        data_dependent: standalone face only: what to do with code that needs
+            tensor values while tracing (``.item()``, ``x[x > 0]``): "split"
+            hands the call to ``torch.compile(backend="retrograd")``, which
+            splits the graph there, with a warning; "error" raises
+            ``UnsupportedError`` naming the op and line. The torch.compile
+            face always splits (dynamo does).
 
     Example:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
         Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), \
-verify=False, save=(), recompute=())
+verify=False, save=(), recompute=(), data_dependent='split')
     """
 
     memory_budget: float | None = None
@@ -64,6 +73,7 @@ verify=False, save=(), recompute=())
     verify: bool = False
     save: tuple[str, ...] = ()
     recompute: tuple[str, ...] = ()
+    data_dependent: str = "split"
 
     @classmethod
     def known(cls) -> list[str]:
@@ -97,6 +107,9 @@ verify=False, save=(), recompute=())
                 f"retrograd: option executor={self.executor!r} must be one of {EXECUTORS}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"retrograd: option dump_dir={self.dump_dir!r} must be a path")
+        if self.data_dependent not in DATA_DEPENDENT_CHOICES:
+            raise ValueError(f"retrograd: option data_dependent={self.data_dependent!r} must "
+                             f"be one of {DATA_DEPENDENT_CHOICES}")
         if not isinstance(self.verify, bool):
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
         for name in ("save", "recompute"):

@@ -6,8 +6,10 @@ constants, keys it on its signature and the module state it bakes in
 are), and keeps for each key the compiled graphs with the guards on the
 Python state their traces read (guards.py). The first whose guards hold
 runs; otherwise the call traces again through AOTAutograd
-(``capture.compile_graph``). Torch's data-dependent exceptions become
-``UnsupportedError`` (errors.py), hooks are warned about (hooks.py).
+(``capture.compile_graph``). Code that needs tensor values while tracing
+is handed to dynamo from then on (dynamo_fallback.py), or, where the face
+or ``data_dependent="error"`` forbids it, raises ``UnsupportedError``
+(errors.py); hooks are warned about (hooks.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from retrograd.capture import compile_graph, signature
+from retrograd.dynamo_fallback import DynamoFallback
 from retrograd.errors import DATA_DEPENDENT, data_dependent_error, user_stacklevel
 from retrograd.guards import (Guards, function_guards, module_function_guards,
                               module_read_guards, recording_module_reads)
@@ -94,7 +97,7 @@ class TraceCache:
     def __init__(self, target: Callable, options: Options, module: torch.nn.Module | None,
                  gradients=None, closed_over_ok: bool = False,
                  discover: Callable[[], list[torch.nn.Module]] | None = None,
-                 face: str = "retrograd.compile"):
+                 face: str = "retrograd.compile", may_split: bool = True):
         self.target = target
         self.options = options
         self.module = module
@@ -110,10 +113,14 @@ class TraceCache:
         self.face = face
         self.changed: str | None = None   # the guard that failed last
         self.warned_retracing = False
+        self.may_split = may_split   # data-dependent code may go to dynamo
+        self.fallback: DynamoFallback | None = None
         self.what = (getattr(target, "__qualname__", "the function") if module is None
                      else f"{type(module).__name__}.forward")
 
     def __call__(self, *args, **kwargs):
+        if self.fallback is not None:
+            return self.fallback(*args, **kwargs)
         leaves, in_spec = pytree.tree_flatten((args, kwargs))
         slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         tensors = [leaves[i] for i in slots]
@@ -122,7 +129,14 @@ class TraceCache:
         key = signature(leaves) + self._module_key()
         entry = self._lookup(key)
         if entry is None:
-            entry = self._trace(leaves, in_spec, slots, tensors)
+            try:
+                entry = self._trace(leaves, in_spec, slots, tensors)
+            except DATA_DEPENDENT as error:
+                refusal = data_dependent_error(error, f"{self.face} of {self.what}")
+                if not self.may_split or self.options.data_dependent == "error":
+                    raise refusal from error
+                self.fallback = DynamoFallback(self.target, self.options, refusal)
+                return self.fallback(*args, **kwargs)
             self._keep(key, entry)
         self.last = entry
         return entry.flat.rebuild(entry.compiled(*tensors))
@@ -164,12 +178,8 @@ class TraceCache:
             function_guards(self.target, guards)
         module_function_guards(self._modules(), guards)
         warn_about_hooks(watched, f"{self.face} of {self.what}")
-        try:
-            with recording_module_reads() as reads:
-                compiled, compiler = compile_graph(flat, tensors, self.options,
-                                                   gradients=gradients)
-        except DATA_DEPENDENT as error:
-            raise data_dependent_error(error, f"{self.face} of {self.what}") from error
+        with recording_module_reads() as reads:
+            compiled, compiler = compile_graph(flat, tensors, self.options, gradients=gradients)
         module_read_guards(reads, {id(sub): label for label, sub in watched}, guards)
         guards.refresh(f"{self.face}: {self.what}")
         if not self.closed_over_ok:
@@ -214,6 +224,8 @@ class TraceCache:
 
     @property
     def reports(self) -> dict[str, dict]:
+        if self.fallback is not None:
+            return self.fallback.reports
         if self.last is None:
             return {}
         return self.last.compiler.reports

@@ -19,6 +19,10 @@ it does not stay alive longer than needed.
   whether the plan is proven optimal. A budget below what recomputing
   everything allows gives that smallest plan and a warning with both numbers.
 - ``save`` / ``recompute`` options force ops or named values either way.
+- An input the program writes in place (``x.add_(1)`` in the forward) is
+  read by the backward only through a copy taken in the forward, which is
+  never recomputed: the caller's tensor has changed by the time the backward
+  runs (``protect_mutated_inputs``).
 
 Bytes are counted once per value, leaving out inputs, parameters and views of
 them (``permute(weight)``), which the caller keeps alive anyway: the same
@@ -80,11 +84,56 @@ def _bytes(nodes) -> int:
     return total
 
 
-class Policy:
-    """What may be recomputed, from the op and the user's ``save``/``recompute``."""
+def mutated_inputs(joint: fx.GraphModule) -> list[fx.Node]:
+    """The forward placeholders whose data the program writes, from the
+    descriptors AOTAutograd puts on the joint graph's output
+    (``InputMutationAOTOutput``: the new value the runtime copies back after
+    the forward)."""
+    output = next(n for n in reversed(joint.graph.nodes) if n.op == "output")
+    written = [getattr(d, "mutated_input", None) for d in output.meta.get("desc") or ()]
+    written = [d for d in written if d is not None]
+    return [n for n in joint.graph.nodes if n.op == "placeholder"
+            and n.meta.get("desc") is not None and n.meta["desc"] in written]
 
-    def __init__(self, options, op_support):
+
+def protect_mutated_inputs(joint: fx.GraphModule) -> set[str]:
+    """Route every use of an input the program mutates through ``clone`` of it.
+
+    AOTAutograd writes the mutation back into the caller's tensor after the
+    forward, so a backward that reads the input (saved, or to recompute a
+    product from it) would see the new values: autograd's version check
+    refuses it, or (``aot_eager``, torch 2.13) the gradient is silently
+    wrong. The clone is a forward value like any other: the plan saves it
+    (or values computed from it) but never recomputes it. Returns the clones'
+    names, which the policy pins as saved.
+    """
+    pinned = set()
+    for placeholder in mutated_inputs(joint):
+        users = list(placeholder.users)
+        if not users:
+            continue
+        with joint.graph.inserting_before(users[0] if users[0].op != "placeholder"
+                                          else placeholder.next):
+            copy = joint.graph.call_function(torch.ops.aten.clone.default, (placeholder,))
+        copy.meta.update(val=placeholder.meta.get("val"), partitioner_tag="is_forward")
+        if "tensor_meta" in placeholder.meta:
+            copy.meta["tensor_meta"] = placeholder.meta["tensor_meta"]
+        for user in users:
+            user.replace_input_with(placeholder, copy)
+        pinned.add(copy.name)
+    if pinned:
+        joint.graph.lint()
+        joint.recompile()
+    return pinned
+
+
+class Policy:
+    """What may be recomputed, from the op and the user's ``save``/``recompute``;
+    ``pinned`` names values that are always saved, never recomputed."""
+
+    def __init__(self, options, op_support, pinned: set[str] = frozenset()):
         self.save, self.recompute = set(options.save), set(options.recompute)
+        self.pinned = set(pinned)
         self.support = op_support
 
     @staticmethod
@@ -97,10 +146,10 @@ class Policy:
         return names
 
     def forced_save(self, node: fx.Node) -> bool:
-        return bool(self._names(node) & self.save)
+        return node.name in self.pinned or bool(self._names(node) & self.save)
 
     def forced_recompute(self, node: fx.Node) -> bool:
-        return bool(self._names(node) & self.recompute)
+        return node.name not in self.pinned and bool(self._names(node) & self.recompute)
 
     def _deterministic(self, node: fx.Node) -> bool:
         tags = getattr(node.target, "tags", ())
@@ -185,7 +234,7 @@ def math_isinf(value: float) -> bool:
 def run(joint: fx.GraphModule, ctx, joint_inputs, **partition_kwargs):
     """Plan, split ``joint`` into (forward, backward), sink recomputation."""
     count = partition_kwargs["num_fwd_outputs"]
-    policy = Policy(ctx.options, ctx.op_support)
+    policy = Policy(ctx.options, ctx.op_support, protect_mutated_inputs(joint))
     info = remat.analyse(joint, count, free=_aliases_input)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
     plan, budget = _plan(info, ctx, policy, save_all_bytes)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import warnings
 from dataclasses import dataclass, field
 
 import retrograd
@@ -291,11 +292,15 @@ def fixed_seed(seed: int = SEED):
 
 def _compiled_run(function, tensors, upstream, face: str, executor: str):
     """``run`` through ``face``; also the compiled graphs' reports."""
-    if face == "compile":
-        compiled = retrograd.compile(function, executor=executor)
-        outputs, grads = run(compiled, tensors, upstream)
-        return outputs, grads, list(compiled.reports.values())
     torch._dynamo.reset()
+    if face == "compile":   # data-dependent code goes to dynamo: its graphs are recorded
+        with recording_graphs() as graphs, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*splits the graph there")
+            compiled = retrograd.compile(function, executor=executor)
+            outputs, grads = run(compiled, tensors, upstream)
+        torch._dynamo.reset()
+        return outputs, grads, _reports_of(graphs) if graphs else list(
+            compiled.reports.values())
     with recording_graphs() as graphs:
         compiled = torch.compile(function, backend="retrograd", options={"executor": executor})
         outputs, grads = run(compiled, tensors, upstream)

@@ -11,8 +11,7 @@ A failure is shrunk by hypothesis and printed as Python source.
 CI runs a fixed, derandomized budget here; ``benchmarks/fuzz.py`` runs as
 many as asked and writes failures to a file. Each bug the fuzzer found has
 its minimal program below as a regression test (``REGRESSIONS``, or a plain
-test where the fuzzer's tolerance alone would not catch it); one not fixed
-yet is a strict xfail naming it (``test_saved_input_mutated_later``).
+test where the fuzzer's tolerance alone would not catch it).
 """
 
 from __future__ import annotations
@@ -147,15 +146,14 @@ def test_widening_cast_rounds_half_first():
     assert torch.equal(grads[0], grads[1])
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="checkpoint placement saves a view of an input the program "
-                          "then writes in place; autograd's version check refuses the backward")
-def test_saved_input_mutated_later():
+@pytest.mark.parametrize("face", ["standalone", "torch.compile"])
+def test_saved_input_mutated_later(face):
     """Found by the fuzzer (with scaled_dot_product_attention's key; the
     smallest form below): eager saves ``x1.mT * 2``, retrograd saves the view
     ``x1.mT`` and recomputes the product in the backward, but ``x1.add_``
     has changed ``x1`` by then. (aot_eager silently returns a wrong gradient
-    here; retrograd at least raises.)"""
+    here; retrograd raised autograd's version error.) Now the backward reads
+    a copy taken in the forward (checkpoint.protect_mutated_inputs)."""
     def fn(x0, x1):
         v = x0 * (x1.mT * 2)
         x1.add_(0.5)
@@ -168,7 +166,10 @@ def test_saved_input_mutated_later():
     xs = make_inputs()
     expected = torch.autograd.grad(fn(*xs).sum(), xs[0])[0]
     xs = make_inputs()
-    got = torch.autograd.grad(retrograd.compile(fn)(*xs).sum(), xs[0])[0]
+    torch._dynamo.reset()
+    compiled = retrograd.compile(fn) if face == "standalone" else \
+        torch.compile(fn, backend="retrograd")
+    got = torch.autograd.grad(compiled(*xs).sum(), xs[0])[0]
     assert torch.equal(xs[1], make_inputs()[1] + 0.5)
     torch.testing.assert_close(got, expected)
 

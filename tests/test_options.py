@@ -12,7 +12,8 @@ import retrograd
 from retrograd.backend import retrograd_backend
 from retrograd.options import EXECUTORS, PASS_NAMES, Options
 
-KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute"]
+KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute",
+         "data_dependent"]
 
 
 def test_known_options():
@@ -23,6 +24,12 @@ def test_defaults():
     options = Options.from_mapping({})
     assert options == Options(memory_budget=None, dump_dir=None, executor="auto", disable=(),
                               verify=False)
+
+
+@pytest.mark.parametrize("value", ["dynamo", "", None, True])
+def test_bad_data_dependent_names_the_choices(value):
+    with pytest.raises(ValueError, match=r"data_dependent=.*'split', 'error'"):
+        Options.from_mapping({"data_dependent": value})
 
 
 def test_options_are_frozen():

@@ -341,7 +341,7 @@ def test_data_dependent_code_is_an_unsupported_error_naming_op_and_line(case):
     function, op = DATA_DEPENDENT[case]
     y = torch.randn(3, 4, requires_grad=True)
     with pytest.raises(retrograd.UnsupportedError) as raised:
-        retrograd.compile(function, executor="fx")(y)
+        retrograd.compile(function, executor="fx", data_dependent="error")(y)
     message = str(raised.value)
     assert op in message
     assert f"{HERE}:{line_of(f'# marker: {case}')}" in message
@@ -361,6 +361,22 @@ def test_data_dependent_code_runs_under_torch_compile(case, fresh_dynamo):
         assert_matches_eager(compiled, function, torch.randn(3, 4))
 
 
+@pytest.mark.parametrize("case", list(DATA_DEPENDENT))
+def test_data_dependent_code_is_split_by_dynamo_by_default(case, fresh_dynamo):
+    """By default the standalone face hands such code to torch.compile's face
+    (dynamo_fallback.py) after a warning naming the op and the line; values and
+    gradients equal eager's, for both sides of a value test, and the reports are
+    those of a graph retrograd compiled."""
+    function, op = DATA_DEPENDENT[case]
+    compiled = retrograd.compile(function)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=rf"{op}.* at {HERE}:{line_of(f'# marker: {case}')}"
+                                         r".*torch\.compile"):
+        assert_matches_eager(compiled, function, torch.randn(3, 4))
+    assert_matches_eager(compiled, function, -torch.randn(3, 4).abs())
+    assert compiled.reports["forward"]["graph"]
+
+
 def test_a_transformers_mask_helper_names_its_line():
     """transformers' SDPA mask helper asks ``mask.all()`` of a padding mask."""
     from zoo import _gpt2_model
@@ -371,7 +387,8 @@ def test_a_transformers_mask_helper_names_its_line():
     mask[0, :3] = 0
     with pytest.raises(retrograd.UnsupportedError,
                        match=r"aten\._local_scalar_dense.* at .*masking_utils\.py:\d+"):
-        retrograd.compile(model, executor="fx")(input_ids=ids, attention_mask=mask)
+        retrograd.compile(model, executor="fx", data_dependent="error")(
+            input_ids=ids, attention_mask=mask)
 
 
 # -- 4. hooks --------------------------------------------------------------------------------
