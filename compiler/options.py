@@ -59,11 +59,15 @@ class Options:
             splits the graph there, with a warning; "error" raises
             ``UnsupportedError`` naming the op and line. The torch.compile
             face always splits (dynamo does).
+        max_programs: how many compiled programs (one per input signature)
+            a compiled object keeps, like dynamo's ``recompile_limit``; past
+            it the least recently used is released, with one warning naming
+            what changed (recompiles.py).
 
     Example:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
         Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), \
-verify=False, save=(), recompute=(), data_dependent='split')
+verify=False, save=(), recompute=(), data_dependent='split', max_programs=16)
     """
 
     memory_budget: float | None = None
@@ -74,6 +78,7 @@ verify=False, save=(), recompute=(), data_dependent='split')
     save: tuple[str, ...] = ()
     recompute: tuple[str, ...] = ()
     data_dependent: str = "split"
+    max_programs: int = 16
 
     @classmethod
     def known(cls) -> list[str]:
@@ -110,6 +115,10 @@ verify=False, save=(), recompute=(), data_dependent='split')
         if self.data_dependent not in DATA_DEPENDENT_CHOICES:
             raise ValueError(f"retrograd: option data_dependent={self.data_dependent!r} must "
                              f"be one of {DATA_DEPENDENT_CHOICES}")
+        limit = self.max_programs
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"retrograd: option max_programs={limit!r} must be a whole "
+                             f"number of programs, at least 1")
         if not isinstance(self.verify, bool):
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
         for name in ("save", "recompute"):

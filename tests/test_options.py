@@ -13,7 +13,7 @@ from retrograd.backend import retrograd_backend
 from retrograd.options import EXECUTORS, PASS_NAMES, Options
 
 KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute",
-         "data_dependent"]
+         "data_dependent", "max_programs"]
 
 
 def test_known_options():

@@ -1,0 +1,94 @@
+"""A bounded number of compiled programs per compiled object, and why it grew.
+
+Each new signature (shapes, dtypes, Python values; ``capture.signature``)
+compiles a new program that holds its kernels, arenas and reports. Without
+a bound a loop over ever-new shapes grows memory forever. Like dynamo's
+``torch._dynamo.config.recompile_limit`` (8 per frame, then eager for that
+frame with a warning), each compiled object keeps at most
+``Options.max_programs``; past it the least recently used program is
+released (it compiles again if called), with one warning per object that
+names what changed between the new signature and the nearest kept one
+("input 0 shape (4, 8) -> (5, 8)") and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+__all__ = ["describe_change", "limit_message"]
+
+#: The fields of a tensor's entry in ``capture.signature``, after its tag.
+_TENSOR_FIELDS = ("shape", "stride", "dtype", "device", "requires_grad")
+
+#: What the module-state parts of the standalone face's key mean (trace_cache.py).
+_MODULE_PARTS = {"lifted": "the modules the function reaches",
+                 "modules": "the submodules of the module",
+                 "training": "train/eval mode of a submodule",
+                 "hooks": "the hooks of a submodule",
+                 "requires_grad": "requires_grad of a parameter",
+                 "state": "a parameter or buffer (replaced, reshaped or converted)"}
+
+
+def _describe_entry(position: int, old: Any, new: Any) -> list[str]:
+    """What differs between two entries at the same place of two keys."""
+    if old == new:
+        return []
+    tag_old = old[0] if isinstance(old, tuple) and old else None
+    tag_new = new[0] if isinstance(new, tuple) and new else None
+    if tag_old == tag_new == "tensor":
+        return [f"input {position} {name} {_show(a)} -> {_show(b)}"
+                for name, a, b in zip(_TENSOR_FIELDS, old[1:], new[1:]) if a != b]
+    if tag_old == tag_new and tag_old in ("value", "int"):
+        return [f"input {position} value {old[-1]!r} -> {new[-1]!r}"]
+    if tag_old == tag_new == "grad":
+        return [f"grad mode {old[1]} -> {new[1]}"]
+    if tag_old == tag_new and tag_old in _MODULE_PARTS:
+        return [f"{_MODULE_PARTS[tag_old]} changed"]
+    if isinstance(tag_old, int) and tag_old == tag_new:   # the torch.compile face's scalars
+        return [f"scalar input {tag_old} value {old[1]!r} -> {new[1]!r}"]
+    return [f"{_show(old)} -> {_show(new)}"]
+
+
+def _show(value: Any) -> str:
+    """A key part as a user reads it (``torch.float32``, ``(4, 8)``)."""
+    return str(value)
+
+
+def _differences(old: tuple, new: tuple) -> list[str]:
+    """Every difference between two signature keys, in key order."""
+    found = []
+    for position, (a, b) in enumerate(zip(old, new)):
+        found += _describe_entry(position, a, b)
+    if len(old) != len(new):
+        extra_old, extra_new = old[len(new):], new[len(old):]
+        found.append(f"the call's signature {len(old)} -> {len(new)} entries "
+                     f"({', '.join(map(_show, extra_old or extra_new))} "
+                     f"{'gone' if extra_old else 'new'})")
+    return found
+
+
+def describe_change(new: tuple, kept: Iterable[tuple], most: int = 3) -> str:
+    """What changed from the nearest of the ``kept`` signature keys to ``new``.
+
+    Example:
+        >>> old = (("tensor", (4, 8), (8, 1), "float32", "cpu", True), ("grad", True))
+        >>> new = (("tensor", (5, 8), (8, 1), "float32", "cpu", True), ("grad", True))
+        >>> describe_change(new, [old])
+        'input 0 shape (4, 8) -> (5, 8)'
+    """
+    candidates = [_differences(old, new) for old in kept if old != new]
+    if not candidates:
+        return "the same signature (a Python value the code reads changed)"
+    nearest = min(candidates, key=len)
+    shown = "; ".join(nearest[:most])
+    return shown + (f" (and {len(nearest) - most} more)" if len(nearest) > most else "")
+
+
+def limit_message(face: str, what: str, limit: int, change: str) -> str:
+    """The one warning a compiled object gives when it passes ``max_programs``."""
+    return (f"{face}: {what} has been compiled for more than {limit} signatures "
+            f"(option max_programs={limit}); the least recently used program is released "
+            f"and compiles again if called. The last new signature differs from the nearest "
+            f"kept one in: {change}. retrograd compiles static shapes (dynamic shapes are "
+            f"not supported yet): pad or bucket varying sizes to a few values, or raise "
+            f"max_programs")
