@@ -37,15 +37,13 @@ from dataclasses import dataclass
 
 from retrograd.ir import ArenaWindow, Buffer, Kernel, Program
 from retrograd.passes import windows
+from retrograd.passes.op_classes import OUT_VARIANTS
 
 __all__ = ["run", "lifetimes", "live_lower_bound", "plan_offsets", "Slot", "ALIGN",
            "OUT_VARIANTS", "overlapping"]
 
 ALIGN = 16
 
-#: Extern ops run with ``out=`` into the arena (the aten overload that has it).
-OUT_VARIANTS = {"aten.mm.default": "out", "aten.bmm.default": "out",
-                "aten.addmm.default": "out"}
 
 
 def align(size: int) -> int:

@@ -43,7 +43,7 @@ import torch.fx as fx
 from torch._functorch import partitioners
 
 from retrograd.passes import remat
-from retrograd.passes.fusion import PHASE, is_view
+from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
 
 __all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
 
@@ -59,10 +59,7 @@ def _aliases_input(node: fx.Node | None) -> bool:
     if node is not None and node.op != "placeholder" and \
             not isinstance(node.meta.get("val"), torch.Tensor):
         return False
-    while node is not None and (is_view(node) or node.target is operator.getitem) \
-            and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node is not None and node.op == "placeholder"
+    return node is not None and view_base(node, through_items=True).op == "placeholder"
 
 
 def saved_values(forward: fx.GraphModule, backward: fx.GraphModule):
@@ -151,17 +148,11 @@ class Policy:
     def forced_recompute(self, node: fx.Node) -> bool:
         return node.name not in self.pinned and bool(self._names(node) & self.recompute)
 
-    def _deterministic(self, node: fx.Node) -> bool:
-        tags = getattr(node.target, "tags", ())
-        schema = getattr(node.target, "_schema", None)
-        return (node.op == "call_function" and torch.Tag.nondeterministic_seeded not in tags
-                and not (schema is not None and schema.is_mutable) and not node.is_impure())
-
     def cheap(self, node: fx.Node) -> bool:
         """Recomputable under the default plan."""
         if self.forced_recompute(node):
-            return self._deterministic(node)
-        if self.forced_save(node) or not self._deterministic(node):
+            return is_pure(node)
+        if self.forced_save(node) or not is_pure(node):
             return False
         if node.target is operator.getitem or is_view(node):
             return True
@@ -171,7 +162,7 @@ class Policy:
 
     def any(self, node: fx.Node) -> bool:
         """Recomputable when a budget demands it: every deterministic op."""
-        return not self.forced_save(node) and self._deterministic(node)
+        return not self.forced_save(node) and is_pure(node)
 
 
 def _extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int):

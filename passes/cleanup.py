@@ -26,7 +26,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from retrograd.passes.fusion import is_view
+from retrograd.passes.op_classes import MASKED_OPS, MEANING_VIEWS, is_pure, is_view, view_base
 
 __all__ = ["run"]
 
@@ -34,22 +34,6 @@ aten = torch.ops.aten
 CONSTANT_COPIES = {aten.lift_fresh_copy.default}
 NO_OP_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.alias.default,
                aten.reshape.default}
-#: Views that change what the elements mean, not where they are: a conjugate or
-#: negative view flips a bit of the tensor (``is_conj``, ``is_neg``) and
-#: ``view_as_real`` / ``view_as_complex`` reinterpret the dtype. Never no-ops.
-MEANING_VIEWS = {aten._conj.default, aten._neg_view.default, aten.view_as_real.default,
-                 aten.view_as_complex.default, aten.conj.default}
-
-
-def _is_pure(node: fx.Node) -> bool:
-    target = node.target
-    if node.op != "call_function" or node.is_impure():
-        return False
-    tags = getattr(target, "tags", ())
-    if torch.Tag.nondeterministic_seeded in tags:
-        return False
-    schema = getattr(target, "_schema", None)
-    return schema is None or not schema.is_mutable
 
 
 def _key(node: fx.Node):
@@ -76,7 +60,7 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> int:
     seen: dict = {}
     merged = 0
     for node in list(graph.nodes):
-        if not _is_pure(node):
+        if not is_pure(node):
             continue
         key = _key(node)
         if key is None:
@@ -98,20 +82,13 @@ def _same_layout(a, b) -> bool:
         and a.dtype == b.dtype and a.is_conj() == b.is_conj() and a.is_neg() == b.is_neg()
 
 
-def _view_chain_root(node: fx.Node) -> fx.Node:
-    """The tensor a chain of views starts from (``permute(permute(x))`` -> x)."""
-    while node.op == "call_function" and is_view(node) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def remove_no_op_views(graph: fx.Graph) -> int:
     output = next(node for node in graph.nodes if node.op == "output")
     removed = 0
     for node in list(graph.nodes):
         if node.op == "call_function" and is_view(node) and node not in output.all_input_nodes \
                 and node.target not in MEANING_VIEWS:
-            root = _view_chain_root(node)
+            root = view_base(node)
             if root is not node and _same_layout(node.meta.get("val"), root.meta.get("val")):
                 node.replace_all_uses_with(root)   # views that undo each other
                 graph.erase_node(node)
@@ -251,12 +228,6 @@ def push_gathers(graph: fx.Graph) -> int:
             node = _push_one(graph, node)
             pushed += node is not None
     return pushed
-
-
-#: Ops with an ``output_mask`` (last argument) choosing which results they compute.
-MASKED_OPS = {torch.ops.aten.convolution_backward.default,
-              torch.ops.aten.native_layer_norm_backward.default,
-              torch.ops.aten.native_batch_norm_backward.default}
 
 
 def narrow_output_masks(graph: fx.Graph) -> int:

@@ -37,41 +37,11 @@ import torch
 import torch.fx as fx
 
 from retrograd.ir import Buffer, Kernel, Program
+from retrograd.passes.op_classes import PHASE, is_reshape, is_view, view_base
 
 __all__ = ["run", "is_view", "is_reshape", "PHASE"]
 
-#: Node meta key: "forward" or "backward" where one graph holds both (a
-#: compile_step program, tagged by the checkpoint pass). Nodes of different
-#: phases never share a kernel: a backward node fused into a forward kernel
-#: would run -- and keep its value alive -- from the forward on, undoing
-#: what checkpoint placement chose.
-PHASE = "retrograd_phase"
-
 aten = torch.ops.aten
-
-#: Aliasing ops that keep row-major element order: an in-kernel value read
-#: through one of them is still the same register.
-RESHAPE_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-               aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
-               aten.unsqueeze.default, aten.alias.default}
-
-
-def is_view(node: fx.Node) -> bool:
-    """True for ops whose result aliases their first argument's storage."""
-    if node.op != "call_function":
-        return False
-    if node.target in RESHAPE_OPS:
-        return True
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not schema.returns:
-        return False
-    alias = schema.returns[0].alias_info
-    return alias is not None and not alias.is_write and not schema.is_mutable
-
-
-def is_reshape(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in RESHAPE_OPS and _same_numel(
-        node, node.args[0])
 
 
 def _val(node: Any):
@@ -81,10 +51,6 @@ def _val(node: Any):
 def _numel(node: fx.Node) -> int | None:
     val = _val(node)
     return val.numel() if isinstance(val, torch.Tensor) else None
-
-
-def _same_numel(a: Any, b: Any) -> bool:
-    return isinstance(b, fx.Node) and _numel(a) is not None and _numel(a) == _numel(b)
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -124,11 +90,7 @@ class _Grouping:
             return None   # full values are aligned by coordinates, not by reshapes
         return arg
 
-    @staticmethod
-    def root(arg: fx.Node) -> fx.Node:
-        while is_view(arg) and isinstance(arg.args[0], fx.Node):
-            arg = arg.args[0]
-        return arg
+    root = staticmethod(view_base)
 
     def is_full(self, node: fx.Node, group: int) -> bool:
         val = _val(node)

@@ -31,10 +31,9 @@ import torch
 import torch.fx as fx
 
 from retrograd.ir import Buffer, Kernel, Program
+from retrograd.passes.op_classes import CONVOLUTIONS
 
-__all__ = ["run", "channels_last_strides", "CONVOLUTIONS"]
-
-CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
+__all__ = ["run", "channels_last_strides"]
 
 
 def channels_last_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
