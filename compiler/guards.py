@@ -36,6 +36,7 @@ import numpy
 import torch
 
 from retrograd.errors import UnsupportedError, user_stacklevel
+from retrograd.locking import compiling
 from retrograd.reach import (MISSING, Reference, attribute_names, is_plain_object,
                              library_function, references)
 
@@ -206,23 +207,26 @@ def _recording_getattribute(self, name):
 def recording_module_reads() -> Iterator[dict]:
     """Record ``(module, name)`` of each plain attribute a module reads inside
     the block: ``nn.Module.__getattribute__`` is wrapped for its duration (the
-    class attribute is removed again on exit, so eager code pays nothing)."""
+    class attribute is removed again on exit, so eager code pays nothing).
+    The block holds the compile lock (locking.py), so the wrapper never
+    exists while dynamo traces in another thread (it would trace it)."""
     reads: dict = {}
     thread = threading.get_ident()
-    with _lock:
-        if not _recorders:
-            torch.nn.Module.__getattribute__ = _recording_getattribute
-        _recorders.setdefault(thread, []).append(reads)
-    try:
-        yield reads
-    finally:
+    with compiling():
         with _lock:
-            stack = _recorders[thread]
-            stack.pop()   # this block's own: blocks nest within a thread
-            if not stack:
-                del _recorders[thread]
             if not _recorders:
-                del torch.nn.Module.__getattribute__
+                torch.nn.Module.__getattribute__ = _recording_getattribute
+            _recorders.setdefault(thread, []).append(reads)
+        try:
+            yield reads
+        finally:
+            with _lock:
+                stack = _recorders[thread]
+                stack.pop()   # this block's own: blocks nest within a thread
+                if not stack:
+                    del _recorders[thread]
+                if not _recorders:
+                    del torch.nn.Module.__getattribute__
 
 
 def module_read_guards(reads: dict, names: dict[int, str], guards: Guards) -> None:
