@@ -5,13 +5,16 @@ the first real call, for two reasons: ``verify=True`` needs real inputs, and
 when dynamo marks shapes dynamic after a recompile (SymInt inputs), the
 graph is specialized to the concrete sizes of each call: one compiled graph
 per distinct signature, cached. That is a documented specialization
-(docs/design.md), not symbolic codegen.
+(docs/design.md), not symbolic codegen. At most ``max_programs`` are kept,
+least recently used released first (recompiles.py).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -19,6 +22,7 @@ import torch
 from retrograd.capture import compile_graph, signature
 from retrograd.errors import DATA_DEPENDENT, UnsupportedError
 from retrograd.options import Options
+from retrograd.recompiles import describe_change, limit_message
 
 __all__ = ["retrograd_backend", "CompiledGraph"]
 
@@ -34,10 +38,12 @@ class CompiledGraph:
     def __init__(self, gm: torch.fx.GraphModule, options: Options):
         self.gm = gm
         self.options = options
-        self.compiled: dict[tuple, Any] = {}
-        self.compilers: dict[tuple, Any] = {}
+        # per signature, least recently used first; at most options.max_programs
+        self.compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self.compilers: OrderedDict[tuple, Any] = OrderedDict()
         self.last_key: tuple | None = None
         self.scalar_inputs = scalar_inputs(gm)
+        self.warned_limit = False
 
     @property
     def reports(self) -> dict[str, dict]:
@@ -58,8 +64,28 @@ class CompiledGraph:
                     captured_text=gm.print_readable(print_output=False))
             except DATA_DEPENDENT as error:   # a clean error, not a fake-tensor exception
                 raise _data_dependent(error) from error
+            self._bound(key)
+        self.compiled.move_to_end(key)
+        self.compilers.move_to_end(key)
         self.last_key = key
         return self.compiled[key](*args)
+
+    def _bound(self, key: tuple) -> None:
+        """Release the least recently used programs past ``max_programs`` (the
+        new ``key`` is the most recent); warn once naming what changed."""
+        limit = self.options.max_programs
+        if len(self.compiled) <= limit:
+            return
+        if not self.warned_limit:
+            self.warned_limit = True
+            others = [other for other in self.compiled if other != key]
+            warnings.warn(limit_message("torch.compile(backend='retrograd')",
+                                        f"a graph dynamo handed over ({len(self.gm.graph.nodes)} nodes)", limit,
+                                        describe_change(key, others)), stacklevel=2)
+        while len(self.compiled) > limit:
+            oldest = next(iter(self.compiled))
+            log.info("retrograd: releasing the program of a signature (max_programs=%d)", limit)
+            del self.compiled[oldest], self.compilers[oldest]
 
 
 def _data_dependent(error: BaseException) -> UnsupportedError:

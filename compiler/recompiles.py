@@ -68,7 +68,9 @@ def _differences(old: tuple, new: tuple) -> list[str]:
 
 
 def describe_change(new: tuple, kept: Iterable[tuple], most: int = 3) -> str:
-    """What changed from the nearest of the ``kept`` signature keys to ``new``.
+    """What changed from the nearest of the ``kept`` signature keys to ``new``:
+    the one with the fewest differences, the latest of ``kept`` on a tie
+    (``kept`` runs from least to most recently used).
 
     Example:
         >>> old = (("tensor", (4, 8), (8, 1), "float32", "cpu", True), ("grad", True))
@@ -79,7 +81,7 @@ def describe_change(new: tuple, kept: Iterable[tuple], most: int = 3) -> str:
     candidates = [_differences(old, new) for old in kept if old != new]
     if not candidates:
         return "the same signature (a Python value the code reads changed)"
-    nearest = min(candidates, key=len)
+    nearest = min(reversed(candidates), key=len)
     shown = "; ".join(nearest[:most])
     return shown + (f" (and {len(nearest) - most} more)" if len(nearest) > most else "")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ from retrograd.guards import (Guards, function_guards, module_function_guards,
                               module_read_guards, recording_module_reads)
 from retrograd.hooks import hook_key, warn_about_hooks
 from retrograd.options import Options
+from retrograd.recompiles import describe_change, limit_message
 
 __all__ = ["TraceCache", "MAX_ENTRIES"]
 
@@ -108,11 +110,14 @@ class TraceCache:
         self.lifted: list[torch.nn.Module] = []
         self.gradients = gradients            # dead_gradient.GradientSpec, or None: all
         self.closed_over_ok = closed_over_ok  # grad(): closed-over parameters are constants
-        self.entries: dict[tuple, list[_Entry]] = {}
+        # least recently used signature first; at most options.max_programs
+        # entries in all (recompiles.py)
+        self.entries: OrderedDict[tuple, list[_Entry]] = OrderedDict()
         self.last: _Entry | None = None
         self.face = face
         self.changed: str | None = None   # the guard that failed last
         self.warned_retracing = False
+        self.warned_limit = False
         self.may_split = may_split   # data-dependent code may go to dynamo
         self.fallback: DynamoFallback | None = None
         self.what = (getattr(target, "__qualname__", "the function") if module is None
@@ -144,9 +149,11 @@ class TraceCache:
     def _keep(self, key: tuple, entry: _Entry) -> None:
         """Store ``entry``; past ``MAX_ENTRIES`` graphs for one signature the
         oldest goes (a value that changes on every call would otherwise keep
-        every graph alive), with a warning once per cache."""
+        every graph alive), with a warning once per cache; then the bound on
+        all signatures together (``_bound``)."""
         kept = self.entries.setdefault(key, [])
         kept.append(entry)
+        self.entries.move_to_end(key)   # most recently used
         if len(kept) > MAX_ENTRIES:
             del kept[0]
             if not self.warned_retracing:
@@ -155,12 +162,38 @@ class TraceCache:
                               f"times for one signature because Python values it reads keep "
                               f"changing (last: {self.changed}); pass such a value as a "
                               f"tensor argument", stacklevel=user_stacklevel())
+        self._bound(key)
+
+    def _bound(self, key: tuple) -> None:
+        """Release least recently used graphs until at most ``max_programs`` are
+        kept; the first time, warn naming what changed in ``key``. A released
+        graph is referenced from nowhere else (``self.last`` moves to the new
+        one), so its program, kernels and arenas are freed."""
+        limit = self.options.max_programs
+        if sum(map(len, self.entries.values())) <= limit:
+            return
+        if not self.warned_limit:
+            self.warned_limit = True
+            others = [other for other in self.entries if other != key]
+            change = (describe_change(key, others) if others
+                      else f"a Python value it reads ({self.changed})")
+            warnings.warn(limit_message(self.face, self.what, limit, change),
+                          stacklevel=user_stacklevel())
+        while sum(map(len, self.entries.values())) > limit:
+            oldest = next(iter(self.entries))   # the new key only when it is alone
+            log.info("%s: releasing a compiled graph of %s (max_programs=%d)",
+                     self.face, self.what, limit)
+            kept = self.entries[oldest]
+            del kept[0]
+            if not kept:
+                del self.entries[oldest]
 
     def _lookup(self, key: tuple) -> _Entry | None:
         """The entry of ``key`` whose guards hold; logs why the others fail."""
         for entry in self.entries.get(key, ()):
             changed = entry.guards.failing()
             if changed is None:
+                self.entries.move_to_end(key)   # most recently used
                 return entry
             log.info("%s: tracing %s again: %s changed", self.face, self.what, changed)
             self.changed = changed

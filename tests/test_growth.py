@@ -1,0 +1,136 @@
+"""Bounded growth: a compiled object keeps at most ``max_programs`` programs
+(least recently used released, one warning naming what changed), and a
+released program is really freed: its executables, kernels' modules and
+linecache entries go with it."""
+
+from __future__ import annotations
+
+import gc
+import linecache
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import retrograd
+import retrograd.backend
+import retrograd.pipeline
+from retrograd.recompiles import describe_change
+from retrograd.runtime import loader
+from checks import assert_close
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def executables(monkeypatch):
+    """Weak references to every GeneratedExecutable built meanwhile."""
+    made: list[weakref.ref] = []
+
+    class Recorded(retrograd.pipeline.GeneratedExecutable):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(retrograd.pipeline, "GeneratedExecutable", Recorded)
+    return made
+
+
+def function(x):
+    return (x * 2).sin().sum()
+
+
+def _run(compiled, rows: int) -> None:
+    x = torch.randn(rows, 4, dtype=torch.float64, requires_grad=True)
+    reference = x.detach().clone().requires_grad_()
+    got = compiled(x)
+    got.backward()
+    expected = function(reference)
+    expected.backward()
+    assert_close(got, expected, torch.float64)
+    assert_close(x.grad, reference.grad, torch.float64, what="gradient")
+
+
+def _programs(compiled) -> int:
+    return sum(len(kept) for kept in compiled._cache.entries.values())
+
+
+def test_standalone_keeps_max_programs_and_frees_the_rest(cache, executables):
+    compiled = retrograd.compile(function, max_programs=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in (2, 3, 4):
+            _run(compiled, rows)
+        assert not [w for w in caught if "max_programs" in str(w.message)]
+        first = [ref for ref in executables if ref() is not None]
+        for rows in (5, 6, 7):
+            _run(compiled, rows)
+            assert _programs(compiled) == 3
+    limit = [str(w.message) for w in caught if "max_programs" in str(w.message)]
+    assert len(limit) == 1, limit   # warned once
+    assert "input 0 shape (4, 4) -> (5, 4)" in limit[0]
+    assert "pad or bucket" in limit[0] and "function" in limit[0]
+    kept_rows = [key[0][1][0] for key in compiled._cache.entries]
+    assert kept_rows == [5, 6, 7]
+    gc.collect()
+    assert first and all(ref() is None for ref in first), "a released program is still alive"
+    _run(compiled, 2)      # released: compiles again, still right
+    assert [key[0][1][0] for key in compiled._cache.entries] == [6, 7, 2]
+
+
+def test_a_used_program_is_not_the_one_released(cache):
+    compiled = retrograd.compile(function, max_programs=2, executor="fx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rows in (2, 3, 2, 4):   # 2 used again: 3 is the least recently used
+            _run(compiled, rows)
+    assert [key[0][1][0] for key in compiled._cache.entries] == [2, 4]
+
+
+def test_describe_change_names_the_nearest_signature():
+    def key(rows, dtype=torch.float32, grad=True):
+        return (("tensor", (rows, 8), (8, 1), dtype, torch.device("cpu"), True),
+                ("value", "int", 3), ("grad", grad))
+    assert describe_change(key(5), [key(4)]) == "input 0 shape (4, 8) -> (5, 8)"
+    # the nearest kept signature is the one with the fewest differences
+    change = describe_change(key(4, torch.float64), [key(3), key(4)])
+    assert change == "input 0 dtype torch.float32 -> torch.float64"
+    assert describe_change(key(4, grad=False), [key(4)]) == "grad mode True -> False"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_max_programs_must_be_a_positive_whole_number(bad):
+    with pytest.raises(ValueError, match="max_programs"):
+        retrograd.compile(function, max_programs=bad)
+
+
+def test_torch_compile_face_keeps_max_programs(cache, fresh_dynamo, monkeypatch, executables):
+    """Dynamo marks the batch size dynamic after a recompile and hands one
+    graph many sizes: that graph keeps at most max_programs of them."""
+    graphs = []
+
+    class Recording(retrograd.backend.CompiledGraph):
+        def __init__(self, gm, options):
+            super().__init__(gm, options)
+            graphs.append(self)
+
+    monkeypatch.setattr(retrograd.backend, "CompiledGraph", Recording)
+    compiled = torch.compile(function, backend="retrograd", options={"max_programs": 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in (2, 3, 5, 7, 8):
+            _run(compiled, rows)
+            assert all(len(graph.compiled) <= 2 for graph in graphs)
+    dynamic = [graph for graph in graphs if len(graph.compilers) == 2]
+    assert dynamic, "no graph was handed several sizes"
+    assert all(list(graph.compiled) == list(graph.compilers) for graph in graphs)
+    limit = [str(w.message) for w in caught if "max_programs" in str(w.message)]
+    assert len(limit) == 1 and "input" in limit[0] and "-> (7, 4)" in limit[0], limit
+    gc.collect()
+    alive = sum(ref() is not None for ref in executables)
+    assert alive <= 2 * sum(len(graph.compiled) for graph in graphs)   # forward + backward
