@@ -15,11 +15,13 @@ reason; fx nodes are carried as opaque objects.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Buffer", "Kernel", "Program", "ArenaWindow", "ITEMSIZE", "ROLES", "KINDS"]
+__all__ = ["Buffer", "Kernel", "Program", "ArenaWindow", "ITEMSIZE", "ROLES", "KINDS",
+           "Role", "Kind", "Family"]
 
 #: Bytes per element of the dtypes retrograd plans for.
 ITEMSIZE = {
@@ -28,14 +30,38 @@ ITEMSIZE = {
     "complex64": 8, "complex128": 16,
 }
 
-#: input: handed in by the caller; constant: held by the graph (get_attr);
-#: output: returned by the program; temporary: lives only inside one call;
-#: view: aliases another buffer's storage and owns none.
-ROLES = ("input", "constant", "output", "temporary", "view")
+class Role(enum.StrEnum):
+    """What a buffer is to the program (a ``str``: ``role == "view"`` reads as before)."""
 
-#: triton: a generated kernel; extern: a call of the aten op in torch;
-#: view: an aliasing aten op (no data moves, no launch).
-KINDS = ("triton", "extern", "view")
+    INPUT = "input"            # handed in by the caller
+    CONSTANT = "constant"      # held by the graph (get_attr)
+    OUTPUT = "output"          # returned by the program
+    TEMPORARY = "temporary"    # lives only inside one call
+    VIEW = "view"              # aliases another buffer's storage and owns none
+
+
+class Kind(enum.StrEnum):
+    """How a kernel runs."""
+
+    TRITON = "triton"          # a generated kernel
+    EXTERN = "extern"          # a call of the aten op in torch
+    VIEW = "view"              # an aliasing aten op (no data moves, no launch)
+
+
+class Family(enum.StrEnum):
+    """What a kernel computes, set by fusion; codegen picks its generator by it."""
+
+    POINTWISE = "pointwise"    # one lane per element
+    INDEXING = "indexing"      # pointwise, reading some input through computed indices
+    REDUCTION = "reduction"    # rows reduced over some dims, with prologue and epilogue
+    SCATTER = "scatter"        # one lane per index, writing through it
+    POOLING = "pooling"        # one lane per output window
+    EXTERN = "extern"
+    VIEW = "view"
+
+
+ROLES = tuple(Role)
+KINDS = tuple(Kind)
 
 
 @dataclass
@@ -46,13 +72,16 @@ class Buffer:
     shape: tuple[int, ...]
     strides: tuple[int, ...]
     dtype: str
-    role: str = "temporary"
+    role: Role = Role.TEMPORARY
     view_of: str | None = None      # for role "view": the buffer aliased
     first_use: int | None = None    # kernel index that defines it (-1: on entry)
     last_use: int | None = None     # last kernel index that reads it
     offset: int | None = None       # arena offset in bytes, once planned
     arena: int | None = None        # which of the program's arenas (index in ``arenas``)
     reuses: str | None = None       # outside the arenas: written in place over this buffer
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)   # a plain string is checked here: ValueError if unknown
 
     @property
     def numel(self) -> int:
@@ -78,7 +107,7 @@ class Kernel:
     """One step of the program: the fx nodes it covers, what it reads and writes."""
 
     name: str
-    kind: str
+    kind: Kind
     nodes: list[Any]                                  # fx nodes, in order
     inputs: list[str] = field(default_factory=list)   # buffer names read
     outputs: list[str] = field(default_factory=list)  # buffer names written
@@ -92,6 +121,16 @@ class Kernel:
     # reduced; ``numel`` is then the number of rows (reduction outputs).
     full_shape: tuple[int, ...] | None = None
     reduced_dims: tuple[int, ...] | None = None
+    # what it computes; fusion sets it for triton kernels (extern and view
+    # kernels are their own family)
+    family: Family | None = None
+
+    def __post_init__(self) -> None:
+        self.kind = Kind(self.kind)   # a plain string is checked here: ValueError if unknown
+        if self.family is None and self.kind != Kind.TRITON:
+            self.family = Family(str(self.kind))
+        elif self.family is not None:
+            self.family = Family(self.family)
 
     @property
     def is_reduction(self) -> bool:
@@ -165,8 +204,10 @@ class Program:
         """Raise ValueError unless every name resolves and reads follow writes."""
         defined = set(self.inputs) | set(self.constants)
         for index, kernel in enumerate(self.kernels):
-            if kernel.kind not in KINDS:
-                raise ValueError(f"kernel {kernel.name}: unknown kind {kernel.kind!r}")
+            if not isinstance(kernel.kind, Kind) or not isinstance(kernel.family, (Family,
+                                                                                  type(None))):
+                raise ValueError(f"kernel {kernel.name}: kind {kernel.kind!r} and family "
+                                 f"{kernel.family!r} must be ir.Kind and ir.Family")
             for name in kernel.inputs:
                 if name not in defined:
                     raise ValueError(

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from retrograd.ir import Buffer, Kernel, Program
+from retrograd.ir import Buffer, Family, Kernel, Kind, Program, Role
 from retrograd.passes.op_classes import PHASE, is_reshape, is_view, view_base
 
 __all__ = ["run", "is_view", "is_reshape", "PHASE"]
@@ -250,7 +250,7 @@ class _Grouping:
         return [self.group_of[arg]] if arg in self.group_of else []
 
 
-def _buffer(node: fx.Node, role: str, view_of: str | None = None) -> Buffer:
+def _buffer(node: fx.Node, role: Role, view_of: str | None = None) -> Buffer:
     val = _val(node)
     return Buffer(name=node.name, shape=tuple(val.shape), strides=tuple(val.stride()),
                   dtype=str(val.dtype).removeprefix("torch."), role=role, view_of=view_of)
@@ -323,7 +323,7 @@ class _Builder:
             if node.op == "placeholder":
                 inputs.append(node.name)
                 if isinstance(_val(node), torch.Tensor):
-                    buffers[node.name] = _buffer(node, "input")
+                    buffers[node.name] = _buffer(node, Role.INPUT)
             elif node.op == "get_attr":
                 constants[node.name] = getattr(self.gm, node.target)
                 if isinstance(constants[node.name], torch.Tensor):
@@ -369,7 +369,7 @@ class _Builder:
         outputs = [node.name for node in stored]
         for node in stored:
             buffers[node.name] = _buffer(
-                node, "output" if node.name in output_names else "temporary")
+                node, Role.OUTPUT if node.name in output_names else Role.TEMPORARY)
         ops = []
         for node in nodes:
             short = getattr(node.target, "__name__", str(node.target)).split(".")[0]
@@ -377,14 +377,26 @@ class _Builder:
                 ops.append(short)
         geometry = self.grouping.geometry[group]
         kind = "pointwise" if geometry is None else "reduction"
+        family = self._family(nodes, geometry)
         if geometry == "standalone":   # a kernel of its own kind: scatter, pooling
             kind = nodes[0].target.__name__.split(".")[0]
             geometry = None
-        return Kernel(name=f"{kind}_{group}_{'_'.join(ops[:3])}", kind="triton",
+        return Kernel(name=f"{kind}_{group}_{'_'.join(ops[:3])}", kind=Kind.TRITON,
                       nodes=fills + nodes, inputs=inputs, outputs=outputs,
                       numel=self.grouping.numel[group], aliases=aliases,
                       full_shape=geometry[0] if geometry else None,
-                      reduced_dims=geometry[1] if geometry else None)
+                      reduced_dims=geometry[1] if geometry else None, family=family)
+
+    def _family(self, nodes: list[fx.Node], geometry) -> Family:
+        """What the kernel computes, which picks its code generator."""
+        support = self.grouping.support
+        if geometry == "standalone":
+            return Family.SCATTER if support.can_scatter(nodes[0]) else Family.POOLING
+        if geometry is not None:
+            return Family.REDUCTION
+        if any(support.reads_by_index(node) for node in nodes):
+            return Family.INDEXING
+        return Family.POINTWISE
 
     def extern_or_view(self, node: fx.Node, buffers, output_names) -> Kernel:
         view = is_view(node)
@@ -403,16 +415,16 @@ class _Builder:
                 # a getitem of a multi-output view (split) aliases the split's base
                 source = result.args[0] if result.target is operator.getitem else result
                 base = self.grouping.root(source)
-                buffers[result.name] = _buffer(result, "view", view_of=base.name)
+                buffers[result.name] = _buffer(result, Role.VIEW, view_of=base.name)
             else:
-                role = "output" if result.name in output_names else "temporary"
+                role = Role.OUTPUT if result.name in output_names else Role.TEMPORARY
                 buffers[result.name] = _buffer(result, role)
             outputs.append(result.name)
         inputs = [arg.name for arg in node.all_input_nodes if arg.name in buffers]
         short = getattr(node.target, "__name__", str(node.target)).split(".")[0]
         prefix = "view" if view else "extern"
         return Kernel(name=f"{prefix}_{node.name}" if view else f"{prefix}_{short}_{node.name}",
-                      kind="view" if view else "extern", nodes=members,
+                      kind=Kind.VIEW if view else Kind.EXTERN, nodes=members,
                       inputs=inputs, outputs=outputs)
 
 

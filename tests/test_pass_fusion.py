@@ -200,3 +200,37 @@ def test_fusion_random_graphs_stay_acyclic_and_correct(seed):
         assert not bases & set(kernel.outputs)
     assert stats["pointwise_ops_in_triton"] == stats["pointwise_ops"]
     assert_program_matches(program, gm, [x, w])
+
+
+def test_fusion_sets_each_kernel_family():
+    """Fusion says what each kernel computes (ir.Family), so codegen picks its
+    generator without scanning nodes: pointwise, indexing (a gather), reduction,
+    scatter, extern, view."""
+    from retrograd.ir import Family, Kind
+    x, w = torch.randn(4, 6), torch.randn(6, 3)
+    index = torch.tensor([[2, 0], [1, 1], [0, 0], [5, 5]])
+
+    def fn(x, w, index):
+        y = (x * 2).sin()                                        # reduction's prologue
+        g = torch.gather(y, 1, index) * 3                        # indexing
+        s = y.sum(dim=1)                                         # reduction
+        z = torch.zeros(4, 6).scatter_add(1, index, g)           # scatter
+        return (y @ w).t(), s, z, (w + 1).exp()                  # extern, view, pointwise
+    program, _, gm = fuse(fn, x, w, index, decompose=True)
+    families = {k.family for k in program.kernels}
+    assert {Family.POINTWISE, Family.INDEXING, Family.REDUCTION, Family.SCATTER,
+            Family.EXTERN, Family.VIEW} <= families, families
+    for kernel in program.kernels:
+        assert isinstance(kernel.kind, Kind) and isinstance(kernel.family, Family)
+        assert (kernel.kind == Kind.TRITON) == (kernel.family not in (Family.EXTERN,
+                                                                        Family.VIEW))
+    assert_program_matches(program, gm, [x, w, index])
+
+
+def test_ir_refuses_unknown_kinds_and_roles():
+    from retrograd.ir import Buffer, Kernel
+    with pytest.raises(ValueError):
+        Kernel("k", "cuda", [])
+    with pytest.raises(ValueError):
+        Buffer("b", (2,), (1,), "float32", role="scratch")
+    assert Kernel("k", "extern", []).family == "extern"
