@@ -250,17 +250,18 @@ def narrow_output_masks(graph: fx.Graph) -> int:
 
 
 def run(gm: fx.GraphModule, ctx) -> dict:
-    before = len(gm.graph.nodes)
+    """The rewrites above, then dead-code elimination; ``dead_nodes_removed``
+    counts the nodes it took out (dead in the input, or left unread by a
+    rewrite: the log-softmax a pushed gather no longer reads)."""
     transposed = transpose_matmuls(gm.graph)
-    before += 1 * transposed   # each rewrite adds one node; not "dead" code
     views = remove_no_op_views(gm.graph) + fold_number_views(gm.graph)
     gathers = push_gathers(gm.graph)
-    before += gathers   # each push adds a node net (the gather moves, the op is copied)
     merged = eliminate_common_subexpressions(gm.graph)
+    alive = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
+    dead = alive - len(gm.graph.nodes)
     narrowed = narrow_output_masks(gm.graph)
     gm.recompile()
-    dead = before - len(gm.graph.nodes) - views - merged
     return {"dead_nodes_removed": dead, "common_subexpressions_merged": merged,
             "no_op_views_removed": views, "matmuls_transposed": transposed,
             "masked_results_dropped": narrowed, "gathers_pushed": gathers}

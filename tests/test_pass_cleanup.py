@@ -6,6 +6,7 @@ real inputs and compared with the original."""
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from retrograd.passes import cleanup
 from pass_helpers import aten, context, run_gm, targets, trace
@@ -23,6 +24,53 @@ def test_cleanup_removes_dead_nodes():
     assert stats["dead_nodes_removed"] == 2
     x = torch.randn(3, 4)
     torch.testing.assert_close(run_gm(gm, [x])[0], x.exp())
+
+
+def _hand_built_graph() -> fx.GraphModule:
+    """x, w -> (permute(mm(x, w)), exp(x)), plus three dead nodes: sin(x) * 3
+    (a chain of two) and cos(w). The product is rewritten transposed (three
+    nodes in, two out), which is not dead code."""
+    graph = fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    values = {x: torch.randn(4, 4), w: torch.randn(4, 4)}
+
+    def call(target, *args):
+        node = graph.call_function(target, args)
+        values[node] = target(*[values.get(a, a) if isinstance(a, fx.Node) else a
+                                for a in args])
+        return node
+    call(aten.mul.Tensor, call(aten.sin.default, x), 3)
+    call(aten.cos.default, w)
+    product = call(aten.permute.default, call(aten.mm.default, x, w), [1, 0])
+    graph.output((product, call(aten.exp.default, x)))
+    for node, value in values.items():
+        node.meta["val"] = value
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_cleanup_counts_the_dead_nodes_of_a_hand_built_graph():
+    gm = _hand_built_graph()
+    stats = cleanup.run(gm, context())
+    assert stats["dead_nodes_removed"] == 3 and stats["matmuls_transposed"] == 1
+    assert aten.sin.default not in targets(gm) and aten.cos.default not in targets(gm)
+    x, w = torch.randn(4, 4), torch.randn(4, 4)
+    torch.testing.assert_close(run_gm(gm, [x, w]), [(x @ w).t(), x.exp()])
+
+
+def test_cleanup_counts_dead_nodes_rather_than_deriving_them(monkeypatch):
+    """The count is what dead-code elimination took out, not the node total
+    less what each rewrite is assumed to add: a rewrite that leaves one more
+    unread node behind makes one more dead node (the old arithmetic said 3)."""
+    real = cleanup.transpose_matmuls
+
+    def leaves_one_behind(graph: fx.Graph) -> int:
+        rewritten = real(graph)
+        x = next(node for node in graph.nodes if node.op == "placeholder")
+        with graph.inserting_after(x):
+            graph.call_function(aten.neg.default, (x,))
+        return rewritten
+    monkeypatch.setattr(cleanup, "transpose_matmuls", leaves_one_behind)
+    assert cleanup.run(_hand_built_graph(), context())["dead_nodes_removed"] == 4
 
 
 def test_cleanup_merges_duplicate_pure_ops():
