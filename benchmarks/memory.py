@@ -8,7 +8,7 @@ deterministic figures).
   retrograd's default and ``memory_budget`` 0.75 / 0.5 / 0.25, all run on the
   same joint graph (retrograd's decompositions, after its cleanup pass), with
   bytes counted the same way (``retrograd.passes.checkpoint.saved_values``);
-- recompute FLOPs for each plan (retrograd's cost model, ``passes/remat.py``).
+- recompute FLOPs for each plan (retrograd's cost model, ``passes/planning/remat.py``).
 
 and, second table, the measured peak of live CPU memory during one training
 step (forward + backward) from ``torch.profiler`` memory events, for eager,
@@ -42,7 +42,8 @@ from zoo import ZOO, ZooEntry, _weighted_sum, clone_inputs  # noqa: E402  (the z
 from retrograd.capture import joint_graph  # noqa: E402
 from retrograd.dump import Dumper  # noqa: E402
 from retrograd.options import Options  # noqa: E402
-from retrograd.passes import checkpoint, cleanup, remat  # noqa: E402
+from retrograd.passes import checkpoint, cleanup  # noqa: E402
+from retrograd.passes.planning import remat  # noqa: E402
 from retrograd.pipeline import OpSupport, PassContext  # noqa: E402
 
 BUDGETS = (None, 0.75, 0.5, 0.25)

@@ -3,7 +3,7 @@
 What it does: computes, over the kernel schedule, when every buffer is first
 written and last read (a view extends its base's life), groups the *planned*
 buffers into windows of the schedule that never overlap in time (busy
-periods, cut further where the predicted footprint peaks: ``windows.py``),
+periods, cut further where the predicted footprint peaks: ``planning/windows.py``),
 and places each window's buffers at offsets of that window's arena so that
 buffers alive at the same time never overlap. Planned buffers are the
 temporaries written by generated kernels and by extern calls that have an
@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from retrograd.ir import ArenaWindow, Buffer, Kernel, Program
-from retrograd.passes import windows
+from retrograd.passes.planning import windows
 from retrograd.passes.op_classes import OUT_VARIANTS
 
 __all__ = ["run", "lifetimes", "live_lower_bound", "plan_offsets", "Slot", "ALIGN",
@@ -220,7 +220,7 @@ def _slots(program: Program, spans, names: list[str], support) -> list[Slot]:
 
 
 def _windows(program: Program, spans, slots: list[Slot]):
-    """Busy periods, then peak-driven cuts (``passes/windows.py``)."""
+    """Busy periods, then peak-driven cuts (``passes/planning/windows.py``)."""
     planned = {name for slot in slots for name in slot.names}
     base = windows.base_footprint(program, spans, planned)
     return windows.split_windows(
@@ -230,7 +230,7 @@ def _windows(program: Program, spans, slots: list[Slot]):
 
 def footprint(program: Program, spans) -> tuple[list[int], list[int]]:
     """Arena bytes held at each kernel, and the whole footprint the window
-    search predicted there (``passes/windows.py``), for the dump's picture."""
+    search predicted there (``passes/planning/windows.py``), for the dump's picture."""
     held = [0] * len(program.kernels)
     for window in program.arenas:
         windows.add_span(held, window.start, window.stop, window.nbytes)

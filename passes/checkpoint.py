@@ -1,7 +1,7 @@
 """Checkpoint placement: which forward values the backward gets, and the split.
 
 What it does: chooses which forward values are saved for the backward and
-which the backward recomputes (planners in ``remat.py``), splits the joint
+which the backward recomputes (planners in ``planning/remat.py``), splits the joint
 graph into forward and backward accordingly, and moves each recomputed node
 next to its first backward consumer, so fusion folds it into that kernel and
 it does not stay alive longer than needed.
@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch._functorch import partitioners
 
-from retrograd.passes import remat
+from retrograd.passes.planning import remat
 from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
 
 __all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]

@@ -40,5 +40,5 @@ def one_arena_per_busy_period(monkeypatch):
     """Keep buffer_reuse's windows at busy periods (no peak-driven cuts), for
     unit tests of the offset planner on programs small enough that the window
     search would otherwise cut them apart (it is tested on its own)."""
-    from retrograd.passes import windows
+    from retrograd.passes.planning import windows
     monkeypatch.setattr(windows, "split_windows", lambda base, found, size: (found, []))

@@ -43,7 +43,8 @@ import retrograd
 from retrograd.capture import joint_graph
 from retrograd.dump import Dumper
 from retrograd.options import Options
-from retrograd.passes import checkpoint, cleanup, remat
+from retrograd.passes import checkpoint, cleanup
+from retrograd.passes.planning import remat
 from retrograd.pipeline import OpSupport, PassContext
 from zoo import ZOO, clone_inputs, errors, training_step
 

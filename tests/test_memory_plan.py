@@ -41,7 +41,8 @@ import retrograd
 from retrograd.dump import Dumper
 from retrograd.ir import Buffer, Kernel, Program
 from retrograd.options import Options
-from retrograd.passes import buffer_reuse, fusion, schedule, windows
+from retrograd.passes import buffer_reuse, fusion, schedule
+from retrograd.passes.planning import windows
 from retrograd.passes.buffer_reuse import ALIGN, Slot, overlapping, plan_offsets
 from retrograd.pipeline import OpSupport, PassContext
 from retrograd.runtime.arena import Allocator, Arena

@@ -246,4 +246,4 @@ def ilp_plan(info: JointInfo, budget: float, recomputable, unsavable=lambda n: F
                 result.status == 0)
 
 
-from retrograd.passes.remat_search import greedy_plan, tradeoff  # noqa: E402  (re-exported)
+from retrograd.passes.planning.remat_search import greedy_plan, tradeoff  # noqa: E402  (re-exported)

@@ -19,8 +19,8 @@ import math
 from collections import deque
 
 
-from retrograd.passes.remat import (JointInfo, Plan, _needed_closure, min_cut_plan,
-                                    recompute_cost, value_bytes)
+from retrograd.passes.planning.remat import (JointInfo, Plan, _needed_closure, min_cut_plan,
+                                             recompute_cost, value_bytes)
 
 __all__ = ["tradeoff", "greedy_plan"]
 
