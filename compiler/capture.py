@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from retrograd.decompositions import decomposition_table, traced_right
 from retrograd.errors import UnsupportedError
+from retrograd.locking import compiling
 from retrograd.options import Options
 from retrograd.pipeline import GraphCompiler
 
@@ -122,18 +123,37 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
     caller will use and which output tangents are known to be zero.
     """
     module = _OutputsOwnMemory(module)
-    compiler = GraphCompiler(options, real_primals(module, example_inputs), captured_text,
-                             gradients, module=module)
-    with traced_right():
-        compiled = aot_module_simplified(
-            module, _fake_inputs(example_inputs),
-            fw_compiler=compiler.compile_forward,
-            bw_compiler=compiler.compile_backward,
-            partition_fn=compiler.partition,
-            inference_compiler=compiler.compile_inference,
-            decompositions=decomposition_table(),
-        )
+    with compiling():   # one trace at a time in the process (locking.py)
+        compiler = GraphCompiler(options, real_primals(module, example_inputs), captured_text,
+                                 gradients, module=module)
+        with traced_right():
+            compiled = aot_module_simplified(
+                module, _fake_inputs(example_inputs),
+                fw_compiler=compiler.compile_forward,
+                bw_compiler=_once(compiler.compile_backward),
+                partition_fn=compiler.partition,
+                inference_compiler=compiler.compile_inference,
+                decompositions=decomposition_table(),
+            )
     return compiled, compiler
+
+
+def _once(compile_backward):
+    """``compile_backward`` that compiles once and then hands back the same program.
+
+    AOTAutograd compiles the backward lazily, at the first backward call and
+    outside ``compile_graph``, so it takes the compile lock itself; two
+    threads making that first call at once would both compile it. One graph
+    has one backward, so the second gets the first's program.
+    """
+    done: list = []
+
+    def compile_once(*args, **kwargs):
+        with compiling():
+            if not done:
+                done.append(compile_backward(*args, **kwargs))
+            return done[0]
+    return compile_once
 
 
 class _JointCaptured(Exception):

@@ -25,6 +25,8 @@ import functools
 import torch
 import torch._decomp
 
+from retrograd.locking import compiling
+
 __all__ = ["decomposition_table", "traced_right", "EXCLUDED", "FIXED", "AUTOGRAD_FIXES"]
 
 aten = torch.ops.aten
@@ -114,22 +116,24 @@ AUTOGRAD_FIXES = {
 def traced_right():
     """Trace with ``AUTOGRAD_FIXES`` in place of PyTorch's Autograd-key
     decompositions; PyTorch's own are put back on exit. The kernels live on
-    the op objects, so this is process-wide while it lasts: two threads
-    tracing at once are not yet safe (issue 11's compile lock)."""
-    key = torch._C.DispatchKey.Autograd
-    saved = {op: op.py_kernels.get(key) for op in AUTOGRAD_FIXES}
-    try:
-        for op, fixed in AUTOGRAD_FIXES.items():
-            op.py_kernels[key] = fixed
-            op._dispatch_cache.clear()
-        yield
-    finally:
-        for op, kernel in saved.items():
-            if kernel is None:
-                op.py_kernels.pop(key, None)
-            else:
-                op.py_kernels[key] = kernel
-            op._dispatch_cache.clear()
+    the op objects, so the swap is process-wide while it lasts: it holds the
+    compile lock (``locking.compiling``) throughout, so no other retrograd
+    or dynamo trace (which would see the swapped kernels) runs meanwhile."""
+    with compiling():
+        key = torch._C.DispatchKey.Autograd
+        saved = {op: op.py_kernels.get(key) for op in AUTOGRAD_FIXES}
+        try:
+            for op, fixed in AUTOGRAD_FIXES.items():
+                op.py_kernels[key] = fixed
+                op._dispatch_cache.clear()
+            yield
+        finally:
+            for op, kernel in saved.items():
+                if kernel is None:
+                    op.py_kernels.pop(key, None)
+                else:
+                    op.py_kernels[key] = kernel
+                op._dispatch_cache.clear()
 
 
 #: Core decompositions that are wrong for training, and why.

@@ -37,6 +37,7 @@ from torch.func import functionalize, grad_and_value
 
 from retrograd.capture import signature
 from retrograd.decompositions import decomposition_table, traced_right
+from retrograd.locking import compiling
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
                                   clip_gradients, family, initial_state, mark_stepped,
                                   momentum_weights, state_keys, structure, update)
@@ -253,13 +254,17 @@ class Step:
 
     def _compile(self, inputs, loss_of, used, groups, clock_of):
         function = self._function(loss_of, used, groups, clock_of)
-        with traced_right():
-            traced = make_fx(functionalize(function), decomposition_table=decomposition_table(),
-                             tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
-        flat = pytree.tree_flatten(inputs)[0]
-        compiler = GraphCompiler(self.options, flat)
-        updates = self._updates(inputs, used, len(inputs[2]))
-        return compiler.compile_step(traced, flat, seed=len(flat) - 1, updates=updates), compiler
+        with compiling():   # trace and pipeline, one thread at a time (locking.py)
+            with traced_right():
+                traced = make_fx(functionalize(function),
+                                 decomposition_table=decomposition_table(),
+                                 tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+            flat = pytree.tree_flatten(inputs)[0]
+            compiler = GraphCompiler(self.options, flat)
+            updates = self._updates(inputs, used, len(inputs[2]))
+            executable = compiler.compile_step(traced, flat, seed=len(flat) - 1,
+                                               updates=updates)
+        return executable, compiler
 
     def _updates(self, inputs, used, state_count: int) -> dict[int, int]:
         """Output position -> input position of each value the step replaces

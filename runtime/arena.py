@@ -4,7 +4,8 @@ Planned temporaries live in one arena per program call: a single byte
 tensor from torch's caching allocator, allocated when the call starts and
 released when its last view dies, with a typed, strided view per buffer at
 the offset the memory plan chose. Allocating per call (rather than keeping
-the arena across calls) keeps calls re-entrant and lets the caching
+the arena across calls) keeps calls re-entrant and safe from several
+threads at once (no two calls ever share a buffer), and lets the caching
 allocator hand the same block back each time. Buffers outside the plan
 (escaping values, extern results) are ordinary tensors.
 """

@@ -1,14 +1,29 @@
 """Where generated kernels run: compiled Triton on CUDA, or Triton's interpreter.
 
-Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, not when it is
-imported (../shared/TRITON_ON_CPU.md), so the loader sets it around loading
-a kernel module, through ``interpreter_mode``; a user never sets it.
+Triton reads ``TRITON_INTERPRET`` (through ``triton.knobs``, on every read)
+when a kernel is decorated and again while an interpreted kernel runs
+(constexpr helpers, lazy imports), not when triton is imported
+(../shared/TRITON_ON_CPU.md). The loader sets it around loading a kernel
+module and the executor around an interpreted program's run, through
+``interpreter_mode``; a user never sets it.
+
+Threads. ``os.environ`` is process-wide, and so is the interpreter's state:
+one ``interpreter_builder`` holds the grid index that ``tl.program_id``
+reads, and each launch patches ``triton.language`` functions in place and
+restores them after. Two interpreted launches at once read each other's
+program ids and unpatch each other's functions. So ``interpreter_mode``
+holds one process-wide re-entrant lock for as long as it lasts: interpreted
+program runs and kernel loads go one at a time, a thread inside always sees
+its own setting, and the variable ends exactly as it began (absent or its
+value), whatever order threads come and go in. Compiled CUDA launches do not
+take it. Lock order: the compile lock (``retrograd.locking``), then this one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -38,15 +53,21 @@ def choose_executor(requested: str, device: torch.device) -> str:
     return requested
 
 
+#: Held while TRITON_INTERPRET is ours: interpreted runs and kernel loads (see above).
+_INTERPRETER_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def interpreter_mode(enabled: bool) -> Iterator[None]:
-    """Set TRITON_INTERPRET while kernels are being decorated."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    """Set TRITON_INTERPRET for the block (kernels decorated or run there), holding
+    the interpreter lock; the previous value (or its absence) is restored."""
+    with _INTERPRETER_LOCK:
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if enabled else "0"
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = previous

@@ -96,6 +96,8 @@ class GeneratedExecutable:
             return self.run(args, self.kernels, allocator)
         # Triton 3.9 also reads TRITON_INTERPRET while launching (lazy imports,
         # constexpr helpers), not only when decorating: keep it set meanwhile.
+        # interpreter_mode also holds the interpreter's lock: its state is
+        # process-wide, so interpreted runs go one at a time (runtime/device.py).
         # numpy warns about lanes that are masked off or in a where's other branch
         with interpreter_mode(True), numpy.errstate(all="ignore"):
             return self.run(args, self.kernels, allocator)
