@@ -8,7 +8,7 @@ from retrograd.codegen.reduction import choose_reduction_blocks, generate_reduct
 from retrograd.codegen.pooling import POOLS, generate_pool
 from retrograd.codegen.scatter import SCATTERS, generate_scatter
 from retrograd.codegen.wrapper import generate_program
-from retrograd.ir import Program
+from retrograd.ir import Family, Kind, Program
 
 __all__ = ["generate_sources", "lowered_ops"]
 
@@ -26,14 +26,14 @@ def lowered_ops() -> dict[str, list[str]]:
 def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str], str]:
     """Source of every Triton kernel (by kernel name) and of ``program.py``."""
     kernels = {}
-    for kernel in program.kernels_of("triton"):
-        if any(node.target in POOLS for node in kernel.nodes):
+    for kernel in program.kernels_of(Kind.TRITON):   # the generator by fusion's family
+        if kernel.family == Family.POOLING:
             block = choose_block(kernel.numel or 1 << 16, interpreted)
             kernel.source = generate_pool(kernel, program.buffers, block, program.name)
-        elif any(node.target in SCATTERS for node in kernel.nodes):
+        elif kernel.family == Family.SCATTER:
             block = choose_block(kernel.numel, interpreted)
             kernel.source = generate_scatter(kernel, program.buffers, block, program.name)
-        elif kernel.is_reduction:
+        elif kernel.family == Family.REDUCTION:
             inner = len(kernel.full_shape) - 1 in kernel.reduced_dims
             rows, r_block = choose_reduction_blocks(kernel.numel, kernel.extent, interpreted,
                                                     inner)
