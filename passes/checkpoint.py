@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch._functorch import partitioners
 
-from retrograd.passes.planning import remat
+from retrograd.passes.planning import remat, remat_search
 from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
 
 __all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
@@ -203,7 +203,7 @@ def _plan(info, ctx, policy: Policy, save_all_bytes: float):
     if len(info.forward) <= EXACT_LIMIT:
         plan = remat.ilp_plan(info, budget, policy.any, policy.forced_recompute)
     elif not math_isinf(budget):
-        plan = remat.greedy_plan(info, budget, policy.any, policy.forced_recompute)
+        plan = remat_search.greedy_plan(info, budget, policy.any, policy.forced_recompute)
     if plan is None or remat.plan_bytes(info, plan.saved) > budget:
         smallest = remat.min_cut_plan(info, policy.any, policy.forced_recompute)
         smallest_bytes = remat.plan_bytes(info, smallest.saved)

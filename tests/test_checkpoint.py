@@ -44,7 +44,7 @@ from retrograd.capture import joint_graph
 from retrograd.dump import Dumper
 from retrograd.options import Options
 from retrograd.passes import checkpoint, cleanup
-from retrograd.passes.planning import remat
+from retrograd.passes.planning import remat, remat_search
 from retrograd.pipeline import OpSupport, PassContext
 from zoo import ZOO, clone_inputs, errors, training_step
 
@@ -329,7 +329,7 @@ def check_greedy_against_ilp(info, recomputable, unsavable=lambda node: False,
     for fraction in budgets:
         budget = fraction * save_all
         exact = remat.ilp_plan(info, budget, recomputable, unsavable)
-        greedy = remat.greedy_plan(info, budget, recomputable, unsavable)
+        greedy = remat_search.greedy_plan(info, budget, recomputable, unsavable)
         assert_valid(info, greedy, recomputable, unsavable)
         greedy_bytes = remat.plan_bytes(info, greedy.saved)
         if previous is not None:
@@ -408,7 +408,7 @@ def test_greedy_on_thousands_of_values_is_fast_valid_and_within_budget():
     info, recomputable = random_graph(7, 3000)
     save_all = remat.plan_bytes(info, remat.save_all_plan(info).saved)
     start = time.perf_counter()
-    plan = remat.greedy_plan(info, 0.5 * save_all, recomputable)
+    plan = remat_search.greedy_plan(info, 0.5 * save_all, recomputable)
     seconds = time.perf_counter() - start
     assert_valid(info, plan, recomputable)
     assert remat.plan_bytes(info, plan.saved) <= 0.5 * save_all
