@@ -258,3 +258,27 @@ def test_recorded_module_reads_stay_in_their_thread():
     assert [name for _, name, _ in recorded["a"].values()] == ["scale"]
     assert recorded["b"] == {} and recorded["b_opened_after_a"]
     assert "__getattribute__" not in vars(nn.Module)   # the wrapper is gone again
+
+
+def test_threads_compile_step_at_once(no_dump_env):
+    """Two threads compile and run ``compile_step`` for two models at once
+    (one model per thread: a step updates its model in place); parameters
+    after two steps equal eager SGD's."""
+    def train(seed):
+        def run():
+            model = _model(seed, 5 + seed)
+            reference = _model(seed, 5 + seed)
+            compiled_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            eager_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+            loss_fn = lambda m, x: m(x).pow(2).mean()   # noqa: E731
+            step = retrograd.compile_step(model, loss_fn, compiled_opt)
+            for i in range(2):
+                x = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed + 10 * i))
+                step(x)
+                eager_opt.zero_grad()
+                loss_fn(reference, x).backward()
+                eager_opt.step()
+            for got, ref in zip(model.parameters(), reference.parameters()):
+                assert_close_floor(got.detach(), ref.detach(), 1e-5)
+        return run
+    run_threads([train(0), train(1)])
