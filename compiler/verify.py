@@ -8,13 +8,14 @@ tangents, against eager autograd on the module as captured
 wrong decomposition is caught there and not taken as the truth. The joint
 graph's outputs are then the reference of every later stage, run on the
 same inputs and compared output by output: relative error
-``||got - ref|| / max(||ref||, floor)`` within a tolerance per dtype,
-integers and booleans exactly, and a NaN where the reference has none
-always fails. The floor is the root-mean-square of the largest other float
-output times ``sqrt(numel)``: a value that is mathematically zero (the
-gradient of a convolution bias that feeds a BatchNorm) is only rounding
-noise, and noise is judged against the scale of the rest, not against
-itself (tests/checks.py's floor-relative comparisons do the same).
+``||got - ref|| / max(||ref||, floor)`` within a tolerance per dtype
+(both from compiler/numerics.py, which the tests use too), integers and
+booleans exactly, and a NaN where the reference has none always fails.
+The floor is the root-mean-square of the largest other float output times
+``sqrt(numel)``: a value that is mathematically zero (the gradient
+of a convolution bias that feeds a BatchNorm) is only rounding noise, and
+noise is judged against the scale of the rest, not against itself (the
+tests' floor-relative comparisons do the same).
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from retrograd.numerics import TOLERANCE, relative_error, tolerance, wide as _wide
+
 __all__ = ["VerificationError", "compare", "run_graph", "run_program", "same_random_numbers",
            "eager_joint", "is_random_graph", "check_joint", "TOLERANCE"]
-
-#: Relative error allowed per dtype (fused code may reorder float math).
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2,
-             torch.bfloat16: 1e-2}
 
 
 class VerificationError(AssertionError):
@@ -59,17 +58,6 @@ def run_program(executable, inputs: Sequence[Any]) -> list:
     """Run a compiled program (boxed) on a copy of the inputs list, seeded as above."""
     with torch.no_grad(), same_random_numbers():
         return list(executable(list(inputs)))
-
-
-def _relative_error(got: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    got, ref = _wide(got), _wide(ref)
-    scale = max(ref.norm().item(), floor)
-    return (got - ref).norm().item() / (scale if scale > 0 else 1.0)
-
-
-def _wide(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().cpu().resolve_conj().resolve_neg()
-    return tensor.to(torch.complex128 if tensor.is_complex() else torch.float64)
 
 
 def _floors(ref: Sequence[Any]) -> list[float]:
@@ -121,10 +109,8 @@ def compare(stage: str, got: Sequence[Any], ref: Sequence[Any],
         a, b = _wide(a), _wide(b)
         if bool(torch.isnan(a).any()) and not bool(torch.isnan(b).any()):
             raise VerificationError(f"retrograd verify: {_label(stage)} produced NaN in {where}")
-        finite = torch.isfinite(b)
-        error = _relative_error(torch.where(finite, a, 0), torch.where(finite, b, 0),
-                                floors[index])
-        limit = TOLERANCE.get(ref[index].dtype, 1e-5)
+        error = relative_error(a, b, floors[index])     # over b's finite entries
+        limit = tolerance(ref[index].dtype)
         if error > limit:
             raise VerificationError(
                 f"retrograd verify: {_label(stage)} changed {where}: relative error "

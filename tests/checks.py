@@ -1,5 +1,6 @@
 """Assertions shared by several test files: numerics against eager (a
-compiled function against float64 eager, outputs and gradients), the
+compiled function against float64 eager, outputs and gradients, measured
+by retrograd.numerics' relative_error and TOLERANCE, re-exported here), the
 shape of a Program's schedule, compiling through either face and counting
 the graphs it compiles."""
 
@@ -11,6 +12,8 @@ import retrograd
 import retrograd.backend
 import retrograd.trace_cache
 from retrograd.ir import Program
+# the one measure and tolerance table, shared with verify=True (compiler/numerics.py)
+from retrograd.numerics import TOLERANCE, relative_error
 
 __all__ = ["TOLERANCE", "relative_error", "assert_close", "assert_close_floor",
            "check_against_eager", "eager_step", "assert_topological", "FACES", "compile_with",
@@ -18,20 +21,6 @@ __all__ = ["TOLERANCE", "relative_error", "assert_close", "assert_close_floor",
 
 #: The two faces a test can compile through (``compile_with``).
 FACES = ("standalone", "torch.compile")
-
-#: Relative error allowed against a float64 (or same-dtype) eager reference.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,
-             torch.float64: 1e-9}
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    """``||got - ref|| / max(||ref||, floor)`` in float64 over the finite
-    reference values (``floor``: a scale for values that are mathematically zero)."""
-    got, ref = got.detach().double(), ref.detach().double()
-    finite = ref.isfinite()
-    scale = max(ref[finite].norm().item(), floor)
-    error = (got[finite] - ref[finite]).norm().item()
-    return error / scale if scale > 0 else error
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,

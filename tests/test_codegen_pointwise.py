@@ -32,9 +32,7 @@ from retrograd.passes import buffer_reuse, cleanup, fusion
 from retrograd.pipeline import OpSupport, PassContext
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.loader import load_module, write_source
-
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2,
-             torch.float64: 1e-9}
+from checks import TOLERANCE, relative_error
 
 
 # ---------------------------------------------------------------- helpers
@@ -57,8 +55,7 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor, tolerance: float | None
     assert torch.equal(got[infinite], ref[infinite]), "infinities differ"
     finite = ref.isfinite()
     assert bool(got[finite].isfinite().all()), "a finite value became inf or NaN"
-    scale = ref[finite].norm().item()
-    error = (got[finite] - ref[finite]).norm().item() / (scale if scale > 0 else 1.0)
+    error = relative_error(got, ref)
     assert error < limit, f"relative error {error:.3g} >= {limit:g}"
 
 

@@ -23,7 +23,7 @@ import retrograd.passes.cleanup
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from checks import FACES, RetraceCounter, compile_with
+from checks import FACES, RetraceCounter, compile_with, relative_error
 from retrograd.verify import VerificationError
 from zoo import MLP, ZOO, SmallCNN, assert_parity, clone_inputs, training_step
 
@@ -38,10 +38,6 @@ def _step(model, parameters_of, *inputs, entry=ZOO["mlp"]):
 
 def _same(got, expected, tolerance: float = 1e-5) -> None:
     assert_parity({"value": got}, {"value": expected}, tolerance)
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # -- module-likeness ------------------------------------------------------------------
@@ -80,7 +76,7 @@ def test_train_and_eval_switch_batchnorm(face):
         reference.eval()
         evaluated = compiled(images)
         _same(evaluated, reference(images))
-        assert relative(evaluated, trained) > 1e-3, "eval mode made no difference"
+        assert relative_error(evaluated, trained) > 1e-3, "eval mode made no difference"
         compiled.train()
         _same(compiled(images), reference.train()(images))
 

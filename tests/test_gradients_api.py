@@ -30,7 +30,8 @@ from retrograd.passes.dead_gradient import GradientSpec
 from retrograd.pipeline import OpSupport, PassContext
 from retrograd.verify import run_graph
 
-from zoo import ZOO, relative_error
+from checks import relative_error
+from zoo import ZOO
 
 aten = torch.ops.aten
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import retrograd
-from zoo import ZOO, MLP, relative_error
+from checks import relative_error
+from zoo import ZOO, MLP
 
 MATMULS = {"aten.addmm.default", "aten.mm.default", "aten.bmm.default"}
 AUTOCAST_TOLERANCE = 5e-2

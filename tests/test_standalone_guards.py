@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 
 import retrograd
-from checks import RetraceCounter
-from zoo import relative_error
+from checks import RetraceCounter, relative_error
 
 pytestmark = pytest.mark.usefixtures("no_dump_env")
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import retrograd
 import retrograd.step
-from checks import eager_step
+from checks import eager_step, relative_error
 
 
 def _model() -> torch.nn.Module:
@@ -37,13 +37,9 @@ OPTIMIZERS = {
 }
 
 
-def _relative(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _assert_same_parameters(compiled_model, eager_model) -> None:
     for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
-        assert _relative(p.detach(), q.detach()) < 1e-5
+        assert relative_error(p.detach(), q.detach()) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -58,12 +54,12 @@ def test_steps_match_an_eager_loop(name):
         x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
         loss = step(x, y)
         reference = eager_step(eager_model, eager_opt, _loss, x, y)
-        assert _relative(loss.detach(), reference.detach()) < 1e-5
+        assert relative_error(loss.detach(), reference.detach()) < 1e-5
     _assert_same_parameters(compiled_model, eager_model)
     for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
         for key, value in eager_opt.state[q].items():
             mine = compiled_opt.state[p][key]
-            assert _relative(torch.as_tensor(mine).float(), torch.as_tensor(value).float()) < 1e-5
+            assert relative_error(mine, value) < 1e-5
     for a, b in zip(compiled_model.buffers(), eager_model.buffers()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)   # BatchNorm stats
     report = step.reports["step"]
@@ -78,7 +74,7 @@ def test_without_an_optimizer_gradients_accumulate_in_grad():
         step(x, y)
         _loss(eager_model, x, y).backward()
     for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
-        assert _relative(p.grad, q.grad) < 1e-5
+        assert relative_error(p.grad, q.grad) < 1e-5
 
 
 def test_a_learning_rate_change_does_not_recompile():
@@ -230,7 +226,7 @@ def test_tied_parameters_are_replaced_under_every_name(monkeypatch):
         ids = torch.randint(0, 11, (2, 5))
         got = step(ids)
         expected = eager_step(eager_model, eager_opt, loss, ids)
-        assert _relative(got.detach(), expected.detach()) < 1e-5
+        assert relative_error(got.detach(), expected.detach()) < 1e-5
         if call == 0:
             traced = len(looked_up)
     assert traced and len(looked_up) == traced
@@ -251,7 +247,7 @@ def test_a_memory_budget_applies_to_the_step():
     x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
     got = step(x, y)
     expected = eager_step(eager, optimizer, _loss, x, y)
-    assert _relative(got.detach(), expected.detach()) < 1e-5
+    assert relative_error(got.detach(), expected.detach()) < 1e-5
     _assert_same_parameters(model, eager)
     stats = next(p["stats"] for p in step.reports["step"]["passes"] if p["name"] == "checkpoint")
     assert stats["plan"] == "memory_budget=0.3"

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import retrograd
+from checks import relative_error
 
 
 class _Net(torch.nn.Module):
@@ -39,20 +40,15 @@ def _loss(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
-def _relative(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _assert_match(compiled, compiled_opt, eager, eager_opt) -> None:
     """Same parameters, and the same optimizer state under the same keys (none
     at all for a parameter that never had a gradient)."""
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
-        assert _relative(p.detach(), q.detach()) < 1e-5, name
+        assert relative_error(p.detach(), q.detach()) < 1e-5, name
         mine, theirs = compiled_opt.state.get(p, {}), eager_opt.state.get(q, {})
         assert set(mine) == set(theirs), (name, set(mine), set(theirs))
         for key, value in theirs.items():
-            assert _relative(mine[key], value) < 1e-5, (name, key)
+            assert relative_error(mine[key], value) < 1e-5, (name, key)
 
 
 def _train(make, steps=4, max_grad_norm=None, schedule=None, each_step=None):
@@ -77,7 +73,7 @@ def _train(make, steps=4, max_grad_norm=None, schedule=None, each_step=None):
         eager_opt.step()
         for scheduler in schedulers:
             scheduler.step()
-        assert _relative(loss.detach(), reference.detach()) < 1e-5
+        assert relative_error(loss.detach(), reference.detach()) < 1e-5
     _assert_match(compiled, compiled_opt, eager, eager_opt)
     assert compiled.unused.weight.grad is None and not compiled_opt.state.get(
         compiled.unused.weight)
@@ -148,7 +144,7 @@ def test_without_an_optimizer_unreached_parameters_keep_no_grad():
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if q.grad is not None:
-            assert _relative(p.grad, q.grad) < 1e-5, name
+            assert relative_error(p.grad, q.grad) < 1e-5, name
 
 
 @pytest.mark.filterwarnings(r"error:Detected call of `lr_scheduler.step\(\)`")
@@ -244,9 +240,9 @@ def test_float64_steps_match_to_double_precision():
         torch.nn.utils.clip_grad_norm_(eager.parameters(), 0.2)
         eager_opt.step()
     for p, q in zip(compiled.parameters(), eager.parameters()):
-        assert _relative(p.detach(), q.detach()) < 1e-12
+        assert relative_error(p.detach(), q.detach()) < 1e-12
         for key, value in eager_opt.state.get(q, {}).items():
-            assert _relative(compiled_opt.state[p][key], value) < 1e-12, key
+            assert relative_error(compiled_opt.state[p][key], value) < 1e-12, key
 
 
 def test_adam_step_counts_are_per_parameter():

@@ -26,8 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from retrograd.numerics import relative_error, wide
+
 __all__ = ["ZooEntry", "ZOO", "mlp", "cnn", "attention_block", "gpt2_tiny", "mlp_frozen",
-           "MLP", "SmallCNN", "AttentionBlock", "training_step", "relative_error",
+           "MLP", "SmallCNN", "AttentionBlock", "training_step",
            "assert_parity", "clone_inputs", "errors"]
 
 
@@ -244,19 +246,19 @@ def training_step(entry: ZooEntry, model: Callable, parameters_of: nn.Module,
     return result
 
 
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||got - ref|| / ||ref||`` in float64 (absolute when ``ref`` is zero); NaN gives inf."""
-    got, ref = got.detach().double(), ref.detach().double()
+def _same_non_finite(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``got`` has ``ref``'s NaNs and infinities, where ``ref`` has them
+    (relative_error measures the finite rest only)."""
     if got.shape != ref.shape:
-        return math.inf
-    error = (got - ref).norm().item()
-    scale = ref.norm().item()
-    value = error / scale if scale > 0 else error
-    return math.inf if math.isnan(value) else value
+        return True       # relative_error reads a shape change as inf itself
+    got, ref = wide(got), wide(ref)
+    infinite = ref.isinf()
+    return torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[infinite], ref[infinite])
 
 
 def errors(got: dict, ref: dict) -> dict[str, float]:
-    """Relative error per name; a gradient present on one side only counts as inf."""
+    """Relative error per name (retrograd.numerics'); a gradient present on one
+    side only, or a NaN or inf on one side only, counts as inf."""
     assert got.keys() == ref.keys(), f"different results: {sorted(got.keys() ^ ref.keys())}"
     result = {}
     for name, expected in ref.items():
@@ -264,7 +266,8 @@ def errors(got: dict, ref: dict) -> dict[str, float]:
         if expected is None or actual is None:
             result[name] = 0.0 if expected is None and actual is None else math.inf
         else:
-            result[name] = relative_error(actual, expected)
+            result[name] = (relative_error(actual, expected)
+                            if _same_non_finite(actual, expected) else math.inf)
     return result
 
 
