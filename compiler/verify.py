@@ -10,9 +10,9 @@ graph's outputs are then the reference of every later stage, run on the
 same inputs and compared output by output: relative error
 ``||got - ref|| / max(||ref||, floor)`` within a tolerance per dtype
 (both from compiler/numerics.py, which the tests use too), integers and
-booleans exactly, and a NaN where the reference has none always fails.
-The floor is the root-mean-square of the largest other float output times
-``sqrt(numel)``: a value that is mathematically zero (the gradient
+booleans exactly, and a NaN where the reference value is not NaN always
+fails. The floor is the root-mean-square of the largest other float output
+times ``sqrt(numel)``: a value that is mathematically zero (the gradient
 of a convolution bias that feeds a BatchNorm) is only rounding noise, and
 noise is judged against the scale of the rest, not against itself (the
 tests' floor-relative comparisons do the same).
@@ -107,7 +107,7 @@ def compare(stage: str, got: Sequence[Any], ref: Sequence[Any],
                 raise VerificationError(f"retrograd verify: {_label(stage)} changed {where}")
             continue
         a, b = _wide(a), _wide(b)
-        if bool(torch.isnan(a).any()) and not bool(torch.isnan(b).any()):
+        if bool((torch.isnan(a) & ~torch.isnan(b)).any()):
             raise VerificationError(f"retrograd verify: {_label(stage)} produced NaN in {where}")
         error = relative_error(a, b, floors[index])     # over b's finite entries
         limit = tolerance(ref[index].dtype)

@@ -115,3 +115,13 @@ def test_compare_floor_is_the_scale_of_the_other_outputs():
         compare("test", [weight_grad, zero + 1e-2], [weight_grad, zero])
     with pytest.raises(VerificationError, match="output 0"):
         compare("test", [weight_grad * 1.01, zero], [weight_grad, zero])
+
+
+def test_compare_fails_a_nan_where_the_reference_has_a_number():
+    """A NaN the pass made counts even when the reference has a NaN elsewhere
+    (the old check looked for any NaN in the reference, and the finite-part
+    error came out NaN, which ``error > limit`` let through)."""
+    ref = torch.tensor([1.0, float("nan"), 3.0])
+    compare("test", [ref.clone()], [ref])                      # NaN where the reference has it
+    with pytest.raises(VerificationError, match="produced NaN in output 0"):
+        compare("test", [torch.tensor([float("nan"), float("nan"), 3.0])], [ref])
