@@ -312,9 +312,9 @@ def test_both_arguments_wanted_computes_both():
 
 # -- 5. the pass on joint graphs ----------------------------------------------------------------
 
-def _ctx(**spec) -> PassContext:
+def _ctx(num_fwd_outputs: int, **spec) -> PassContext:
     return PassContext(Options(), Dumper(None, []), OpSupport(), "t",
-                       gradients=GradientSpec(**spec))
+                       gradients=GradientSpec(**spec), num_fwd_outputs=num_fwd_outputs)
 
 
 def _targets(gm) -> list:
@@ -336,11 +336,25 @@ def _joint(module: nn.Module, *inputs):
 
 
 def _same(got: list, expected: list) -> None:
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected):
-        if b is None or a is None:
+    """Equal output by output, exactly (NaN matching NaN); a None (no gradient)
+    only where the other side has None too: a vanished gradient is a failure."""
+    assert len(got) == len(expected), f"{len(got)} outputs, expected {len(expected)}"
+    for index, (a, b) in enumerate(zip(got, expected)):
+        if a is None or b is None:
+            assert a is None and b is None, f"output {index}: {a!r} against {b!r}"
             continue
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_same_fails_a_gradient_present_on_one_side_only():
+    """The helper the tests below rely on: None faces None, or it fails."""
+    _same([None, torch.ones(2)], [None, torch.ones(2)])
+    with pytest.raises(AssertionError, match="output 0"):
+        _same([None, torch.ones(2)], [torch.zeros(3), torch.ones(2)])
+    with pytest.raises(AssertionError, match="output 1"):
+        _same([None, torch.ones(2)], [None, None])
+    with pytest.raises(AssertionError):
+        _same([torch.ones(2)], [torch.ones(2), None])
 
 
 class MatmulBranch(nn.Module):
@@ -361,7 +375,7 @@ def test_zero_tangent_flows_through_mul_mm_views_and_sums():
     zero = [tangents[0], torch.zeros_like(tangents[1])]
     before = run_graph(joint, primals + zero)
 
-    stats = dead_gradient.run(joint, _ctx(zero_tangents=(1,)), count)
+    stats = dead_gradient.run(joint, _ctx(count, zero_tangents=(1,))).stats
     joint.graph.lint()
     assert stats["zero_tangents"] == 1
     assert stats["nodes_removed"] >= 5
@@ -396,7 +410,7 @@ def test_sum_with_a_zero_term_is_the_other_term():
     zero = [tangents[0], torch.zeros_like(tangents[1])]
     before = run_graph(joint, primals + zero)
 
-    stats = dead_gradient.run(joint, _ctx(live_tangents=(0,)), count)
+    stats = dead_gradient.run(joint, _ctx(count, live_tangents=(0,))).stats
     joint.graph.lint()
     assert stats["zero_tangents"] == 1 and stats["nodes_removed"] >= 3
     assert _targets(joint).count(aten.add.Tensor) == adds - 1
@@ -414,7 +428,7 @@ def test_unwanted_gradient_becomes_none_and_wanted_are_unchanged():
     x, w = torch.randn(3, 4, requires_grad=True), torch.randn(4, requires_grad=True)
     joint, primals, tangents, count = _joint(Shared(), x, w)
     before = run_graph(joint, primals + tangents)
-    stats = dead_gradient.run(joint, _ctx(wanted=(0,)), count)
+    stats = dead_gradient.run(joint, _ctx(count, wanted=(0,))).stats
     joint.graph.lint()
     assert stats == {"nodes_removed": stats["nodes_removed"],
                      "gradient_bytes_never_computed": w.numel() * w.element_size(),
@@ -431,7 +445,7 @@ def test_no_spec_changes_nothing():
     joint, primals, tangents, count = _joint(Shared(), x, w)
     code = joint.code
     before = run_graph(joint, primals + tangents)
-    stats = dead_gradient.run(joint, _ctx(), count)
+    stats = dead_gradient.run(joint, _ctx(count)).stats
     assert stats == {"nodes_removed": 0, "gradient_bytes_never_computed": 0,
                      "unwanted_gradients": 0, "zero_tangents": 0}
     assert joint.code == code
@@ -466,7 +480,7 @@ def test_hand_built_graphs_keep_their_values(case):
     gm, (p, t1, t2) = _hand_joint(bodies[case], shapes)
     inputs = [p, t1, torch.zeros_like(t2)]
     before = run_graph(gm, inputs)
-    stats = dead_gradient.run(gm, _ctx(zero_tangents=(1,)), 1)
+    stats = dead_gradient.run(gm, _ctx(1, zero_tangents=(1,))).stats
     gm.graph.lint()
     after = run_graph(gm, inputs)
     _same(after, before)
@@ -484,7 +498,7 @@ def test_hand_built_graphs_keep_their_values(case):
 def test_entirely_zero_gradient_is_a_fill():
     gm, (p, t1, t2) = _hand_joint(lambda p, t1, t2: (p.sin(), (t2 * p.cos()).view(6).view(2, 3)),
                                   [(2, 3)] * 3)
-    stats = dead_gradient.run(gm, _ctx(zero_tangents=(1,)), 1)
+    stats = dead_gradient.run(gm, _ctx(1, zero_tangents=(1,))).stats
     (grad,) = _outputs(gm)[1:]
     assert grad.target is aten.full.default
     assert stats["gradient_bytes_never_computed"] == p.numel() * p.element_size()
