@@ -38,8 +38,16 @@ OPTIMIZERS = {
 
 
 def _assert_same_parameters(compiled_model, eager_model) -> None:
-    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
         assert relative_error(p.detach(), q.detach()) < 1e-5
+
+
+def test_parameter_comparisons_fail_on_a_missing_parameter():
+    """The comparisons here zip strictly: a model with a layer fewer is a
+    failure, not a shorter comparison that passes on the layers both have."""
+    _assert_same_parameters(_model(), _model())
+    with pytest.raises(ValueError, match="zip"):
+        _assert_same_parameters(_model(), _model()[:3])
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -56,11 +64,12 @@ def test_steps_match_an_eager_loop(name):
         reference = eager_step(eager_model, eager_opt, _loss, x, y)
         assert relative_error(loss.detach(), reference.detach()) < 1e-5
     _assert_same_parameters(compiled_model, eager_model)
-    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
+        assert compiled_opt.state[p].keys() == eager_opt.state[q].keys()
         for key, value in eager_opt.state[q].items():
             mine = compiled_opt.state[p][key]
             assert relative_error(mine, value) < 1e-5
-    for a, b in zip(compiled_model.buffers(), eager_model.buffers()):
+    for a, b in zip(compiled_model.buffers(), eager_model.buffers(), strict=True):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)   # BatchNorm stats
     report = step.reports["step"]
     assert report["graph"] == "step" and report["kernels"]["triton"] >= 1
@@ -73,7 +82,7 @@ def test_without_an_optimizer_gradients_accumulate_in_grad():
         x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
         step(x, y)
         _loss(eager_model, x, y).backward()
-    for p, q in zip(compiled_model.parameters(), eager_model.parameters()):
+    for p, q in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
         assert relative_error(p.grad, q.grad) < 1e-5
 
 

@@ -43,7 +43,7 @@ def _loss(model, x, y):
 def _assert_match(compiled, compiled_opt, eager, eager_opt) -> None:
     """Same parameters, and the same optimizer state under the same keys (none
     at all for a parameter that never had a gradient)."""
-    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         assert relative_error(p.detach(), q.detach()) < 1e-5, name
         mine, theirs = compiled_opt.state.get(p, {}), eager_opt.state.get(q, {})
         assert set(mine) == set(theirs), (name, set(mine), set(theirs))
@@ -141,7 +141,7 @@ def test_without_an_optimizer_unreached_parameters_keep_no_grad():
     x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
     step(x, y)
     _loss(eager, x, y).backward()
-    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
         assert (p.grad is None) == (q.grad is None), name
         if q.grad is not None:
             assert relative_error(p.grad, q.grad) < 1e-5, name
@@ -239,7 +239,7 @@ def test_float64_steps_match_to_double_precision():
         _loss(eager, x, y).backward()
         torch.nn.utils.clip_grad_norm_(eager.parameters(), 0.2)
         eager_opt.step()
-    for p, q in zip(compiled.parameters(), eager.parameters()):
+    for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
         assert relative_error(p.detach(), q.detach()) < 1e-12
         for key, value in eager_opt.state.get(q, {}).items():
             assert relative_error(compiled_opt.state[p][key], value) < 1e-12, key
