@@ -268,45 +268,67 @@ def tradeoff(info: JointInfo, recomputable, unsavable=lambda node: False,
              max_work: int = GREEDY_WORK) -> tuple[_Plans, _Frontier]:
     """Plans trading saved bytes for recompute cost, none beaten on both;
     computed without a budget, so every budget picks from the same list.
-    ``max_cuts`` bounds the minimum cuts of steps 1 and 3 (each), ``max_work``
-    the local search."""
-    import numpy as np
+    ``max_cuts`` bounds the minimum cuts of phases 1 and 3 (each), ``max_work``
+    the local search. Four phases, each adding to one ``_Search``."""
+    search = _Search(_Plans(info, recomputable, unsavable))
+    hull = _hull(search, max_cuts)
+    _between_neighbours(search, hull)
+    _mixed_cuts(search, hull, max_cuts, splits)
+    _local_search(search, max_work)
+    return search.plans, search.frontier
 
-    plans = _Plans(info, recomputable, unsavable)
-    frontier, todo = _Frontier(), deque()
 
-    def add() -> None:
-        if not plans.bad and not frontier.beaten(round(plans.bytes, 6), round(plans.work, 6)):
+class _Search:
+    """What the phases of ``tradeoff`` share: the plan being evaluated, the
+    frontier found so far, and the frontier plans the local search still has
+    to start from."""
+
+    def __init__(self, plans: _Plans):
+        self.plans, self.frontier, self.todo = plans, _Frontier(), deque()
+
+    def add(self) -> None:
+        """Keep the current plan if it is valid and nothing found beats it."""
+        plans = self.plans
+        if not plans.bad and not self.frontier.beaten(round(plans.bytes, 6),
+                                                      round(plans.work, 6)):
             point = plans.point()
-            frontier.insert(point)
-            todo.append(point)
+            self.frontier.insert(point)
+            self.todo.append(point)
 
-    def cut(weight) -> tuple | None:
-        plans.load(plans.lagrangian(weight))
-        add()
-        return None if plans.bad else plans.point()
+    def cut(self, weight) -> tuple | None:
+        """Load and keep the minimum cut at ``weight``; its point if valid."""
+        self.plans.load(self.plans.lagrangian(weight))
+        self.add()
+        return None if self.plans.bad else self.plans.point()
 
-    # 1. the lower convex hull of (bytes, cost): minimum cuts of cost + weight
-    #    x bytes at the weights where two known hull plans tie (Eisner and
-    #    Severance's parametric search)
+
+def _hull(search: _Search, max_cuts: int) -> list[tuple]:
+    """Phase 1: the lower convex hull of (bytes, cost): minimum cuts of cost +
+    weight x bytes at the weights where two known hull plans tie (Eisner and
+    Severance's parametric search). Returns the hull by bytes descending."""
+    plans = search.plans
     plans.load(())
-    add()
+    search.add()
     first = None if plans.bad else plans.point()
-    last = cut(sum(plans.cost) + 1.0)
+    last = search.cut(sum(plans.cost) + 1.0)
     segments = [(first, last)] if first and last and first[0] > last[0] else []
     cuts = 1
     while segments and cuts < max_cuts:
         a, b = segments.pop()
         weight = (b[1] - a[1]) / (a[0] - b[0])
-        point = cut(weight)
+        point = search.cut(weight)
         cuts += 1
         tied = a[1] + weight * a[0]
         if point and a[0] > point[0] > b[0] and point[1] + weight * point[0] < tied * (1 - 1e-9):
             segments += [(a, point), (point, b)]
-    # 2. between two neighbouring hull plans, recompute the difference piece
-    #    by piece: each connected piece by bytes freed per cost, and value by
-    #    value in graph order and in reverse (a layer at a time, in a stack)
-    hull = sorted(frontier.points, key=lambda point: -point[0])
+    return sorted(search.frontier.points, key=lambda point: -point[0])
+
+
+def _between_neighbours(search: _Search, hull: list[tuple]) -> None:
+    """Phase 2: between two neighbouring hull plans, recompute the difference
+    piece by piece: each connected piece by bytes freed per cost, and value
+    by value in graph order and in reverse (a layer at a time, in a stack)."""
+    plans = search.plans
     for a, b in zip(hull, hull[1:]):
         difference = sorted(b[2] - a[2])
         plans.load(a[2])
@@ -321,19 +343,24 @@ def tradeoff(info: JointInfo, recomputable, unsavable=lambda node: False,
         for _, piece in sorted(scored, key=lambda item: item[0]):
             _recompute_all(plans, piece)
             plans.log = None
-            add()
+            search.add()
         for order in (difference, difference[::-1]):
             plans.load(a[2])
             for v in order:
                 if plans.users[v] and not plans.in_r[v]:
                     plans._recompute(v)
-                    add()
+                    search.add()
                 else:
                     plans.in_r[v] = True
-    # 3. minimum cuts with the two neighbours' tie weight nudged apart on
-    #    either side of a split point: one end's choices before it, the
-    #    other's after it (in a stack of layers, some layers each way)
-    position = np.arange(len(plans.nodes))
+
+
+def _mixed_cuts(search: _Search, hull: list[tuple], max_cuts: int, splits: int) -> None:
+    """Phase 3: minimum cuts with two hull neighbours' tie weight nudged apart
+    on either side of a split point: one end's choices before it, the other's
+    after it (in a stack of layers, some layers each way)."""
+    import numpy as np
+
+    position = np.arange(len(search.plans.nodes))
     mixed = 0
     for a, b in sorted(zip(hull, hull[1:]), key=lambda pair: pair[1][0] - pair[0][0]):
         difference = sorted(a[2] ^ b[2])
@@ -342,23 +369,25 @@ def tradeoff(info: JointInfo, recomputable, unsavable=lambda node: False,
             early = position < difference[step * len(difference) // splits]
             for first_half in (early, ~early):
                 if mixed < max_cuts:
-                    cut(np.where(first_half, weight * (1 - 1e-3), weight * (1 + 1e-3)))
+                    search.cut(np.where(first_half, weight * (1 - 1e-3), weight * (1 + 1e-3)))
                     mixed += 1
-    # 4. Pareto local search from every plan kept: single moves, keeping the
-    #    plans no other beats, breadth first until the work bound
-    work = 0
-    while todo and work < max_work:
-        point = todo.popleft()
-        if not frontier.holds(point):
+
+
+def _local_search(search: _Search, max_work: int) -> None:
+    """Phase 4: Pareto local search from every plan kept: single moves,
+    keeping the plans no other beats, breadth first until the work bound."""
+    plans, work = search.plans, 0
+    while search.todo and work < max_work:
+        point = search.todo.popleft()
+        if not search.frontier.holds(point):
             continue
         plans.load(point[2])
         work += len(plans.nodes)
         for v, kind in list(plans.moves()):
             plans.apply(v, kind)
             work += 1 + len(plans.log)
-            add()
+            search.add()
             plans.undo()
-    return plans, frontier
 
 
 def _pieces(plans: _Plans, values: list[int]) -> list[list[int]]:
