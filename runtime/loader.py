@@ -21,6 +21,11 @@ is a place code is loaded from:
   cannot bypass the check;
 - writes go to a temporary file in the same folder, then ``os.replace``,
   which is atomic on POSIX: readers see the old file or the whole new one.
+
+Bounds, for long runs: a loaded module lives while a program uses it, then
+it and what Triton and ``linecache`` keep of it are released (releases.py);
+``_WRITTEN`` keeps the latest ``WRITTEN_MAX`` sources; the folder has a
+size cap with least recently used eviction (disk_cache.py).
 """
 
 from __future__ import annotations
@@ -32,16 +37,26 @@ import os
 import stat
 import sys
 import tempfile
+import threading
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from retrograd.runtime import disk_cache
 from retrograd.runtime.device import interpreter_mode
+from retrograd.runtime.disk_cache import ours_alone
+from retrograd.runtime.releases import forget_released, handle
 
 __all__ = ["cache_dir", "load_module", "ours_alone", "source_key", "write_source"]
 
-_LOADED: dict[tuple[str, bool], ModuleType] = {}
-_WRITTEN: dict[str, str] = {}    # path -> the source this process wrote or verified there
+#: (path, interpreted) -> the module's handle while it is alive (releases.py)
+_LOADED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+#: path -> the source this process wrote or verified there, latest WRITTEN_MAX only
+_WRITTEN: OrderedDict[str, str] = OrderedDict()
+WRITTEN_MAX = 512
+_LOCK = threading.RLock()   # _LOADED, _WRITTEN, linecache entries of ours
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
@@ -74,15 +89,6 @@ def _versions() -> str:
 
 def source_key(source: str) -> str:
     return hashlib.sha256((_versions() + "\n" + source).encode()).hexdigest()[:24]
-
-
-def ours_alone(info: os.stat_result, is_kind=stat.S_ISREG) -> bool:
-    """Of the kind asked (a regular file unless ``is_kind`` says otherwise), ours,
-    and no other user can write it: the one trust test for what retrograd loads
-    from or writes into (the dumps use it for their folders)."""
-    if not is_kind(info.st_mode) or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return False
-    return not hasattr(os, "getuid") or info.st_uid == os.getuid()
 
 
 def _read_trusted(path: Path, size: int | None = None) -> str | None:
@@ -122,6 +128,7 @@ def _write_atomically(path: Path, source: str) -> None:
             os.fsync(file.fileno())
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)   # replaces a link or a bad file itself, never its target
+        disk_cache.note_write(path.parent, path, len(source.encode("utf-8")))
     except IsADirectoryError as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
@@ -140,7 +147,13 @@ def write_source(stem: str, source: str) -> Path:
     path = folder / f"{stem}_{key}.py"
     if _read_trusted(path, len(source.encode("utf-8"))) != source:
         _write_atomically(path, source)
-    _WRITTEN[str(path)] = source
+    elif str(path) not in _WRITTEN:
+        disk_cache.touch(path)   # used now: least recently used eviction keeps it
+    with _LOCK:
+        _WRITTEN[str(path)] = source
+        _WRITTEN.move_to_end(str(path))
+        while len(_WRITTEN) > WRITTEN_MAX:
+            _WRITTEN.popitem(last=False)
     return path
 
 
@@ -150,7 +163,8 @@ def _verified_source(path: Path) -> str:
     text = _read_trusted(path)
     if text is not None and source_key(text) == _key_of(path):
         return text
-    known = _WRITTEN.get(str(path))
+    with _LOCK:
+        known = _WRITTEN.get(str(path))
     if known is None:
         raise RuntimeError(
             f"retrograd: cached file {path} does not match the hash in its name (changed, "
@@ -161,20 +175,32 @@ def _verified_source(path: Path) -> str:
 
 def load_module(path: Path, interpreted: bool) -> ModuleType:
     """Run a generated file's verified text as a module; kernels are decorated
-    for the interpreter if asked. No bytecode is read or written."""
+    for the interpreter if asked. No bytecode is read or written.
+
+    What comes back is a handle (releases.py): it, and so the module, lives
+    while a program holds one of its functions; ``_LOADED`` finds it only
+    meanwhile, and the caches that outlive it are cleaned at the next load.
+    """
     cache_key = (str(path), interpreted)
-    if cache_key in _LOADED:
-        return _LOADED[cache_key]
-    source = _verified_source(Path(path))
+    with _LOCK:
+        forget_released(_LOADED)
+        module = _LOADED.get(cache_key)
+        if module is None:
+            module = handle(_execute(Path(path), interpreted), str(path))
+            _LOADED[cache_key] = module
+        return module
+
+
+def _execute(path: Path, interpreted: bool) -> ModuleType:
+    source = _verified_source(path)
     filename = str(path)
     # Triton reads kernels back through inspect/linecache: give it exactly the
     # verified text (an entry without mtime is never re-read from disk).
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    name = f"retrograd_generated.{Path(path).stem}{'_interpreted' if interpreted else ''}"
+    name = f"retrograd_generated.{path.stem}{'_interpreted' if interpreted else ''}"
     module = ModuleType(name)
     module.__file__ = filename
     code = compile(source, filename, "exec", dont_inherit=True)
     with interpreter_mode(interpreted):
         exec(code, module.__dict__)  # noqa: S102 -- verified generated code, see above
-    _LOADED[cache_key] = module
     return module
