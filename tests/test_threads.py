@@ -9,6 +9,7 @@ check that the environment ends as it began.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -267,7 +268,7 @@ def test_threads_compile_step_at_once(no_dump_env):
     def train(seed):
         def run():
             model = _model(seed, 5 + seed)
-            reference = _model(seed, 5 + seed)
+            reference = copy.deepcopy(model)   # torch's seed is process-wide
             compiled_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             eager_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
             loss_fn = lambda m, x: m(x).pow(2).mean()   # noqa: E731
