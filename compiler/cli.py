@@ -2,6 +2,8 @@
 
     retrograd summary DUMP_DIR   one line per compiled graph in a dump folder
     retrograd ops                every aten op lowered into Triton kernels
+    retrograd cache info         the kernel cache: folder, files, bytes, cap, oldest/newest
+    retrograd cache clear        delete retrograd's files from the kernel cache
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main"]
@@ -40,13 +43,64 @@ def list_ops() -> int:
     return 0
 
 
+def _when(mtime: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime))
+
+
+def cache_info() -> int:
+    """Print where the kernel cache is, what it holds and its cap."""
+    from retrograd.runtime import disk_cache
+    from retrograd.runtime.loader import cache_dir
+    folder = cache_dir()
+    files = disk_cache.cache_files(folder)
+    cap = disk_cache.max_bytes()
+    print(f"folder  {folder}")
+    print(f"files   {len(files)}")
+    print(f"bytes   {sum(file.size for file in files):,}")
+    print(f"cap     {'none' if cap is None else f'{cap:,}'} bytes "
+          f"({disk_cache.ENVIRONMENT}, least recently used evicted past it)")
+    if files:
+        print(f"oldest  {_when(files[0].mtime)}  {files[0].path.name}")
+        print(f"newest  {_when(files[-1].mtime)}  {files[-1].path.name}")
+    return 0
+
+
+def cache_clear(verbose: bool) -> int:
+    """Delete retrograd's files from the kernel cache; print what went."""
+    from retrograd.runtime import disk_cache
+    from retrograd.runtime.loader import cache_dir
+    folder = cache_dir()
+    removed = disk_cache.clear(folder)
+    if verbose:
+        for file in removed:
+            print(f"removed {file.path}")
+    print(f"retrograd: removed {len(removed)} files ({sum(f.size for f in removed):,} bytes) "
+          f"from {folder}")
+    return 0
+
+
+def _cache(args) -> int:
+    try:
+        return cache_info() if args.action == "info" else cache_clear(args.verbose)
+    except (PermissionError, ValueError) as error:   # an unsafe folder, a bad cap
+        print(error, file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="retrograd", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     summary_parser = commands.add_parser("summary", help="summarize the reports in a dump folder")
     summary_parser.add_argument("dump_dir", type=Path)
     commands.add_parser("ops", help="list the aten ops codegen lowers into Triton")
+    cache_parser = commands.add_parser("cache", help="look at or clear the kernel cache "
+                                                     "(RETROGRAD_CACHE_DIR)")
+    cache_parser.add_argument("action", choices=("info", "clear"))
+    cache_parser.add_argument("-v", "--verbose", action="store_true",
+                              help="clear: print every file removed")
     args = parser.parse_args(argv)
     if args.command == "summary":
         return summary(args.dump_dir)
+    if args.command == "cache":
+        return _cache(args)
     return list_ops()
