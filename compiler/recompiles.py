@@ -13,7 +13,8 @@ names what changed between the new signature and the nearest kept one
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["describe_change", "limit_message"]
 

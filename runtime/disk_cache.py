@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CacheFile", "cache_files", "max_bytes", "evict", "clear", "note_write", "touch",
-           "ours_alone", "ENVIRONMENT"]
+__all__ = ["ENVIRONMENT", "CacheFile", "cache_files", "clear", "evict", "max_bytes", "note_write",
+           "ours_alone", "touch"]
 
 ENVIRONMENT = "RETROGRAD_CACHE_MAX_MB"
 DEFAULT_MAX_MB = 1024

@@ -24,10 +24,10 @@ import functools
 import linecache
 import sys
 import weakref
+from collections.abc import Mapping
 from types import FunctionType, ModuleType
-from typing import Mapping
 
-__all__ = ["handle", "forget_released"]
+__all__ = ["forget_released", "handle"]
 
 #: (file name, the module's globals) of handles that died, until forgotten
 _RELEASED: list[tuple[str, dict]] = []

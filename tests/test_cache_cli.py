@@ -40,7 +40,7 @@ def test_info_names_folder_files_bytes_cap_oldest_newest(cache, capsys):
     assert str(cache) in out and "files   2" in out
     assert f"{old.stat().st_size + new.stat().st_size:,}" in out
     assert f"{1024 * 2**20:,}" in out   # the default cap
-    assert f"oldest  " in out and old.name in out.split("oldest")[1].split("\n")[0]
+    assert "oldest  " in out and old.name in out.split("oldest")[1].split("\n")[0]
     assert new.name in out.split("newest")[1]
 
 

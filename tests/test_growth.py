@@ -93,7 +93,7 @@ def _assert_modules_released(paths: set[str], executables: list) -> None:
     released = paths - live
     assert released
     loader.load_module(loader.write_source("probe", "VALUE = 1\n"), False)  # sweeps linecache
-    assert not [key for key in loader._LOADED.keys() if key[0] in released]
+    assert not [key for key in loader._LOADED if key[0] in released]
     assert not released & set(linecache.cache)
     assert all(path in linecache.cache for path in live)   # Triton still reads those
 
