@@ -22,7 +22,7 @@ import torch
 
 from retrograd.codegen import ops
 from retrograd.codegen.layout import coordinates, flat_index
-from retrograd.codegen.pointwise import _describe, _describe_node
+from retrograd.codegen.common import HELPERS, describe, describe_node
 from retrograd.ir import Buffer, Kernel
 
 __all__ = ["POOLS", "can_pool", "generate_pool"]
@@ -243,7 +243,6 @@ def _store(lines, name, buffer, value, coords) -> None:
 
 def generate_pool(kernel: Kernel, buffers: dict[str, Buffer], block: int, graph: str = "") -> str:
     """Triton source (kernel plus ``launch``) for a pooling node."""
-    from retrograd.codegen.pointwise import HELPERS
     node = next(n for n in kernel.nodes if n.target in POOLS)
     lines: list[str] = []
     if node.target is aten.max_pool2d_with_indices.default:
@@ -261,10 +260,10 @@ def generate_pool(kernel: Kernel, buffers: dict[str, Buffer], block: int, graph:
     body = "\n".join(lines)
     helper = HELPERS["_round_to_bf16"] if "_round_to_bf16" in body else ""
     args = kernel.inputs + kernel.outputs
-    params = "\n".join(f"    {name}_ptr,  # {_describe(buffers[name])}" for name in args)
+    params = "\n".join(f"    {name}_ptr,  # {describe(buffers[name])}" for name in args)
     source = KERNEL.substitute(
         title=f"{kernel.name}: {node.target}, one lane per element, window unrolled.",
-        graph=graph or "?", covered="\n".join(f"    {_describe_node(n)}" for n in kernel.nodes),
+        graph=graph or "?", covered="\n".join(f"    {describe_node(n)}" for n in kernel.nodes),
         name=kernel.name, params=params, body=body, numel=numel,
         block=min(block, max(16, 1 << (numel - 1).bit_length())), args=", ".join(args))
     return source.replace("import triton.language as tl\n", "import triton.language as tl\n"

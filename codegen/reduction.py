@@ -29,7 +29,7 @@ import torch
 
 from retrograd.codegen import ops
 from retrograd.codegen.layout import contiguous_strides
-from retrograd.codegen.pointwise import HELPERS, _describe, _describe_node, _mentions
+from retrograd.codegen.common import HELPERS, describe, describe_node, mentions
 from retrograd.ir import Buffer, Kernel
 
 __all__ = ["generate_reduction", "describe_reduction", "can_reduce", "choose_reduction_blocks",
@@ -294,7 +294,7 @@ class _Writer:
         expression = ops.lower(node, operand)
         dtype = ops.compute_dtype(node.meta["val"].dtype)
         if dtype != torch.bool and {self.dtypes[v] for v in self.dtypes
-                                    if _mentions(used, v)} - {dtype}:
+                                    if mentions(used, v)} - {dtype}:
             expression = f"({expression}).to({ops.triton_dtype(dtype)})"
         self.emit(f"{node.name} = {expression}")
         self.dtypes[node.name] = dtype
@@ -525,13 +525,13 @@ def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: i
     helpers = {**HELPERS, **REDUCE_HELPERS}
     used = [source for name, source in helpers.items() if re.search(rf"\b{name}\b", body)]
     params = "\n".join(
-        [f"    {name}_ptr,  # in: {_describe(buffers[name])}" for name in kernel.inputs]
-        + [f"    {name}_ptr,  # out: {_describe(buffers[name])}" for name in kernel.outputs])
+        [f"    {name}_ptr,  # in: {describe(buffers[name])}" for name in kernel.inputs]
+        + [f"    {name}_ptr,  # out: {describe(buffers[name])}" for name in kernel.outputs])
     return KERNEL.substitute(
         title=f"{kernel.name}: {len(reductions)} reductions and "
               f"{len(kernel.nodes) - len(reductions)} other ops fused into one kernel.",
         graph=graph or "?", reduced=list(kernel.reduced_dims), full=list(kernel.full_shape),
         rows=kernel.numel, extent=kernel.extent,
-        covered="\n".join(f"    {_describe_node(node)}" for node in kernel.nodes),
+        covered="\n".join(f"    {describe_node(node)}" for node in kernel.nodes),
         helpers="".join(used), name=kernel.name, params=params, body=body,
         args=", ".join(kernel.inputs + kernel.outputs), row_block=rows_block, r_block=r_block)

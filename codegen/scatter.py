@@ -19,7 +19,7 @@ import torch
 from retrograd.codegen import ops
 from retrograd.codegen.layout import (contiguous_strides, coordinates, flat_index,
                                       next_power_of_two)
-from retrograd.codegen.pointwise import _describe, _describe_node
+from retrograd.codegen.common import describe, describe_node
 from retrograd.ir import Buffer, Kernel
 
 __all__ = ["SCATTERS", "can_scatter", "generate_scatter"]
@@ -175,9 +175,9 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
     numel = kernel.numel
     return KERNEL.substitute(
         title=f"{kernel.name}: {node.target} as a copy and a scatter.",
-        graph=graph or "?", covered=_describe_node(node), name=kernel.name,
-        copy_params="\n".join(f"    {n}_ptr,  # {_describe(buffers[n])}" for n in copy_args),
-        params="\n".join(f"    {n}_ptr,  # {_describe(buffers[n])}" for n in args),
+        graph=graph or "?", covered=describe_node(node), name=kernel.name,
+        copy_params="\n".join(f"    {n}_ptr,  # {describe(buffers[n])}" for n in copy_args),
+        params="\n".join(f"    {n}_ptr,  # {describe(buffers[n])}" for n in args),
         copy_body="\n".join(copy_lines), body="\n".join(lines), out=out.name,
         out_numel=out.numel, numel=numel, copy_block=min(block, _power(out.numel)),
         block=min(block, _power(numel)), args=", ".join(args),
