@@ -69,6 +69,7 @@ def test_standalone_keeps_max_programs_and_frees_the_rest(cache, executables):
         assert not [w for w in caught if "max_programs" in str(w.message)]
         first = [ref for ref in executables if ref() is not None]
         first_paths = {str(path) for ref in first for path in ref().paths.values()}
+        first_functions = _generated_functions(first_paths)
         for rows in (5, 6, 7):
             _run(compiled, rows)
             assert _programs(compiled) == 3
@@ -80,22 +81,37 @@ def test_standalone_keeps_max_programs_and_frees_the_rest(cache, executables):
     assert kept_rows == [5, 6, 7]
     gc.collect()
     assert first and all(ref() is None for ref in first), "a released program is still alive"
-    _assert_modules_released(first_paths, executables)
+    _assert_modules_released(first_paths, first_functions, executables)
     _run(compiled, 2)      # released: compiles again, still right
     assert [key[0][1][0] for key in compiled._cache.entries] == [6, 7, 2]
 
 
-def _assert_modules_released(paths: set[str], executables: list) -> None:
-    """The generated modules (and their linecache entries) of released
-    programs are gone, except those a live program shares."""
+def _generated_functions(paths: set[str]) -> dict[str, list[weakref.ref]]:
+    """Weak references to the functions of the loaded modules of ``paths``
+    (their globals hold the kernels: alive while Triton's caches hold them)."""
+    found: dict[str, list[weakref.ref]] = {}
+    for (path, _), module in list(loader._LOADED.items()):
+        if path in paths:
+            found.setdefault(path, []).extend(
+                weakref.ref(value.__wrapped__) for value in vars(module).values()
+                if hasattr(value, "__retrograd_handle__"))
+    return found
+
+
+def _assert_modules_released(paths: set[str], functions: dict, executables: list) -> None:
+    """The generated modules of released programs are gone, with what Triton
+    and linecache kept of them, except those a live program shares."""
     live = {str(path) for ref in executables if ref() is not None
             for path in ref().paths.values()}
     released = paths - live
     assert released
-    loader.load_module(loader.write_source("probe", "VALUE = 1\n"), False)  # sweeps linecache
+    loader.load_module(loader.write_source("probe", "VALUE = 1\n"), False)  # sweeps
+    gc.collect()
     assert not [key for key in loader._LOADED if key[0] in released]
     assert not released & set(linecache.cache)
     assert all(path in linecache.cache for path in live)   # Triton still reads those
+    kept = [path for path in released for ref in functions.get(path, ()) if ref() is not None]
+    assert not kept, f"Triton's caches or ours still hold {kept}"
 
 
 def test_a_used_program_is_not_the_one_released(cache):
