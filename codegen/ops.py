@@ -113,17 +113,6 @@ def _rsub(node, operand):
     return f"{operand(b)} - {_alpha(node, operand(a), operand)}"
 
 
-@_register(aten.mul.Tensor, aten.mul.Scalar)
-def _mul(node, operand):
-    return f"{operand(node.args[0])} * {operand(node.args[1])}"
-
-
-@_register(aten.div.Tensor, aten.div.Scalar)
-def _div(node, operand):
-    dtype = _float_out(node)
-    return f"{operand(node.args[0], dtype)} / {operand(node.args[1], dtype)}"
-
-
 @_register(aten.div.Tensor_mode, aten.div.Scalar_mode)
 def _div_mode(node, operand):
     dtype = _float_out(node)
@@ -147,16 +136,6 @@ def _reciprocal(node, operand):
     return f"1.0 / {operand(node.args[0], _float_out(node))}"
 
 
-@_register(aten.maximum.default)
-def _maximum(node, operand):
-    return f"_maximum({operand(node.args[0], _out(node))}, {operand(node.args[1], _out(node))})"
-
-
-@_register(aten.minimum.default)
-def _minimum(node, operand):
-    return f"_minimum({operand(node.args[0], _out(node))}, {operand(node.args[1], _out(node))})"
-
-
 @_register(aten.clamp.default, aten.clamp.Tensor)
 def _clamp(node, operand):
     low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
@@ -167,16 +146,6 @@ def _clamp(node, operand):
     if high is not None:
         text = f"_minimum({text}, {operand(high, _out(node))})"
     return text
-
-
-@_register(aten.clamp_min.default, aten.clamp_min.Tensor)
-def _clamp_min(node, operand):
-    return f"_maximum({operand(node.args[0], _out(node))}, {operand(node.args[1], _out(node))})"
-
-
-@_register(aten.clamp_max.default, aten.clamp_max.Tensor)
-def _clamp_max(node, operand):
-    return f"_minimum({operand(node.args[0], _out(node))}, {operand(node.args[1], _out(node))})"
 
 
 @_register(aten.pow.Tensor_Scalar)
@@ -196,12 +165,6 @@ def _pow_scalar(node, operand):
     return f"_pow({x}, tl.full(({x}).shape, {literal(float(exponent))}, {triton_dtype(dtype)}))"
 
 
-@_register(aten.pow.Tensor_Tensor)
-def _pow_tensor(node, operand):
-    dtype = _float_out(node)
-    return f"_pow({operand(node.args[0], dtype)}, {operand(node.args[1], dtype)})"
-
-
 @_register(aten.pow.Scalar)
 def _pow_base_scalar(node, operand):
     """A scalar base goes through _pow too: exp2(y * log2(base)) alone has no
@@ -211,17 +174,38 @@ def _pow_base_scalar(node, operand):
     return f"_pow(tl.full(({y}).shape, {literal(float(node.args[0]))}, {triton_dtype(dtype)}), {y})"
 
 
-@_register(aten.remainder.Tensor, aten.remainder.Scalar)
-def _remainder(node, operand):
-    dtype = _out(node)
-    return f"_remainder({operand(node.args[0], dtype)}, {operand(node.args[1], dtype)})"
-
-
-# ---------------------------------------------------------------- unary math
+# ---------------------------------------------------------------- the two factories
 def _unary(function: str):
+    """``function(x)``, the argument cast to the node's float compute dtype."""
     def lowering(node, operand):
         return f"{function}({operand(node.args[0], _float_out(node))})"
     return lowering
+
+
+def _binary(template: str, dtype: Callable[[Any], torch.dtype] | None = None) -> Lowering:
+    """``template`` with the node's first two arguments as ``{0}`` and ``{1}``,
+    rendered in that order (renders may emit loads) and each cast to
+    ``dtype(node)`` when ``dtype`` is given (``_out``, ``_float_out``)."""
+    def lowering(node, operand):
+        cast = dtype(node) if dtype is not None else None
+        return template.format(operand(node.args[0], cast), operand(node.args[1], cast))
+    return lowering
+
+
+for _ops, _lowering in [
+        ((aten.mul.Tensor, aten.mul.Scalar), _binary("{0} * {1}")),
+        ((aten.div.Tensor, aten.div.Scalar), _binary("{0} / {1}", _float_out)),
+        ((aten.maximum.default, aten.clamp_min.default, aten.clamp_min.Tensor),
+         _binary("_maximum({0}, {1})", _out)),
+        ((aten.minimum.default, aten.clamp_max.default, aten.clamp_max.Tensor),
+         _binary("_minimum({0}, {1})", _out)),
+        ((aten.pow.Tensor_Tensor,), _binary("_pow({0}, {1})", _float_out)),
+        ((aten.remainder.Tensor, aten.remainder.Scalar), _binary("_remainder({0}, {1})", _out))]:
+    for _op in _ops:
+        LOWERINGS[_op] = _lowering
+
+
+# ---------------------------------------------------------------- unary math
 
 
 for _op, _fn in [(aten.exp.default, "tl.exp"), (aten.exp2.default, "tl.exp2"),
@@ -264,22 +248,13 @@ def _isinf(node, operand):
 
 # ---------------------------------------------------------------- comparisons, logic
 for _name, _symbol in [("eq", "=="), ("ne", "!="), ("lt", "<"), ("le", "<="),
-                       ("gt", ">"), ("ge", ">=")]:
-    def _compare(node, operand, symbol=_symbol):
-        return f"{operand(node.args[0])} {symbol} {operand(node.args[1])}"
-    LOWERINGS[getattr(aten, _name).Tensor] = _compare
-    LOWERINGS[getattr(aten, _name).Scalar] = _compare
-
-for _name, _symbol in [("bitwise_and", "&"), ("bitwise_or", "|"), ("bitwise_xor", "^")]:
-    def _bitwise(node, operand, symbol=_symbol):
-        return f"{operand(node.args[0])} {symbol} {operand(node.args[1])}"
-    LOWERINGS[getattr(aten, _name).Tensor] = _bitwise
-    LOWERINGS[getattr(aten, _name).Scalar] = _bitwise
+                       ("gt", ">"), ("ge", ">="), ("bitwise_and", "&"), ("bitwise_or", "|"),
+                       ("bitwise_xor", "^")]:
+    LOWERINGS[getattr(aten, _name).Tensor] = LOWERINGS[getattr(aten, _name).Scalar] = \
+        _binary(f"{{0}} {_symbol} {{1}}")
 
 for _name, _symbol in [("logical_and", "&"), ("logical_or", "|"), ("logical_xor", "^")]:
-    def _logical(node, operand, symbol=_symbol):
-        return f"({operand(node.args[0])} != 0) {symbol} ({operand(node.args[1])} != 0)"
-    LOWERINGS[getattr(aten, _name).default] = _logical
+    LOWERINGS[getattr(aten, _name).default] = _binary(f"({{0}} != 0) {_symbol} ({{1}} != 0)")
 
 
 @_register(aten.logical_not.default)
