@@ -11,12 +11,14 @@ Threads. ``os.environ`` is process-wide, and so is the interpreter's state:
 one ``interpreter_builder`` holds the grid index that ``tl.program_id``
 reads, and each launch patches ``triton.language`` functions in place and
 restores them after. Two interpreted launches at once read each other's
-program ids and unpatch each other's functions. So ``interpreter_mode``
-holds one process-wide re-entrant lock for as long as it lasts: interpreted
-program runs and kernel loads go one at a time, a thread inside always sees
-its own setting, and the variable ends exactly as it began (absent or its
-value), whatever order threads come and go in. Compiled CUDA launches do not
-take it. Lock order: the compile lock (``retrograd.locking``), then this one.
+program ids and unpatch each other's functions, and a CUDA kernel compiled
+meanwhile would meet the patched functions. So ``interpreter_mode`` is a
+gate (``_Gate``): with the interpreter on, one thread alone (interpreted
+program runs and kernel loads go one at a time); with it off (CUDA loads
+and launches), any number of threads at once, never beside an interpreted
+run. A thread inside always sees its own setting, and the variable ends
+exactly as it began (absent or its value), whatever order threads come and
+go in. Lock order: the compile lock (``retrograd.locking``), then the gate.
 """
 
 from __future__ import annotations
@@ -53,21 +55,89 @@ def choose_executor(requested: str, device: torch.device) -> str:
     return requested
 
 
-#: Held while TRITON_INTERPRET is ours: interpreted runs and kernel loads (see above).
-_INTERPRETER_LOCK = threading.RLock()
+def _set_environment(value: str | None) -> None:
+    if value is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = value
+
+
+class _Gate:
+    """Who may use Triton now: one thread with the interpreter on, or any number
+    with it off (CUDA loads and launches), never both.
+
+    The interpreter's state is global, so interpreted runs go one at a time;
+    CUDA launches from several threads (one per GPU, say) stay concurrent,
+    but never overlap an interpreted run, whose patched ``triton.language``
+    would reach a CUDA kernel compiled meanwhile. The first holder saves
+    TRITON_INTERPRET and the last one out restores it; the interpreter's
+    holder may nest entries of either mode (each restores what it found).
+    """
+
+    def __init__(self):
+        self.condition = threading.Condition(threading.Lock())
+        self.owner: int | None = None        # the thread with the interpreter on
+        self.shared: dict[int, int] = {}     # thread -> depth, interpreter off
+        self.waiting = 0                     # threads waiting to turn it on
+        self.saved: str | None = None        # TRITON_INTERPRET before the first holder
+
+    def enter(self, enabled: bool) -> str | None:
+        """Wait for our turn and set the variable; returns what an exit restores
+        for a nested entry of the owner (None otherwise)."""
+        me = threading.get_ident()
+        with self.condition:
+            if self.owner == me:
+                previous = os.environ.get("TRITON_INTERPRET")
+                _set_environment("1" if enabled else "0")
+                return previous
+            if enabled:
+                if me in self.shared:
+                    raise RuntimeError("retrograd: an interpreted run was started inside a "
+                                       "CUDA load or launch of the same thread")
+                self.waiting += 1
+                try:
+                    self.condition.wait_for(lambda: self.owner is None and not self.shared)
+                finally:
+                    self.waiting -= 1
+                self.owner, self.saved = me, os.environ.get("TRITON_INTERPRET")
+                _set_environment("1")
+                return None
+            if me not in self.shared:
+                self.condition.wait_for(lambda: self.owner is None and not self.waiting)
+            if not self.shared:
+                self.saved = os.environ.get("TRITON_INTERPRET")
+                _set_environment("0")
+            self.shared[me] = self.shared.get(me, 0) + 1
+            return None
+
+    def leave(self, nested: bool, previous: str | None) -> None:
+        me = threading.get_ident()
+        with self.condition:
+            if nested:
+                _set_environment(previous)
+                return
+            if self.owner == me:
+                self.owner = None
+            else:
+                self.shared[me] -= 1
+                if self.shared[me] == 0:
+                    del self.shared[me]
+            if self.owner is None and not self.shared:
+                _set_environment(self.saved)
+                self.condition.notify_all()
+
+
+_GATE = _Gate()
 
 
 @contextlib.contextmanager
 def interpreter_mode(enabled: bool) -> Iterator[None]:
-    """Set TRITON_INTERPRET for the block (kernels decorated or run there), holding
-    the interpreter lock; the previous value (or its absence) is restored."""
-    with _INTERPRETER_LOCK:
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if enabled else "0"
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = previous
+    """Set TRITON_INTERPRET for the block (kernels decorated or launched there):
+    on, this thread alone; off, shared with other threads that have it off.
+    The variable ends as it was before the first holder (absent or its value)."""
+    nested = _GATE.owner == threading.get_ident()
+    previous = _GATE.enter(enabled)
+    try:
+        yield
+    finally:
+        _GATE.leave(nested, previous)

@@ -92,12 +92,13 @@ class GeneratedExecutable:
         allocator = self.allocators.get(device)
         if allocator is None:
             allocator = self.allocators[device] = Allocator(device, self.program.constants)
-        if not self.interpreted:
-            return self.run(args, self.kernels, allocator)
+        if not self.interpreted:   # beside other CUDA runs, never beside an interpreted one
+            with interpreter_mode(False):
+                return self.run(args, self.kernels, allocator)
         # Triton 3.9 also reads TRITON_INTERPRET while launching (lazy imports,
         # constexpr helpers), not only when decorating: keep it set meanwhile.
-        # interpreter_mode also holds the interpreter's lock: its state is
-        # process-wide, so interpreted runs go one at a time (runtime/device.py).
+        # The interpreter's state is process-wide, so interpreted runs go one
+        # at a time (runtime/device.py::_Gate).
         # numpy warns about lanes that are masked off or in a where's other branch
         with interpreter_mode(True), numpy.errstate(all="ignore"):
             return self.run(args, self.kernels, allocator)

@@ -121,16 +121,20 @@ def test_threads_mixed_faces_at_once(fresh_dynamo, no_dump_env):
     run_threads([lambda f=f, s=s: _compile_and_check(f, s) for s, f in enumerate(faces)])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("face", ["standalone", "torch.compile"])
 @pytest.mark.parametrize("warm", [True, False], ids=["compiled_before", "first_call_racing"])
-def test_threads_call_one_compiled_module(warm, no_dump_env):
+def test_threads_call_one_compiled_module(warm, face, device, fresh_dynamo, no_dump_env):
     """Four threads call one compiled module (forward and backward) with
     different inputs of one shape; each gets eager's output and input
     gradient. ``first_call_racing``: all four trigger the first compile."""
-    model = _model(7, 6)
+    model = _model(7, 6).to(device)
     for p in model.parameters():
         p.requires_grad_(False)   # gradients land per thread on the input only
-    compiled = retrograd.compile(model)
-    inputs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    compiled = (retrograd.compile(model) if face == "standalone"
+                else torch.compile(model, backend="retrograd"))
+    inputs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)).to(device)
+              for i in range(4)]
     if warm:   # forward and (lazily compiled) backward, for this signature
         compiled(inputs[0].clone().requires_grad_()).sum().backward()
 
@@ -139,7 +143,8 @@ def test_threads_call_one_compiled_module(warm, no_dump_env):
             got = []
             for _ in range(3):
                 x_in = x.clone().requires_grad_()
-                out = compiled(x_in)
+                with dynamo_beside_traces():
+                    out = compiled(x_in)
                 (out * out).sum().backward()
                 got.append((out.detach(), x_in.grad))
             return got
@@ -283,3 +288,62 @@ def test_threads_compile_step_at_once(no_dump_env):
                 assert_close_floor(got.detach(), ref.detach(), 1e-5)
         return run
     run_threads([train(0), train(1)])
+
+
+def test_interpreter_off_is_shared(monkeypatch):
+    """Threads with the interpreter off (CUDA loads and launches) are inside
+    together; the variable is "0" for both and ends absent."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    both_inside = threading.Barrier(2)
+    seen = []
+
+    def off():
+        with interpreter_mode(False):
+            both_inside.wait(timeout=10)   # a BrokenBarrierError if serialized
+            seen.append(os.environ.get("TRITON_INTERPRET"))
+            both_inside.wait(timeout=10)
+    run_threads([off, off])
+    assert seen == ["0", "0"]
+    assert "TRITON_INTERPRET" not in os.environ
+
+
+def test_interpreter_on_waits_for_threads_with_it_off(monkeypatch):
+    """An interpreted run never overlaps a CUDA load or launch in another thread."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a_inside, a_leaving = threading.Event(), threading.Event()
+    seen: dict[str, list] = {"a": [], "b": []}
+
+    def thread_a():
+        with interpreter_mode(False):
+            a_inside.set()
+            time.sleep(0.1)   # B asks for the interpreter meanwhile
+            seen["a"].append(os.environ.get("TRITON_INTERPRET"))
+            a_leaving.set()
+
+    def thread_b():
+        a_inside.wait(TIMEOUT)
+        with interpreter_mode(True):
+            seen["b"].append((a_leaving.is_set(), os.environ.get("TRITON_INTERPRET")))
+    run_threads([thread_a, thread_b])
+    assert seen == {"a": ["0"], "b": [(True, "1")]}
+    assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+def test_interpreter_mode_nests_in_one_thread(monkeypatch):
+    """The interpreter's holder may nest either mode; each level restores what it found."""
+    monkeypatch.setenv("TRITON_INTERPRET", "yes")
+    with interpreter_mode(True):
+        with interpreter_mode(False):
+            assert os.environ["TRITON_INTERPRET"] == "0"
+            with interpreter_mode(True):
+                assert os.environ["TRITON_INTERPRET"] == "1"
+            assert os.environ["TRITON_INTERPRET"] == "0"
+        assert os.environ["TRITON_INTERPRET"] == "1"
+    with interpreter_mode(False), interpreter_mode(False):
+        assert os.environ["TRITON_INTERPRET"] == "0"
+    assert os.environ["TRITON_INTERPRET"] == "yes"
+    with interpreter_mode(False):
+        with pytest.raises(RuntimeError, match="inside a CUDA load or launch"):
+            with interpreter_mode(True):
+                pass
+    assert os.environ["TRITON_INTERPRET"] == "yes"
