@@ -165,3 +165,33 @@ def test_torch_compile_face_keeps_max_programs(cache, fresh_dynamo, monkeypatch,
     gc.collect()
     alive = sum(ref() is not None for ref in executables)
     assert alive <= 2 * sum(len(graph.compiled) for graph in graphs)   # forward + backward
+
+
+def _process_wide(cache) -> dict[str, int]:
+    """What process-wide caches hold of generated code in ``cache``."""
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+    folder = str(cache)
+    return {"loaded": sum(path.startswith(folder) for path, _ in list(loader._LOADED.keys())),
+            "linecache": sum(name.startswith(folder) for name in list(linecache.cache)),
+            "triton registry": sum(name.startswith("retrograd_generated.")
+                                   for name in jit._triton_jit_function_registry),
+            "interpreter rewrites": sum(
+                getattr(function, "__module__", "").startswith("retrograd_generated.")
+                for function in interpreter.InterpretedFunction.rewritten_fn)}
+
+
+def test_many_signatures_leave_process_wide_caches_flat(cache):
+    """Eight signatures through a two-program bound: what the process keeps
+    after the fourth signature bounds what it keeps after every later one."""
+    compiled = retrograd.compile(function, max_programs=2)
+    counts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rows in range(2, 10):
+            _run(compiled, rows)
+            gc.collect()
+            counts.append(_process_wide(cache))
+    assert _programs(compiled) == 2
+    for name in counts[0]:
+        assert max(count[name] for count in counts[4:]) <= counts[3][name], (name, counts)
