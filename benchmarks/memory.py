@@ -121,11 +121,11 @@ def measure(name: str) -> dict:
         row[f"{label} recompute flops"] = _recompute_flops(joint, forward, backward)
     for budget in BUDGETS:
         label = "retrograd" if budget is None else f"retrograd {budget}"
-        ctx = PassContext(Options(memory_budget=budget), Dumper(None, []), OpSupport(), name)
+        ctx = PassContext(Options(memory_budget=budget), Dumper(None, []), OpSupport(), name,
+                          num_fwd_outputs=count)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, stats = checkpoint.run(copy.deepcopy(joint), ctx, joint_inputs,
-                                      num_fwd_outputs=count)
+            _, stats = checkpoint.run(copy.deepcopy(joint), ctx)
         row[label] = stats["saved_activation_bytes"]
         row[f"{label} recompute flops"] = stats["recomputed_flops"]
         row[f"{label} solver"] = f"{stats['solver']}{'' if stats['optimal'] else ' (heuristic)'}"

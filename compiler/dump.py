@@ -26,10 +26,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from typing import Any
+
+import torch.fx as fx
+
+from retrograd.ir import Program, Role
+from retrograd.passes import buffer_reuse
 from retrograd.report import to_json
 from retrograd.runtime.loader import ours_alone
 
-__all__ = ["Dumper"]
+__all__ = ["Dumper", "count_nodes", "subject_text", "memory_plan_text", "kernel_graph",
+           "timeline"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
@@ -273,3 +280,69 @@ compiled in {report['compile_seconds']} s. <a href="report.json">report.json</a>
 <h2>Kernels</h2><ul>{kernel_links}</ul>
 </body></html>
 """
+
+
+# -- what the files say ------------------------------------------------------------------------
+
+def count_nodes(subject: Any) -> int:
+    """Nodes of a graph, of both halves, or covered by a program's kernels."""
+    if isinstance(subject, fx.GraphModule):
+        return len(subject.graph.nodes)
+    if isinstance(subject, tuple):
+        return sum(count_nodes(part) for part in subject)
+    if isinstance(subject, Program):
+        return sum(len(kernel.nodes) for kernel in subject.kernels)
+    return 0
+
+
+def subject_text(subject: Any) -> str:
+    """A pass's subject as the dump shows it: fx's Python, both halves, or the program."""
+    if isinstance(subject, fx.GraphModule):
+        return subject.print_readable(print_output=False, include_stride=True)
+    if isinstance(subject, tuple):
+        return "\n\n".join(f"# ---- {label} ----\n{subject_text(part)}"
+                            for label, part in zip(("forward", "backward"), subject))
+    return subject.describe()
+
+
+def memory_plan_text(program: Program) -> str:
+    """memory_plan.txt: every buffer's role, bytes, lifetime and arena place."""
+    lines = [f"# memory plan of {program.name}: buffer, role, bytes, first use, last use, "
+             "arena, offset",
+             f"{'buffer':32s} {'role':10s} {'bytes':>12s} {'first':>6s} {'last':>6s} "
+             f"{'arena':>5s} offset"]
+    for buffer in program.buffers.values():
+        lines.append(f"{buffer.name:32s} {buffer.role:10s} {buffer.nbytes:12d} "
+                     f"{str(buffer.first_use):>6s} {str(buffer.last_use):>6s} "
+                     f"{str(buffer.arena):>5s} {buffer.offset}")
+    lines.append("")
+    lines.append("# arenas: one per window of the schedule (kernels start..stop), "
+                 "taken before start and given back after stop")
+    for number, window in enumerate(program.arenas):
+        lines.append(f"# arena {number}: kernels {window.start}..{window.stop}, "
+                     f"{window.nbytes} bytes, {window.strategy}")
+    return "\n".join(lines) + "\n"
+
+
+def kernel_graph(program: Program) -> list[tuple[str, str, list[int]]]:
+    """(name, kind, producer indices) per launched kernel: the dump's program
+    picture. Views move no data, so they are left out and read through."""
+    launched = [k for k in program.kernels if k.kind != "view"]
+    producer = {name: i for i, k in enumerate(launched) for name in k.outputs}
+    return [(k.name, k.kind, sorted({producer[program.root(n)] for n in k.inputs
+                                     if program.root(n) in producer}))
+            for k in launched]
+
+
+def timeline(program: Program) -> dict[str, list[int]]:
+    """Bytes at each kernel for the dump's memory picture: temporaries alive,
+    arenas held, and the footprint buffer_reuse predicted for the whole program."""
+    spans = buffer_reuse.lifetimes(program)
+    live = [sum(program.buffers[n].nbytes for n, (a, b) in spans.items()
+                if n in program.buffers and program.buffers[n].role == Role.TEMPORARY
+                and a <= index <= b) for index in range(len(program.kernels))]
+    if not program.arenas:
+        return {"live temporaries": live}
+    held, predicted = buffer_reuse.footprint(program, spans)
+    return {"live temporaries": live, "arenas held": held,
+            "predicted footprint (all values, extern scratch)": predicted}

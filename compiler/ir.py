@@ -18,10 +18,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 __all__ = ["Buffer", "Kernel", "Program", "ArenaWindow", "ITEMSIZE", "ROLES", "KINDS",
-           "Role", "Kind", "Family"]
+           "Role", "Kind", "Family", "PassResult", "CodegenSupport"]
 
 #: Bytes per element of the dtypes retrograd plans for.
 ITEMSIZE = {
@@ -233,3 +233,45 @@ class Program:
                 lines.append(f"     free {', '.join(self.frees[index])}")
         lines.append(f"outputs: {', '.join(map(str, self.outputs))}")
         return "\n".join(lines) + "\n"
+
+
+class PassResult(NamedTuple):
+    """What every pass returns (as torch.fx's ``PassResult``): the subject it
+    was given, changed in place, or the new one it made (fusion: a Program
+    from a graph; checkpoint: the forward and backward graphs), and the
+    numbers it reports (its stats in the report)."""
+
+    subject: Any
+    stats: dict[str, Any]
+
+
+class CodegenSupport(Protocol):
+    """What codegen can lower, as the passes see it: handed to them in their
+    context by the compiler, since no pass imports codegen. Each takes an fx node."""
+
+    def can_lower(self, node: Any) -> bool:
+        """A pointwise op, or one reading through computed indices."""
+
+    def can_reduce(self, node: Any) -> bool:
+        """A reduction codegen emits (sum, amax, var_mean, ...)."""
+
+    def describe_reduction(self, node: Any) -> tuple[Any, list[int], Any] | None:
+        """(the reduced tensor, the reduced dims, how) of a reduction, else None."""
+
+    def can_scatter(self, node: Any) -> bool:
+        """A scatter or index_put codegen writes through its indices."""
+
+    def can_pool(self, node: Any) -> bool:
+        """A pooling window op (max/avg pool and their backwards)."""
+
+    def is_fill(self, node: Any) -> bool:
+        """A constant fill, inlined as a literal where it is read."""
+
+    def is_generator(self, node: Any) -> bool:
+        """An op whose value depends on the element's position (arange, a draw)."""
+
+    def reads_shape_only(self, node: Any, arg: Any = None) -> bool:
+        """An op that reads only the shape of its argument (``arg``, or any)."""
+
+    def reads_by_index(self, node: Any) -> bool:
+        """An op that reads an input through computed indices (gather, embedding)."""

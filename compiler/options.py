@@ -11,20 +11,12 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["Options", "EXECUTORS", "PASS_NAMES"]
+__all__ = ["Options", "EXECUTORS"]
 
 EXECUTORS = ("auto", "triton", "interpret", "fx")
 
 #: ``data_dependent``: hand such code to dynamo, or refuse it.
 DATA_DEPENDENT_CHOICES = ("split", "error")
-
-#: Every pass a user may name in ``disable``, in pipeline order.
-PASS_NAMES = ("dead_gradient", "cleanup", "checkpoint", "fusion", "layout", "schedule",
-              "buffer_reuse")
-
-#: Passes without which no program can be built: disabling them is an error.
-REQUIRED_PASSES = ("checkpoint", "fusion")
-
 
 def _op_key(pattern: str) -> str:
     """An op pattern without its namespace and default overload."""
@@ -137,12 +129,14 @@ verify=False, save=(), recompute=(), data_dependent='split', max_programs=16)
             raise ValueError(f"retrograd: {named} named in both save and recompute")
         disable = (self.disable,) if isinstance(self.disable, str) else tuple(self.disable)
         object.__setattr__(self, "disable", disable)
+        # the names come from the declared pipeline (imported here: pipeline imports options)
+        from retrograd.pipeline import pass_names, required_passes
         for name in disable:
-            if name not in PASS_NAMES:
+            if name not in pass_names():
                 raise ValueError(
                     f"retrograd: option disable names unknown pass {name!r}; "
-                    f"passes are: {', '.join(PASS_NAMES)}")
-            if name in REQUIRED_PASSES:
+                    f"passes are: {', '.join(pass_names())}")
+            if name in required_passes():
                 raise ValueError(
                     f"retrograd: pass {name!r} cannot be disabled: the program is built "
                     f"by it (use executor='fx' to bypass code generation)")

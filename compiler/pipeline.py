@@ -1,23 +1,31 @@
-"""The pass pipeline: one ordered list of passes, and the instrumentation
-around each (timing, node counts, lint, dumps, verify, error context).
+"""The pass pipeline: ``PIPELINE``, one declared list of every pass and the
+stages it runs in, and the instrumentation around each pass (timing, node
+counts, lint, dumps, verify, error context).
 
-``GraphCompiler`` holds AOTAutograd's three hooks for one captured graph:
-``partition`` runs the joint-level passes (cleanup, checkpoint), then
-``compile_forward`` / ``compile_backward`` (or ``compile_inference`` when no
-gradient is needed, ``compile_step`` for a whole training step) run fusion,
-layout, schedule and buffer_reuse on each half, generate code and hand back
-an executable. Passes stay pure functions; everything around
-them lives here, in the manner of MLIR's pass manager instrumentation.
+Every pass is ``run(subject, ctx) -> ir.PassResult(subject, stats)`` (as
+torch.fx's ``PassManager`` / ``PassResult``; tinygrad's one linear list of
+named rewrites is the model for the list). ``GraphCompiler`` holds
+AOTAutograd's hooks for one captured graph: ``partition`` runs the joint
+stage (the last of which, checkpoint, splits the graph in two), then
+``compile_forward`` / ``compile_backward`` run the half stage on each half
+and generate code; ``compile_inference`` (no gradient needed) and
+``compile_step`` (a whole training step) run their own stage on the one
+graph, then the half stage. ``disable`` is checked against the list
+(options.py). Passes stay pure functions; everything around them lives
+here, in the manner of MLIR's pass manager instrumentation.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
+import inspect
 import logging
 import operator
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,25 +39,23 @@ from retrograd.codegen import pooling as codegen_pooling
 from retrograd.codegen import reduction as codegen_reduction
 from retrograd.codegen import scatter as codegen_scatter
 from retrograd.codegen.wrapper import generate_program
-from retrograd.dump import Dumper
-from retrograd.ir import Program
+from retrograd.dump import (Dumper, count_nodes, kernel_graph, memory_plan_text, subject_text,
+                            timeline)
+from retrograd.ir import CodegenSupport, PassResult, Program
 from retrograd.options import Options
 from retrograd.passes import (buffer_reuse, checkpoint, cleanup, dead_gradient, fusion, layout,
                               schedule)
+from retrograd.passes.dead_gradient import GradientSpec
 from retrograd.report import PassRecord, build_report
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
 from retrograd.runtime.executor import FxExecutable, GeneratedExecutable
 from retrograd.verify import check_joint, compare, run_graph, run_program
 
-__all__ = ["GraphCompiler", "PassError", "JOINT_PASSES", "HALF_PASSES"]
+__all__ = ["GraphCompiler", "PassError", "PassSpec", "PIPELINE", "Stage", "OpSupport",
+           "PassContext", "pass_names", "required_passes", "passes_for", "run_pass"]
 
 log = logging.getLogger("retrograd")
-
-#: The pipeline, in order. Joint passes see forward+backward as one graph;
-#: half passes see the forward and the backward separately.
-JOINT_PASSES = ("dead_gradient", "cleanup", "checkpoint")
-HALF_PASSES = ("fusion", "schedule", "buffer_reuse")
 
 
 class PassError(RuntimeError):
@@ -57,7 +63,8 @@ class PassError(RuntimeError):
 
 
 class OpSupport:
-    """What codegen can lower, told to the fusion pass (passes never import codegen)."""
+    """What codegen can lower, told to the passes (``ir.CodegenSupport``;
+    passes never import codegen)."""
 
     is_fill = staticmethod(codegen_ops.is_fill)
     is_generator = staticmethod(codegen_ops.is_generator)
@@ -76,31 +83,115 @@ class OpSupport:
 
 @dataclass
 class PassContext:
+    """What a pass is given beside its subject."""
+
     options: Options
     dumper: Dumper
-    op_support: Any
+    op_support: CodegenSupport
     graph_name: str
     log: logging.Logger = log
-    gradients: Any = None   # dead_gradient.GradientSpec: what the caller needs
+    gradients: GradientSpec | None = None   # what the caller needs (dead_gradient)
+    num_fwd_outputs: int | None = None      # joint stage: the forward's share of the outputs
+    seed: str | None = None                 # step stage: the loss cotangent's placeholder
+    updates: dict[int, int] = field(default_factory=dict)   # step: output -> input positions
 
 
-def _count(subject: Any) -> int:
-    if isinstance(subject, fx.GraphModule):
-        return len(subject.graph.nodes)
-    if isinstance(subject, tuple):
-        return sum(_count(part) for part in subject)
-    if isinstance(subject, Program):
-        return sum(len(kernel.nodes) for kernel in subject.kernels)
-    return 0
+class Stage(enum.StrEnum):
+    """Which graph a pass runs on."""
+
+    JOINT = "joint"          # AOTAutograd's joint forward+backward graph (partition_fn)
+    INFERENCE = "inference"  # a forward alone, when no gradient is needed
+    STEP = "step"            # compile_step's whole training step, one graph
+    HALF = "half"            # each program: forward, backward, inference or step
 
 
-def _text(subject: Any) -> str:
-    if isinstance(subject, fx.GraphModule):
-        return subject.print_readable(print_output=False, include_stride=True)
-    if isinstance(subject, tuple):
-        return "\n\n".join(f"# ---- {label} ----\n{_text(part)}"
-                           for label, part in zip(("forward", "backward"), subject))
-    return subject.describe()
+@dataclass(frozen=True)
+class PassSpec:
+    """One entry of the pipeline: the name ``disable`` uses, the pass's module
+    and function (``run(subject, ctx) -> PassResult``, looked up at each run,
+    so a pass patched in its module is the one that runs), the stages it runs
+    in, and whether no program can be built without it."""
+
+    name: str
+    module: ModuleType
+    stages: tuple[Stage, ...]
+    function: str = "run"
+    required: bool = False
+
+    @property
+    def run(self) -> Callable[[Any, PassContext], PassResult]:
+        return getattr(self.module, self.function)
+
+    @property
+    def contract(self) -> str:
+        """The ``Requires:`` and ``Ensures:`` lines of the pass's docstring."""
+        doc = inspect.getdoc(self.module) or ""
+        items: list[str] = []
+        for line in doc.splitlines():
+            if line.startswith(("Requires:", "Ensures:")):
+                items.append(line.strip())
+            elif items and line.startswith("  ") and not items[-1].endswith("\n"):
+                items[-1] += " " + line.strip()   # a wrapped continuation line
+            elif items:
+                items[-1] += "\n"
+        return " ".join(item.strip() for item in items)
+
+
+#: The pipeline, in order: every pass retrograd runs, and where. A stage runs
+#: the entries that name it, top to bottom; checkpoint has one entry per
+#: stage it runs in (the joint graph is split in two; a step stays one graph).
+PIPELINE: tuple[PassSpec, ...] = (
+    PassSpec("dead_gradient", dead_gradient, (Stage.JOINT,)),
+    PassSpec("cleanup", cleanup, (Stage.JOINT, Stage.INFERENCE, Stage.STEP)),
+    PassSpec("checkpoint", checkpoint, (Stage.JOINT,), required=True),
+    PassSpec("checkpoint", checkpoint, (Stage.STEP,), "rematerialize", required=True),
+    PassSpec("fusion", fusion, (Stage.HALF,), required=True),
+    PassSpec("layout", layout, (Stage.HALF,)),
+    PassSpec("schedule", schedule, (Stage.HALF,)),
+    PassSpec("buffer_reuse", buffer_reuse, (Stage.HALF,)),
+)
+
+
+def pass_names() -> tuple[str, ...]:
+    """Every pass a user may name in ``disable``, in pipeline order."""
+    return tuple(dict.fromkeys(spec.name for spec in PIPELINE))
+
+
+def required_passes() -> tuple[str, ...]:
+    """Passes without which no program can be built: disabling them is an error."""
+    return tuple(dict.fromkeys(spec.name for spec in PIPELINE if spec.required))
+
+
+def passes_for(stage: Stage, disable: Sequence[str] = ()) -> list[PassSpec]:
+    """The passes ``stage`` runs, in order, less the disabled ones."""
+    return [spec for spec in PIPELINE if stage in spec.stages
+            and (spec.required or spec.name not in disable)]
+
+
+def run_pass(name: str, function: Callable, subject: Any, ctx: PassContext,
+             records: list[PassRecord]) -> Any:
+    """Run one pass with timing, lint, a record, a dump, and error context."""
+    before = count_nodes(subject)
+    start = perf_counter()
+    try:
+        result = function(subject, ctx)
+        if not isinstance(result, PassResult):
+            raise TypeError(f"a pass returns ir.PassResult(subject, stats), not "
+                            f"{type(result).__name__}")
+        new_subject, stats = result
+        _lint(new_subject)
+    except Exception as exc:
+        _reproducer(ctx, name, subject, exc)
+        raise PassError(f"retrograd: pass {name!r} failed on graph {ctx.graph_name}: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    record = PassRecord(name, round(perf_counter() - start, 6), before,
+                        count_nodes(new_subject), stats)
+    records.append(record)
+    log.info("%s: pass %s: %d -> %d nodes in %.3fs %s", ctx.graph_name, name,
+             record.nodes_before, record.nodes_after, record.seconds, stats)
+    ctx.dumper.stage(name, subject_text(new_subject),
+                     ".py" if not isinstance(new_subject, Program) else ".txt")
+    return new_subject
 
 
 def _lint(subject: Any) -> None:
@@ -113,32 +204,10 @@ def _lint(subject: Any) -> None:
         subject.validate()
 
 
-def run_pass(name: str, function: Callable, subject: Any, ctx: PassContext,
-             records: list[PassRecord], *extra, **keywords) -> Any:
-    """Run one pass with timing, lint, a record, a dump, and error context."""
-    before = _count(subject)
-    start = perf_counter()
-    try:
-        result = function(subject, ctx, *extra, **keywords)
-        new_subject, stats = result if isinstance(result, tuple) else (subject, result)
-        _lint(new_subject)
-    except Exception as exc:
-        _reproducer(ctx, name, subject, exc)
-        raise PassError(f"retrograd: pass {name!r} failed on graph {ctx.graph_name}: "
-                        f"{type(exc).__name__}: {exc}") from exc
-    record = PassRecord(name, round(perf_counter() - start, 6), before, _count(new_subject),
-                        stats)
-    records.append(record)
-    log.info("%s: pass %s: %d -> %d nodes in %.3fs %s", ctx.graph_name, name,
-             record.nodes_before, record.nodes_after, record.seconds, stats)
-    ctx.dumper.stage(name, _text(new_subject), ".py" if not isinstance(new_subject, Program)
-                     else ".txt")
-    return new_subject
-
-
 def _reproducer(ctx: PassContext, name: str, subject: Any, exc: BaseException) -> None:
     """On failure, leave the failing pass's input graph and the traceback in the dump."""
-    text = _text(subject) if isinstance(subject, (fx.GraphModule, Program, tuple)) else ""
+    text = subject_text(subject) if isinstance(subject, (fx.GraphModule, Program, tuple)) \
+        else ""
     ctx.dumper.write(f"failed_{name}.txt",
                      f"# input of pass {name!r} that raised\n{text}\n\n"
                      + "".join(traceback.format_exception(exc)))
@@ -190,7 +259,7 @@ class GraphCompiler:
         self.joint_dumper = Dumper(root, [f"{self.graph_id}-{half}" for half in halves])
         if self.captured_text is not None:
             self.joint_dumper.stage("captured", self.captured_text)
-        self.joint_dumper.stage("joint", _text(gm))
+        self.joint_dumper.stage("joint", subject_text(gm))
         self.captured_nodes = len(gm.graph.nodes)
         self.closed_over_grads = _closed_over_grads(gm)
         self.started = perf_counter()
@@ -221,8 +290,9 @@ class GraphCompiler:
 
     def _partition(self, joint: fx.GraphModule, joint_inputs, **kwargs):
         ctx = self._begin(joint, ["forward", "backward"])
+        ctx.num_fwd_outputs = kwargs["num_fwd_outputs"]
         primals_fake, tangents_fake = joint_inputs
-        inputs = reference = None
+        inputs = reference = primals = tangents = None
         if self.options.verify:
             primals, tangents = self._primals(primals_fake), [_real(t) for t in tangents_fake]
             spec = self.gradients   # tangents the caller promised zero are zero in the reference
@@ -231,30 +301,35 @@ class GraphCompiler:
                 and i not in spec.live_tangents) else t for i, t in enumerate(tangents)]
             inputs = primals + tangents
             reference = run_graph(joint, inputs)
-            self._check_joint(joint, reference, tangents, kwargs["num_fwd_outputs"])
-        if "dead_gradient" not in self.options.disable:
-            run_pass("dead_gradient", dead_gradient.run, joint, ctx, self.joint_records,
-                     kwargs["num_fwd_outputs"])
-            if self.gradients is None:   # nothing declared unwanted: values must not move
-                self._check("dead_gradient", joint, inputs, reference)
-        if "cleanup" not in self.options.disable:
-            run_pass("cleanup", cleanup.run, joint, ctx, self.joint_records)
-            self._check("cleanup", joint, inputs, reference)
-        forward, backward = run_pass("checkpoint", checkpoint.run, joint, ctx,
-                                     self.joint_records, joint_inputs, **kwargs)
+            self._check_joint(joint, reference, tangents, ctx.num_fwd_outputs)
+        subject = joint
+        for spec in passes_for(Stage.JOINT, self.options.disable):
+            subject = run_pass(spec.name, spec.run, subject, ctx, self.joint_records)
+            if isinstance(subject, tuple) and self.options.verify:   # split in two halves
+                self._check_halves(subject, primals, tangents, ctx.num_fwd_outputs, reference)
+            elif not isinstance(subject, tuple) and self._keeps_values(spec):
+                self._check(spec.name, subject, inputs, reference)
+        forward, backward = subject
         # AOTAutograd hands compile_backward a deep copy: keep the constants themselves
         self.backward_constants = {n.target: operator.attrgetter(n.target)(backward)
                                    for n in backward.graph.nodes if n.op == "get_attr"}
-        if self.options.verify:
-            outputs = run_graph(forward, primals)
-            count = kwargs["num_fwd_outputs"]
-            saved = outputs[count:]
-            backward_inputs = saved + tangents
-            grads = run_graph(backward, backward_inputs)
-            compare("checkpoint", outputs[:count] + grads, reference)
-            self.references["forward"] = (primals, outputs)
-            self.references["backward"] = (backward_inputs, grads)
         return forward, backward
+
+    def _keeps_values(self, spec: PassSpec) -> bool:
+        """Whether verify may compare the graph after ``spec`` with the one before:
+        dead_gradient zeroes the gradients the caller declared unwanted."""
+        return spec.name != "dead_gradient" or self.gradients is None
+
+    def _check_halves(self, halves, primals: list, tangents: list, count: int,
+                      reference: list) -> None:
+        """Verify the split: forward then backward give the joint graph's values."""
+        forward, backward = halves
+        outputs = run_graph(forward, primals)
+        backward_inputs = outputs[count:] + tangents
+        grads = run_graph(backward, backward_inputs)
+        compare("checkpoint", outputs[:count] + grads, reference)
+        self.references["forward"] = (primals, outputs)
+        self.references["backward"] = (backward_inputs, grads)
 
     # -- each half -------------------------------------------------------------
     def compile_forward(self, gm: fx.GraphModule, example_inputs):
@@ -271,7 +346,7 @@ class GraphCompiler:
     def compile_inference(self, gm: fx.GraphModule, example_inputs):
         """No gradient needed: the joint stage is the forward alone."""
         with unset_fake_temporarily():
-            return self._compile_whole("forward", gm, example_inputs)
+            return self._compile_whole(Stage.INFERENCE, gm, example_inputs)
 
     def compile_step(self, gm: fx.GraphModule, example_inputs, seed: int,
                      updates: dict[int, int] | None = None):
@@ -287,52 +362,42 @@ class GraphCompiler:
         self.updates = dict(updates or {})
         self.seed = [n.name for n in gm.graph.nodes if n.op == "placeholder"][seed]
         with unset_fake_temporarily():
-            return self._compile_whole("step", gm, example_inputs)
+            return self._compile_whole(Stage.STEP, gm, example_inputs)
 
-    def _compile_whole(self, kind: str, gm: fx.GraphModule, example_inputs):
-        ctx = self._begin(gm, [kind])
+    def _compile_whole(self, stage: Stage, gm: fx.GraphModule, example_inputs):
+        """A graph that is not split (inference, or a training step): its own
+        graph-level passes, then the program passes."""
+        half = "step" if stage == Stage.STEP else "forward"
+        ctx = self._begin(gm, [half])
+        ctx.seed = self.seed
         if self.options.verify:
             inputs = self._primals(example_inputs)
-            self.references[kind] = (inputs, run_graph(gm, inputs))
-        if "cleanup" not in self.options.disable:
-            run_pass("cleanup", cleanup.run, gm, ctx, self.joint_records)
+            self.references[half] = (inputs, run_graph(gm, inputs))
+        for spec in passes_for(stage, self.options.disable):
+            gm = run_pass(spec.name, spec.run, gm, ctx, self.joint_records)
             if self.options.verify:
-                self._check("cleanup", gm, *self.references[kind])
-        if kind == "step" and "checkpoint" not in self.options.disable:
-            run_pass("checkpoint", checkpoint.rematerialize, gm, ctx, self.joint_records,
-                     self.seed)
-            if self.options.verify:
-                self._check("checkpoint", gm, *self.references[kind])
-        return self._compile_half(kind, gm, example_inputs)
+                self._check(spec.name, gm, *self.references[half])
+        return self._compile_half(half, gm, example_inputs)
 
     def _compile_half(self, half: str, gm: fx.GraphModule, example_inputs):
         name = f"{self.graph_id}-{half}"
         dumper = self.joint_dumper.fork(name, self.options.dump_dir)
-        ctx = PassContext(self.options, dumper, OpSupport(), name)
+        ctx = PassContext(self.options, dumper, OpSupport(), name, updates=self.updates)
         records = list(self.joint_records)
         reference = self.references.get(half)
-        program = run_pass("fusion", fusion.run, gm, ctx, records)
-        program.updates = {program.outputs[out]: program.inputs[into]
-                           for out, into in self.updates.items()
-                           if isinstance(program.outputs[out], str)}
-        self._check_program("fusion", program, reference)
-        if "layout" not in self.options.disable:
-            run_pass("layout", layout.run, program, ctx, records)
-            self._check_program("layout", program, reference)
-        if "schedule" not in self.options.disable:
-            run_pass("schedule", schedule.run, program, ctx, records)
-            self._check_program("schedule", program, reference)
-        if "buffer_reuse" not in self.options.disable:
-            run_pass("buffer_reuse", buffer_reuse.run, program, ctx, records)
-            self._check_program("buffer_reuse", program, reference)
+        subject: Any = gm
+        for spec in passes_for(Stage.HALF, self.options.disable):
+            subject = run_pass(spec.name, spec.run, subject, ctx, records)
+            self._check_program(spec.name, subject, reference)
+        program: Program = subject
         executable, kernels, wrapper = self._generate(program, example_inputs, records)
         if reference is not None and not isinstance(executable, FxExecutable):
             compare("codegen", run_program(executable, reference[0]), reference[1])
         report = build_report(half, name, program, records, self.captured_nodes,
                               len(gm.graph.nodes), perf_counter() - self.started)
         self.reports[half] = report
-        dumper.finish(report, kernels, wrapper, _memory_plan(program), _timeline(program),
-                      _kernel_graph(program))
+        dumper.finish(report, kernels, wrapper, memory_plan_text(program), timeline(program),
+                      kernel_graph(program))
         self._log(report, dumper)
         return boxed(executable)
 
@@ -351,7 +416,7 @@ class GraphCompiler:
             kernels, wrapper = generate_sources(program, interpreted)
             executable = GeneratedExecutable(program, wrapper, kernels, interpreted)
         records.append(PassRecord("codegen", round(perf_counter() - start, 6),
-                                  _count(program), _count(program),
+                                  count_nodes(program), count_nodes(program),
                                   {"executor": executor, "kernel_sources": len(kernels),
                                    "source_lines": sum(s.count("\n") for s in kernels.values())}))
         return executable, kernels, wrapper
@@ -379,45 +444,3 @@ def _closed_over_grads(gm: fx.GraphModule) -> list[str]:
         if getattr(value, "requires_grad", False):
             found[node.target] = f"{node.target}: {tuple(value.shape)} {value.dtype}"
     return list(found.values())
-
-
-def _memory_plan(program: Program) -> str:
-    lines = [f"# memory plan of {program.name}: buffer, role, bytes, first use, last use, "
-             "arena, offset",
-             f"{'buffer':32s} {'role':10s} {'bytes':>12s} {'first':>6s} {'last':>6s} "
-             f"{'arena':>5s} offset"]
-    for buffer in program.buffers.values():
-        lines.append(f"{buffer.name:32s} {buffer.role:10s} {buffer.nbytes:12d} "
-                     f"{str(buffer.first_use):>6s} {str(buffer.last_use):>6s} "
-                     f"{str(buffer.arena):>5s} {buffer.offset}")
-    lines.append("")
-    lines.append("# arenas: one per window of the schedule (kernels start..stop), "
-                 "taken before start and given back after stop")
-    for number, window in enumerate(program.arenas):
-        lines.append(f"# arena {number}: kernels {window.start}..{window.stop}, "
-                     f"{window.nbytes} bytes, {window.strategy}")
-    return "\n".join(lines) + "\n"
-
-
-def _kernel_graph(program: Program) -> list[tuple[str, str, list[int]]]:
-    """(name, kind, producer indices) per launched kernel: the dump's program
-    picture. Views move no data, so they are left out and read through."""
-    launched = [k for k in program.kernels if k.kind != "view"]
-    producer = {name: i for i, k in enumerate(launched) for name in k.outputs}
-    return [(k.name, k.kind, sorted({producer[program.root(n)] for n in k.inputs
-                                     if program.root(n) in producer}))
-            for k in launched]
-
-
-def _timeline(program: Program) -> dict[str, list[int]]:
-    """Bytes at each kernel for the dump's memory picture: temporaries alive,
-    arenas held, and the footprint buffer_reuse predicted for the whole program."""
-    spans = buffer_reuse.lifetimes(program)
-    live = [sum(program.buffers[n].nbytes for n, (a, b) in spans.items()
-                if n in program.buffers and program.buffers[n].role == "temporary"
-                and a <= index <= b) for index in range(len(program.kernels))]
-    if not program.arenas:
-        return {"live temporaries": live}
-    held, predicted = buffer_reuse.footprint(program, spans)
-    return {"live temporaries": live, "arenas held": held,
-            "predicted footprint (all values, extern scratch)": predicted}

@@ -29,13 +29,17 @@ once: they share one slot); no planner can beat it. Offsets are aligned to
 Updates (``Program.updates``: a training step's new parameters and optimizer
 state) are written over the input they replace where that is safe
 (``_donations``), so a step holds one copy of the model, not two.
+
+Requires: a scheduled Program (fusion, then schedule).
+Ensures: every temporary has its lifetime, frees and an arena offset (or its
+  own storage); no two buffers alive at once overlap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from retrograd.ir import ArenaWindow, Buffer, Kernel, Program
+from retrograd.ir import ArenaWindow, Buffer, Kernel, PassResult, Program
 from retrograd.passes.planning import windows
 from retrograd.passes.op_classes import OUT_VARIANTS
 
@@ -330,7 +334,7 @@ def _stats(program: Program, slots, kept, standalone, strategies, donated) -> di
     }
 
 
-def run(program: Program, ctx) -> dict:
+def run(program: Program, ctx) -> PassResult:
     spans = lifetimes(program)
     donated = _donations(program, spans, ctx.op_support)
     for output, source in donated.items():
@@ -340,4 +344,4 @@ def run(program: Program, ctx) -> dict:
     chosen, standalone = _windows(program, spans, slots)
     strategies = _place_windows(program, chosen, standalone)
     kept = [slot for window in chosen for slot in window.slots]
-    return _stats(program, slots, kept, standalone, strategies, donated)
+    return PassResult(program, _stats(program, slots, kept, standalone, strategies, donated))

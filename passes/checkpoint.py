@@ -30,6 +30,12 @@ convention as measuring eager with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Assumes the AOTAutograd joint graph (``forward(primals, tangents)``).
 Returns two GraphModules, forward and backward.
+
+Requires: AOTAutograd's joint graph and ctx.num_fwd_outputs (run); a step
+  graph and ctx.seed (rematerialize).
+Ensures: (forward, backward) whose composition gives the joint's values,
+  saving only what the plan chose (run); one graph, same values, recomputed
+  values read only in the backward (rematerialize).
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ import torch
 import torch.fx as fx
 from torch._functorch import partitioners
 
-from retrograd.passes.planning import remat, remat_search
+from retrograd.ir import PassResult
 from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
+from retrograd.passes.planning import remat, remat_search
 
 __all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
 
@@ -222,9 +229,10 @@ def math_isinf(value: float) -> bool:
     return value == float("inf")
 
 
-def run(joint: fx.GraphModule, ctx, joint_inputs, **partition_kwargs):
-    """Plan, split ``joint`` into (forward, backward), sink recomputation."""
-    count = partition_kwargs["num_fwd_outputs"]
+def run(joint: fx.GraphModule, ctx) -> PassResult:
+    """Plan, split ``joint`` into (forward, backward), sink recomputation.
+    ``ctx.num_fwd_outputs``: how many of the joint's outputs are the forward's."""
+    count = ctx.num_fwd_outputs
     policy = Policy(ctx.options, ctx.op_support, protect_mutated_inputs(joint))
     info = remat.analyse(joint, count, free=_aliases_input)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
@@ -241,7 +249,7 @@ def run(joint: fx.GraphModule, ctx, joint_inputs, **partition_kwargs):
     stats = _stats(ctx, plan, budget, save_all_bytes, activations,
                    [by_name[n.name] for n in recomputed])
     stats.update(saved_values=len(kept), saved_input_bytes=_bytes(kept) - _bytes(activations))
-    return (forward, backward), stats
+    return PassResult((forward, backward), stats)
 
 
 def _stats(ctx, plan, budget, save_all_bytes: float, activations, recomputed) -> dict:
@@ -263,7 +271,7 @@ def _stats(ctx, plan, budget, save_all_bytes: float, activations, recomputed) ->
     }
 
 
-def rematerialize(step: fx.GraphModule, ctx, seed: str) -> dict:
+def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     """Checkpoint placement inside one graph: compile_step's whole training step.
 
     Forward, backward and update share one program, so there is nothing to
@@ -274,8 +282,9 @@ def rematerialize(step: fx.GraphModule, ctx, seed: str) -> dict:
     first backward reader, so the forward's own value dies at its last
     forward use and only the saved values stay alive across the step (the
     same effect as the split, as in Checkmate's single-graph formulation).
-    Finally the seed is folded as the constant 1.
+    Finally the seed is folded as the constant 1. ``ctx.seed`` names it.
     """
+    seed = ctx.seed
     graph = step.graph
     is_seed = lambda node: node.op == "placeholder" and node.name == seed  # noqa: E731
     info = remat.analyse(step, 1, free=_aliases_input, is_tangent=is_seed)
@@ -311,8 +320,8 @@ def rematerialize(step: fx.GraphModule, ctx, seed: str) -> dict:
     step.recompile()
     saved = sorted((n for n in plan.saved if n not in info.primals and n not in info.free),
                    key=lambda n: n.name)
-    return _stats(ctx, plan, budget, save_all_bytes, saved,
-                  sorted(copies, key=lambda n: n.name))
+    return PassResult(step, _stats(ctx, plan, budget, save_all_bytes, saved,
+                                   sorted(copies, key=lambda n: n.name)))
 
 
 def _fold_seed(graph: fx.Graph, seed: str) -> None:

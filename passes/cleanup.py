@@ -17,6 +17,10 @@ its inputs. Random ops are never merged (two dropouts are two masks), nor
 are ops with side effects. Guarantees the graph still computes the same
 values, in the same output order. The usual compiler cleanups, as in
 torch.fx's own ``eliminate_dead_code`` and Inductor's CSE.
+
+Requires: a functional ATen graph (no node mutates its inputs).
+Ensures: the same values in the same output order; no dead node, no duplicate
+  pure node, no no-op view.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from retrograd.ir import PassResult
 from retrograd.passes.op_classes import MASKED_OPS, MEANING_VIEWS, is_pure, is_view, view_base
 
 __all__ = ["run"]
@@ -249,7 +254,7 @@ def narrow_output_masks(graph: fx.Graph) -> int:
     return narrowed
 
 
-def run(gm: fx.GraphModule, ctx) -> dict:
+def run(gm: fx.GraphModule, ctx) -> PassResult:
     """The rewrites above, then dead-code elimination; ``dead_nodes_removed``
     counts the nodes it took out (dead in the input, or left unread by a
     rewrite: the log-softmax a pushed gather no longer reads)."""
@@ -262,6 +267,6 @@ def run(gm: fx.GraphModule, ctx) -> dict:
     dead = alive - len(gm.graph.nodes)
     narrowed = narrow_output_masks(gm.graph)
     gm.recompile()
-    return {"dead_nodes_removed": dead, "common_subexpressions_merged": merged,
-            "no_op_views_removed": views, "matmuls_transposed": transposed,
-            "masked_results_dropped": narrowed, "gathers_pushed": gathers}
+    return PassResult(gm, {"dead_nodes_removed": dead, "common_subexpressions_merged": merged,
+                           "no_op_views_removed": views, "matmuls_transposed": transposed,
+                           "masked_results_dropped": narrowed, "gathers_pushed": gathers})

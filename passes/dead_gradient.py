@@ -16,6 +16,11 @@ gradient per primal). Guarantees the wanted gradients are unchanged. This is
 the symbolic-zero propagation of JAX's linearize/transpose and of
 AOTAutograd's own handling of ``None`` tangents, applied after tracing so
 the faces can say what they need at compile time.
+
+Requires: AOTAutograd's joint graph; ctx.num_fwd_outputs; ctx.gradients (what
+  the caller needs, or None).
+Ensures: the wanted gradients unchanged; unwanted ones and known zeros are
+  zero fills; no node feeds only them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+
+from retrograd.ir import PassResult
 
 __all__ = ["run", "GradientSpec"]
 
@@ -98,8 +105,9 @@ def _bytes(node) -> int:
     return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
-def run(joint: fx.GraphModule, ctx, num_fwd_outputs: int) -> dict:
-    spec: GradientSpec = getattr(ctx, "gradients", None) or GradientSpec()
+def run(joint: fx.GraphModule, ctx) -> PassResult:
+    num_fwd_outputs = ctx.num_fwd_outputs
+    spec: GradientSpec = ctx.gradients or GradientSpec()
     graph = joint.graph
     before = len(graph.nodes)
     output = next(n for n in graph.nodes if n.op == "output")
@@ -132,9 +140,10 @@ def run(joint: fx.GraphModule, ctx, num_fwd_outputs: int) -> dict:
     output.args = (results[:num_fwd_outputs] + grads,)
     graph.eliminate_dead_code()
     joint.recompile()
-    return {"nodes_removed": before - len(graph.nodes),
-            "gradient_bytes_never_computed": never,
-            "unwanted_gradients": 0 if spec.wanted is None else
-            sum(1 for i, g in enumerate(results[num_fwd_outputs:])
-                if g is not None and i not in spec.wanted),
-            "zero_tangents": len(zero & set(tangents))}
+    return PassResult(joint, {
+        "nodes_removed": before - len(graph.nodes),
+        "gradient_bytes_never_computed": never,
+        "unwanted_gradients": 0 if spec.wanted is None else
+        sum(1 for i, g in enumerate(results[num_fwd_outputs:])
+            if g is not None and i not in spec.wanted),
+        "zero_tangents": len(zero & set(tangents))})

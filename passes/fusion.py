@@ -25,6 +25,11 @@ This is greedy fusion in the manner of TorchInductor's scheduler
 vertical (a consumer joins its producer's kernel) first, then horizontal
 (a node joins a kernel that already reads the same input, so the input is
 loaded once). Reductions take their pointwise prologue and epilogue.
+
+Requires: a functional ATen graph with fake values in node.meta['val'];
+  ctx.op_support.
+Ensures: a Program whose kernels cover every node once, in a topological
+  order, each of one family; no kernel reads through memory a value it writes.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from retrograd.ir import Buffer, Family, Kernel, Kind, Program, Role
+from retrograd.ir import Buffer, Family, Kernel, Kind, PassResult, Program, Role
 from retrograd.passes.op_classes import PHASE, is_reshape, is_view, view_base
 
 __all__ = ["run", "is_view", "is_reshape", "PHASE"]
@@ -450,8 +455,10 @@ def _is_pointwise_op(node: fx.Node) -> bool:
     return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
 
 
-def run(gm: fx.GraphModule, ctx) -> tuple[Program, dict]:
-    """Fuse ``gm`` into a Program; stats count kernels and the ops they cover."""
+def run(gm: fx.GraphModule, ctx) -> PassResult:
+    """Fuse ``gm`` into a Program; stats count kernels and the ops they cover.
+    ``ctx.updates`` (compile_step: output position -> input position it is the
+    next value of) becomes ``program.updates`` by buffer name."""
     for node in gm.graph.nodes:   # constants carry real tensors as their value
         if node.op == "get_attr" and "val" not in node.meta:
             node.meta["val"] = getattr(gm, node.target)
@@ -459,6 +466,9 @@ def run(gm: fx.GraphModule, ctx) -> tuple[Program, dict]:
     for node in gm.graph.nodes:
         grouping.place(node)
     program = _Builder(gm, grouping, ctx.graph_name).build()
+    program.updates = {program.outputs[out]: program.inputs[into]
+                       for out, into in ctx.updates.items()
+                       if isinstance(program.outputs[out], str)}
     pointwise = [n for n in gm.graph.nodes if _is_pointwise_op(n)]
     in_triton = {n for k in program.kernels_of("triton") for n in k.nodes}
     extern_ops = Counter(k.op for k in program.kernels_of("extern"))
@@ -474,4 +484,4 @@ def run(gm: fx.GraphModule, ctx) -> tuple[Program, dict]:
             str(n.target) for n in pointwise if n not in in_triton).items())),
         "extern_ops": dict(sorted(extern_ops.items())),
     }
-    return program, stats
+    return PassResult(program, stats)

@@ -21,6 +21,10 @@ returns in that layout (forward output, backward ``grad_input`` and
 ``grad_weight``; torch follows ``input``) get the same strides where they are
 such temporaries too, and ``rt.layout`` restores the planned strides of any
 other result at run time.
+
+Requires: a fused Program (fusion).
+Ensures: the same values; some temporaries around convolutions in
+  channels-last strides, restored where others read them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from retrograd.ir import Buffer, Kernel, Program
+from retrograd.ir import Buffer, Kernel, PassResult, Program
 from retrograd.passes.op_classes import CONVOLUTIONS
 
 __all__ = ["run", "channels_last_strides"]
@@ -82,7 +86,7 @@ def _results(kernel: Kernel) -> list[str]:
             and item.args[1] in (0, 1)]
 
 
-def run(program: Program, ctx) -> dict:
+def run(program: Program, ctx) -> PassResult:
     readers = _readers(program)
     producers = {name: kernel for kernel in program.kernels for name in kernel.outputs}
     escaping = program.escaping()
@@ -110,5 +114,5 @@ def run(program: Program, ctx) -> dict:
                 buffer = program.buffers[name]
                 buffer.strides = channels_last_strides(buffer.shape)
                 changed.append(name)
-    return {"convolutions": convolutions, "channels_last_buffers": len(changed),
-            "buffers": changed}
+    return PassResult(program, {"convolutions": convolutions,
+                                "channels_last_buffers": len(changed), "buffers": changed})

@@ -23,11 +23,15 @@ hold them there).
 Assumes kernels in a valid topological order (fusion's). Guarantees another
 valid topological order; its stats give the peak of live temporary bytes
 before and after.
+
+Requires: kernels in a valid topological order (fusion's).
+Ensures: another valid topological order, with a peak of live temporary bytes
+  no higher.
 """
 
 from __future__ import annotations
 
-from retrograd.ir import Program
+from retrograd.ir import PassResult, Program
 
 __all__ = ["run", "peak_live_bytes"]
 
@@ -114,7 +118,7 @@ def held_by_fusion(program: Program) -> list[dict]:
     return found
 
 
-def run(program: Program, ctx) -> dict:
+def run(program: Program, ctx) -> PassResult:
     before = peak_live_bytes(program)
     kernels = program.kernels
     producer = _producers(program)
@@ -168,8 +172,9 @@ def run(program: Program, ctx) -> dict:
         ctx.log.info("%s: fusion holds %d bytes across the peak: %s", ctx.graph_name,
                      sum(h["bytes"] for h in held),
                      ", ".join(f"{h['buffer']} ({h['kernel']})" for h in held))
-    return {"peak_live_bytes_before": before, "peak_live_bytes_after": after,
-            "moved_kernels": sum(1 for position, i in enumerate(order) if position != i)
-            if after < before else 0,
-            "peak_held_by_fusion_bytes": sum(h["bytes"] for h in held),
-            "peak_held_by_fusion": held}
+    return PassResult(program, {
+        "peak_live_bytes_before": before, "peak_live_bytes_after": after,
+        "moved_kernels": sum(1 for position, i in enumerate(order) if position != i)
+        if after < before else 0,
+        "peak_held_by_fusion_bytes": sum(h["bytes"] for h in held),
+        "peak_held_by_fusion": held})

@@ -68,9 +68,9 @@ memory_benchmark = _benchmark()
 
 
 # ---------------------------------------------------------------- helpers
-def context(**options) -> PassContext:
+def context(num_fwd_outputs: int | None = None, **options) -> PassContext:
     return PassContext(Options.from_mapping(options), Dumper(None, []), OpSupport(),
-                       "test_checkpoint")
+                       "test_checkpoint", num_fwd_outputs=num_fwd_outputs)
 
 
 @dataclass
@@ -101,8 +101,8 @@ def place(subject: Captured | str, **options):
     subject = captured(subject) if isinstance(subject, str) else subject
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        halves, stats = checkpoint.run(copy.deepcopy(subject.joint), context(**options),
-                                       subject.joint_inputs, num_fwd_outputs=subject.count)
+        halves, stats = checkpoint.run(copy.deepcopy(subject.joint),
+                                       context(subject.count, **options))
     return halves, stats, [str(w.message) for w in caught if "retrograd" in str(w.message)]
 
 
@@ -302,8 +302,8 @@ def test_infeasible_budget_warns_with_both_numbers_and_gives_the_smallest_plan(b
     save_all = place(subject, memory_budget=1.0)[1]["save_all_bytes"]
     fraction = budget / save_all
     with pytest.warns(UserWarning, match=rf"memory_budget={fraction} asks for at most") as record:
-        _, stats = checkpoint.run(copy.deepcopy(subject.joint), context(memory_budget=fraction),
-                                  subject.joint_inputs, num_fwd_outputs=subject.count)
+        _, stats = checkpoint.run(copy.deepcopy(subject.joint),
+                                  context(subject.count, memory_budget=fraction))
     [message] = [str(w.message) for w in record if "retrograd" in str(w.message)]
     asked, smallest = map(int, re.search(r"at most (\d+) saved bytes, but the smallest plan "
                                          r"saves (\d+) bytes", message).groups())

@@ -78,7 +78,7 @@ def capturing_programs():
     original = buffer_reuse.run
 
     def run(program, ctx):
-        stats = original(program, ctx)
+        result = original(program, ctx)
         captured.append((ctx.graph_name, program))
         try:
             assert_plan_sound(program)
@@ -87,7 +87,7 @@ def capturing_programs():
             for buf in program.buffers.values():
                 buf.offset = buf.arena = None
             program.arenas, program.arena_bytes = [], None
-        return stats
+        return result
 
     with mock.patch.object(buffer_reuse, "run", run):
         yield captured, unsound
@@ -315,7 +315,7 @@ def test_in_place_pair_shares_a_slot_and_nothing_else_overlaps():
     x, w = torch.randn(8, 8), torch.randn(8, 8)
     program = _traced_program(lambda x, w: ((x @ w).sin() * 2 @ w).tanh(), x, w)
     schedule.run(program, context())
-    stats = buffer_reuse.run(program, context())
+    stats = buffer_reuse.run(program, context()).stats
     mm, mul = program.buffers["mm"], program.buffers["mul"]
     assert stats["bytes_reused_in_place"] == mul.nbytes == 256
     assert mm.offset == mul.offset and mm.last_use == mul.first_use
@@ -453,7 +453,7 @@ def test_an_in_place_chain_cut_out_of_the_arenas_keeps_one_allocation():
     x, w = torch.randn(8, 8), torch.randn(8, 8)
     program = _traced_program(lambda x, w: ((x @ w).sin() * 2 @ w).tanh(), x, w)
     schedule.run(program, context())
-    stats = buffer_reuse.run(program, context())
+    stats = buffer_reuse.run(program, context()).stats
     mm, mul = program.buffers["mm"], program.buffers["mul"]
     assert mm.offset is mul.offset is None and mul.reuses == "mm"
     assert stats["bytes_reused_in_place"] == 256 and stats["standalone_buffers"] == 2
@@ -570,13 +570,13 @@ def test_schedule_then_plan_random_programs(program):
     program.validate()
     kernels_before = [k.name for k in program.kernels]
     peak_before = schedule.peak_live_bytes(program)
-    stats = schedule.run(program, context())
+    stats = schedule.run(program, context()).stats
     assert sorted(k.name for k in program.kernels) == sorted(kernels_before)
     assert_topological(program)
     assert stats["peak_live_bytes_before"] == peak_before
     assert stats["peak_live_bytes_after"] == schedule.peak_live_bytes(program) <= peak_before
 
-    stats = buffer_reuse.run(program, context())
+    stats = buffer_reuse.run(program, context()).stats
     assert_plan_sound(program)
     assert stats["live_lower_bound_bytes"] <= stats["arena_bytes"] \
         <= stats["bytes_without_reuse"]
@@ -677,7 +677,7 @@ def test_schedule_interleaves_independent_chains():
     program = two_chains()
     # fusion's order: A, B and a2 at kernel 2; A's chain first: B, a2 and b2 at most
     assert schedule.peak_live_bytes(program) == 2 * 4096 + 64
-    stats = schedule.run(program, context())
+    stats = schedule.run(program, context()).stats
     assert stats == {"peak_live_bytes_before": 2 * 4096 + 64,
                      "peak_live_bytes_after": 4096 + 2 * 64,
                      "moved_kernels": stats["moved_kernels"],
@@ -687,13 +687,13 @@ def test_schedule_interleaves_independent_chains():
     assert [k.name for k in program.kernels] == ["k_a", "k_a2", "k_b", "k_b2", "k_o"]
     assert_topological(program)
     # and the arena follows: one 4 KiB slot serves A and then B
-    stats = buffer_reuse.run(program, context())
+    stats = buffer_reuse.run(program, context()).stats
     assert stats["arena_bytes"] == stats["live_lower_bound_bytes"] == 4096 + 64 + 64
     assert program.buffers["A"].offset == program.buffers["B"].offset
     assert_plan_sound(program)
 
     unscheduled = two_chains()
-    assert buffer_reuse.run(unscheduled, context())["arena_bytes"] == 2 * 4096 + 64
+    assert buffer_reuse.run(unscheduled, context()).stats["arena_bytes"] == 2 * 4096 + 64
 
 
 def test_schedule_views_keep_their_base_alive():
@@ -706,7 +706,7 @@ def test_schedule_views_keep_their_base_alive():
     program.validate()
     before = schedule.peak_live_bytes(program)
     assert before == 2 * 4096 + 2 * 64
-    stats = schedule.run(program, context())
+    stats = schedule.run(program, context()).stats
     assert stats["peak_live_bytes_after"] <= before
     assert schedule.peak_live_bytes(program) == stats["peak_live_bytes_after"]
     assert_topological(program)

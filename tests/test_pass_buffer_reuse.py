@@ -56,7 +56,7 @@ def test_buffer_reuse_lifetimes_on_a_hand_built_program():
 
 def test_buffer_reuse_frees_after_last_use_and_never_outputs():
     program = hand_built_program()
-    stats = buffer_reuse.run(program, context())
+    stats = buffer_reuse.run(program, context()).stats
     assert program.frees == {3: ["t0", "t1", "v"], 5: ["a", "t2"]}
     freed = [name for names in program.frees.values() for name in names]
     assert "out" not in freed and "out2" not in freed
@@ -75,7 +75,7 @@ def test_buffer_reuse_live_lower_bound():
     """Live temporary bytes per kernel: 64, 64, 192, 192, 16, 16 -> 192. Were
     the view not keeping t0 alive, kernel 2 would see 128 only."""
     program = hand_built_program()
-    stats = buffer_reuse.run(program, context())
+    stats = buffer_reuse.run(program, context()).stats
     assert stats["live_lower_bound_bytes"] == 192
     assert buffer_reuse.live_lower_bound(program, buffer_reuse.lifetimes(program)) == 192
 
@@ -95,7 +95,7 @@ def test_buffer_reuse_live_bound_uses_the_storage_a_strided_buffer_spans():
     assert program.buffers["t"].nbytes == 16
     assert program.buffers["u"].nbytes == 40
     # t and u are alive together at k1; sizes round up to the arena's 16-byte alignment
-    assert buffer_reuse.run(program, context())["live_lower_bound_bytes"] == 16 + 48
+    assert buffer_reuse.run(program, context()).stats["live_lower_bound_bytes"] == 16 + 48
 
 
 def test_buffer_reuse_outputs_that_are_inputs_or_repeated():

@@ -44,7 +44,9 @@ def split_with_checkpoint(module: torch.nn.Module, inputs: list):
     def partition(joint, joint_inputs, **kwargs):
         record["joint_placeholders"] = [n.name for n in joint.graph.nodes
                                         if n.op == "placeholder"]
-        (forward, backward), stats = checkpoint.run(joint, context(), joint_inputs, **kwargs)
+        ctx = context()
+        ctx.num_fwd_outputs = kwargs["num_fwd_outputs"]
+        (forward, backward), stats = checkpoint.run(joint, ctx)
         record.update(forward=forward, backward=backward, stats=stats,
                       num_fwd_outputs=kwargs["num_fwd_outputs"])
         return forward, backward

@@ -25,7 +25,7 @@ def test_layout_makes_convolution_activations_channels_last():
     from retrograd.passes import layout
     from retrograd.runtime.executor import GeneratedExecutable
     (program, _, gm), inputs = _convolution_program()
-    stats = layout.run(program, context())
+    stats = layout.run(program, context()).stats
     [conv] = [k for k in program.kernels if k.op == "aten.convolution.default"]
     source, result = conv.inputs[0], conv.outputs[0]
     for name in (source, result):
@@ -56,5 +56,5 @@ def test_layout_leaves_buffers_a_view_reads():
         return (F.conv2d(h, k, padding=1), h.flatten(1) @ w)
     program, _, gm = fuse(fn, x, k, w)
     assert any(k.kind == "view" and "relu" in k.inputs for k in program.kernels)
-    assert layout.run(program, context())["channels_last_buffers"] == 0
+    assert layout.run(program, context()).stats["channels_last_buffers"] == 0
     assert_program_matches(program, gm, [x, k, w])

@@ -30,7 +30,7 @@ def test_schedule_runs_readers_of_an_updated_input_before_its_update():
     schedule.run(program, context())
     order = [k.name for k in program.kernels]
     assert order.index("extern_use") < order.index("pointwise_update")
-    stats = buffer_reuse.run(program, context())
+    stats = buffer_reuse.run(program, context()).stats
     assert stats["updates_in_place"] == 1 and program.buffers["new_p"].reuses == "p"
     # p stays referenced until the update has written over it
     freed_at = next(i for i, names in program.frees.items() if "p" in names)
@@ -39,7 +39,7 @@ def test_schedule_runs_readers_of_an_updated_input_before_its_update():
 
 def test_an_update_before_a_later_reader_stays_out_of_place():
     program = _update_program()             # fusion's order, not rescheduled
-    stats = buffer_reuse.run(program, context())
+    stats = buffer_reuse.run(program, context()).stats
     assert stats["updates_in_place"] == 0 and stats["updates_out_of_place"] == 1
     assert program.buffers["new_p"].reuses is None
 
@@ -56,7 +56,7 @@ def test_schedule_reports_fusion_outputs_held_across_the_peak():
     program = Program("held", buffers, kernels, inputs=["x"], outputs=["out"])
     assert schedule.held_by_fusion(program) == [
         {"kernel": "pointwise_ab", "buffer": "a", "bytes": 16}]
-    stats = schedule.run(program, context())
+    stats = schedule.run(program, context()).stats
     assert stats["peak_held_by_fusion_bytes"] == 16
     program.kernels[0].nodes = ["node a"]          # not a fusion: nothing to report
     assert schedule.held_by_fusion(program) == []
