@@ -15,12 +15,11 @@ import threading
 import time
 
 import pytest
-import torch
-from torch import nn
-
 import retrograd
-from retrograd.runtime.device import interpreter_mode
+import torch
 from checks import assert_close_floor
+from retrograd.runtime.device import interpreter_mode
+from torch import nn
 
 TIMEOUT = 120   # seconds a thread may take before the test calls it hung
 
@@ -276,7 +275,7 @@ def test_threads_compile_step_at_once(no_dump_env):
             reference = copy.deepcopy(model)   # torch's seed is process-wide
             compiled_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             eager_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-            loss_fn = lambda m, x: m(x).pow(2).mean()   # noqa: E731
+            loss_fn = lambda m, x: m(x).pow(2).mean()
             step = retrograd.compile_step(model, loss_fn, compiled_opt)
             for i in range(2):
                 x = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed + 10 * i))
@@ -342,8 +341,7 @@ def test_interpreter_mode_nests_in_one_thread(monkeypatch):
     with interpreter_mode(False), interpreter_mode(False):
         assert os.environ["TRITON_INTERPRET"] == "0"
     assert os.environ["TRITON_INTERPRET"] == "yes"
-    with interpreter_mode(False):
-        with pytest.raises(RuntimeError, match="inside a CUDA load or launch"):
-            with interpreter_mode(True):
-                pass
+    inside_cuda = pytest.raises(RuntimeError, match="inside a CUDA load or launch")
+    with interpreter_mode(False), inside_cuda, interpreter_mode(True):
+        pass
     assert os.environ["TRITON_INTERPRET"] == "yes"
