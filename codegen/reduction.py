@@ -15,7 +15,9 @@ loop for the max, one for the sum of exponentials, one to store the
 result) -- the looped strategy of Inductor's reductions. When the extent
 fits one block each loop runs once, the persistent case. Accumulation is in
 float32 for half-precision inputs; variance uses Welford's update per lane
-and Chan et al.'s pairwise combination across lanes.
+and Chan et al.'s pairwise combination across lanes. What each kind of
+reduction adds to a loop (identity, update, combination of the lanes) is in
+``reduction_kinds.py``.
 """
 
 from __future__ import annotations
@@ -28,43 +30,15 @@ from string import Template
 import torch
 
 from retrograd.codegen import ops
-from retrograd.codegen.layout import contiguous_strides
+from retrograd.codegen import reduction_kinds as kinds
 from retrograd.codegen.common import HELPERS, describe, describe_node, mentions
+from retrograd.codegen.layout import contiguous_strides
+from retrograd.codegen.reduction_kinds import (REDUCE_HELPERS, REDUCTIONS, can_reduce,
+                                               describe_reduction)
 from retrograd.ir import Buffer, Kernel
 
 __all__ = ["generate_reduction", "describe_reduction", "can_reduce", "choose_reduction_blocks",
            "REDUCTIONS"]
-
-aten = torch.ops.aten
-
-#: aten reduction -> (kind, position of ``dim`` or None for "all dims").
-REDUCTIONS = {
-    aten.sum.dim_IntList: ("sum", 1), aten.sum.default: ("sum", None),
-    aten.mean.dim: ("mean", 1), aten.mean.default: ("mean", None),
-    aten.amax.default: ("max", 1), aten.amin.default: ("min", 1),
-    aten.max.default: ("max", None), aten.min.default: ("min", None),
-    aten.prod.dim_int: ("prod", 1), aten.prod.default: ("prod", None),
-    aten.argmax.default: ("argmax", 1), aten.argmin.default: ("argmin", 1),
-    aten.any.dims: ("any", 1), aten.any.dim: ("any", 1), aten.any.default: ("any", None),
-    aten.all.dims: ("all", 1), aten.all.dim: ("all", 1), aten.all.default: ("all", None),
-    aten.var_mean.correction: ("var_mean", 1), aten.var.correction: ("var", 1),
-}
-
-REDUCE_HELPERS = {
-    "_mul": '''
-@triton.jit
-def _mul(a, b):
-    return a * b
-''',
-}
-
-#: Combine functions of triton.language.standard. Passed to ``tl.reduce``
-#: they compile as usual on GPUs, and the interpreter recognises them and
-#: reduces with numpy instead of calling a Python combine per element (which
-#: costs ~100 microseconds an element). Only the reference is used, never a
-#: call, so they work even where triton was imported without TRITON_INTERPRET.
-SUM, MAX, MIN = ("tl.standard._sum_combine", "tl.standard._elementwise_max",
-                 "tl.standard._elementwise_min")
 
 KERNEL = Template('''\
 """$title
@@ -95,45 +69,6 @@ def launch($args):
     grid = (triton.cdiv($rows, $row_block),)
     $name[grid]($args, ROWS=$row_block, RBLOCK=$r_block)
 ''')
-
-
-def _dims(node, position) -> tuple[int, ...]:
-    val = node.args[0].meta["val"]
-    rank = val.dim()
-    dims = node.args[position] if position is not None and len(node.args) > position \
-        else node.kwargs.get("dim") if position is not None else None
-    if dims is None or dims == []:
-        return tuple(range(rank))
-    if isinstance(dims, int):
-        dims = [dims]
-    return tuple(sorted(d % rank for d in dims)) if rank else ()
-
-
-def describe_reduction(node):
-    """(input node, reduced dims, kind) of a reduction we lower, else None."""
-    if getattr(node, "op", None) != "call_function" or node.target not in REDUCTIONS:
-        return None
-    kind, position = REDUCTIONS[node.target]
-    source = node.args[0]
-    if not hasattr(source, "meta") or not isinstance(source.meta.get("val"), torch.Tensor):
-        return None
-    return source, _dims(node, position), kind
-
-
-def can_reduce(node) -> bool:
-    """True when ``node`` is a reduction codegen can emit (over a real extent)."""
-    described = describe_reduction(node)
-    if described is None:
-        return False
-    source, dims, _ = described
-    val = source.meta["val"]
-    if val.dtype not in ops.TRITON_DTYPES or val.numel() == 0 or not dims:
-        return False
-    extent = math.prod(val.shape[d] for d in dims)
-    outputs = node.meta.get("val")
-    outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
-    return extent > 1 and all(isinstance(o, torch.Tensor) and o.dtype in ops.TRITON_DTYPES
-                              for o in outputs)
 
 
 def choose_reduction_blocks(rows: int, extent: int, interpreted: bool,
@@ -299,119 +234,6 @@ class _Writer:
         self.emit(f"{node.name} = {expression}")
         self.dtypes[node.name] = dtype
 
-    def accumulate(self, node) -> None:
-        """Inside the loop: fold this block of the input into the accumulator."""
-        source, _, kind = describe_reduction(node)
-        value = self.operand(node, source, None, True)
-        acc = f"{node.name}_acc"
-        if kind in ("sum", "mean"):
-            self.emit(f"{acc} = {acc} + tl.where(mask, {value}, 0)")
-        elif kind == "prod":
-            self.emit(f"{acc} = {acc} * tl.where(mask, {value}, 1)")
-        elif kind in ("max", "min"):
-            helper = "_maximum" if kind == "max" else "_minimum"
-            self.emit(f"{acc} = {helper}({acc}, tl.where(mask, {value}, {acc}))")
-        elif kind in ("any", "all"):
-            helper = "_maximum" if kind == "any" else "_minimum"
-            self.emit(f"{acc} = {helper}({acc}, tl.where(mask, ({value} != 0).to(tl.int32), "
-                      f"{acc}))")
-        elif kind in ("argmax", "argmin"):
-            better = ">" if kind == "argmax" else "<"
-            self.emit(f"take = mask & (({value} {better} {acc}) | (({value} != {value}) "
-                      f"& ({acc} == {acc})))")
-            self.emit(f"{acc} = tl.where(take, {value}, {acc})")
-            self.emit(f"{node.name}_index = tl.where(take, ks, {node.name}_index)")
-        else:   # var, var_mean: Welford, one update per lane and element
-            dtype = ops.triton_dtype(self.accumulator_dtype(node))
-            self.emit(f"{node.name}_count = {node.name}_count + mask.to({dtype})")
-            self.emit(f"delta = tl.where(mask, {value} - {node.name}_mean, 0.0)")
-            self.emit(f"{node.name}_mean = {node.name}_mean + delta / "
-                      f"tl.where({node.name}_count == 0, 1.0, {node.name}_count)")
-            self.emit(f"{node.name}_m2 = {node.name}_m2 + delta * tl.where(mask, {value} - "
-                      f"{node.name}_mean, 0.0)")
-
-    def initialise(self, node) -> None:
-        _, _, kind = describe_reduction(node)
-        dtype = self.accumulator_dtype(node)
-        tl_dtype = ops.triton_dtype(dtype)
-        shape = "[ROWS, RBLOCK]"
-        if kind in ("var", "var_mean"):
-            for part in ("mean", "m2", "count"):
-                self.emit(f"{node.name}_{part} = tl.full({shape}, 0, {tl_dtype})")
-            return
-        identity = {"sum": 0, "mean": 0, "prod": 1, "any": 0, "all": 1}.get(kind)
-        if kind in ("max", "argmax"):
-            identity = 'float("-inf")' if dtype.is_floating_point else str(
-                torch.iinfo(dtype).min if dtype != torch.bool else 0)
-        elif kind in ("min", "argmin"):
-            identity = 'float("inf")' if dtype.is_floating_point else str(
-                torch.iinfo(dtype).max if dtype != torch.bool else 1)
-        if kind in ("any", "all"):
-            tl_dtype = "tl.int32"
-        self.emit(f"{node.name}_acc = tl.full({shape}, {identity}, {tl_dtype})")
-        if kind in ("argmax", "argmin"):
-            self.emit(f"{node.name}_index = tl.full({shape}, 0, tl.int64)")
-
-    def accumulator_dtype(self, node) -> torch.dtype:
-        source, _, kind = describe_reduction(node)
-        if kind in ("argmax", "argmin", "max", "min"):
-            return ops.compute_dtype(source.meta["val"].dtype)
-        out = node.meta["val"]
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return ops.compute_dtype(out.dtype)
-
-    def finish(self, node) -> None:
-        """After the loop: combine the lanes into one value per row."""
-        _, _, kind = describe_reduction(node)
-        name, acc = node.name, f"{node.name}_acc"
-        out = node.meta["val"]
-        if kind in ("sum", "mean"):
-            text = f"tl.reduce({acc}, 1, {SUM}, keep_dims=True)"
-            self.emit(f"{name} = {text} / {float(self.extent)}" if kind == "mean" else
-                      f"{name} = {text}")
-        elif kind == "prod":
-            self.emit(f"{name} = tl.reduce({acc}, 1, _mul, keep_dims=True)")
-        elif kind in ("max", "min", "any", "all"):
-            combine = MAX if kind in ("max", "any") else MIN
-            self.emit(f"{name} = tl.reduce({acc}, 1, {combine}, keep_dims=True)")
-            if kind in ("any", "all"):
-                self.emit(f"{name} = {name} != 0")
-            elif self.accumulator_dtype(node).is_floating_point:   # a NaN lane wins
-                self.emit(f"{name}_nans = tl.reduce(({acc} != {acc}).to(tl.int32), 1, {SUM}, "
-                          f"keep_dims=True)")
-                self.emit(f'{name} = tl.where({name}_nans > 0, float("nan"), {name})')
-        elif kind in ("argmax", "argmin"):
-            combine = MAX if kind == "argmax" else MIN
-            self.emit(f"{name}_best = tl.reduce({acc}, 1, {combine}, keep_dims=True)")
-            hit = f"({acc} == {name}_best)"
-            if self.accumulator_dtype(node).is_floating_point:
-                self.emit(f"{name}_nans = tl.reduce(({acc} != {acc}).to(tl.int32), 1, {SUM}, "
-                          f"keep_dims=True)")
-                hit = f"tl.where({name}_nans > 0, {acc} != {acc}, {hit})"
-            # the smallest index among lanes holding the winner: torch's first occurrence
-            self.emit(f"{name} = tl.reduce(tl.where({hit}, {name}_index, {2 ** 62}), 1, {MIN}, "
-                      f"keep_dims=True)")
-        else:
-            correction = node.kwargs.get("correction")
-            correction = 1 if correction is None else correction
-            # Chan et al.'s merge of the lanes' (mean, M2, count), written with sums
-            self.emit(f"{name}_lane_mean = {name}_mean")
-            self.emit(f"{name}_n = tl.reduce({name}_count, 1, {SUM}, keep_dims=True)")
-            self.emit(f"{name}_mean = tl.reduce({name}_lane_mean * {name}_count, 1, {SUM}, "
-                      f"keep_dims=True) / tl.where({name}_n == 0, 1.0, {name}_n)")
-            self.emit(f"{name}_m2 = tl.reduce({name}_m2 + {name}_count * ({name}_lane_mean - "
-                      f"{name}_mean) * ({name}_lane_mean - {name}_mean), 1, {SUM}, "
-                      f"keep_dims=True)")
-            divisor = max(0.0, float(self.extent - correction))
-            self.emit(f"{name}_var = {name}_m2 / {divisor!r}" if divisor else
-                      f"{name}_var = {name}_m2 * float(\"nan\")")
-            if kind == "var":
-                self.emit(f"{name} = {name}_var")
-            self.dtypes[f"{name}_var"] = self.dtypes[f"{name}_mean"] = \
-                self.accumulator_dtype(node)
-        if not isinstance(out, (tuple, list)):
-            self.dtypes[name] = ops.compute_dtype(out.dtype)
-
     def getitem(self, node) -> None:
         source, index = node.args
         part = ("var", "mean")[index]
@@ -471,7 +293,7 @@ def _loop(writer: _Writer, reductions: list, stores: list, comment: str) -> None
             ordered.append(node)
     writer.emit(f"# {comment}")
     for node in reductions:
-        writer.initialise(node)
+        kinds.initialise(writer, node)
     writer.emit(f"for k_start in range(0, {writer.extent}, RBLOCK):")
     writer.indent = "        "
     writer.emit("ks = k_start + tl.arange(0, RBLOCK)[None, :]   # [1, RBLOCK]")
@@ -481,12 +303,12 @@ def _loop(writer: _Writer, reductions: list, stores: list, comment: str) -> None
         if not (ops.is_fill(node) and node.name not in writer.kernel.outputs):
             writer.pointwise(node, full=True)
     for node in reductions:
-        writer.accumulate(node)
+        kinds.accumulate(writer, node)
     for name in stores:
         writer.store(name, full=True)
     writer.indent = "    "
     for node in reductions:
-        writer.finish(node)
+        kinds.finish(writer, node)
 
 
 def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: int,
