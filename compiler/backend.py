@@ -6,7 +6,9 @@ when dynamo marks shapes dynamic after a recompile (SymInt inputs), the
 graph is specialized to the concrete sizes of each call: one compiled graph
 per distinct signature, cached. That is a documented specialization
 (docs/design.md), not symbolic codegen. At most ``max_programs`` are kept,
-least recently used released first (recompiles.py).
+least recently used released first (recompiles.py). A graph whose trace
+needs tensor values inside an op (a boolean-mask ``index_put``) runs in
+eager PyTorch, with a warning and a report that says so (``EagerGraph``).
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import torch
 
 from retrograd.capture import compile_graph, signature
-from retrograd.errors import DATA_DEPENDENT, UnsupportedError
+from retrograd.errors import DATA_DEPENDENT
 from retrograd.options import Options
 from retrograd.recompiles import describe_change, limit_message
 
@@ -44,6 +46,7 @@ class CompiledGraph:
         self.last_key: tuple | None = None
         self.scalar_inputs = scalar_inputs(gm)
         self.warned_limit = False
+        self.warned_eager = False
 
     @property
     def reports(self) -> dict[str, dict]:
@@ -62,8 +65,13 @@ class CompiledGraph:
                 self.compiled[key], self.compilers[key] = compile_graph(
                     gm, concrete, self.options,
                     captured_text=gm.print_readable(print_output=False))
-            except DATA_DEPENDENT as error:   # a clean error, not a fake-tensor exception
-                raise _data_dependent(error) from error
+            except DATA_DEPENDENT as error:   # this graph runs in eager, and says so
+                eager = EagerGraph(gm, error)
+                self.compiled[key], self.compilers[key] = eager, eager
+                if not self.warned_eager:
+                    self.warned_eager = True
+                    log.info(eager.reason)
+                    warnings.warn(eager.reason, stacklevel=2)
             self._bound(key)
         self.compiled.move_to_end(key)
         self.compilers.move_to_end(key)
@@ -79,8 +87,8 @@ class CompiledGraph:
         if not self.warned_limit:
             self.warned_limit = True
             others = [other for other in self.compiled if other != key]
-            warnings.warn(limit_message("torch.compile(backend='retrograd')",
-                                        f"a graph dynamo handed over ({len(self.gm.graph.nodes)} nodes)", limit,
+            what = f"a graph dynamo handed over ({len(self.gm.graph.nodes)} nodes)"
+            warnings.warn(limit_message("torch.compile(backend='retrograd')", what, limit,
                                         describe_change(key, others)), stacklevel=2)
         while len(self.compiled) > limit:
             oldest = next(iter(self.compiled))
@@ -88,16 +96,33 @@ class CompiledGraph:
             del self.compiled[oldest], self.compilers[oldest]
 
 
-def _data_dependent(error: BaseException) -> UnsupportedError:
-    """The error for a graph whose trace needs tensor values: dynamo handed over
-    an op (a boolean-mask index, say) whose ATen decomposition makes a shape
-    from the data (``nonzero``, ``unique``); retrograd traces static shapes."""
-    op = getattr(error, "func", None) or type(error).__name__
-    return UnsupportedError(
-        f"retrograd (torch.compile face): tracing a graph dynamo handed over reached {op}, "
-        "whose output shape depends on tensor values; retrograd compiles static shapes. "
-        "Index with integer tensors instead of boolean masks, or keep that code out of "
-        "the compiled region (torch.compiler.disable)")
+class EagerGraph:
+    """A graph dynamo handed over that retrograd cannot trace with static
+    shapes: an op inside it (a boolean-mask index, ``put`` at a 0-dim index)
+    has an ATen decomposition that reads tensor values (``nonzero``,
+    ``unique``, ``.item()``). Dynamo splits the program at such code only
+    where it sees it in Python, not inside an op. The graph then runs as
+    it is, in eager PyTorch with autograd, and its report says so: every
+    node an extern torch call, no Triton kernel."""
+
+    def __init__(self, gm: torch.fx.GraphModule, error: BaseException):
+        self.gm = gm
+        op = getattr(error, "func", None) or type(error).__name__
+        calls = Counter(str(node.target) for node in gm.graph.nodes
+                        if node.op in ("call_function", "call_method", "call_module"))
+        self.reason = (f"retrograd (torch.compile face): a graph dynamo handed over "
+                       f"({len(gm.graph.nodes)} nodes) reaches {op}, whose result depends on "
+                       f"tensor values; retrograd compiles static shapes, so this graph runs "
+                       f"in eager PyTorch, uncompiled (its report says so). Index with "
+                       f"integer tensors instead of boolean masks to have it compiled")
+        self.reports = {"eager": {
+            "eager_fallback": self.reason, "graph_id": None,
+            "nodes": {"captured": len(gm.graph.nodes), "final": len(gm.graph.nodes)},
+            "kernels": {"triton": 0, "extern": sum(calls.values()),
+                        "extern_ops": dict(sorted(calls.items()))}}}
+
+    def __call__(self, *args):
+        return self.gm(*args)
 
 
 def scalar_inputs(gm: torch.fx.GraphModule) -> list[int]:

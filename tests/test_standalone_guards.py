@@ -438,3 +438,30 @@ def test_a_hook_added_or_removed_after_the_first_call_traces_again(traces):
     assert traces.calls == 2   # the hookless graph is reused
     with torch.no_grad():
         assert relative_error(compiled(x), model(x)) < 1e-6
+
+
+def masked_accumulate(x, v):
+    mask = torch.tensor([True, False, True, False, True])
+    return torch.index_put(x * 2, [mask], v.sin(), accumulate=True).cos()
+
+
+@pytest.mark.parametrize("face", ["standalone", "torch.compile"])
+def test_a_graph_reading_values_inside_an_op_runs_in_eager_and_says_so(face, fresh_dynamo):
+    """Dynamo cannot split inside ``index_put``, whose decomposition calls
+    ``nonzero`` on the mask: that graph runs in eager PyTorch (backend.EagerGraph),
+    with a warning naming the op, and a report with no Triton kernel."""
+    x, v = torch.randn(5, 5, requires_grad=True), torch.randn(5, requires_grad=True)
+    upstream = torch.randn(5, 5)
+    expected = torch.autograd.grad(masked_accumulate(x, v), (x, v), upstream)
+    compiled = (retrograd.compile(masked_accumulate) if face == "standalone"
+                else torch.compile(masked_accumulate, backend="retrograd"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.autograd.grad(compiled(x, v), (x, v), upstream)
+    assert any("aten.nonzero" in str(w.message) and "runs in eager" in str(w.message)
+               for w in caught), [str(w.message) for w in caught]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    if face == "standalone":
+        report = compiled.reports["eager"]
+        assert report["kernels"]["triton"] == 0 and report["kernels"]["extern"] > 0
