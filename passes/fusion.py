@@ -24,7 +24,9 @@ This is greedy fusion in the manner of TorchInductor's scheduler
 (``can_fuse`` over producer/consumer pairs, with the same cycle check):
 vertical (a consumer joins its producer's kernel) first, then horizontal
 (a node joins a kernel that already reads the same input, so the input is
-loaded once). Reductions take their pointwise prologue and epilogue.
+loaded once). Reductions take their pointwise prologue and epilogue. Which
+node joins which group is planned by ``planning/grouping.py``; this module
+builds the buffers and kernels from that plan.
 
 Requires: a functional ATen graph with fake values in node.meta['val'];
   ctx.op_support.
@@ -36,227 +38,21 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from typing import Any
 
 import torch
 import torch.fx as fx
 
 from retrograd.ir import Buffer, Family, Kernel, Kind, PassResult, Program, Role
-from retrograd.passes.op_classes import PHASE, is_reshape, is_view, view_base
+from retrograd.passes.op_classes import is_view
+from retrograd.passes.planning.grouping import Grouping, numel_of, tensor_args, value_of
 
-__all__ = ["run", "is_view", "is_reshape", "PHASE"]
+__all__ = ["run"]
 
 aten = torch.ops.aten
 
 
-def _val(node: Any):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _numel(node: fx.Node) -> int | None:
-    val = _val(node)
-    return val.numel() if isinstance(val, torch.Tensor) else None
-
-
-def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    return [arg for arg in node.all_input_nodes if isinstance(_val(arg), torch.Tensor)]
-
-
-class _Grouping:
-    """The state of the greedy walk: which group each node joined.
-
-    A group is pointwise (``geometry`` None: every member has the group's
-    element count) or a reduction (``geometry`` = (full shape, reduced dims):
-    members are *full*, with exactly the full shape, or *row*, with one
-    element per row; ``numel`` is the row count).
-    """
-
-    def __init__(self, graph: fx.Graph, op_support):
-        self.graph = graph
-        self.support = op_support
-        self.group_of: dict[fx.Node, int] = {}
-        self.groups: list[list[fx.Node]] = []
-        self.numel: list[int] = []
-        self.geometry: list[tuple | None] = []
-        self.ancestors: dict[fx.Node, frozenset[int]] = {}
-        self.group_reads: list[set[int]] = []   # groups each group depends on directly
-        self.phase: list[str | None] = []       # see ``PHASE``
-
-    # -- reading values inside a group --------------------------------------
-    def register_source(self, arg: fx.Node, group: int) -> fx.Node | None:
-        """The in-group node whose register equals ``arg``, through reshapes."""
-        start = arg
-        while arg not in self.group_of and is_reshape(arg):
-            arg = arg.args[0]
-        if self.group_of.get(arg) != group or self.geometry[group] == "standalone":
-            return None
-        if self.geometry[group] is not None and arg is not start \
-                and self.is_full(arg, group):
-            return None   # full values are aligned by coordinates, not by reshapes
-        return arg
-
-    root = staticmethod(view_base)
-
-    def is_full(self, node: fx.Node, group: int) -> bool:
-        val = _val(node)
-        return (self.support.describe_reduction(node) is None
-                and isinstance(val, torch.Tensor)
-                and tuple(val.shape) == self.geometry[group][0])
-
-    def row_aligned(self, arg: fx.Node, group: int) -> bool:
-        """A row value read by a full node broadcasts along the reduced dims only."""
-        full_shape, reduced = self.geometry[group]
-        shape = tuple(_val(arg).shape)
-        if len(shape) != len(full_shape):
-            return False
-        return all((size == 1) if dim in reduced else (size == full_shape[dim])
-                   for dim, size in enumerate(shape))
-
-    # -- joining ---------------------------------------------------------------
-    def external_ok(self, arg: fx.Node, group: int) -> bool:
-        if self.group_of.get(self.root(arg)) == group:
-            return False      # would read its own kernel's output through memory
-        return group not in self.upstream(arg)   # else the kernel would depend on itself
-
-    def upstream(self, arg: fx.Node) -> set[int]:
-        """Every group ``arg`` depends on. A node's recorded ancestors go stale
-        as groups grow (a group that later reads another group, by horizontal
-        fusion say, brings that dependency to everything downstream of it), so
-        they are closed over what each group reads now."""
-        found = set(self.ancestors[arg])
-        if arg in self.group_of:
-            found.add(self.group_of[arg])
-        work = list(found)
-        while work:
-            for group in self.group_reads[work.pop()] - found:
-                found.add(group)
-                work.append(group)
-        return found
-
-    def can_join(self, node: fx.Node, group: int) -> bool:
-        if self.geometry[group] == "standalone":
-            return False      # scatters and pools write memory only
-        if self.phase[group] != node.meta.get(PHASE):
-            return False
-        if self.geometry[group] is not None:
-            return self.can_join_reduction(node, group)
-        if self.numel[group] != _numel(node):
-            return False
-        indexed = self.support.reads_by_index(node)   # its inputs must be in memory
-        for arg in _tensor_args(node):
-            if self.support.is_fill(arg):
-                continue
-            if not indexed and self.register_source(arg, group) is not None:
-                continue
-            if not self.external_ok(arg, group):
-                return False
-        return True
-
-    def can_join_reduction(self, node: fx.Node, group: int) -> bool:
-        full = tuple(_val(node).shape) == self.geometry[group][0]
-        if self.support.reads_by_index(node) or self.support.is_generator(node):
-            return False   # reduction kernels index by (row, column), not by offset
-        if not full and _numel(node) != self.numel[group]:
-            return False
-        for arg in _tensor_args(node):
-            if self.support.is_fill(arg):
-                continue
-            source = self.register_source(arg, group)
-            if source is None:
-                if not self.external_ok(arg, group):
-                    return False
-            elif full and not self.is_full(source, group) and not self.row_aligned(arg, group):
-                return False
-            elif not full and self.is_full(source, group):
-                return False
-        return True
-
-    def try_reduction(self, node: fx.Node) -> int | None:
-        """The group a reduction joins (converting a pointwise group), if any."""
-        source, dims, _ = self.support.describe_reduction(node)
-        group = self.group_of.get(source)
-        if group is None or self.geometry[group] == "standalone" \
-                or self.phase[group] != node.meta.get(PHASE):
-            return None
-        full_shape = tuple(_val(source).shape)
-        geometry = (full_shape, tuple(dims))
-        if self.geometry[group] is None:
-            members = self.groups[group]
-            if any(tuple(_val(m).shape) != full_shape or not _tensor_args(m)
-                   or self.support.reads_by_index(m) or self.support.is_generator(m)
-                   for m in members if not self.support.is_fill(m)):
-                return None   # a reshape or a generator inside: keep it pointwise
-            self.geometry[group] = geometry
-            self.numel[group] = _numel(node) if not isinstance(_val(node), tuple) \
-                else _val(node)[0].numel()
-            return group
-        if self.geometry[group] == geometry and self.is_full(source, group):
-            return group
-        return None
-
-    def add(self, node: fx.Node, group: int | None, geometry=None, numel=None) -> None:
-        if group is None:
-            group = len(self.groups)
-            self.groups.append([])
-            self.geometry.append(geometry)
-            self.group_reads.append(set())
-            self.numel.append(numel)
-            self.phase.append(node.meta.get(PHASE))
-        self.group_of[node] = group
-        self.groups[group].append(node)
-
-    def place(self, node: fx.Node) -> None:
-        support = self.support
-        if support.can_scatter(node):
-            # one lane per element of the index (scatter) or values (index_put)
-            self.add(node, None, "standalone", _numel(node.args[2]))
-        elif support.can_pool(node):
-            self.add(node, None, "standalone", None)
-        elif support.can_reduce(node):
-            source, dims, _ = support.describe_reduction(node)
-            val = _val(node)
-            rows = (val[0] if isinstance(val, (tuple, list)) else val).numel()
-            self.add(node, self.try_reduction(node), (tuple(_val(source).shape), tuple(dims)),
-                     rows)
-        elif node.op == "call_function" and node.target is operator.getitem \
-                and node.args[0] in self.group_of:
-            self.add(node, self.group_of[node.args[0]])   # var_mean's (var, mean)
-        elif support.can_lower(node) and not support.is_fill(node):
-            candidates = []
-            for arg in _tensor_args(node):
-                for group in self.groups_reachable_by_register(arg):
-                    if group not in candidates:
-                        candidates.append(group)
-            # siblings: kernels already reading arg, so it is loaded once. Not for
-            # a fill (a literal) or a single number (compile_step's learning
-            # rate): one load saves nothing, and joining would hold every
-            # parameter's gradient until the last of them is ready
-            for arg in _tensor_args(node):
-                if support.is_fill(arg) or _numel(arg) == 1:
-                    continue
-                for user in arg.users:
-                    group = self.group_of.get(user)
-                    if group is not None and group not in candidates:
-                        candidates.append(group)
-            joined = next((g for g in candidates if self.can_join(node, g)), None)
-            self.add(node, joined, None, _numel(node))
-        inherited = set()
-        for arg in node.all_input_nodes:
-            inherited |= self.ancestors.get(arg, frozenset())
-            if arg in self.group_of:
-                inherited.add(self.group_of[arg])
-        self.ancestors[node] = frozenset(inherited)
-        if node in self.group_of:
-            self.group_reads[self.group_of[node]] |= inherited - {self.group_of[node]}
-
-    def groups_reachable_by_register(self, arg: fx.Node) -> list[int]:
-        while arg not in self.group_of and is_reshape(arg):
-            arg = arg.args[0]
-        return [self.group_of[arg]] if arg in self.group_of else []
-
-
 def _buffer(node: fx.Node, role: Role, view_of: str | None = None) -> Buffer:
-    val = _val(node)
+    val = value_of(node)
     return Buffer(name=node.name, shape=tuple(val.shape), strides=tuple(val.stride()),
                   dtype=str(val.dtype).removeprefix("torch."), role=role, view_of=view_of)
 
@@ -264,7 +60,7 @@ def _buffer(node: fx.Node, role: Role, view_of: str | None = None) -> Buffer:
 class _Builder:
     """Turns a grouping into buffers and kernels."""
 
-    def __init__(self, gm: fx.GraphModule, grouping: _Grouping, name: str):
+    def __init__(self, gm: fx.GraphModule, grouping: Grouping, name: str):
         self.gm = gm
         self.grouping = grouping
         self.name = name
@@ -319,7 +115,7 @@ class _Builder:
         for node in self.gm.graph.nodes:
             if node in self.needed and grouping.support.is_fill(node) \
                     and grouping.support.can_lower(node):
-                grouping.add(node, None, None, _numel(node))
+                grouping.add(node, None, None, numel_of(node))
         output_names = {arg.name for arg in self.outputs if isinstance(arg, fx.Node)}
         buffers: dict[str, Buffer] = {}
         inputs, constants, steps = [], {}, []
@@ -327,7 +123,7 @@ class _Builder:
         for position, node in enumerate(self.gm.graph.nodes):
             if node.op == "placeholder":
                 inputs.append(node.name)
-                if isinstance(_val(node), torch.Tensor):
+                if isinstance(value_of(node), torch.Tensor):
                     buffers[node.name] = _buffer(node, Role.INPUT)
             elif node.op == "get_attr":
                 constants[node.name] = getattr(self.gm, node.target)
@@ -360,7 +156,7 @@ class _Builder:
         members = set(nodes)
         inputs, fills, aliases = [], [], {}
         for node in nodes:
-            for arg in _tensor_args(node):
+            for arg in tensor_args(node):
                 mode = self.read_mode(node, arg) if arg not in members else "register"
                 if mode == "inline" and arg not in members and arg not in fills:
                     fills.append(arg)
@@ -370,7 +166,7 @@ class _Builder:
                     inputs.append(arg.name)
         # a tuple (var_mean) is never stored; its getitems are
         stored = [node for node in nodes if node in self.needed
-                  and isinstance(_val(node), torch.Tensor)]
+                  and isinstance(value_of(node), torch.Tensor)]
         outputs = [node.name for node in stored]
         for node in stored:
             buffers[node.name] = _buffer(
@@ -405,7 +201,7 @@ class _Builder:
 
     def extern_or_view(self, node: fx.Node, buffers, output_names) -> Kernel:
         view = is_view(node)
-        val = _val(node)
+        val = value_of(node)
         members = [node]
         if isinstance(val, (tuple, list)):
             members += [user for user in node.users if user.target is operator.getitem]
@@ -414,7 +210,7 @@ class _Builder:
             results = [node]
         outputs = []
         for result in results:
-            if not isinstance(_val(result), torch.Tensor):
+            if not isinstance(value_of(result), torch.Tensor):
                 continue
             if view:
                 # a getitem of a multi-output view (split) aliases the split's base
@@ -462,7 +258,7 @@ def run(gm: fx.GraphModule, ctx) -> PassResult:
     for node in gm.graph.nodes:   # constants carry real tensors as their value
         if node.op == "get_attr" and "val" not in node.meta:
             node.meta["val"] = getattr(gm, node.target)
-    grouping = _Grouping(gm.graph, ctx.op_support)
+    grouping = Grouping(gm.graph, ctx.op_support)
     for node in gm.graph.nodes:
         grouping.place(node)
     program = _Builder(gm, grouping, ctx.graph_name).build()

@@ -11,7 +11,8 @@ from torch._functorch.aot_autograd import aot_module_simplified
 
 import retrograd
 from retrograd.decompositions import decomposition_table
-from retrograd.passes import checkpoint, fusion
+from retrograd.passes import checkpoint
+from retrograd.passes.op_classes import is_view
 from pass_helpers import aten, context
 from pass_helpers import seeded  # noqa: F401  (autouse: each test from seed 0)
 
@@ -106,7 +107,7 @@ def test_checkpoint_bytes_equal_the_sum_over_saved_non_input_values():
     distinct, expected = set(), 0
     for node in handed_over:
         root = node
-        while fusion.is_view(root):
+        while is_view(root):
             root = root.args[0]
         if root.op == "placeholder" or node in distinct:
             continue

@@ -170,7 +170,7 @@ def test_the_step_places_checkpoints_and_keeps_phases_apart():
     """Inside the one graph the forward hands the backward fewer bytes than
     saving everything, recomputed values carry the backward phase, and no
     kernel mixes forward and backward nodes."""
-    from retrograd.passes.fusion import PHASE
+    from retrograd.passes.op_classes import PHASE
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16),
                                 torch.nn.Linear(16, 3))
