@@ -2,7 +2,7 @@
 
 A pass (``passes/*.py``) takes the graph or program and returns it changed;
 a planner answers a question about it and changes nothing. ``remat`` and
-``remat_search`` choose which forward values the backward gets saved and
+``remat_search`` (over ``plans``) choose which forward values the backward gets saved and
 which it recomputes (for ``passes/checkpoint.py``); ``grouping`` chooses
 which nodes share a kernel (for ``passes/fusion.py``); ``windows`` chooses
 which stretch of the schedule each arena covers (for

@@ -49,7 +49,8 @@ import torch
 import torch.fx as fx
 
 __all__ = ["JointInfo", "Plan", "analyse", "backward_nodes", "value_bytes", "flops",
-           "recompute_cost", "min_cut_plan", "ilp_plan", "save_all_plan", "plan_bytes"]
+           "recompute_cost", "min_cut_plan", "ilp_plan", "save_all_plan", "plan_bytes",
+           "needed_closure"]
 
 aten = torch.ops.aten
 
@@ -190,10 +191,10 @@ def min_cut_plan(info: JointInfo, recomputable, unsavable=lambda node: False) ->
              if (node, "in") in reachable and (node, "out") not in reachable}
     recomputed = {node for node in info.forward if (node, "in") not in reachable
                   and graph.has_node((node, "in"))}
-    return Plan(saved, _needed_closure(info, saved, recomputed), "min-cut (networkx)", True)
+    return Plan(saved, needed_closure(info, saved, recomputed), "min-cut (networkx)", True)
 
 
-def _needed_closure(info: JointInfo, saved, candidates) -> set[fx.Node]:
+def needed_closure(info: JointInfo, saved, candidates) -> set[fx.Node]:
     """Of ``candidates``, those the backward actually needs recomputed."""
     needed, work = set(), [n for n in info.needed if n not in saved]
     while work:
@@ -250,5 +251,5 @@ def ilp_plan(info: JointInfo, budget: float, recomputable, unsavable=lambda n: F
     chosen = np.round(result.x).astype(bool)
     saved = {node for node in nodes if chosen[index[node]]}
     recomputed = {node for node in nodes if chosen[n + index[node]] and node not in saved}
-    return Plan(saved, _needed_closure(info, saved, recomputed), "ilp (scipy HiGHS milp)",
+    return Plan(saved, needed_closure(info, saved, recomputed), "ilp (scipy HiGHS milp)",
                 result.status == 0)

@@ -19,7 +19,7 @@ import bisect
 from collections import deque
 
 from retrograd.passes.planning.plans import Frontier, Plans
-from retrograd.passes.planning.remat import JointInfo, Plan, _needed_closure, min_cut_plan
+from retrograd.passes.planning.remat import JointInfo, Plan, min_cut_plan, needed_closure
 
 __all__ = ["tradeoff", "greedy_plan"]
 
@@ -169,5 +169,5 @@ def greedy_plan(info: JointInfo, budget: float, recomputable,
                   if chosen and users}
     saved = {node for node, chosen, users in zip(plans.nodes, plans.in_r, plans.users)
              if users and not chosen}
-    return Plan(saved, _needed_closure(info, saved, recomputed),
+    return Plan(saved, needed_closure(info, saved, recomputed),
                 "greedy (min-cut hull, Pareto local search)", False)
