@@ -26,7 +26,7 @@ from retrograd.decompositions import decomposition_table, traced_right
 from retrograd.errors import UnsupportedError
 from retrograd.locking import compiling
 from retrograd.options import Options
-from retrograd.pipeline import GraphCompiler
+from retrograd.graph_compiler import GraphCompiler
 
 __all__ = ["compile_graph", "signature", "joint_graph", "real_primals"]
 

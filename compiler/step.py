@@ -42,7 +42,7 @@ from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_o
                                   clip_gradients, family, initial_state, mark_stepped,
                                   momentum_weights, state_keys, structure, update)
 from retrograd.options import Options
-from retrograd.pipeline import GraphCompiler
+from retrograd.graph_compiler import GraphCompiler
 
 __all__ = ["compile_step", "Step", "SUPPORTED_OPTIMIZERS"]
 

@@ -15,7 +15,7 @@ import torch
 
 import retrograd
 import retrograd.backend
-import retrograd.pipeline
+import retrograd.graph_compiler
 from retrograd.recompiles import describe_change
 from retrograd.runtime import loader
 from checks import assert_close
@@ -32,12 +32,12 @@ def executables(monkeypatch):
     """Weak references to every GeneratedExecutable built meanwhile."""
     made: list[weakref.ref] = []
 
-    class Recorded(retrograd.pipeline.GeneratedExecutable):
+    class Recorded(retrograd.graph_compiler.GeneratedExecutable):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(weakref.ref(self))
 
-    monkeypatch.setattr(retrograd.pipeline, "GeneratedExecutable", Recorded)
+    monkeypatch.setattr(retrograd.graph_compiler, "GeneratedExecutable", Recorded)
     return made
 
 
