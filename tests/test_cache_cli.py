@@ -106,3 +106,13 @@ def test_a_bad_cap_is_a_clear_error(cache, monkeypatch, capsys, value):
 def test_cap_zero_turns_it_off(cache, monkeypatch):
     monkeypatch.setenv(disk_cache.ENVIRONMENT, "0")
     assert disk_cache.max_bytes() is None
+
+
+def test_a_file_another_process_evicted_first_is_no_error(cache, monkeypatch):
+    kept = loader.write_source("kernel_kept", _source(0))
+    gone = loader.write_source("kernel_gone", _source(1))
+    listed = disk_cache.cache_files(cache)
+    gone.unlink()                      # another process got there between scan and unlink
+    monkeypatch.setattr(disk_cache, "cache_files", lambda folder: listed)
+    removed, _ = disk_cache.evict(cache, cap=1)
+    assert [file.path for file in removed] == [kept]
