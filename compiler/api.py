@@ -20,6 +20,7 @@ through ordinary autograd.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import torch
@@ -124,7 +125,9 @@ class GradFunction:
                                        for a in self.argnums):
             raise ValueError(f"retrograd.grad: argnums={argnums!r} must be an int or a "
                              f"non-empty tuple of ints")
-        self._wanted: tuple[int, ...] = ()
+        # the wanted tensor positions of the current call, read by _spec while it
+        # traces in the same thread: per thread, so concurrent calls never mix them
+        self._call = threading.local()
         self._cache = TraceCache(function, options, None, gradients=self._spec,
                                  closed_over_ok=True,
                                  discover=functools.partial(reachable_modules, function),
@@ -137,7 +140,7 @@ class GradFunction:
         (auxiliary outputs get no gradient)."""
         from retrograd.passes.dead_gradient import GradientSpec
         offset = len(real_primals(torch.nn.ModuleList(self._cache.lifted), []))
-        return GradientSpec(wanted=tuple(offset + w for w in self._wanted), live_tangents=(0,))
+        return GradientSpec(wanted=tuple(offset + w for w in self._call.wanted), live_tangents=(0,))
 
     def __call__(self, *args, **kwargs):
         count = len(args)
@@ -159,7 +162,7 @@ class GradFunction:
         tensors = [v for v in pytree.tree_flatten((tuple(args), kwargs))[0]
                    if isinstance(v, torch.Tensor)]
         positions = {id(t): i for i, t in enumerate(tensors)}
-        self._wanted = tuple(positions[id(fresh[id(leaf)])] for leaf in wanted_leaves)
+        self._call.wanted = tuple(positions[id(fresh[id(leaf)])] for leaf in wanted_leaves)
         with torch.enable_grad():
             result = self._cache(*args, **kwargs)
         if self.has_aux and not (isinstance(result, (tuple, list)) and len(result) == 2):
