@@ -14,7 +14,8 @@ that needs a new class adds it here; no pass imports another pass.
 - random ops (``is_random``): seeded draws, never merged nor recomputed;
 - matrix products (``MATMULS``), convolutions (``CONVOLUTIONS``), ops with
   an ``output_mask`` (``MASKED_OPS``), extern ops with an ``out=`` overload
-  the arena can write into (``OUT_VARIANTS``);
+  the arena can write into (``OUT_VARIANTS``), extern ops that take
+  workspace inside the call (``SCRATCH_OPS``);
 - ``PHASE``: the node meta key saying "forward" or "backward" where one
   graph holds both (a compile_step program).
 """
@@ -28,7 +29,8 @@ import torch
 import torch.fx as fx
 
 __all__ = ["PHASE", "RESHAPE_OPS", "MEANING_VIEWS", "MATMULS", "CONVOLUTIONS", "MASKED_OPS",
-           "OUT_VARIANTS", "is_view", "is_reshape", "view_base", "is_pure", "is_random"]
+           "OUT_VARIANTS", "SCRATCH_OPS", "is_view", "is_reshape", "view_base", "is_pure",
+           "is_random"]
 
 aten = torch.ops.aten
 
@@ -59,6 +61,9 @@ CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
 #: Ops with an ``output_mask`` (last argument) choosing which results they compute.
 MASKED_OPS = {aten.convolution_backward.default, aten.native_layer_norm_backward.default,
               aten.native_batch_norm_backward.default}
+
+#: Extern ops that take workspace torch allocates inside the call (by name part).
+SCRATCH_OPS = ("convolution",)
 
 #: Extern ops run with ``out=`` into the arena: op name -> the ``out`` argument.
 OUT_VARIANTS = {"aten.mm.default": "out", "aten.bmm.default": "out",

@@ -42,12 +42,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from retrograd.ir import Program
+from retrograd.passes.op_classes import SCRATCH_OPS
 
-__all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "add_span",
-           "SCRATCH_OPS"]
-
-#: Extern ops that take workspace torch allocates inside the call.
-SCRATCH_OPS = ("convolution",)
+__all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "add_span"]
 
 
 @dataclass
