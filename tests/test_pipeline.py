@@ -77,3 +77,40 @@ def test_a_pass_must_return_a_pass_result():
     assert run_pass("fine", lambda gm, ctx: PassResult(gm, {"n": 1}), graph, ctx, []) is graph
     with pytest.raises(PassError, match=r"pass 'legacy'.*PassResult"):
         run_pass("legacy", lambda gm, ctx: {"n": 1}, graph, ctx, [])
+
+
+# -- import directions (shared/DESIGN.md) ------------------------------------------------------
+
+def _imports(path) -> set[str]:
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {name for name in found if name.startswith("retrograd")}
+
+
+def test_import_directions_hold():
+    """passes, codegen and runtime never import each other or the compiler
+    package's modules (only retrograd.ir); no pass imports another pass (op
+    classes and planners are shared); ir imports nothing of ours."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    passes = {p.stem for p in (root / "passes").glob("*.py")} - {"__init__", "op_classes"}
+    packages = {"passes": "retrograd.passes", "codegen": "retrograd.codegen",
+                "runtime": "retrograd.runtime"}
+    for folder, own in packages.items():
+        for path in (root / folder).rglob("*.py"):
+            for name in _imports(path):
+                if name.startswith(own) or name == "retrograd" or name.startswith("retrograd.ir"):
+                    continue
+                assert False, f"{path.relative_to(root)} imports {name}"
+    for path in (root / "passes").rglob("*.py"):
+        for name in _imports(path):
+            stem = name.removeprefix("retrograd.passes.").split(".")[0]
+            if name.startswith("retrograd.passes.") and stem in passes:
+                assert path.stem == stem, f"{path.relative_to(root)} imports the pass {name}"
+    assert _imports(root / "compiler" / "ir.py") == set()
