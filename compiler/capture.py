@@ -26,6 +26,7 @@ from retrograd.decompositions import decomposition_table, traced_right
 from retrograd.errors import UnsupportedError
 from retrograd.locking import compiling
 from retrograd.options import Options
+from retrograd.provenance import run_recording
 from retrograd.graph_compiler import GraphCompiler
 
 __all__ = ["compile_graph", "signature", "joint_graph", "real_primals"]
@@ -107,7 +108,7 @@ class _OutputsOwnMemory(torch.nn.Module):
         self.inner = inner
 
     def forward(self, *args):
-        outputs = self.inner(*args)
+        outputs = run_recording(self.inner, args)   # with the user's source lines
         inputs = [a for a in args if isinstance(a, torch.Tensor)]
         return type(outputs)(
             o.clone() if isinstance(o, torch.Tensor) and overlaps(o)
