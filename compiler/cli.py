@@ -1,9 +1,11 @@
 """The ``retrograd`` command line: look at dumps and at what codegen covers.
 
-    retrograd summary DUMP_DIR   one line per compiled graph in a dump folder
+    retrograd summary DUMP_DIR   one line per compiled graph in a dump folder (or one graph's)
     retrograd ops                every aten op lowered into Triton kernels
     retrograd cache info         the kernel cache: folder, files, bytes, cap, oldest/newest
     retrograd cache clear        delete retrograd's files from the kernel cache
+    retrograd env                versions and machine, to paste into a bug report
+    retrograd --version          retrograd's version
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ __all__ = ["main"]
 
 
 def summary(dump_dir: Path) -> int:
-    reports = sorted(dump_dir.glob("*/report.json"))
+    """One line per graph: a dump folder's graph folders, or one graph folder itself."""
+    if not dump_dir.is_dir():
+        print(f"retrograd: no such directory: {dump_dir}", file=sys.stderr)
+        return 1
+    reports = sorted(dump_dir.glob("*/report.json")) or sorted(dump_dir.glob("report.json"))
     if not reports:
         print(f"retrograd: no report.json under {dump_dir}", file=sys.stderr)
         return 1
@@ -88,19 +94,36 @@ def _cache(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from retrograd import __version__
     parser = argparse.ArgumentParser(prog="retrograd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"retrograd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     summary_parser = commands.add_parser("summary", help="summarize the reports in a dump folder")
     summary_parser.add_argument("dump_dir", type=Path)
+    explain_parser = commands.add_parser(
+        "explain", help="the saved-tensor ledger of each graph, by source line")
+    explain_parser.add_argument("dump_dir", type=Path)
+    explain_parser.add_argument("--json", action="store_true", help="print JSON")
+    explain_parser.add_argument("--pareto", action="store_true",
+                                help="saved bytes, recompute FLOPs and predicted peak of the "
+                                     "plans memory_budget can pick, today's marked")
     commands.add_parser("ops", help="list the aten ops codegen lowers into Triton")
     cache_parser = commands.add_parser("cache", help="look at or clear the kernel cache "
                                                      "(RETROGRAD_CACHE_DIR)")
     cache_parser.add_argument("action", choices=("info", "clear"))
     cache_parser.add_argument("-v", "--verbose", action="store_true",
                               help="clear: print every file removed")
+    commands.add_parser("env", help="print versions and machine for a bug report")
     args = parser.parse_args(argv)
     if args.command == "summary":
         return summary(args.dump_dir)
+    if args.command == "explain":
+        from retrograd.explain import explain
+        return explain(args.dump_dir, args.json, args.pareto)
     if args.command == "cache":
         return _cache(args)
+    if args.command == "env":
+        from retrograd.environment import describe
+        print(describe())
+        return 0
     return list_ops()

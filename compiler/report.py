@@ -1,7 +1,14 @@
-"""The report: schema 1, one per compiled graph (forward, backward or step).
+"""The report: schema 2, one per compiled graph (forward, backward or step).
 
 Every figure comes from a pass or from the program; a figure nobody
 produced is ``None`` (``null`` in JSON), never a guess.
+
+Schema 2 adds ``ledger`` (the saved-tensor ledger: every value the forward
+hands the backward, or that the backward recomputes instead, with the
+user's source line) and ``pareto`` (saved bytes against recompute FLOPs and
+predicted peak over the plans ``memory_budget`` can pick; dumps only). The
+checkpoint pass's own rows and stack traces are moved out of its
+``passes[].stats`` into these two fields.
 """
 
 from __future__ import annotations
@@ -12,10 +19,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from retrograd.ir import Program
+from retrograd.provenance import source_of
 
-__all__ = ["PassRecord", "build_report", "traffic", "SCHEMA"]
+__all__ = ["PassRecord", "build_report", "traffic", "ledger_rows", "SCHEMA"]
 
-SCHEMA = 1
+SCHEMA = 2
+
+#: checkpoint stats that become report fields of their own, not pass stats
+_MOVED = ("ledger", "pareto")
 
 
 @dataclass
@@ -45,6 +56,25 @@ def _stat(records: list[PassRecord], pass_name: str, key: str):
     return None
 
 
+def ledger_rows(records: list[PassRecord]) -> list[dict] | None:
+    """The checkpoint pass's ledger with each stack trace turned into the
+    user's ``file:line`` (``source``, null where the node has no trace)."""
+    rows = _stat(records, "checkpoint", "ledger")
+    if rows is None:
+        return None
+    fields = ("name", "op", "shape", "dtype", "bytes", "source", "decision", "reason",
+              "recompute_flops")
+    return [{key: source_of(row.get("stack_trace")) if key == "source" else row[key]
+             for key in fields} for row in rows]
+
+
+def _pass_dict(record: PassRecord) -> dict:
+    entry = asdict(record)
+    entry["stats"] = {k: v for k, v in entry["stats"].items()
+                      if not (record.name == "checkpoint" and k in _MOVED)}
+    return entry
+
+
 def build_report(graph: str, graph_id: str, program: Program, records: list[PassRecord],
                  captured_nodes: int, final_nodes: int, compile_seconds: float) -> dict:
     extern_ops = Counter(kernel.op for kernel in program.kernels_of("extern"))
@@ -53,7 +83,7 @@ def build_report(graph: str, graph_id: str, program: Program, records: list[Pass
         "graph": graph,
         "graph_id": graph_id,
         "nodes": {"captured": captured_nodes, "final": final_nodes},
-        "passes": [asdict(record) for record in records],
+        "passes": [_pass_dict(record) for record in records],
         "kernels": {
             "triton": len(program.kernels_of("triton")),
             "extern": len(program.kernels_of("extern")),
@@ -75,6 +105,8 @@ def build_report(graph: str, graph_id: str, program: Program, records: list[Pass
             "nodes": _stat(records, "checkpoint", "recomputed_nodes"),
             "flops": _stat(records, "checkpoint", "recomputed_flops"),
         },
+        "ledger": ledger_rows(records),
+        "pareto": _stat(records, "checkpoint", "pareto"),
         "compile_seconds": round(compile_seconds, 4),
     }
 

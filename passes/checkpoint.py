@@ -50,7 +50,7 @@ from torch._functorch import partitioners
 
 from retrograd.ir import PassResult
 from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
-from retrograd.passes.planning import remat, remat_search
+from retrograd.passes.planning import ledger, remat, remat_search
 
 __all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
 
@@ -139,6 +139,7 @@ class Policy:
         self.save, self.recompute = set(options.save), set(options.recompute)
         self.pinned = set(pinned)
         self.support = op_support
+        self.budget_fraction = options.memory_budget
 
     @staticmethod
     def _names(node: fx.Node) -> set[str]:
@@ -154,6 +155,28 @@ class Policy:
 
     def forced_recompute(self, node: fx.Node) -> bool:
         return node.name not in self.pinned and bool(self._names(node) & self.recompute)
+
+    def pattern(self, node: fx.Node, forced: set[str]) -> str | None:
+        """The user's ``save=``/``recompute=`` entry that names ``node``, if any."""
+        return next(iter(sorted(self._names(node) & forced)), None)
+
+    def reason(self, node: fx.Node, decision: str, budget: float | None) -> str:
+        """Why the plan saved or recomputed ``node``, for the ledger."""
+        if node.name in self.pinned:
+            return "pinned: copy of an input the program writes in place"
+        forced = self.pattern(node, self.save if decision == "saved" else self.recompute)
+        if forced is not None:
+            return f"{'save' if decision == 'saved' else 'recompute'}={forced}"
+        if budget is not None:
+            why = "" if decision == "recomputed" or self.any(node) else ", not recomputable"
+            return f"budget: memory_budget={self.budget_fraction} ({budget:.0f} bytes){why}"
+        if decision == "recomputed":
+            return "min-cut: cheap to recompute from smaller saved values"
+        if not is_pure(node):
+            return "min-cut: not recomputable (a random draw or impure op)"
+        if not self.cheap(node):
+            return "min-cut: not recomputable by default (matrix product, convolution, extern op)"
+        return "min-cut: fewer bytes than the values recomputing it would need"
 
     def cheap(self, node: fx.Node) -> bool:
         """Recomputable under the default plan."""
@@ -246,10 +269,37 @@ def run(joint: fx.GraphModule, ctx) -> PassResult:
     sink_recomputation(backward, {n.name for n in recomputed})
     kept, activations = saved_values(forward, backward)
     by_name = {n.name: n for n in info.forward}
-    stats = _stats(ctx, plan, budget, save_all_bytes, activations,
-                   [by_name[n.name] for n in recomputed])
+    recomputed = [by_name[n.name] for n in recomputed]
+    stats = _stats(ctx, plan, budget, save_all_bytes, activations, recomputed)
     stats.update(saved_values=len(kept), saved_input_bytes=_bytes(kept) - _bytes(activations))
+    stats.update(_ledger(joint, ctx, info, policy, budget, save_all_bytes, activations,
+                         recomputed, lambda n: by_name.get(n.name, n)))
     return PassResult((forward, backward), stats)
+
+
+def _ledger(graph_module, ctx, info, policy: Policy, budget, save_all_bytes, saved,
+            recomputed, joint_node) -> dict:
+    """The ledger rows (``ledger.rows``) and, when dumping, the trade-off."""
+    rows = ledger.rows(saved, recomputed, joint_node,
+                       lambda node, decision: policy.reason(node, decision, budget))
+    return {"ledger": rows, "pareto": _pareto(graph_module, ctx, info, policy, save_all_bytes,
+                                              {joint_node(n) for n in saved}, recomputed)}
+
+
+def _pareto(graph_module, ctx, info, policy: Policy, save_all_bytes, saved, recomputed):
+    """``ledger.pareto``'s plans and today's plan's point (``saved``,
+    ``recomputed``: nodes of ``graph_module``), only when dumping: the
+    trade-off costs a search the compile itself does not need."""
+    if not getattr(ctx.dumper, "enabled", False):
+        return None
+    return {"points": ledger.pareto(graph_module.graph, info, policy.any,
+                                    policy.forced_recompute, save_all_bytes),
+            "current": {"memory_budget": ctx.options.memory_budget,
+                        "saved_bytes": int(remat.plan_bytes(info, saved)),
+                        "recompute_flops": int(sum(remat.flops(n) for n in recomputed)),
+                        "recompute_cost": float(sum(remat.recompute_cost(n) for n in recomputed)),
+                        "predicted_peak_bytes": ledger.predicted_peak(
+                            graph_module.graph, info, set(saved), set(recomputed))}}
 
 
 def _stats(ctx, plan, budget, save_all_bytes: float, activations, recomputed) -> dict:
@@ -289,7 +339,9 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     is_seed = lambda node: node.op == "placeholder" and node.name == seed  # noqa: E731
     info = remat.analyse(step, 1, free=_aliases_input, is_tangent=is_seed)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
-    plan, budget = _plan(info, ctx, Policy(ctx.options, ctx.op_support), save_all_bytes)
+    policy = Policy(ctx.options, ctx.op_support)
+    plan, budget = _plan(info, ctx, policy, save_all_bytes)
+    pareto = _pareto(step, ctx, info, policy, save_all_bytes, plan.saved, plan.recomputed)
     backward = remat.backward_nodes(graph, is_seed)
     copies: dict[fx.Node, fx.Node] = {}
 
@@ -320,8 +372,11 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     step.recompile()
     saved = sorted((n for n in plan.saved if n not in info.primals and n not in info.free),
                    key=lambda n: n.name)
-    return PassResult(step, _stats(ctx, plan, budget, save_all_bytes, saved,
-                                   sorted(copies, key=lambda n: n.name)))
+    recomputed = sorted(copies, key=lambda n: n.name)
+    stats = _stats(ctx, plan, budget, save_all_bytes, saved, recomputed)
+    reason = lambda node, decision: policy.reason(node, decision, budget)  # noqa: E731
+    stats.update(ledger=ledger.rows(saved, recomputed, lambda n: n, reason), pareto=pareto)
+    return PassResult(step, stats)
 
 
 def _fold_seed(graph: fx.Graph, seed: str) -> None:

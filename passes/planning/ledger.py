@@ -1,0 +1,132 @@
+"""The saved-tensor ledger and the bytes/recompute trade-off, for the report.
+
+``rows`` describes every value that crosses from forward to backward (or was
+recomputed instead): node name, op, shape, dtype, bytes, the fx stack trace
+(the compiler turns it into the user's ``file:line``), decision, reason and
+FLOPs. ``pareto`` lists the plans of ``remat_search.tradeoff`` (none beaten
+on both saved bytes and recompute cost) with their recompute FLOPs and a
+predicted peak (``predicted_peak``), so a user can see what each
+``memory_budget`` would buy.
+
+``predicted_peak`` is a graph-level estimate, before fusion and the arena:
+the most bytes of activations and gradients alive at once when the joint
+graph runs in its order under a plan. A forward value lives from its node
+to its last forward reader; a saved one to the end of the backward; a
+recomputed one again from its first backward reader to its last (a
+recomputed reader counts at its own first backward reader); a backward value from its node to
+its last reader. Inputs, parameters, their views and tangents are left out,
+as in the saved bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from retrograd.passes.planning import remat, remat_search
+
+__all__ = ["rows", "pareto", "predicted_peak"]
+
+
+def _tensor_bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
+def _row(node: fx.Node, decision: str, reason: str, size: int) -> dict:
+    val = node.meta.get("val")
+    tensor = isinstance(val, torch.Tensor)
+    op = node.target if isinstance(node.target, torch._ops.OpOverload) else \
+        getattr(node.target, "__name__", node.target)
+    return {"name": node.name, "op": str(op),
+            "shape": [int(d) if isinstance(d, int) else str(d) for d in val.shape]
+            if tensor else None,
+            "dtype": str(val.dtype).removeprefix("torch.") if tensor else None,
+            "bytes": size, "stack_trace": node.meta.get("stack_trace"),
+            "decision": decision, "reason": reason,
+            "recompute_flops": int(remat.flops(node))}
+
+
+def rows(saved, recomputed, joint_node, reason) -> list[dict]:
+    """One row per saved activation (``saved``: the nodes whose bytes make
+    ``saved_activation_bytes``), then one per recomputed node. ``joint_node``
+    maps a node to the joint graph's (for op and stack trace); ``reason(node,
+    decision)`` says why. ``recompute_flops``: what recomputing the node from
+    its inputs costs (spent for recomputed rows, avoided for saved ones)."""
+    table = [_row(joint_node(n), "saved", reason(joint_node(n), "saved"), _tensor_bytes(n))
+             for n in saved]
+    table += [_row(n, "recomputed", reason(n, "recomputed"), _tensor_bytes(n))
+              for n in recomputed]
+    return table
+
+
+def _backward_span(info, forward: set, recomputed: set, order: dict) -> dict:
+    """(first, last) backward position at which each recomputed value is read,
+    directly or through recomputed readers, latest values first."""
+    span = {}
+    for node in reversed(info.forward):
+        if node not in recomputed:
+            continue
+        positions = [order[u] for u in node.users if u not in forward and u.op != "output"]
+        positions += [span[u][0] for u in node.users if u in span]   # freed once u is made
+        if positions:
+            span[node] = (min(positions), max(positions))
+    return span
+
+
+def predicted_peak(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) -> int:
+    """Most bytes of activations and gradients alive at once (module docstring)."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    end = len(nodes)
+    forward, recomputed = set(info.forward), set(recomputed)
+    skip = set(info.free) | set(info.primals)
+    change = [0] * (end + 2)
+
+    def live(size: int, first: int, last: int) -> None:
+        change[first] += size
+        change[last + 1] -= size
+
+    span = _backward_span(info, forward, recomputed, order)
+    for node in nodes:
+        if node.op != "call_function" or node in skip:
+            continue
+        size = _tensor_bytes(node)
+        readers = [order[u] for u in node.users]
+        if node in forward:
+            forward_readers = [order[u] for u in node.users if u in forward or u.op == "output"]
+            last = end if node in saved else max(forward_readers, default=order[node])
+            live(size, order[node], last)
+            if node in span:
+                live(size, *span[node])
+        else:
+            live(size, order[node], max(readers, default=order[node]))
+    peak = current = 0
+    for delta in change:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def pareto(graph: fx.Graph, info: remat.JointInfo, recomputable, unsavable,
+           save_all_bytes: float, max_work: int = 200_000) -> list[dict]:
+    """The trade-off's plans by saved bytes: the ``memory_budget`` that picks
+    each (its bytes over ``save_all_bytes``), saved bytes, recompute FLOPs and
+    cost, predicted peak. ``max_work`` bounds the local search (dumps only)."""
+    plans, frontier = remat_search.tradeoff(info, recomputable, unsavable, max_work=max_work)
+    table = []
+    for saved_bytes, cost, chosen in frontier.points:
+        plans.load(chosen)
+        live = [i for i, users in enumerate(plans.users) if users]
+        recomputed = {plans.nodes[i] for i in live if plans.in_r[i]}
+        saved = {plans.nodes[i] for i in live if not plans.in_r[i]}
+        table.append({
+            "memory_budget": math.ceil(saved_bytes / save_all_bytes * 1e4) / 1e4
+            if save_all_bytes else None,
+            "saved_bytes": int(saved_bytes),
+            "recompute_flops": int(sum(remat.flops(n) for n in recomputed)),
+            "recompute_cost": float(cost),
+            "predicted_peak_bytes": predicted_peak(graph, info, saved, recomputed)})
+    return table
