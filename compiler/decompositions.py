@@ -27,7 +27,8 @@ import torch._decomp
 
 from retrograd.locking import compiling
 
-__all__ = ["decomposition_table", "traced_right", "EXCLUDED", "FIXED", "AUTOGRAD_FIXES"]
+__all__ = ["decomposition_table", "traced_right", "EXCLUDED", "FIXED", "AUTOGRAD_FIXES",
+           "HELD"]
 
 aten = torch.ops.aten
 
@@ -152,8 +153,17 @@ EXCLUDED = {
 }
 
 
+#: Ops the table holds back while tracing, so that the joint graph shows the
+#: linear + cross-entropy pattern whole (passes/linear_cross_entropy.py);
+#: ``loss_ops.restore``, a required pipeline step, decomposes every one the
+#: pattern did not take with this table's own entry (``full_table``).
+HELD = {aten._log_softmax.default, aten._log_softmax_backward_data.default,
+        aten.nll_loss_forward.default, aten.nll_loss_backward.default}
+
+
 @functools.lru_cache(maxsize=None)
-def decomposition_table() -> dict:
+def decomposition_table(full_table: bool = False) -> dict:
+    """What retrograd traces with; ``full_table`` also holds the HELD ops' entries."""
     import retrograd.rng  # noqa: F401  (registers retrograd::uniform)
     table = dict(torch._decomp.core_aten_decompositions())
     table.update(torch._decomp.get_decompositions(EXTRA))
@@ -161,4 +171,7 @@ def decomposition_table() -> dict:
     table.update(FIXED)
     for op in EXCLUDED:
         table.pop(op, None)
+    if not full_table:
+        for op in HELD:
+            table.pop(op, None)
     return table

@@ -29,11 +29,12 @@ from retrograd.codegen import ops as codegen_ops
 from retrograd.codegen import pooling as codegen_pooling
 from retrograd.codegen import reduction as codegen_reduction
 from retrograd.codegen import scatter as codegen_scatter
+from retrograd import loss_ops
 from retrograd.dump import Dumper, count_nodes, subject_text
 from retrograd.ir import CodegenSupport, PassResult, Program
 from retrograd.options import Options
 from retrograd.passes import (buffer_reuse, checkpoint, cleanup, dead_gradient, fusion, layout,
-                              schedule)
+                              linear_cross_entropy, schedule)
 from retrograd.passes.dead_gradient import GradientSpec
 from retrograd.report import PassRecord
 
@@ -127,6 +128,9 @@ class PassSpec:
 #: stage it runs in (the joint graph is split in two; a step stays one graph).
 PIPELINE: tuple[PassSpec, ...] = (
     PassSpec("dead_gradient", dead_gradient, (Stage.JOINT,)),
+    PassSpec("linear_cross_entropy", linear_cross_entropy, (Stage.JOINT, Stage.STEP)),
+    PassSpec("restore_decompositions", loss_ops, (Stage.JOINT, Stage.INFERENCE, Stage.STEP),
+             "restore", required=True),
     PassSpec("cleanup", cleanup, (Stage.JOINT, Stage.INFERENCE, Stage.STEP)),
     PassSpec("checkpoint", checkpoint, (Stage.JOINT,), required=True),
     PassSpec("checkpoint", checkpoint, (Stage.STEP,), "rematerialize", required=True),

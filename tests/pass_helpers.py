@@ -33,7 +33,7 @@ def trace(fn, *inputs, decompose: bool = False) -> fx.GraphModule:
     def tupled(*args):
         result = fn(*args)
         return result if isinstance(result, tuple) else (result,)
-    table = decomposition_table() if decompose else None
+    table = decomposition_table(full_table=True) if decompose else None
     return make_fx(tupled, tracing_mode="fake", decomposition_table=table)(*inputs)
 
 

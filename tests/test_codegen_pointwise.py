@@ -545,7 +545,8 @@ def build(fn, *inputs):
     def tupled(*args):
         result = fn(*args)
         return result if isinstance(result, tuple) else (result,)
-    gm = make_fx(tupled, tracing_mode="fake", decomposition_table=decomposition_table())(*inputs)
+    gm = make_fx(tupled, tracing_mode="fake",
+                 decomposition_table=decomposition_table(full_table=True))(*inputs)
     ctx = PassContext(Options(), Dumper(None, []), OpSupport(), "unit")
     cleanup.run(gm, ctx)
     program, _ = fusion.run(gm, ctx)

@@ -55,7 +55,7 @@ def split_with_checkpoint(module: torch.nn.Module, inputs: list):
     compiled = aot_module_simplified(
         module, inputs, fw_compiler=lambda gm, _: make_boxed_func(gm),
         bw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition,
-        decompositions=decomposition_table())
+        decompositions=decomposition_table(full_table=True))
     return compiled, record
 
 

@@ -26,9 +26,10 @@ def _ran(report: dict) -> list[str]:
 
 
 def test_every_pass_is_declared_once_per_stage_with_its_contract():
-    assert pass_names() == ("dead_gradient", "cleanup", "checkpoint", "fusion", "layout",
-                            "schedule", "buffer_reuse")
-    assert required_passes() == ("checkpoint", "fusion")
+    assert pass_names() == ("dead_gradient", "linear_cross_entropy", "restore_decompositions",
+                            "cleanup", "checkpoint", "fusion", "layout", "schedule",
+                            "buffer_reuse")
+    assert required_passes() == ("restore_decompositions", "checkpoint", "fusion")
     for stage in Stage:
         names = [spec.name for spec in passes_for(stage)]
         assert len(names) == len(set(names)), (stage, names)
@@ -39,8 +40,8 @@ def test_every_pass_is_declared_once_per_stage_with_its_contract():
 def test_disable_drops_a_pass_from_its_stages_but_never_a_required_one():
     names = [spec.name for spec in passes_for(Stage.HALF, ("layout", "schedule", "fusion"))]
     assert names == ["fusion", "buffer_reuse"]
-    assert [s.name for s in passes_for(Stage.JOINT, ("cleanup",))] == ["dead_gradient",
-                                                                       "checkpoint"]
+    assert [s.name for s in passes_for(Stage.JOINT, ("cleanup", "linear_cross_entropy"))] \
+        == ["dead_gradient", "restore_decompositions", "checkpoint"]
 
 
 @pytest.mark.parametrize("disable", [(), ("cleanup", "layout"), ("dead_gradient", "schedule",
@@ -59,7 +60,7 @@ def test_inference_runs_the_inference_stage():
     compiled = retrograd.compile(_model(), executor="fx")
     with torch.no_grad():
         compiled(torch.randn(3, 4))
-    assert _ran(compiled.reports["forward"]) == ["cleanup"] + HALF
+    assert _ran(compiled.reports["forward"]) == ["restore_decompositions", "cleanup"] + HALF
 
 
 def test_a_training_step_runs_the_step_stage():
@@ -68,7 +69,8 @@ def test_a_training_step_runs_the_step_stage():
     step = retrograd.compile_step(model, lambda m, x: m(x).square().mean(), optimizer,
                                   executor="fx")
     step(torch.randn(3, 4))
-    assert _ran(step.reports["step"]) == ["cleanup", "checkpoint"] + HALF
+    assert _ran(step.reports["step"]) == ["linear_cross_entropy", "restore_decompositions",
+                                          "cleanup", "checkpoint"] + HALF
 
 
 def test_a_pass_must_return_a_pass_result():

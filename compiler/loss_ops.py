@@ -1,0 +1,194 @@
+"""Fused linear + cross-entropy as two custom ops, and the held-back decompositions.
+
+``retrograd::linear_cross_entropy`` and its backward compute a language
+model's loss from the hidden states and the output projection without ever
+holding the ``rows x V`` logits: rows are taken ``chunk_rows`` at a time; per
+chunk the logits chunk, its logsumexp and the loss terms; the backward
+recomputes each chunk's logits, forms ``softmax - onehot`` from the saved
+logsumexp (scaled by the incoming gradient; ignored rows zero), and
+accumulates ``grad_hidden = P @ W``, ``grad_W += P^T @ h``, ``grad_b += sum P``.
+Only ``h``, ``W``, the target and the O(rows) logsumexp are saved. This is
+the row-chunked scheme of Liger-Kernel's fused linear cross-entropy (Hsu et
+al., 2024) run as extern torch calls; Cut Cross-Entropy (Wijmans et al.,
+2024) goes further with a fused Triton kernel, not done here.
+
+The numerics follow eager PyTorch's decomposed path: the matrix product in
+the operands' dtype (bf16 under autocast), its result cast to the logits
+dtype (the upcast ``logits.float()``), the logsumexp and the loss terms in
+float32, the logits' gradient cast back to the operands' dtype before the
+two products; ``grad_W`` and ``grad_b`` are accumulated in float32.
+
+The pass ``passes/linear_cross_entropy.py`` finds the pattern in the joint
+graph; it needs ``_log_softmax``, ``nll_loss_forward`` and their backward
+undecomposed there, so the decomposition table holds them back (``HELD`` in
+decompositions.py) and ``restore`` -- a required step of the pipeline --
+decomposes every one left over, inlined with the table's own decomposition,
+so a graph without the pattern reaches the later passes as before.
+
+Requires: an fx graph traced with ``decomposition_table()`` (HELD ops whole).
+Ensures: no HELD op remains; each one left over is replaced by the nodes the
+  table's decomposition traces to, with the node's meta copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from retrograd.decompositions import HELD, decomposition_table
+from retrograd.ir import PassResult
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_backward", "restore"]
+
+MEAN, SUM = 1, 2   # nll_loss's reduction codes (0: none)
+
+
+def _chunk_logits(hidden, weight, bias, logits_dtype):
+    """One chunk's logits as eager computes them, in float32 for what follows."""
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    return logits.to(logits_dtype).to(_accumulate(logits_dtype))
+
+
+def _accumulate(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 where the logits are float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _valid_targets(target: torch.Tensor, ignore_index: int):
+    valid = target != ignore_index
+    return valid, torch.where(valid, target, 0)
+
+
+@torch.library.custom_op("retrograd::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], target: torch.Tensor, reduction: int,
+                         ignore_index: int, logits_dtype: torch.dtype,
+                         chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``hidden @ weight.T + bias`` (rows x V, never held) against
+    ``target``; returns (loss, logsumexp per row in float32)."""
+    rows, wide = hidden.shape[0], _accumulate(logits_dtype)
+    lse = torch.empty(rows, dtype=wide, device=hidden.device)
+    terms = torch.empty(rows, dtype=wide, device=hidden.device)
+    valid, safe = _valid_targets(target, ignore_index)
+    for start in range(0, rows, chunk_rows):
+        stop = min(rows, start + chunk_rows)
+        logits = _chunk_logits(hidden[start:stop], weight, bias, logits_dtype)
+        lse[start:stop] = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe[start:stop, None]).squeeze(1)
+        terms[start:stop] = torch.where(valid[start:stop], lse[start:stop] - picked, 0.0)
+    if reduction == MEAN:
+        loss = terms.sum() / valid.sum().to(wide)
+    elif reduction == SUM:
+        loss = terms.sum()
+    else:
+        loss = terms
+    return loss.to(logits_dtype), lse
+
+
+@linear_cross_entropy.register_fake
+def _(hidden, weight, bias, target, reduction, ignore_index, logits_dtype, chunk_rows):
+    rows = hidden.shape[0]
+    shape = (rows,) if reduction not in (MEAN, SUM) else ()
+    return (hidden.new_empty(shape, dtype=logits_dtype),
+            hidden.new_empty((rows,), dtype=_accumulate(logits_dtype)))
+
+
+@torch.library.custom_op("retrograd::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(
+        grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+        bias: Optional[torch.Tensor], target: torch.Tensor, lse: torch.Tensor, reduction: int,
+        ignore_index: int, logits_dtype: torch.dtype,
+        chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``linear_cross_entropy``'s loss: (hidden, weight, bias);
+    the bias gradient is computed (V values) even where there is no bias."""
+    valid, safe = _valid_targets(target, ignore_index)
+    wide = _accumulate(logits_dtype)
+    scale = grad_loss.to(wide).expand(hidden.shape[0])
+    if reduction == MEAN:
+        scale = scale / valid.sum().to(wide)
+    scale = torch.where(valid, scale, 0.0)
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device)
+    grad_bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        stop = min(hidden.shape[0], start + chunk_rows)
+        chunk = hidden[start:stop]
+        probs = torch.exp(_chunk_logits(chunk, weight, bias, logits_dtype)
+                          - lse[start:stop, None])
+        probs.scatter_add_(1, safe[start:stop, None], -torch.ones_like(probs[:, :1]))
+        grad = (probs * scale[start:stop, None]).to(logits_dtype).to(hidden.dtype)
+        grad_hidden[start:stop] = grad @ weight
+        grad_weight += (grad.t() @ chunk).to(wide)
+        grad_bias += grad.to(wide).sum(0)
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias_dtype)
+
+
+@linear_cross_entropy_backward.register_fake
+def _(grad_loss, hidden, weight, bias, target, lse, reduction, ignore_index, logits_dtype,
+      chunk_rows):
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            weight.new_empty((weight.shape[0],), dtype=bias_dtype))
+
+
+def _value(arg):
+    return arg.meta["val"] if isinstance(arg, fx.Node) else arg
+
+
+def _decompose(graph: fx.Graph, node: fx.Node, table: dict, mode) -> None:
+    """Replace ``node`` by the inlined trace of its decomposition."""
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    positions = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
+
+    def call(*values):
+        args = list(node.args)
+        for position, value in zip(positions, values):
+            args[position] = value
+        result = table[node.target](*args, **node.kwargs)
+        # a plain tuple: make_fx would trace a namedtuple's constructor as a node
+        return tuple(result) if isinstance(result, tuple) else result
+
+    with mode if mode is not None else contextlib.nullcontext():
+        sub = make_fx(call, decomposition_table=table)(*[_value(t) for t in tensors])
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = iter(tensors)
+    with graph.inserting_before(node):
+        for inner in sub.graph.nodes:
+            if inner.op == "placeholder":
+                env[inner] = next(placeholders)
+            elif inner.op == "output":
+                result = inner.args[0]
+            else:
+                env[inner] = graph.node_copy(inner, lambda n: env[n])
+                env[inner].meta = {**node.meta, "val": inner.meta.get("val")}
+    _replace_results(node, result, env)
+    graph.erase_node(node)
+
+
+def _replace_results(node: fx.Node, result, env: dict) -> None:
+    if isinstance(result, (tuple, list)):
+        for user in list(node.users):
+            user.replace_all_uses_with(env[result[user.args[1]]])
+            user.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(env[result])
+
+
+def restore(gm: fx.GraphModule, ctx) -> PassResult:
+    """Decompose every HELD op left in ``gm`` (the fused pattern's leftovers)."""
+    graph = gm.graph
+    held = [n for n in graph.nodes if n.op == "call_function" and n.target in HELD]
+    if held:
+        table = decomposition_table(full_table=True)
+        mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes
+                                 if n.op == "placeholder"])
+        for node in held:
+            _decompose(graph, node, table, mode)
+        gm.recompile()
+    return PassResult(gm, {"decomposed": len(held)})

@@ -1,0 +1,320 @@
+"""Fuse the last matmul and the cross-entropy: the logits are never held.
+
+What it does, on the joint graph (or a compile_step graph): finds
+
+    mm / addmm(hidden, weight^T [, bias])      # the output projection
+      -> views, row slices, clones, casts       # 3-d view, causal shift, flatten, upcast
+      -> _log_softmax(dim=-1) -> nll_loss_forward(no class weights)
+
+and, in the backward, ``nll_loss_backward -> _log_softmax_backward_data ->``
+the inverse views, scatters and casts, down to the logits' gradient ``G``,
+read only by ``G @ W`` (hidden's gradient), ``G^T @ hidden`` (the weight's,
+either orientation) and ``sum(G, 0)`` (the bias's). A match becomes one
+``retrograd::linear_cross_entropy`` call in the forward (saving only hidden,
+weight, target and the O(rows) logsumexp) and one
+``..._backward`` call in the backward (compiler/loss_ops.py), both chunked
+over rows. The row slices and views of the logits are replayed on the
+hidden states (``h[:, :-1] @ W^T`` is ``(h @ W^T)[:, :-1]``), and hidden's
+gradient is scattered back through their inverses.
+
+Why in the joint graph and on whole ops: the decomposition table holds
+``_log_softmax``, ``nll_loss_forward`` and their backward back
+(decompositions.HELD), so the pattern is a handful of named nodes rather
+than a dozen decomposed ones, and the backward is matched where autograd
+wrote it; ``loss_ops.restore`` decomposes whatever this pass leaves, so
+nothing after it sees a difference where no pattern matched.
+
+Left alone, with the reason in the stats: logits or log-probabilities read
+elsewhere (returned, label smoothing's mean of log-probabilities, z-loss),
+class weights, a softmax not over the last dim, a reshape that mixes the
+vocabulary dim, a logits gradient read by anything but the three products.
+
+Chunk size: ``chunk_rows = max(1, CHUNK_BYTES * (memory_budget or 1) // (V * 4))``,
+so a chunk's float32 logits take at most 4 MiB (less under a tighter budget).
+
+Requires: a joint or step graph traced with decompositions.HELD ops whole.
+Ensures: each matched pattern's loss and gradients computed by the two fused
+  ops; no node of size rows x V left from it; every other node unchanged.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from retrograd.ir import PassResult
+from retrograd.passes.op_classes import is_pure, view_base
+
+__all__ = ["run", "CHUNK_BYTES"]
+
+aten = torch.ops.aten
+
+#: The most bytes of float32 logits one chunk holds (scaled by memory_budget).
+CHUNK_BYTES = 4 << 20
+
+ROW_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _cast_ops() -> set:
+    ops = {aten._to_copy.default}
+    prims = getattr(torch.ops, "prims", None)
+    if prims is not None and hasattr(prims, "convert_element_type"):
+        ops.add(prims.convert_element_type.default)
+    return ops
+
+
+CASTS = _cast_ops()
+ROW_OPS = ROW_VIEWS | {aten.slice.Tensor, aten.clone.default, aten.alias.default} | CASTS
+GRAD_ROW_OPS = ROW_VIEWS | {aten.slice_scatter.default, aten.clone.default,
+                            aten.alias.default} | CASTS
+
+
+@dataclass
+class Match:
+    """One linear + cross-entropy pattern, forward and (optionally) backward."""
+
+    matmul: fx.Node
+    chain: list[fx.Node]             # matmul output -> log_softmax input, in order
+    log_softmax: fx.Node
+    nll: fx.Node
+    loss: fx.Node                    # getitem 0 of nll
+    nll_backward: fx.Node | None = None
+    grad_hidden: list[fx.Node] = field(default_factory=list)     # G @ W
+    grad_weight: list[fx.Node] = field(default_factory=list)     # G^T @ h: [V, D]
+    grad_weight_t: list[fx.Node] = field(default_factory=list)   # h^T @ G: [D, V]
+    grad_bias: list[fx.Node] = field(default_factory=list)       # sum(G, 0)
+
+
+def _shape(node) -> tuple:
+    return tuple(node.meta["val"].shape)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _match_chain(log_softmax: fx.Node):
+    """Walk up from the log-softmax input to the matmul; (matmul, chain) or a reason."""
+    chain, node, vocab = [], log_softmax.args[0], _shape(log_softmax)[-1]
+    while node.op == "call_function" and node.target in ROW_OPS:
+        if len(node.users) != 1:
+            return f"logits read elsewhere ({node.name})"
+        ndim = len(_shape(node.args[0]))
+        if node.target in ROW_VIEWS and (_shape(node.args[0])[-1] != vocab
+                                         or _shape(node)[-1] != vocab):
+            return f"reshape {node.name} mixes the vocabulary dim"
+        if node.target is aten.slice.Tensor and node.args[1] % ndim == ndim - 1:
+            return f"slice {node.name} cuts the vocabulary dim"
+        chain.insert(0, node)
+        node = node.args[0]
+    if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
+        return f"logits not from a matmul ({node.name})"
+    if len(node.users) != 1:
+        return f"logits read elsewhere ({node.name})"
+    return node, chain
+
+
+def _match_forward(log_softmax: fx.Node):
+    """A Match for the forward half, or a reason it is left alone."""
+    if log_softmax.args[1] % len(_shape(log_softmax)) != len(_shape(log_softmax)) - 1 \
+            or log_softmax.args[2]:
+        return "log_softmax not over the last dim in its own dtype"
+    found = _match_chain(log_softmax)
+    if isinstance(found, str):
+        return found
+    nlls = [u for u in log_softmax.users if u.target is aten.nll_loss_forward.default]
+    if len(nlls) != 1 or nlls[0].args[0] is not log_softmax:
+        return "log-probabilities not read by one nll_loss"
+    nll = nlls[0]
+    if nll.args[2] is not None:
+        return "class weights"
+    for user in log_softmax.users:
+        if user is nll or user.target is aten.nll_loss_backward.default:
+            continue
+        if not _only_aliases_to_backward(user):
+            return f"log-probabilities read elsewhere ({user.name})"
+    items = {u.args[1]: u for u in nll.users if u.target is operator.getitem}
+    if len(items) != len(nll.users) or 0 not in items:
+        return "nll_loss result read whole"
+    if 1 in items and any(u.target is not aten.nll_loss_backward.default
+                          for u in items[1].users):
+        return "total weight read elsewhere"
+    return Match(found[0], found[1], log_softmax, nll, items[0])
+
+
+def _only_aliases_to_backward(node: fx.Node) -> bool:
+    if node.target is aten._log_softmax_backward_data.default:
+        return True
+    return node.target is aten.alias.default and all(
+        _only_aliases_to_backward(u) for u in node.users)
+
+
+def _match_backward(match: Match):
+    """Fill the backward half of ``match``; None, or a reason it is left alone."""
+    backs = [u for u in match.log_softmax.users if u.target is aten.nll_loss_backward.default]
+    if not backs:
+        return None
+    if len(backs) != 1:
+        return "more than one nll_loss_backward"
+    back = backs[0]
+    node = _only_user(back)
+    if node is None or node.target is not aten._log_softmax_backward_data.default \
+            or node.args[0] is not back:
+        return "nll_loss_backward read elsewhere"
+    while (user := _only_user(node)) is not None and user.target in GRAD_ROW_OPS and (
+            user.target is not aten.slice_scatter.default or user.args[1] is node):
+        node = user
+    if _shape(node) != _shape(match.matmul) or node.meta["val"].dtype != \
+            match.matmul.meta["val"].dtype:
+        return f"logits gradient {node.name} not shaped like the logits"
+    match.nll_backward = back
+    return _classify_grad_users(match, node)
+
+
+def _classify_grad_users(match: Match, grad: fx.Node):
+    hidden = view_base(match.matmul.args[-2])
+    for user in grad.users:
+        if user.target is aten.mm.default and user.args[0] is grad:
+            match.grad_hidden.append(user)
+        elif user.target is aten.mm.default and user.args[1] is grad and \
+                view_base(user.args[0]) is hidden:
+            match.grad_weight_t.append(user)
+        elif user.target is aten.permute.default and all(
+                u.target is aten.mm.default and u.args[0] is user
+                and view_base(u.args[1]) is hidden for u in user.users):
+            match.grad_weight.extend(user.users)
+        elif user.target in (aten.sum.dim_IntList,) and list(user.args[1]) == [0] and \
+                match.matmul.target is aten.addmm.default:
+            match.grad_bias.append(user)
+        else:
+            return f"logits gradient read elsewhere ({user.name})"
+    return None
+
+
+class _Builder:
+    """Adds nodes before ``anchor``, each with its fake value computed."""
+
+    def __init__(self, graph: fx.Graph, mode):
+        self.graph, self.mode = graph, mode
+
+    def add(self, target, args, kwargs=None) -> fx.Node:
+        node = self.graph.call_function(target, tuple(args), kwargs or {})
+        values = fx.node.map_arg((tuple(args), kwargs or {}), lambda n: n.meta["val"])
+        with self.mode:
+            node.meta["val"] = target(*values[0], **values[1])
+        return node
+
+
+def _replay_rows(build: _Builder, match: Match, hidden: fx.Node) -> tuple[fx.Node, list]:
+    """Apply the logits' row ops to ``hidden``; returns (rows, undo steps)."""
+    undo = []
+    for op in match.chain:
+        width = _shape(hidden)[-1]
+        if op.target in ROW_VIEWS:
+            before = list(_shape(hidden))
+            hidden = build.add(aten.view.default, [hidden, [*_shape(op)[:-1], width]])
+            undo.append((aten.view.default, before))
+        elif op.target is aten.slice.Tensor:
+            before = list(_shape(hidden))
+            hidden = build.add(aten.slice.Tensor, [hidden, *op.args[1:]])
+            undo.append((aten.slice_scatter.default, before, op.args[1:]))
+        elif op.target is aten.clone.default:
+            hidden = build.add(aten.clone.default, [hidden],
+                               {"memory_format": torch.contiguous_format})
+    return hidden, undo
+
+
+def _undo_rows(build: _Builder, grad: fx.Node, undo: list) -> fx.Node:
+    """Hidden's gradient back through the inverses of the replayed row ops."""
+    for step in reversed(undo):
+        if step[0] is aten.view.default:
+            grad = build.add(aten.view.default, [grad, step[1]])
+        else:
+            val = grad.meta["val"]
+            zeros = build.add(aten.full.default, [step[1], 0], {
+                "dtype": val.dtype, "layout": torch.strided, "device": val.device,
+                "pin_memory": False})
+            grad = build.add(aten.slice_scatter.default, [zeros, grad, *step[2]])
+    return grad
+
+
+def _weight_rows(build: _Builder, matmul: fx.Node) -> fx.Node:
+    """The weight as [V, D] (the matmul's right operand transposed)."""
+    right = matmul.args[-1]
+    if right.target is aten.permute.default and list(right.args[1]) == [1, 0]:
+        return right.args[0]
+    return build.add(aten.permute.default, [right, [1, 0]])
+
+
+def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
+    build = _Builder(graph, mode)
+    matmul, nll = match.matmul, match.nll
+    bias = matmul.args[0] if matmul.target is aten.addmm.default else None
+    logits_dtype = match.log_softmax.meta["val"].dtype
+    reduction, ignore_index = nll.args[3], nll.args[4]
+    with graph.inserting_before(nll):
+        weight = _weight_rows(build, matmul)
+        rows, undo = _replay_rows(build, match, matmul.args[-2])
+        fused = build.add(torch.ops.retrograd.linear_cross_entropy.default,
+                          [rows, weight, bias, nll.args[1], reduction, ignore_index,
+                           logits_dtype, chunk_rows])
+        loss = build.add(operator.getitem, [fused, 0])
+        lse = build.add(operator.getitem, [fused, 1])
+    match.loss.replace_all_uses_with(loss)
+    if match.nll_backward is None:
+        return
+    back = match.nll_backward
+    with graph.inserting_before(back):
+        grads = build.add(torch.ops.retrograd.linear_cross_entropy_backward.default,
+                          [back.args[0], rows, weight, bias, nll.args[1], lse, reduction,
+                           ignore_index, logits_dtype, chunk_rows])
+        grad_hidden = _undo_rows(build, build.add(operator.getitem, [grads, 0]), undo)
+        grad_weight = build.add(operator.getitem, [grads, 1])
+        grad_weight_t = build.add(aten.permute.default, [grad_weight, [1, 0]])
+        grad_bias = build.add(operator.getitem, [grads, 2])
+    for nodes, value in ((match.grad_hidden, grad_hidden), (match.grad_weight, grad_weight),
+                         (match.grad_weight_t, grad_weight_t)):
+        for node in nodes:
+            node.replace_all_uses_with(value)
+    for node in match.grad_bias:
+        with graph.inserting_before(node):
+            node.replace_all_uses_with(build.add(aten.view.default,
+                                                 [grad_bias, list(_shape(node))]))
+
+
+def _erase_dead(graph: fx.Graph) -> None:
+    """Remove the nodes the rewrite left unread (pure ops only)."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and not node.users and is_pure(node):
+            graph.erase_node(node)
+
+
+def run(gm: fx.GraphModule, ctx) -> PassResult:
+    graph = gm.graph
+    budget = getattr(ctx.options, "memory_budget", None) or 1.0
+    fused, avoided, chunks, left = 0, 0, [], []
+    mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten._log_softmax.default:
+            continue
+        match = _match_forward(node)
+        reason = match if isinstance(match, str) else _match_backward(match)
+        if reason is not None:
+            left.append(f"{node.name}: {reason}")
+            continue
+        rows, vocab = _shape(node)
+        chunk_rows = max(1, int(CHUNK_BYTES * budget) // (vocab * 4))
+        _rewrite(graph, match, mode, min(chunk_rows, rows))
+        fused += 1
+        chunks.append(min(chunk_rows, rows))
+        held = 2 if match.nll_backward is not None else 1   # the logits and their gradient
+        avoided += held * rows * vocab * node.meta["val"].element_size()
+    if fused:
+        _erase_dead(graph)
+        gm.recompile()
+    return PassResult(gm, {"fused": fused, "chunk_rows": chunks,
+                           "logits_bytes_not_held": avoided, "left_alone": left})
