@@ -31,3 +31,9 @@ def __getattr__(name: str):
         from retrograd.options import Options
         return Options
     raise AttributeError(f"module 'retrograd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy public names too (``dir(retrograd)``, tab completion), which
+    ``__getattr__`` provides but the module's namespace does not yet hold."""
+    return sorted((set(globals()) - {"annotations"}) | set(__all__))

@@ -1,0 +1,97 @@
+"""A new user's first hour: ``retrograd --version``, ``retrograd env``,
+``retrograd summary`` on a dump folder or one graph folder, ``dir(retrograd)``,
+and the package metadata an sdist carries."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import retrograd
+from retrograd import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"retrograd {retrograd.__version__}"
+
+
+def test_version_is_one_value_for_package_and_metadata():
+    tomllib = pytest.importorskip("tomllib")
+    text = (ROOT / "pyproject.toml").read_text()
+    project = tomllib.loads(text)["project"]
+    assert "version" not in project and project["dynamic"] == ["version"]
+    assert 'version = { attr = "retrograd.__version__" }' in text
+    assert re.fullmatch(r"\d+\.\d+\.\d+", retrograd.__version__)
+    assert project["license"] == "BSD-3-Clause" and (ROOT / "LICENSE").is_file()
+
+
+def test_env_prints_versions_like_collect_env(capsys):
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    fields = dict(line.split(": ", 1) for line in out.splitlines())
+    assert fields["PyTorch version"] == torch.__version__
+    assert fields["retrograd version"].startswith(retrograd.__version__)
+    assert fields["Is CUDA available"] == str(torch.cuda.is_available())
+    import triton
+    assert fields["Triton version"] == triton.__version__
+    assert fields["Python version"].startswith(sys.version.split()[0])
+    for name in ("OS", "CPU", "GPU models", "CUDA used to build PyTorch"):
+        assert fields[name]
+
+
+def test_env_names_the_commit_in_a_git_checkout(tmp_path):
+    from retrograd.environment import git_commit
+    assert git_commit(tmp_path) is None            # not a checkout: no commit claimed
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("the tests do not run from a git checkout")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert git_commit(ROOT).startswith(f"git {head}")
+
+
+def test_dir_lists_the_lazy_public_names():
+    names = dir(retrograd)
+    for name in retrograd.__all__:
+        assert name in names
+    assert "__version__" in names and "annotations" not in names
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dump")
+    model = retrograd.compile(torch.nn.Linear(4, 3), dump_dir=str(folder))
+    model(torch.randn(2, 4)).sum().backward()
+    return folder
+
+
+def _lines(out: str) -> list[str]:
+    return [line for line in out.splitlines()[1:] if line.strip()]
+
+
+def test_summary_of_a_dump_folder_and_of_one_graph_folder(dump, capsys):
+    assert cli.main(["summary", str(dump)]) == 0
+    every = _lines(capsys.readouterr().out)
+    assert len(every) == 2                          # forward and backward
+    graph = next(path for path in dump.iterdir() if (path / "report.json").is_file())
+    assert cli.main(["summary", str(graph)]) == 0
+    one = _lines(capsys.readouterr().out)
+    assert len(one) == 1 and one[0].split()[0] == graph.name
+
+
+def test_summary_says_no_such_directory(tmp_path, capsys):
+    missing = tmp_path / "dumsp"
+    assert cli.main(["summary", str(missing)]) == 1
+    assert f"no such directory: {missing}" in capsys.readouterr().err
+    assert cli.main(["summary", str(tmp_path)]) == 1    # exists, holds no report
+    assert "no report.json" in capsys.readouterr().err
