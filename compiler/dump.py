@@ -30,6 +30,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from retrograd.explain import ledger_html
 from retrograd.ir import Program, Role
 from retrograd.passes import buffer_reuse
 from retrograd.report import to_json
@@ -273,6 +274,7 @@ compiled in {report['compile_seconds']} s. <a href="report.json">report.json</a>
 <a href="program.py">program.py</a>, <a href="memory_plan.txt">memory_plan.txt</a></p>
 <h2>Passes</h2><table><tr><th>pass</th><th>nodes before</th><th>after</th><th>seconds</th>
 <th>stats</th></tr>{rows}</table>
+<h2>Saved for the backward, by source line</h2>{ledger_html(report)}
 <h2>The program</h2>{_kernel_graph_svg(list(graph))}
 <h2>Live temporary memory over the schedule</h2>{_timeline_svg(timeline)}
 <h2>Graph after each stage</h2><ul>{files}</ul>

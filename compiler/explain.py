@@ -8,12 +8,13 @@ graph carry the same ledger, so each graph is shown once. ``group`` and
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import sys
 from pathlib import Path
 
-__all__ = ["explain", "group", "pareto_rows", "ledgers"]
+__all__ = ["explain", "group", "ledger_html", "ledgers", "pareto_rows", "pareto_svg"]
 
 _HALVES = ("-forward", "-backward", "-step")
 
@@ -107,7 +108,7 @@ def _print_pareto(name: str, report: dict) -> None:
         mark = "*" if row["current"] else " "
         note = f"   <- today's plan (memory_budget={row['memory_budget']})" \
             if row["current"] else ""
-        print(f"{mark} {str(row['memory_budget']):>13s} {row['saved_bytes']:12,d} "
+        print(f"{mark} {row['memory_budget']!s:>13s} {row['saved_bytes']:12,d} "
               f"{row['recompute_flops']:15,d} {row['predicted_peak_bytes']:14,d}{note}")
 
 
@@ -133,3 +134,57 @@ def explain(dump_dir: Path, as_json: bool = False, pareto: bool = False) -> int:
     for name, report in found.items():
         (_print_pareto if pareto else _print_ledger)(name, report)
     return 0
+
+
+# -- the same in the dump's index.html ----------------------------------------------------------
+
+def ledger_html(report: dict) -> str:
+    """The ledger by source line as an HTML table, and the trade-off's curve."""
+    rows = report.get("ledger")
+    if rows is None:
+        return "<p>no saved-tensor ledger (no gradients, or no checkpoint pass)</p>"
+    groups, totals = group(rows)
+    body = "".join(
+        f"<tr><td>{html.escape(_short(g['source']))}</td><td>{g['saved_bytes']:,}</td>"
+        f"<td>{g['saved']}</td><td>{g['recomputed']}</td><td>{g['recompute_flops']:,}</td>"
+        f"<td>{html.escape(', '.join(g['ops']))}</td></tr>" for g in groups)
+    table = ("<table><tr><th>source</th><th>saved bytes</th><th>saved</th><th>recomputed</th>"
+             f"<th>recompute FLOPs</th><th>ops</th></tr>{body}<tr><th>total</th>"
+             f"<th>{totals['saved_bytes']:,}</th><th>{totals['saved']}</th>"
+             f"<th>{totals['recomputed']}</th><th>{totals['recompute_flops']:,}</th><th></th>"
+             "</tr></table>")
+    pareto = report.get("pareto")
+    return table + ("" if pareto is None else pareto_svg(pareto_rows(pareto)))
+
+
+def _scale(values: list[float], size: float):
+    top = max(values) or 1
+    return lambda value: size - value / top * (size - 10)
+
+
+def pareto_svg(rows: list[dict], width: int = 480, height: int = 200) -> str:
+    """Recompute FLOPs (red) and predicted peak (blue) against saved bytes,
+    one dot per plan, today's plan circled."""
+    if not rows:
+        return "<p>no plans</p>"
+    widest = max(r["saved_bytes"] for r in rows) or 1
+    marks = []
+    for key, color in (("recompute_flops", "#c0392b"), ("predicted_peak_bytes", "#2980b9")):
+        y_of = _scale([r[key] for r in rows], height)
+        points = [(20 + r["saved_bytes"] / widest * width, y_of(r[key])) for r in rows]
+        marks.append(f'<polyline fill="none" stroke="{color}" points="'
+                     + " ".join(f"{x:.1f},{y:.1f}" for x, y in points) + '"/>')
+        for (x, y), row in zip(points, rows):
+            radius = 6 if row["current"] else 2.5
+            fill = "none" if row["current"] else color
+            marks.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{radius}" fill="{fill}" '
+                         f'stroke="{color}"><title>memory_budget={row["memory_budget"]}: '
+                         f'{row["saved_bytes"]:,} bytes saved, {row["recompute_flops"]:,} '
+                         f'FLOPs, peak {row["predicted_peak_bytes"]:,}</title></circle>')
+    return (f'<svg width="{width + 40}" height="{height + 24}" style="background:#fafafa">'
+            + "".join(marks)
+            + f'<text x="4" y="{height + 18}" font-size="11">saved bytes: 0 .. '
+            f'{max(r["saved_bytes"] for r in rows):,} (left to right)</text></svg>'
+            '<p><span style="color:#c0392b">&#9632; recompute FLOPs</span> &nbsp; '
+            '<span style="color:#2980b9">&#9632; predicted peak bytes</span> (each on its own '
+            'scale); circled: today\'s plan; hover a dot for its memory_budget.</p>')
