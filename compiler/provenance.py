@@ -26,13 +26,12 @@ import re
 import sys
 import traceback
 
-import torch.fx as fx
+from retrograd.errors import _is_library
+from torch import fx
 from torch.fx import traceback as fx_traceback
 from torch.overrides import TorchFunctionMode
 
-from retrograd.errors import _is_library
-
-__all__ = ["run_recording", "source_of"]
+__all__ = ["recording", "run_recording", "source_of"]
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+)')
 
@@ -74,6 +73,15 @@ def run_recording(module, args):
             return fx.Interpreter(module).run(*args)
         with _UserLines():
             return module(*args)
+
+
+def recording(function):
+    """``function`` such that a trace of it (``make_fx``, AOTAutograd) records
+    the user's source line on each node, as ``run_recording`` does."""
+    def traced(*args, **kwargs):
+        with fx_traceback.preserve_node_meta(), _UserLines():
+            return function(*args, **kwargs)
+    return traced
 
 
 def source_of(stack_trace: str | None) -> str | None:

@@ -9,15 +9,16 @@ comes from the checkpoint pass, before codegen.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn as nn
-
 import retrograd
+import torch
 from retrograd import cli
+from torch import nn
+
 from tests.checks import compile_with
 from tests.hf_zoo import HF_ZOO
 from tests.zoo import ZOO
@@ -129,6 +130,32 @@ def test_reasons_name_the_pattern_and_the_budget(tmp_path):
     _check_adds_up([report])
 
 
+def test_ledger_adds_up_in_compile_step():
+    torch.manual_seed(0)
+    model = TwoLayers()
+    step = retrograd.compile_step(model, lambda m, x: m(x).square().sum(),
+                                  torch.optim.SGD(model.parameters(), lr=0.1), executor="fx")
+    step(torch.randn(4, 8))
+    report = step.reports["step"]
+    _check_adds_up([report])
+    assert {row["decision"] for row in report["ledger"]} == {"saved", "recomputed"}
+
+
+def test_recording_puts_the_user_line_on_traced_nodes():
+    """What ``compile_step``'s trace would need to carry sources (its ledger
+    rows have ``source: null`` today: compiler/step.py traces without it)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from retrograd.provenance import recording, source_of
+
+    def function(x):
+        return torch.sin(x) * 2  # ledger: traced by make_fx
+
+    traced = make_fx(recording(function))(torch.randn(3))
+    sin = next(n for n in traced.graph.nodes if n.target is torch.ops.aten.sin.default)
+    assert source_of(sin.meta.get("stack_trace")) == f"{THIS_FILE}:{_line('traced by make_fx')}"
+
+
 @pytest.fixture(scope="module")
 def mlp_dump(tmp_path_factory) -> Path:
     dump = tmp_path_factory.mktemp("dump")
@@ -166,7 +193,7 @@ def test_explain_pareto_marks_todays_plan(mlp_dump, capsys):
     points = report["pareto"]["points"]
     assert len(points) >= 2
     # the frontier: more saved bytes, less recompute cost, a larger budget picks it
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         assert a["saved_bytes"] < b["saved_bytes"]
         assert a["recompute_cost"] > b["recompute_cost"]
         assert a["memory_budget"] <= b["memory_budget"]
