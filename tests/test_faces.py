@@ -301,8 +301,9 @@ REPORT_KEYS = {
 
 
 def _check_report(report: dict) -> None:
-    """Schema 1: the keys DESIGN.md fixes, with values of the right kinds."""
-    assert report["schema"] == 1
+    """Schema 2: the keys DESIGN.md fixes, with values of the right kinds."""
+    assert report["schema"] == 2
+    assert isinstance(report["ledger"], list) and "pareto" in report
     assert report["graph"] in ("forward", "backward")
     assert isinstance(report["graph_id"], str) and report["graph_id"]
     for section, keys in REPORT_KEYS.items():
