@@ -95,3 +95,27 @@ def test_summary_says_no_such_directory(tmp_path, capsys):
     assert f"no such directory: {missing}" in capsys.readouterr().err
     assert cli.main(["summary", str(tmp_path)]) == 1    # exists, holds no report
     assert "no report.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sdist_carries_what_the_tests_read(tmp_path):
+    """Built from the committed tree: the sdist holds the tests and every file
+    they read (README, docs, examples, benchmarks, .ci/run) and the LICENSE."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs a git checkout to take the committed tree from")
+    source = tmp_path / "source"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    built = subprocess.run([sys.executable, "-c", "from setuptools.build_meta import build_sdist;"
+                            f"print(build_sdist({str(tmp_path)!r}))"], cwd=source,
+                           capture_output=True, text=True, check=True).stdout.split()[-1]
+    import tarfile
+    with tarfile.open(tmp_path / built) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    for name in ("LICENSE", "README.md", "BENCHMARKS.md", ".ci/run", "docs/ops.md",
+                 "examples/quickstart.py", "benchmarks/memory.py", "tests/conftest.py",
+                 "tests/test_first_hour.py", "tests/zoo.py", "compiler/cli.py"):
+        assert name in names, name
