@@ -97,7 +97,6 @@ def test_summary_says_no_such_directory(tmp_path, capsys):
     assert "no report.json" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_sdist_carries_what_the_tests_read(tmp_path):
     """Built from the committed tree: the sdist holds the tests and every file
     they read (README, docs, examples, benchmarks, .ci/run) and the LICENSE."""
