@@ -170,6 +170,8 @@ def run_pass(name: str, function: Callable, subject: Any, ctx: PassContext,
         new_subject, stats = result
         _lint(new_subject)
     except Exception as exc:
+        if getattr(exc, "user_error", False):   # about the user's options, not the pass
+            raise
         _reproducer(ctx, name, subject, exc)
         raise PassError(f"retrograd: pass {name!r} failed on graph {ctx.graph_name}: "
                         f"{type(exc).__name__}: {exc}") from exc

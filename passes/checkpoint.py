@@ -50,7 +50,7 @@ from torch._functorch import partitioners
 
 from retrograd.ir import PassResult
 from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
-from retrograd.passes.planning import ledger, remat, remat_search
+from retrograd.passes.planning import ledger, patterns, remat, remat_search
 
 __all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
 
@@ -141,14 +141,7 @@ class Policy:
         self.support = op_support
         self.budget_fraction = options.memory_budget
 
-    @staticmethod
-    def _names(node: fx.Node) -> set[str]:
-        target = node.target
-        names = {node.name, str(target)}
-        packet = getattr(target, "overloadpacket", None)
-        if packet is not None:
-            names |= {str(packet), str(packet).split(".")[-1]}
-        return names
+    _names = staticmethod(patterns.node_names)
 
     def forced_save(self, node: fx.Node) -> bool:
         return node.name in self.pinned or bool(self._names(node) & self.save)
@@ -256,6 +249,7 @@ def run(joint: fx.GraphModule, ctx) -> PassResult:
     """Plan, split ``joint`` into (forward, backward), sink recomputation.
     ``ctx.num_fwd_outputs``: how many of the joint's outputs are the forward's."""
     count = ctx.num_fwd_outputs
+    patterns.check(joint.graph, ctx.options.save, ctx.options.recompute, ctx.graph_name)
     policy = Policy(ctx.options, ctx.op_support, protect_mutated_inputs(joint))
     info = remat.analyse(joint, count, free=_aliases_input)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
@@ -337,6 +331,7 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     seed = ctx.seed
     graph = step.graph
     is_seed = lambda node: node.op == "placeholder" and node.name == seed  # noqa: E731
+    patterns.check(graph, ctx.options.save, ctx.options.recompute, ctx.graph_name)
     info = remat.analyse(step, 1, free=_aliases_input, is_tangent=is_seed)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
     policy = Policy(ctx.options, ctx.op_support)
