@@ -118,3 +118,56 @@ def test_sdist_carries_what_the_tests_read(tmp_path):
                  "examples/quickstart.py", "benchmarks/memory.py", "tests/conftest.py",
                  "tests/test_first_hour.py", "tests/zoo.py", "compiler/cli.py"):
         assert name in names, name
+
+
+# -- save= / recompute= patterns that name nothing -------------------------------------
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+
+
+def _train(face: str, **options) -> dict:
+    """One step of the MLP through ``face``; the standalone reports (or {})."""
+    model, x = _mlp(), torch.randn(3, 4)
+    if face == "standalone":
+        compiled = retrograd.compile(model, **options)
+        compiled(x).sum().backward()
+        return compiled.reports
+    if face == "torch.compile":
+        torch._dynamo.reset()
+        torch.compile(model, backend="retrograd", options=options)(x).sum().backward()
+        return {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    retrograd.compile_step(model, lambda m, x: m(x).sum(), optimizer, **options)(x)
+    return {}
+
+
+@pytest.mark.parametrize("face", ["standalone", "torch.compile", "compile_step"])
+def test_a_typo_in_save_is_a_value_error_with_close_matches(face):
+    with pytest.raises(ValueError, match=r"save pattern 'adddmm' matches no op or node.*"
+                                         r"close matches: 'addmm'"):
+        _train(face, save=["adddmm"])
+
+
+def test_a_typo_in_recompute_is_refused_too():
+    with pytest.raises(ValueError, match=r"recompute pattern 'mull_2'.*close matches: 'mul_2'"):
+        _train("standalone", recompute=["mull_2"])
+
+
+@pytest.mark.parametrize("face", ["standalone", "compile_step"])
+def test_backward_ops_and_forward_node_names_are_accepted(face, recwarn):
+    """``mm`` occurs only in the backward (the forward's products are addmm);
+    ``addmm_1`` and ``mul_2`` are nodes of the forward."""
+    reports = _train(face, save=["mm", "addmm_1"], recompute=["mul_2"])
+    if reports:
+        assert "aten.mm.default" not in reports["forward"]["kernels"]["extern_ops"]
+        assert "aten.mm.default" in reports["backward"]["kernels"]["extern_ops"]
+    assert not [w for w in recwarn if "pattern" in str(w.message)]
+
+
+def test_a_real_op_the_graph_lacks_is_a_warning_not_an_error():
+    """GELU is decomposed before the checkpoint pass sees the graph, and under
+    torch.compile a graph break may put an op in another graph."""
+    with pytest.warns(UserWarning, match=r"save pattern 'gelu' matches no node.*does not hold"):
+        _train("standalone", save=["gelu"])
