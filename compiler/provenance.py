@@ -41,6 +41,13 @@ def _library(filename: str) -> bool:
     return _is_library(filename)
 
 
+@functools.lru_cache(maxsize=4096)
+def _frame_text(filename: str, line: int, name: str) -> str:
+    text = linecache.getline(filename, line).strip()
+    return "".join(traceback.format_list([traceback.FrameSummary(filename, line, name,
+                                                                 line=text)]))
+
+
 def _user_frame_text() -> str | None:
     """The innermost frame of the current stack in the user's code, formatted
     as Python's tracebacks (and fx's ``stack_trace``) write frames."""
@@ -49,10 +56,7 @@ def _user_frame_text() -> str | None:
         frame = frame.f_back
     if frame is None:
         return None
-    filename, line = frame.f_code.co_filename, frame.f_lineno
-    text = linecache.getline(filename, line).strip()
-    return "".join(traceback.format_list(
-        [traceback.FrameSummary(filename, line, frame.f_code.co_name, line=text)]))
+    return _frame_text(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
 
 
 class _UserLines(TorchFunctionMode):
