@@ -69,15 +69,16 @@ def group(rows: list[dict]) -> tuple[list[dict], dict]:
 
 def pareto_rows(pareto: dict) -> list[dict]:
     """The trade-off's plans by saved bytes, today's plan among them with
-    ``current: True`` (a listed plan with its bytes and FLOPs, or its own row)."""
+    ``current: True`` (a listed plan with its bytes and FLOPs, or its own row,
+    ``frontier: False``)."""
     current = pareto["current"]
-    rows = [dict(point, current=False) for point in pareto["points"]]
+    rows = [dict(point, current=False, frontier=True) for point in pareto["points"]]
     same = [row for row in rows if row["saved_bytes"] == current["saved_bytes"]
             and row["recompute_flops"] == current["recompute_flops"]]
     if same:
         same[0]["current"] = True
     else:
-        rows.append(dict(current, current=True))
+        rows.append(dict(current, current=True, frontier=False))
     return sorted(rows, key=lambda row: (row["saved_bytes"], -row["recompute_flops"]))
 
 
@@ -172,8 +173,9 @@ def pareto_svg(rows: list[dict], width: int = 480, height: int = 200) -> str:
     for key, color in (("recompute_flops", "#c0392b"), ("predicted_peak_bytes", "#2980b9")):
         y_of = _scale([r[key] for r in rows], height)
         points = [(20 + r["saved_bytes"] / widest * width, y_of(r[key])) for r in rows]
+        line = [point for point, row in zip(points, rows) if row["frontier"]]
         marks.append(f'<polyline fill="none" stroke="{color}" points="'
-                     + " ".join(f"{x:.1f},{y:.1f}" for x, y in points) + '"/>')
+                     + " ".join(f"{x:.1f},{y:.1f}" for x, y in line) + '"/>')
         for (x, y), row in zip(points, rows):
             radius = 6 if row["current"] else 2.5
             fill = "none" if row["current"] else color
