@@ -23,11 +23,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.fx as fx
-
 from retrograd.passes.planning import remat, remat_search
+from torch import fx
 
-__all__ = ["rows", "pareto", "predicted_peak"]
+__all__ = ["pareto", "predicted_peak", "rows"]
 
 
 def _tensor_bytes(node: fx.Node) -> int:
