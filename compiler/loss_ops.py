@@ -78,9 +78,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
         logits = _chunk_logits(hidden[start:stop], weight, bias, logits_dtype)
-        lse[start:stop] = torch.logsumexp(logits, dim=-1)
+        torch.logsumexp(logits, dim=-1, out=lse[start:stop])
         picked = logits.gather(1, safe[start:stop, None]).squeeze(1)
         terms[start:stop] = torch.where(valid[start:stop], lse[start:stop] - picked, 0.0)
+        del logits   # before the next chunk's: one chunk alive at a time
     if reduction == MEAN:
         loss = terms.sum() / valid.sum().to(wide)
     elif reduction == SUM:
@@ -118,13 +119,20 @@ def linear_cross_entropy_backward(
     for start in range(0, hidden.shape[0], chunk_rows):
         stop = min(hidden.shape[0], start + chunk_rows)
         chunk = hidden[start:stop]
-        probs = torch.exp(_chunk_logits(chunk, weight, bias, logits_dtype)
-                          - lse[start:stop, None])
+        # in place on the chunk's logits: softmax, minus the one-hot, scaled
+        probs = _chunk_logits(chunk, weight, bias, logits_dtype)
+        probs.sub_(lse[start:stop, None]).exp_()
         probs.scatter_add_(1, safe[start:stop, None], -torch.ones_like(probs[:, :1]))
-        grad = (probs * scale[start:stop, None]).to(logits_dtype).to(hidden.dtype)
-        grad_hidden[start:stop] = grad @ weight
-        grad_weight += (grad.t() @ chunk).to(wide)
-        grad_bias += grad.to(wide).sum(0)
+        probs.mul_(scale[start:stop, None])
+        grad = probs.to(logits_dtype).to(hidden.dtype)
+        del probs
+        torch.mm(grad, weight, out=grad_hidden[start:stop])
+        if grad_weight.dtype == grad.dtype:
+            grad_weight.addmm_(grad.t(), chunk)
+        else:
+            grad_weight += (grad.t() @ chunk).to(wide)
+        grad_bias += grad.sum(0, dtype=wide)
+        del grad
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias_dtype)
 

@@ -29,8 +29,10 @@ elsewhere (returned, label smoothing's mean of log-probabilities, z-loss),
 class weights, a softmax not over the last dim, a reshape that mixes the
 vocabulary dim, a logits gradient read by anything but the three products.
 
-Chunk size: ``chunk_rows = max(1, CHUNK_BYTES * (memory_budget or 1) // (V * 4))``,
-so a chunk's float32 logits take at most 4 MiB (less under a tighter budget).
+Chunk size: ``chunk_rows = min(CHUNK_BYTES * (memory_budget or 1) // (V * 4),
+ceil(rows / MIN_CHUNKS))``, at least 1: a chunk's float32 logits take at most
+4 MiB (less under a tighter budget) and at most an eighth of all the logits,
+so the transient chunk stays small beside what the fusion saves.
 
 Requires: a joint or step graph traced with decompositions.HELD ops whole.
 Ensures: each matched pattern's loss and gradients computed by the two fused
@@ -55,6 +57,8 @@ aten = torch.ops.aten
 
 #: The most bytes of float32 logits one chunk holds (scaled by memory_budget).
 CHUNK_BYTES = 4 << 20
+#: The fewest chunks the rows are cut into (where they have that many rows).
+MIN_CHUNKS = 8
 
 ROW_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
@@ -307,10 +311,11 @@ def run(gm: fx.GraphModule, ctx) -> PassResult:
             left.append(f"{node.name}: {reason}")
             continue
         rows, vocab = _shape(node)
-        chunk_rows = max(1, int(CHUNK_BYTES * budget) // (vocab * 4))
-        _rewrite(graph, match, mode, min(chunk_rows, rows))
+        chunk_rows = max(1, min(int(CHUNK_BYTES * budget) // (vocab * 4),
+                                -(-rows // MIN_CHUNKS)))
+        _rewrite(graph, match, mode, chunk_rows)
         fused += 1
-        chunks.append(min(chunk_rows, rows))
+        chunks.append(chunk_rows)
         held = 2 if match.nll_backward is not None else 1   # the logits and their gradient
         avoided += held * rows * vocab * node.meta["val"].element_size()
     if fused:

@@ -77,12 +77,20 @@ def test_fused_loss_and_gradients_match_eager(fn):
     assert "retrograd.linear_cross_entropy.default" in ops, ops
 
 
-@pytest.mark.parametrize("chunk_bytes, chunk_rows", [(3 * VOCAB * 4, 3), (1, 1)])
-def test_chunks_not_dividing_the_rows(monkeypatch, chunk_bytes, chunk_rows):
-    """8 rows in chunks of 3 (a ragged last chunk) and of one row."""
+@pytest.mark.parametrize("chunk_bytes, budget, chunk_rows", [
+    (3 * VOCAB * 4, None, 3), (1, None, 1), (6 * VOCAB * 4, 0.5, 3), (10**9, None, 8)])
+def test_chunks_follow_the_byte_cap_and_the_budget(monkeypatch, chunk_bytes, budget,
+                                                   chunk_rows):
+    """8 rows in chunks of 3 (a ragged last chunk), of one row, of 3 where the
+    budget halves a 6-row cap, and all 8 in one where the cap is not reached."""
     monkeypatch.setattr(lce, "CHUNK_BYTES", chunk_bytes)
-    compiled = check_against_eager(causal_shift, *_inputs(1))
+    monkeypatch.setattr(lce, "MIN_CHUNKS", 1)
+    compiled = check_against_eager(causal_shift, *_inputs(1), memory_budget=budget)
     assert _stats(compiled)["chunk_rows"] == [chunk_rows]
+
+
+def test_default_chunks_are_an_eighth_of_the_rows_at_most():
+    assert _stats(check_against_eager(causal_shift, *_inputs(1)))["chunk_rows"] == [1]
 
 
 def test_fused_ops_alone_against_float64_eager():
