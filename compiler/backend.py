@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import warnings
 from collections import Counter, OrderedDict
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from retrograd.capture import compile_graph, signature
 from retrograd.errors import DATA_DEPENDENT
+from retrograd.locking import compiling
 from retrograd.options import Options
 from retrograd.recompiles import describe_change, limit_message
 
@@ -43,6 +45,7 @@ class CompiledGraph:
         # per signature, least recently used first; at most options.max_programs
         self.compiled: OrderedDict[tuple, Any] = OrderedDict()
         self.compilers: OrderedDict[tuple, Any] = OrderedDict()
+        self.lock = threading.Lock()   # the two dicts, for threads sharing this graph
         self.last_key: tuple | None = None
         self.scalar_inputs = scalar_inputs(gm)
         self.warned_limit = False
@@ -51,36 +54,59 @@ class CompiledGraph:
     @property
     def reports(self) -> dict[str, dict]:
         """Forward and backward reports of the last signature called."""
-        if self.last_key is None:
-            return {}
-        return self.compilers[self.last_key].reports
+        with self.lock:
+            compiler = self.compilers.get(self.last_key)
+        return {} if compiler is None else compiler.reports
 
     def __call__(self, *args):
         scalars = {index: args[index].item() for index in self.scalar_inputs}
         key = signature(args) + tuple(sorted(scalars.items()))
-        if key not in self.compiled:
+        compiled = self._use(key)
+        if compiled is None:
+            compiled = self._compile(key, args, scalars)
+        return compiled(*args)
+
+    def _use(self, key: tuple) -> Any:
+        """The program of ``key`` if kept (now the most recently used), else None."""
+        with self.lock:
+            compiled = self.compiled.get(key)
+            if compiled is not None:
+                self.compiled.move_to_end(key)
+                self.compilers.move_to_end(key)
+                self.last_key = key
+            return compiled
+
+    def _compile(self, key: tuple, args, scalars: dict) -> Any:
+        """Compile the program of ``key`` and keep it. ``key`` is looked up again
+        under the compile lock: threads making the first call of a signature
+        together wait for one compile and all use it."""
+        with compiling():
+            compiled = self._use(key)
+            if compiled is not None:
+                return compiled
             concrete = [int(a) if isinstance(a, torch.SymInt) else a for a in args]
             gm = bake_scalars(self.gm, scalars) if scalars else self.gm
             try:
-                self.compiled[key], self.compilers[key] = compile_graph(
+                compiled, compiler = compile_graph(
                     gm, concrete, self.options,
                     captured_text=gm.print_readable(print_output=False))
             except DATA_DEPENDENT as error:   # this graph runs in eager, and says so
-                eager = EagerGraph(gm, error)
-                self.compiled[key], self.compilers[key] = eager, eager
+                compiled = compiler = EagerGraph(gm, error)
                 if not self.warned_eager:
                     self.warned_eager = True
-                    log.info(eager.reason)
-                    warnings.warn(eager.reason, stacklevel=2)
-            self._bound(key)
-        self.compiled.move_to_end(key)
-        self.compilers.move_to_end(key)
-        self.last_key = key
-        return self.compiled[key](*args)
+                    log.info(compiled.reason)
+                    warnings.warn(compiled.reason, stacklevel=3)
+            with self.lock:
+                self.compiled[key], self.compilers[key] = compiled, compiler
+                self.last_key = key
+                self._bound(key)
+            return compiled
 
     def _bound(self, key: tuple) -> None:
         """Release the least recently used programs past ``max_programs`` (the
-        new ``key`` is the most recent); warn once naming what changed."""
+        new ``key`` is the most recent); warn once naming what changed. Called
+        holding ``self.lock``; a thread running a released program holds it
+        until its call ends."""
         limit = self.options.max_programs
         if len(self.compiled) <= limit:
             return
@@ -89,7 +115,7 @@ class CompiledGraph:
             others = [other for other in self.compiled if other != key]
             what = f"a graph dynamo handed over ({len(self.gm.graph.nodes)} nodes)"
             warnings.warn(limit_message("torch.compile(backend='retrograd')", what, limit,
-                                        describe_change(key, others)), stacklevel=2)
+                                        describe_change(key, others)), stacklevel=4)
         while len(self.compiled) > limit:
             oldest = next(iter(self.compiled))
             log.info("retrograd: releasing the program of a signature (max_programs=%d)", limit)

@@ -28,6 +28,9 @@ gradients by their global L2 norm inside the program, before the update.
 from __future__ import annotations
 
 import math
+import threading
+import warnings
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -37,12 +40,14 @@ from torch.func import functionalize, grad_and_value
 
 from retrograd.capture import signature
 from retrograd.decompositions import decomposition_table, traced_right
+from retrograd.errors import user_stacklevel
 from retrograd.locking import compiling
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
                                   clip_gradients, family, initial_state, mark_stepped,
                                   momentum_weights, state_keys, structure, update)
 from retrograd.options import Options
 from retrograd.graph_compiler import GraphCompiler
+from retrograd.recompiles import describe_change, limit_message
 
 __all__ = ["compile_step", "Step", "SUPPORTED_OPTIMIZERS"]
 
@@ -81,15 +86,20 @@ class Step:
         self.kind = family(optimizer)
         self.hyperparameters = Hyperparameters()
         #: per signature without the state: which parameters the loss reaches
-        self.reached: dict[tuple, tuple[int, ...]] = {}
-        self.entries: dict[tuple, tuple[Any, GraphCompiler]] = {}
+        self.reached: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
+        #: per signature, least recently used first; at most options.max_programs
+        self.entries: OrderedDict[tuple, tuple[Any, GraphCompiler]] = OrderedDict()
+        self.lock = threading.Lock()   # reached and entries, for threads sharing the step
+        self.warned_limit = False
         self.last: tuple | None = None
         self._fresh: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def reports(self) -> dict[str, dict]:
         """The report of the last signature's program (``{"step": report}``)."""
-        return self.entries[self.last][1].reports if self.last else {}
+        with self.lock:
+            entry = self.entries.get(self.last) if self.last else None
+        return entry[1].reports if entry is not None else {}
 
     # -- state in torch's own format ----------------------------------------------
     def _groups(self, parameters) -> tuple[int, ...]:
@@ -227,19 +237,14 @@ class Step:
             structure(self.optimizer), groups, self.max_grad_norm, self.model.training,
             str(batch_spec))
         loss_of = self._loss_of(names, buffer_names, batch_spec)
-        if shape not in self.reached:
-            self.reached[shape] = self._reached(loss_of, detached, buffers, leaves)
-        used = self.reached[shape]
+        used = self._used(shape, loss_of, detached, buffers, leaves)
         state, clocks, clock_of, fresh = self._state(parameters, used, groups, device)
         hyper = [] if self.optimizer is None else self.hyperparameters.inputs(
             self.optimizer, clocks, device, _hyper_dtype(parameters))
         seed = torch.ones((), dtype=torch.float32, device=device)
         inputs = [detached, buffers, state, hyper, fresh, leaves, seed]
         key = shape + (clock_of,) + signature(state + hyper + fresh)
-        if key not in self.entries:
-            self.entries[key] = self._compile(inputs, loss_of, used, groups, clock_of)
-        self.last = key
-        executable, _ = self.entries[key]
+        executable = self._program(key, inputs, loss_of, used, groups, clock_of)
         with torch.no_grad():   # the program computes its own gradients
             flat = [v.detach() if isinstance(v, torch.Tensor) else v
                     for v in pytree.tree_flatten(inputs)[0]]
@@ -251,6 +256,71 @@ class Step:
                          new_state)
         mark_stepped(self.optimizer)
         return loss
+
+    # -- programs per signature, bounded --------------------------------------------
+    def _used(self, shape: tuple, loss_of, detached, buffers, leaves) -> tuple[int, ...]:
+        """The parameters the loss reaches for ``shape``, probed once (at most
+        ``max_programs`` signatures remembered, as programs are)."""
+        with self.lock:
+            used = self.reached.get(shape)
+            if used is not None:
+                self.reached.move_to_end(shape)
+        if used is None:
+            with compiling():   # threads starting together probe once
+                used = self.reached.get(shape)
+                if used is None:
+                    used = self._reached(loss_of, detached, buffers, leaves)
+            with self.lock:
+                self.reached[shape] = used
+                while len(self.reached) > self.options.max_programs:
+                    self.reached.popitem(last=False)
+        return used
+
+    def _use(self, key: tuple):
+        """The executable of ``key`` if kept (now the most recently used), else None."""
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                return None
+            self.entries.move_to_end(key)
+            self.last = key
+            return entry[0]
+
+    def _program(self, key: tuple, inputs, loss_of, used, groups, clock_of):
+        """The executable of ``key``, compiled on first use. ``key`` is looked up
+        again under the compile lock, so threads making the first call of a
+        signature together wait for one compile and all use it."""
+        executable = self._use(key)
+        if executable is not None:
+            return executable
+        with compiling():
+            executable = self._use(key)
+            if executable is not None:
+                return executable
+            entry = self._compile(inputs, loss_of, used, groups, clock_of)
+            with self.lock:
+                self.entries[key] = entry
+                self.last = key
+                self._bound(key)
+        return entry[0]
+
+    def _bound(self, key: tuple) -> None:
+        """Release the least recently used programs past ``max_programs`` (the
+        new ``key`` is the most recent), warning once with what changed
+        (recompiles.py). Called holding ``self.lock``; a thread running a
+        released program holds it until its call ends."""
+        limit = self.options.max_programs
+        if len(self.entries) <= limit:
+            return
+        if not self.warned_limit:
+            self.warned_limit = True
+            others = [other for other in self.entries if other != key]
+            what = f"the training step of {type(self.model).__name__}"
+            warnings.warn(limit_message("retrograd.compile_step", what, limit,
+                                        describe_change(key, others)),
+                          stacklevel=user_stacklevel())
+        while len(self.entries) > limit:
+            self.entries.popitem(last=False)
 
     def _compile(self, inputs, loss_of, used, groups, clock_of):
         function = self._function(loss_of, used, groups, clock_of)

@@ -15,6 +15,7 @@ or ``data_dependent="error"`` forbids it, raises ``UnsupportedError``
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from retrograd.errors import DATA_DEPENDENT, data_dependent_error, user_stacklev
 from retrograd.guards import (Guards, function_guards, module_function_guards,
                               module_read_guards, recording_module_reads)
 from retrograd.hooks import hook_key, warn_about_hooks
+from retrograd.locking import compiling
 from retrograd.options import Options
 from retrograd.recompiles import describe_change, limit_message
 
@@ -113,6 +115,7 @@ class TraceCache:
         # least recently used signature first; at most options.max_programs
         # entries in all (recompiles.py)
         self.entries: OrderedDict[tuple, list[_Entry]] = OrderedDict()
+        self.lock = threading.Lock()   # entries, for threads sharing this object
         self.last: _Entry | None = None
         self.face = face
         self.changed: str | None = None   # the guard that failed last
@@ -132,8 +135,21 @@ class TraceCache:
         if self.discover is not None:
             self.lifted = self.discover()
         key = signature(leaves) + self._module_key()
-        entry = self._lookup(key)
-        if entry is None:
+        entry = self._lookup(key) or self._compile(key, leaves, in_spec, slots, tensors)
+        if entry is None:   # the trace needed tensor values: dynamo from now on
+            return self.fallback(*args, **kwargs)
+        self.last = entry
+        return entry.flat.rebuild(entry.compiled(*tensors))
+
+    def _compile(self, key: tuple, leaves, in_spec, slots, tensors) -> _Entry | None:
+        """Trace and keep the graph of ``key``, or ``None`` once the call is
+        handed to dynamo. ``key`` is looked up again under the compile lock:
+        threads making the first call of a signature together wait for one
+        trace and all use it, instead of each tracing in turn."""
+        with compiling():
+            entry = self._lookup(key, again=True)
+            if entry is not None or self.fallback is not None:
+                return entry
             try:
                 entry = self._trace(leaves, in_spec, slots, tensors)
             except DATA_DEPENDENT as error:
@@ -141,34 +157,36 @@ class TraceCache:
                 if not self.may_split or self.options.data_dependent == "error":
                     raise refusal from error
                 self.fallback = DynamoFallback(self.target, self.options, refusal)
-                return self.fallback(*args, **kwargs)
+                return None
             self._keep(key, entry)
-        self.last = entry
-        return entry.flat.rebuild(entry.compiled(*tensors))
+            return entry
 
     def _keep(self, key: tuple, entry: _Entry) -> None:
         """Store ``entry``; past ``MAX_ENTRIES`` graphs for one signature the
         oldest goes (a value that changes on every call would otherwise keep
         every graph alive), with a warning once per cache; then the bound on
         all signatures together (``_bound``)."""
-        kept = self.entries.setdefault(key, [])
-        kept.append(entry)
-        self.entries.move_to_end(key)   # most recently used
-        if len(kept) > MAX_ENTRIES:
-            del kept[0]
-            if not self.warned_retracing:
-                self.warned_retracing = True
-                warnings.warn(f"{self.face}: {self.what} was traced more than {MAX_ENTRIES} "
-                              f"times for one signature because Python values it reads keep "
-                              f"changing (last: {self.changed}); pass such a value as a "
-                              f"tensor argument", stacklevel=user_stacklevel())
-        self._bound(key)
+        with self.lock:
+            kept = self.entries.setdefault(key, [])
+            kept.append(entry)
+            self.entries.move_to_end(key)   # most recently used
+            if len(kept) > MAX_ENTRIES:
+                del kept[0]
+                if not self.warned_retracing:
+                    self.warned_retracing = True
+                    warnings.warn(f"{self.face}: {self.what} was traced more than "
+                                  f"{MAX_ENTRIES} times for one signature because Python "
+                                  f"values it reads keep changing (last: {self.changed}); "
+                                  f"pass such a value as a tensor argument",
+                                  stacklevel=user_stacklevel())
+            self._bound(key)
 
     def _bound(self, key: tuple) -> None:
         """Release least recently used graphs until at most ``max_programs`` are
         kept; the first time, warn naming what changed in ``key``. A released
         graph is referenced from nowhere else (``self.last`` moves to the new
-        one), so its program, kernels and arenas are freed."""
+        one), so its program, kernels and arenas are freed (a thread running it
+        meanwhile holds it until its call ends). Called holding ``self.lock``."""
         limit = self.options.max_programs
         if sum(map(len, self.entries.values())) <= limit:
             return
@@ -188,15 +206,19 @@ class TraceCache:
             if not kept:
                 del self.entries[oldest]
 
-    def _lookup(self, key: tuple) -> _Entry | None:
-        """The entry of ``key`` whose guards hold; logs why the others fail."""
-        for entry in self.entries.get(key, ()):
-            changed = entry.guards.failing()
-            if changed is None:
-                self.entries.move_to_end(key)   # most recently used
-                return entry
-            log.info("%s: tracing %s again: %s changed", self.face, self.what, changed)
-            self.changed = changed
+    def _lookup(self, key: tuple, again: bool = False) -> _Entry | None:
+        """The entry of ``key`` whose guards hold; logs why the others fail
+        (once: not when looked up ``again`` under the compile lock)."""
+        with self.lock:
+            for entry in list(self.entries.get(key, ())):
+                changed = entry.guards.failing()
+                if changed is None:
+                    self.entries.move_to_end(key)   # most recently used
+                    return entry
+                if not again:
+                    log.info("%s: tracing %s again: %s changed", self.face, self.what,
+                             changed)
+                self.changed = changed
         return None
 
     def _trace(self, leaves, in_spec, slots, tensors) -> _Entry:

@@ -16,6 +16,13 @@ our patterns are counted or deleted, links are never followed (``lstat``;
 ``unlink`` of a link removes the link), and a file that vanished meanwhile
 (another process evicted it) is fine: a file evicted while some process
 wants it is rebuilt by the loader's self-healing path.
+
+Interrupted writes (issue 11, item 6): a writer killed midway (SIGKILL, an
+OOM kill) leaves at most a ``.<name>_<random>.tmp`` file, never a partial
+``.py`` (loader.py writes through ``os.replace``). Nothing reads those; each
+time this process looks at the folder (its first write there, then every
+``CHECK_EVERY`` writes) it deletes the ones older than
+``STALE_TEMPORARY_SECONDS``, which no live writer still holds.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ENVIRONMENT", "CacheFile", "cache_files", "clear", "evict", "max_bytes", "note_write",
-           "ours_alone", "touch"]
+           "ours_alone", "remove_stale_temporaries", "touch"]
 
 ENVIRONMENT = "RETROGRAD_CACHE_MAX_MB"
 DEFAULT_MAX_MB = 1024
@@ -150,6 +157,14 @@ def clear(folder: Path) -> list[CacheFile]:
     return removed
 
 
+def remove_stale_temporaries(folder: Path) -> list[CacheFile]:
+    """Delete the temporary files killed writers left in ``folder`` (those older
+    than ``STALE_TEMPORARY_SECONDS``: a live writer renames its own within
+    seconds); returns what was removed."""
+    stale = _scan(folder, (_TEMPORARY,), time.time())   # fresh ones are not listed
+    return _remove(stale)
+
+
 def touch(path: Path) -> None:
     """Mark ``path`` used now (its mtime), for least recently used eviction."""
     with contextlib.suppress(OSError):
@@ -170,18 +185,22 @@ _BUDGET = _Budget()
 
 
 def note_write(folder: Path, path: Path, size: int) -> None:
-    """Count a file just written; evict when the count passes the cap."""
+    """Count a file just written; when this process looks at the folder (first
+    write there, every ``CHECK_EVERY`` writes, or past the cap), delete stale
+    temporaries and evict past the cap."""
     cap = max_bytes()
-    if cap is None:
-        return
     with _BUDGET.lock:
         if _BUDGET.folder != str(folder):   # first write there: look once
-            _BUDGET.folder = str(folder)
-            _BUDGET.bytes, _BUDGET.writes = sum(f.size for f in cache_files(folder)), 0
+            _BUDGET.folder, _BUDGET.writes = str(folder), 0
+            remove_stale_temporaries(folder)
+            _BUDGET.bytes = sum(f.size for f in cache_files(folder))
         else:
             _BUDGET.bytes += size
             _BUDGET.writes += 1
-        if _BUDGET.bytes <= cap and _BUDGET.writes < CHECK_EVERY:
-            return
-        _, _BUDGET.bytes = evict(folder, cap, keep=frozenset({str(path)}))
-        _BUDGET.writes = 0
+        due = _BUDGET.writes >= CHECK_EVERY
+        if due:
+            remove_stale_temporaries(folder)
+            _BUDGET.writes = 0
+        if cap is not None and (due or _BUDGET.bytes > cap):
+            _, _BUDGET.bytes = evict(folder, cap, keep=frozenset({str(path)}))
+            _BUDGET.writes = 0
