@@ -128,7 +128,8 @@ class PassSpec:
 #: stage it runs in (the joint graph is split in two; a step stays one graph).
 PIPELINE: tuple[PassSpec, ...] = (
     PassSpec("dead_gradient", dead_gradient, (Stage.JOINT,)),
-    PassSpec("linear_cross_entropy", linear_cross_entropy, (Stage.JOINT, Stage.STEP)),
+    PassSpec("linear_cross_entropy", linear_cross_entropy,
+             (Stage.JOINT, Stage.INFERENCE, Stage.STEP)),
     PassSpec("restore_decompositions", loss_ops, (Stage.JOINT, Stage.INFERENCE, Stage.STEP),
              "restore", required=True),
     PassSpec("cleanup", cleanup, (Stage.JOINT, Stage.INFERENCE, Stage.STEP)),

@@ -1,6 +1,7 @@
 """Fuse the last matmul and the cross-entropy: the logits are never held.
 
-What it does, on the joint graph (or a compile_step graph): finds
+What it does, on the joint graph (a compile_step graph, or a forward
+compiled without gradients, where only the forward half is fused): finds
 
     mm / addmm(hidden, weight^T [, bias])      # the output projection
       -> views, row slices, clones, casts       # 3-d view, causal shift, flatten, upcast
@@ -34,7 +35,8 @@ ceil(rows / MIN_CHUNKS))``, at least 1: a chunk's float32 logits take at most
 4 MiB (less under a tighter budget) and at most an eighth of all the logits,
 so the transient chunk stays small beside what the fusion saves.
 
-Requires: a joint or step graph traced with decompositions.HELD ops whole.
+Requires: a joint, step or inference graph traced with decompositions.HELD
+  ops whole.
 Ensures: each matched pattern's loss and gradients computed by the two fused
   ops; no node of size rows x V left from it; every other node unchanged.
 """

@@ -62,8 +62,9 @@ CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
 MASKED_OPS = {aten.convolution_backward.default, aten.native_layer_norm_backward.default,
               aten.native_batch_norm_backward.default}
 
-#: Extern ops that take workspace torch allocates inside the call (by name part).
-SCRATCH_OPS = ("convolution",)
+#: Extern ops that take workspace torch allocates inside the call (by name part):
+#: the fused linear + cross-entropy holds one chunk of logits (compiler/loss_ops.py).
+SCRATCH_OPS = ("convolution", "linear_cross_entropy")
 
 #: Extern ops run with ``out=`` into the arena: op name -> the ``out`` argument.
 OUT_VARIANTS = {"aten.mm.default": "out", "aten.bmm.default": "out",

@@ -247,6 +247,18 @@ def _gpt2(autocast=None):
     return model, loss, entry.batch()
 
 
+def _record_fused(monkeypatch) -> list:
+    """The ``fused`` count of every linear_cross_entropy run, in order (either face)."""
+    fused, run = [], lce.run
+
+    def recorded(gm, ctx):
+        result = run(gm, ctx)
+        fused.append(result.stats["fused"])
+        return result
+    monkeypatch.setattr(lce, "run", recorded)
+    return fused
+
+
 def _grads(model, fn, batch):
     loss = fn(**batch)
     return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
@@ -257,13 +269,7 @@ def test_gpt2_loss_is_fused_and_matches_eager(face, monkeypatch):
     model, loss_fn, batch = _gpt2()
     expected_loss, expected = _grads(model, loss_fn, batch)
     torch._dynamo.reset()
-    fused, run = [], lce.run
-
-    def recorded(gm, ctx):
-        result = run(gm, ctx)
-        fused.append(result.stats["fused"])
-        return result
-    monkeypatch.setattr(lce, "run", recorded)
+    fused = _record_fused(monkeypatch)
     compiled = compile_with(face, loss_fn, executor="interpret")
     loss, got = _grads(model, compiled, batch)
     assert_close_floor(loss, expected_loss, 1e-5, what="loss")
@@ -273,18 +279,36 @@ def test_gpt2_loss_is_fused_and_matches_eager(face, monkeypatch):
     assert fused == [1], fused   # one joint graph, its one pattern fused
 
 
-def test_gpt2_bf16_autocast_no_worse_than_eager():
+@pytest.mark.parametrize("face", ["standalone", "torch.compile"])
+def test_gpt2_bf16_autocast_no_worse_than_eager(face, monkeypatch):
     """As the zoo compares bf16: no further from fp32 eager than eager bf16 is."""
     model, loss_fn, batch = _gpt2()
     _, exact = _grads(model, loss_fn, batch)
     model, loss_fn, batch = _gpt2(torch.bfloat16)
     _, eager = _grads(model, loss_fn, batch)
-    compiled = retrograd.compile(loss_fn, executor="interpret")
-    _, got = _grads(model, compiled, batch)
-    assert _stats(compiled)["fused"] == 1
+    torch._dynamo.reset()
+    fused = _record_fused(monkeypatch)
+    _, got = _grads(model, compile_with(face, loss_fn, executor="interpret"), batch)
+    assert fused == [1], fused
 
     def error(grads):
         num = sum(((g.double() - r.double()) ** 2).sum() for g, r in zip(grads, exact))
         return (num ** 0.5 / sum((r.double() ** 2).sum() for r in exact) ** 0.5).item()
     assert 0 < error(eager) and error(got) <= 1.25 * error(eager) + 1e-3, (error(got),
                                                                            error(eager))
+
+
+def test_inference_fuses_the_forward_half():
+    """Without gradients (an evaluation loss) the forward alone is fused."""
+    hidden, weight, bias, target = _inputs(8)
+    compiled = retrograd.compile(causal_shift, executor="interpret")
+    with torch.no_grad():
+        loss = compiled(hidden, weight, bias, target)
+        expected = causal_shift(hidden.double(), weight.double(), bias.double(), target)
+    assert_close_floor(loss, expected, 1e-6, what="loss")
+    assert _stats(compiled)["fused"] == 1
+
+
+def test_verify_checks_the_fused_graph():
+    """verify=True runs every pass's output on real tensors: the fused ops too."""
+    check_against_eager(with_bias, *_inputs(9), verify=True)
