@@ -70,9 +70,8 @@ def _gpus(torch) -> str:
 
 def fields() -> list[tuple[str, str]]:
     """(name, value) pairs: retrograd, torch, triton, Python, OS, CPU, GPU, CUDA."""
-    import torch
-
     import retrograd
+    import torch
     where = Path(retrograd.__file__).resolve().parent
     commit = git_commit(where)
     return [

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import retrograd
+import torch
 from retrograd import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +52,10 @@ def test_env_names_the_commit_in_a_git_checkout(tmp_path):
     from retrograd.environment import git_commit
     assert git_commit(tmp_path) is None            # not a checkout: no commit claimed
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-                      capture_output=True).returncode != 0:
+                      capture_output=True, check=False).returncode != 0:
         pytest.skip("the tests do not run from a git checkout")
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
+                          capture_output=True, text=True, check=False).stdout.strip()
     assert git_commit(ROOT).startswith(f"git {head}")
 
 
@@ -101,16 +100,16 @@ def test_sdist_carries_what_the_tests_read(tmp_path):
     """Built from the committed tree: the sdist holds the tests and every file
     they read (README, docs, examples, benchmarks, .ci/run) and the LICENSE."""
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-                      capture_output=True).returncode != 0:
+                      capture_output=True, check=False).returncode != 0:
         pytest.skip("needs a git checkout to take the committed tree from")
     source = tmp_path / "source"
     source.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
-    built = subprocess.run([sys.executable, "-c", "from setuptools.build_meta import build_sdist;"
-                            f"print(build_sdist({str(tmp_path)!r}))"], cwd=source,
-                           capture_output=True, text=True, check=True).stdout.split()[-1]
+    program = f"from setuptools.build_meta import build_sdist; print(build_sdist({str(tmp_path)!r}))"
+    built = subprocess.run([sys.executable, "-c", program], cwd=source, capture_output=True,
+                           text=True, check=True).stdout.split()[-1]
     import tarfile
     with tarfile.open(tmp_path / built) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}

@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(?:<!-- not run: (?P<reason>[^>]*) -->\n)?```python\n(?P<code>.*?)^```",
-                   re.S | re.M)
+                   re.DOTALL | re.MULTILINE)
 
 
 def blocks(text: str) -> list[tuple[int, str, str | None]]:

@@ -22,9 +22,9 @@ import difflib
 import warnings
 
 import torch
-import torch.fx as fx
+from torch import fx
 
-__all__ = ["PatternError", "node_names", "check"]
+__all__ = ["PatternError", "check", "node_names"]
 
 
 class PatternError(ValueError):
