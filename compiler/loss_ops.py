@@ -103,10 +103,11 @@ def _(hidden, weight, bias, target, reduction, ignore_index, logits_dtype, chunk
 def linear_cross_entropy_backward(
         grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         bias: Optional[torch.Tensor], target: torch.Tensor, lse: torch.Tensor, reduction: int,
-        ignore_index: int, logits_dtype: torch.dtype,
-        chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int, weight_grad: bool,
+        bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``linear_cross_entropy``'s loss: (hidden, weight, bias);
-    the bias gradient is computed (V values) even where there is no bias."""
+    a gradient not wanted (``weight_grad``, ``bias_grad``: a frozen weight, no
+    bias) is not computed and comes back empty (no elements)."""
     valid, safe = _valid_targets(target, ignore_index)
     wide = _accumulate(logits_dtype)
     scale = grad_loss.to(wide).expand(hidden.shape[0])
@@ -114,8 +115,10 @@ def linear_cross_entropy_backward(
         scale = scale / valid.sum().to(wide)
     scale = torch.where(valid, scale, 0.0)
     grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device)
-    grad_bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device)
+    grad_weight = torch.zeros(weight.shape if weight_grad else (0,), dtype=wide,
+                              device=weight.device)
+    grad_bias = torch.zeros(weight.shape[0] if bias_grad else 0, dtype=wide,
+                            device=weight.device)
     for start in range(0, hidden.shape[0], chunk_rows):
         stop = min(hidden.shape[0], start + chunk_rows)
         chunk = hidden[start:stop]
@@ -127,11 +130,12 @@ def linear_cross_entropy_backward(
         grad = probs.to(logits_dtype).to(hidden.dtype)
         del probs
         torch.mm(grad, weight, out=grad_hidden[start:stop])
-        if grad_weight.dtype == grad.dtype:
+        if weight_grad and grad_weight.dtype == grad.dtype:
             grad_weight.addmm_(grad.t(), chunk)
-        else:
+        elif weight_grad:
             grad_weight += (grad.t() @ chunk).to(wide)
-        grad_bias += grad.sum(0, dtype=wide)
+        if bias_grad:
+            grad_bias += grad.sum(0, dtype=wide)
         del grad
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(bias_dtype)
@@ -139,10 +143,11 @@ def linear_cross_entropy_backward(
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, hidden, weight, bias, target, lse, reduction, ignore_index, logits_dtype,
-      chunk_rows):
+      chunk_rows, weight_grad, bias_grad):
     bias_dtype = weight.dtype if bias is None else bias.dtype
-    return (torch.empty_like(hidden), torch.empty_like(weight),
-            weight.new_empty((weight.shape[0],), dtype=bias_dtype))
+    return (torch.empty_like(hidden),
+            weight.new_empty(weight.shape if weight_grad else (0,)),
+            weight.new_empty((weight.shape[0] if bias_grad else 0,), dtype=bias_dtype))
 
 
 def _value(arg):

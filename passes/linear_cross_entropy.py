@@ -277,15 +277,19 @@ def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
     with graph.inserting_before(back):
         grads = build.add(torch.ops.retrograd.linear_cross_entropy_backward.default,
                           [back.args[0], rows, weight, bias, nll.args[1], lse, reduction,
-                           ignore_index, logits_dtype, chunk_rows])
+                           ignore_index, logits_dtype, chunk_rows,
+                           bool(match.grad_weight or match.grad_weight_t),
+                           bool(match.grad_bias)])
         grad_hidden = _undo_rows(build, build.add(operator.getitem, [grads, 0]), undo)
         grad_weight = build.add(operator.getitem, [grads, 1])
-        grad_weight_t = build.add(aten.permute.default, [grad_weight, [1, 0]])
         grad_bias = build.add(operator.getitem, [grads, 2])
-    for nodes, value in ((match.grad_hidden, grad_hidden), (match.grad_weight, grad_weight),
-                         (match.grad_weight_t, grad_weight_t)):
+        if match.grad_weight_t:
+            grad_weight_t = build.add(aten.permute.default, [grad_weight, [1, 0]])
+    for nodes, value in ((match.grad_hidden, grad_hidden), (match.grad_weight, grad_weight)):
         for node in nodes:
             node.replace_all_uses_with(value)
+    for node in match.grad_weight_t:
+        node.replace_all_uses_with(grad_weight_t)
     for node in match.grad_bias:
         with graph.inserting_before(node):
             node.replace_all_uses_with(build.add(aten.view.default,

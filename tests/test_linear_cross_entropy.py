@@ -107,7 +107,7 @@ def test_fused_ops_alone_against_float64_eager():
                                                   code, -100, torch.float64, 3)
         grads = loss_ops.linear_cross_entropy_backward(grad_out, hidden, weight, bias,
                                                        target.reshape(-1), lse, code, -100,
-                                                       torch.float64, 3)
+                                                       torch.float64, 3, True, True)
         torch.testing.assert_close(loss, ref.detach())
         for got, want in zip(grads, (h.grad, w.grad, b.grad)):
             torch.testing.assert_close(got, want)
@@ -312,3 +312,23 @@ def test_inference_fuses_the_forward_half():
 def test_verify_checks_the_fused_graph():
     """verify=True runs every pass's output on real tensors: the fused ops too."""
     check_against_eager(with_bias, *_inputs(9), verify=True)
+
+
+def test_a_frozen_weight_gets_no_gradient_computed(tmp_path):
+    """dead_gradient drops the frozen weight's product before this pass: the
+    fused backward is told so (``weight_grad`` False) and computes no V x width
+    gradient; hidden's gradient is still right."""
+    torch.manual_seed(10)
+    model, ids = TiedLM(), torch.randint(0, VOCAB, ROWS_3D)
+    model.embed.weight.requires_grad_(False)
+    twin = copy.deepcopy(model)
+    _lm_loss(twin, ids).backward()
+    compiled = retrograd.compile(lambda ids: _lm_loss(model, ids), executor="interpret",
+                                 dump_dir=str(tmp_path))
+    compiled(ids).backward()
+    for got, want in zip(model.mix.parameters(), twin.mix.parameters()):
+        assert_close_floor(got.grad, want.grad, 1e-5, what="gradient")
+    assert _stats(compiled, "backward")["fused"] == 1
+    graph = next(tmp_path.glob("*-backward/*_linear_cross_entropy.py")).read_text()
+    call = next(line for line in graph.splitlines() if "linear_cross_entropy_backward" in line)
+    assert "False, False)" in call, call
