@@ -47,3 +47,19 @@ def test_readme_block_runs(line, code, reason, tmp_path, monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     runpy.run_path(str(script), run_name="__main__")
+
+
+FIGURE = re.compile(r"(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?\s*(?:ms|MiB|x\b|times)")
+
+
+def test_should_i_use_it_quotes_only_measured_figures():
+    """Every time, memory or ratio in the README's "Should I use it?" section
+    is one BENCHMARKS.md records (with its date, machine and commit there)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Should I use it?\n", 1)[1].split("\n## ", 1)[0]
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    figures = [number for match in FIGURE.finditer(section) for number in match.groups()
+               if number]
+    assert len(figures) >= 10, figures
+    for number in figures:
+        assert re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", benchmarks), number
