@@ -4,6 +4,7 @@ and the package metadata an sdist carries."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -170,3 +171,20 @@ def test_a_real_op_the_graph_lacks_is_a_warning_not_an_error():
     torch.compile a graph break may put an op in another graph."""
     with pytest.warns(UserWarning, match=r"save pattern 'gelu' matches no node.*does not hold"):
         _train("standalone", save=["gelu"])
+
+
+def test_interpreter_cost_script_measures_every_variant(tmp_path):
+    """benchmarks/interpreter_cost.py (BENCHMARKS.md's CPU interpreter figures)
+    still runs: one step of the MLP per variant, environment recorded."""
+    out = tmp_path / "cost.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "interpreter_cost.py"),
+                    "--models", "mlp", "--warmup", "0", "--repeats", "1", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})   # it measures the CPU
+    import json
+    result = json.loads(out.read_text())
+    [row] = result["rows"]
+    assert row["retrograd"]["triton_kernels"] > 0 and row["eager"]["triton_kernels"] is None
+    for variant in ("eager", "retrograd fx", "retrograd"):
+        assert row[variant]["median_s"] > 0
+    assert result["environment"]["torch"] == torch.__version__
