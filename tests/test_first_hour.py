@@ -188,3 +188,22 @@ def test_interpreter_cost_script_measures_every_variant(tmp_path):
     for variant in ("eager", "retrograd fx", "retrograd"):
         assert row[variant]["median_s"] > 0
     assert result["environment"]["torch"] == torch.__version__
+
+
+def test_pattern_check_on_a_hand_built_graph():
+    """``patterns.check`` alone: node names, ops in every spelling, a real op
+    the graph lacks (warning), typos and attribute names (errors)."""
+    from retrograd.passes.planning import patterns
+    graph = torch.fx.Graph()
+    x = graph.placeholder("primals_1")
+    product = graph.call_function(torch.ops.aten.mm.default, (x, x))
+    graph.output(graph.call_function(torch.ops.aten.relu.default, (product,)))
+    for pattern in ("mm", "aten.mm", "aten.mm.default", "relu", product.name, "primals_1"):
+        patterns.check(graph, (pattern,), (), "g")
+    with pytest.warns(UserWarning, match="'aten.bmm' matches no node of graph g"):
+        patterns.check(graph, (), ("aten.bmm",), "g")
+    for typo, close in (("mn", "'mm'"), ("relux", "'relu'"), ("__class__", None)):
+        with pytest.raises(patterns.PatternError) as caught:
+            patterns.check(graph, (typo,), (), "g")
+        assert isinstance(caught.value, ValueError) and f"'{typo}'" in str(caught.value)
+        assert close is None or f"close matches: {close}" in str(caught.value)

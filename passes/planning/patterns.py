@@ -53,6 +53,8 @@ def _is_op(pattern: str) -> bool:
         return False
     try:
         op = getattr(getattr(torch.ops, namespace), rest[0])
+        if not isinstance(op, torch._ops.OpOverloadPacket):   # "__class__" and the like
+            return False
         return len(rest) == 1 or rest[1] in op.overloads()
     except (AttributeError, RuntimeError):
         return False
@@ -73,7 +75,7 @@ def check(graph: fx.Graph, save, recompute, graph_name: str) -> None:
                               f"graph {graph_name}: the graph does not hold that op "
                               f"(decomposed, or in another graph)", stacklevel=2)
                 continue
-            close = difflib.get_close_matches(pattern, sorted(names), n=5, cutoff=0.6)
+            close = difflib.get_close_matches(pattern, sorted(names), n=5, cutoff=0.5)
             hint = f"; close matches: {', '.join(map(repr, close))}" if close else ""
             raise PatternError(f"retrograd: {option} pattern {pattern!r} matches no op or "
                                f"node of graph {graph_name} and names no aten op{hint} "
