@@ -5,7 +5,8 @@ model's loss from the hidden states and the output projection without ever
 holding the ``rows x V`` logits: rows are taken ``chunk_rows`` at a time; per
 chunk the logits chunk, its logsumexp and the loss terms; the backward
 recomputes each chunk's logits, forms ``softmax - onehot`` from the saved
-logsumexp (scaled by the incoming gradient; ignored rows zero), and
+logsumexp (scaled by the incoming gradient; ignored rows zero; label
+smoothing's share through the row sums of the log-probabilities), and
 accumulates ``grad_hidden = P @ W``, ``grad_W += P^T @ h``, ``grad_b += sum P``.
 Only ``h``, ``W``, the target and the O(rows) logsumexp are saved. This is
 the row-chunked scheme of Liger-Kernel's fused linear cross-entropy (Hsu et
@@ -68,12 +69,14 @@ def _valid_targets(target: torch.Tensor, ignore_index: int):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor], target: torch.Tensor, reduction: int,
                          ignore_index: int, logits_dtype: torch.dtype,
-                         chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` (rows x V, never held) against
-    ``target``; returns (loss, logsumexp per row in float32)."""
+    ``target``; returns (loss, logsumexp per row in float32, and each row's sum
+    of log-probabilities in the logits' dtype, what label smoothing reads)."""
     rows, wide = hidden.shape[0], _accumulate(logits_dtype)
     lse = torch.empty(rows, dtype=wide, device=hidden.device)
     terms = torch.empty(rows, dtype=wide, device=hidden.device)
+    row_sums = torch.empty(rows, dtype=wide, device=hidden.device)
     valid, safe = _valid_targets(target, ignore_index)
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
@@ -81,6 +84,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
         torch.logsumexp(logits, dim=-1, out=lse[start:stop])
         picked = logits.gather(1, safe[start:stop, None]).squeeze(1)
         terms[start:stop] = torch.where(valid[start:stop], lse[start:stop] - picked, 0.0)
+        row_sums[start:stop] = logits.sum(-1) - logits.shape[1] * lse[start:stop]
         del logits   # before the next chunk's: one chunk alive at a time
     if reduction == MEAN:
         loss = terms.sum() / valid.sum().to(wide)
@@ -88,7 +92,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
         loss = terms.sum()
     else:
         loss = terms
-    return loss.to(logits_dtype), lse
+    return loss.to(logits_dtype), lse, row_sums.to(logits_dtype)
 
 
 @linear_cross_entropy.register_fake
@@ -96,24 +100,31 @@ def _(hidden, weight, bias, target, reduction, ignore_index, logits_dtype, chunk
     rows = hidden.shape[0]
     shape = (rows,) if reduction not in (MEAN, SUM) else ()
     return (hidden.new_empty(shape, dtype=logits_dtype),
-            hidden.new_empty((rows,), dtype=_accumulate(logits_dtype)))
+            hidden.new_empty((rows,), dtype=_accumulate(logits_dtype)),
+            hidden.new_empty((rows,), dtype=logits_dtype))
 
 
 @torch.library.custom_op("retrograd::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward(
         grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-        bias: Optional[torch.Tensor], target: torch.Tensor, lse: torch.Tensor, reduction: int,
+        bias: Optional[torch.Tensor], target: torch.Tensor, lse: torch.Tensor,
+        row_grad: Optional[torch.Tensor], reduction: int,
         ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int, weight_grad: bool,
         bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``linear_cross_entropy``'s loss: (hidden, weight, bias);
     a gradient not wanted (``weight_grad``, ``bias_grad``: a frozen weight, no
-    bias) is not computed and comes back empty (no elements)."""
+    bias) is not computed and comes back empty (no elements). ``row_grad``: the
+    gradient of each row's sum of log-probabilities (label smoothing), or None."""
     valid, safe = _valid_targets(target, ignore_index)
     wide = _accumulate(logits_dtype)
     scale = grad_loss.to(wide).expand(hidden.shape[0])
     if reduction == MEAN:
         scale = scale / valid.sum().to(wide)
     scale = torch.where(valid, scale, 0.0)
+    # d/dlogits of the log-probabilities' gradient (-scale at the target, plus
+    # row_grad everywhere): p * (scale - V row_grad) + row_grad - scale onehot
+    row_grad = torch.zeros_like(scale) if row_grad is None else row_grad.to(wide)
+    coefficient = scale - weight.shape[0] * row_grad
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros(weight.shape if weight_grad else (0,), dtype=wide,
                               device=weight.device)
@@ -125,8 +136,8 @@ def linear_cross_entropy_backward(
         # in place on the chunk's logits: softmax, minus the one-hot, scaled
         probs = _chunk_logits(chunk, weight, bias, logits_dtype)
         probs.sub_(lse[start:stop, None]).exp_()
-        probs.scatter_add_(1, safe[start:stop, None], -torch.ones_like(probs[:, :1]))
-        probs.mul_(scale[start:stop, None])
+        probs.mul_(coefficient[start:stop, None]).add_(row_grad[start:stop, None])
+        probs.scatter_add_(1, safe[start:stop, None], -scale[start:stop, None])
         grad = probs.to(logits_dtype).to(hidden.dtype)
         del probs
         torch.mm(grad, weight, out=grad_hidden[start:stop])
@@ -142,8 +153,8 @@ def linear_cross_entropy_backward(
 
 
 @linear_cross_entropy_backward.register_fake
-def _(grad_loss, hidden, weight, bias, target, lse, reduction, ignore_index, logits_dtype,
-      chunk_rows, weight_grad, bias_grad):
+def _(grad_loss, hidden, weight, bias, target, lse, row_grad, reduction, ignore_index,
+      logits_dtype, chunk_rows, weight_grad, bias_grad):
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return (torch.empty_like(hidden),
             weight.new_empty(weight.shape if weight_grad else (0,)),

@@ -6,10 +6,13 @@ compiled without gradients, where only the forward half is fused): finds
     mm / addmm(hidden, weight^T [, bias])      # the output projection
       -> views, row slices, clones, casts       # 3-d view, causal shift, flatten, upcast
       -> _log_softmax(dim=-1) -> nll_loss_forward(no class weights)
+                                 [-> sum(dim=-1): label smoothing's row sums]
 
 and, in the backward, ``nll_loss_backward -> _log_softmax_backward_data ->``
 the inverse views, scatters and casts, down to the logits' gradient ``G``,
-read only by ``G @ W`` (hidden's gradient), ``G^T @ hidden`` (the weight's,
+(where label smoothing adds its row values, broadcast, to the
+log-probabilities' gradient: ``add(nll_loss_backward, expand(r))``), read
+only by ``G @ W`` (hidden's gradient), ``G^T @ hidden`` (the weight's,
 either orientation) and ``sum(G, 0)`` (the bias's). A match becomes one
 ``retrograd::linear_cross_entropy`` call in the forward (saving only hidden,
 weight, target and the O(rows) logsumexp) and one
@@ -26,8 +29,8 @@ wrote it; ``loss_ops.restore`` decomposes whatever this pass leaves, so
 nothing after it sees a difference where no pattern matched.
 
 Left alone, with the reason in the stats: logits or log-probabilities read
-elsewhere (returned, label smoothing's mean of log-probabilities, z-loss),
-class weights, a softmax not over the last dim, a reshape that mixes the
+elsewhere (returned, z-loss, any reduction of the log-probabilities but the
+row sum), class weights, a softmax not over the last dim, a reshape that mixes the
 vocabulary dim, a logits gradient read by anything but the three products.
 
 Chunk size: ``chunk_rows = min(CHUNK_BYTES * (memory_budget or 1) // (V * 4),
@@ -88,7 +91,10 @@ class Match:
     log_softmax: fx.Node
     nll: fx.Node
     loss: fx.Node                    # getitem 0 of nll
+    row_sums: list[fx.Node] = field(default_factory=list)   # sum(log_softmax, -1): smoothing
     nll_backward: fx.Node | None = None
+    log_softmax_backward: fx.Node | None = None
+    row_grad: fx.Node | None = None  # [rows]: the row sums' gradient, broadcast over V
     grad_hidden: list[fx.Node] = field(default_factory=list)     # G @ W
     grad_weight: list[fx.Node] = field(default_factory=list)     # G^T @ h: [V, D]
     grad_weight_t: list[fx.Node] = field(default_factory=list)   # h^T @ G: [D, V]
@@ -138,10 +144,13 @@ def _match_forward(log_softmax: fx.Node):
     nll = nlls[0]
     if nll.args[2] is not None:
         return "class weights"
+    row_sums = []
     for user in log_softmax.users:
         if user is nll or user.target is aten.nll_loss_backward.default:
             continue
-        if not _only_aliases_to_backward(user):
+        if _is_row_sum(user):
+            row_sums.append(user)
+        elif not _only_aliases_to_backward(user):
             return f"log-probabilities read elsewhere ({user.name})"
     items = {u.args[1]: u for u in nll.users if u.target is operator.getitem}
     if len(items) != len(nll.users) or 0 not in items:
@@ -149,7 +158,14 @@ def _match_forward(log_softmax: fx.Node):
     if 1 in items and any(u.target is not aten.nll_loss_backward.default
                           for u in items[1].users):
         return "total weight read elsewhere"
-    return Match(found[0], found[1], log_softmax, nll, items[0])
+    return Match(found[0], found[1], log_softmax, nll, items[0], row_sums)
+
+
+def _is_row_sum(node: fx.Node) -> bool:
+    """``sum(log_softmax, -1)`` of the 2-d log-probabilities: what label
+    smoothing reads (one value per row)."""
+    return node.target is aten.sum.dim_IntList and len(node.args) >= 2 and \
+        [dim % 2 for dim in node.args[1]] == [1] and node.kwargs.get("dtype") is None
 
 
 def _only_aliases_to_backward(node: fx.Node) -> bool:
@@ -168,9 +184,12 @@ def _match_backward(match: Match):
         return "more than one nll_loss_backward"
     back = backs[0]
     node = _only_user(back)
+    if node is not None and node.target is aten.add.Tensor:
+        node = _row_grad(match, back, node)
     if node is None or node.target is not aten._log_softmax_backward_data.default \
-            or node.args[0] is not back:
+            or node.args[0] not in (back, *back.users):
         return "nll_loss_backward read elsewhere"
+    match.log_softmax_backward = node
     while (user := _only_user(node)) is not None and user.target in GRAD_ROW_OPS and (
             user.target is not aten.slice_scatter.default or user.args[1] is node):
         node = user
@@ -179,6 +198,23 @@ def _match_backward(match: Match):
         return f"logits gradient {node.name} not shaped like the logits"
     match.nll_backward = back
     return _classify_grad_users(match, node)
+
+
+def _row_grad(match: Match, back: fx.Node, add: fx.Node) -> fx.Node | None:
+    """``add(nll_loss_backward, expand(row values))``, label smoothing's share
+    of the log-probabilities' gradient: note the [rows] values in ``match``,
+    return the add's one user."""
+    other = add.args[1] if add.args[0] is back else add.args[0]
+    if not match.row_sums or len(add.args) != 2 or add.kwargs or \
+            not isinstance(other, fx.Node) or other.target is not aten.expand.default:
+        return None
+    rows = other.args[0]
+    if rows.target is aten.unsqueeze.default and rows.args[1] in (1, -1):
+        rows = rows.args[0]
+    if _shape(rows) not in ((_shape(back)[0],), (_shape(back)[0], 1)):
+        return None
+    match.row_grad = rows
+    return _only_user(add)
 
 
 def _classify_grad_users(match: Match, grad: fx.Node):
@@ -257,27 +293,35 @@ def _weight_rows(build: _Builder, matmul: fx.Node) -> fx.Node:
 
 
 def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
+    """The forward half becomes one fused call; then the backward half, if any."""
     build = _Builder(graph, mode)
     matmul, nll = match.matmul, match.nll
     bias = matmul.args[0] if matmul.target is aten.addmm.default else None
-    logits_dtype = match.log_softmax.meta["val"].dtype
-    reduction, ignore_index = nll.args[3], nll.args[4]
+    common = [nll.args[1], nll.args[3], nll.args[4], match.log_softmax.meta["val"].dtype,
+              chunk_rows]   # target, reduction, ignore_index, logits dtype, chunk rows
     with graph.inserting_before(nll):
         weight = _weight_rows(build, matmul)
         rows, undo = _replay_rows(build, match, matmul.args[-2])
         fused = build.add(torch.ops.retrograd.linear_cross_entropy.default,
-                          [rows, weight, bias, nll.args[1], reduction, ignore_index,
-                           logits_dtype, chunk_rows])
-        loss = build.add(operator.getitem, [fused, 0])
-        lse = build.add(operator.getitem, [fused, 1])
+                          [rows, weight, bias, *common])
+        loss, lse, row_sums = (build.add(operator.getitem, [fused, i]) for i in range(3))
+        for node in match.row_sums:
+            node.replace_all_uses_with(build.add(aten.view.default,
+                                                 [row_sums, list(_shape(node))]))
     match.loss.replace_all_uses_with(loss)
-    if match.nll_backward is None:
-        return
-    back = match.nll_backward
-    with graph.inserting_before(back):
+    if match.nll_backward is not None:
+        _rewrite_backward(build, match, [rows, weight, bias, common[0], lse], common[1:], undo)
+
+
+def _rewrite_backward(build: _Builder, match: Match, tensors: list, scalars: list,
+                      undo: list) -> None:
+    """The backward half: one fused call, its results in place of the products'."""
+    rows_count = _shape(match.log_softmax)[0]
+    with build.graph.inserting_before(match.log_softmax_backward):
+        row_grad = match.row_grad and build.add(aten.view.default,
+                                                [match.row_grad, [rows_count]])
         grads = build.add(torch.ops.retrograd.linear_cross_entropy_backward.default,
-                          [back.args[0], rows, weight, bias, nll.args[1], lse, reduction,
-                           ignore_index, logits_dtype, chunk_rows,
+                          [match.nll_backward.args[0], *tensors, row_grad, *scalars,
                            bool(match.grad_weight or match.grad_weight_t),
                            bool(match.grad_bias)])
         grad_hidden = _undo_rows(build, build.add(operator.getitem, [grads, 0]), undo)
@@ -291,7 +335,7 @@ def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
     for node in match.grad_weight_t:
         node.replace_all_uses_with(grad_weight_t)
     for node in match.grad_bias:
-        with graph.inserting_before(node):
+        with build.graph.inserting_before(node):
             node.replace_all_uses_with(build.add(aten.view.default,
                                                  [grad_bias, list(_shape(node))]))
 

@@ -65,7 +65,24 @@ def per_row(h, w, b, y):
                            reduction="none", ignore_index=7)
 
 
-@pytest.mark.parametrize("fn", [plain, with_bias, causal_shift, summed, per_row])
+def smoothed(h, w, b, y):
+    return F.cross_entropy(F.linear(h, w, b).reshape(-1, VOCAB), y.reshape(-1),
+                           label_smoothing=0.1)
+
+
+def smoothed_shift_sum(h, w, b, y):
+    logits = F.linear(h, w, b)[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, VOCAB), y[:, 1:].reshape(-1),
+                           label_smoothing=0.2, reduction="sum")
+
+
+def smoothed_per_row(h, w, y):
+    return F.cross_entropy(F.linear(h, w).reshape(-1, VOCAB), y.reshape(-1),
+                           label_smoothing=0.3, reduction="none")
+
+
+@pytest.mark.parametrize("fn", [plain, with_bias, causal_shift, summed, per_row, smoothed,
+                                smoothed_shift_sum, smoothed_per_row])
 def test_fused_loss_and_gradients_match_eager(fn):
     hidden, weight, bias, target = _inputs()
     with_bias = fn.__code__.co_argcount == 4
@@ -103,11 +120,11 @@ def test_fused_ops_alone_against_float64_eager():
         ref = F.cross_entropy(F.linear(h, w, b), target.reshape(-1), reduction=reduction)
         grad_out = torch.randn(ref.shape, dtype=torch.float64)
         ref.backward(grad_out)
-        loss, lse = loss_ops.linear_cross_entropy(hidden, weight, bias, target.reshape(-1),
+        loss, lse, _ = loss_ops.linear_cross_entropy(hidden, weight, bias, target.reshape(-1),
                                                   code, -100, torch.float64, 3)
         grads = loss_ops.linear_cross_entropy_backward(grad_out, hidden, weight, bias,
-                                                       target.reshape(-1), lse, code, -100,
-                                                       torch.float64, 3, True, True)
+                                                       target.reshape(-1), lse, None, code,
+                                                       -100, torch.float64, 3, True, True)
         torch.testing.assert_close(loss, ref.detach())
         for got, want in zip(grads, (h.grad, w.grad, b.grad)):
             torch.testing.assert_close(got, want)
@@ -169,13 +186,21 @@ def escaping(h, w, b, y):
     return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1)), logits
 
 
-def smoothed(h, w, b, y):
-    return F.cross_entropy(F.linear(h, w, b).reshape(-1, VOCAB), y.reshape(-1),
-                           label_smoothing=0.1)
+def log_probabilities_read(h, w, b, y):
+    log_probabilities = F.log_softmax(F.linear(h, w, b).reshape(-1, VOCAB), -1)
+    return F.nll_loss(log_probabilities, y.reshape(-1)) + log_probabilities.mean()
+
+
+def z_loss(h, w, b, y):
+    logits = F.linear(h, w, b).reshape(-1, VOCAB)
+    return F.cross_entropy(logits, y.reshape(-1)) + 1e-4 * torch.logsumexp(logits, -1).square(
+        ).mean()
 
 
 @pytest.mark.parametrize("fn, reason", [(escaping, "logits read elsewhere"),
-                                        (smoothed, "log-probabilities read elsewhere")])
+                                        (z_loss, "logits read elsewhere"),
+                                        (log_probabilities_read,
+                                         "log-probabilities read elsewhere")])
 def test_left_alone_with_its_reason_and_right_numbers(fn, reason):
     compiled = check_against_eager(fn, *_inputs(5))
     stats = _stats(compiled)
