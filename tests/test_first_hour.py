@@ -207,3 +207,23 @@ def test_pattern_check_on_a_hand_built_graph():
             patterns.check(graph, (typo,), (), "g")
         assert isinstance(caught.value, ValueError) and f"'{typo}'" in str(caught.value)
         assert close is None or f"close matches: {close}" in str(caught.value)
+
+
+def test_an_op_pattern_survives_a_graph_break_under_torch_compile():
+    """Under torch.compile a graph break puts ``addmm`` in the first graph
+    only: the second graph warns, nothing is refused, gradients match eager."""
+    linear = _mlp()[0]
+
+    def function(x):
+        y = linear(x)
+        torch._dynamo.graph_break()
+        return (y.relu() * 2).sum()
+
+    x = torch.randn(3, 4)
+    function(x).backward()
+    expected = linear.weight.grad.clone()
+    linear.weight.grad = None
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="save pattern 'addmm' matches no node"):
+        torch.compile(function, backend="retrograd", options={"save": ["addmm"]})(x).backward()
+    torch.testing.assert_close(linear.weight.grad, expected)
