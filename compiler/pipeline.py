@@ -24,12 +24,12 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
+from retrograd import loss_ops
 from retrograd.codegen import indexing as codegen_indexing
 from retrograd.codegen import ops as codegen_ops
 from retrograd.codegen import pooling as codegen_pooling
 from retrograd.codegen import reduction as codegen_reduction
 from retrograd.codegen import scatter as codegen_scatter
-from retrograd import loss_ops
 from retrograd.dump import Dumper, count_nodes, subject_text
 from retrograd.ir import CodegenSupport, PassResult, Program
 from retrograd.options import Options
