@@ -73,7 +73,9 @@ def fields() -> list[tuple[str, str]]:
     import retrograd
     import torch
     where = Path(retrograd.__file__).resolve().parent
-    commit = git_commit(where)
+    # only retrograd's own checkout (compiler/ sits at its root), never a git
+    # repository that happens to hold an installed copy
+    commit = git_commit(where.parent) if (where.parent / ".git").exists() else None
     return [
         ("retrograd version", retrograd.__version__ + (f" ({commit})" if commit else "")),
         ("retrograd location", str(where)),
