@@ -115,12 +115,9 @@ def _match_chain(log_softmax: fx.Node):
     while node.op == "call_function" and node.target in ROW_OPS:
         if len(node.users) != 1:
             return f"logits read elsewhere ({node.name})"
-        ndim = len(_shape(node.args[0]))
-        if node.target in ROW_VIEWS and (_shape(node.args[0])[-1] != vocab
-                                         or _shape(node)[-1] != vocab):
-            return f"reshape {node.name} mixes the vocabulary dim"
-        if node.target is aten.slice.Tensor and node.args[1] % ndim == ndim - 1:
-            return f"slice {node.name} cuts the vocabulary dim"
+        reason = _row_op_reason(node, vocab)
+        if reason is not None:
+            return reason
         chain.insert(0, node)
         node = node.args[0]
     if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
@@ -128,6 +125,20 @@ def _match_chain(log_softmax: fx.Node):
     if len(node.users) != 1:
         return f"logits read elsewhere ({node.name})"
     return node, chain
+
+
+def _row_op_reason(node: fx.Node, vocab: int) -> str | None:
+    """Why ``node`` is not an op on whole rows of the logits (None if it is)."""
+    ndim = len(_shape(node.args[0]))
+    if node.target in ROW_VIEWS and (_shape(node.args[0])[-1] != vocab
+                                     or _shape(node)[-1] != vocab):
+        return f"reshape {node.name} mixes the vocabulary dim"
+    if node.target is aten.slice.Tensor and _slice_arguments(node)[0] % ndim == ndim - 1:
+        return f"slice {node.name} cuts the vocabulary dim"
+    if node.target in CASTS and (set(node.kwargs) - {"dtype"} or
+                                 node.meta["val"].device != node.args[0].meta["val"].device):
+        return f"copy {node.name} changes more than the dtype"
+    return None
 
 
 def _match_forward(log_softmax: fx.Node):
@@ -261,13 +272,20 @@ def _replay_rows(build: _Builder, match: Match, hidden: fx.Node) -> tuple[fx.Nod
             hidden = build.add(aten.view.default, [hidden, [*_shape(op)[:-1], width]])
             undo.append((aten.view.default, before))
         elif op.target is aten.slice.Tensor:
-            before = list(_shape(hidden))
-            hidden = build.add(aten.slice.Tensor, [hidden, *op.args[1:]])
-            undo.append((aten.slice_scatter.default, before, op.args[1:]))
+            before, where = list(_shape(hidden)), _slice_arguments(op)
+            hidden = build.add(aten.slice.Tensor, [hidden, *where])
+            undo.append((aten.slice_scatter.default, before, where))
         elif op.target is aten.clone.default:
             hidden = build.add(aten.clone.default, [hidden],
                                {"memory_format": torch.contiguous_format})
     return hidden, undo
+
+
+def _slice_arguments(op: fx.Node) -> list:
+    """``slice.Tensor``'s dim, start, end, step, given or defaulted."""
+    names, defaults = ("dim", "start", "end", "step"), (0, None, None, 1)
+    return [op.args[i + 1] if len(op.args) > i + 1 else op.kwargs.get(name, default)
+            for i, (name, default) in enumerate(zip(names, defaults))]
 
 
 def _undo_rows(build: _Builder, grad: fx.Node, undo: list) -> fx.Node:
