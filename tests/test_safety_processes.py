@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from retrograd.runtime import disk_cache, loader
 
 #: Compiles a model and a training step, compares with eager, prints "ok".
