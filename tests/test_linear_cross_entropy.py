@@ -364,3 +364,25 @@ def test_a_frozen_weight_gets_no_gradient_computed(tmp_path):
     graph = next(tmp_path.glob("*-backward/*_linear_cross_entropy.py")).read_text()
     call = next(line for line in graph.splitlines() if "linear_cross_entropy_backward" in line)
     assert "False, False)" in call, call
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", pytest.param("t5", marks=pytest.mark.slow)])
+def test_other_transformers_losses_are_fused(name, monkeypatch):
+    """LLaMA (untied head), BERT's masked LM (a bias, the tied decoder, most
+    rows ignored) and T5 (a rescaled tied head), each returning its loss alone:
+    one pattern fused, gradients equal to eager's."""
+    entry = next(e for e in ENTRIES if e.name == name)
+    model, batch = entry.model().eval(), entry.batch()
+    if entry.kind == "decoder":
+        model.loss_type = "ForCausalLM"
+
+    def loss_fn(**inputs):
+        return model(**inputs).loss
+    expected_loss, expected = _grads(model, loss_fn, batch)
+    fused = _record_fused(monkeypatch)
+    loss, got = _grads(model, retrograd.compile(loss_fn, executor="interpret"), batch)
+    assert fused == [1], fused
+    assert_close_floor(loss, expected_loss, 1e-5, what="loss")
+    scale = max(g.abs().max().item() for g in expected)
+    for g, e in zip(got, expected):
+        assert_close_floor(g, e, 1e-4, floor=1e-3 * scale, what="gradient")
