@@ -229,9 +229,10 @@ def _row_grad(match: Match, back: fx.Node, add: fx.Node) -> fx.Node | None:
 
 
 def _classify_grad_users(match: Match, grad: fx.Node):
-    hidden = view_base(match.matmul.args[-2])
+    hidden, weight = view_base(match.matmul.args[-2]), view_base(match.matmul.args[-1])
     for user in grad.users:
-        if user.target is aten.mm.default and user.args[0] is grad:
+        if user.target is aten.mm.default and user.args[0] is grad and \
+                view_base(user.args[1]) is weight:
             match.grad_hidden.append(user)
         elif user.target is aten.mm.default and user.args[1] is grad and \
                 view_base(user.args[0]) is hidden:
