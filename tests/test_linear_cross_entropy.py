@@ -386,3 +386,18 @@ def test_other_transformers_losses_are_fused(name, monkeypatch):
     scale = max(g.abs().max().item() for g in expected)
     for g, e in zip(got, expected):
         assert_close_floor(g, e, 1e-4, floor=1e-3 * scale, what="gradient")
+
+
+def test_fx_executor_runs_the_fused_ops():
+    """executor="fx" (passes without codegen) runs the two custom ops as torch calls."""
+    hidden, weight, bias, target = _inputs(11)
+    compiled = retrograd.compile(causal_shift, executor="fx")
+    mine = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    wide = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    loss, expected = compiled(*mine, target), causal_shift(*wide, target)
+    loss.backward()
+    expected.backward()
+    assert_close_floor(loss.detach(), expected.detach(), 1e-6, what="loss")
+    for got, want in zip(mine, wide):
+        assert_close_floor(got.grad, want.grad, 1e-5, what="gradient")
+    assert _stats(compiled)["fused"] == 1
