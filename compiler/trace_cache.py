@@ -135,18 +135,22 @@ class TraceCache:
         if self.discover is not None:
             self.lifted = self.discover()
         key = signature(leaves) + self._module_key()
-        entry = self._lookup(key) or self._compile(key, leaves, in_spec, slots, tensors)
+        entry = self._lookup(key) or self._compile(leaves, in_spec, slots, tensors)
         if entry is None:   # the trace needed tensor values: dynamo from now on
             return self.fallback(*args, **kwargs)
         self.last = entry
         return entry.flat.rebuild(entry.compiled(*tensors))
 
-    def _compile(self, key: tuple, leaves, in_spec, slots, tensors) -> _Entry | None:
-        """Trace and keep the graph of ``key``, or ``None`` once the call is
-        handed to dynamo. ``key`` is looked up again under the compile lock:
-        threads making the first call of a signature together wait for one
-        trace and all use it, instead of each tracing in turn."""
+    def _compile(self, leaves, in_spec, slots, tensors) -> _Entry | None:
+        """Trace and keep the graph of this call, or ``None`` once the call is
+        handed to dynamo. The key is made and looked up again under the
+        compile lock: threads making the first call of a signature together
+        wait for one trace and all use it, instead of each tracing in turn.
+        Made again because a trace in another thread swaps the module's
+        parameters for its own while it runs (AOTAutograd's functional call),
+        so a key made meanwhile names tensors that are gone."""
         with compiling():
+            key = signature(leaves) + self._module_key()
             entry = self._lookup(key, again=True)
             if entry is not None or self.fallback is not None:
                 return entry

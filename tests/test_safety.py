@@ -219,6 +219,47 @@ def test_threads_making_one_first_call_compile_it_once(face, compiles, fresh_dyn
     assert len(compiles) == 1
 
 
+class _Paused(nn.Module):
+    """A linear layer whose first forward (the trace's) stops until told."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.tracing, self.proceed = threading.Event(), threading.Event()
+
+    def forward(self, x):
+        if not self.tracing.is_set():
+            self.tracing.set()
+            assert self.proceed.wait(60)
+        return self.linear(x).tanh()
+
+
+def test_a_call_made_while_another_thread_traces_reuses_its_program(compiles):
+    """A second thread calls while the first traces, when AOTAutograd has
+    swapped the module's parameters for its own: the key it makes then names
+    those stand-ins, so it is made again under the compile lock; the call
+    reuses the first thread's program (before: a second compile, under a key
+    no later call matches) and equals eager."""
+    model = _Paused()
+    compiled = retrograd.compile(model)
+    x = torch.randn(3, 4)
+    results: dict[str, torch.Tensor] = {}
+    first = threading.Thread(target=lambda: results.update(first=compiled(x)))
+    first.start()
+    assert model.tracing.wait(60)
+    second = threading.Thread(target=lambda: results.update(second=compiled(x)))
+    second.start()
+    second.join(1.0)   # it makes its key, misses and waits for the compile lock
+    model.proceed.set()
+    first.join(120)
+    second.join(120)
+    assert set(results) == {"first", "second"}
+    assert len(compiles) == 1
+    expected = model(x)
+    for got in results.values():
+        assert_close_floor(got.detach(), expected.detach(), 1e-5)
+
+
 @pytest.mark.parametrize("face", ["standalone", "torch.compile"])
 def test_one_model_hammered_from_threads_with_different_shapes(face, compiles, fresh_dynamo):
     """Three threads call one compiled model, each cycling twice through its own
