@@ -49,10 +49,16 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_backward", "restore"]
 MEAN, SUM = 1, 2   # nll_loss's reduction codes (0: none)
 
 
-def _chunk_logits(hidden, weight, bias, logits_dtype):
-    """One chunk's logits as eager computes them, in float32 for what follows."""
+def _chunk_logits(hidden, weight, bias, logits_dtype, softcap=0.0):
+    """One chunk's logits as eager computes them, in float32 for what follows,
+    soft-capped (``softcap * tanh(logits / softcap)``, Gemma 2) where
+    ``softcap`` is not 0; then also ``tanh(logits / softcap)`` for the backward."""
     logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
-    return logits.to(logits_dtype).to(_accumulate(logits_dtype))
+    logits = logits.to(logits_dtype).to(_accumulate(logits_dtype))
+    if not softcap:
+        return logits, None
+    tanh = logits.div_(softcap).tanh_()
+    return tanh * softcap, tanh
 
 
 def _accumulate(dtype: torch.dtype) -> torch.dtype:
@@ -68,8 +74,8 @@ def _valid_targets(target: torch.Tensor, ignore_index: int):
 @torch.library.custom_op("retrograd::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor], target: torch.Tensor, reduction: int,
-                         ignore_index: int, logits_dtype: torch.dtype,
-                         chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int,
+                         softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` (rows x V, never held) against
     ``target``; returns (loss, logsumexp per row in float32, and each row's sum
     of log-probabilities in the logits' dtype, what label smoothing reads)."""
@@ -80,7 +86,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     valid, safe = _valid_targets(target, ignore_index)
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
-        logits = _chunk_logits(hidden[start:stop], weight, bias, logits_dtype)
+        logits, _ = _chunk_logits(hidden[start:stop], weight, bias, logits_dtype, softcap)
         torch.logsumexp(logits, dim=-1, out=lse[start:stop])
         picked = logits.gather(1, safe[start:stop, None]).squeeze(1)
         terms[start:stop] = torch.where(valid[start:stop], lse[start:stop] - picked, 0.0)
@@ -96,7 +102,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
 
 
 @linear_cross_entropy.register_fake
-def _(hidden, weight, bias, target, reduction, ignore_index, logits_dtype, chunk_rows):
+def _(hidden, weight, bias, target, reduction, ignore_index, logits_dtype, chunk_rows,
+      softcap):
     rows = hidden.shape[0]
     shape = (rows,) if reduction not in (MEAN, SUM) else ()
     return (hidden.new_empty(shape, dtype=logits_dtype),
@@ -109,8 +116,8 @@ def linear_cross_entropy_backward(
         grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         bias: Optional[torch.Tensor], target: torch.Tensor, lse: torch.Tensor,
         row_grad: Optional[torch.Tensor], reduction: int,
-        ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int, weight_grad: bool,
-        bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int, softcap: float,
+        weight_grad: bool, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``linear_cross_entropy``'s loss: (hidden, weight, bias);
     a gradient not wanted (``weight_grad``, ``bias_grad``: a frozen weight, no
     bias) is not computed and comes back empty (no elements). ``row_grad``: the
@@ -134,10 +141,13 @@ def linear_cross_entropy_backward(
         stop = min(hidden.shape[0], start + chunk_rows)
         chunk = hidden[start:stop]
         # in place on the chunk's logits: softmax, minus the one-hot, scaled
-        probs = _chunk_logits(chunk, weight, bias, logits_dtype)
+        probs, tanh = _chunk_logits(chunk, weight, bias, logits_dtype, softcap)
         probs.sub_(lse[start:stop, None]).exp_()
         probs.mul_(coefficient[start:stop, None]).add_(row_grad[start:stop, None])
         probs.scatter_add_(1, safe[start:stop, None], -scale[start:stop, None])
+        if tanh is not None:   # through the soft cap: times 1 - tanh^2
+            probs.mul_(tanh.square_().neg_().add_(1))
+            del tanh
         grad = probs.to(logits_dtype).to(hidden.dtype)
         del probs
         torch.mm(grad, weight, out=grad_hidden[start:stop])
@@ -154,7 +164,7 @@ def linear_cross_entropy_backward(
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, hidden, weight, bias, target, lse, row_grad, reduction, ignore_index,
-      logits_dtype, chunk_rows, weight_grad, bias_grad):
+      logits_dtype, chunk_rows, softcap, weight_grad, bias_grad):
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return (torch.empty_like(hidden),
             weight.new_empty(weight.shape if weight_grad else (0,)),

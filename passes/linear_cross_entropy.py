@@ -92,6 +92,7 @@ class Match:
     nll: fx.Node
     loss: fx.Node                    # getitem 0 of nll
     row_sums: list[fx.Node] = field(default_factory=list)   # sum(log_softmax, -1): smoothing
+    cap: tuple[float, fx.Node] | None = None   # soft cap: (its value, the tanh node)
     nll_backward: fx.Node | None = None
     log_softmax_backward: fx.Node | None = None
     row_grad: fx.Node | None = None  # [rows]: the row sums' gradient, broadcast over V
@@ -111,8 +112,13 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 def _match_chain(log_softmax: fx.Node):
     """Walk up from the log-softmax input to the matmul; (matmul, chain) or a reason."""
-    chain, node, vocab = [], log_softmax.args[0], _shape(log_softmax)[-1]
-    while node.op == "call_function" and node.target in ROW_OPS:
+    chain, node, vocab, cap = [], log_softmax.args[0], _shape(log_softmax)[-1], None
+    while node.op == "call_function" and (node.target in ROW_OPS or cap is None and _soft_cap(
+            node) is not None):
+        if node.target not in ROW_OPS:   # softcap * tanh(x / softcap): Gemma 2
+            cap = _soft_cap(node)
+            node = cap[1].args[0].args[0]
+            continue
         if len(node.users) != 1:
             return f"logits read elsewhere ({node.name})"
         reason = _row_op_reason(node, vocab)
@@ -124,7 +130,47 @@ def _match_chain(log_softmax: fx.Node):
         return f"logits not from a matmul ({node.name})"
     if len(node.users) != 1:
         return f"logits read elsewhere ({node.name})"
-    return node, chain
+    return node, chain, cap
+
+
+def _soft_cap(mul: fx.Node) -> tuple[float, fx.Node] | None:
+    """``mul(tanh(div(x, c)), c)`` read once, its tanh read only by that mul
+    and by its own derivative: (c, the tanh node); else None."""
+    cap = mul.args[1] if mul.target is aten.mul.Tensor and len(mul.args) == 2 else None
+    tanh = mul.args[0]
+    if not isinstance(cap, (int, float)) or not cap or tanh.target is not aten.tanh.default \
+            or len(mul.users) != 1:
+        return None
+    div = tanh.args[0]
+    if div.target is not aten.div.Tensor or div.args[1] != cap or len(div.users) != 1:
+        return None
+    if not all(user is mul or _only_squares(user) for user in tanh.users):
+        return None
+    return float(cap), tanh
+
+
+def _only_squares(node: fx.Node) -> bool:
+    """An alias chain of the tanh read only by ``mul(a, a)`` (its derivative)."""
+    if node.target is aten.mul.Tensor:
+        return node.args[0] is node.args[1]
+    return node.target is aten.alias.default and all(_only_squares(u) for u in node.users)
+
+
+def _through_cap(user: fx.Node, node: fx.Node, match) -> str | None:
+    """Which step of the soft cap's backward ``user`` is ("mul", "div",
+    "tanh"), reading ``node``; None if it is none of them."""
+    if user.target not in (aten.mul.Tensor, aten.div.Tensor) or user.args[0] is not node \
+            or match.cap is None:
+        return None
+    other = user.args[1]
+    if other == match.cap[0] and not isinstance(other, fx.Node):
+        return "mul" if user.target is aten.mul.Tensor else "div"
+    if user.target is aten.mul.Tensor and isinstance(other, fx.Node) and \
+            other.target is aten.sub.Tensor and other.args[0] == 1 and \
+            isinstance(other.args[1], fx.Node) and _only_squares(other.args[1]) and \
+            view_base(other.args[1].args[0]) is match.cap[1]:
+        return "tanh"
+    return None
 
 
 def _row_op_reason(node: fx.Node, vocab: int) -> str | None:
@@ -169,7 +215,7 @@ def _match_forward(log_softmax: fx.Node):
     if 1 in items and any(u.target is not aten.nll_loss_backward.default
                           for u in items[1].users):
         return "total weight read elsewhere"
-    return Match(found[0], found[1], log_softmax, nll, items[0], row_sums)
+    return Match(found[0], found[1], log_softmax, nll, items[0], row_sums, found[2])
 
 
 def _is_row_sum(node: fx.Node) -> bool:
@@ -201,9 +247,15 @@ def _match_backward(match: Match):
             or node.args[0] not in (back, *back.users):
         return "nll_loss_backward read elsewhere"
     match.log_softmax_backward = node
-    while (user := _only_user(node)) is not None and user.target in GRAD_ROW_OPS and (
-            user.target is not aten.slice_scatter.default or user.args[1] is node):
+    steps = []
+    while (user := _only_user(node)) is not None and (
+            user.target in GRAD_ROW_OPS and (user.target is not aten.slice_scatter.default
+                                             or user.args[1] is node)
+            or _through_cap(user, node, match) is not None):
+        steps.append(_through_cap(user, node, match))
         node = user
+    if match.cap is not None and sorted(s for s in steps if s) != ["div", "mul", "tanh"]:
+        return "the soft cap's gradient not as autograd writes it"
     if _shape(node) != _shape(match.matmul) or node.meta["val"].dtype != \
             match.matmul.meta["val"].dtype:
         return f"logits gradient {node.name} not shaped like the logits"
@@ -317,7 +369,8 @@ def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
     matmul, nll = match.matmul, match.nll
     bias = matmul.args[0] if matmul.target is aten.addmm.default else None
     common = [nll.args[1], nll.args[3], nll.args[4], match.log_softmax.meta["val"].dtype,
-              chunk_rows]   # target, reduction, ignore_index, logits dtype, chunk rows
+              chunk_rows, match.cap[0] if match.cap else 0.0]
+    # target, reduction, ignore_index, logits dtype, chunk rows, soft cap
     with graph.inserting_before(nll):
         weight = _weight_rows(build, matmul)
         rows, undo = _replay_rows(build, match, matmul.args[-2])

@@ -81,8 +81,16 @@ def smoothed_per_row(h, w, y):
                            label_smoothing=0.3, reduction="none")
 
 
+def soft_capped(h, w, b, y):
+    """Gemma 2's final soft cap, 30 * tanh(logits / 30), with the causal shift;
+    the weight scaled up so the cap bends the logits."""
+    logits = F.linear(h, w * 20, b)
+    logits = (torch.tanh(logits / 30.0) * 30.0)[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, VOCAB), y[:, 1:].reshape(-1), label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("fn", [plain, with_bias, causal_shift, summed, per_row, smoothed,
-                                smoothed_shift_sum, smoothed_per_row])
+                                smoothed_shift_sum, smoothed_per_row, soft_capped])
 def test_fused_loss_and_gradients_match_eager(fn):
     hidden, weight, bias, target = _inputs()
     with_bias = fn.__code__.co_argcount == 4
@@ -121,10 +129,10 @@ def test_fused_ops_alone_against_float64_eager():
         grad_out = torch.randn(ref.shape, dtype=torch.float64)
         ref.backward(grad_out)
         loss, lse, _ = loss_ops.linear_cross_entropy(hidden, weight, bias, target.reshape(-1),
-                                                  code, -100, torch.float64, 3)
+                                                     code, -100, torch.float64, 3, 0.0)
         grads = loss_ops.linear_cross_entropy_backward(grad_out, hidden, weight, bias,
                                                        target.reshape(-1), lse, None, code,
-                                                       -100, torch.float64, 3, True, True)
+                                                       -100, torch.float64, 3, 0.0, True, True)
         torch.testing.assert_close(loss, ref.detach())
         for got, want in zip(grads, (h.grad, w.grad, b.grad)):
             torch.testing.assert_close(got, want)
