@@ -5,6 +5,7 @@ compiled without gradients, where only the forward half is fused): finds
 
     mm / addmm(hidden, weight^T [, bias])      # the output projection
       -> views, row slices, clones, casts       # 3-d view, causal shift, flatten, upcast
+         [and once: c * tanh(x / c)]             # Gemma 2's final soft cap
       -> _log_softmax(dim=-1) -> nll_loss_forward(no class weights)
                                  [-> sum(dim=-1): label smoothing's row sums]
 
@@ -31,7 +32,8 @@ nothing after it sees a difference where no pattern matched.
 Left alone, with the reason in the stats: logits or log-probabilities read
 elsewhere (returned, z-loss, any reduction of the log-probabilities but the
 row sum), class weights, a softmax not over the last dim, a reshape that mixes the
-vocabulary dim, a logits gradient read by anything but the three products.
+vocabulary dim, a logits gradient read by anything but the three products,
+a soft cap whose gradient is not autograd's mul / tanh-derivative / div.
 
 Chunk size: ``chunk_rows = min(CHUNK_BYTES * (memory_budget or 1) // (V * 4),
 ceil(rows / MIN_CHUNKS))``, at least 1: a chunk's float32 logits take at most
