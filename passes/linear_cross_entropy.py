@@ -191,8 +191,10 @@ def _row_op_reason(node: fx.Node, vocab: int) -> str | None:
 
 def _match_forward(log_softmax: fx.Node):
     """A Match for the forward half, or a reason it is left alone."""
-    if log_softmax.args[1] % len(_shape(log_softmax)) != len(_shape(log_softmax)) - 1 \
-            or log_softmax.args[2]:
+    rank = len(_shape(log_softmax))
+    if rank == 0:
+        return "log_softmax of a single number"
+    if log_softmax.args[1] % rank != rank - 1 or log_softmax.args[2]:
         return "log_softmax not over the last dim in its own dtype"
     found = _match_chain(log_softmax)
     if isinstance(found, str):
