@@ -22,7 +22,9 @@ loss does not reach get no update and no state, as in eager (whose
 ``zero_grad`` leaves their ``.grad`` None); which those are is found by a
 fake-tensor trace of the loss with ``torch.autograd.grad`` before the step is
 traced, so ``loss_fn`` runs twice per new signature. ``max_grad_norm`` clips the
-gradients by their global L2 norm inside the program, before the update.
+gradients by their global L2 norm inside the program, before the update. At
+most ``max_programs`` step programs are kept, least recently used released
+(recompiles.py); threads making a signature's first call together compile once.
 """
 
 from __future__ import annotations
