@@ -49,6 +49,7 @@ from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_o
                                   momentum_weights, state_keys, structure, update)
 from retrograd.options import Options
 from retrograd.graph_compiler import GraphCompiler
+from retrograd.provenance import recording
 from retrograd.recompiles import describe_change, limit_message
 
 __all__ = ["compile_step", "Step", "SUPPORTED_OPTIMIZERS"]
@@ -328,7 +329,7 @@ class Step:
         function = self._function(loss_of, used, groups, clock_of)
         with compiling():   # trace and pipeline, one thread at a time (locking.py)
             with traced_right():
-                traced = make_fx(functionalize(function),
+                traced = make_fx(functionalize(recording(function)),   # source lines
                                  decomposition_table=decomposition_table(),
                                  tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
             flat = pytree.tree_flatten(inputs)[0]

@@ -139,11 +139,14 @@ def test_ledger_adds_up_in_compile_step():
     report = step.reports["step"]
     _check_adds_up([report])
     assert {row["decision"] for row in report["ledger"]} == {"saved", "recomputed"}
+    sources = [row["source"] for row in report["ledger"]]
+    assert any(source is not None and source.startswith(f"{THIS_FILE}:") for source in sources), \
+        sources
 
 
 def test_recording_puts_the_user_line_on_traced_nodes():
-    """What ``compile_step``'s trace would need to carry sources (its ledger
-    rows have ``source: null`` today: compiler/step.py traces without it)."""
+    """How ``compile_step``'s trace carries sources (compiler/step.py traces
+    ``recording(function)``)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from retrograd.provenance import recording, source_of
