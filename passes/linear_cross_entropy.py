@@ -192,8 +192,8 @@ def _row_op_reason(node: fx.Node, vocab: int) -> str | None:
 def _match_forward(log_softmax: fx.Node):
     """A Match for the forward half, or a reason it is left alone."""
     rank = len(_shape(log_softmax))
-    if rank == 0:
-        return "log_softmax of a single number"
+    if rank != 2:   # 0-d: one number; 1-d: one sample (nll_loss also takes those)
+        return f"log-probabilities of rank {rank}, not rows x vocabulary"
     if log_softmax.args[1] % rank != rank - 1 or log_softmax.args[2]:
         return "log_softmax not over the last dim in its own dtype"
     found = _match_chain(log_softmax)

@@ -211,7 +211,14 @@ def vocabulary_cut(h, w, b, y):
     return F.cross_entropy(logits.reshape(-1, 40), (y % 40).reshape(-1))
 
 
+def one_sample(h, w, b, y):
+    """One row's logits as a vector and a 0-d target: not rows x vocabulary."""
+    logits = F.linear(h.reshape(-1, WIDTH)[:1], w, b).reshape(-1)
+    return F.cross_entropy(logits, y.reshape(-1)[0].clamp_min(0))
+
+
 @pytest.mark.parametrize("fn, reason", [(escaping, "logits read elsewhere"),
+                                        (one_sample, "rank 1"),
                                         (vocabulary_cut, "cuts the vocabulary dim"),
                                         (z_loss, "logits read elsewhere"),
                                         (log_probabilities_read,
