@@ -54,19 +54,11 @@ def _compiled(label, loss_fn):
 
 
 def _saved_bytes(model, run) -> int:
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in excluded:
-            storages[pointer] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = run()
-    loss.backward()
-    return sum(storages.values())
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from saved_bytes import saved_storage_bytes
+    return saved_storage_bytes(run, model.parameters())
 
 
 def _peak(run) -> int:

@@ -36,7 +36,9 @@ from torch._functorch.partitioners import (default_partition,
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from saved_bytes import saved_storage_bytes  # noqa: E402
 from zoo import ZOO, ZooEntry, _weighted_sum, clone_inputs  # noqa: E402  (the zoo lives with the tests)
 
 from retrograd import loss_ops  # noqa: E402
@@ -83,20 +85,9 @@ class LossOf(torch.nn.Module):
 
 def eager_saved_bytes(entry, model, inputs) -> int:
     """Unique storages autograd saves, leaving out parameters and inputs."""
-    excluded = {t.untyped_storage().data_ptr() for t in list(model.parameters())
-                + list(model.buffers()) + [i for i in inputs if isinstance(i, torch.Tensor)]}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in excluded:
-            storages[pointer] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = entry.run(model, inputs)
-    loss.backward()
-    return sum(storages.values())
+    excluded = list(model.parameters()) + list(model.buffers()) + [
+        i for i in inputs if isinstance(i, torch.Tensor)]
+    return saved_storage_bytes(lambda: entry.run(model, inputs), excluded)
 
 
 def _recompute_flops(joint, forward, backward) -> int:

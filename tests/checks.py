@@ -6,6 +6,8 @@ the graphs it compiles."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import retrograd
@@ -132,3 +134,33 @@ class RetraceCounter:
             self.calls += 1
             return original(*args, **kwargs)
         return counted
+
+
+def _recording_init(seen: list):
+    original = retrograd.backend.CompiledGraph.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self)
+    return original, init
+
+
+@contextlib.contextmanager
+def recording_graphs():
+    """The torch.compile face's compiled graphs (``backend.CompiledGraph``) made
+    inside the block, in order; their ``reports`` count Triton kernels and
+    extern calls, their ``compiled`` the programs kept."""
+    seen: list = []
+    original, init = _recording_init(seen)
+    retrograd.backend.CompiledGraph.__init__ = init
+    try:
+        yield seen
+    finally:
+        retrograd.backend.CompiledGraph.__init__ = original
+
+
+def record_graphs(monkeypatch) -> list:
+    """``recording_graphs`` for a whole test: the list fills as graphs are made."""
+    seen: list = []
+    monkeypatch.setattr(retrograd.backend.CompiledGraph, "__init__", _recording_init(seen)[1])
+    return seen

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import retrograd
 import torch
 import torch.utils._pytree as pytree
-from checks import relative_error
+from checks import recording_graphs, relative_error
 
 TOLERANCE = 1e-4
 MAX_NUMEL = 20000
@@ -253,22 +253,6 @@ def _scale(values, this) -> float:
 
 
 # ---------------------------------------------------------------- faces
-@contextlib.contextmanager
-def recording_graphs():
-    """The torch.compile face's compiled graphs made inside the block (their
-    ``reports`` count Triton kernels and extern calls)."""
-    from retrograd import backend
-    original, seen = backend.CompiledGraph.__init__, []
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        seen.append(self)
-    backend.CompiledGraph.__init__ = init
-    try:
-        yield seen
-    finally:
-        backend.CompiledGraph.__init__ = original
-
 
 def _reports_of(graphs) -> list[dict]:
     return [report for graph in graphs for compiler in graph.compilers.values()

@@ -23,7 +23,7 @@ import retrograd.passes.cleanup
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from checks import FACES, RetraceCounter, compile_with, relative_error
+from checks import FACES, RetraceCounter, compile_with, record_graphs, relative_error
 from retrograd.verify import VerificationError
 from zoo import MLP, ZOO, SmallCNN, assert_parity, clone_inputs, training_step
 
@@ -254,14 +254,7 @@ def test_an_op_codegen_does_not_lower_runs_as_an_extern_call(name):
 def test_dynamo_symbolic_shapes_after_a_recompile(monkeypatch):
     """The second batch size makes dynamo mark the dimension dynamic and hand
     the backend a graph with SymInt sizes; every call must still be right."""
-    graphs = []
-
-    class Recording(retrograd.backend.CompiledGraph):
-        def __init__(self, gm, options):
-            super().__init__(gm, options)
-            graphs.append(self)
-
-    monkeypatch.setattr(retrograd.backend, "CompiledGraph", Recording)
+    graphs = record_graphs(monkeypatch)
     torch.manual_seed(0)
     model = MLP()
     reference = copy.deepcopy(model)

@@ -18,7 +18,7 @@ import retrograd.backend
 import retrograd.graph_compiler
 from retrograd.recompiles import describe_change
 from retrograd.runtime import loader
-from checks import assert_close
+from checks import assert_close, record_graphs
 
 
 @pytest.fixture
@@ -143,14 +143,7 @@ def test_max_programs_must_be_a_positive_whole_number(bad):
 def test_torch_compile_face_keeps_max_programs(cache, fresh_dynamo, monkeypatch, executables):
     """Dynamo marks the batch size dynamic after a recompile and hands one
     graph many sizes: that graph keeps at most max_programs of them."""
-    graphs = []
-
-    class Recording(retrograd.backend.CompiledGraph):
-        def __init__(self, gm, options):
-            super().__init__(gm, options)
-            graphs.append(self)
-
-    monkeypatch.setattr(retrograd.backend, "CompiledGraph", Recording)
+    graphs = record_graphs(monkeypatch)
     compiled = torch.compile(function, backend="retrograd", options={"max_programs": 2})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -135,6 +135,16 @@ def test_an_interrupted_compile_leaves_nothing_behind(face, where, monkeypatch, 
     assert torch.equal(plain(x), x.sin() * 2)
 
 
+def _step_both(step, eager, loss_fn, reference, x) -> None:
+    """One compiled step and one eager step on ``reference``; the losses agree."""
+    loss = step(x)
+    eager.zero_grad()
+    expected = loss_fn(reference, x)
+    expected.backward()
+    eager.step()
+    assert_close_floor(loss, expected.detach(), 1e-5)
+
+
 def test_an_interrupted_compile_step_trains_as_eager_next_time(monkeypatch):
     """compile_step interrupted inside its pipeline: clean state, and the next
     step compiles and updates parameters and Adam's state as eager does."""
@@ -151,12 +161,7 @@ def test_an_interrupted_compile_step_trains_as_eager_next_time(monkeypatch):
     monkeypatch.undo()
     _assert_process_state_clean(before)
     for _ in range(2):
-        loss = step(x)
-        eager.zero_grad()
-        expected = loss_fn(reference, x)
-        expected.backward()
-        eager.step()
-        assert_close_floor(loss, expected.detach(), 1e-5)
+        _step_both(step, eager, loss_fn, reference, x)
     for got, ref in zip(model.parameters(), reference.parameters(), strict=True):
         assert_close_floor(got.detach(), ref.detach(), 1e-5)
 
@@ -314,12 +319,7 @@ def test_compile_step_keeps_max_programs_and_warns_once(compiles):
         warnings.simplefilter("always")
         for rows in (2, 3, 4, 2, 4):
             x = torch.randn(rows, 4, generator=torch.Generator().manual_seed(rows))
-            loss = step(x)
-            eager.zero_grad()
-            expected = loss_fn(reference, x)
-            expected.backward()
-            eager.step()
-            assert_close_floor(loss, expected.detach(), 1e-5)
+            _step_both(step, eager, loss_fn, reference, x)
     limit = [w for w in caught if "max_programs=2" in str(w.message)]
     assert len(limit) == 1 and "shape (3, 4) -> (4, 4)" in str(limit[0].message)
     assert len(step.entries) == 2 and len(step.reached) <= 2

@@ -1,0 +1,29 @@
+"""What autograd saves for the backward, measured the same way by every benchmark.
+
+``saved_storage_bytes(run, excluded)`` runs ``run()`` (which returns a loss)
+under ``torch.autograd.graph.saved_tensors_hooks``, sums the bytes of the
+unique storages saved, leaving out the tensors in ``excluded`` (parameters,
+buffers, inputs: the caller keeps them alive anyway), then runs the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+
+def saved_storage_bytes(run: Callable[[], torch.Tensor], excluded: Iterable[torch.Tensor]) -> int:
+    skip = {t.untyped_storage().data_ptr() for t in excluded}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in skip:
+            storages[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run()
+    loss.backward()
+    return sum(storages.values())
