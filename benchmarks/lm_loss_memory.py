@@ -57,21 +57,16 @@ def _saved_bytes(model, run) -> int:
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from saved_bytes import saved_storage_bytes
+    from measuring import saved_storage_bytes
     return saved_storage_bytes(run, model.parameters())
 
 
 def _peak(run) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as profiler:
-        run().backward()
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes())
-                            for e in profiler.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from measuring import profiled_peak
+    return profiled_peak(lambda: run().backward())
 
 
 def measure(label: str) -> dict:

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from saved_bytes import saved_storage_bytes  # noqa: E402
+from measuring import profiled_peak, saved_storage_bytes  # noqa: E402
 from zoo import ZOO, ZooEntry, _weighted_sum, clone_inputs  # noqa: E402  (the zoo lives with the tests)
 
 from retrograd import loss_ops  # noqa: E402
@@ -126,21 +126,6 @@ def measure(name: str) -> dict:
     return row
 
 
-def _profiled_peak(run) -> int:
-    """Peak of live torch CPU memory while ``run()`` runs, from the profiler's
-    allocation events (running sum of allocations minus frees)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as profiler:
-        run()
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes())
-                            for e in profiler.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def step_peak_bytes(entry, model, compiled, inputs) -> int:
     """Peak of live torch CPU memory during one forward+backward, from the
     profiler's allocation events (running sum of allocations minus frees).
@@ -150,7 +135,7 @@ def step_peak_bytes(entry, model, compiled, inputs) -> int:
         entry.run(compiled, clone_inputs(inputs)).backward()
     model.zero_grad(set_to_none=True)
     fresh = clone_inputs(inputs)
-    return _profiled_peak(lambda: entry.run(compiled, fresh).backward())
+    return profiled_peak(lambda: entry.run(compiled, fresh).backward())
 
 
 def measure_peaks(name: str) -> dict:
@@ -194,7 +179,7 @@ def measure_steps(name: str) -> dict:
                 optimizer.step()
         for _ in range(2):
             run()
-        row[label] = _profiled_peak(run)
+        row[label] = profiled_peak(run)
         if label == "compile_step":
             row["compile_step kernels"] = step.reports["step"]["kernels"]["triton"]
     return row

@@ -1,4 +1,5 @@
-"""What autograd saves for the backward, measured the same way by every benchmark.
+"""Memory measured the same way by every benchmark: what autograd saves for
+the backward, and the peak of live CPU memory from the profiler.
 
 ``saved_storage_bytes(run, excluded)`` runs ``run()`` (which returns a loss)
 under ``torch.autograd.graph.saved_tensors_hooks``, sums the bytes of the
@@ -27,3 +28,18 @@ def saved_storage_bytes(run: Callable[[], torch.Tensor], excluded: Iterable[torc
         loss = run()
     loss.backward()
     return sum(storages.values())
+
+
+def profiled_peak(run) -> int:
+    """Peak of live torch CPU memory while ``run()`` runs, from the profiler's
+    allocation events (running sum of allocations minus frees)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profiler:
+        run()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes())
+                            for e in profiler.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
