@@ -27,6 +27,7 @@ from retrograd.errors import DATA_DEPENDENT
 from retrograd.locking import compiling
 from retrograd.options import Options
 from retrograd.recompiles import describe_change, limit_message
+from retrograd.torch_logging import register as register_torch_logs
 
 __all__ = ["retrograd_backend", "CompiledGraph"]
 
@@ -50,6 +51,9 @@ class CompiledGraph:
         self.scalar_inputs = scalar_inputs(gm)
         self.warned_limit = False
         self.warned_eager = False
+        # dynamo's compile context of this graph (compile id): the lazy compile
+        # re-enters it so TORCH_TRACE files retrograd's artifacts under that id
+        self.compile_context = torch._guards.CompileContext.try_get()
 
     @property
     def reports(self) -> dict[str, dict]:
@@ -80,7 +84,7 @@ class CompiledGraph:
         """Compile the program of ``key`` and keep it. ``key`` is looked up again
         under the compile lock: threads making the first call of a signature
         together wait for one compile and all use it."""
-        with compiling():
+        with compiling(), torch._guards.compile_context(self.compile_context):
             compiled = self._use(key)
             if compiled is not None:
                 return compiled
@@ -193,6 +197,7 @@ def retrograd_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | 
 
 def register() -> None:
     """Register by name without the entry point (for an uninstalled checkout)."""
+    register_torch_logs()
     from torch._dynamo.backends.registry import _BACKENDS, register_backend
     if "retrograd" not in _BACKENDS:
         register_backend(name="retrograd")(retrograd_backend)

@@ -4,7 +4,10 @@
 own code printing, so ``diff 02_cleanup.py 03_checkpoint.py`` shows what a
 pass did), each kernel's Triton source, ``program.py``, ``memory_plan.txt``,
 ``report.json`` and ``index.html``. Files are written only when dumping is
-on; the dumper is a no-op otherwise so passes never check.
+on; the dumper is a no-op otherwise so passes never check. Under
+``TORCH_TRACE`` the same texts also go to torch's structured trace as
+artifacts named ``retrograd_<graph id>_<file>`` (tlparse lists them under the
+compile id), whether or not a dump folder is set.
 
 ``dump_dir`` may be a shared folder and graph ids are predictable, so no
 write follows a link: a graph folder is used only if it is a real folder of
@@ -35,6 +38,7 @@ from retrograd.ir import Program, Role
 from retrograd.passes import buffer_reuse
 from retrograd.report import to_json
 from retrograd.runtime.loader import ours_alone
+from retrograd.torch_logging import trace, tracing
 
 __all__ = ["Dumper", "count_nodes", "subject_text", "memory_plan_text", "kernel_graph",
            "timeline"]
@@ -129,6 +133,7 @@ class Dumper:
             if folder is not None:
                 self.by_id[graph_id] = folder
         self.counter = counter
+        self.label = _label(graph_ids)                 # artifact names in the torch trace
         self.graph_files: list[tuple[str, str]] = []   # (file name, text)
         self.failed: set[Path] = set()                 # folders already warned about
 
@@ -169,12 +174,15 @@ class Dumper:
         self.counter += 1
         self.graph_files.append((file_name, text))
         self.write(file_name, text)
+        trace(f"retrograd_{self.label}_{file_name}", lambda: text)
 
     def finish(self, report: dict, kernels: dict[str, str], program: str, plan: str,
                timeline: dict[str, list[int]],
                graph: list[tuple[str, str, list[int]]] = ()) -> None:
         """Write the final files; ``graph`` is the kernel DAG as (name, kind,
         indices of the kernels it reads from), in schedule order."""
+        if tracing():
+            self._trace_final(report, kernels, program, plan)
         if not self.enabled:
             return
         for name, source in kernels.items():
@@ -184,6 +192,26 @@ class Dumper:
         self.write("report.json", to_json(report))
         self.write("index.html", _index(report, self.graph_files, sorted(kernels), timeline,
                                         graph))
+
+    def _trace_final(self, report: dict, kernels: dict[str, str], program: str,
+                     plan: str) -> None:
+        """The final texts as structured-trace artifacts (``TORCH_TRACE`` is on)."""
+        prefix = f"retrograd_{self.label}"
+        for name, source in kernels.items():
+            trace(f"{prefix}_kernel_{name}", lambda source=source: source)
+        trace(f"{prefix}_program", lambda: program)
+        trace(f"{prefix}_memory_plan", lambda: plan)
+        trace(f"{prefix}_report", lambda: to_json(report), encoding="json")
+        if report.get("ledger") is not None:
+            trace(f"{prefix}_ledger", lambda: to_json(report["ledger"]), encoding="json")
+
+
+def _label(graph_ids: list[str]) -> str:
+    """One name for the graphs a dumper serves: the id itself, or the joint
+    stage's shared prefix (``g1234abcd`` of ``g1234abcd-forward`` and ``-backward``)."""
+    if len(graph_ids) == 1:
+        return graph_ids[0]
+    return os.path.commonprefix(graph_ids).rstrip("-") or "graph"
 
 
 SERIES_COLORS = ("#c0392b", "#2980b9", "#7f8c8d")

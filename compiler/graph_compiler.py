@@ -33,6 +33,7 @@ from retrograd.report import PassRecord, build_report
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
 from retrograd.runtime.executor import FxExecutable, GeneratedExecutable
+from retrograd.torch_logging import memory_log, passes_log
 from retrograd.verify import check_joint, compare, run_graph, run_program
 
 __all__ = ["GraphCompiler"]
@@ -131,7 +132,7 @@ class GraphCompiler:
             self._check_joint(joint, reference, tangents, ctx.num_fwd_outputs)
         subject = joint
         for spec in passes_for(Stage.JOINT, self.options.disable):
-            subject = run_pass(spec.name, spec.run, subject, ctx, self.joint_records)
+            subject = _run(spec, subject, ctx, self.joint_records)
             if isinstance(subject, tuple) and self.options.verify:   # split in two halves
                 self._check_halves(subject, primals, tangents, ctx.num_fwd_outputs, reference)
             elif not isinstance(subject, tuple) and self._keeps_values(spec):
@@ -201,7 +202,7 @@ class GraphCompiler:
             inputs = self._primals(example_inputs)
             self.references[half] = (inputs, run_graph(gm, inputs))
         for spec in passes_for(stage, self.options.disable):
-            gm = run_pass(spec.name, spec.run, gm, ctx, self.joint_records)
+            gm = _run(spec, gm, ctx, self.joint_records)
             if self.options.verify:
                 self._check(spec.name, gm, *self.references[half])
         return self._compile_half(half, gm, example_inputs)
@@ -214,7 +215,7 @@ class GraphCompiler:
         reference = self.references.get(half)
         subject: Any = gm
         for spec in passes_for(Stage.HALF, self.options.disable):
-            subject = run_pass(spec.name, spec.run, subject, ctx, records)
+            subject = _run(spec, subject, ctx, records)
             self._check_program(spec.name, subject, reference)
         program: Program = subject
         executable, kernels, wrapper = self._generate(program, example_inputs, records)
@@ -223,8 +224,9 @@ class GraphCompiler:
         report = build_report(half, name, program, records, self.captured_nodes,
                               len(gm.graph.nodes), perf_counter() - self.started)
         self.reports[half] = report
-        dumper.finish(report, kernels, wrapper, memory_plan_text(program), timeline(program),
-                      kernel_graph(program))
+        plan = memory_plan_text(program)
+        memory_log.debug("%s: memory plan\n%s", name, plan)
+        dumper.finish(report, kernels, wrapper, plan, timeline(program), kernel_graph(program))
         self._log(report, dumper)
         return boxed(executable)
 
@@ -257,6 +259,15 @@ class GraphCompiler:
                  kernels["extern"], kernels["extern_ops"], memory["saved_activation_bytes"],
                  memory["live_lower_bound_bytes"], memory["unplanned_bytes"],
                  report["compile_seconds"], where)
+
+
+def _run(spec: PassSpec, subject: Any, ctx: PassContext, records: list[PassRecord]) -> Any:
+    """One pass, and its line for ``TORCH_LOGS=retrograd_passes``."""
+    subject = run_pass(spec.name, spec.run, subject, ctx, records)
+    record = records[-1]
+    passes_log.debug("%s: pass %s: %d -> %d nodes in %.3fs %s", ctx.graph_name, record.name,
+                     record.nodes_before, record.nodes_after, record.seconds, record.stats)
+    return subject
 
 
 def _closed_over_grads(gm: fx.GraphModule) -> list[str]:
