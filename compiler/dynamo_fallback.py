@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from retrograd.backend import CompiledGraph, retrograd_backend
-from retrograd.errors import UnsupportedError, user_stacklevel
+from retrograd.errors import user_stacklevel
 from retrograd.options import Options
 
 __all__ = ["DynamoFallback"]
@@ -38,7 +38,7 @@ class DynamoFallback:
     """``target`` compiled by ``torch.compile`` with retrograd as its backend,
     keeping track of which of its graphs ran last (for ``.reports``)."""
 
-    def __init__(self, target: Callable, options: Options, refusal: UnsupportedError):
+    def __init__(self, target: Callable, options: Options, reason: str):
         self.last: CompiledGraph | None = None
         self.graphs: list[CompiledGraph] = []
         mapping = asdict(options)
@@ -50,7 +50,7 @@ class DynamoFallback:
             return graph
 
         self.compiled = torch.compile(target, backend=backend)
-        message = (f"{str(refusal).split('; the standalone face')[0]}; compiling it through "
+        message = (f"{reason}; compiling it through "
                    f"torch.compile(backend=\"retrograd\") instead, which splits the graph "
                    f"there (data_dependent=\"error\" raises instead)")
         log.info(message)

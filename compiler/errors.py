@@ -23,7 +23,8 @@ import torch
 from torch._subclasses.fake_tensor import (DataDependentOutputException,
                                            DynamicOutputShapeException)
 
-__all__ = ["UnsupportedError", "DATA_DEPENDENT", "data_dependent_error", "user_frame",
+__all__ = ["UnsupportedError", "DATA_DEPENDENT", "data_dependent_error",
+           "data_dependent_reason", "user_frame",
            "user_stacklevel"]
 
 
@@ -110,15 +111,21 @@ def _op_name(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def data_dependent_error(error: BaseException, what: str) -> UnsupportedError:
-    """An ``UnsupportedError`` for torch's data-dependent ``error`` in ``what``."""
+def data_dependent_reason(error: BaseException, what: str) -> str:
+    """``what: op at file:line (code) why``: what in the user's code needs
+    tensor values, for the error and for the standalone face's fallback warning."""
     op = _op_name(error)
     why = next((text for prefix, text in _WHY.items() if op.startswith(prefix)),
                "depends on tensor values")
     frame = user_frame(error)
     where = (f" at {frame.filename}:{frame.lineno} ({frame.name}: {(frame.line or '').strip()})"
              if frame is not None else "")
+    return f"{what}: {op}{where} {why}"
+
+
+def data_dependent_error(error: BaseException, what: str) -> UnsupportedError:
+    """An ``UnsupportedError`` for torch's data-dependent ``error`` in ``what``."""
     return UnsupportedError(
-        f"{what}: {op}{where} {why}; the standalone face traces one graph with static "
+        f"{data_dependent_reason(error, what)}; the standalone face traces one graph with static "
         f"shapes and cannot follow it. Use torch.compile(..., backend=\"retrograd\"), which "
         f"splits the graph at such code, or compute the value outside the compiled call")

@@ -26,7 +26,8 @@ import torch.utils._pytree as pytree
 
 from retrograd.capture import compile_graph, signature
 from retrograd.dynamo_fallback import DynamoFallback
-from retrograd.errors import DATA_DEPENDENT, data_dependent_error, user_stacklevel
+from retrograd.errors import (DATA_DEPENDENT, data_dependent_error, data_dependent_reason,
+                              user_stacklevel)
 from retrograd.guards import (Guards, function_guards, module_function_guards,
                               module_read_guards, recording_module_reads)
 from retrograd.hooks import hook_key, warn_about_hooks
@@ -157,10 +158,11 @@ class TraceCache:
             try:
                 entry = self._trace(leaves, in_spec, slots, tensors)
             except DATA_DEPENDENT as error:
-                refusal = data_dependent_error(error, f"{self.face} of {self.what}")
+                what = f"{self.face} of {self.what}"
                 if not self.may_split or self.options.data_dependent == "error":
-                    raise refusal from error
-                self.fallback = DynamoFallback(self.target, self.options, refusal)
+                    raise data_dependent_error(error, what) from error
+                self.fallback = DynamoFallback(self.target, self.options,
+                                               data_dependent_reason(error, what))
                 return None
             self._keep(key, entry)
             return entry
