@@ -6,6 +6,7 @@ from retrograd.codegen import ops
 from retrograd.codegen.pointwise import choose_block, generate_pointwise
 from retrograd.codegen.reduction import choose_reduction_blocks, generate_reduction
 from retrograd.codegen.pooling import POOLS, generate_pool
+from retrograd.codegen.scan import SCANS, generate_scan
 from retrograd.codegen.scatter import SCATTERS, generate_scatter
 from retrograd.codegen.wrapper import generate_program
 from retrograd.ir import Family, Kind, Program
@@ -19,7 +20,7 @@ def lowered_ops() -> dict[str, list[str]]:
     from retrograd.codegen.indexing import INDEXING
     from retrograd.codegen.reduction import REDUCTIONS
     families = {"pointwise": [*ops.LOWERINGS, *ops.RANDOM_OPS], "indexing": INDEXING,
-                "reduction": REDUCTIONS, "scatter": SCATTERS, "pooling": POOLS}
+                "reduction": REDUCTIONS, "scatter": SCATTERS, "pooling": POOLS, "scan": SCANS}
     return {family: sorted(str(op) for op in table) for family, table in families.items()}
 
 
@@ -33,6 +34,11 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
         elif kernel.family == Family.SCATTER:
             block = choose_block(kernel.numel, interpreted)
             kernel.source = generate_scatter(kernel, program.buffers, block, program.name)
+        elif kernel.family == Family.SCAN:
+            val = kernel.nodes[-1].meta["val"]
+            extent = val.shape[kernel.nodes[-1].args[1] % val.dim()]
+            rows, r_block = choose_reduction_blocks(val.numel() // extent, extent, interpreted)
+            kernel.source = generate_scan(kernel, program.buffers, rows, r_block, program.name)
         elif kernel.family == Family.REDUCTION:
             inner = len(kernel.full_shape) - 1 in kernel.reduced_dims
             rows, r_block = choose_reduction_blocks(kernel.numel, kernel.extent, interpreted,

@@ -56,6 +56,7 @@ class Family(enum.StrEnum):
     REDUCTION = "reduction"    # rows reduced over some dims, with prologue and epilogue
     SCATTER = "scatter"        # one lane per index, writing through it
     POOLING = "pooling"        # one lane per output window
+    SCAN = "scan"              # rows scanned along one dim (cumsum, cumprod)
     EXTERN = "extern"
     VIEW = "view"
 
@@ -263,6 +264,9 @@ class CodegenSupport(Protocol):
 
     def can_pool(self, node: Any) -> bool:
         """A pooling window op (max/avg pool and their backwards)."""
+
+    def can_scan(self, node: Any) -> bool:
+        """A prefix scan (cumsum, cumprod) codegen emits as a Triton scan."""
 
     def is_fill(self, node: Any) -> bool:
         """A constant fill, inlined as a literal where it is read."""

@@ -29,6 +29,7 @@ from retrograd.codegen import indexing as codegen_indexing
 from retrograd.codegen import ops as codegen_ops
 from retrograd.codegen import pooling as codegen_pooling
 from retrograd.codegen import reduction as codegen_reduction
+from retrograd.codegen import scan as codegen_scan
 from retrograd.codegen import scatter as codegen_scatter
 from retrograd.dump import Dumper, count_nodes, subject_text
 from retrograd.ir import CodegenSupport, PassResult, Program
@@ -58,6 +59,7 @@ class OpSupport:
     reads_by_index = staticmethod(codegen_indexing.reads_by_index)
     can_scatter = staticmethod(codegen_scatter.can_scatter)
     can_pool = staticmethod(codegen_pooling.can_pool)
+    can_scan = staticmethod(codegen_scan.can_scan)
     can_reduce = staticmethod(codegen_reduction.can_reduce)
     describe_reduction = staticmethod(codegen_reduction.describe_reduction)
 

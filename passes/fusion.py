@@ -192,6 +192,8 @@ class _Builder:
         """What the kernel computes, which picks its code generator."""
         support = self.grouping.support
         if geometry == "standalone":
+            if support.can_scan(nodes[0]):
+                return Family.SCAN
             return Family.SCATTER if support.can_scatter(nodes[0]) else Family.POOLING
         if geometry is not None:
             return Family.REDUCTION

@@ -191,7 +191,7 @@ class Grouping:
         if support.can_scatter(node):
             # one lane per element of the index (scatter) or values (index_put)
             self.add(node, None, "standalone", numel_of(node.args[2]))
-        elif support.can_pool(node):
+        elif support.can_pool(node) or support.can_scan(node):
             self.add(node, None, "standalone", None)
         elif support.can_reduce(node):
             source, dims, _ = support.describe_reduction(node)
