@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from retrograd.numerics import relative_error, wide
 
 __all__ = ["ZooEntry", "ZOO", "mlp", "cnn", "attention_block", "gpt2_tiny", "mlp_frozen",
-           "MLP", "SmallCNN", "AttentionBlock", "training_step",
+           "lora", "MLP", "SmallCNN", "AttentionBlock", "LoRALinear", "LoRATransformer",
+           "training_step",
            "assert_parity", "clone_inputs", "errors"]
 
 
@@ -208,8 +209,91 @@ def gpt2_tiny() -> ZooEntry:
     )
 
 
+# -- a LoRA fine-tune -----------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``B @ A`` (Hu et al., 2021).
+
+    ``y = base(x) + (x @ A^T @ B^T) * alpha / rank``. LoRA starts ``B`` at zero;
+    here it starts small and random so that every adapter gradient is non-zero
+    from the first step (a zero ``B`` gives ``A`` an exactly zero gradient,
+    which no relative test can compare).
+    """
+
+    def __init__(self, features_in: int, features_out: int, rank: int = 4,
+                 alpha: float = 8.0):
+        super().__init__()
+        self.base = nn.Linear(features_in, features_out)
+        self.base.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, features_in) / math.sqrt(features_in))
+        self.lora_b = nn.Parameter(torch.randn(features_out, rank) * 0.1)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
+
+
+class _LoRABlock(nn.Module):
+    """A pre-norm block: causal SDPA attention with LoRA on q, k, v and the output
+    projection, then a GELU MLP; norms and MLP frozen."""
+
+    def __init__(self, dim: int, heads: int, rank: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (LoRALinear(dim, dim, rank) for _ in range(4))
+        self.fc, self.out = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        for module in (self.norm1, self.norm2, self.fc, self.out):
+            module.requires_grad_(False)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = (projection(x).view(batch, tokens, self.heads, dim // self.heads)
+                   .transpose(1, 2) for projection in (self.q, self.k, self.v))
+        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(mixed.transpose(1, 2).reshape(batch, tokens, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.out(F.gelu(self.fc(self.norm2(x))))
+
+
+class LoRATransformer(nn.Module):
+    """A small causal language model fine-tuned with LoRA: token and position
+    embeddings, ``layers`` blocks, a final norm and an LM head, every base
+    weight frozen; only the adapters (``lora_a``, ``lora_b``) train. Returns the
+    next-token cross-entropy of ``ids``."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 2, layers: int = 2,
+                 tokens: int = 8, rank: int = 4):
+        super().__init__()
+        self.embed, self.position = nn.Embedding(vocab, dim), nn.Embedding(tokens, dim)
+        self.blocks = nn.ModuleList(_LoRABlock(dim, heads, rank) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+        for module in (self.embed, self.position, self.norm, self.head):
+            module.requires_grad_(False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def lora() -> ZooEntry:
+    """LoRATransformer, 2 layers of width 32, rank 4, on 2x8 token ids; the
+    model returns its loss."""
+    return ZooEntry(
+        "lora",
+        model=lambda: LoRATransformer(),
+        inputs=lambda: (torch.randint(0, 64, (2, 8)),),
+        loss=lambda output: output,
+    )
+
+
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in
-                            (mlp(), cnn(), attention_block(), gpt2_tiny(), mlp_frozen())}
+                            (mlp(), cnn(), attention_block(), gpt2_tiny(), mlp_frozen(), lora())}
 
 
 # -- the parity harness -------------------------------------------------------------
