@@ -1,12 +1,16 @@
 """The torch.compile face: ``torch.compile(model, backend="retrograd", options={...})``.
 
-Dynamo hands over a GraphModule and example inputs. Compilation waits for
-the first real call, for two reasons: ``verify=True`` needs real inputs, and
-when dynamo marks shapes dynamic after a recompile (SymInt inputs), the
-graph is specialized to the concrete sizes of each call: one compiled graph
-per distinct signature, cached. That is a documented specialization
-(docs/design.md), not symbolic codegen. At most ``max_programs`` are kept,
-least recently used released first (recompiles.py). A graph whose trace
+Dynamo hands over a GraphModule and example inputs. A graph of static
+sizes is compiled at its first real call (``verify=True`` needs real
+inputs), once per call signature (Python numbers read through ``.item()``
+are baked in). When dynamo marks sizes dynamic after a second size
+(automatic dynamic shapes; SymInt inputs), the graph is compiled once,
+symbolically, inside this backend call, so the shape guards of the trace
+become dynamo's (``SymbolicGraph``, dynamic.py); with ``dynamic=False`` it is
+specialized per concrete size instead. At most ``max_programs`` are kept,
+least recently used released first, each compile after the first is logged
+with what changed, and past ``recompile_limit`` compiles the graph runs in
+eager PyTorch (recompiles.py). A graph whose trace
 needs tensor values inside an op (a boolean-mask ``index_put``) runs in
 eager PyTorch, with a warning and a report that says so (``EagerGraph``).
 """
@@ -23,13 +27,14 @@ from typing import Any
 import torch
 
 from retrograd.capture import compile_graph, signature
+from retrograd.dynamic import compile_symbolic, describe_dims, is_symbolic
 from retrograd.errors import DATA_DEPENDENT
 from retrograd.locking import compiling
 from retrograd.options import Options
-from retrograd.recompiles import describe_change, limit_message
+from retrograd.recompiles import describe_change, limit_message, recompile_limit_message
 from retrograd.torch_logging import register as register_torch_logs
 
-__all__ = ["retrograd_backend", "CompiledGraph"]
+__all__ = ["retrograd_backend", "CompiledGraph", "SymbolicGraph"]
 
 log = logging.getLogger("retrograd")
 
@@ -51,6 +56,8 @@ class CompiledGraph:
         self.scalar_inputs = scalar_inputs(gm)
         self.warned_limit = False
         self.warned_eager = False
+        self.compiles = 0
+        self.eager: str | None = None   # past recompile_limit: why new signatures run eagerly
         # dynamo's compile context of this graph (compile id): the lazy compile
         # re-enters it so TORCH_TRACE files retrograd's artifacts under that id
         self.compile_context = torch._guards.CompileContext.try_get()
@@ -68,6 +75,8 @@ class CompiledGraph:
         compiled = self._use(key)
         if compiled is None:
             compiled = self._compile(key, args, scalars)
+        if compiled is None:   # past recompile_limit
+            return self.gm(*args)
         return compiled(*args)
 
     def _use(self, key: tuple) -> Any:
@@ -86,7 +95,7 @@ class CompiledGraph:
         together wait for one compile and all use it."""
         with compiling(), torch._guards.compile_context(self.compile_context):
             compiled = self._use(key)
-            if compiled is not None:
+            if compiled is not None or self._past_limit(key):
                 return compiled
             concrete = [int(a) if isinstance(a, torch.SymInt) else a for a in args]
             gm = bake_scalars(self.gm, scalars) if scalars else self.gm
@@ -105,6 +114,27 @@ class CompiledGraph:
                 self.last_key = key
                 self._bound(key)
             return compiled
+
+    def _past_limit(self, key: tuple) -> bool:
+        """Count this compile and log what made it; or, past ``recompile_limit``
+        compiles, warn once and say the call runs eagerly (the kept programs
+        still run)."""
+        limit = self.options.recompile_limit
+        with self.lock:
+            change = describe_change(key, list(self.compiled))
+        if limit is not None and self.compiles >= limit:
+            if self.eager is None:
+                what = f"a graph dynamo handed over ({len(self.gm.graph.nodes)} nodes)"
+                self.eager = recompile_limit_message("torch.compile(backend='retrograd')",
+                                                     what, limit, change)
+                log.warning(self.eager)
+                warnings.warn(self.eager, stacklevel=4)
+            return True
+        self.compiles += 1
+        if self.compiles > 1:
+            log.info("retrograd: compiling a graph dynamo handed over again (compile %d): %s",
+                     self.compiles, change)
+        return False
 
     def _bound(self, key: tuple) -> None:
         """Release the least recently used programs past ``max_programs`` (the
@@ -155,6 +185,57 @@ class EagerGraph:
         return self.gm(*args)
 
 
+class SymbolicGraph:
+    """A graph dynamo handed over with symbolic sizes, compiled once for all
+    of them (dynamic.py says what such a program runs)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, dims: str):
+        self.gm = gm
+        self.compiled, self.compiler = compile_symbolic(
+            gm, example_inputs, "torch.compile(backend='retrograd')", dims)
+
+    @property
+    def reports(self) -> dict[str, dict]:
+        return self.compiler.reports
+
+    def __call__(self, *args):
+        return self.compiled(*args)
+
+
+def symbolic_dims(gm: torch.fx.GraphModule, example_inputs) -> str:
+    """The symbolic sizes dynamo handed over, as ``input 0 dim 0`` (and SymInts):
+    read from the placeholders' fake values (the example tensors are real)."""
+    values = [node.meta.get("example_value", value) for node, value in zip(
+        [node for node in gm.graph.nodes if node.op == "placeholder"], example_inputs)]
+    return _named_dims(values)
+
+
+def _named_dims(example_inputs) -> str:
+    dims = [(i, d) for i, value in enumerate(example_inputs) if isinstance(value, torch.Tensor)
+            for d, size in enumerate(value.shape) if isinstance(size, torch.SymInt)]
+    ints = [i for i, value in enumerate(example_inputs) if isinstance(value, torch.SymInt)]
+    return ", ".join(filter(None, [describe_dims(dims)] + [f"input {i}" for i in ints]))
+
+
+def _symbolic_or_none(gm: torch.fx.GraphModule, example_inputs,
+                      options: Options) -> SymbolicGraph | None:
+    """A ``SymbolicGraph`` where dynamo handed over symbolic sizes (and
+    ``dynamic`` is not False, and no Python number is read through ``.item()``);
+    None where the graph is compiled per concrete signature instead (logged
+    when the symbolic trace failed)."""
+    if options.dynamic is False or not is_symbolic(example_inputs) or scalar_inputs(gm):
+        return None
+    dims = symbolic_dims(gm, example_inputs)
+    try:
+        return SymbolicGraph(gm, example_inputs, dims)
+    except Exception as error:   # noqa: BLE001 - the per-size path handles it, or says why
+        log.warning("retrograd: a graph dynamo handed over with symbolic sizes (%s) could not "
+                    "be traced symbolically (%s: %s); it is compiled per concrete size",
+                    dims, type(error).__name__, str(error).splitlines()[0] if str(error)
+                    else "")
+        return None
+
+
 def scalar_inputs(gm: torch.fx.GraphModule) -> list[int]:
     """Positions of the inputs that carry a Python number.
 
@@ -192,7 +273,8 @@ def retrograd_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | 
         raise ValueError(f"retrograd: unknown mode {mode!r}; torch.compile's modes are {MODES}")
     if mode not in (None, "default"):
         log.warning("retrograd: mode=%r has no effect; retrograd has a single mode", mode)
-    return CompiledGraph(gm, Options.from_mapping(options))
+    parsed = Options.from_mapping(options)
+    return _symbolic_or_none(gm, example_inputs, parsed) or CompiledGraph(gm, parsed)
 
 
 def register() -> None:

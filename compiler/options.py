@@ -55,11 +55,20 @@ class Options:
             a compiled object keeps, like dynamo's ``recompile_limit``; past
             it the least recently used is released, with one warning naming
             what changed (recompiles.py).
+        dynamic: None (automatic, as torch.compile's default): a dimension
+            that takes a second size is compiled once more as a symbolic
+            size, and that program serves later sizes (dynamic.py); True:
+            every size symbolic from the first call; False: one static
+            program per size.
+        recompile_limit: None, or the most programs a compiled object
+            compiles; past it a call that would compile runs in eager
+            PyTorch, with one warning (dynamo's ``recompile_limit``).
 
     Example:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
         Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), \
-verify=False, save=(), recompute=(), data_dependent='split', max_programs=16)
+verify=False, save=(), recompute=(), data_dependent='split', max_programs=16, \
+dynamic=None, recompile_limit=None)
     """
 
     memory_budget: float | None = None
@@ -71,6 +80,8 @@ verify=False, save=(), recompute=(), data_dependent='split', max_programs=16)
     recompute: tuple[str, ...] = ()
     data_dependent: str = "split"
     max_programs: int = 16
+    dynamic: bool | None = None
+    recompile_limit: int | None = None
 
     @classmethod
     def known(cls) -> list[str]:
@@ -111,6 +122,14 @@ verify=False, save=(), recompute=(), data_dependent='split', max_programs=16)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"retrograd: option max_programs={limit!r} must be a whole "
                              f"number of programs, at least 1")
+        if not isinstance(self.dynamic, (bool, type(None))):
+            raise ValueError(f"retrograd: option dynamic={self.dynamic!r} must be None "
+                             f"(automatic), True or False")
+        limit = self.recompile_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ValueError(f"retrograd: option recompile_limit={limit!r} must be None or "
+                             f"a whole number of compiles, at least 1")
         if not isinstance(self.verify, bool):
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
         for name in ("save", "recompute"):

@@ -9,6 +9,14 @@ frame with a warning), each compiled object keeps at most
 released (it compiles again if called), with one warning per object that
 names what changed between the new signature and the nearest kept one
 ("input 0 shape (4, 8) -> (5, 8)") and what to do about it.
+
+Sizes that vary do not compile a program each: after a dimension's second
+size, one program with it symbolic serves the others (dynamic.py). What
+still compiles again is logged with what changed, and
+``Options.recompile_limit`` caps the compiles of a compiled object: past
+it, a call that would compile runs in eager PyTorch instead, with one
+warning (``recompile_limit_message``), as dynamo does past its own
+``recompile_limit``.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["describe_change", "limit_message"]
+__all__ = ["describe_change", "limit_message", "recompile_limit_message"]
 
 #: The fields of a tensor's entry in ``capture.signature``, after its tag.
 _TENSOR_FIELDS = ("shape", "stride", "dtype", "device", "requires_grad")
@@ -92,6 +100,16 @@ def limit_message(face: str, what: str, limit: int, change: str) -> str:
     return (f"{face}: {what} has been compiled for more than {limit} signatures "
             f"(option max_programs={limit}); the least recently used program is released "
             f"and compiles again if called. The last new signature differs from the nearest "
-            f"kept one in: {change}. retrograd compiles static shapes (dynamic shapes are "
-            f"not supported yet): pad or bucket varying sizes to a few values, or raise "
-            f"max_programs")
+            f"kept one in: {change}. Sizes that vary compile one symbolic program after "
+            f"their second value (dynamic=None); other changes (dtypes, layouts, Python "
+            f"values, sizes with dynamic=False) compile each: keep them to a few values, "
+            f"or raise max_programs")
+
+
+def recompile_limit_message(face: str, what: str, limit: int, change: str) -> str:
+    """The one warning a compiled object gives when it reaches ``recompile_limit``."""
+    return (f"{face}: {what} has been compiled {limit} times (option "
+            f"recompile_limit={limit}); calls that would compile again run in eager "
+            f"PyTorch, uncompiled, from now on (programs already compiled still run). The "
+            f"last change: {change}. Keep dtypes, layouts and the Python values the code "
+            f"reads to a few values, or raise recompile_limit")

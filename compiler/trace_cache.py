@@ -10,6 +10,13 @@ runs; otherwise the call traces again through AOTAutograd
 is handed to dynamo from then on (dynamo_fallback.py), or, where the face
 or ``data_dependent="error"`` forbids it, raises ``UnsupportedError``
 (errors.py); hooks are warned about (hooks.py).
+
+Automatic dynamic shapes (dynamic.py): once a dimension of an input has
+taken a second size, the call is traced with that dimension symbolic and
+the program is kept under the signature without those sizes, with the
+shape guards of its trace; later sizes reuse it. Every compile after the
+first is logged with what changed; past ``recompile_limit`` compiles, new
+signatures run in eager PyTorch, with one warning.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from retrograd.capture import compile_graph, signature
+from retrograd.dynamic import (ShapeGuards, SizeHistory, abstract_key, compile_symbolic,
+                               describe_dims, every_dim, family, symbolic_inputs)
 from retrograd.dynamo_fallback import DynamoFallback
 from retrograd.errors import (DATA_DEPENDENT, data_dependent_error, data_dependent_reason,
                               user_stacklevel)
@@ -33,7 +42,7 @@ from retrograd.guards import (Guards, function_guards, module_function_guards,
 from retrograd.hooks import hook_key, warn_about_hooks
 from retrograd.locking import compiling
 from retrograd.options import Options
-from retrograd.recompiles import describe_change, limit_message
+from retrograd.recompiles import describe_change, limit_message, recompile_limit_message
 
 __all__ = ["TraceCache", "MAX_ENTRIES"]
 
@@ -93,6 +102,7 @@ class _Entry:
     compiler: Any
     flat: _Flat
     guards: Guards
+    shapes: ShapeGuards | None = None   # a symbolic program's shape guards
 
 
 class TraceCache:
@@ -126,6 +136,11 @@ class TraceCache:
         self.fallback: DynamoFallback | None = None
         self.what = (getattr(target, "__qualname__", "the function") if module is None
                      else f"{type(module).__name__}.forward")
+        self.sizes = SizeHistory()     # automatic dynamic shapes (dynamic.py)
+        self.symbolic_dims: list[frozenset] = []   # the dims of each symbolic program kept
+        self.static_only: dict[tuple, str] = {}    # family -> why its symbolic trace failed
+        self.compiles = 0
+        self.eager: str | None = None  # past recompile_limit: why new signatures run eagerly
 
     def __call__(self, *args, **kwargs):
         if self.fallback is not None:
@@ -136,9 +151,11 @@ class TraceCache:
         if self.discover is not None:
             self.lifted = self.discover()
         key = signature(leaves) + self._module_key()
-        entry = self._lookup(key) or self._compile(leaves, in_spec, slots, tensors)
-        if entry is None:   # the trace needed tensor values: dynamo from now on
-            return self.fallback(*args, **kwargs)
+        entry = (self._lookup(key) or self._lookup_symbolic(leaves, tensors)
+                 or self._compile(leaves, in_spec, slots, tensors))
+        if entry is None:   # dynamo from now on, or eager past recompile_limit
+            self.last = None
+            return (self.fallback or self.target)(*args, **kwargs)
         self.last = entry
         return entry.flat.rebuild(entry.compiled(*tensors))
 
@@ -152,11 +169,21 @@ class TraceCache:
         so a key made meanwhile names tensors that are gone."""
         with compiling():
             key = signature(leaves) + self._module_key()
-            entry = self._lookup(key, again=True)
-            if entry is not None or self.fallback is not None:
+            entry = (self._lookup(key, again=True)
+                     or self._lookup_symbolic(leaves, tensors, again=True))
+            if entry is not None or self.fallback is not None or self._past_limit(key):
                 return entry
+            dims, failed = self._dynamic_dims(leaves), None
+            if dims:
+                entry, failed = self._try_symbolic(leaves, in_spec, slots, dims)
+                if entry is not None:
+                    self._keep(abstract_key(leaves, dims) + self._module_key(), entry)
+                    return entry
+            self._log_recompile(self._change(key))
             try:
                 entry = self._trace(leaves, in_spec, slots, tensors)
+                if failed is not None:   # not the call's own error: static from now on
+                    self._static_from_now_on(leaves, dims, failed)
             except DATA_DEPENDENT as error:
                 what = f"{self.face} of {self.what}"
                 if not self.may_split or self.options.data_dependent == "error":
@@ -212,11 +239,14 @@ class TraceCache:
             if not kept:
                 del self.entries[oldest]
 
-    def _lookup(self, key: tuple, again: bool = False) -> _Entry | None:
-        """The entry of ``key`` whose guards hold; logs why the others fail
-        (once: not when looked up ``again`` under the compile lock)."""
+    def _lookup(self, key: tuple, again: bool = False, tensors=None) -> _Entry | None:
+        """The entry of ``key`` whose guards (and shape guards, for a symbolic
+        program run on ``tensors``) hold; logs why the others fail (once: not
+        when looked up ``again`` under the compile lock)."""
         with self.lock:
             for entry in list(self.entries.get(key, ())):
+                if entry.shapes is not None and not entry.shapes.hold(tensors):
+                    continue
                 changed = entry.guards.failing()
                 if changed is None:
                     self.entries.move_to_end(key)   # most recently used
@@ -227,7 +257,83 @@ class TraceCache:
                 self.changed = changed
         return None
 
-    def _trace(self, leaves, in_spec, slots, tensors) -> _Entry:
+    # -- automatic dynamic shapes (dynamic.py) -----------------------------------------------
+    def _lookup_symbolic(self, leaves, tensors, again: bool = False) -> _Entry | None:
+        """A kept symbolic program this call fits (newest first), or None."""
+        for dims in reversed(self.symbolic_dims):
+            key = abstract_key(leaves, dims) + self._module_key()
+            entry = self._lookup(key, again, tensors)
+            if entry is not None:
+                return entry
+        return None
+
+    def _dynamic_dims(self, leaves) -> frozenset:
+        """The dimensions to trace symbolic: those that took two sizes (or all
+        of them with ``dynamic=True``; none with ``dynamic=False``, or where a
+        symbolic trace of this family failed)."""
+        seen = self.sizes.observe(leaves)
+        if self.options.dynamic is False or family(leaves) in self.static_only:
+            return frozenset()
+        return every_dim(leaves) if self.options.dynamic else seen
+
+    def _try_symbolic(self, leaves, in_spec, slots, dims) -> tuple[_Entry | None, str | None]:
+        """Trace this call with ``dims`` symbolic: (entry, None), or (None, why
+        the symbolic trace failed)."""
+        shown = describe_dims(dims)
+        self._log_recompile(f"{shown} took another size: tracing with "
+                            f"{'it' if len(dims) == 1 else 'them'} symbolic")
+        fakes, env = symbolic_inputs(leaves, slots, dims)
+
+        def trace(flat):
+            return compile_symbolic(flat, fakes, f"{self.face} of {self.what}", shown)
+        try:
+            entry = self._trace(leaves, in_spec, slots, fakes, trace)
+        except Exception as error:   # noqa: BLE001 - the static path handles it, or says why
+            self.compiles -= 1   # the static trace that follows counts instead
+            text = str(error).splitlines()[0] if str(error) else ""
+            return None, f"{type(error).__name__}: {text}"
+        entry.shapes = ShapeGuards(env, fakes)
+        entry.compiler.set_guards(entry.shapes.text())
+        self.symbolic_dims = [d for d in self.symbolic_dims if d != dims] + [dims]
+        return entry, None
+
+    def _static_from_now_on(self, leaves, dims, reason: str) -> None:
+        """A symbolic trace failed where the static one worked: this family
+        of calls compiles a static program per size from now on (logged)."""
+        self.static_only[family(leaves)] = reason
+        log.warning("%s: %s could not be traced with %s symbolic (%s); each size of it is "
+                    "compiled as its own static program", self.face, self.what,
+                    describe_dims(dims), reason)
+
+    def _log_recompile(self, change: str) -> None:
+        """Count a compile; from the second on, log what made it."""
+        self.compiles += 1
+        if self.compiles > 1:
+            log.info("%s: compiling %s again (compile %d): %s", self.face, self.what,
+                     self.compiles, change)
+
+    def _change(self, key: tuple) -> str:
+        """What this call changed from the programs kept (recompiles.py)."""
+        if key in self.entries:
+            return f"{self.changed} changed"
+        return describe_change(key, list(self.entries))
+
+    def _past_limit(self, key: tuple) -> bool:
+        """Whether ``recompile_limit`` compiles were made already: this call
+        then runs eagerly (``__call__``), with one warning."""
+        limit = self.options.recompile_limit
+        if limit is None or self.compiles < limit:
+            return False
+        if self.eager is None:
+            self.eager = recompile_limit_message(self.face, self.what, limit,
+                                                 self._change(key))
+            log.warning(self.eager)
+            warnings.warn(self.eager, stacklevel=user_stacklevel())
+        return True
+
+    def _trace(self, leaves, in_spec, slots, tensors, trace=None) -> _Entry:
+        """Trace and compile the call: ``compile_graph`` on ``tensors``, or
+        ``trace(flat)`` (a symbolic trace, where ``tensors`` are its fakes)."""
         constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
         flat = _Flat(self.target, in_spec, constants, slots)
         if self.lifted:
@@ -240,7 +346,8 @@ class TraceCache:
         module_function_guards(self._modules(), guards)
         warn_about_hooks(watched, f"{self.face} of {self.what}")
         with recording_module_reads() as reads:
-            compiled, compiler = compile_graph(flat, tensors, self.options, gradients=gradients)
+            compiled, compiler = (trace(flat) if trace is not None else compile_graph(
+                flat, tensors, self.options, gradients=gradients))
         module_read_guards(reads, {id(sub): label for label, sub in watched}, guards)
         guards.refresh(f"{self.face}: {self.what}")
         if not self.closed_over_ok:
@@ -287,8 +394,8 @@ class TraceCache:
     def reports(self) -> dict[str, dict]:
         if self.fallback is not None:
             return self.fallback.reports
-        if self.last is None:
-            return {}
+        if self.last is None:   # the last call ran eagerly past recompile_limit, or none yet
+            return {"eager": {"eager_fallback": self.eager}} if self.eager else {}
         return self.last.compiler.reports
 
 

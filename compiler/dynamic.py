@@ -1,0 +1,216 @@
+"""Automatic dynamic shapes: after a second size of a dimension, one symbolic program.
+
+Dynamo's ``automatic_dynamic_shapes`` compiles a frame for the sizes of its
+first call, and when a dimension shows a second size, compiles once more with
+that dimension symbolic; later sizes reuse that program. retrograd does the
+same on both faces:
+
+- under ``torch.compile``, dynamo already hands over a graph with symbolic
+  sizes (SymInt inputs) after the second size: the backend compiles it once,
+  symbolically, inside dynamo's backend call, so the guards the trace adds
+  (``s0 >= 2``, ``s0 == s1``) become dynamo's guards;
+- on the standalone face, ``SizeHistory`` remembers, per input family (the
+  call's signature with sizes left out), which sizes each dimension of each
+  contiguous tensor input has taken; once one has taken two, the call is
+  traced with fake inputs whose such dimensions are symbols of a fresh
+  ``ShapeEnv``, and the program is kept under ``abstract_key`` (the
+  signature with those sizes left out) together with the shape guards of its
+  trace (``ShapeGuards``), which every later call must pass.
+
+What a symbolic program runs: retrograd's passes, memory planner and Triton
+codegen work on concrete sizes (byte offsets, block sizes, unrolled index
+arithmetic), so a symbolic program is AOTAutograd's symbolic forward and
+backward graphs split by its default partition (what eager saves) and run
+as torch calls, the fx executor's way: no Triton kernel and no retrograd
+pass. Its report says so (``symbolic``: the symbolic dimensions, the
+guards, ``"executor": "fx"``, every node counted as an extern call). The
+numbers are eager's; only the static programs (first size, and every
+signature that does not vary in size) get retrograd's passes and kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from time import perf_counter
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import default_partition
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
+                                                   StatelessSymbolicContext)
+
+from retrograd.capture import _OutputsOwnMemory, signature
+from retrograd.locking import compiling
+from retrograd.report import SCHEMA
+
+__all__ = ["SizeHistory", "abstract_key", "symbolic_inputs", "compile_symbolic",
+           "ShapeGuards", "SymbolicCompiler", "is_symbolic", "describe_dims"]
+
+log = logging.getLogger("retrograd")
+
+#: A dimension of a call: (position of the argument among the call's leaves, dim).
+Dim = tuple[int, int]
+
+
+def _varies(value: Any) -> bool:
+    """A tensor whose sizes may be symbolic: dense and contiguous (its strides
+    follow from its sizes, so they are left out of the key with them)."""
+    return isinstance(value, torch.Tensor) and value.is_contiguous() and value.dim() > 0
+
+
+def family(leaves: Sequence[Any]) -> tuple:
+    """The call's signature with every size of a contiguous tensor left out
+    (its rank kept): calls of one family differ only in such sizes."""
+    return abstract_key(leaves, {(i, d) for i, v in enumerate(leaves) if _varies(v)
+                                 for d in range(v.dim())})
+
+
+def abstract_key(leaves: Sequence[Any], dims: set[Dim] | frozenset[Dim]) -> tuple:
+    """``capture.signature(leaves)`` with the sizes of ``dims`` replaced by
+    None, and the strides of those tensors by ``"contiguous"``."""
+    key = list(signature(leaves))
+    for position, value in enumerate(leaves):
+        mine = {d for p, d in dims if p == position}
+        if mine and _varies(value):
+            shape = tuple(None if d in mine else size for d, size in enumerate(value.shape))
+            key[position] = ("tensor", shape, "contiguous") + key[position][3:]
+    return tuple(key)
+
+
+class SizeHistory:
+    """The sizes each dimension took, per family of calls (``family``)."""
+
+    def __init__(self):
+        self.seen: dict[tuple, dict[Dim, set[int]]] = {}
+
+    def observe(self, leaves: Sequence[Any]) -> frozenset[Dim]:
+        """Record this call's sizes; return the dimensions of its family that
+        have taken two sizes or more (those to make symbolic)."""
+        sizes = self.seen.setdefault(family(leaves), {})
+        for position, value in enumerate(leaves):
+            if _varies(value):
+                for d, size in enumerate(value.shape):
+                    sizes.setdefault((position, d), set()).add(int(size))
+        return frozenset(dim for dim, taken in sizes.items() if len(taken) > 1)
+
+
+def every_dim(leaves: Sequence[Any]) -> frozenset[Dim]:
+    """Every dimension of every contiguous tensor (``dynamic=True``)."""
+    return frozenset((i, d) for i, v in enumerate(leaves) if _varies(v) for d in range(v.dim()))
+
+
+def describe_dims(dims: Sequence[Dim]) -> str:
+    """``input 0 dim 0, input 2 dim 1``, as recompile messages name them."""
+    return ", ".join(f"input {position} dim {d}" for position, d in sorted(dims))
+
+
+def symbolic_inputs(leaves: Sequence[Any], slots: Sequence[int], dims: frozenset[Dim]):
+    """Fake copies of the tensors at ``slots`` whose ``dims`` are symbols of a
+    fresh ShapeEnv (the others static); returns (fakes, shape_env)."""
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    fakes = []
+    for slot in slots:
+        tensor = leaves[slot]
+        mine = {d for p, d in dims if p == slot}
+        sizes = [DimDynamic.DYNAMIC if d in mine else DimDynamic.STATIC
+                 for d in range(tensor.dim())]
+        context = StatelessSymbolicContext(dynamic_sizes=sizes)
+        fakes.append(mode.from_tensor(tensor, symbolic_context=context))
+    return fakes, env
+
+
+class ShapeGuards:
+    """The shape guards of a symbolic trace (``s0 >= 2``, ``s0 == s1``, a
+    size the code fixed): a call runs the program only if they hold."""
+
+    def __init__(self, env: ShapeEnv, fakes: list):
+        self.env, self.fakes = env, fakes
+
+    def hold(self, tensors: Sequence[torch.Tensor]) -> bool:
+        return bool(self.env.evaluate_guards_for_args(self.fakes, list(tensors),
+                                                      ignore_static=False))
+
+    def text(self) -> str:
+        return self.env.produce_guards_expression(self.fakes) or "True"
+
+
+def is_symbolic(example_inputs: Sequence[Any]) -> bool:
+    """Whether dynamo handed over symbolic sizes (a SymInt input or size)."""
+    for value in example_inputs:
+        if isinstance(value, torch.SymInt):
+            return True
+        if isinstance(value, torch.Tensor) and any(
+                isinstance(size, torch.SymInt) for size in value.shape):
+            return True
+    return False
+
+
+class SymbolicCompiler:
+    """AOTAutograd's hooks for a symbolic program: the default partition,
+    each half kept as the fx graph it is (run by torch), and its report."""
+
+    def __init__(self, what: str, dims: str):
+        self.what, self.dims = what, dims
+        self.reports: dict[str, dict] = {}
+        self.closed_over_grads: list[str] = []
+        self.guards = "dynamo's guards"
+        self.started = perf_counter()
+
+    def set_guards(self, text: str) -> None:
+        """The shape guards of the trace, in the reports made and to come."""
+        self.guards = text
+        for report in self.reports.values():
+            report["symbolic"]["guards"] = text
+
+    def partition(self, joint: fx.GraphModule, joint_inputs, **kwargs):
+        from retrograd.graph_compiler import _closed_over_grads
+        self.closed_over_grads = _closed_over_grads(joint)
+        return default_partition(joint, joint_inputs, **kwargs)
+
+    def half(self, name: str):
+        def compile_half(gm: fx.GraphModule, example_inputs):
+            self.reports[name] = self._report(name, gm)
+            log.info("retrograd: %s: symbolic %s program (%s): %d torch calls, no Triton "
+                     "kernel", self.what, name, self.dims, self.reports[name]["kernels"]
+                     ["extern"])
+            return make_boxed_func(gm.forward)
+        return compile_half
+
+    def _report(self, name: str, gm: fx.GraphModule) -> dict:
+        calls = Counter(str(node.target) for node in gm.graph.nodes
+                        if node.op == "call_function")
+        nodes = len(gm.graph.nodes)
+        return {"schema": SCHEMA, "graph": name, "graph_id": None,
+                "nodes": {"captured": nodes, "final": nodes}, "passes": [],
+                "kernels": {"triton": 0, "extern": sum(calls.values()),
+                            "extern_ops": dict(sorted(calls.items())), "views": None,
+                            "pointwise_ops": None, "pointwise_ops_in_triton": None,
+                            "pointwise_ops_extern": None, "ops_in_triton": None},
+                "memory": {"saved_activation_bytes": None, "arena_bytes": None,
+                           "live_lower_bound_bytes": None, "unplanned_bytes": None},
+                "traffic": None, "recompute": {"nodes": None, "flops": None},
+                "ledger": [], "pareto": None,
+                "compile_seconds": round(perf_counter() - self.started, 4),
+                "symbolic": {"dims": self.dims, "guards": self.guards, "executor": "fx",
+                             "why": "retrograd's passes and Triton codegen need concrete "
+                                    "sizes; this program runs AOTAutograd's graphs as "
+                                    "torch calls"}}
+
+
+def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, dims: str):
+    """``module`` traced by AOTAutograd on symbolic ``fakes``; returns
+    (callable, compiler). Runs in the fake mode (and, under torch.compile, the
+    tracing context) of ``fakes``, so the trace's shape guards land there."""
+    compiler = SymbolicCompiler(what, dims)
+    with compiling():
+        compiled = aot_module_simplified(
+            _OutputsOwnMemory(module), list(fakes),
+            fw_compiler=compiler.half("forward"), bw_compiler=compiler.half("backward"),
+            inference_compiler=compiler.half("forward"), partition_fn=compiler.partition)
+    return compiled, compiler

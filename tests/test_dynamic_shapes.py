@@ -1,0 +1,201 @@
+"""Automatic dynamic shapes (issue 14 item 4): after a dimension's second size,
+one symbolic program serves every later size, on both faces; what still
+compiles is logged and capped by ``recompile_limit`` (eager past it)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+
+import retrograd
+import retrograd.backend
+from checks import assert_close
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def function(x):
+    return (x * 2).sin().sum()
+
+
+def _check(compiled, reference_function, rows: int, columns: int = 4) -> None:
+    """One call of ``compiled`` against eager in float64: value and gradient."""
+    x = torch.randn(rows, columns, dtype=torch.float64, requires_grad=True)
+    reference = x.detach().clone().requires_grad_()
+    got = compiled(x)
+    got.backward()
+    expected = reference_function(reference)
+    expected.backward()
+    assert_close(got, expected, torch.float64)
+    assert_close(x.grad, reference.grad, torch.float64, what="gradient")
+
+
+def _programs(compiled) -> int:
+    return sum(len(kept) for kept in compiled._cache.entries.values())
+
+
+def test_standalone_ten_batch_sizes_compile_at_most_two_programs(caplog):
+    compiled = retrograd.compile(function)
+    with caplog.at_level(logging.INFO, logger="retrograd"):
+        for rows in range(2, 12):
+            _check(compiled, function, rows)
+    assert compiled._cache.compiles == 2 and _programs(compiled) == 2
+    symbolic = compiled.reports["forward"]["symbolic"]
+    assert symbolic["dims"] == "input 0 dim 0" and symbolic["executor"] == "fx"
+    assert compiled.reports["forward"]["kernels"]["triton"] == 0   # said, not hidden
+    assert "L['t0'].size()[0]" in symbolic["guards"]
+    again = [r.getMessage() for r in caplog.records if "compiling function again" in
+             r.getMessage()]
+    assert again == ["retrograd.compile: compiling function again (compile 2): input 0 dim 0 "
+                     "took another size: tracing with it symbolic"]
+    _check(compiled, function, 2)   # the first size keeps its static program
+    assert "symbolic" not in compiled.reports["forward"]
+    assert compiled.reports["forward"]["kernels"]["triton"] >= 1
+
+
+def test_dynamic_false_compiles_each_size_and_true_none_but_one():
+    static = retrograd.compile(function, dynamic=False, executor="fx")
+    always = retrograd.compile(function, dynamic=True)
+    for rows in (2, 3, 4):
+        _check(static, function, rows)
+        _check(always, function, rows)
+    assert static._cache.compiles == 3 and always._cache.compiles == 1
+    assert always.reports["forward"]["symbolic"]["dims"] == "input 0 dim 0, input 0 dim 1"
+
+
+class Attention(torch.nn.Module):
+    """One head of self-attention over a sequence: (batch, sequence, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        weights = (q @ k.transpose(1, 2) / 8 ** 0.5).softmax(dim=-1)
+        return (weights @ v).square().mean()
+
+
+def test_symbolic_sequence_length_keeps_parameter_gradients_right():
+    torch.manual_seed(0)
+    model = Attention().double()
+    reference = copy.deepcopy(model)
+    compiled = retrograd.compile(model)
+    for length in (3, 5, 6, 9, 4):
+        x = torch.randn(2, length, 8, dtype=torch.float64)
+        model.zero_grad()
+        reference.zero_grad()
+        got, expected = compiled(x), reference(x)
+        got.backward()
+        expected.backward()
+        assert_close(got, expected, torch.float64)
+        for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+            assert_close(a.grad, b.grad, torch.float64, what=name)
+    assert compiled._cache.compiles == 2
+    assert compiled.reports["backward"]["symbolic"]["dims"] == "input 0 dim 1"
+
+
+def test_a_call_the_shape_guards_refuse_compiles_again():
+    """Adding x and y, the symbolic trace learns ``s0 == s1`` (a guard): a y
+    of one row, which broadcasts and needs its gradient summed, must not run
+    that program."""
+    def add(x, y):
+        return (x + y).sin().sum()
+
+    compiled = retrograd.compile(add)
+    for rows, other in ((2, 2), (3, 3), (4, 4), (4, 1)):
+        x = torch.randn(rows, 3, dtype=torch.float64, requires_grad=True)
+        y = torch.randn(other, 3, dtype=torch.float64, requires_grad=True)
+        got = compiled(x, y)
+        got_grads = torch.autograd.grad(got, (x, y))
+        expected = add(x, y)
+        assert_close(got, expected, torch.float64)
+        for a, b in zip(got_grads, torch.autograd.grad(expected, (x, y))):
+            assert_close(a, b, torch.float64, what="gradient")
+    guards = compiled._cache.entries
+    assert compiled._cache.compiles == 3   # (2, 2); symbolic (3, 3) and (4, 4); (4, 1)
+    assert any(".size()[0] == L['t" in entry.compiler.reports["forward"]
+               .get("symbolic", {}).get("guards", "") for kept in guards.values()
+               for entry in kept), guards
+
+
+def test_standalone_recompile_limit_runs_new_signatures_eagerly():
+    compiled = retrograd.compile(function, dynamic=False, recompile_limit=2, executor="fx")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in (2, 3, 4, 5, 2):
+            _check(compiled, function, rows)
+            if rows == 4:
+                assert "eager_fallback" in compiled.reports["eager"]
+    limit = [str(w.message) for w in caught if "recompile_limit" in str(w.message)]
+    assert len(limit) == 1, limit
+    assert "recompile_limit=2" in limit[0] and "input 0 shape (3, 4) -> (4, 4)" in limit[0]
+    assert compiled._cache.compiles == 2 and _programs(compiled) == 2
+    assert "forward" in compiled.reports   # size 2 still runs its program
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3"])
+def test_recompile_limit_must_be_a_positive_whole_number(bad):
+    with pytest.raises(ValueError, match="recompile_limit"):
+        retrograd.compile(function, recompile_limit=bad)
+
+
+def test_dynamic_must_be_none_or_a_bool():
+    with pytest.raises(ValueError, match="dynamic"):
+        retrograd.compile(function, dynamic="auto")
+
+
+def _record(monkeypatch) -> list:
+    """Every graph object the torch.compile face makes (static or symbolic)."""
+    made: list = []
+    for cls in (retrograd.backend.CompiledGraph, retrograd.backend.SymbolicGraph):
+        original = cls.__init__
+
+        def init(self, *args, original=original, **kwargs):
+            original(self, *args, **kwargs)
+            made.append(self)
+        monkeypatch.setattr(cls, "__init__", init)
+    return made
+
+
+def _compiled_programs(graphs: list) -> int:
+    return sum(len(graph.compilers) if isinstance(graph, retrograd.backend.CompiledGraph)
+               else 1 for graph in graphs)
+
+
+def test_torch_compile_face_ten_batch_sizes_compile_at_most_two_programs(fresh_dynamo,
+                                                                         monkeypatch):
+    graphs = _record(monkeypatch)
+    compiled = torch.compile(function, backend="retrograd")
+    for rows in range(2, 12):
+        _check(compiled, function, rows)
+    assert _compiled_programs(graphs) == 2, graphs
+    symbolic = [g for g in graphs if isinstance(g, retrograd.backend.SymbolicGraph)]
+    assert len(symbolic) == 1
+    assert "input 1 dim 0" in symbolic[0].reports["forward"]["symbolic"]["dims"]
+    assert set(symbolic[0].reports) == {"forward", "backward"}
+
+
+def test_torch_compile_face_recompile_limit_runs_eagerly(fresh_dynamo, monkeypatch):
+    """With dynamic=False the symbolic graph dynamo hands over compiles per
+    size; recompile_limit caps that, and the graph then runs in eager."""
+    graphs = _record(monkeypatch)
+    compiled = torch.compile(function, backend="retrograd",
+                             options={"dynamic": False, "recompile_limit": 2,
+                                      "executor": "fx"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rows in (2, 3, 4, 5, 6):
+            _check(compiled, function, rows)
+    assert not [g for g in graphs if isinstance(g, retrograd.backend.SymbolicGraph)]
+    limit = [str(w.message) for w in caught if "recompile_limit" in str(w.message)]
+    assert len(limit) == 1 and "input 1 shape (4, 4) -> (5, 4)" in limit[0], limit
+    assert max(len(graph.compilers) for graph in graphs) == 2
