@@ -30,6 +30,7 @@ from retrograd.ir import Program
 from retrograd.options import Options
 from retrograd.pipeline import OpSupport, PassContext, PassSpec, Stage, passes_for, run_pass
 from retrograd.report import PassRecord, build_report
+from retrograd.repro_writer import on_failure
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
 from retrograd.runtime.executor import FxExecutable, GeneratedExecutable
@@ -75,6 +76,7 @@ class GraphCompiler:
         self.backward_constants: dict[str, Any] = {}
         self.updates: dict[int, int] = {}     # compile_step: output -> input positions
         self.seed: str | None = None          # compile_step: the loss cotangent's placeholder
+        self.write_reproducer = True          # repro.run_stage turns it off (repro_writer)
 
     # -- the joint stage -------------------------------------------------------
     def _begin(self, gm: fx.GraphModule, halves: list[str]) -> PassContext:
@@ -113,7 +115,9 @@ class GraphCompiler:
     def partition(self, joint: fx.GraphModule, joint_inputs, **kwargs):
         """AOTAutograd's partition_fn: joint passes, then the split."""
         # AOTAutograd calls its hooks inside its fake mode; verify runs real tensors.
-        with unset_fake_temporarily():
+        with unset_fake_temporarily(), on_failure(
+                self, "joint", joint, [*joint_inputs[0], *joint_inputs[1]],
+                num_fwd_outputs=kwargs["num_fwd_outputs"], gradients=self.gradients):
             return self._partition(joint, joint_inputs, **kwargs)
 
     def _partition(self, joint: fx.GraphModule, joint_inputs, **kwargs):
@@ -161,19 +165,19 @@ class GraphCompiler:
 
     # -- each half -------------------------------------------------------------
     def compile_forward(self, gm: fx.GraphModule, example_inputs):
-        with unset_fake_temporarily():
+        with unset_fake_temporarily(), on_failure(self, "forward", gm, example_inputs):
             return self._compile_half("forward", gm, example_inputs)
 
     def compile_backward(self, gm: fx.GraphModule, example_inputs):
         for target, value in self.backward_constants.items():   # closed-over tensors stay live
             owner, _, name = target.rpartition(".")
             setattr(gm.get_submodule(owner), name, value)
-        with unset_fake_temporarily():
+        with unset_fake_temporarily(), on_failure(self, "backward", gm, example_inputs):
             return self._compile_half("backward", gm, example_inputs)
 
     def compile_inference(self, gm: fx.GraphModule, example_inputs):
         """No gradient needed: the joint stage is the forward alone."""
-        with unset_fake_temporarily():
+        with unset_fake_temporarily(), on_failure(self, "inference", gm, example_inputs):
             return self._compile_whole(Stage.INFERENCE, gm, example_inputs)
 
     def compile_step(self, gm: fx.GraphModule, example_inputs, seed: int,
@@ -189,7 +193,8 @@ class GraphCompiler:
         """
         self.updates = dict(updates or {})
         self.seed = [n.name for n in gm.graph.nodes if n.op == "placeholder"][seed]
-        with unset_fake_temporarily():
+        with unset_fake_temporarily(), on_failure(self, "step", gm, example_inputs, seed=seed,
+                                                  updates=self.updates):
             return self._compile_whole(Stage.STEP, gm, example_inputs)
 
     def _compile_whole(self, stage: Stage, gm: fx.GraphModule, example_inputs):

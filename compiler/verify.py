@@ -34,7 +34,12 @@ __all__ = ["VerificationError", "compare", "run_graph", "run_program", "same_ran
 
 
 class VerificationError(AssertionError):
-    """A pass changed what the graph computes."""
+    """A pass changed what the graph computes; ``stage`` names the pass (or
+    ``joint``, ``codegen``), which reproducers compare."""
+
+    def __init__(self, message: str, stage: str = ""):
+        super().__init__(message)
+        self.stage = stage
 
 
 @contextlib.contextmanager
@@ -93,7 +98,7 @@ def compare(stage: str, got: Sequence[Any], ref: Sequence[Any],
     if len(got) != len(ref):
         raise VerificationError(
             f"retrograd verify: after {_label(stage)} the graph returns {len(got)} values, "
-            f"expected {len(ref)}")
+            f"expected {len(ref)}", stage)
     floors = _floors(ref)
     for index, (a, b) in enumerate(zip(got, ref)):
         if not isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor):
@@ -101,20 +106,22 @@ def compare(stage: str, got: Sequence[Any], ref: Sequence[Any],
         where = f"output {names(index)} (shape {tuple(b.shape)}, {b.dtype})"
         if a.shape != b.shape:
             raise VerificationError(f"retrograd verify: {_label(stage)} changed the shape of "
-                                    f"{where} to {tuple(a.shape)}")
+                                    f"{where} to {tuple(a.shape)}", stage)
         if not _is_float(b):
             if not torch.equal(a.cpu(), b.cpu()):
-                raise VerificationError(f"retrograd verify: {_label(stage)} changed {where}")
+                raise VerificationError(f"retrograd verify: {_label(stage)} changed {where}",
+                                        stage)
             continue
         a, b = _wide(a), _wide(b)
         if bool((torch.isnan(a) & ~torch.isnan(b)).any()):
-            raise VerificationError(f"retrograd verify: {_label(stage)} produced NaN in {where}")
+            raise VerificationError(f"retrograd verify: {_label(stage)} produced NaN in {where}",
+                                    stage)
         error = relative_error(a, b, floors[index])     # over b's finite entries
         limit = tolerance(ref[index].dtype)
         if error > limit:
             raise VerificationError(
                 f"retrograd verify: {_label(stage)} changed {where}: relative error "
-                f"{error:.3g} > {limit:g}")
+                f"{error:.3g} > {limit:g}", stage)
 
 
 def is_random_graph(gm: fx.GraphModule) -> bool:
