@@ -20,8 +20,7 @@ be written is a warning, never a failed compile.
 
 from __future__ import annotations
 
-import difflib
-import html
+import json
 import os
 import secrets
 import stat
@@ -33,15 +32,16 @@ from typing import Any
 
 import torch.fx as fx
 
-from retrograd.explain import ledger_html
-from retrograd.ir import Program, Role
-from retrograd.passes import buffer_reuse
+from retrograd import memory_timeline
+from retrograd.dump_page import page
+from retrograd.ir import Program
+from retrograd.perfetto import chrome_trace
+from retrograd.program_bench import main_block
 from retrograd.report import to_json
 from retrograd.runtime.loader import ours_alone
 from retrograd.torch_logging import trace, tracing
 
-__all__ = ["Dumper", "count_nodes", "subject_text", "memory_plan_text", "kernel_graph",
-           "timeline"]
+__all__ = ["Dumper", "count_nodes", "subject_text", "memory_plan_text"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
@@ -176,22 +176,23 @@ class Dumper:
         self.write(file_name, text)
         trace(f"retrograd_{self.label}_{file_name}", lambda: text)
 
-    def finish(self, report: dict, kernels: dict[str, str], program: str, plan: str,
-               timeline: dict[str, list[int]],
-               graph: list[tuple[str, str, list[int]]] = ()) -> None:
-        """Write the final files; ``graph`` is the kernel DAG as (name, kind,
-        indices of the kernels it reads from), in schedule order."""
+    def finish(self, report: dict, kernels: dict[str, str], program_text: str, plan: str,
+               program: Program) -> None:
+        """Write the final files: kernels, ``program.py`` (with a main that times it
+        on random inputs: ``program_bench.py``), the memory plan, the report,
+        ``trace.json`` (``perfetto.py``) and ``index.html`` (``dump_page.py``)."""
         if tracing():
-            self._trace_final(report, kernels, program, plan)
+            self._trace_final(report, kernels, program_text, plan)
         if not self.enabled:
             return
         for name, source in kernels.items():
             self.write(f"kernels/{name}.py", source)
-        self.write("program.py", program)
+        self.write("program.py", program_text + main_block(program, _executor(report)))
         self.write("memory_plan.txt", plan)
         self.write("report.json", to_json(report))
-        self.write("index.html", _index(report, self.graph_files, sorted(kernels), timeline,
-                                        graph))
+        timeline = memory_timeline.build(program)
+        self.write("trace.json", json.dumps(chrome_trace(report["graph_id"], timeline)) + "\n")
+        self.write("index.html", page(report, self.graph_files, sorted(kernels), timeline))
 
     def _trace_final(self, report: dict, kernels: dict[str, str], program: str,
                      plan: str) -> None:
@@ -206,110 +207,20 @@ class Dumper:
             trace(f"{prefix}_ledger", lambda: to_json(report["ledger"]), encoding="json")
 
 
+def _executor(report: dict) -> str:
+    """The executor codegen chose ("triton", "interpret" or "fx"), from its pass record."""
+    for record in report["passes"]:
+        if record["name"] == "codegen":
+            return record["stats"].get("executor", "fx")
+    return "fx"
+
+
 def _label(graph_ids: list[str]) -> str:
     """One name for the graphs a dumper serves: the id itself, or the joint
     stage's shared prefix (``g1234abcd`` of ``g1234abcd-forward`` and ``-backward``)."""
     if len(graph_ids) == 1:
         return graph_ids[0]
     return os.path.commonprefix(graph_ids).rstrip("-") or "graph"
-
-
-SERIES_COLORS = ("#c0392b", "#2980b9", "#7f8c8d")
-
-
-def _timeline_svg(timeline: dict[str, list[int]], width: int = 720, height: int = 160) -> str:
-    """Bytes at each kernel, one step line per series (shared scale), with a legend."""
-    series = {name: values for name, values in timeline.items() if values}
-    if not series:
-        return "<p>no kernels</p>"
-    peak = max(max(values) for values in series.values()) or 1
-    count = max(len(values) for values in series.values())
-    step = width / count
-    lines, legend = [], []
-    for number, (name, values) in enumerate(series.items()):
-        color = SERIES_COLORS[number % len(SERIES_COLORS)]
-        points = []
-        for index, value in enumerate(values):
-            y = height - value / peak * (height - 10)
-            points += [f"{index * step:.1f},{y:.1f}", f"{(index + 1) * step:.1f},{y:.1f}"]
-        lines.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" '
-                     f'points="{" ".join(points)}"/>')
-        legend.append(f'<span style="color:{color}">&#9632; {html.escape(name)} '
-                      f'(peak {max(values):,} bytes)</span>')
-    return (f'<svg width="{width}" height="{height + 20}" style="background:#fafafa">'
-            + "".join(lines)
-            + f'<text x="4" y="12" font-size="11">top: {peak:,} bytes</text>'
-            f'<text x="4" y="{height + 16}" font-size="11">kernel 0 .. {count - 1}</text>'
-            "</svg><p>" + " &nbsp; ".join(legend) + "</p>")
-
-
-COLORS = {"triton": "#27ae60", "extern": "#e67e22", "view": "#bdc3c7"}
-
-
-def _kernel_graph_svg(graph, row: int = 60, width: int = 14) -> str:
-    """The program as a picture: one box per launched kernel in schedule order
-    (green: generated Triton, orange: extern call), arcs from producers."""
-    if not graph:
-        return "<p>no kernels</p>"
-    per_row = 50
-    boxes, arcs = [], []
-    def position(index):
-        return 10 + (index % per_row) * width, 20 + (index // per_row) * row
-    for index, (name, kind, producers) in enumerate(graph):
-        x, y = position(index)
-        boxes.append(f'<rect x="{x}" y="{y}" width="{width - 3}" height="18" '
-                     f'fill="{COLORS.get(kind, "#999")}"><title>{index}: {html.escape(name)}'
-                     f'</title></rect>')
-        for producer in producers:
-            px, py = position(producer)
-            if py == y:
-                arcs.append(f'<path d="M{px + width / 2 - 1},{y} Q{(px + x) / 2 + width / 2},'
-                            f'{y - 14} {x + width / 2 - 1},{y}" fill="none" stroke="#555" '
-                            f'stroke-width="0.6"/>')
-    rows = (len(graph) - 1) // per_row + 1
-    return (f'<svg width="{20 + per_row * width}" height="{rows * row + 20}">'
-            + "".join(arcs) + "".join(boxes) + "</svg>"
-            '<p>green: generated Triton kernel, orange: extern aten call (views, which '
-            'move no data, are left out); arcs: data flowing between kernels on the same '
-            'row; hover for names.</p>')
-
-
-def _index(report: dict, graph_files: list[tuple[str, str]], kernels: list[str],
-           timeline: dict[str, list[int]], graph=()) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(p['name'])}</td><td>{p['nodes_before']}</td>"
-        f"<td>{p['nodes_after']}</td><td>{p['seconds']:.4f}</td>"
-        f"<td><code>{html.escape(str(p['stats']))}</code></td></tr>" for p in report["passes"])
-    diffs = []
-    for (old_name, old), (new_name, new) in zip(graph_files, graph_files[1:]):
-        diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
-                                            old_name, new_name, n=1))
-        diffs.append(f"<details><summary>{old_name} &rarr; {new_name} "
-                     f"({diff.count(chr(10))} diff lines)</summary>"
-                     f"<pre>{html.escape(diff[:200_000])}</pre></details>")
-    files = "".join(f'<li><a href="{name}">{name}</a></li>' for name, _ in graph_files)
-    kernel_links = "".join(f'<li><a href="kernels/{k}.py">{k}</a></li>' for k in kernels)
-    k = report["kernels"]
-    return f"""<!doctype html><html><head><meta charset="utf-8">
-<title>retrograd {html.escape(report['graph_id'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}
-td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
-pre{{background:#f4f4f4;padding:8px;overflow:auto}}</style></head><body>
-<h1>{html.escape(report['graph_id'])} ({report['graph']})</h1>
-<p>{report['nodes']['captured']} nodes captured, {report['nodes']['final']} final;
-{k['triton']} Triton kernels, {k['extern']} extern calls {html.escape(str(k['extern_ops']))};
-compiled in {report['compile_seconds']} s. <a href="report.json">report.json</a>,
-<a href="program.py">program.py</a>, <a href="memory_plan.txt">memory_plan.txt</a></p>
-<h2>Passes</h2><table><tr><th>pass</th><th>nodes before</th><th>after</th><th>seconds</th>
-<th>stats</th></tr>{rows}</table>
-<h2>Saved for the backward, by source line</h2>{ledger_html(report)}
-<h2>The program</h2>{_kernel_graph_svg(list(graph))}
-<h2>Live temporary memory over the schedule</h2>{_timeline_svg(timeline)}
-<h2>Graph after each stage</h2><ul>{files}</ul>
-<h2>What each stage changed</h2>{''.join(diffs)}
-<h2>Kernels</h2><ul>{kernel_links}</ul>
-</body></html>
-"""
 
 
 # -- what the files say ------------------------------------------------------------------------
@@ -352,27 +263,3 @@ def memory_plan_text(program: Program) -> str:
         lines.append(f"# arena {number}: kernels {window.start}..{window.stop}, "
                      f"{window.nbytes} bytes, {window.strategy}")
     return "\n".join(lines) + "\n"
-
-
-def kernel_graph(program: Program) -> list[tuple[str, str, list[int]]]:
-    """(name, kind, producer indices) per launched kernel: the dump's program
-    picture. Views move no data, so they are left out and read through."""
-    launched = [k for k in program.kernels if k.kind != "view"]
-    producer = {name: i for i, k in enumerate(launched) for name in k.outputs}
-    return [(k.name, k.kind, sorted({producer[program.root(n)] for n in k.inputs
-                                     if program.root(n) in producer}))
-            for k in launched]
-
-
-def timeline(program: Program) -> dict[str, list[int]]:
-    """Bytes at each kernel for the dump's memory picture: temporaries alive,
-    arenas held, and the footprint buffer_reuse predicted for the whole program."""
-    spans = buffer_reuse.lifetimes(program)
-    live = [sum(program.buffers[n].nbytes for n, (a, b) in spans.items()
-                if n in program.buffers and program.buffers[n].role == Role.TEMPORARY
-                and a <= index <= b) for index in range(len(program.kernels))]
-    if not program.arenas:
-        return {"live temporaries": live}
-    held, predicted = buffer_reuse.footprint(program, spans)
-    return {"live temporaries": live, "arenas held": held,
-            "predicted footprint (all values, extern scratch)": predicted}

@@ -24,8 +24,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from retrograd.codegen import generate_sources
 from retrograd.codegen.wrapper import generate_program
-from retrograd.dump import (Dumper, count_nodes, kernel_graph, memory_plan_text, subject_text,
-                            timeline)
+from retrograd.dump import Dumper, count_nodes, memory_plan_text, subject_text
 from retrograd.ir import Program
 from retrograd.options import Options
 from retrograd.pipeline import OpSupport, PassContext, PassSpec, Stage, passes_for, run_pass
@@ -231,7 +230,7 @@ class GraphCompiler:
         self.reports[half] = report
         plan = memory_plan_text(program)
         memory_log.debug("%s: memory plan\n%s", name, plan)
-        dumper.finish(report, kernels, wrapper, plan, timeline(program), kernel_graph(program))
+        dumper.finish(report, kernels, wrapper, plan, program)
         self._log(report, dumper)
         return boxed(executable)
 
