@@ -5,6 +5,7 @@
     retrograd cache info         the kernel cache: folder, files, bytes, cap, oldest/newest
     retrograd cache clear        delete retrograd's files from the kernel cache
     retrograd env                versions and machine, to paste into a bug report
+    retrograd minify REPRO       shrink a repro.py to the fewest nodes that fail the same way
     retrograd --version          retrograd's version
 """
 
@@ -114,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     cache_parser.add_argument("-v", "--verbose", action="store_true",
                               help="clear: print every file removed")
     commands.add_parser("env", help="print versions and machine for a bug report")
+    minify_parser = commands.add_parser(
+        "minify", help="shrink a repro.py (written on a failed compile) to the fewest nodes "
+                       "that still fail the same way; writes repro_minified.py beside it")
+    minify_parser.add_argument("repro", type=Path)
+    minify_parser.add_argument("-o", "--output", type=Path, help="where to write the result")
+    minify_parser.add_argument("--max-tries", type=int, default=300,
+                               help="at most this many compiles of candidate graphs")
     args = parser.parse_args(argv)
     if args.command == "summary":
         return summary(args.dump_dir)
@@ -122,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return explain(args.dump_dir, args.json, args.pareto)
     if args.command == "cache":
         return _cache(args)
+    if args.command == "minify":
+        from retrograd.minify import main as minify
+        return minify(args.repro, args.output, args.max_tries)
     if args.command == "env":
         from retrograd.environment import describe
         print(describe())

@@ -77,8 +77,8 @@ def snapshot(stage: repro.Stage, graph_module: fx.GraphModule,
 
 
 def _input_text(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        spec = repro.Input.like(value)
+    if isinstance(value, (torch.Tensor, repro.Input)):
+        spec = value if isinstance(value, repro.Input) else repro.Input.like(value)
         return f"repro.Input({spec.shape}, {spec.stride}, {spec.dtype}, {spec.device!r})"
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
@@ -152,8 +152,8 @@ _TEMPLATE = '''"""retrograd reproducer: the {stage} stage of graph {graph_id} ({
 
 Rebuilds the graph as given to that stage, with random inputs of the recorded
 shapes, strides, dtypes and devices, and compiles it again with the same
-options, without the model. Run it: `python repro.py`. Shrink it:
-`retrograd minify repro.py` (writes repro_minified.py). Written by retrograd
+options, without the model. Run it: `python {file}`. Shrink it:
+`retrograd minify {file}` (writes {stem}_minified.py). Written by retrograd
 {version} with torch {torch_version}.
 """
 {message}
@@ -189,7 +189,8 @@ if __name__ == "__main__":
 '''
 
 
-def repro_source(taken: Snapshot, message: str, expected: tuple[str, ...]) -> str:
+def repro_source(taken: Snapshot, message: str, expected: tuple[str, ...],
+                 file_name: str = "repro.py") -> str:
     """The text of ``repro.py`` for ``taken``, failing with ``expected``."""
     from retrograd import __version__
     forward, init, imports = graph_code(taken.graph, taken.constants)
@@ -200,7 +201,8 @@ def repro_source(taken: Snapshot, message: str, expected: tuple[str, ...]) -> st
     comment = "".join(f"# {line}\n" for line in message.splitlines()[:40])
     return _TEMPLATE.format(
         stage=taken.stage.name, graph_id=taken.stage.graph_id, nodes=len(taken.graph.nodes),
-        version=__version__, torch_version=torch.__version__,
+        version=__version__, torch_version=torch.__version__, file=file_name,
+        stem=file_name.removesuffix(".py"),
         message=f"\n# The failure when it was written:\n{comment}" if comment else "",
         imports="\n".join(imports), init="\n".join(f"        {line}" for line in init)
         or "        pass", forward=_indent(forward), inputs="\n".join(inputs),
