@@ -253,12 +253,14 @@ def test_an_op_codegen_does_not_lower_runs_as_an_extern_call(name):
 
 def test_dynamo_symbolic_shapes_after_a_recompile(monkeypatch):
     """The second batch size makes dynamo mark the dimension dynamic and hand
-    the backend a graph with SymInt sizes; every call must still be right."""
+    the backend a graph with SymInt sizes; every call must still be right.
+    With ``dynamic=False`` that graph is compiled per concrete size (the
+    default compiles it once, symbolically: test_dynamic_shapes.py)."""
     graphs = record_graphs(monkeypatch)
     torch.manual_seed(0)
     model = MLP()
     reference = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="retrograd")
+    compiled = torch.compile(model, backend="retrograd", options={"dynamic": False})
     for batch in (2, 3, 5, 7, 3):
         x = torch.randn(batch, 8, requires_grad=True)
         model.zero_grad()

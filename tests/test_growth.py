@@ -1,7 +1,9 @@
 """Bounded growth: a compiled object keeps at most ``max_programs`` programs
 (least recently used released, one warning naming what changed), and a
 released program is really freed: its executables, kernels' modules and
-linecache entries go with it."""
+linecache entries go with it. The tests vary sizes to make signatures, so
+they turn automatic dynamic shapes off (``dynamic=False``; see
+test_dynamic_shapes.py for what it does)."""
 
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def _programs(compiled) -> int:
 
 
 def test_standalone_keeps_max_programs_and_frees_the_rest(cache, executables):
-    compiled = retrograd.compile(function, max_programs=3)
+    compiled = retrograd.compile(function, max_programs=3, dynamic=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for rows in (2, 3, 4):
@@ -76,7 +78,7 @@ def test_standalone_keeps_max_programs_and_frees_the_rest(cache, executables):
     limit = [str(w.message) for w in caught if "max_programs" in str(w.message)]
     assert len(limit) == 1, limit   # warned once
     assert "input 0 shape (4, 4) -> (5, 4)" in limit[0]
-    assert "pad or bucket" in limit[0] and "function" in limit[0]
+    assert "dynamic=None" in limit[0] and "function" in limit[0]
     kept_rows = [key[0][1][0] for key in compiled._cache.entries]
     assert kept_rows == [5, 6, 7]
     gc.collect()
@@ -115,7 +117,7 @@ def _assert_modules_released(paths: set[str], functions: dict, executables: list
 
 
 def test_a_used_program_is_not_the_one_released(cache):
-    compiled = retrograd.compile(function, max_programs=2, executor="fx")
+    compiled = retrograd.compile(function, max_programs=2, executor="fx", dynamic=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rows in (2, 3, 2, 4):   # 2 used again: 3 is the least recently used
@@ -144,7 +146,8 @@ def test_torch_compile_face_keeps_max_programs(cache, fresh_dynamo, monkeypatch,
     """Dynamo marks the batch size dynamic after a recompile and hands one
     graph many sizes: that graph keeps at most max_programs of them."""
     graphs = record_graphs(monkeypatch)
-    compiled = torch.compile(function, backend="retrograd", options={"max_programs": 2})
+    compiled = torch.compile(function, backend="retrograd", options={"max_programs": 2,
+                                                                       "dynamic": False})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for rows in (2, 3, 5, 7, 8):
@@ -177,7 +180,7 @@ def _process_wide(cache) -> dict[str, int]:
 def test_many_signatures_leave_process_wide_caches_flat(cache):
     """Eight signatures through a two-program bound: what the process keeps
     after the fourth signature bounds what it keeps after every later one."""
-    compiled = retrograd.compile(function, max_programs=2)
+    compiled = retrograd.compile(function, max_programs=2, dynamic=False)
     counts = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
