@@ -18,7 +18,7 @@ import torch
 
 from retrograd.codegen import ops
 
-__all__ = ["INDEXING", "reads_by_index", "lower_indexing"]
+__all__ = ["INDEXING", "reads_by_index", "lower_indexing", "index_layout"]
 
 aten = torch.ops.aten
 
@@ -174,6 +174,66 @@ def _select_scatter(node, writer) -> str:
     return f"tl.where({inside}, {written}, {kept})"
 
 
+def _flip(node, writer) -> str:
+    source, dims = node.args[:2]
+    out = _shape(node)
+    coordinates = {d % len(out): f"{out[d % len(out)] - 1} - {writer.coordinate(out, d % len(out))}"
+                   for d in dims if out[d % len(out)] > 1}
+    return _load(writer, source, _source_index(writer, source, out, coordinates),
+                 node.meta["val"].dtype)
+
+
+def index_layout(rank_in: int, index_shapes: list) -> tuple[list[int], int, int, dict]:
+    """Where aten.index (and index_put) put things, for a source of rank
+    ``rank_in`` and one shape or None per leading source dim: (indexed dims,
+    first result dim of the broadcast index block, its rank, result dim of
+    every other source dim). Adjacent index tensors put the block where they
+    stand; index tensors separated by a full slice put it first, as NumPy does."""
+    positions = [d for d, shape in enumerate(index_shapes) if shape is not None]
+    rank = len(torch.broadcast_shapes(*(index_shapes[d] for d in positions)))
+    rest = [d for d in range(rank_in) if d not in positions]
+    if positions == list(range(positions[0], positions[-1] + 1)):
+        first = positions[0]
+        kept = {d: d if d < first else d - len(positions) + rank for d in rest}
+    else:
+        first = 0
+        kept = {d: rank + position for position, d in enumerate(rest)}
+    return positions, first, rank, kept
+
+
+def _index_layout(node):
+    indices = node.args[1]
+    return index_layout(node.args[0].meta["val"].dim(),
+                        [None if i is None else _shape(i) for i in indices])
+
+
+def _index_value(writer, index, size: int, out, first: int, rank: int) -> str:
+    """One index tensor's value at each output element, negatives wrapped."""
+    if ops.is_fill(index):
+        value = ops.fill_value(index)
+        return str(value + size if value < 0 else value)
+    buffer = writer.buffers[index.name]
+    lead = first + rank - len(buffer.shape)
+    terms = [writer.coordinate(out, d + lead) if s == 1 else
+             f"{writer.coordinate(out, d + lead)} * {s}"
+             for d, (n, s) in enumerate(zip(buffer.shape, buffer.strides)) if n > 1 and s]
+    value = writer.indexed_load(index.name, _join(writer, terms), None, None)
+    return f"tl.where({value} < 0, {value} + {size}, {value})"
+
+
+def _index(node, writer) -> str:
+    """``x[i, j]``, ``x[:, i]``, ``x[i, :, j]``: aten.index with index tensors."""
+    source, indices = node.args[:2]
+    shape, out = _shape(source), _shape(node)
+    positions, first, rank, kept = _index_layout(node)
+    coordinates = {d: _index_value(writer, indices[d], shape[d], out, first, rank)
+                   for d in positions}
+    coordinates.update({d: writer.coordinate(out, out_dim) for d, out_dim in kept.items()
+                        if shape[d] > 1})
+    return _load(writer, source, _source_index(writer, source, out, coordinates),
+                 node.meta["val"].dtype)
+
+
 INDEXING = {
     aten.embedding.default: _embedding,
     aten.gather.default: _gather,
@@ -182,6 +242,8 @@ INDEXING = {
     aten.constant_pad_nd.default: _constant_pad,
     aten.slice_scatter.default: _slice_scatter,
     aten.select_scatter.default: _select_scatter,
+    aten.flip.default: _flip,
+    aten.index.Tensor: _index,
 }
 
 
@@ -192,8 +254,17 @@ def reads_by_index(node) -> bool:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.numel() == 0 or val.dtype not in ops.TRITON_DTYPES:
         return False
+    if node.target is aten.index.Tensor and not _integer_indices(node):
+        return False   # boolean masks select a data-dependent count: extern
     return all(isinstance(arg.meta.get("val"), torch.Tensor)
                and arg.meta["val"].dtype in ops.TRITON_DTYPES for arg in node.all_input_nodes)
+
+
+def _integer_indices(node) -> bool:
+    indices = [i for i in node.args[1] if i is not None]
+    return bool(indices) and all(
+        hasattr(i, "meta") and isinstance(i.meta.get("val"), torch.Tensor)
+        and i.meta["val"].dtype in (torch.int64, torch.int32) for i in indices)
 
 
 def lower_indexing(node, writer) -> str:

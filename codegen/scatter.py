@@ -20,6 +20,7 @@ from retrograd.codegen import ops
 from retrograd.codegen.layout import (contiguous_strides, coordinates, flat_index,
                                       next_power_of_two)
 from retrograd.codegen.common import describe, describe_node
+from retrograd.codegen.indexing import index_layout
 from retrograd.ir import Buffer, Kernel
 
 __all__ = ["SCATTERS", "can_scatter", "generate_scatter"]
@@ -73,9 +74,10 @@ def _is_node(value) -> bool:
 
 
 def can_scatter(node) -> bool:
-    """True for the scatters generated here (index_put: one index tensor, after
-    any number of full slices -- ``[None, index]`` is index_select's gradient on
-    dim 1)."""
+    """True for the scatters generated here (index_put: integer index tensors
+    in any slots, broadcast together, as aten.index reads them -- ``[None,
+    index]`` is index_select's gradient on dim 1, ``[i, j]`` advanced
+    indexing's)."""
     if getattr(node, "op", None) != "call_function" or node.target not in SCATTERS:
         return False
     out = node.meta.get("val")
@@ -85,21 +87,59 @@ def can_scatter(node) -> bool:
         node.target is aten.index_put.default and len(node.args) > 3 and node.args[3])
     if accumulate and out.dtype not in (torch.float32, torch.float64):
         return False   # atomic adds only on full-precision floats
-    if node.target is aten.index_put.default:
-        indices = node.args[1]
-        dim = len(indices) - 1
-        if not indices or any(i is not None for i in indices[:dim]) \
-                or not _is_node(indices[dim]):
-            return False
-        values = node.args[2].meta["val"]
-        expected = (tuple(out.shape[:dim]) + tuple(indices[dim].meta["val"].shape)
-                    + tuple(out.shape[dim + 1:]))
-        if tuple(values.shape) != expected or indices[dim].meta["val"].dtype == torch.bool:
-            return False
+    if node.target is aten.index_put.default and not _index_put_ok(node, out):
+        return False
     if node.target in (aten.scatter.src, aten.scatter_add.default):
         if tuple(node.args[3].meta["val"].shape) != tuple(node.args[2].meta["val"].shape):
             return False
     return all(isinstance(a.meta.get("val"), torch.Tensor) for a in node.all_input_nodes)
+
+
+def _index_put_ok(node, out) -> bool:
+    """Integer index tensors (no boolean mask) and values of exactly the
+    indexed result's shape (aten.index's layout, ``indexing.index_layout``)."""
+    indices = node.args[1]
+    if not indices or not all(i is None or _is_node(i) for i in indices):
+        return False
+    tensors = [i for i in indices if i is not None]
+    if not tensors or any(i.meta["val"].dtype not in (torch.int64, torch.int32)
+                          for i in tensors):
+        return False
+    expected = _indexed_shape(tuple(out.shape), [None if i is None else
+                                                  tuple(i.meta["val"].shape) for i in indices])
+    return tuple(node.args[2].meta["val"].shape) == expected
+
+
+def _indexed_shape(shape: tuple, index_shapes: list) -> tuple:
+    positions, first, rank, kept = index_layout(len(shape), index_shapes)
+    result = [0] * (len(shape) - len(positions) + rank)
+    block = torch.broadcast_shapes(*(index_shapes[d] for d in positions))
+    result[first:first + rank] = block
+    for d, position in kept.items():
+        result[position] = shape[d]
+    return tuple(result)
+
+
+def _index_put_target(node, buffers, lines: list[str], out: Buffer) -> tuple[list[str], list]:
+    """Lines loading each index tensor at the values' coordinates; the
+    output coordinates each values element goes to."""
+    indices = node.args[1]
+    coords = coordinates(tuple(node.args[2].meta["val"].shape), lines, "v")
+    positions, first, rank, kept = index_layout(
+        len(out.shape), [None if i is None else tuple(i.meta["val"].shape) for i in indices])
+    target = [coords[kept[d]] if d in kept else None for d in range(len(out.shape))]
+    for d in positions:
+        index = buffers[indices[d].name]
+        lead = first + rank - len(index.shape)
+        mine = coords[lead:lead + len(index.shape)]
+        strides = [stride if size > 1 else 0   # broadcast along its size-1 dims
+                   for size, stride in zip(index.shape, index.strides)]
+        lines.append(f"    position{d} = tl.load({index.name}_ptr + "
+                     f"{flat_index(mine, strides)}, mask=mask)")
+        lines.append(f"    position{d} = tl.where(position{d} < 0, position{d} + "
+                     f"{out.shape[d]}, position{d})")
+        target[d] = f"position{d}"
+    return target, coords
 
 
 def _source_value(source, buffers: dict[str, Buffer], coordinates, out: Buffer) -> str:
@@ -137,15 +177,8 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         copy_inputs = [base.name]
     lines: list[str] = []
     if node.target is aten.index_put.default:
-        dim = len(node.args[1]) - 1   # the index tensor follows ``dim`` full slices
-        index_node, values_node = node.args[1][dim], node.args[2]
-        coords = coordinates(tuple(values_node.meta["val"].shape), lines, "v")
-        rank = len(index_node.meta["val"].shape)
-        index = buffers[index_node.name]
-        lines.append(f"    position = tl.load({index.name}_ptr + "
-                     f"{flat_index(coords[dim:dim + rank], index.strides)}, mask=mask)")
-        target = coords[:dim] + ["position"] + coords[dim + rank:]
-        value = _source_value(values_node, buffers, coords, out)
+        target, coords = _index_put_target(node, buffers, lines, out)
+        value = _source_value(node.args[2], buffers, coords, out)
         accumulate = len(node.args) > 3 and bool(node.args[3])
     else:
         dim, index_node = node.args[1] % max(1, len(out.shape)), node.args[2]
@@ -160,8 +193,8 @@ def generate_scatter(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         else:
             value = _source_value(node.args[3], buffers, coords, out)
         accumulate = node.target is aten.scatter_add.default
-    size = out.shape[dim] if out.shape else 1   # a 0-dim self takes index 0 (or -1)
-    lines.append(f"    position = tl.where(position < 0, position + {size}, position)")
+        size = out.shape[dim] if out.shape else 1   # a 0-dim self takes index 0 (or -1)
+        lines.append(f"    position = tl.where(position < 0, position + {size}, position)")
     store = "tl.atomic_add" if accumulate else "tl.store"
     lines.append(f"    {store}({out.name}_ptr + {flat_index(target, out.strides)}, {value}, "
                  "mask=mask)")
