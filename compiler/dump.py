@@ -2,9 +2,12 @@
 
 ``<dump_dir>/<graph_id>/`` holds the graph after every pass as Python (fx's
 own code printing, so ``diff 02_cleanup.py 03_checkpoint.py`` shows what a
-pass did), each kernel's Triton source, ``program.py``, ``memory_plan.txt``,
-``report.json`` and ``index.html``. Files are written only when dumping is
-on; the dumper is a no-op otherwise so passes never check. Under
+pass did), each kernel's Triton source, ``program.py`` (``python program.py``
+times it on random inputs: ``program_bench.py``), ``memory_plan.txt``,
+``report.json``, ``trace.json`` (a Chrome trace of the kernel order and the
+memory timeline: ``perfetto.py``) and ``index.html`` (``dump_page.py``).
+Files are written only when dumping is on; the dumper is a no-op otherwise
+so passes never check. Under
 ``TORCH_TRACE`` the same texts also go to torch's structured trace as
 artifacts named ``retrograd_<graph id>_<file>`` (tlparse lists them under the
 compile id), whether or not a dump folder is set.

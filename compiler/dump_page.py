@@ -23,7 +23,7 @@ from retrograd.memory_timeline import HELD, SERIES, Timeline
 __all__ = ["page", "schedule_svg", "diff_html", "STYLE"]
 
 KIND_COLORS = {"triton": "#27ae60", "extern": "#e67e22", "view": "#bdc3c7"}
-SERIES_COLORS = {HELD: "#7f8c8d", "arenas held": "#2980b9", "alive in arenas": "#c0392b",
+SERIES_COLORS = {HELD: "#2c3e50", "arenas held": "#2980b9", "alive in arenas": "#c0392b",
                  "inputs still referenced": "#8e44ad"}
 LEFT, STRIP, CHART, AXIS = 78, 46, 190, 30   # margins and band heights of the picture
 
@@ -143,7 +143,7 @@ def schedule_svg(timeline: Timeline) -> str:
     if not count:
         return "<p>no kernels</p>"
     series = timeline.series()
-    width = max(3.0, min(40.0, 1100 / count))
+    width = max(3.0, min(40.0, 1000 / count))
     top = max(max(values) for values in series.values()) if series else 0
     marks = (_strip(timeline, width) + _chart(series, width, top) + _axes(count, width, top)
              + _peak_marks(timeline, width, top) + _hover(timeline, series, width))

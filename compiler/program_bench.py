@@ -207,7 +207,8 @@ def _print(name: str, device, blocks, whole: list[float], per_kernel: dict[int, 
         if device.type == "cpu" else str(device)
     total = sum(per_kernel.values()) or 1.0
     print(f"{name}: {len(blocks)} kernels on {where}; random inputs of the recorded shapes")
-    print(f"whole program: {statistics.median(whole) * 1e3:.3f} ms (median of {repeat} runs)")
+    print(f"whole program: {statistics.median(whole) * 1e3:.3f} ms (median of {repeat} "
+          f"run{'' if repeat == 1 else 's'})")
     print(f"{'kernel':>6s}  {'kind':7s} {'name':44s} {'ms':>10s} {'share':>6s}")
     for index, (kind, kernel) in sorted(blocks.items()):
         spent = per_kernel.get(index, 0.0)

@@ -154,3 +154,29 @@ def test_a_dump_root_that_cannot_be_made_is_a_warning(tmp_path):
         dumper = Dumper(str(blocker / "dumps"), [GRAPH])
     assert not dumper.enabled
     dumper.write("report.json", "{}\n")                   # a no-op, no error
+
+
+def test_the_page_escapes_every_name_it_shows():
+    """Graph, pass, kernel, value and file names, ops and source lines come from
+    the user's code: the page shows them as text, never as markup."""
+    from retrograd.dump_page import page
+    from retrograd.memory_timeline import HELD, Interval, Step, Timeline
+
+    evil = '<script>alert(1)</script>"'
+    image = '<img src=x onerror="alert(2)">'
+    steps = [Step(0, "triton", evil, (image,), ()), Step(1, "extern", image, (evil,), (0,))]
+    timeline = Timeline(steps, {HELD: [Interval(evil, image, 64, 0, 1)],
+                                "arenas held": [], "alive in arenas": [],
+                                "inputs still referenced": []})
+    row = {"name": evil, "op": image, "shape": [2], "dtype": evil, "bytes": 8,
+           "source": f"{evil}:1", "decision": "saved", "reason": image, "recompute_flops": 0}
+    report = {"graph_id": evil, "graph": image, "nodes": {"captured": 1, "final": 1},
+              "kernels": {"triton": 1, "extern": 1, "extern_ops": {image: 1}, "views": 0},
+              "memory": {"saved_activation_bytes": 8, "arena_bytes": None},
+              "compile_seconds": 0.1, "ledger": [row], "pareto": None,
+              "passes": [{"name": evil, "nodes_before": 1, "nodes_after": 1, "seconds": 0.0,
+                          "stats": {image: evil}}]}
+    text = page(report, [(f"00_{evil}.py", evil), (f"01_{image}.py", image)], [evil], timeline)
+    assert "<script" not in text and "<img" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&quot;" in text
+    assert 'href="kernels/&lt;script&gt;' in text      # links too: quotes cannot close them
