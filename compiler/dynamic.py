@@ -32,24 +32,24 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from time import perf_counter
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
 from functorch.compile import make_boxed_func
+from torch import fx
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch.partitioners import default_partition
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
-                                                   StatelessSymbolicContext)
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from retrograd.capture import _OutputsOwnMemory, signature
 from retrograd.locking import compiling
 from retrograd.report import SCHEMA
 
-__all__ = ["SizeHistory", "abstract_key", "symbolic_inputs", "compile_symbolic",
-           "ShapeGuards", "SymbolicCompiler", "is_symbolic", "describe_dims"]
+__all__ = ["ShapeGuards", "SizeHistory", "SymbolicCompiler", "abstract_key", "compile_symbolic",
+           "describe_dims", "every_dim", "family", "is_symbolic", "symbolic_inputs"]
 
 log = logging.getLogger("retrograd")
 

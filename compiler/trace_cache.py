@@ -32,6 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from retrograd.capture import compile_graph, signature
+from retrograd.flat import Flat as _Flat
 from retrograd.dynamic import (ShapeGuards, SizeHistory, abstract_key, compile_symbolic,
                                describe_dims, every_dim, family, symbolic_inputs)
 from retrograd.dynamo_fallback import DynamoFallback
@@ -50,47 +51,6 @@ __all__ = ["TraceCache", "MAX_ENTRIES"]
 MAX_ENTRIES = 8
 
 log = logging.getLogger("retrograd")
-
-
-class _Flat(torch.nn.Module):
-    """``target(*args, **kwargs)`` as a module of tensor inputs and tensor outputs.
-
-    AOTAutograd wants flat tensor inputs and a tuple of tensors out; this
-    module rebuilds the user's arguments around the tensors and records how
-    to rebuild the user's output structure.
-    """
-
-    _retrograd_internal = True   # its attribute reads are not guarded (guards.py)
-
-    def __init__(self, target: Callable, in_spec, leaves: list, tensor_slots: list[int]):
-        super().__init__()
-        self.target = target
-        self.in_spec = in_spec
-        self.leaves = leaves
-        self.tensor_slots = tensor_slots
-        self.out_spec = None
-        self.out_constants: dict[int, Any] = {}
-        self.out_tensor_slots: list[int] = []
-
-    def forward(self, *tensors):
-        leaves = list(self.leaves)
-        for slot, tensor in zip(self.tensor_slots, tensors):
-            leaves[slot] = tensor
-        args, kwargs = pytree.tree_unflatten(leaves, self.in_spec)
-        result = self.target(*args, **kwargs)
-        out_leaves, self.out_spec = pytree.tree_flatten(result)
-        self.out_tensor_slots = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
-        self.out_constants = {i: v for i, v in enumerate(out_leaves)
-                              if not isinstance(v, torch.Tensor)}
-        return tuple(out_leaves[i] for i in self.out_tensor_slots)
-
-    def rebuild(self, tensors) -> Any:
-        leaves = [None] * (len(self.out_tensor_slots) + len(self.out_constants))
-        for slot, tensor in zip(self.out_tensor_slots, tensors):
-            leaves[slot] = tensor
-        for slot, value in self.out_constants.items():
-            leaves[slot] = value
-        return pytree.tree_unflatten(leaves, self.out_spec)
 
 
 @dataclass

@@ -121,13 +121,15 @@ def compile_with(face: str, target, **options):
 
 
 class RetraceCounter:
-    """Counts the graphs retrograd compiles, by patching ``compile_graph`` in both faces."""
+    """Counts the graphs retrograd compiles, by patching ``compile_graph`` (and
+    ``compile_symbolic``, automatic dynamic shapes) in both faces."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
         for module in (retrograd.trace_cache, retrograd.backend):
-            original = module.compile_graph
-            monkeypatch.setattr(module, "compile_graph", self._counting(original))
+            for name in ("compile_graph", "compile_symbolic"):
+                original = getattr(module, name)
+                monkeypatch.setattr(module, name, self._counting(original))
 
     def _counting(self, original):
         def counted(*args, **kwargs):

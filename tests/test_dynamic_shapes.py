@@ -53,8 +53,8 @@ def test_standalone_ten_batch_sizes_compile_at_most_two_programs(caplog):
     assert "L['t0'].size()[0]" in symbolic["guards"]
     again = [r.getMessage() for r in caplog.records if "compiling function again" in
              r.getMessage()]
-    assert again == ["retrograd.compile: compiling function again (compile 2): input 0 dim 0 "
-                     "took another size: tracing with it symbolic"]
+    assert again == [("retrograd.compile: compiling function again (compile 2): input 0 dim 0 "
+                      "took another size: tracing with it symbolic")]
     _check(compiled, function, 2)   # the first size keeps its static program
     assert "symbolic" not in compiled.reports["forward"]
     assert compiled.reports["forward"]["kernels"]["triton"] >= 1

@@ -14,7 +14,7 @@ from retrograd.options import EXECUTORS, Options
 from retrograd.pipeline import PIPELINE, pass_names
 
 KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute",
-         "data_dependent", "max_programs"]
+         "data_dependent", "max_programs", "dynamic", "recompile_limit"]
 
 
 def test_known_options():
