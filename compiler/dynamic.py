@@ -95,7 +95,9 @@ class SizeHistory:
         for position, value in enumerate(leaves):
             if _varies(value):
                 for d, size in enumerate(value.shape):
-                    sizes.setdefault((position, d), set()).add(int(size))
+                    taken = sizes.setdefault((position, d), set())
+                    if len(taken) < 2:   # two sizes decide; more would only grow
+                        taken.add(int(size))
         return frozenset(dim for dim, taken in sizes.items() if len(taken) > 1)
 
 
