@@ -17,12 +17,14 @@ torch's ``after_aot`` reproducers do for Inductor.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
+import operator
 import re
 import sys
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -79,35 +81,66 @@ class Stage:
             raise ValueError(f"retrograd repro: unknown stage {self.name!r}; one of {STAGES}")
 
 
-def forward_names(module_class: type) -> list[str]:
-    """The names ``forward`` gives its arguments and each assigned value, in order."""
-    source = textwrap.dedent(inspect.getsource(module_class.forward))
-    function = ast.parse(source).body[0]
-    names = [arg.arg for arg in function.args.args[1:]]
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+           ast.Pow: operator.pow}
+
+
+def graph_of(forward: Callable) -> fx.Graph:
+    """The fx graph ``forward``'s source spells, one node per statement, each
+    named as its variable (the passes read names: ``tangents_*`` placeholders
+    are the backward's inputs). Read from the source, not traced: a trace
+    would run ops that take no tensor (``aten.empty``) instead of recording them."""
+    function = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
+    scope, graph, env = forward.__globals__, fx.Graph(), {}
+    for argument in function.args.args[1:]:
+        env[argument.arg] = graph.placeholder(argument.arg)
     for statement in function.body:
-        if isinstance(statement, ast.Assign) and not (
-                isinstance(statement.value, ast.Constant) and statement.value.value is None):
-            names += [target.id for target in statement.targets if isinstance(target, ast.Name)]
-    return names
+        if isinstance(statement, ast.Return):
+            graph.output(_evaluate(statement.value, scope, env))
+            return graph
+        if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Constant) \
+                and statement.value.value is None:
+            continue   # fx's "x = None" that frees a value
+        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Name)):
+            raise ValueError(f"retrograd repro: line {statement.lineno} of Repro.forward is not "
+                             f"`name = op(...)`")
+        name = statement.targets[0].id
+        env[name] = graph.create_node(*_node(statement.value, scope, env), name=name)
+        if env[name].name != name:
+            raise ValueError(f"retrograd repro: cannot name a node {name!r}")
+    raise ValueError("retrograd repro: Repro.forward has no return")
 
 
-def _renamed(graph: fx.Graph, names: Sequence[str]) -> fx.Graph:
-    """A copy of the traced graph whose nodes bear the recorded names (the
-    passes read some: ``tangents_*`` placeholders are the backward's inputs)."""
-    nodes = [node for node in graph.nodes if node.op != "output"]
-    if len(nodes) != len(names):
-        raise ValueError(f"retrograd repro: the traced graph has {len(nodes)} nodes but "
-                         f"Repro.forward names {len(names)}; was it edited into a shape "
-                         f"fx cannot trace one statement per node?")
-    wanted = dict(zip(nodes, names))
-    new, env = fx.Graph(), {}
-    for node in graph.nodes:
-        env[node] = new.create_node(node.op, node.target, fx.map_arg(node.args, env.get),
-                                    fx.map_arg(node.kwargs, env.get),
-                                    wanted.get(node, "output"), node.type)
-        if node in wanted and env[node].name != wanted[node]:
-            raise ValueError(f"retrograd repro: cannot name a node {wanted[node]!r}")
-    return new
+def _evaluate(expression: ast.expr, scope: dict, env: dict) -> Any:
+    """A Python value; the names of earlier statements evaluate to their nodes."""
+    return eval(compile(ast.Expression(expression), "<Repro.forward>", "eval"),  # noqa: S307
+                scope, env)
+
+
+def _node(expression: ast.expr, scope: dict, env: dict) -> tuple:
+    """(op, target, args, kwargs) of the node one statement's value spells."""
+    value = functools.partial(_evaluate, scope=scope, env=env)
+    if isinstance(expression, ast.Call):
+        function = expression.func
+        args = tuple(value(a) for a in expression.args)
+        kwargs = {k.arg: value(k.value) for k in expression.keywords}
+        if isinstance(function, ast.Attribute) and isinstance(function.value, ast.Name) \
+                and function.value.id in env:   # a method of a value: x.view(...)
+            return "call_method", function.attr, (env[function.value.id], *args), kwargs
+        return "call_function", value(function), args, kwargs
+    if isinstance(expression, ast.Subscript):
+        return "call_function", operator.getitem, \
+            (value(expression.value), value(expression.slice)), {}
+    if isinstance(expression, ast.Attribute) and isinstance(expression.value, ast.Name) \
+            and expression.value.id == "self":
+        return "get_attr", expression.attr, (), {}
+    if isinstance(expression, ast.BinOp) and type(expression.op) in _BINARY:
+        return "call_function", _BINARY[type(expression.op)], \
+            (value(expression.left), value(expression.right)), {}
+    raise ValueError(f"retrograd repro: cannot read line {expression.lineno} of "
+                     f"Repro.forward as one node")
 
 
 def _descriptors(graph: fx.Graph, descriptors: dict[str, str]) -> None:
@@ -130,8 +163,7 @@ def build(module_class: type, inputs: Sequence[Any],
           descriptors: dict[str, str] | None = None) -> fx.GraphModule:
     """The fx graph of ``module_class().forward`` with its recorded node names
     and every node's ``meta["val"]`` for inputs of the recorded metadata."""
-    traced = fx.symbolic_trace(module_class())
-    graph_module = fx.GraphModule(traced, _renamed(traced.graph, forward_names(module_class)))
+    graph_module = fx.GraphModule(module_class(), graph_of(module_class.forward))
     _descriptors(graph_module.graph, descriptors or {})
     graph_module.recompile()
     mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -16,10 +16,11 @@ import sys
 import torch
 
 from retrograd.codegen import ops
-from retrograd.passes import fusion
+from retrograd.passes import cleanup, fusion
 
 aten = torch.ops.aten
 _FUSION = fusion.run
+_CLEANUP = cleanup.run
 
 
 def _fusion_refusing_sin(gm, ctx):
@@ -29,9 +30,17 @@ def _fusion_refusing_sin(gm, ctx):
     return _FUSION(gm, ctx)
 
 
+def _cleanup_refusing_sin(gm, ctx):
+    """cleanup (a pass of the joint, inference and step stages) that raises on ``aten.sin``."""
+    if any(node.target is aten.sin.default for node in gm.graph.nodes):
+        raise NotImplementedError("deliberate fault: cleanup refuses aten.sin")
+    return _CLEANUP(gm, ctx)
+
+
 #: name -> (object, attribute or key, replacement)
 FAULTS = {
     "fusion_sin": (fusion, "run", _fusion_refusing_sin),
+    "cleanup_sin": (cleanup, "run", _cleanup_refusing_sin),
     # codegen that emits cos for sin: a wrong number, which verify catches
     "codegen_sin_is_cos": (ops.LOWERINGS, aten.sin.default, ops.LOWERINGS[aten.cos.default]),
 }
