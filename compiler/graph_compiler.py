@@ -27,6 +27,7 @@ from retrograd.codegen.wrapper import generate_program
 from retrograd.dump import Dumper, count_nodes, memory_plan_text, subject_text
 from retrograd.ir import Program
 from retrograd.options import Options
+from retrograd.passes import layout
 from retrograd.pipeline import OpSupport, PassContext, PassSpec, Stage, passes_for, run_pass
 from retrograd.report import PassRecord, build_report
 from retrograd.repro_writer import on_failure
@@ -75,6 +76,8 @@ class GraphCompiler:
         self.backward_constants: dict[str, Any] = {}
         self.updates: dict[int, int] = {}     # compile_step: output -> input positions
         self.seed: str | None = None          # compile_step: the loss cotangent's placeholder
+        self.num_fwd_outputs: int | None = None   # the forward's user outputs; the rest are saved
+        self.saved_layouts: dict[str, tuple[int, ...]] = {}   # forward's saved strides, by name
         self.write_reproducer = True          # repro.run_stage turns it off (repro_writer)
 
     # -- the joint stage -------------------------------------------------------
@@ -121,7 +124,7 @@ class GraphCompiler:
 
     def _partition(self, joint: fx.GraphModule, joint_inputs, **kwargs):
         ctx = self._begin(joint, ["forward", "backward"])
-        ctx.num_fwd_outputs = kwargs["num_fwd_outputs"]
+        ctx.num_fwd_outputs = self.num_fwd_outputs = kwargs["num_fwd_outputs"]
         primals_fake, tangents_fake = joint_inputs
         inputs = reference = primals = tangents = None
         if self.options.verify:
@@ -214,7 +217,11 @@ class GraphCompiler:
     def _compile_half(self, half: str, gm: fx.GraphModule, example_inputs):
         name = f"{self.graph_id}-{half}"
         dumper = self.joint_dumper.fork(name, self.options.dump_dir)
-        ctx = PassContext(self.options, dumper, OpSupport(), name, updates=self.updates)
+        # the layout pass may lay out saved activations as the backward's convolutions
+        # want them; the backward is told the strides they arrive with
+        ctx = PassContext(self.options, dumper, OpSupport(), name, updates=self.updates,
+                          num_fwd_outputs=self.num_fwd_outputs if half == "forward" else None,
+                          input_layouts=self.saved_layouts if half == "backward" else {})
         records = list(self.joint_records)
         reference = self.references.get(half)
         subject: Any = gm
@@ -222,6 +229,8 @@ class GraphCompiler:
             subject = _run(spec, subject, ctx, records)
             self._check_program(spec.name, subject, reference)
         program: Program = subject
+        if half == "forward" and self.num_fwd_outputs is not None:
+            self.saved_layouts = layout.saved_layouts(program, self.num_fwd_outputs)
         executable, kernels, wrapper = self._generate(program, example_inputs, records)
         if reference is not None and not isinstance(executable, FxExecutable):
             compare("codegen", run_program(executable, reference[0]), reference[1])

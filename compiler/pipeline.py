@@ -79,9 +79,11 @@ class PassContext:
     graph_name: str
     log: logging.Logger = log
     gradients: GradientSpec | None = None   # what the caller needs (dead_gradient)
-    num_fwd_outputs: int | None = None      # joint stage: the forward's share of the outputs
+    num_fwd_outputs: int | None = None      # joint stage and forward half: the user outputs
     seed: str | None = None                 # step stage: the loss cotangent's placeholder
     updates: dict[int, int] = field(default_factory=dict)   # step: output -> input positions
+    # backward half: strides the forward gave the saved activations (passes/layout.py)
+    input_layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 class Stage(enum.StrEnum):

@@ -22,9 +22,21 @@ returns in that layout (forward output, backward ``grad_input`` and
 such temporaries too, and ``rt.layout`` restores the planned strides of any
 other result at run time.
 
+Across the split (forward and backward programs): a convolution's input is
+often saved for the backward, whose ``convolution_backward`` reads it again,
+and that call is where a CNN's step peaks. A forward output the backward
+receives (``ctx.num_fwd_outputs`` says which outputs are the user's; the rest
+are saved) may be made channels-last like a temporary; the compiler hands the
+backward the strides they arrive with (``saved_layouts`` ->
+``ctx.input_layouts``), and the backward adopts them for an input read only
+by generated kernels and convolutions (anything else would read a layout it
+was not traced with; such an input keeps the traced strides, and the runtime
+copies it at entry: correct, only dearer). Inductor does the same: AOTAutograd
+restrides the backward's placeholders to the forward's output strides.
+
 Requires: a fused Program (fusion).
-Ensures: the same values; some temporaries around convolutions in
-  channels-last strides, restored where others read them.
+Ensures: the same values; some temporaries and saved activations around
+  convolutions in channels-last strides, restored where others read them.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ import torch.fx as fx
 from retrograd.ir import Buffer, Kernel, PassResult, Program
 from retrograd.passes.op_classes import CONVOLUTIONS
 
-__all__ = ["run", "channels_last_strides"]
+__all__ = ["run", "channels_last_strides", "saved_layouts"]
 
 
 def channels_last_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -57,12 +69,30 @@ def _is_convolution(kernel: Kernel) -> bool:
     return kernel.kind == "extern" and kernel.op in CONVOLUTIONS
 
 
+def saved_layouts(program: Program, user_outputs: int) -> dict[str, tuple[int, ...]]:
+    """The strides of a forward program's saved activations (its outputs past
+    the first ``user_outputs``), by name: what the backward receives."""
+    return {name: program.buffers[name].strides for name in program.outputs[user_outputs:]
+            if isinstance(name, str) and name in program.buffers}
+
+
+def _user_visible(program: Program, user_outputs: int | None) -> set[str]:
+    """Buffers whose strides the caller sees: every escaping buffer, or with
+    ``user_outputs`` known (a forward half) only the user's outputs and their
+    storage; saved activations go to our own backward, which is told."""
+    if user_outputs is None:
+        return program.escaping()
+    outputs = [name for name in program.outputs[:user_outputs] if isinstance(name, str)]
+    return set(outputs) | {program.root(name) for name in outputs}
+
+
 def _movable(program: Program, name: str, readers, producers, escaping, last) -> bool:
-    """A temporary 4-D activation not yet channels-last, written by a generated
-    kernel or by a convolution torch lays out channels-last (``last``), whose
-    every reader copes with any layout."""
+    """A temporary (or saved) 4-D activation not yet channels-last, written by a
+    generated kernel or by a convolution torch lays out channels-last
+    (``last``), whose every reader copes with any layout; ``escaping`` are the
+    buffers whose strides the caller sees."""
     buffer: Buffer | None = program.buffers.get(name)
-    if buffer is None or buffer.role != "temporary" or len(buffer.shape) != 4 \
+    if buffer is None or buffer.role not in ("temporary", "output") or len(buffer.shape) != 4 \
             or name in escaping or buffer.strides == channels_last_strides(buffer.shape):
         return False
     producer = producers.get(name)
@@ -86,12 +116,31 @@ def _results(kernel: Kernel) -> list[str]:
             and item.args[1] in (0, 1)]
 
 
+def _adopt_input_layouts(program: Program, layouts: dict, readers) -> list[str]:
+    """Give each program input the strides it arrives with (``layouts``, from
+    the forward) where those differ from the traced ones and only generated
+    kernels and convolutions read it. Returns the inputs changed."""
+    adopted = []
+    for name in program.inputs:
+        buffer, strides = program.buffers.get(name), layouts.get(name)
+        if buffer is None or strides is None or tuple(strides) == buffer.strides \
+                or len(strides) != len(buffer.shape):
+            continue
+        if all(k.kind == "triton" or _is_convolution(k) for k in readers.get(name, [])):
+            buffer.strides = tuple(strides)
+            adopted.append(name)
+    return adopted
+
+
 def run(program: Program, ctx) -> PassResult:
     readers = _readers(program)
     producers = {name: kernel for kernel in program.kernels for name in kernel.outputs}
-    escaping = program.escaping()
+    adopted = _adopt_input_layouts(program, getattr(ctx, "input_layouts", {}), readers)
+    escaping = _user_visible(program, getattr(ctx, "num_fwd_outputs", None))
     last: set[str] = set()        # convolution results torch returns channels-last
-    changed: list[str] = []
+    changed: list[str] = [name for name in adopted
+                          if program.buffers[name].strides
+                          == channels_last_strides(program.buffers[name].shape)]
     convolutions = 0
 
     def movable(name: str) -> bool:
@@ -114,5 +163,7 @@ def run(program: Program, ctx) -> PassResult:
                 buffer = program.buffers[name]
                 buffer.strides = channels_last_strides(buffer.shape)
                 changed.append(name)
+    moved = [name for name in changed if name not in adopted]
     return PassResult(program, {"convolutions": convolutions,
-                                "channels_last_buffers": len(changed), "buffers": changed})
+                                "channels_last_buffers": len(moved), "buffers": moved,
+                                "inputs_in_forward_layout": adopted})

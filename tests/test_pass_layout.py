@@ -31,7 +31,8 @@ def test_layout_makes_convolution_activations_channels_last():
     for name in (source, result):
         assert program.buffers[name].strides == layout.channels_last_strides(
             program.buffers[name].shape)
-    assert stats == {"convolutions": 1, "channels_last_buffers": 2, "buffers": [source, result]}
+    assert stats == {"convolutions": 1, "channels_last_buffers": 2, "buffers": [source, result],
+                     "inputs_in_forward_layout": []}
     assert program.buffers[program.outputs[0]].strides == (144, 36, 6, 1)   # outputs keep theirs
     buffer_reuse.run(program, context())
     assert_program_matches(program, gm, inputs)
