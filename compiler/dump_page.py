@@ -18,12 +18,12 @@ import difflib
 import html
 
 from retrograd.explain import ledger_html
-from retrograd.memory_timeline import HELD, SERIES, Timeline
+from retrograd.memory_timeline import HELD, IN_ARENAS, SERIES, Timeline
 
 __all__ = ["page", "schedule_svg", "diff_html", "STYLE"]
 
 KIND_COLORS = {"triton": "#27ae60", "extern": "#e67e22", "view": "#bdc3c7"}
-SERIES_COLORS = {HELD: "#2c3e50", "arenas held": "#2980b9", "alive in arenas": "#c0392b",
+SERIES_COLORS = {HELD: "#2c3e50", "arenas held": "#2980b9", "arena bytes in use": "#c0392b",
                  "inputs still referenced": "#8e44ad"}
 LEFT, STRIP, CHART, AXIS = 78, 46, 190, 30   # margins and band heights of the picture
 
@@ -170,7 +170,7 @@ def peak_html(timeline: Timeline) -> str:
         return ""
     index, nbytes = peak
     step = timeline.steps[index]
-    inside = [i for i in timeline.intervals.get("alive in arenas", []) if i.covers(index)]
+    inside = [i for i in timeline.intervals.get(IN_ARENAS, []) if i.covers(index)]
     rows = []
     for interval in timeline.alive_at(index, HELD):
         rows.append(f"<tr><td>{e(interval.name)}</td><td>{e(interval.what)}</td>"

@@ -16,8 +16,10 @@ The series, each named for what it counts:
   caller holds most of them). It is buffer_reuse's footprint prediction
   (``buffer_reuse.footprint``), decomposed; a prediction, not a measurement.
 - ``arenas held``: bytes of the arenas taken while the kernel runs.
-- ``alive in arenas``: bytes of the planned buffers alive then (how much of
-  the arenas is in use).
+- ``arena bytes in use``: bytes of the arenas under a live planned buffer
+  (how full the arenas are). A buffer written in place takes the slot of one
+  that dies at the same kernel, so the two share bytes there: intervals
+  placed in an arena (``Interval.offset``) count each byte once.
 - ``inputs still referenced``: program inputs the program has not yet
   dropped (the caller may hold them as well).
 """
@@ -32,28 +34,32 @@ from retrograd.passes.op_classes import SCRATCH_OPS
 
 __all__ = ["Interval", "Step", "Timeline", "SERIES", "build"]
 
-HELD, ARENAS, IN_ARENAS, INPUTS = ("held by the program", "arenas held", "alive in arenas",
-                                   "inputs still referenced")
+HELD, ARENAS, IN_ARENAS, INPUTS = ("held by the program", "arenas held",
+                                   "arena bytes in use", "inputs still referenced")
 
 #: series name -> what it counts (the page's legend and the trace's description)
 SERIES = {
     HELD: "arenas + the program's own allocations outside them + extern scratch estimate "
           "(inputs not counted; buffer_reuse's footprint prediction)",
     ARENAS: "bytes of the arenas taken",
-    IN_ARENAS: "bytes of the planned buffers alive inside the arenas",
+    IN_ARENAS: "bytes of the arenas under a live planned buffer (bytes shared in place "
+               "count once)",
     INPUTS: "program inputs not yet dropped by the program (the caller may hold them too)",
 }
 
 
 @dataclass(frozen=True)
 class Interval:
-    """``nbytes`` held from kernel ``start`` to kernel ``stop`` (both included)."""
+    """``nbytes`` held from kernel ``start`` to kernel ``stop`` (both included);
+    a planned buffer also has its place: ``arena`` and byte ``offset``."""
 
     name: str
     what: str
     nbytes: int
     start: int
     stop: int
+    arena: int | None = None
+    offset: int | None = None
 
     def covers(self, index: int) -> bool:
         return self.start <= index <= self.stop
@@ -79,7 +85,7 @@ class Timeline:
 
     def series(self) -> dict[str, list[int]]:
         """Bytes at each kernel, per series."""
-        return {name: [sum(i.nbytes for i in spans if i.covers(t)) for t in range(len(self.steps))]
+        return {name: [_bytes([i for i in spans if i.covers(t)]) for t in range(len(self.steps))]
                 for name, spans in self.intervals.items()}
 
     def peak(self, name: str = HELD) -> tuple[int, int] | None:
@@ -95,6 +101,20 @@ class Timeline:
         to the series' value there."""
         alive = [i for i in self.intervals.get(name, []) if i.covers(index)]
         return sorted(alive, key=lambda i: (-i.nbytes, i.name))
+
+
+def _bytes(alive: list[Interval]) -> int:
+    """Their bytes; those placed in an arena count the union of their byte ranges."""
+    ranges = sorted((i.arena, i.offset, i.offset + i.nbytes) for i in alive
+                    if i.offset is not None)
+    total = sum(i.nbytes for i in alive if i.offset is None)
+    arena, end = None, 0
+    for place, start, stop in ranges:
+        if place != arena:
+            arena, end = place, 0
+        total += max(0, stop - max(start, end))
+        end = max(end, stop)
+    return total
 
 
 def _clip(start: int, stop: int, count: int) -> tuple[int, int]:
@@ -153,7 +173,7 @@ def build(program: Program) -> Timeline:
     spans = buffer_reuse.lifetimes(program)
     count = len(program.kernels)
     in_arenas = [Interval(name, f"in arena {b.arena} at offset {b.offset}", b.nbytes,
-                          *_clip(*spans[name], count))
+                          *_clip(*spans[name], count), b.arena, b.offset)
                  for name, b in program.buffers.items() if b.offset is not None and name in spans]
     inputs = [Interval(name, "input", program.buffers[name].nbytes, *_clip(*spans[name], count))
               for name in program.inputs if name in program.buffers and name in spans]

@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ElementTree
 import jsonschema
 import pytest
 import torch
+import torch.nn.functional as F
 
 import retrograd
 from retrograd import dump_page, memory_timeline
@@ -84,20 +85,48 @@ def test_the_kernel_strip_and_the_memory_chart_share_one_axis(dumped, half):
                                           for i in range(len(program.kernels))], abs=0.06)
 
 
-@pytest.mark.parametrize("half", ["forward", "backward"])
-def test_the_memory_series_count_what_they_are_named(dumped, half):
-    program = dumped[1][half]
+@pytest.fixture(scope="module")
+def step_program():
+    """A training step's program (AdamW: updates written in place over dying slots)."""
+    programs = {}
+    finish = Dumper.finish
+
+    def keep(self, report, kernels, text, plan, program):
+        programs[report["graph"]] = program
+        return finish(self, report, kernels, text, plan, program)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Dumper, "finish", keep)
+        step = retrograd.compile_step(model, lambda m, x, y: F.cross_entropy(m(x), y),
+                                      torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                      executor="fx")   # finish runs without a dump folder too
+        step(torch.randn(2, 8), torch.tensor([0, 3]))
+    return programs["step"]
+
+
+def _arena_bytes_in_use(program, spans, index: int) -> int:
+    """Bytes of the arenas under a live planned buffer, counted byte by byte."""
+    used = {(b.arena, byte) for n, b in program.buffers.items() if b.offset is not None
+            and spans[n][0] <= index <= spans[n][1]
+            for byte in range(b.offset, b.offset + b.nbytes)}
+    return len(used)
+
+
+@pytest.mark.parametrize("half", ["forward", "backward", "step"])
+def test_the_memory_series_count_what_they_are_named(dumped, step_program, half):
+    program = step_program if half == "step" else dumped[1][half]
     series = memory_timeline.build(program).series()
     spans = buffer_reuse.lifetimes(program)
     arenas, predicted = buffer_reuse.footprint(program, spans)
     assert series[HELD] == predicted
     assert series["arenas held"] == arenas
     count = len(program.kernels)
-    planned = {n: b for n, b in program.buffers.items() if b.offset is not None}
-    assert planned, "the model should give the backward an arena"
-    assert series["alive in arenas"] == [
-        sum(b.nbytes for n, b in planned.items() if spans[n][0] <= t <= spans[n][1])
-        for t in range(count)]
+    assert any(b.offset is not None for b in program.buffers.values()), "no arena"
+    # a slot written in place is shared by two buffers at one kernel: counted once
+    assert series["arena bytes in use"] == [_arena_bytes_in_use(program, spans, t)
+                                            for t in range(count)]
+    assert all(used <= held for used, held in zip(series["arena bytes in use"], arenas))
     assert series["inputs still referenced"] == [
         sum(program.buffers[n].nbytes for n in program.inputs if t <= spans[n][1])
         for t in range(count)]

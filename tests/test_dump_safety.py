@@ -166,7 +166,7 @@ def test_the_page_escapes_every_name_it_shows():
     image = '<img src=x onerror="alert(2)">'
     steps = [Step(0, "triton", evil, (image,), ()), Step(1, "extern", image, (evil,), (0,))]
     timeline = Timeline(steps, {HELD: [Interval(evil, image, 64, 0, 1)],
-                                "arenas held": [], "alive in arenas": [],
+                                "arenas held": [], "arena bytes in use": [],
                                 "inputs still referenced": []})
     row = {"name": evil, "op": image, "shape": [2], "dtype": evil, "bytes": 8,
            "source": f"{evil}:1", "decision": "saved", "reason": image, "recompute_flops": 0}
