@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
-
 from retrograd import repro
 from retrograd.repro_writer import Snapshot, copy_graph, repro_source
 

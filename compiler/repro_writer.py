@@ -32,10 +32,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import is_fake
-
 from retrograd import repro
 from retrograd.dump import Dumper
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = ["Snapshot", "snapshot", "repro_source", "on_failure"]
 
@@ -92,7 +91,7 @@ def _constant_text(value: Any) -> str:
     if not is_fake(value) and value.numel() <= LITERAL_LIMIT and not value.is_complex():
         return (f"torch.tensor({value.detach().cpu().tolist()!r}, dtype={value.dtype}, "
                 f"device={str(value.device)!r})")
-    return f"{_input_text(value)}.make()  # random, shaped like the constant"
+    return f"{_input_text(value)}.make()"
 
 
 def _globals_text(names: dict[str, Any]) -> list[str]:
@@ -122,8 +121,10 @@ def graph_code(graph: fx.Graph, constants: dict[str, Any]) -> tuple[str, list[st
         if node.op == "get_attr":
             if node.target not in renamed:
                 renamed[node.target] = f"constant_{len(renamed)}"
-                init.append(f"self.register_buffer({renamed[node.target]!r}, "
-                            f"{_constant_text(constants[node.target])})")
+                text = _constant_text(constants[node.target])
+                if text.endswith(".make()"):
+                    init.append(f"# {node.target}: random, shaped like the constant")
+                init.append(f"self.register_buffer({renamed[node.target]!r}, {text})")
             node.target = renamed[node.target]
     code = graph.python_code(root_module="self")
     source = re.sub(r";  (\w+ = )+None$", "", code.src.strip(), flags=re.M)
@@ -141,9 +142,9 @@ def _descriptors(graph: fx.Graph) -> dict[str, str]:
         if desc is None or node.op not in ("placeholder", "output"):
             continue
         try:
-            if eval(repr(desc), namespace) == desc:   # noqa: S307 - a repr we just made
+            if eval(repr(desc), namespace) == desc:
                 found["output" if node.op == "output" else node.name] = repr(desc)
-        except Exception:  # noqa: BLE001 - a descriptor without an evaluable repr
+        except Exception:
             continue
     return found
 
@@ -178,7 +179,7 @@ INPUTS = [
 {inputs}
 ]
 
-STAGE = repro.{stage_repr}
+STAGE = {stage_text}
 
 DESCRIPTORS = {descriptors!r}
 
@@ -206,8 +207,17 @@ def repro_source(taken: Snapshot, message: str, expected: tuple[str, ...],
         message=f"\n# The failure when it was written:\n{comment}" if comment else "",
         imports="\n".join(imports), init="\n".join(f"        {line}" for line in init)
         or "        pass", forward=_indent(forward), inputs="\n".join(inputs),
-        stage_repr=repr(taken.stage), descriptors=_descriptors(taken.graph),
+        stage_text=_stage_text(taken.stage), descriptors=_descriptors(taken.graph),
         expected=tuple(expected))
+
+
+def _stage_text(stage: repro.Stage) -> str:
+    """``repro.Stage(...)``, one field a line, the options one a line."""
+    options = "".join(f"        {key!r}: {value!r},\n" for key, value in stage.options.items())
+    fields = [f"    {f.name}={getattr(stage, f.name)!r}," for f in dataclasses.fields(stage)
+              if f.name != "options"]
+    return "repro.Stage(\n" + "\n".join(fields[:2]) + f"\n    options={{\n{options}    }},\n" \
+        + "\n".join(fields[2:]) + "\n)"
 
 
 def _indent(text: str) -> str:
@@ -263,10 +273,10 @@ def _leave(options, taken: Snapshot | None, error: BaseException, graph_id: str 
     except Unreproducible as why:
         _annotate(error, f"retrograd: no reproducer: the graph holds {why}")
         return
-    except Exception as why:  # noqa: BLE001 - never hide the compile's own error
+    except Exception as why:
         warnings.warn(f"retrograd: could not write a reproducer: {why}", RuntimeWarning)
         return
-    log.warning("retrograd: reproducer written to %s", path)
+    log.info("retrograd: reproducer written to %s", path)
     _annotate(error, f"retrograd: reproducer: {path} (`python {path}` fails the same way "
                      f"without the model; `retrograd minify {path}` shrinks it)")
 
@@ -285,7 +295,7 @@ def on_failure(compiler, stage: str, graph_module: fx.GraphModule, inputs: Seque
         taken = snapshot(repro.Stage(stage, compiler.graph_id or "",
                                      options_mapping(compiler.options), **arguments),
                          graph_module, inputs)
-    except Exception as why:  # noqa: BLE001 - a copy that fails must not fail the compile
+    except Exception as why:
         log.debug("retrograd: no snapshot for a reproducer: %s", why)
         taken = None
     try:

@@ -14,7 +14,6 @@ import runpy
 import sys
 
 import torch
-
 from retrograd.codegen import ops
 from retrograd.passes import cleanup, fusion
 

@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torch._decomp
-
 import repro_faults
 import retrograd
+import torch
+import torch._decomp
 from retrograd import cli, minify, repro
 from retrograd.passes import checkpoint
 from retrograd.pipeline import PassError
@@ -55,8 +54,8 @@ def _reproducer(error: BaseException) -> Path:
 def _fresh_process(fault: str | None, path: Path) -> subprocess.CompletedProcess:
     """Run ``path`` as a script in a new interpreter with ``fault`` installed."""
     code = f"import repro_faults; repro_faults.run({fault!r}, {str(path)!r})"
-    return subprocess.run([sys.executable, "-c", code], cwd=TESTS, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], check=False, cwd=TESTS,
+                          capture_output=True, text=True, timeout=600)
 
 
 def _fails(path: Path) -> tuple[bool, BaseException | None, torch.fx.GraphModule]:
