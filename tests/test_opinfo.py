@@ -99,7 +99,9 @@ NAMES = [
     # indexing and scatter
     "nn.functional.embedding", "gather", "index_select", "cat", "stack",
     "select_scatter", "slice_scatter", "scatter", "scatter_add", "index_put",
-    "nn.functional.pad",
+    "nn.functional.pad", "flip", "__getitem__",
+    # scans
+    "cumsum",
     # pooling
     "nn.functional.max_pool2d", "nn.functional.avg_pool2d",
 ]
