@@ -189,10 +189,11 @@ class SymbolicGraph:
     """A graph dynamo handed over with symbolic sizes, compiled once for all
     of them (dynamic.py says what such a program runs)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs, dims: str):
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, dims: str,
+                 options: Options | None = None):
         self.gm = gm
         self.compiled, self.compiler = compile_symbolic(
-            gm, example_inputs, "torch.compile(backend='retrograd')", dims)
+            gm, example_inputs, "torch.compile(backend='retrograd')", dims, options)
 
     @property
     def reports(self) -> dict[str, dict]:
@@ -227,7 +228,7 @@ def _symbolic_or_none(gm: torch.fx.GraphModule, example_inputs,
         return None
     dims = symbolic_dims(gm, example_inputs)
     try:
-        return SymbolicGraph(gm, example_inputs, dims)
+        return SymbolicGraph(gm, example_inputs, dims, options)
     except Exception as error:   # noqa: BLE001 - the per-size path handles it, or says why
         log.warning("retrograd: a graph dynamo handed over with symbolic sizes (%s) could not "
                     "be traced symbolically (%s: %s); it is compiled per concrete size",

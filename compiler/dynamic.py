@@ -205,10 +205,17 @@ class SymbolicCompiler:
                                     "torch calls"}}
 
 
-def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, dims: str):
+def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, dims: str,
+                     options=None):
     """``module`` traced by AOTAutograd on symbolic ``fakes``; returns
     (callable, compiler). Runs in the fake mode (and, under torch.compile, the
-    tracing context) of ``fakes``, so the trace's shape guards land there."""
+    tracing context) of ``fakes``, so the trace's shape guards land there.
+    ``verify`` and ``dump_dir`` (of ``options``) do not apply to it: logged."""
+    skipped = [name for name in ("verify", "dump_dir") if getattr(options, name, None)]
+    if skipped:
+        log.warning("retrograd: %s: %s not applied to the symbolic program (%s): it runs "
+                    "AOTAutograd's graphs as torch calls, with no retrograd pass to check "
+                    "or dump", what, " and ".join(skipped), dims)
     compiler = SymbolicCompiler(what, dims)
     with compiling():
         compiled = aot_module_simplified(

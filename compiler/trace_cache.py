@@ -245,7 +245,8 @@ class TraceCache:
         fakes, env = symbolic_inputs(leaves, slots, dims)
 
         def trace(flat):
-            return compile_symbolic(flat, fakes, f"{self.face} of {self.what}", shown)
+            return compile_symbolic(flat, fakes, f"{self.face} of {self.what}", shown,
+                                    self.options)
         try:
             entry = self._trace(leaves, in_spec, slots, fakes, trace)
         except Exception as error:   # noqa: BLE001 - the static path handles it, or says why

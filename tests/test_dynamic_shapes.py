@@ -84,11 +84,15 @@ class Attention(torch.nn.Module):
         return (weights @ v).square().mean()
 
 
-def test_symbolic_sequence_length_keeps_parameter_gradients_right():
+@pytest.mark.parametrize("face", ["standalone", "torch.compile"])
+def test_symbolic_sequence_length_keeps_parameter_gradients_right(face, fresh_dynamo,
+                                                                  monkeypatch):
+    graphs = _record(monkeypatch)
     torch.manual_seed(0)
     model = Attention().double()
     reference = copy.deepcopy(model)
-    compiled = retrograd.compile(model)
+    compiled = (retrograd.compile(model) if face == "standalone"
+                else torch.compile(model, backend="retrograd"))
     for length in (3, 5, 6, 9, 4):
         x = torch.randn(2, length, 8, dtype=torch.float64)
         model.zero_grad()
@@ -99,8 +103,13 @@ def test_symbolic_sequence_length_keeps_parameter_gradients_right():
         assert_close(got, expected, torch.float64)
         for (name, a), b in zip(model.named_parameters(), reference.parameters()):
             assert_close(a.grad, b.grad, torch.float64, what=name)
-    assert compiled._cache.compiles == 2
-    assert compiled.reports["backward"]["symbolic"]["dims"] == "input 0 dim 1"
+    if face == "standalone":
+        assert compiled._cache.compiles == 2
+        assert compiled.reports["backward"]["symbolic"]["dims"] == "input 0 dim 1"
+    else:
+        assert _compiled_programs(graphs) == 2, graphs
+        symbolic = [g for g in graphs if isinstance(g, retrograd.backend.SymbolicGraph)]
+        assert "dim 1" in symbolic[0].reports["forward"]["symbolic"]["dims"]
 
 
 def test_a_call_the_shape_guards_refuse_compiles_again():
@@ -184,18 +193,30 @@ def test_torch_compile_face_ten_batch_sizes_compile_at_most_two_programs(fresh_d
     assert set(symbolic[0].reports) == {"forward", "backward"}
 
 
-def test_torch_compile_face_recompile_limit_runs_eagerly(fresh_dynamo, monkeypatch):
+def test_torch_compile_face_recompile_limit_runs_eagerly(fresh_dynamo, monkeypatch, caplog):
     """With dynamic=False the symbolic graph dynamo hands over compiles per
     size; recompile_limit caps that, and the graph then runs in eager."""
     graphs = _record(monkeypatch)
     compiled = torch.compile(function, backend="retrograd",
                              options={"dynamic": False, "recompile_limit": 2,
                                       "executor": "fx"})
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, \
+            caplog.at_level(logging.INFO, logger="retrograd"):
         warnings.simplefilter("always")
         for rows in (2, 3, 4, 5, 6):
             _check(compiled, function, rows)
     assert not [g for g in graphs if isinstance(g, retrograd.backend.SymbolicGraph)]
+    again = [r.getMessage() for r in caplog.records if "again" in r.getMessage()]
+    assert any("input 1 shape (3, 4) -> (4, 4)" in line for line in again), again
     limit = [str(w.message) for w in caught if "recompile_limit" in str(w.message)]
     assert len(limit) == 1 and "input 1 shape (4, 4) -> (5, 4)" in limit[0], limit
     assert max(len(graph.compilers) for graph in graphs) == 2
+
+
+def test_verify_and_dumps_say_they_skip_the_symbolic_program(tmp_path, caplog):
+    compiled = retrograd.compile(function, verify=True, dump_dir=str(tmp_path / "dumps"))
+    with caplog.at_level(logging.WARNING, logger="retrograd"):
+        for rows in (2, 3):
+            _check(compiled, function, rows)
+    assert any("verify and dump_dir not applied to the symbolic program" in r.getMessage()
+               for r in caplog.records)
