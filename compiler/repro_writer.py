@@ -76,6 +76,9 @@ def snapshot(stage: repro.Stage, graph_module: fx.GraphModule,
 
 
 def _input_text(value: Any) -> str:
+    if isinstance(value, torch.SymInt) or isinstance(value, torch.Tensor) and any(
+            isinstance(size, torch.SymInt) for size in (*value.shape, *value.stride())):
+        raise Unreproducible("symbolic sizes, which reproducers do not record")
     if isinstance(value, (torch.Tensor, repro.Input)):
         spec = value if isinstance(value, repro.Input) else repro.Input.like(value)
         return f"repro.Input({spec.shape}, {spec.stride}, {spec.dtype}, {spec.device!r})"

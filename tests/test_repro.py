@@ -169,3 +169,25 @@ def test_minify_refuses_a_file_that_does_not_fail(monkeypatch, capsys):
     assert cli.main(["minify", str(path)]) == 1
     assert "does not fail as it records" in capsys.readouterr().err
     assert cli.main(["minify", str(path.with_name("missing.py"))]) == 1
+
+
+def test_constants_and_ops_without_tensor_inputs_survive_the_round_trip(monkeypatch):
+    """A small closed-over tensor is written out, a large one is a random
+    stand-in of its shape, and ``arange`` (no tensor input, which a trace of
+    ``Repro.forward`` would have run instead of recording) stays a node."""
+    repro_faults.install("fusion_sin", monkeypatch)
+    mask, table = torch.tensor([1.0, 0.0, 2.0]), torch.randn(100, 3)
+
+    def f(x):
+        return (torch.sin(x * mask) + table[:4] + torch.arange(3.0)).sum()
+
+    with torch.no_grad(), pytest.raises(PassError) as caught:
+        retrograd.compile(f, executor="fx")(torch.randn(4, 3))
+    path = _reproducer(caught.value)
+    text = path.read_text()
+    assert "torch.tensor([1.0, 0.0, 2.0]" in text and "random, shaped like the constant" in text
+    same, error, graph_module = _fails(path)
+    assert same, error
+    assert minify.load(path).STAGE.name == "inference"
+    targets = {n.target for n in graph_module.graph.nodes}
+    assert torch.ops.aten.arange.start_step in targets or torch.ops.aten.arange.default in targets
