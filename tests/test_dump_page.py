@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -154,6 +155,26 @@ def test_the_peak_is_marked_and_what_is_held_there_named(dumped):
     box = boxes[index]
     assert float(dashed[0].get("x1")) == pytest.approx(
         float(box.get("x")) + float(box.get("width")) / 2, abs=0.6)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs a headless browser (apt-get install chromium)")
+def test_a_real_browser_draws_the_page(dumped, tmp_path):
+    """Debian's chromium, headless: the DOM it builds has every kernel box, the
+    peak line and no script, and it paints a screenshot."""
+    folders, programs = dumped
+    uri = (folders["backward"] / "index.html").as_uri()
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run(browser + ["--dump-dom", uri], capture_output=True, text=True,
+                         timeout=120).stdout
+    svg = dom[dom.index("<svg"):dom.index("</svg>")]
+    boxes = re.findall(rf'<rect[^>]*y="{dump_page.STRIP - 20}"', svg)
+    assert len(boxes) == len(programs["backward"].kernels)
+    assert "stroke-dasharray" in svg and "<script" not in dom
+    shot = tmp_path / "page.png"
+    subprocess.run(browser + [f"--screenshot={shot}", "--window-size=1200,900", uri],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
 
 def test_the_page_shows_the_ledger_and_coloured_diffs(dumped):
