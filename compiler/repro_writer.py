@@ -50,12 +50,30 @@ class Unreproducible(Exception):
 
 @dataclasses.dataclass
 class Snapshot:
-    """A stage's input, copied before its passes run."""
+    """A stage's input, recorded before its passes run."""
 
     stage: repro.Stage
-    graph: fx.Graph
+    graph: fx.Graph | list[tuple]        # a graph, or ``record``'s list of its nodes
     constants: dict[str, Any]
     inputs: list
+
+
+def record(graph: fx.Graph) -> list[tuple]:
+    """Each node's fields as they are now: passes replace a node's ``args``
+    tuple (fx's argument containers are immutable) rather than edit it, so
+    this is a snapshot at a few microseconds a node; ``replay`` builds the
+    graph only when a reproducer is written."""
+    return [(n, n.op, n.target, n.args, n.kwargs, n.name, n.type, dict(n.meta))
+            for n in graph.nodes]
+
+
+def replay(records: list[tuple]) -> fx.Graph:
+    new, env = fx.Graph(), {}
+    for node, op, target, args, kwargs, name, type_expr, meta in records:
+        env[node] = new.create_node(op, target, fx.map_arg(args, env.__getitem__),
+                                    fx.map_arg(kwargs, env.__getitem__), name, type_expr)
+        env[node].meta = meta
+    return new
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -72,7 +90,7 @@ def snapshot(stage: repro.Stage, graph_module: fx.GraphModule,
              inputs: Sequence[Any]) -> Snapshot:
     constants = {node.target: operator.attrgetter(node.target)(graph_module)
                  for node in graph_module.graph.nodes if node.op == "get_attr"}
-    return Snapshot(stage, copy_graph(graph_module.graph), constants, list(inputs))
+    return Snapshot(stage, record(graph_module.graph), constants, list(inputs))
 
 
 def _input_text(value: Any) -> str:
@@ -271,6 +289,8 @@ def _leave(options, taken: Snapshot | None, error: BaseException, graph_id: str 
         return
     taken.stage.graph_id = graph_id or "g-unknown"
     try:
+        if isinstance(taken.graph, list):
+            taken.graph = replay(taken.graph)
         text = repro_source(taken, str(error), repro.failure_signature(error))
         path = write(options, taken.stage, text)
     except Unreproducible as why:
