@@ -30,10 +30,7 @@ import stat
 import tempfile
 import warnings
 from pathlib import Path
-
 from typing import Any
-
-import torch.fx as fx
 
 from retrograd import memory_timeline
 from retrograd.dump_page import page
@@ -43,8 +40,9 @@ from retrograd.program_bench import main_block
 from retrograd.report import to_json
 from retrograd.runtime.loader import ours_alone
 from retrograd.torch_logging import trace, tracing
+from torch import fx
 
-__all__ = ["Dumper", "count_nodes", "subject_text", "memory_plan_text"]
+__all__ = ["Dumper", "count_nodes", "memory_plan_text", "subject_text"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
@@ -185,7 +183,7 @@ class Dumper:
         on random inputs: ``program_bench.py``), the memory plan, the report,
         ``trace.json`` (``perfetto.py``) and ``index.html`` (``dump_page.py``)."""
         if tracing():
-            self._trace_final(report, kernels, program_text, plan)
+            self._trace_final(report, kernels, program_text, plan, program)
         if not self.enabled:
             return
         for name, source in kernels.items():
@@ -197,13 +195,16 @@ class Dumper:
         self.write("trace.json", json.dumps(chrome_trace(report["graph_id"], timeline)) + "\n")
         self.write("index.html", page(report, self.graph_files, sorted(kernels), timeline))
 
-    def _trace_final(self, report: dict, kernels: dict[str, str], program: str,
-                     plan: str) -> None:
-        """The final texts as structured-trace artifacts (``TORCH_TRACE`` is on)."""
+    def _trace_final(self, report: dict, kernels: dict[str, str], program_text: str,
+                     plan: str, program: Program) -> None:
+        """The final texts as structured-trace artifacts (``TORCH_TRACE`` is on),
+        ``trace.json`` among them as ``..._chrome_trace``."""
         prefix = f"retrograd_{self.label}"
         for name, source in kernels.items():
             trace(f"{prefix}_kernel_{name}", lambda source=source: source)
-        trace(f"{prefix}_program", lambda: program)
+        trace(f"{prefix}_program", lambda: program_text)
+        trace(f"{prefix}_chrome_trace", lambda: json.dumps(
+            chrome_trace(report["graph_id"], memory_timeline.build(program))), encoding="json")
         trace(f"{prefix}_memory_plan", lambda: plan)
         trace(f"{prefix}_report", lambda: to_json(report), encoding="json")
         if report.get("ledger") is not None:
@@ -251,14 +252,14 @@ def subject_text(subject: Any) -> str:
 
 def memory_plan_text(program: Program) -> str:
     """memory_plan.txt: every buffer's role, bytes, lifetime and arena place."""
-    lines = [f"# memory plan of {program.name}: buffer, role, bytes, first use, last use, "
-             "arena, offset",
-             f"{'buffer':32s} {'role':10s} {'bytes':>12s} {'first':>6s} {'last':>6s} "
-             f"{'arena':>5s} offset"]
+    lines = [(f"# memory plan of {program.name}: buffer, role, bytes, first use, last use, "
+              "arena, offset"),
+             (f"{'buffer':32s} {'role':10s} {'bytes':>12s} {'first':>6s} {'last':>6s} "
+              f"{'arena':>5s} offset")]
     for buffer in program.buffers.values():
         lines.append(f"{buffer.name:32s} {buffer.role:10s} {buffer.nbytes:12d} "
-                     f"{str(buffer.first_use):>6s} {str(buffer.last_use):>6s} "
-                     f"{str(buffer.arena):>5s} {buffer.offset}")
+                     f"{buffer.first_use!s:>6s} {buffer.last_use!s:>6s} "
+                     f"{buffer.arena!s:>5s} {buffer.offset}")
     lines.append("")
     lines.append("# arenas: one per window of the schedule (kernels start..stop), "
                  "taken before start and given back after stop")

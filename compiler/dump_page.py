@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import difflib
 import html
+import itertools
 
 from retrograd.explain import ledger_html
 from retrograd.memory_timeline import HELD, IN_ARENAS, SERIES, Timeline
 
-__all__ = ["page", "schedule_svg", "diff_html", "STYLE"]
+__all__ = ["STYLE", "diff_html", "page", "schedule_svg"]
 
 KIND_COLORS = {"triton": "#27ae60", "extern": "#e67e22", "view": "#bdc3c7"}
 SERIES_COLORS = {HELD: "#2c3e50", "arenas held": "#2980b9", "arena bytes in use": "#c0392b",
@@ -90,8 +91,8 @@ def _chart(series: dict[str, list[int]], width: float, top: int) -> list[str]:
 def _axes(count: int, width: float, top: int) -> list[str]:
     """Kernel positions under the chart (gridlines through strip and chart) and the bytes."""
     every = max(1, -(-count // 24))
-    marks = [f'<line x1="{LEFT}" y1="{STRIP + CHART}" x2="{_x(count, width):.1f}" '
-             f'y2="{STRIP + CHART}" stroke="#333"/>']
+    marks = [(f'<line x1="{LEFT}" y1="{STRIP + CHART}" x2="{_x(count, width):.1f}" '
+              f'y2="{STRIP + CHART}" stroke="#333"/>')]
     for index in range(0, count, every):
         x = _x(index + 0.5, width)
         marks.append(f'<line x1="{x:.1f}" y1="4" x2="{x:.1f}" y2="{STRIP + CHART + 4}" '
@@ -117,12 +118,12 @@ def _peak_marks(timeline: Timeline, width: float, top: int) -> list[str]:
     x, y = _x(index + 0.5, width), _scale(top)(nbytes)
     anchor = "end" if index > len(timeline.steps) / 2 else "start"
     shift = -6 if anchor == "end" else 6
-    return [f'<line x1="{x:.1f}" y1="6" x2="{x:.1f}" y2="{STRIP + CHART}" stroke="#000" '
-            'stroke-dasharray="4,3"/>',
+    return [(f'<line x1="{x:.1f}" y1="6" x2="{x:.1f}" y2="{STRIP + CHART}" stroke="#000" '
+             'stroke-dasharray="4,3"/>'),
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="none" stroke="#000"/>',
-            f'<text x="{x + shift:.1f}" y="{max(y - 6, STRIP + 10):.1f}" font-size="11" '
-            f'text-anchor="{anchor}">peak {nbytes:,} bytes {HELD}, kernel {index} '
-            f'{e(timeline.steps[index].name)}</text>']
+            (f'<text x="{x + shift:.1f}" y="{max(y - 6, STRIP + 10):.1f}" font-size="11" '
+             f'text-anchor="{anchor}">peak {nbytes:,} bytes {HELD}, kernel {index} '
+             f'{e(timeline.steps[index].name)}</text>')]
 
 
 def _hover(timeline: Timeline, series: dict[str, list[int]], width: float) -> list[str]:
@@ -256,7 +257,7 @@ def page(report: dict, graph_files: list[tuple[str, str]], kernels: list[str],
          timeline: Timeline) -> str:
     """index.html of one graph."""
     diffs = "".join(diff_html(a, old, b, new)
-                    for (a, old), (b, new) in zip(graph_files, graph_files[1:]))
+                    for (a, old), (b, new) in itertools.pairwise(graph_files))
     files = "".join(f'<li><a href="{e(name)}">{e(name)}</a></li>' for name, _ in graph_files)
     kernel_links = "".join(f'<li><a href="kernels/{e(k)}.py">{e(k)}</a></li>' for k in kernels)
     title = f"{e(report['graph_id'])} ({e(report['graph'])})"

@@ -32,7 +32,7 @@ from retrograd.ir import Program
 from retrograd.passes import buffer_reuse
 from retrograd.passes.op_classes import SCRATCH_OPS
 
-__all__ = ["Interval", "Step", "Timeline", "SERIES", "build"]
+__all__ = ["SERIES", "Interval", "Step", "Timeline", "build"]
 
 HELD, ARENAS, IN_ARENAS, INPUTS = ("held by the program", "arenas held",
                                    "arena bytes in use", "inputs still referenced")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from retrograd.memory_timeline import HELD, SERIES, Timeline
 
-__all__ = ["chrome_trace", "retime", "PID", "KERNELS_TID"]
+__all__ = ["KERNELS_TID", "PID", "chrome_trace", "retime"]
 
 PID, KERNELS_TID = 1, 1
 STEP_US = 1000.0   # one kernel per millisecond of the schedule axis

@@ -24,15 +24,17 @@ program instance) and says nothing about a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -232,7 +234,6 @@ def _write_trace(folder: Path, out: Path, blocks, per_kernel: dict[int, float]) 
 def main(path: str, inputs: list, constants: dict, executor: str, argv=None) -> None:
     """Benchmark the program in ``path`` (the dump's program.py); see the module docstring."""
     import numpy
-
     from retrograd.runtime.arena import Allocator
     from retrograd.runtime.device import interpreter_mode
     interpreted = executor == "interpret"
@@ -246,7 +247,7 @@ def main(path: str, inputs: list, constants: dict, executor: str, argv=None) -> 
         kernels = _load_kernels(folder, interpreted)
         rt = Allocator(device, _constants(constants, device))
         run, timed = _runner(source, path), _runner(source, path, clock)
-        make_args = lambda: _inputs(inputs, device)   # noqa: E731
+        make_args = functools.partial(_inputs, inputs, device)
         _measure(run, make_args, kernels, rt, sync, 1)   # warm-up (Triton compiles on a GPU)
         whole = _measure(run, make_args, kernels, rt, sync, options.repeat)
         runs = []

@@ -6,19 +6,19 @@ Chrome trace event format."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
 import subprocess
 import sys
-import xml.etree.ElementTree as ElementTree
+from xml.etree import ElementTree
 
 import jsonschema
 import pytest
+import retrograd
 import torch
 import torch.nn.functional as F
-
-import retrograd
 from retrograd import dump_page, memory_timeline
 from retrograd.dump import Dumper
 from retrograd.memory_timeline import HELD
@@ -61,7 +61,7 @@ def dumped(tmp_path_factory):
 
 def _svg(index_html: str) -> ElementTree.Element:
     """The schedule picture: the first <svg> of the page."""
-    text = re.search(r"<svg.*?</svg>", index_html, re.S).group(0)
+    text = re.search(r"<svg.*?</svg>", index_html, re.DOTALL).group(0)
     return ElementTree.fromstring(text.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ',
                                                1))
 
@@ -166,7 +166,7 @@ def test_a_real_browser_draws_the_page(dumped, tmp_path):
     uri = (folders["backward"] / "index.html").as_uri()
     browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
     dom = subprocess.run(browser + ["--dump-dom", uri], capture_output=True, text=True,
-                         timeout=120).stdout
+                         timeout=120, check=True).stdout
     svg = dom[dom.index("<svg"):dom.index("</svg>")]
     boxes = re.findall(rf'<rect[^>]*y="{dump_page.STRIP - 20}"', svg)
     assert len(boxes) == len(programs["backward"].kernels)
@@ -248,10 +248,10 @@ def test_program_py_runs_alone_on_random_inputs_and_times_each_kernel(dumped, tm
     folder = folders["backward"]
     out = tmp_path / "measured.json"
     result = subprocess.run([sys.executable, "program.py", "--repeat", "1", "--trace", str(out)],
-                            cwd=folder, capture_output=True, text=True, timeout=300)
+                            cwd=folder, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     rows = {int(m.group(1)): (m.group(2), m.group(3)) for m in re.finditer(
-        r"^ +(\d+)  (\w+) +(\S+) +(\d+\.\d{3}) +\d+\.\d%$", result.stdout, re.M)}
+        r"^ +(\d+)  (\w+) +(\S+) +(\d+\.\d{3}) +\d+\.\d%$", result.stdout, re.MULTILINE)}
     program = programs["backward"]
     assert rows == {i: (str(k.kind), k.name) for i, k in enumerate(program.kernels)}
     assert "whole program:" in result.stdout
@@ -260,7 +260,7 @@ def test_program_py_runs_alone_on_random_inputs_and_times_each_kernel(dumped, tm
     spans = [e for e in measured["traceEvents"] if e["ph"] == "X"]
     triton = [e["dur"] for e in spans if e["cat"] == "triton"]
     assert triton and all(duration > 0 for duration in triton)
-    for before, after in zip(spans, spans[1:]):
+    for before, after in itertools.pairwise(spans):
         assert after["ts"] == pytest.approx(before["ts"] + before["dur"])
 
 
@@ -280,3 +280,18 @@ def test_the_timed_program_ticks_before_each_kernel_block():
     assert lines[3:5] == ["    _tick(0)", "    arena = rt.arena(8)"]
     assert lines[lines.index("    # 1: view v (c)") - 1] == "    _tick(1)"
     assert lines[-2:] == ["    _tick(None)", "    return [z]"]
+
+
+def test_under_torch_trace_the_chrome_trace_is_an_artifact(step_program, monkeypatch):
+    """tlparse lists it beside the other texts (issue 14 item 3's artifacts)."""
+    from retrograd import dump
+    sent = {}
+    monkeypatch.setattr(dump, "tracing", lambda: True)
+    monkeypatch.setattr(dump, "trace", lambda name, payload, encoding="string":
+                        sent.__setitem__(name, (payload(), encoding)))
+    report = {"graph_id": "g1-step", "passes": [], "ledger": None}
+    Dumper(None, ["g1-step"]).finish(report, {}, "def run(): pass\n", "plan\n", step_program)
+    text, encoding = sent["retrograd_g1-step_chrome_trace"]
+    assert encoding == "json"
+    jsonschema.validate(json.loads(text), TRACE_SCHEMA)
+    assert sent["retrograd_g1-step_program"] == ("def run(): pass\n", "string")
