@@ -47,9 +47,10 @@ def _x(index: float, width: float) -> float:
     return LEFT + index * width
 
 
-def _strip(timeline: Timeline, width: float) -> list[str]:
+def _strip(timeline: Timeline, width: float, sources: frozenset[str]) -> list[str]:
     """One box per kernel (views short: they move no data), arcs from the kernels
-    whose outputs it reads, each Triton box a link to its source."""
+    whose outputs it reads, each Triton box a link to its source (where the dump
+    has one: ``executor="fx"`` generates none)."""
     marks = []
     if len(timeline.steps) <= 600:
         for step in timeline.steps:
@@ -64,7 +65,7 @@ def _strip(timeline: Timeline, width: float) -> list[str]:
         box = (f'<rect x="{_x(step.index, width) + 0.5:.1f}" y="{STRIP - 20}" '
                f'width="{max(width - 1, 1):.1f}" height="{height}" '
                f'fill="{KIND_COLORS.get(step.kind, "#999")}"/>')
-        if step.kind == "triton":
+        if step.name in sources:
             box = f'<a href="kernels/{e(step.name)}.py">{box}</a>'
         marks.append(box)
     return marks
@@ -138,16 +139,18 @@ def _hover(timeline: Timeline, series: dict[str, list[int]], width: float) -> li
     return marks
 
 
-def schedule_svg(timeline: Timeline) -> str:
-    """The kernel strip and the memory chart on one x-axis, with the peak marked."""
+def schedule_svg(timeline: Timeline, sources=frozenset()) -> str:
+    """The kernel strip and the memory chart on one x-axis, with the peak marked;
+    boxes of the kernels in ``sources`` link to ``kernels/<name>.py``."""
     count = len(timeline.steps)
     if not count:
         return "<p>no kernels</p>"
     series = timeline.series()
     width = max(3.0, min(40.0, 1000 / count))
     top = max(max(values) for values in series.values()) if series else 0
-    marks = (_strip(timeline, width) + _chart(series, width, top) + _axes(count, width, top)
-             + _peak_marks(timeline, width, top) + _hover(timeline, series, width))
+    marks = (_strip(timeline, width, frozenset(sources)) + _chart(series, width, top)
+             + _axes(count, width, top) + _peak_marks(timeline, width, top)
+             + _hover(timeline, series, width))
     legend = "".join(
         f'<span style="color:{SERIES_COLORS.get(name, "#000")}">&#9632;</span> '
         f'<b>{e(name)}</b> (peak {max(values):,} bytes): {e(SERIES[name])}<br>'
@@ -264,7 +267,7 @@ def page(report: dict, graph_files: list[tuple[str, str]], kernels: list[str],
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>retrograd {e(report['graph_id'])}</title><style>{STYLE}</style></head><body>
 <h1>{title}</h1>{_summary(report)}
-<h2>The schedule: kernels and memory</h2>{schedule_svg(timeline)}{peak_html(timeline)}
+<h2>The schedule: kernels and memory</h2>{schedule_svg(timeline, kernels)}{peak_html(timeline)}
 <h2>Saved for the backward, by source line</h2>{ledger_html(report)}{ledger_values_html(report)}
 <h2>Passes</h2>{_passes_html(report)}
 <h2>What each stage changed</h2>{diffs}

@@ -78,6 +78,9 @@ def test_the_kernel_strip_and_the_memory_chart_share_one_axis(dumped, half):
     for index, (box, kernel) in enumerate(zip(boxes, program.kernels)):
         assert float(box.get("x")) == pytest.approx(dump_page.LEFT + index * width + 0.5, abs=0.06)
         assert box.get("fill") == dump_page.KIND_COLORS[str(kernel.kind)]
+    links = [a.get("href") for a in svg.iter(f"{SVG}a")]
+    assert len(links) == sum(k.kind == "triton" for k in program.kernels)
+    assert all((folders[half] / link).is_file() for link in links)   # a click opens the source
     lines = list(svg.iter(f"{SVG}polyline"))
     assert len(lines) == len(memory_timeline.SERIES)
     for line in lines:
