@@ -22,23 +22,28 @@ reduction adds to a loop (identity, update, combination of the lanes) is in
 
 from __future__ import annotations
 
-import math
 import operator
 import re
 from string import Template
 
-import torch
-
 from retrograd.codegen import ops
-from retrograd.codegen import reduction_kinds as kinds
-from retrograd.codegen.common import HELPERS, describe, describe_node, mentions
-from retrograd.codegen.layout import contiguous_strides
-from retrograd.codegen.reduction_kinds import (REDUCE_HELPERS, REDUCTIONS, can_reduce,
-                                               describe_reduction)
+from retrograd.codegen.common import HELPERS, describe, describe_node
+from retrograd.codegen.reduction_kinds import (
+    REDUCE_HELPERS,
+    REDUCTIONS,
+    can_reduce,
+    describe_reduction,
+)
+from retrograd.codegen.reduction_writer import ReductionWriter, levels, walk
 from retrograd.ir import Buffer, Kernel
 
-__all__ = ["generate_reduction", "describe_reduction", "can_reduce", "choose_reduction_blocks",
-           "REDUCTIONS"]
+__all__ = [
+    "REDUCTIONS",
+    "can_reduce",
+    "choose_reduction_blocks",
+    "describe_reduction",
+    "generate_reduction",
+]
 
 KERNEL = Template('''\
 """$title
@@ -92,241 +97,24 @@ def choose_reduction_blocks(rows: int, extent: int, interpreted: bool,
     return max(1, min(power(rows), 4096 // r_block, 64)), r_block
 
 
-
-
-class _Writer:
-    """The body of one reduction kernel, loop by loop."""
-
-    def __init__(self, kernel: Kernel, buffers: dict[str, Buffer]):
-        self.kernel, self.buffers = kernel, buffers
-        self.full_shape = tuple(kernel.full_shape)
-        self.reduced = tuple(kernel.reduced_dims)
-        self.extent = kernel.extent
-        self.group = {node.name: node for node in kernel.nodes}
-        self.lines: list[str] = []
-        self.indent = "    "
-        self.dtypes: dict[str, torch.dtype] = {}
-        self.row_loads: dict[tuple, str] = {}
-        self.loop_loads: dict[tuple, str] = {}
-        self.row_coordinates: dict[tuple, str] = {}
-        self.loop_coordinates: dict[int, str] = {}
-
-    def emit(self, line: str) -> None:
-        self.lines.append(self.indent + line)
-
-    def is_full(self, node) -> bool:
-        val = node.meta.get("val")
-        return (node.target not in REDUCTIONS and node.target is not operator.getitem
-                and isinstance(val, torch.Tensor) and tuple(val.shape) == self.full_shape)
-
-    # -- coordinates and indices --------------------------------------------
-    def _row_coordinate(self, shape: tuple, dim: int) -> str:
-        key = (shape, dim)
-        if key not in self.row_coordinates:
-            inner = math.prod(shape[dim + 1:])
-            text = "rows" if inner == 1 else f"(rows // {inner})"
-            if dim > 0:
-                text = f"{text} % {shape[dim]}"
-            name = f"r{len(self.row_coordinates)}"
-            self.lines.insert(self.prologue_end, f"    {name} = {text}  # dim {dim} of {shape}")
-            self.prologue_end += 1
-            self.row_coordinates[key] = name
-        return self.row_coordinates[key]
-
-    def _full_coordinate(self, dim: int) -> str:
-        if dim not in self.reduced:
-            kept = tuple(self.full_shape[d] for d in range(len(self.full_shape))
-                         if d not in self.reduced)
-            position = [d for d in range(len(self.full_shape)) if d not in self.reduced].index(dim)
-            return self._row_coordinate(kept, position)
-        if dim not in self.loop_coordinates:
-            shape = tuple(self.full_shape[d] for d in self.reduced)
-            position = self.reduced.index(dim)
-            inner = math.prod(shape[position + 1:])
-            text = "ks" if inner == 1 else f"(ks // {inner})"
-            if position > 0:
-                text = f"{text} % {shape[position]}"
-            name = f"k{len(self.loop_coordinates)}"
-            self.emit(f"{name} = {text}  # reduced dim {dim}")
-            self.loop_coordinates[dim] = name
-        return self.loop_coordinates[dim]
-
-    def full_index(self, shape, strides) -> str:
-        lead = len(self.full_shape) - len(shape)
-        terms = []
-        for dim, (size, stride) in enumerate(zip(shape, strides)):
-            if size == 1 or stride == 0:
-                continue
-            coordinate = self._full_coordinate(dim + lead)
-            terms.append(coordinate if stride == 1 else f"{coordinate} * {stride}")
-        return " + ".join(terms) or "0 * ks"
-
-    def row_index(self, shape, strides, consumer_shape) -> str:
-        shape, consumer_shape = tuple(shape), tuple(consumer_shape)
-        if shape == consumer_shape and tuple(strides) == contiguous_strides(shape):
-            return "rows"
-        lead = len(consumer_shape) - len(shape)
-        terms = []
-        for dim, (size, stride) in enumerate(zip(shape, strides)):
-            if size == 1 or stride == 0:
-                continue
-            coordinate = self._row_coordinate(consumer_shape, dim + lead)
-            terms.append(coordinate if stride == 1 else f"{coordinate} * {stride}")
-        return " + ".join(terms) or "0 * rows"
-
-    # -- operands -------------------------------------------------------------
-    def operand(self, consumer, arg, cast_to=None, full=False) -> str:
-        if not hasattr(arg, "op"):
-            if cast_to is not None and cast_to.is_floating_point and isinstance(arg, int) \
-                    and not isinstance(arg, bool):
-                return ops.literal(float(arg))
-            return ops.literal(arg)
-        name = self.kernel.aliases.get(arg.name, arg.name)
-        if name in self.group and not (ops.is_fill(self.group[name])
-                                       and name not in self.kernel.outputs):
-            variable = name
-        elif ops.is_fill(arg):
-            return ops.literal(ops.fill_value(arg))
-        else:
-            variable = self._load(arg.name, consumer, full)
-        if cast_to is not None and self.dtypes[variable] != cast_to:
-            return f"{variable}.to({ops.triton_dtype(cast_to)})"
-        return variable
-
-    def address(self, buffer, consumer, full: bool) -> tuple[str, str]:
-        """Index and mask of ``buffer`` in the loop over the reduced elements
-        (``full``), or once per row, as the node ``consumer`` uses it."""
-        if full:
-            return self.full_index(buffer.shape, buffer.strides), "mask"
-        return (self.row_index(buffer.shape, buffer.strides, consumer.meta["val"].shape),
-                "row_mask")
-
-    def _load(self, name: str, consumer, full: bool) -> str:
-        buffer = self.buffers[name]
-        cache = self.loop_loads if full else self.row_loads
-        key = (name, "full") if full else (name, tuple(consumer.meta["val"].shape))
-        if key not in cache:
-            index, mask = self.address(buffer, consumer, full)
-            variable = f"{name}_{'in' if full else 'row'}{len(cache)}"
-            dtype = getattr(torch, buffer.dtype)
-            text = f"tl.load({name}_ptr + {index}, mask={mask}, other=0)"
-            if ops.compute_dtype(dtype) != dtype:
-                text += ".to(tl.float32)"
-            self.emit(f"{variable} = {text}")
-            self.dtypes[variable] = ops.compute_dtype(dtype)
-            cache[key] = variable
-        return cache[key]
-
-    # -- nodes ------------------------------------------------------------------
-    def pointwise(self, node, full: bool) -> None:
-        used: list[str] = []
-
-        def operand(arg, cast_to=None):
-            text = self.operand(node, arg, cast_to, full)
-            used.append(text)
-            return text
-
-        expression = ops.lower(node, operand)
-        dtype = ops.compute_dtype(node.meta["val"].dtype)
-        if dtype != torch.bool and {self.dtypes[v] for v in self.dtypes
-                                    if mentions(used, v)} - {dtype}:
-            expression = f"({expression}).to({ops.triton_dtype(dtype)})"
-        self.emit(f"{node.name} = {expression}")
-        self.dtypes[node.name] = dtype
-
-    def getitem(self, node) -> None:
-        source, index = node.args
-        part = ("var", "mean")[index]
-        self.emit(f"{node.name} = {source.name}_{part}")
-        self.dtypes[node.name] = self.dtypes[f"{source.name}_{part}"]
-
-    def store(self, name: str, full: bool) -> None:
-        buffer = self.buffers[name]
-        index, mask = self.address(buffer, self.group[name], full)
-        dtype = getattr(torch, buffer.dtype)
-        value = name
-        if dtype == torch.bfloat16:
-            value = f"_round_to_bf16({value}).to(tl.bfloat16)"
-        elif dtype != self.dtypes[name]:
-            value = f"{value}.to({ops.triton_dtype(dtype)})"
-        self.emit(f"tl.store({name}_ptr + {index}, {value}, mask={mask})")
-
-
-def _levels(kernel: Kernel, writer: _Writer) -> dict[str, int]:
-    """How many reduction loops must finish before each node can be computed."""
-    level: dict[str, int] = {}
-    for node in kernel.nodes:
-        if ops.is_fill(node):   # a literal: needs nothing (its argument gives a shape)
-            level[node.name] = 0
-            continue
-        args = [a for a in node.all_input_nodes if a.name in writer.group
-                or writer.kernel.aliases.get(a.name) in writer.group]
-        arg_levels = [level[writer.kernel.aliases.get(a.name, a.name)] for a in args]
-        base = max(arg_levels, default=0)
-        level[node.name] = base + 1 if node.target in REDUCTIONS else base
-    return level
-
-
-def _full_ancestors(targets, writer: _Writer) -> list:
-    """The full nodes a loop must compute for ``targets``, in kernel order."""
-    needed, work = set(), list(targets)
-    while work:
-        node = work.pop()
-        for arg in node.all_input_nodes:
-            name = writer.kernel.aliases.get(arg.name, arg.name)
-            source = writer.group.get(name)
-            if source is not None and writer.is_full(source) and source.name not in needed:
-                needed.add(source.name)
-                work.append(source)
-    return [node for node in writer.kernel.nodes if node.name in needed]
-
-
-def _loop(writer: _Writer, reductions: list, stores: list, comment: str) -> None:
-    """One walk over the reduced extent: prologue nodes, accumulate, store."""
-    targets = reductions + [writer.group[name] for name in stores]
-    full = _full_ancestors(targets, writer) + [n for n in targets if writer.is_full(n)
-                                                and n not in reductions]
-    seen, ordered = set(), []
-    for node in writer.kernel.nodes:
-        if node in full and node.name not in seen:
-            seen.add(node.name)
-            ordered.append(node)
-    writer.emit(f"# {comment}")
-    for node in reductions:
-        kinds.initialise(writer, node)
-    writer.emit(f"for k_start in range(0, {writer.extent}, RBLOCK):")
-    writer.indent = "        "
-    writer.emit("ks = k_start + tl.arange(0, RBLOCK)[None, :]   # [1, RBLOCK]")
-    writer.emit(f"mask = row_mask & (ks < {writer.extent})")
-    writer.loop_loads, writer.loop_coordinates = {}, {}
-    for node in ordered:
-        if not (ops.is_fill(node) and node.name not in writer.kernel.outputs):
-            writer.pointwise(node, full=True)
-    for node in reductions:
-        kinds.accumulate(writer, node)
-    for name in stores:
-        writer.store(name, full=True)
-    writer.indent = "    "
-    for node in reductions:
-        kinds.finish(writer, node)
-
-
 def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: int,
                        r_block: int, graph: str = "") -> str:
     """Triton source (kernel plus ``launch``) for a fused reduction kernel."""
-    writer = _Writer(kernel, buffers)
+    writer = ReductionWriter(kernel, buffers)
     writer.prologue_end = 0
-    levels = _levels(kernel, writer)
+    writer.persistent = r_block >= kernel.extent
+    writer.step = "step" if writer.persistent else "loop"
+    depths = levels(kernel, writer)
     reductions = [n for n in kernel.nodes if n.target in REDUCTIONS]
     rows_nodes = [n for n in kernel.nodes if not writer.is_full(n)
                   and n.target not in REDUCTIONS]
     full_stores = [name for name in kernel.outputs if writer.is_full(writer.group[name])]
     row_stores = [name for name in kernel.outputs if name not in full_stores]
-    depth = max((levels[n.name] for n in reductions), default=0)
+    depth = max((depths[n.name] for n in reductions), default=0)
 
     def row_nodes_at(level):
         for node in rows_nodes:
-            if levels[node.name] == level and not (ops.is_fill(node)
+            if depths[node.name] == level and not (ops.is_fill(node)
                                                    and node.name not in kernel.outputs):
                 if node.target is operator.getitem:
                     writer.getitem(node)
@@ -335,12 +123,13 @@ def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: i
 
     row_nodes_at(0)
     for level in range(1, depth + 1):
-        batch = [n for n in reductions if levels[n.name] == level]
+        batch = [n for n in reductions if depths[n.name] == level]
         names = ", ".join(n.name for n in batch)
-        _loop(writer, batch, [], f"loop {level}: reduce {names}")
+        walk(writer, batch, [], f"{writer.step} {level}: reduce {names}")
         row_nodes_at(level)
     if full_stores:
-        _loop(writer, [], full_stores, f"loop {depth + 1}: store {', '.join(full_stores)}")
+        walk(writer, [], full_stores,
+             f"{writer.step} {depth + 1}: store {', '.join(full_stores)}")
     for name in row_stores:
         writer.store(name, full=False)
     body = "\n".join(writer.lines)

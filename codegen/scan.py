@@ -27,7 +27,6 @@ import math
 from string import Template
 
 import torch
-
 from retrograd.codegen import ops
 from retrograd.codegen.common import HELPERS, describe, describe_node
 from retrograd.ir import Buffer, Kernel

@@ -358,3 +358,23 @@ def test_looped_softmax(tmp_path):
     assert_triton(compiled, kernels=1)
     (source,) = kernel_sources(tmp_path)
     assert source.count("for k_start in range") == 3
+
+
+# ---------------------------------------------------------------- strategies by shape
+def test_persistent_softmax_loads_its_row_once(tmp_path):
+    """The row fits one block: no loop; the max, the sum of exponentials and
+    the store reuse the row and ``exp(x - max)`` held in registers."""
+    compiled = check(lambda x: torch.softmax(x, -1), randn(6, 33), dump_dir=str(tmp_path))
+    assert_triton(compiled, kernels=1)
+    (source,) = kernel_sources(tmp_path)
+    assert "for k_start" not in source
+    assert source.count("tl.load(") == 1
+    assert source.count("tl.exp(") == 1
+
+
+def test_persistent_layer_norm_backward_reads_each_input_once(tmp_path):
+    x, w, b = randn(6, 33), torch.rand(33) + 0.5, randn(33)
+    check(lambda x, w, b: F.layer_norm(x, (33,), w, b), x, w, b, dump_dir=str(tmp_path))
+    for source in kernel_sources(tmp_path, "backward"):
+        loads = re.findall(r"tl\.load\((\w+)_ptr \+ ([^,]+),", source)
+        assert len(loads) == len(set(loads)), loads
