@@ -77,13 +77,19 @@ def main_block(program, executor: str) -> str:
 
 
 def random_tensor(shape, strides, dtype: str, device: torch.device) -> torch.Tensor:
-    """A tensor of the layout with random values (integers 0 or 1: safe as indices)."""
-    value = torch.empty_strided(shape, strides, dtype=getattr(torch, dtype), device=device)
-    if value.dtype.is_floating_point or value.dtype.is_complex:
-        return value.normal_()
-    if value.dtype == torch.bool:
-        return value.bernoulli_(0.5)
-    return value.random_(0, 2)
+    """A tensor of the layout with random values (integers 0 or 1: safe as indices).
+    The storage it spans is filled, then viewed: a layout may repeat elements
+    (stride 0, an expanded input), which in-place random fills refuse."""
+    span = 0 if 0 in shape else 1 + sum((size - 1) * stride for size, stride in
+                                        zip(shape, strides))
+    storage = torch.empty(span, dtype=getattr(torch, dtype), device=device)
+    if storage.dtype.is_floating_point or storage.dtype.is_complex:
+        storage.normal_()
+    elif storage.dtype == torch.bool:
+        storage.bernoulli_(0.5)
+    else:
+        storage.random_(0, 2)
+    return storage.as_strided(shape, strides)
 
 
 def timed_source(source: str) -> str:

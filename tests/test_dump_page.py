@@ -23,7 +23,7 @@ from retrograd import dump_page, memory_timeline
 from retrograd.dump import Dumper
 from retrograd.memory_timeline import HELD
 from retrograd.passes import buffer_reuse
-from retrograd.program_bench import _device, timed_source
+from retrograd.program_bench import _device, random_tensor, timed_source
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -298,3 +298,15 @@ def test_under_torch_trace_the_chrome_trace_is_an_artifact(step_program, monkeyp
     assert encoding == "json"
     jsonschema.validate(json.loads(text), TRACE_SCHEMA)
     assert sent["retrograd_g1-step_program"] == ("def run(): pass\n", "string")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64", "bool"])
+def test_random_inputs_take_any_recorded_layout(dtype):
+    """An expanded input (stride 0) repeats elements: in-place random fills refuse
+    such a tensor, so the storage is filled and viewed."""
+    value = random_tensor((4, 3, 2), (0, 1, 3), dtype, torch.device("cpu"))
+    assert value.shape == (4, 3, 2) and value.stride() == (0, 1, 3)
+    assert str(value.dtype) == f"torch.{dtype}"
+    if dtype == "int64":
+        assert set(value.unique().tolist()) <= {0, 1}
+    assert random_tensor((0, 5), (5, 1), dtype, torch.device("cpu")).shape == (0, 5)
