@@ -31,6 +31,7 @@ signature that does not vary in size) get retrograd's passes and kernels.
 from __future__ import annotations
 
 import logging
+import operator
 from collections import Counter
 from collections.abc import Sequence
 from time import perf_counter
@@ -47,6 +48,8 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from retrograd.capture import _OutputsOwnMemory, signature
 from retrograd.locking import compiling
 from retrograd.report import SCHEMA
+from retrograd.runtime.device import choose_executor
+from retrograd.symbolic_fusion import fuse_pointwise
 
 __all__ = ["ShapeGuards", "SizeHistory", "SymbolicCompiler", "abstract_key", "compile_symbolic",
            "describe_dims", "every_dim", "family", "is_symbolic", "symbolic_inputs"]
@@ -154,11 +157,12 @@ def is_symbolic(example_inputs: Sequence[Any]) -> bool:
 
 
 class SymbolicCompiler:
-    """AOTAutograd's hooks for a symbolic program: the default partition,
-    each half kept as the fx graph it is (run by torch), and its report."""
+    """AOTAutograd's hooks for a symbolic program: the default partition; in
+    each half, runs of elementwise ops become size-generic Triton kernels
+    (symbolic_fusion.py) and the rest stays torch calls; and its report."""
 
-    def __init__(self, what: str, dims: str):
-        self.what, self.dims = what, dims
+    def __init__(self, what: str, dims: str, executor: str = "auto"):
+        self.what, self.dims, self.executor = what, dims, executor
         self.reports: dict[str, dict] = {}
         self.closed_over_grads: list[str] = []
         self.guards = "dynamo's guards"
@@ -177,20 +181,26 @@ class SymbolicCompiler:
 
     def half(self, name: str):
         def compile_half(gm: fx.GraphModule, example_inputs):
-            self.reports[name] = self._report(name, gm)
-            log.info("retrograd: %s: symbolic %s program (%s): %d torch calls, no Triton "
-                     "kernel", self.what, name, self.dims, self.reports[name]["kernels"]
-                     ["extern"])
+            captured = len(gm.graph.nodes)
+            executor = choose_executor(self.executor, _device(gm))
+            gm, kernels = fuse_pointwise(gm, executor)
+            self.reports[name] = report = self._report(name, gm, captured, kernels, executor)
+            log.info("retrograd: %s: symbolic %s program (%s): %d size-generic Triton kernels "
+                     "+ %d torch calls", self.what, name, self.dims, kernels,
+                     report["kernels"]["extern"])
             return make_boxed_func(gm.forward)
         return compile_half
 
-    def _report(self, name: str, gm: fx.GraphModule) -> dict:
+    def _report(self, name: str, gm: fx.GraphModule, captured: int, kernels: int,
+                executor: str) -> dict:
         calls = Counter(str(node.target) for node in gm.graph.nodes
-                        if node.op == "call_function")
-        nodes = len(gm.graph.nodes)
+                        if node.op == "call_function" and node.target is not operator.getitem
+                        and not isinstance(node.meta.get("val"), torch.SymInt)
+                        and not getattr(node.target, "__name__", "").startswith(
+                            "sized_pointwise_"))
         return {"schema": SCHEMA, "graph": name, "graph_id": None,
-                "nodes": {"captured": nodes, "final": nodes}, "passes": [],
-                "kernels": {"triton": 0, "extern": sum(calls.values()),
+                "nodes": {"captured": captured, "final": len(gm.graph.nodes)}, "passes": [],
+                "kernels": {"triton": kernels, "extern": sum(calls.values()),
                             "extern_ops": dict(sorted(calls.items())), "views": None,
                             "pointwise_ops": None, "pointwise_ops_in_triton": None,
                             "pointwise_ops_extern": None, "ops_in_triton": None},
@@ -199,10 +209,20 @@ class SymbolicCompiler:
                 "traffic": None, "recompute": {"nodes": None, "flops": None},
                 "ledger": [], "pareto": None,
                 "compile_seconds": round(perf_counter() - self.started, 4),
-                "symbolic": {"dims": self.dims, "guards": self.guards, "executor": "fx",
-                             "why": "retrograd's passes and Triton codegen need concrete "
-                                    "sizes; this program runs AOTAutograd's graphs as "
-                                    "torch calls"}}
+                "symbolic": {"dims": self.dims, "guards": self.guards, "executor": executor,
+                             "why": "retrograd's passes, memory planner and static kernels "
+                                    "need concrete sizes: this program is AOTAutograd's "
+                                    "graphs, elementwise runs as size-generic Triton "
+                                    "kernels, the rest torch calls"}}
+
+
+def _device(gm: fx.GraphModule) -> torch.device:
+    """The device of the graph's first tensor input (cpu when it has none)."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, dims: str,
@@ -216,7 +236,7 @@ def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, d
         log.warning("retrograd: %s: %s not applied to the symbolic program (%s): it runs "
                     "AOTAutograd's graphs as torch calls, with no retrograd pass to check "
                     "or dump", what, " and ".join(skipped), dims)
-    compiler = SymbolicCompiler(what, dims)
+    compiler = SymbolicCompiler(what, dims, getattr(options, "executor", "auto"))
     with compiling():
         compiled = aot_module_simplified(
             _OutputsOwnMemory(module), list(fakes),

@@ -19,6 +19,7 @@ from checks import assert_close
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def function(x):
@@ -41,15 +42,21 @@ def _programs(compiled) -> int:
     return sum(len(kept) for kept in compiled._cache.entries.values())
 
 
-def test_standalone_ten_batch_sizes_compile_at_most_two_programs(caplog):
+def test_standalone_ten_batch_sizes_compile_at_most_two_programs(caplog, cache):
     compiled = retrograd.compile(function)
     with caplog.at_level(logging.INFO, logger="retrograd"):
         for rows in range(2, 12):
             _check(compiled, function, rows)
+            if rows == 3:
+                kernels = sorted(path.name for path in cache.glob("sized_pointwise_*"))
     assert compiled._cache.compiles == 2 and _programs(compiled) == 2
     symbolic = compiled.reports["forward"]["symbolic"]
-    assert symbolic["dims"] == "input 0 dim 0" and symbolic["executor"] == "fx"
-    assert compiled.reports["forward"]["kernels"]["triton"] == 0   # said, not hidden
+    assert symbolic["dims"] == "input 0 dim 0" and symbolic["executor"] == "interpret"
+    # x * 2 -> sin, and cos * 2 * grad: one size-generic kernel each, for every size
+    assert [compiled.reports[half]["kernels"]["triton"] for half in ("forward", "backward")] \
+        == [1, 1]
+    assert len(kernels) == 2
+    assert sorted(path.name for path in cache.glob("sized_pointwise_*")) == kernels
     assert "L['t0'].size()[0]" in symbolic["guards"]
     again = [r.getMessage() for r in caplog.records if "compiling function again" in
              r.getMessage()]
@@ -220,3 +227,25 @@ def test_verify_and_dumps_say_they_skip_the_symbolic_program(tmp_path, caplog):
             _check(compiled, function, rows)
     assert any("verify and dump_dir not applied to the symbolic program" in r.getMessage()
                for r in caplog.records)
+
+
+def test_fx_executor_leaves_the_symbolic_program_to_torch_calls():
+    compiled = retrograd.compile(function, executor="fx")
+    for rows in (2, 3, 4):
+        _check(compiled, function, rows)
+    report = compiled.reports["forward"]
+    assert report["kernels"]["triton"] == 0 and report["symbolic"]["executor"] == "fx"
+    assert report["kernels"]["extern_ops"] == {"aten.mul.Tensor": 1, "aten.sin.default": 1,
+                                               "aten.sum.default": 1}
+
+
+def test_a_broadcast_value_kernel_refuses_other_strides():
+    """The kernel loads a value traced as broadcast (every stride 0) once; a
+    tensor with other strides is refused, never read out of bounds."""
+    from retrograd.symbolic_fusion import _as_loaded
+    scalar = torch.tensor(2.0).expand(3, 4)
+    assert _as_loaded(scalar, True, "k") is scalar
+    with pytest.raises(RuntimeError, match="broadcast value"):
+        _as_loaded(torch.ones(3, 4), True, "k")
+    transposed = torch.ones(4, 3).t()
+    assert _as_loaded(transposed, False, "k").is_contiguous()

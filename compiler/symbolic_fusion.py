@@ -1,0 +1,190 @@
+"""Size-generic Triton kernels in a symbolic program.
+
+A symbolic program (dynamic.py) is AOTAutograd's graph with symbolic sizes,
+run as torch calls. ``fuse_pointwise`` replaces each run of consecutive
+elementwise nodes of one shape and one dtype (float32/float64, contiguous,
+no broadcasting; ``codegen/sized_pointwise.py`` lists the ops) by one
+Triton kernel that takes its element count at run time: one kernel for
+every size, its outputs allocated at run time from the inputs' sizes.
+Everything else stays a torch call. A run is contiguous in node order
+(size computations that use none of it aside), so all its inputs exist
+before its first node; it stores every value a node outside it (or the
+graph's output) uses, and the kernel is called where its last node was.
+
+This is a small fuser of its own, not retrograd's fusion pass: that pass,
+the checkpoint planner and the buffer planner work on concrete sizes.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy
+import sympy
+import torch
+from torch import fx
+
+from retrograd.codegen.sized_pointwise import DTYPES, OPS, kernel_source
+from retrograd.runtime.device import interpreter_mode
+from retrograd.runtime.executor import without_cycles
+from retrograd.runtime.loader import load_module, write_source
+
+__all__ = ["fuse_pointwise"]
+
+
+def _expr(size: Any):
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def _contiguous(value: torch.Tensor) -> bool:
+    """Strides equal the contiguous ones, compared as expressions (no guard added)."""
+    expected = sympy.Integer(1)
+    for size, stride in reversed(list(zip(value.shape, value.stride()))):
+        if _expr(size) != 1 and sympy.expand(_expr(stride) - expected) != 0:
+            return False
+        expected = expected * _expr(size)
+    return True
+
+
+def _broadcast_scalar(value: torch.Tensor) -> bool:
+    """One value seen at every position (an ``expand`` of a 0-dim tensor: every
+    stride 0), loaded once by the kernel."""
+    return all(_expr(stride) == 0 for stride in value.stride())
+
+
+def _loaded_once(value: torch.Tensor) -> bool:
+    return _broadcast_scalar(value) and not _contiguous(value)
+
+
+def _kind(node: fx.Node) -> tuple | None:
+    """(shape, dtype, device) of an elementwise node this fuser takes, else None."""
+    value = node.meta.get("val")
+    if (node.op != "call_function" or node.target not in OPS or node.kwargs
+            or not isinstance(value, torch.Tensor) or value.dtype not in DTYPES
+            or not _contiguous(value)):
+        return None
+    kind = (tuple(str(s) for s in value.shape), value.dtype, value.device)
+    tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]
+    if not tensors:
+        return None
+    for arg in node.args:
+        if isinstance(arg, fx.Node):
+            other = arg.meta.get("val")
+            if not isinstance(other, torch.Tensor) or not (
+                    _contiguous(other) or _broadcast_scalar(other)) or \
+                    (tuple(str(s) for s in other.shape), other.dtype, other.device) != kind:
+                return None
+        elif isinstance(arg, bool) or not isinstance(arg, (int, float)):
+            return None
+    return kind
+
+
+def _transparent(node: fx.Node, run: list[fx.Node]) -> bool:
+    """A size computation (``sym_size``) that uses nothing of ``run``: it may sit
+    between two nodes of a run (it stays where it is, before the kernel)."""
+    return (node.op == "call_function" and isinstance(node.meta.get("val"), torch.SymInt)
+            and not any(arg in run for arg in node.all_input_nodes))
+
+
+def _runs(graph: fx.Graph) -> list[list[fx.Node]]:
+    """Maximal runs of consecutive nodes of one kind (size computations aside)."""
+    runs, current, current_kind = [], [], None
+    for node in graph.nodes:
+        kind = _kind(node)
+        if kind is not None and (not current or kind == current_kind):
+            current.append(node)
+            current_kind = kind
+            continue
+        if current and _transparent(node, current):
+            continue
+        if current:
+            runs.append(current)
+        current, current_kind = ([node], kind) if kind is not None else ([], None)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def _source(run: list[fx.Node]) -> tuple[str, str, list[fx.Node], list[fx.Node]]:
+    """(kernel name, source, input nodes, output nodes) of one run."""
+    inside = set(run)
+    inputs: list[fx.Node] = []
+    for node in run:
+        for arg in node.args:
+            if isinstance(arg, fx.Node) and arg not in inside and arg not in inputs:
+                inputs.append(arg)
+    outputs = [node for node in run if any(user not in inside for user in node.users)]
+    names = {node: f"in{i}" for i, node in enumerate(inputs)}
+    names.update({node: f"v{i}" for i, node in enumerate(run)})
+    lines = [(names[node], OPS[node.target].format(*[
+        names[arg] if isinstance(arg, fx.Node) else repr(float(arg)) for arg in node.args]))
+        for node in run]
+    scalars = [names[n] for n in inputs if _loaded_once(n.meta["val"])]
+    name, source = kernel_source([names[n] for n in inputs], [names[n] for n in outputs],
+                                 lines, [node.name for node in run], scalars)
+    return name, source, inputs, outputs
+
+
+def _launcher(name: str, source: str, outputs: int, dtype: torch.dtype, interpreted: bool,
+              scalars: list[bool]):
+    """A function of the input tensors that allocates the outputs and launches;
+    ``scalars`` marks the inputs loaded once (broadcast 0-dim values)."""
+    launch = load_module(write_source(name, source), interpreted).launch
+    launch = without_cycles(launch) if interpreted else launch
+
+    def run(*tensors):
+        first = tensors[0]
+        tensors = [_as_loaded(t, scalar, name) for t, scalar in zip(tensors, scalars)]
+        results = [torch.empty(first.shape, dtype=dtype, device=first.device)
+                   for _ in range(outputs)]
+        count = first.numel()
+        if count:
+            block = max(16, min(1 << 16 if interpreted else 1024, 1 << (count - 1).bit_length()))
+            with interpreter_mode(interpreted), numpy.errstate(all="ignore"):
+                launch(block, count, *tensors, *results)
+        return tuple(results)
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+def _as_loaded(tensor: torch.Tensor, scalar: bool, kernel: str) -> torch.Tensor:
+    """The tensor as the kernel reads it: flat and contiguous, or (a broadcast
+    value) with every stride 0, which the trace promised; anything else is
+    refused rather than read out of bounds."""
+    if not scalar:
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
+    if any(tensor.stride()):
+        raise RuntimeError(f"retrograd: size-generic kernel {kernel} was traced with a "
+                           f"broadcast value (every stride 0) and got strides "
+                           f"{tensor.stride()}")
+    return tensor
+
+
+def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, int]:
+    """Replace runs of elementwise nodes by size-generic kernels (none with the
+    fx executor); returns the module and how many kernels it launches."""
+    if executor == "fx":
+        return gm, 0
+    runs = _runs(gm.graph)
+    for run in runs:
+        name, source, inputs, outputs = _source(run)
+        value = run[0].meta["val"]
+        scalars = [_loaded_once(node.meta["val"]) for node in inputs]
+        launcher = _launcher(name, source, len(outputs), value.dtype, executor == "interpret",
+                             scalars)
+        with gm.graph.inserting_after(run[-1]):
+            call = gm.graph.call_function(launcher, tuple(inputs))
+        call.meta["val"] = tuple(node.meta["val"] for node in outputs)
+        previous = call
+        for index, node in enumerate(outputs):
+            with gm.graph.inserting_after(previous):
+                item = gm.graph.call_function(operator.getitem, (call, index))
+            item.meta["val"] = node.meta["val"]
+            node.replace_all_uses_with(item, delete_user_cb=lambda user, run=run: user not in run)
+            previous = item
+        for node in reversed(run):
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, len(runs)
