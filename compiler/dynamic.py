@@ -17,15 +17,16 @@ same on both faces:
   signature with those sizes left out) together with the shape guards of its
   trace (``ShapeGuards``), which every later call must pass.
 
-What a symbolic program runs: retrograd's passes, memory planner and Triton
-codegen work on concrete sizes (byte offsets, block sizes, unrolled index
+What a symbolic program runs: retrograd's passes, memory planner and static
+kernels work on concrete sizes (byte offsets, block sizes, unrolled index
 arithmetic), so a symbolic program is AOTAutograd's symbolic forward and
-backward graphs split by its default partition (what eager saves) and run
-as torch calls, the fx executor's way: no Triton kernel and no retrograd
-pass. Its report says so (``symbolic``: the symbolic dimensions, the
-guards, ``"executor": "fx"``, every node counted as an extern call). The
-numbers are eager's; only the static programs (first size, and every
-signature that does not vary in size) get retrograd's passes and kernels.
+backward graphs split by its default partition (what eager saves), where
+runs of elementwise ops become size-generic Triton kernels
+(symbolic_fusion.py: the element count is a launch argument) and the rest
+runs as torch calls. Its report says so (``symbolic``: the symbolic
+dimensions, the guards, the executor; kernels and torch calls counted).
+Only the static programs (first size, and every signature that does not
+vary in size) get retrograd's passes.
 """
 
 from __future__ import annotations
