@@ -4,9 +4,10 @@ The dump's ``program.py`` ends with a block (``main_block``) that records
 the shapes, strides and dtypes of the program's inputs and constants and
 calls ``main`` here, as Inductor's output code calls
 ``compiled_module_main`` (its ``benchmark_compiled_module``). ``main`` loads
-the kernels from the dump's ``kernels/`` folder, makes random inputs of the
-recorded layouts (floats from a normal distribution, integers 0 or 1 as
-verify does, so indices stay in range), runs the program once to warm up,
+the kernels from the dump's ``kernels/`` folder, makes random inputs and
+tensor constants of the recorded layouts (floats from a normal distribution,
+integers 0 or 1 as verify does, so indices stay in range; the timing needs
+no true values), runs the program once to warm up,
 then:
 
 - times whole runs (the median of ``--repeat``), as the program runs;
@@ -222,8 +223,8 @@ def _print(name: str, device, blocks, whole: list[float], per_kernel: dict[int, 
         spent = per_kernel.get(index, 0.0)
         print(f"{index:6d}  {kind:7s} {kernel:44s} {spent * 1e3:10.3f} "
               f"{spent / total:6.1%}")
-    print(f"{'':6s}  {'total':52s} {total * 1e3:10.3f}   (per-kernel medians of {repeat} runs "
-          "with a clock read between kernels)")
+    print(f"{'':6s}  {'total':52s} {total * 1e3:10.3f}   (per-kernel medians of {repeat} "
+          f"run{'' if repeat == 1 else 's'} with a clock read between kernels)")
 
 
 def _write_trace(folder: Path, out: Path, blocks, per_kernel: dict[int, float]) -> None:
