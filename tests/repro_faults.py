@@ -36,12 +36,18 @@ def _cleanup_refusing_sin(gm, ctx):
     return _CLEANUP(gm, ctx)
 
 
+def _lowering_that_raises(node, operand):
+    """A codegen lowering that crashes (an exception that is not retrograd's)."""
+    raise KeyError(f"deliberate fault: no lowering for {node.target}")
+
+
 #: name -> (object, attribute or key, replacement)
 FAULTS = {
     "fusion_sin": (fusion, "run", _fusion_refusing_sin),
     "cleanup_sin": (cleanup, "run", _cleanup_refusing_sin),
     # codegen that emits cos for sin: a wrong number, which verify catches
     "codegen_sin_is_cos": (ops.LOWERINGS, aten.sin.default, ops.LOWERINGS[aten.cos.default]),
+    "codegen_sin_raises": (ops.LOWERINGS, aten.sin.default, _lowering_that_raises),
 }
 
 

@@ -191,3 +191,17 @@ def test_constants_and_ops_without_tensor_inputs_survive_the_round_trip(monkeypa
     assert minify.load(path).STAGE.name == "inference"
     targets = {n.target for n in graph_module.graph.nodes}
     assert torch.ops.aten.arange.start_step in targets or torch.ops.aten.arange.default in targets
+
+
+def test_a_crash_in_codegen_leaves_a_repro_named_in_a_note(monkeypatch):
+    """An error that is not retrograd's keeps its type and message; the
+    reproducer is named in a note (shown under the traceback)."""
+    repro_faults.install("codegen_sin_raises", monkeypatch)
+    compiled = retrograd.compile(lambda x: torch.sin(x * 2).sum(), executor="interpret")
+    with pytest.raises(KeyError, match="deliberate fault") as caught:
+        compiled(torch.randn(3, 4, requires_grad=True))
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    path = Path(re.search(r"reproducer: (\S+\.py) ", notes).group(1))
+    same, error, _ = _fails(path)
+    assert same, error
+    assert minify.load(path).EXPECTED[0] == "KeyError"
