@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,12 @@ from retrograd.verify import VerificationError
 pytestmark = pytest.mark.usefixtures("fresh_dynamo", "no_dump_env")
 
 TESTS = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def temporary_folders_here(monkeypatch, tmp_path):
+    """Reproducers written without a dump_dir go under the test's tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def _twenty(x, w, b):
@@ -88,12 +95,12 @@ def test_a_verify_mismatch_in_codegen_leaves_a_repro_in_the_dump_folder(monkeypa
     repro_faults.install("codegen_sin_is_cos", monkeypatch)
     x = torch.randn(3, 4, requires_grad=True)
     compiled = retrograd.compile(lambda x: torch.sin(x * 2).sum(), executor="interpret",
-                                 verify=True, dump_dir=str(tmp_path))
+                                 verify=True, dump_dir=str(tmp_path / "dumps"))
     with pytest.raises(VerificationError, match="pass 'codegen' changed") as caught:
         compiled(x).backward()
     assert caught.value.stage == "codegen"
     path = _reproducer(caught.value)
-    assert path.parent.parent == tmp_path and path.parent.name.endswith("-forward")
+    assert path.parent.parent == tmp_path / "dumps" and path.parent.name.endswith("-forward")
     run = _fresh_process("codegen_sin_is_cos", path)
     assert run.returncode == 1, run.stderr
     assert "reproduced: ('VerificationError', 'codegen')" in run.stderr
@@ -205,3 +212,18 @@ def test_a_crash_in_codegen_leaves_a_repro_named_in_a_note(monkeypatch):
     same, error, _ = _fails(path)
     assert same, error
     assert minify.load(path).EXPECTED[0] == "KeyError"
+
+
+def test_a_gradient_spec_follows_the_minified_graph(monkeypatch):
+    """retrograd.grad's joint graph: the spec (wanted primals, live tangents)
+    is recorded and renumbered by the minifier as inputs go."""
+    repro_faults.install("cleanup_sin", monkeypatch)
+    gradient = retrograd.grad(lambda x, w: torch.sin(x @ w).sum(), argnums=1, executor="fx")
+    with pytest.raises(PassError) as caught:
+        gradient(torch.randn(4, 3), torch.randn(3, 2))
+    path = _reproducer(caught.value)
+    assert minify.load(path).STAGE.gradients["wanted"] == (1,)
+    assert cli.main(["minify", str(path)]) == 0
+    same, error, graph_module = _fails(path.with_name("repro_minified.py"))
+    assert same, error
+    assert len(graph_module.graph.nodes) <= 4, graph_module.code
