@@ -378,3 +378,14 @@ def test_persistent_layer_norm_backward_reads_each_input_once(tmp_path):
     for source in kernel_sources(tmp_path, "backward"):
         loads = re.findall(r"tl\.load\((\w+)_ptr \+ ([^,]+),", source)
         assert len(loads) == len(set(loads)), loads
+
+
+def test_sibling_reductions_over_one_input_are_one_kernel(tmp_path):
+    """Three reductions of the same input and geometry (the second and third
+    read it from memory, not from the first's kernel) share one kernel, which
+    loads the input once per step."""
+    compiled = check(lambda x: (x.mean(0) * 2 + x.amax(0), x.amin(0, keepdim=True)),
+                     randn(9, 5), dump_dir=str(tmp_path))
+    assert_triton(compiled, kernels=1)
+    (source,) = kernel_sources(tmp_path)
+    assert source.count("tl.load(") == 1

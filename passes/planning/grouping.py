@@ -175,6 +175,18 @@ class Grouping:
             return group
         return None
 
+    def sibling_reduction(self, node: fx.Node, source: fx.Node, geometry) -> int | None:
+        """A reduction group of the same geometry that already reads ``source``
+        from memory (``x.sum(0)`` beside ``x.amax(0)``, a bias gradient beside
+        a weight gradient's prologue): joining it reads the input once."""
+        for user in source.users:
+            group = self.group_of.get(user)
+            if group is not None and self.geometry[group] == geometry \
+                    and self.phase[group] == node.meta.get(PHASE) \
+                    and self.can_join_reduction(node, group):
+                return group
+        return None
+
     def add(self, node: fx.Node, group: int | None, geometry=None, numel=None) -> None:
         if group is None:
             group = len(self.groups)
@@ -197,8 +209,10 @@ class Grouping:
             source, dims, _ = support.describe_reduction(node)
             val = value_of(node)
             rows = (val[0] if isinstance(val, (tuple, list)) else val).numel()
-            self.add(node, self.try_reduction(node), (tuple(value_of(source).shape), tuple(dims)),
-                     rows)
+            geometry = (tuple(value_of(source).shape), tuple(dims))
+            group = self.try_reduction(node)
+            self.add(node, self.sibling_reduction(node, source, geometry) if group is None
+                     else group, geometry, rows)
         elif node.op == "call_function" and node.target is operator.getitem \
                 and node.args[0] in self.group_of:
             self.add(node, self.group_of[node.args[0]])   # var_mean's (var, mean)
