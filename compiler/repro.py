@@ -115,6 +115,7 @@ def graph_of(forward: Callable) -> fx.Graph:
 
 def _evaluate(expression: ast.expr, scope: dict, env: dict) -> Any:
     """A Python value; the names of earlier statements evaluate to their nodes."""
+    # the reproducer is code its user runs anyway; eval reads its expressions
     return eval(compile(ast.Expression(expression), "<Repro.forward>", "eval"),
                 scope, env)
 
@@ -151,7 +152,7 @@ def _descriptors(graph: fx.Graph, descriptors: dict[str, str]) -> None:
     for node in graph.nodes:
         text = descriptors.get("output" if node.op == "output" else node.name)
         if text is not None:
-            node.meta["desc"] = eval(text, namespace)
+            node.meta["desc"] = eval(text, namespace)   # reprs of torch's descriptors
 
 
 def make_inputs(inputs: Sequence[Any]) -> list:
@@ -245,7 +246,7 @@ def fails_as(stage: Stage, graph_module: fx.GraphModule, inputs: Sequence[Any],
     values = make_inputs(inputs)
     try:
         run_stage(stage, graph_module, values)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any failure is compared, none is hidden
         return failure_signature(error) == tuple(expected), error
     return False, None
 

@@ -163,9 +163,9 @@ def _descriptors(graph: fx.Graph) -> dict[str, str]:
         if desc is None or node.op not in ("placeholder", "output"):
             continue
         try:
-            if eval(repr(desc), namespace) == desc:
+            if eval(repr(desc), namespace) == desc:   # a repr we just made
                 found["output" if node.op == "output" else node.name] = repr(desc)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a descriptor whose repr does not evaluate
             continue
     return found
 
@@ -286,6 +286,8 @@ def _leave(options, taken: Snapshot | None, error: BaseException, graph_id: str 
                          "on the captured model, which a reproducer does not have")
         return
     if taken is None:
+        _annotate(error, "retrograd: no reproducer: the stage's graph could not be recorded "
+                         "(logged at DEBUG)")
         return
     taken.stage.graph_id = graph_id or "g-unknown"
     try:
@@ -296,7 +298,7 @@ def _leave(options, taken: Snapshot | None, error: BaseException, graph_id: str 
     except Unreproducible as why:
         _annotate(error, f"retrograd: no reproducer: the graph holds {why}")
         return
-    except Exception as why:
+    except Exception as why:  # noqa: BLE001 - never hide the compile's own error
         warnings.warn(f"retrograd: could not write a reproducer: {why}", RuntimeWarning)
         return
     log.info("retrograd: reproducer written to %s", path)
@@ -318,7 +320,7 @@ def on_failure(compiler, stage: str, graph_module: fx.GraphModule, inputs: Seque
         taken = snapshot(repro.Stage(stage, compiler.graph_id or "",
                                      options_mapping(compiler.options), **arguments),
                          graph_module, inputs)
-    except Exception as why:
+    except Exception as why:  # noqa: BLE001 - a record that fails must not fail the compile
         log.debug("retrograd: no snapshot for a reproducer: %s", why)
         taken = None
     try:
