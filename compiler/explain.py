@@ -107,7 +107,7 @@ def _print_pareto(name: str, report: dict) -> None:
           f"{'predicted peak':>14s}")
     for row in pareto_rows(pareto):
         mark = "*" if row["current"] else " "
-        note = f"   <- today's plan (memory_budget={row['memory_budget']})" \
+        note = f"   <- today's plan (memory_budget={pareto['current']['memory_budget']})" \
             if row["current"] else ""
         print(f"{mark} {row['memory_budget']!s:>13s} {row['saved_bytes']:12,d} "
               f"{row['recompute_flops']:15,d} {row['predicted_peak_bytes']:14,d}{note}")
