@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from retrograd.codegen import ops
 from retrograd.codegen.pointwise import choose_block, generate_pointwise
+from retrograd.codegen import reduction
 from retrograd.codegen.reduction import choose_reduction_blocks, generate_reduction
+from retrograd.codegen.reduction_split import generate_split_reduction, splittable
 from retrograd.codegen.pooling import POOLS, generate_pool
 from retrograd.codegen.scan import SCANS, generate_scan
 from retrograd.codegen.scatter import SCATTERS, generate_scatter
@@ -41,10 +43,16 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
             kernel.source = generate_scan(kernel, program.buffers, rows, r_block, program.name)
         elif kernel.family == Family.REDUCTION:
             inner = len(kernel.full_shape) - 1 in kernel.reduced_dims
-            rows, r_block = choose_reduction_blocks(kernel.numel, kernel.extent, interpreted,
-                                                    inner)
-            kernel.source = generate_reduction(kernel, program.buffers, rows, r_block,
-                                               program.name)
+            rows, r_block = reduction.choose_reduction_blocks(kernel.numel, kernel.extent,
+                                                              interpreted, inner)
+            split = reduction.choose_split(kernel.numel, kernel.extent, interpreted, rows,
+                                           r_block)
+            if split > 1 and splittable(kernel):
+                kernel.source = generate_split_reduction(kernel, program.buffers, rows, r_block,
+                                                         split, program.name)
+            else:
+                kernel.source = generate_reduction(kernel, program.buffers, rows, r_block,
+                                                   program.name)
         else:
             block = choose_block(kernel.numel, interpreted)
             kernel.source = generate_pointwise(kernel, program.buffers, block, program.name)

@@ -34,13 +34,14 @@ from retrograd.codegen.reduction_kinds import (
     can_reduce,
     describe_reduction,
 )
-from retrograd.codegen.reduction_writer import ReductionWriter, levels, walk
+from retrograd.codegen.reduction_writer import ReductionWriter, levels, row_nodes_at, walk
 from retrograd.ir import Buffer, Kernel
 
 __all__ = [
     "REDUCTIONS",
     "can_reduce",
     "choose_reduction_blocks",
+    "choose_split",
     "describe_reduction",
     "generate_reduction",
 ]
@@ -97,6 +98,21 @@ def choose_reduction_blocks(rows: int, extent: int, interpreted: bool,
     return max(1, min(power(rows), 4096 // r_block, 64)), r_block
 
 
+def choose_split(rows: int, extent: int, interpreted: bool, rows_block: int,
+                 r_block: int) -> int:
+    """How many chunks to cut the extent into (1: no split). On GPUs, when the
+    row blocks alone give fewer than 128 programs and the extent spans at
+    least 8 blocks, enough chunks for about 256 programs, each at least 4
+    blocks long (bias and norm-weight gradients: few rows, every token). On
+    the interpreter never: there each program instance costs ~1.5 ms."""
+    programs = -(-rows // rows_block)
+    if interpreted or programs >= 128 or extent < 8 * r_block:
+        return 1
+    split = min(256 // programs, extent // (4 * r_block))
+    split = 1 << max(0, split.bit_length() - 1)   # a power of two, rounded down
+    return split if split >= 2 else 1
+
+
 def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: int,
                        r_block: int, graph: str = "") -> str:
     """Triton source (kernel plus ``launch``) for a fused reduction kernel."""
@@ -106,27 +122,16 @@ def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: i
     writer.step = "step" if writer.persistent else "loop"
     depths = levels(kernel, writer)
     reductions = [n for n in kernel.nodes if n.target in REDUCTIONS]
-    rows_nodes = [n for n in kernel.nodes if not writer.is_full(n)
-                  and n.target not in REDUCTIONS]
     full_stores = [name for name in kernel.outputs if writer.is_full(writer.group[name])]
     row_stores = [name for name in kernel.outputs if name not in full_stores]
     depth = max((depths[n.name] for n in reductions), default=0)
 
-    def row_nodes_at(level):
-        for node in rows_nodes:
-            if depths[node.name] == level and not (ops.is_fill(node)
-                                                   and node.name not in kernel.outputs):
-                if node.target is operator.getitem:
-                    writer.getitem(node)
-                else:
-                    writer.pointwise(node, full=False)
-
-    row_nodes_at(0)
+    row_nodes_at(writer, depths, 0)
     for level in range(1, depth + 1):
         batch = [n for n in reductions if depths[n.name] == level]
         names = ", ".join(n.name for n in batch)
         walk(writer, batch, [], f"{writer.step} {level}: reduce {names}")
-        row_nodes_at(level)
+        row_nodes_at(writer, depths, level)
     if full_stores:
         walk(writer, [], full_stores,
              f"{writer.step} {depth + 1}: store {', '.join(full_stores)}")

@@ -27,7 +27,7 @@ from retrograd.codegen.layout import contiguous_strides
 from retrograd.codegen.reduction_kinds import REDUCTIONS
 from retrograd.ir import Buffer, Kernel
 
-__all__ = ["ReductionWriter", "full_ancestors", "levels", "walk"]
+__all__ = ["ReductionWriter", "full_ancestors", "levels", "row_nodes_at", "walk"]
 
 
 class ReductionWriter:
@@ -220,8 +220,11 @@ def full_ancestors(targets, writer: ReductionWriter) -> list:
     return [node for node in writer.kernel.nodes if node.name in needed]
 
 
-def walk(writer: ReductionWriter, reductions: list, stores: list, comment: str) -> None:
-    """One walk over the reduced extent: prologue nodes, accumulate, store."""
+def walk(writer: ReductionWriter, reductions: list, stores: list, comment: str,
+         span: str | None = None, finish: bool = True) -> None:
+    """One walk over the reduced extent: prologue nodes, accumulate, store,
+    then (``finish``) combine the lanes. ``span``: the loop's range when it
+    covers part of the extent (a split reduction's chunk), else the whole."""
     targets = reductions + [writer.group[name] for name in stores]
     full = full_ancestors(targets, writer) + [n for n in targets if writer.is_full(n)
                                                 and n not in reductions]
@@ -239,7 +242,7 @@ def walk(writer: ReductionWriter, reductions: list, stores: list, comment: str) 
             writer.emit(f"mask = row_mask & (ks < {writer.extent})")
             writer.persistent_started = True
     else:
-        writer.emit(f"for k_start in range(0, {writer.extent}, RBLOCK):")
+        writer.emit(f"for k_start in range({span or f'0, {writer.extent}'}, RBLOCK):")
         writer.indent = "        "
         writer.emit("ks = k_start + tl.arange(0, RBLOCK)[None, :]   # [1, RBLOCK]")
         writer.emit(f"mask = row_mask & (ks < {writer.extent})")
@@ -254,5 +257,19 @@ def walk(writer: ReductionWriter, reductions: list, stores: list, comment: str) 
     for name in stores:
         writer.store(name, full=True)
     writer.indent = "    "
-    for node in reductions:
+    for node in reductions if finish else []:
         kinds.finish(writer, node)
+
+
+def row_nodes_at(writer: ReductionWriter, depths: dict[str, int], level: int) -> None:
+    """Emit the row nodes (one value per row) that need exactly ``level``
+    reductions: loaded row values at 0, the epilogue after."""
+    for node in writer.kernel.nodes:
+        if writer.is_full(node) or node.target in REDUCTIONS or depths[node.name] != level:
+            continue
+        if ops.is_fill(node) and node.name not in writer.kernel.outputs:
+            continue   # a literal where it is read
+        if node.target is operator.getitem:
+            writer.getitem(node)
+        else:
+            writer.pointwise(node, full=False)

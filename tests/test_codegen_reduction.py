@@ -389,3 +389,56 @@ def test_sibling_reductions_over_one_input_are_one_kernel(tmp_path):
     assert_triton(compiled, kernels=1)
     (source,) = kernel_sources(tmp_path)
     assert source.count("tl.load(") == 1
+
+
+@pytest.fixture
+def forced_split(monkeypatch):
+    """Split every splittable reduction into 3 chunks of 2 blocks of 8 (on the
+    interpreter the chooser never splits: each program instance costs ~1.5 ms)."""
+    from retrograd.codegen import reduction
+    monkeypatch.setattr(reduction, "choose_reduction_blocks",
+                        lambda rows, extent, interpreted, inner=True: (4, 8))
+    monkeypatch.setattr(reduction, "choose_split", lambda *args: 3)
+
+
+@pytest.mark.parametrize("fn, shape", [
+    (lambda x: x.sum(0), (37, 5)),
+    (lambda x: (x.mean(0) * 2 + x.amax(0), x.amin(0, keepdim=True)), (37, 5)),
+    (lambda x: x.sum((0, 1)), (13, 3, 5)),
+    (lambda x: torch.softmax(x, -1).sum(0), (37, 5)),
+], ids=["bias_gradient", "siblings_with_epilogue", "two_leading_dims", "after_softmax"])
+def test_split_reduction(forced_split, fn, shape, tmp_path):
+    """Partials per (row block, chunk), then the combination: as eager, forward
+    and backward, with rows and extent not multiples of the blocks."""
+    compiled = check(fn, randn(*shape), dump_dir=str(tmp_path))
+    assert_triton(compiled)
+    sources = kernel_sources(tmp_path)
+    assert any("split into 3 chunks" in source for source in sources), sources
+
+
+def test_split_reduction_keeps_nan_and_infinity(forced_split):
+    x = randn(37, 5)
+    x[30, 1], x[3, 2], x[20, 3] = float("nan"), float("inf"), float("-inf")
+    check(lambda x: (x.amax(0), x.amin(0), x.sum(0)), x, grad=False)
+
+
+def test_layer_norm_weight_and_bias_gradients_split(forced_split, tmp_path):
+    x, w, b = randn(37, 5), torch.rand(5) + 0.5, randn(5)
+    check(lambda x, w, b: F.layer_norm(x, (5,), w, b), x, w, b, dump_dir=str(tmp_path))
+    assert any("split into" in source for source in kernel_sources(tmp_path, "backward"))
+
+
+def test_split_is_chosen_by_shape():
+    """On a GPU: a bias gradient over many tokens splits, many rows or a short
+    extent do not; the interpreter never splits."""
+    from retrograd.codegen.reduction import choose_reduction_blocks, choose_split
+
+    def split(rows, extent, interpreted=False, inner=False):
+        return choose_split(rows, extent, interpreted,
+                            *choose_reduction_blocks(rows, extent, interpreted, inner))
+    assert split(768, 8192 * 4) > 1        # bias gradient: 768 features, 32k tokens
+    assert split(64, 4096) > 1
+    assert split(768, 8192 * 4, interpreted=True) == 1
+    assert split(50000, 8192) == 1         # enough rows to fill the GPU
+    assert split(768, 64) == 1             # short extent: one pass is enough
+    assert split(8, 1024, inner=True) == 1
