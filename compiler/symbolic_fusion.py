@@ -25,7 +25,7 @@ import sympy
 import torch
 from torch import fx
 
-from retrograd.codegen.sized_pointwise import DTYPES, OPS, kernel_source
+from retrograd.codegen.sized_pointwise import DTYPES, OPS, REDUCTIONS, kernel_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
 from retrograd.runtime.loader import load_module, write_source
@@ -87,6 +87,13 @@ def _transparent(node: fx.Node, run: list[fx.Node]) -> bool:
             and not any(arg in run for arg in node.all_input_nodes))
 
 
+def _reduces(node: fx.Node, run: list[fx.Node]) -> bool:
+    """A sum or mean of every element of a value of ``run``, in its dtype."""
+    return (node.op == "call_function" and node.target in REDUCTIONS and len(node.args) == 1
+            and not node.kwargs and node.args[0] in run
+            and node.meta["val"].dtype == node.args[0].meta["val"].dtype)
+
+
 def _runs(graph: fx.Graph) -> list[list[fx.Node]]:
     """Maximal runs of consecutive nodes of one kind (size computations aside)."""
     runs, current, current_kind = [], [], None
@@ -97,6 +104,11 @@ def _runs(graph: fx.Graph) -> list[list[fx.Node]]:
             current_kind = kind
             continue
         if current and _transparent(node, current):
+            continue
+        if current and _reduces(node, current):   # the run ends in it
+            current.append(node)
+            runs.append(current)
+            current, current_kind = [], None
             continue
         if current:
             runs.append(current)
@@ -114,32 +126,37 @@ def _source(run: list[fx.Node]) -> tuple[str, str, list[fx.Node], list[fx.Node]]
         for arg in node.args:
             if isinstance(arg, fx.Node) and arg not in inside and arg not in inputs:
                 inputs.append(arg)
-    outputs = [node for node in run if any(user not in inside for user in node.users)]
+    tail = run[-1] if run[-1].target in REDUCTIONS else None
+    pointwise = run[:-1] if tail is not None else run
+    outputs = [node for node in pointwise if any(user not in inside for user in node.users)]
     names = {node: f"in{i}" for i, node in enumerate(inputs)}
     names.update({node: f"v{i}" for i, node in enumerate(run)})
     lines = [(names[node], OPS[node.target].format(*[
         names[arg] if isinstance(arg, fx.Node) else repr(float(arg)) for arg in node.args]))
-        for node in run]
+        for node in pointwise]
     scalars = [names[n] for n in inputs if _loaded_once(n.meta["val"])]
+    reduction = None if tail is None else (names[tail], names[tail.args[0]], tail.target,
+                                           tail.meta["val"].dtype)
     name, source = kernel_source([names[n] for n in inputs], [names[n] for n in outputs],
-                                 lines, [node.name for node in run], scalars)
-    return name, source, inputs, outputs
+                                 lines, [node.name for node in run], scalars, reduction)
+    return name, source, inputs, outputs + ([tail] if tail is not None else [])
 
 
-def _launcher(name: str, source: str, outputs: int, dtype: torch.dtype, interpreted: bool,
-              scalars: list[bool]):
-    """A function of the input tensors that allocates the outputs and launches;
-    ``scalars`` marks the inputs loaded once (broadcast 0-dim values)."""
+def _launcher(name: str, source: str, outputs: list[bool], dtype: torch.dtype,
+              interpreted: bool, scalars: list[bool]):
+    """A function of the input tensors that allocates the outputs (True: of the
+    inputs' shape; False: a 0-dim result) and launches; ``scalars`` marks the
+    inputs loaded once (broadcast 0-dim values)."""
     launch = load_module(write_source(name, source), interpreted).launch
     launch = without_cycles(launch) if interpreted else launch
 
     def run(*tensors):
         first = tensors[0]
         tensors = [_as_loaded(t, scalar, name) for t, scalar in zip(tensors, scalars)]
-        results = [torch.empty(first.shape, dtype=dtype, device=first.device)
-                   for _ in range(outputs)]
+        results = [torch.empty(first.shape if full else (), dtype=dtype, device=first.device)
+                   for full in outputs]
         count = first.numel()
-        if count:
+        if count or not all(outputs):   # a sum of nothing is still written (0, or nan)
             block = max(16, min(1 << 16 if interpreted else 1024, 1 << (count - 1).bit_length()))
             with interpreter_mode(interpreted), numpy.errstate(all="ignore"):
                 launch(block, count, *tensors, *results)
@@ -171,7 +188,8 @@ def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, i
         name, source, inputs, outputs = _source(run)
         value = run[0].meta["val"]
         scalars = [_loaded_once(node.meta["val"]) for node in inputs]
-        launcher = _launcher(name, source, len(outputs), value.dtype, executor == "interpret",
+        shaped = [node.meta["val"].dim() == value.dim() for node in outputs]
+        launcher = _launcher(name, source, shaped, value.dtype, executor == "interpret",
                              scalars)
         with gm.graph.inserting_after(run[-1]):
             call = gm.graph.call_function(launcher, tuple(inputs))

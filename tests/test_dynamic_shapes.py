@@ -249,3 +249,21 @@ def test_a_broadcast_value_kernel_refuses_other_strides():
         _as_loaded(torch.ones(3, 4), True, "k")
     transposed = torch.ones(4, 3).t()
     assert _as_loaded(transposed, False, "k").is_contiguous()
+
+
+def test_a_run_ending_in_a_mean_is_one_kernel_for_every_size():
+    def mean_loss(x):
+        return (x.exp() * 0.5).mean()
+
+    compiled = retrograd.compile(mean_loss)
+    for rows in (2, 3, 17, 5):
+        x = torch.randn(rows, 3, requires_grad=True)
+        reference = x.detach().clone().requires_grad_()
+        got = compiled(x)
+        got.backward()
+        expected = mean_loss(reference)
+        expected.backward()
+        assert_close(got, expected, torch.float32)
+        assert_close(x.grad, reference.grad, torch.float32, what="gradient")
+    forward = compiled.reports["forward"]["kernels"]
+    assert forward["triton"] == 1 and forward["extern"] == 0, forward
