@@ -142,8 +142,9 @@ def kernel_source(inputs: list[str], outputs: list[str], lines: list[tuple[str, 
     text = "\n".join(indent + line for line in body)
     digest = hashlib.sha1((",".join(pointers) + text + repr(reduction)).encode()).hexdigest()
     name = f"sized_pointwise_{digest[:10]}"
-    slots = dict(name=name, covered=", ".join(covered), body=text, args=", ".join(pointers),
-                 params="\n".join(f"    {pointer}," for pointer in pointers))
+    slots = {"name": name, "covered": ", ".join(covered), "body": text,
+             "args": ", ".join(pointers),
+             "params": "\n".join(f"    {pointer}," for pointer in pointers)}
     if reduction is None:
         return name, KERNEL.substitute(slots)
     result, reduced, target, dtype = reduction
