@@ -442,3 +442,9 @@ def test_split_is_chosen_by_shape():
     assert split(50000, 8192) == 1         # enough rows to fill the GPU
     assert split(768, 64) == 1             # short extent: one pass is enough
     assert split(8, 1024, inner=True) == 1
+
+
+def test_var_mean_beside_a_sibling_reduction():
+    """var_mean's value is a tuple: it never joins a sibling (fusion crashed
+    on its shape)."""
+    check(lambda x: (x.sum(0), *torch.var_mean(x, 0)), randn(9, 5))

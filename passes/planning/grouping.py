@@ -178,7 +178,10 @@ class Grouping:
     def sibling_reduction(self, node: fx.Node, source: fx.Node, geometry) -> int | None:
         """A reduction group of the same geometry that already reads ``source``
         from memory (``x.sum(0)`` beside ``x.amax(0)``, a bias gradient beside
-        a weight gradient's prologue): joining it reads the input once."""
+        a weight gradient's prologue): joining it reads the input once.
+        Not for var_mean, whose value is a tuple of two rows."""
+        if not isinstance(value_of(node), torch.Tensor):
+            return None
         for user in source.users:
             group = self.group_of.get(user)
             if group is not None and self.geometry[group] == geometry \
