@@ -131,8 +131,8 @@ def test_a_new_batch_size_traces_again(face, monkeypatch):
         assert len(compiled._cache.entries) == 2
     else:
         # dynamo recompiles the frame for batch 6 with a dynamic batch size; that
-        # graph then compiles once per concrete size it meets, 4 included
-        assert counter.calls == 3
+        # graph compiles once, symbolically, and serves 4 too
+        assert counter.calls == 2
 
 
 @pytest.mark.parametrize("face", FACES)

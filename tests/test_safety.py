@@ -274,7 +274,7 @@ def test_one_model_hammered_from_threads_with_different_shapes(face, compiles, f
     model = _model(3)
     for p in model.parameters():
         p.requires_grad_(False)   # gradients land per call on the input
-    compiled = _compiled(face, model, max_programs=2)
+    compiled = _compiled(face, model, max_programs=2, dynamic=False)   # evictions
     sizes = {thread: [1 + thread, 4 + thread, 7 + thread] for thread in range(3)}
 
     def hammer(thread):
