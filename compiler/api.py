@@ -156,13 +156,17 @@ class GradFunction:
                 raise ValueError(f"retrograd.grad: arguments {list(chosen)} must hold floating "
                                  f"point tensors to differentiate, got {type(leaf).__name__}"
                                  + (f" of {leaf.dtype}" if isinstance(leaf, torch.Tensor) else ""))
-        fresh = {id(leaf): leaf.detach().requires_grad_(True) for leaf in wanted_leaves}
-        args = [pytree.tree_map(lambda v: fresh.get(id(v), v), a) if i in chosen else a
-                for i, a in enumerate(args)]
+        # one fresh leaf per occurrence: f(x, x) differentiates each argument
+        # on its own (torch.func.grad, jax.grad), not x's total gradient twice
+        leaves = [leaf.detach().requires_grad_(True) for leaf in wanted_leaves]
+        args, start = list(args), 0
+        for argnum, (leaves_of, spec) in zip(chosen, structures):
+            args[argnum] = pytree.tree_unflatten(leaves[start:start + len(leaves_of)], spec)
+            start += len(leaves_of)
         tensors = [v for v in pytree.tree_flatten((tuple(args), kwargs))[0]
                    if isinstance(v, torch.Tensor)]
-        positions = {id(t): i for i, t in enumerate(tensors)}
-        self._call.wanted = tuple(positions[id(fresh[id(leaf)])] for leaf in wanted_leaves)
+        self._call.wanted = tuple(next(i for i, t in enumerate(tensors) if t is leaf)
+                                  for leaf in leaves)
         with torch.enable_grad():
             result = self._cache(*args, **kwargs)
         if self.has_aux and not (isinstance(result, (tuple, list)) and len(result) == 2):
@@ -170,7 +174,6 @@ class GradFunction:
                              f"pair (loss, aux), got {type(result).__name__}")
         loss, aux = (result[0], result[1]) if self.has_aux else (result, None)
         self._check_loss(loss)
-        leaves = [fresh[id(leaf)] for leaf in wanted_leaves]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         if all(g is None for g in grads):   # the loss needs only constants or other arguments
             raise ValueError(self._INDEPENDENT)

@@ -103,6 +103,21 @@ class GraphCompiler:
             return [r.detach() if isinstance(r, torch.Tensor) else r for r in self.real_inputs]
         return [_real(fake) for fake in fakes]
 
+    def _tied(self, count: int) -> tuple[tuple[int, ...], ...]:
+        """Positions of primals that are one tensor wanting a gradient (tied
+        weights, lifted once per name), where the joint graph has one primal
+        per real input (AOTAutograd keeps duplicates that are not mutated).
+        None under ``retrograd.grad``, which reads each position's gradient
+        itself rather than through the autograd engine."""
+        if self.real_inputs is None or len(self.real_inputs) != count or \
+                self.gradients is not None:
+            return ()
+        groups: dict[int, list[int]] = {}
+        for position, value in enumerate(self.real_inputs):
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                groups.setdefault(id(value), []).append(position)
+        return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+
     def _check_joint(self, joint: fx.GraphModule, reference: list, tangents: list,
                      num_fwd_outputs: int) -> None:
         skipped = check_joint(self.module, self.real_inputs, joint, reference, tangents,
@@ -126,6 +141,7 @@ class GraphCompiler:
         ctx = self._begin(joint, ["forward", "backward"])
         ctx.num_fwd_outputs = self.num_fwd_outputs = kwargs["num_fwd_outputs"]
         primals_fake, tangents_fake = joint_inputs
+        ctx.tied_primals = self._tied(len(primals_fake))
         inputs = reference = primals = tangents = None
         if self.options.verify:
             primals, tangents = self._primals(primals_fake), [_real(t) for t in tangents_fake]
@@ -142,6 +158,8 @@ class GraphCompiler:
             if isinstance(subject, tuple) and self.options.verify:   # split in two halves
                 self._check_halves(subject, primals, tangents, ctx.num_fwd_outputs, reference)
             elif not isinstance(subject, tuple) and self._keeps_values(spec):
+                if reference is not None and hasattr(spec.module, "expected_values"):
+                    reference = spec.module.expected_values(reference, ctx)
                 self._check(spec.name, subject, inputs, reference)
         forward, backward = subject
         # AOTAutograd hands compile_backward a deep copy: keep the constants themselves

@@ -35,7 +35,7 @@ from retrograd.dump import Dumper, count_nodes, subject_text
 from retrograd.ir import CodegenSupport, PassResult, Program
 from retrograd.options import Options
 from retrograd.passes import (buffer_reuse, checkpoint, cleanup, dead_gradient, fusion, layout,
-                              linear_cross_entropy, schedule)
+                              linear_cross_entropy, schedule, tied_gradients)
 from retrograd.passes.dead_gradient import GradientSpec
 from retrograd.report import PassRecord
 
@@ -82,6 +82,8 @@ class PassContext:
     num_fwd_outputs: int | None = None      # joint stage and forward half: the user outputs
     seed: str | None = None                 # step stage: the loss cotangent's placeholder
     updates: dict[int, int] = field(default_factory=dict)   # step: output -> input positions
+    # joint stage: groups of primal positions that are one tensor (tied weights)
+    tied_primals: tuple[tuple[int, ...], ...] = ()
     # backward half: strides the forward gave the saved activations (passes/layout.py)
     input_layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -132,6 +134,7 @@ class PassSpec:
 #: stage it runs in (the joint graph is split in two; a step stays one graph).
 PIPELINE: tuple[PassSpec, ...] = (
     PassSpec("dead_gradient", dead_gradient, (Stage.JOINT,)),
+    PassSpec("tied_gradients", tied_gradients, (Stage.JOINT,)),
     PassSpec("linear_cross_entropy", linear_cross_entropy,
              (Stage.JOINT, Stage.INFERENCE, Stage.STEP)),
     PassSpec("restore_decompositions", loss_ops, (Stage.JOINT, Stage.INFERENCE, Stage.STEP),

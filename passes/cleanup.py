@@ -10,7 +10,12 @@ constants (``lift_fresh_copy``). Views that change what the elements mean
 no-ops, and a layout counts as the same only with the same conjugate and
 negative bits. A conjugate view of a Python number becomes that number. An
 op with an ``output_mask`` (convolution backward, say) stops computing
-results nothing reads.
+results nothing reads. A sum ``x + index_put(zeros, i, v, accumulate=True)``
+-- a tied embedding's two gradients: the output projection's plus the
+embedding's scatter-add -- becomes ``index_put(x, i, v, accumulate=True)``:
+the scatter adds into ``x`` instead of into a zeroed ``V x width`` buffer
+that is then added, so one such buffer less is alive (the same sum in
+another order of float additions, as scatter's atomic adds already are).
 
 Assumes a functional ATen graph (AOTAutograd's joint graph): no node mutates
 its inputs. Random ops are never merged (two dropouts are two masks), nor
@@ -19,8 +24,9 @@ values, in the same output order. The usual compiler cleanups, as in
 torch.fx's own ``eliminate_dead_code`` and Inductor's CSE.
 
 Requires: a functional ATen graph (no node mutates its inputs).
-Ensures: the same values in the same output order; no dead node, no duplicate
-  pure node, no no-op view.
+Ensures: the same values in the same output order (a scatter folded into a
+  sum: up to the order of float additions); no dead node, no duplicate pure
+  node, no no-op view.
 """
 
 from __future__ import annotations
@@ -254,6 +260,42 @@ def narrow_output_masks(graph: fx.Graph) -> int:
     return narrowed
 
 
+def _zero_scatter_add(node) -> bool:
+    """``index_put(zeros, indices, values, accumulate=True)``, read once."""
+    if not isinstance(node, fx.Node) or node.target is not aten.index_put.default or \
+            len(node.args) < 4 or node.args[3] is not True or len(node.users) != 1:
+        return False
+    base = node.args[0]
+    zeros = base.target is aten.zeros.default or base.target is aten.full.default and \
+        base.args[1] == 0
+    return zeros and len(base.users) == 1
+
+
+def scatter_into_sums(graph: fx.Graph) -> int:
+    """``add(x, index_put(zeros, i, v, True))`` -> ``index_put(x, i, v, True)``
+    where ``x`` has the sum's shape and dtype (no broadcast, no promotion)."""
+    folded = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.add.Tensor or len(node.args) != 2 or node.kwargs:
+            continue
+        for scatter, other in (node.args, node.args[::-1]):
+            if not (_zero_scatter_add(scatter) and isinstance(other, fx.Node)):
+                continue
+            want, have = _val(node), _val(other)
+            if have is None or want is None or have.shape != want.shape or \
+                    have.dtype != want.dtype or _val(scatter).dtype != want.dtype or \
+                    _val(scatter).shape != want.shape:
+                continue
+            with graph.inserting_before(node):
+                summed = graph.call_function(aten.index_put.default,
+                                             (other, *scatter.args[1:]))
+            summed.meta = {**scatter.meta, "val": want}
+            node.replace_all_uses_with(summed)
+            folded += 1
+            break
+    return folded
+
+
 def run(gm: fx.GraphModule, ctx) -> PassResult:
     """The rewrites above, then dead-code elimination; ``dead_nodes_removed``
     counts the nodes it took out (dead in the input, or left unread by a
@@ -261,6 +303,7 @@ def run(gm: fx.GraphModule, ctx) -> PassResult:
     transposed = transpose_matmuls(gm.graph)
     views = remove_no_op_views(gm.graph) + fold_number_views(gm.graph)
     gathers = push_gathers(gm.graph)
+    scatters = scatter_into_sums(gm.graph)
     merged = eliminate_common_subexpressions(gm.graph)
     alive = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
@@ -269,4 +312,5 @@ def run(gm: fx.GraphModule, ctx) -> PassResult:
     gm.recompile()
     return PassResult(gm, {"dead_nodes_removed": dead, "common_subexpressions_merged": merged,
                            "no_op_views_removed": views, "matmuls_transposed": transposed,
-                           "masked_results_dropped": narrowed, "gathers_pushed": gathers})
+                           "masked_results_dropped": narrowed, "gathers_pushed": gathers,
+                           "scatters_into_sums": scatters})

@@ -172,7 +172,8 @@ def test_cleanup_then_view_removal_enables_cse():
     assert targets(gm) == [aten.exp.default, aten.add.Tensor]
     assert stats == {"dead_nodes_removed": 0, "common_subexpressions_merged": 1,
                      "no_op_views_removed": 1, "matmuls_transposed": 0,
-                     "masked_results_dropped": 0, "gathers_pushed": 0}
+                     "masked_results_dropped": 0, "gathers_pushed": 0,
+                     "scatters_into_sums": 0}
 
 
 def test_cleanup_removes_views_that_undo_each_other():
@@ -217,3 +218,36 @@ def test_cleanup_keeps_a_gather_whose_source_varies_along_the_dimension():
     gm = trace(lambda x, r, i: torch.gather(x - r, 1, i), x, torch.randn(4, 1),
                torch.randint(0, 5, (3, 2)))
     assert cleanup.run(gm, context()).stats["gathers_pushed"] == 0
+
+
+def test_cleanup_scatters_an_embedding_gradient_into_the_other_gradient():
+    """``x + index_put(zeros, [i], v, accumulate=True)`` (a tied embedding's two
+    gradients) becomes ``index_put(x, [i], v, True)``: the zeroed buffer and
+    the add are gone, the sum is the same (repeated indices accumulate)."""
+    x, v = torch.randn(7, 3), torch.randn(5, 3)
+    i = torch.tensor([0, 3, 3, 6, 0])
+
+    def summed(x, i, v):
+        return x + torch.zeros(7, 3).index_put((i,), v, accumulate=True)
+    gm = trace(summed, x, i, v)
+    assert aten.add.Tensor in targets(gm)
+    stats = cleanup.run(gm, context()).stats
+    assert stats["scatters_into_sums"] == 1
+    assert aten.add.Tensor not in targets(gm) and aten.full.default not in targets(gm)
+    [scatter] = [n for n in gm.graph.nodes if n.target is aten.index_put.default]
+    assert scatter.args[0].op == "placeholder"
+    torch.testing.assert_close(gm(x, i, v)[0], summed(x, i, v))
+
+
+def test_cleanup_leaves_a_broadcast_or_overwriting_scatter_alone():
+    """A sum that broadcasts ``x`` or the scatter, or a scatter that
+    overwrites (no accumulate), is not a scatter-add into ``x``."""
+    i, v = torch.tensor([0, 2]), torch.randn(2, 3)
+    broadcast = trace(lambda r, i, v: r + torch.zeros(4, 3).index_put((i,), v, accumulate=True),
+                      torch.randn(3), i, v)
+    small = trace(lambda x, i, v: x + torch.zeros(3).index_put((i,), v[:, 0], accumulate=True),
+                  torch.randn(4, 3), i, v)
+    overwrite = trace(lambda x, i, v: x + torch.zeros(4, 3).index_put((i,), v),
+                      torch.randn(4, 3), i, v)
+    for gm in (broadcast, small, overwrite):
+        assert cleanup.run(gm, context()).stats["scatters_into_sums"] == 0
