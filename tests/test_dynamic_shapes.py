@@ -267,3 +267,19 @@ def test_a_run_ending_in_a_mean_is_one_kernel_for_every_size():
         assert_close(x.grad, reference.grad, torch.float32, what="gradient")
     forward = compiled.reports["forward"]["kernels"]
     assert forward["triton"] == 1 and forward["extern"] == 0, forward
+
+
+def test_threads_with_different_sizes_share_one_symbolic_program():
+    """Three threads, each its own sizes, on one compiled function: every value
+    and gradient equals eager's, and the sizes compile two programs in all."""
+    from test_threads import run_threads
+    compiled = retrograd.compile(function)
+
+    def worker(first):
+        def body():
+            for rows in (first, first + 3):
+                _check(compiled, function, rows)
+            return True
+        return body
+    assert run_threads([worker(first) for first in (2, 3, 4)]) == [True] * 3
+    assert compiled._cache.compiles == 2 and _programs(compiled) == 2
