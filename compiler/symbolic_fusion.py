@@ -17,6 +17,7 @@ the checkpoint planner and the buffer planner work on concrete sizes.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -75,7 +76,8 @@ def _kind(node: fx.Node) -> tuple | None:
                     _contiguous(other) or _broadcast_scalar(other)) or \
                     (tuple(str(s) for s in other.shape), other.dtype, other.device) != kind:
                 return None
-        elif isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        elif isinstance(arg, bool) or not isinstance(arg, (int, float)) \
+                or not math.isfinite(arg):   # inf and nan have no plain literal
             return None
     return kind
 

@@ -283,3 +283,14 @@ def test_threads_with_different_sizes_share_one_symbolic_program():
         return body
     assert run_threads([worker(first) for first in (2, 3, 4)]) == [True] * 3
     assert compiled._cache.compiles == 2 and _programs(compiled) == 2
+
+
+def test_an_infinite_constant_stays_a_torch_call():
+    def clipped(x):
+        return torch.minimum(x * float("inf"), x + 1.0).sin().sum()
+
+    compiled = retrograd.compile(clipped)
+    for rows in (2, 3, 4):
+        x = torch.randn(rows, 2, dtype=torch.float64)
+        assert_close(compiled(x), clipped(x), torch.float64)
+    assert compiled.reports["forward"]["kernels"]["extern_ops"]["aten.mul.Tensor"] == 1
