@@ -71,29 +71,40 @@ def _valid_targets(target: torch.Tensor, ignore_index: int):
     return valid, torch.where(valid, target, 0)
 
 
+def _row_weights(valid, safe, class_weight, dtype) -> torch.Tensor:
+    """Each row's weight in the loss: its target's class weight (1 without
+    class weights), 0 for an ignored row -- what nll_loss's mean divides by."""
+    if class_weight is None:
+        return valid.to(dtype)
+    return torch.where(valid, class_weight.to(dtype)[safe], 0.0)
+
+
 @torch.library.custom_op("retrograd::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
-                         bias: Optional[torch.Tensor], target: torch.Tensor, reduction: int,
+                         bias: Optional[torch.Tensor], target: torch.Tensor,
+                         class_weight: Optional[torch.Tensor], reduction: int,
                          ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int,
                          softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` (rows x V, never held) against
-    ``target``; returns (loss, logsumexp per row in float32, and each row's sum
+    ``target`` (each row weighted by its target's ``class_weight``, if given); returns (loss, logsumexp per row in float32, and each row's sum
     of log-probabilities in the logits' dtype, what label smoothing reads)."""
     rows, wide = hidden.shape[0], _accumulate(logits_dtype)
     lse = torch.empty(rows, dtype=wide, device=hidden.device)
     terms = torch.empty(rows, dtype=wide, device=hidden.device)
     row_sums = torch.empty(rows, dtype=wide, device=hidden.device)
     valid, safe = _valid_targets(target, ignore_index)
+    row_weight = _row_weights(valid, safe, class_weight, wide)
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
         logits, _ = _chunk_logits(hidden[start:stop], weight, bias, logits_dtype, softcap)
         torch.logsumexp(logits, dim=-1, out=lse[start:stop])
         picked = logits.gather(1, safe[start:stop, None]).squeeze(1)
-        terms[start:stop] = torch.where(valid[start:stop], lse[start:stop] - picked, 0.0)
+        terms[start:stop] = torch.where(valid[start:stop], row_weight[start:stop] * (
+            lse[start:stop] - picked), 0.0)
         row_sums[start:stop] = logits.sum(-1) - logits.shape[1] * lse[start:stop]
         del logits   # before the next chunk's: one chunk alive at a time
     if reduction == MEAN:
-        loss = terms.sum() / valid.sum().to(wide)
+        loss = terms.sum() / row_weight.sum()
     elif reduction == SUM:
         loss = terms.sum()
     else:
@@ -102,8 +113,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
 
 
 @linear_cross_entropy.register_fake
-def _(hidden, weight, bias, target, reduction, ignore_index, logits_dtype, chunk_rows,
-      softcap):
+def _(hidden, weight, bias, target, class_weight, reduction, ignore_index, logits_dtype,
+      chunk_rows, softcap):
     rows = hidden.shape[0]
     shape = (rows,) if reduction not in (MEAN, SUM) else ()
     return (hidden.new_empty(shape, dtype=logits_dtype),
@@ -114,7 +125,8 @@ def _(hidden, weight, bias, target, reduction, ignore_index, logits_dtype, chunk
 @torch.library.custom_op("retrograd::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward(
         grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-        bias: Optional[torch.Tensor], target: torch.Tensor, lse: torch.Tensor,
+        bias: Optional[torch.Tensor], target: torch.Tensor,
+        class_weight: Optional[torch.Tensor], lse: torch.Tensor,
         row_grad: Optional[torch.Tensor], reduction: int,
         ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int, softcap: float,
         weight_grad: bool, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,10 +136,11 @@ def linear_cross_entropy_backward(
     gradient of each row's sum of log-probabilities (label smoothing), or None."""
     valid, safe = _valid_targets(target, ignore_index)
     wide = _accumulate(logits_dtype)
+    row_weight = _row_weights(valid, safe, class_weight, wide)
     scale = grad_loss.to(wide).expand(hidden.shape[0])
     if reduction == MEAN:
-        scale = scale / valid.sum().to(wide)
-    scale = torch.where(valid, scale, 0.0)
+        scale = scale / row_weight.sum()
+    scale = torch.where(valid, scale * row_weight, 0.0)
     # d/dlogits of the log-probabilities' gradient (-scale at the target, plus
     # row_grad everywhere): p * (scale - V row_grad) + row_grad - scale onehot
     row_grad = torch.zeros_like(scale) if row_grad is None else row_grad.to(wide)
@@ -163,8 +176,8 @@ def linear_cross_entropy_backward(
 
 
 @linear_cross_entropy_backward.register_fake
-def _(grad_loss, hidden, weight, bias, target, lse, row_grad, reduction, ignore_index,
-      logits_dtype, chunk_rows, softcap, weight_grad, bias_grad):
+def _(grad_loss, hidden, weight, bias, target, class_weight, lse, row_grad, reduction,
+      ignore_index, logits_dtype, chunk_rows, softcap, weight_grad, bias_grad):
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return (torch.empty_like(hidden),
             weight.new_empty(weight.shape if weight_grad else (0,)),

@@ -6,7 +6,7 @@ compiled without gradients, where only the forward half is fused): finds
     mm / addmm(hidden, weight^T [, bias])      # the output projection
       -> views, row slices, clones, casts       # 3-d view, causal shift, flatten, upcast
          [and once: c * tanh(x / c)]             # Gemma 2's final soft cap
-      -> _log_softmax(dim=-1) -> nll_loss_forward(no class weights)
+      -> _log_softmax(dim=-1) -> nll_loss_forward([class weights])
                                  [-> sum(dim=-1): label smoothing's row sums]
 
 and, in the backward, ``nll_loss_backward -> _log_softmax_backward_data ->``
@@ -31,7 +31,7 @@ nothing after it sees a difference where no pattern matched.
 
 Left alone, with the reason in the stats: logits or log-probabilities read
 elsewhere (returned, z-loss, any reduction of the log-probabilities but the
-row sum), class weights, a softmax not over the last dim, a reshape that mixes the
+row sum), a softmax not over the last dim, a reshape that mixes the
 vocabulary dim, a logits gradient read by anything but the three products,
 a soft cap whose gradient is not autograd's mul / tanh-derivative / div;
 and, in a training graph, logits too small to pay: where the logits and
@@ -138,9 +138,9 @@ def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
     build = _Builder(graph, mode)
     matmul, nll = match.matmul, match.nll
     bias = matmul.args[0] if matmul.target is aten.addmm.default else None
-    common = [nll.args[1], nll.args[3], nll.args[4], match.log_softmax.meta["val"].dtype,
-              chunk_rows, match.cap[0] if match.cap else 0.0]
-    # target, reduction, ignore_index, logits dtype, chunk rows, soft cap
+    common = [nll.args[1], nll.args[2], nll.args[3], nll.args[4],
+              match.log_softmax.meta["val"].dtype, chunk_rows, match.cap[0] if match.cap else 0.0]
+    # target, class weights, reduction, ignore_index, logits dtype, chunk rows, soft cap
     with graph.inserting_before(nll):
         weight = _weight_rows(build, matmul)
         rows, undo = _replay_rows(build, match, matmul.args[-2])
@@ -152,7 +152,7 @@ def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
                                                  [row_sums, list(shape(node))]))
     match.loss.replace_all_uses_with(loss)
     if match.nll_backward is not None:
-        _rewrite_backward(build, match, [rows, weight, bias, common[0], lse], common[1:], undo)
+        _rewrite_backward(build, match, [rows, weight, bias, *common[:2], lse], common[2:], undo)
 
 
 def _rewrite_backward(build: _Builder, match: Match, tensors: list, scalars: list,

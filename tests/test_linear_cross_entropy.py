@@ -2,13 +2,14 @@
 compiler/loss_ops.py): found in the joint graph, loss and gradients equal to
 eager's (float64 reference), the logits never held, every variant the pass
 claims (bias, tied weight, causal shift and flatten, ignore_index, mean /
-sum / none, chunk boundaries), the ones it leaves alone with their reason
+sum / none, class weights, chunk boundaries), the ones it leaves alone with their reason
 (logits returned, label smoothing), both faces, bf16 autocast, compile_step,
 and graphs without the pattern unchanged by holding the ops back."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -90,8 +91,25 @@ def soft_capped(h, w, b, y):
     return F.cross_entropy(logits.reshape(-1, VOCAB), y[:, 1:].reshape(-1), label_smoothing=0.1)
 
 
+CLASS_WEIGHTS = torch.rand(VOCAB, generator=torch.Generator().manual_seed(9)) + 0.5
+
+
+def class_weighted(h, w, b, y):
+    """Class weights (a constant: nll_loss has no gradient for them), mean:
+    the weighted terms over the sum of the rows' weights."""
+    return F.cross_entropy(F.linear(h, w, b).reshape(-1, VOCAB), y.reshape(-1),
+                           weight=CLASS_WEIGHTS.to(h.dtype))
+
+
+def class_weighted_shift_per_row(h, w, y):
+    logits = F.linear(h, w)[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, VOCAB), y[:, 1:].reshape(-1),
+                           weight=CLASS_WEIGHTS.to(h.dtype), reduction="none")
+
+
 @pytest.mark.parametrize("fn", [plain, with_bias, causal_shift, summed, per_row, smoothed,
-                                smoothed_shift_sum, smoothed_per_row, soft_capped])
+                                smoothed_shift_sum, smoothed_per_row, soft_capped,
+                                class_weighted, class_weighted_shift_per_row])
 def test_fused_loss_and_gradients_match_eager(fn):
     hidden, weight, bias, target = _inputs()
     with_bias = fn.__code__.co_argcount == 4
@@ -120,20 +138,24 @@ def test_default_chunks_are_an_eighth_of_the_rows_at_most():
 
 
 def test_fused_ops_alone_against_float64_eager():
-    """The custom ops with a ragged chunk, every reduction, an ignored row."""
+    """The custom ops with a ragged chunk, every reduction, an ignored row,
+    with and without class weights."""
     hidden, weight, bias, target = _inputs(2)
     hidden = hidden.reshape(-1, WIDTH).double()
     weight, bias = weight.double(), bias.double()
-    for reduction, code in (("none", 0), ("mean", 1), ("sum", 2)):
+    for (reduction, code), classes in itertools.product(
+            (("none", 0), ("mean", 1), ("sum", 2)), (None, CLASS_WEIGHTS.double())):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-        ref = F.cross_entropy(F.linear(h, w, b), target.reshape(-1), reduction=reduction)
+        ref = F.cross_entropy(F.linear(h, w, b), target.reshape(-1), reduction=reduction,
+                              weight=classes)
         grad_out = torch.randn(ref.shape, dtype=torch.float64)
         ref.backward(grad_out)
         loss, lse, _ = loss_ops.linear_cross_entropy(hidden, weight, bias, target.reshape(-1),
-                                                     code, -100, torch.float64, 3, 0.0)
+                                                     classes, code, -100, torch.float64, 3, 0.0)
         grads = loss_ops.linear_cross_entropy_backward(grad_out, hidden, weight, bias,
-                                                       target.reshape(-1), lse, None, code,
-                                                       -100, torch.float64, 3, 0.0, True, True)
+                                                       target.reshape(-1), classes, lse, None,
+                                                       code, -100, torch.float64, 3, 0.0, True,
+                                                       True)
         torch.testing.assert_close(loss, ref.detach())
         for got, want in zip(grads, (h.grad, w.grad, b.grad)):
             torch.testing.assert_close(got, want)

@@ -160,8 +160,6 @@ def match_forward(log_softmax: fx.Node):
     if len(nlls) != 1 or nlls[0].args[0] is not log_softmax:
         return "log-probabilities not read by one nll_loss"
     nll = nlls[0]
-    if nll.args[2] is not None:
-        return "class weights"
     row_sums = []
     for user in log_softmax.users:
         if user is nll or user.target is aten.nll_loss_backward.default:
