@@ -42,6 +42,7 @@ from torch.func import functionalize, grad_and_value
 
 from retrograd.capture import signature
 from retrograd.decompositions import decomposition_table, traced_right
+from retrograd.distributed import check_same_parameters, unwrap
 from retrograd.errors import user_stacklevel
 from retrograd.locking import compiling
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
@@ -79,6 +80,7 @@ class Step:
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer, options: Options,
                  max_grad_norm: float | None = None):
+        model, self.replicas = unwrap(model)   # DDP: the step averages gradients itself
         check_optimizer(optimizer)
         _check_max_grad_norm(max_grad_norm)
         if max_grad_norm is not None and optimizer is None:
@@ -96,6 +98,8 @@ class Step:
         self.warned_limit = False
         self.last: tuple | None = None
         self._fresh: tuple[tuple, torch.Tensor] | None = None
+        if self.replicas is not None:
+            check_same_parameters(model, self.replicas)
 
     @property
     def reports(self) -> dict[str, dict]:
@@ -184,6 +188,7 @@ class Step:
 
     def _function(self, loss_of, used, groups, clock_of):
         kind, optimizer, max_norm = self.kind, self.optimizer, self.max_grad_norm
+        replicas = self.replicas
         clock_count = len(set(clock_of))
 
         def seeded(params, buffers, batch, seed):
@@ -196,6 +201,8 @@ class Step:
         def step(params, buffers, state, hyper, fresh, batch, seed):
             grads, (_, loss) = grad_and_value(seeded, has_aux=True)(params, buffers, batch, seed)
             grads = [grads[index] for index in used]
+            if replicas is not None:   # DDP's average, in the program (distributed.py)
+                grads = replicas.average(grads)
             if max_norm is not None:
                 grads = clip_gradients(grads, max_norm)
             if kind is None:
@@ -226,6 +233,8 @@ class Step:
     # -- one call -------------------------------------------------------------------
     def __call__(self, *batch):
         check_optimizer(self.optimizer)   # flags may have changed since the last call
+        if self.replicas is not None:
+            self.replicas.broadcast([b for _, b in self.model.named_buffers()])
         every = list(self.model.named_parameters())   # one walk of the model per step
         named = [(n, p) for n, p in every if p.requires_grad]
         names, parameters = [n for n, _ in named], [p for _, p in named]
@@ -240,7 +249,7 @@ class Step:
             structure(self.optimizer), groups, self.max_grad_norm, self.model.training,
             str(batch_spec))
         loss_of = self._loss_of(names, buffer_names, batch_spec)
-        used = self._used(shape, loss_of, detached, buffers, leaves)
+        used = self._used(shape, loss_of, detached, buffers, leaves, names)
         state, clocks, clock_of, fresh = self._state(parameters, used, groups, device)
         hyper = [] if self.optimizer is None else self.hyperparameters.inputs(
             self.optimizer, clocks, device, _hyper_dtype(parameters))
@@ -261,9 +270,11 @@ class Step:
         return loss
 
     # -- programs per signature, bounded --------------------------------------------
-    def _used(self, shape: tuple, loss_of, detached, buffers, leaves) -> tuple[int, ...]:
+    def _used(self, shape: tuple, loss_of, detached, buffers, leaves,
+              names) -> tuple[int, ...]:
         """The parameters the loss reaches for ``shape``, probed once (at most
-        ``max_programs`` signatures remembered, as programs are)."""
+        ``max_programs`` signatures remembered, as programs are); under DDP,
+        those it reaches on any rank."""
         with self.lock:
             used = self.reached.get(shape)
             if used is not None:
@@ -273,6 +284,8 @@ class Step:
                 used = self.reached.get(shape)
                 if used is None:
                     used = self._reached(loss_of, detached, buffers, leaves)
+                    if self.replicas is not None:
+                        used = self.replicas.agree(used, names)
             with self.lock:
                 self.reached[shape] = used
                 while len(self.reached) > self.options.max_programs:
