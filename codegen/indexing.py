@@ -15,10 +15,9 @@ range: an out-of-range index reads out of bounds instead of raising.
 from __future__ import annotations
 
 import torch
-
 from retrograd.codegen import ops
 
-__all__ = ["INDEXING", "reads_by_index", "lower_indexing", "index_layout"]
+__all__ = ["INDEXING", "index_layout", "lower_indexing", "reads_by_index"]
 
 aten = torch.ops.aten
 

@@ -22,11 +22,9 @@ reduction adds to a loop (identity, update, combination of the lanes) is in
 
 from __future__ import annotations
 
-import operator
 import re
 from string import Template
 
-from retrograd.codegen import ops
 from retrograd.codegen.common import HELPERS, describe, describe_node
 from retrograd.codegen.reduction_kinds import (
     REDUCE_HELPERS,

@@ -26,12 +26,17 @@ from string import Template
 from retrograd.codegen import ops
 from retrograd.codegen import reduction_kinds as kinds
 from retrograd.codegen.common import HELPERS, describe, describe_node
-from retrograd.codegen.reduction_kinds import (REDUCE_HELPERS, REDUCTIONS, SUM,
-                                               accumulator_dtype, describe_reduction)
+from retrograd.codegen.reduction_kinds import (
+    REDUCE_HELPERS,
+    REDUCTIONS,
+    SUM,
+    accumulator_dtype,
+    describe_reduction,
+)
 from retrograd.codegen.reduction_writer import ReductionWriter, levels, row_nodes_at, walk
 from retrograd.ir import Buffer, Kernel
 
-__all__ = ["SPLIT_KINDS", "splittable", "generate_split_reduction"]
+__all__ = ["SPLIT_KINDS", "generate_split_reduction", "splittable"]
 
 #: reduction kinds whose partial results combine as the lanes of one program do
 SPLIT_KINDS = ("sum", "mean", "max", "min")

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import retrograd
 from checks import assert_close_floor, check_against_eager, recording_graphs
 
 aten = torch.ops.aten
