@@ -3,13 +3,17 @@
 A symbolic program (dynamic.py) is AOTAutograd's graph with symbolic sizes,
 run as torch calls. ``fuse_pointwise`` replaces each run of consecutive
 elementwise nodes of one shape and one dtype (float32/float64, contiguous,
-no broadcasting; ``codegen/sized_pointwise.py`` lists the ops) by one
-Triton kernel that takes its element count at run time: one kernel for
-every size, its outputs allocated at run time from the inputs' sizes.
-Everything else stays a torch call. A run is contiguous in node order
-(size computations that use none of it aside), so all its inputs exist
-before its first node; it stores every value a node outside it (or the
-graph's output) uses, and the kernel is called where its last node was.
+no broadcasting; ``codegen/sized_pointwise.py`` lists the ops), which may
+end in a full sum or mean, by one Triton kernel that takes its element
+count at run time: one kernel for every size, its outputs allocated at run
+time from the inputs' sizes. A run is contiguous in node order (size
+computations that use none of it aside), so all its inputs exist before
+its first node; it stores every value a node outside it (or the graph's
+output) uses, and the kernel is called where its last node was. Sums and
+means over a leading or a trailing block of dimensions of a contiguous
+float tensor (bias gradients, per-token sums) become kernels of
+``codegen/sized_reduction.py``, rows and columns counted at run time.
+Everything else stays a torch call.
 
 This is a small fuser of its own, not retrograd's fusion pass: that pass,
 the checkpoint planner and the buffer planner work on concrete sizes.
@@ -27,6 +31,7 @@ import torch
 from torch import fx
 
 from retrograd.codegen.sized_pointwise import DTYPES, OPS, REDUCTIONS, kernel_source
+from retrograd.codegen.sized_reduction import reduction_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
 from retrograd.runtime.loader import load_module, write_source
@@ -180,11 +185,84 @@ def _as_loaded(tensor: torch.Tensor, scalar: bool, kernel: str) -> torch.Tensor:
     return tensor
 
 
+#: Reductions over some dimensions that become size-generic kernels (the mean's flag).
+_DIM_REDUCTIONS = {torch.ops.aten.sum.dim_IntList: False, torch.ops.aten.mean.dim: True}
+
+
+def _reduced_side(node: fx.Node) -> tuple[bool, tuple[int, ...], bool] | None:
+    """(leading?, reduced dims, keepdim) of a sum or mean over a leading or a
+    trailing block of dimensions of a contiguous float input, else None."""
+    if node.op != "call_function" or node.target not in _DIM_REDUCTIONS or node.kwargs \
+            or len(node.args) not in (2, 3) or not isinstance(node.args[0], fx.Node):
+        return None
+    value, dims = node.args[0].meta.get("val"), node.args[1]
+    if not isinstance(value, torch.Tensor) or value.dtype not in DTYPES or not value.dim() \
+            or not _contiguous(value) or not isinstance(dims, (list, tuple)) or not dims \
+            or node.meta["val"].dtype != value.dtype:
+        return None
+    reduced = tuple(sorted({d % value.dim() for d in dims}))
+    keepdim = bool(node.args[2]) if len(node.args) == 3 else False
+    if reduced == tuple(range(len(reduced))):
+        return True, reduced, keepdim
+    if reduced == tuple(range(value.dim() - len(reduced), value.dim())):
+        return False, reduced, keepdim
+    return None
+
+
+def _reduction_launcher(node: fx.Node, leading: bool, reduced: tuple[int, ...],
+                        keepdim: bool, interpreted: bool):
+    """A function of the input that allocates the result and launches."""
+    mean = _DIM_REDUCTIONS[node.target]
+    digest = f"{int(leading)}{int(mean)}{str(node.meta['val'].dtype)[6:]}"
+    name = f"sized_reduction_{digest}"
+    source = reduction_source(name, leading, mean, node.meta["val"].dtype)
+    launch = load_module(write_source(name, source), interpreted).launch
+    launch = without_cycles(launch) if interpreted else launch
+
+    def run(tensor):
+        tensor = tensor if tensor.is_contiguous() else tensor.contiguous()
+        shape, split = tensor.shape, len(reduced) if leading else tensor.dim() - len(reduced)
+        rows, columns = math.prod(shape[:split]), math.prod(shape[split:])
+        kept_shape = [1 if d in reduced else size for d, size in enumerate(shape)
+                      if keepdim or d not in reduced]
+        result = torch.empty(kept_shape, dtype=tensor.dtype, device=tensor.device)
+        kept, count = (columns, rows) if leading else (rows, columns)
+        if kept:
+            widest = 1 << 16 if interpreted else 4096
+            block_kept = max(16, min(1 << (kept - 1).bit_length(), 1024 if interpreted else 64))
+            block_reduced = max(16, min(1 << max(count - 1, 1).bit_length(),
+                                        widest // block_kept))
+            with interpreter_mode(interpreted), numpy.errstate(all="ignore"):
+                launch(block_kept, block_reduced, rows, columns, tensor, result)
+        return result
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+def _replace_reductions(gm: fx.GraphModule, interpreted: bool) -> int:
+    """Each sum or mean over leading or trailing dimensions becomes a kernel."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        side = _reduced_side(node)
+        if side is None:
+            continue
+        launcher = _reduction_launcher(node, *side, interpreted)
+        with gm.graph.inserting_after(node):
+            call = gm.graph.call_function(launcher, (node.args[0],))
+        call.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
 def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, int]:
-    """Replace runs of elementwise nodes by size-generic kernels (none with the
-    fx executor); returns the module and how many kernels it launches."""
+    """Replace runs of elementwise nodes, and sums or means over leading or
+    trailing dimensions, by size-generic kernels (none with the fx executor);
+    returns the module and how many kernels it launches."""
     if executor == "fx":
         return gm, 0
+    reductions = _replace_reductions(gm, executor == "interpret")
     runs = _runs(gm.graph)
     for run in runs:
         name, source, inputs, outputs = _source(run)
@@ -207,4 +285,4 @@ def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, i
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
-    return gm, len(runs)
+    return gm, len(runs) + reductions

@@ -294,3 +294,33 @@ def test_an_infinite_constant_stays_a_torch_call():
         x = torch.randn(rows, 2, dtype=torch.float64)
         assert_close(compiled(x), clipped(x), torch.float64)
     assert compiled.reports["forward"]["kernels"]["extern_ops"]["aten.mul.Tensor"] == 1
+
+
+def test_bias_gradients_and_per_row_means_are_size_generic_kernels():
+    """Sums and means over leading dims (a bias gradient over every token) or
+    trailing dims (per token), rows and columns counted at run time."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5).double()
+    reference = copy.deepcopy(linear)
+
+    def loss(layer, x):
+        y = layer(x)
+        return (y.relu().sum(-1).square().mean(0).sum()
+                + y.mean(dim=(1, 2), keepdim=True).sum() + x.sum(0).square().sum())
+
+    compiled = retrograd.compile(lambda x: loss(linear, x))
+    for rows in (2, 3, 33, 4):
+        x = torch.randn(rows, 3, 6, dtype=torch.float64, requires_grad=True)
+        x_reference = x.detach().clone().requires_grad_()
+        linear.zero_grad()
+        reference.zero_grad()
+        got, expected = compiled(x), loss(reference, x_reference)
+        got.backward()
+        expected.backward()
+        assert_close(got, expected, torch.float64)
+        assert_close(x.grad, x_reference.grad, torch.float64, what="input gradient")
+        for a, b in zip(linear.parameters(), reference.parameters()):
+            assert_close(a.grad, b.grad, torch.float64, what="parameter gradient")
+    for half in ("forward", "backward"):
+        extern = compiled.reports[half]["kernels"]["extern_ops"]
+        assert "aten.sum.dim_IntList" not in extern and "aten.mean.dim" not in extern, extern
