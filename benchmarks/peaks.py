@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from measuring import profiled_peak  # noqa: E402
-from zoo import ZOO, clone_inputs  # noqa: E402
+from measuring import profiled_peak
+from zoo import ZOO, clone_inputs
 
 FORWARD_BACKWARD = ("eager", "inductor", "retrograd backend", "retrograd.compile")
 STEP = ("eager loop", "inductor + optimizer", "retrograd backend + optimizer", "compile_step")

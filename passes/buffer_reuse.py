@@ -19,7 +19,16 @@ Inference", 2020; XLA's heap simulator's decreasing-size best-fit) and the
 same best-fit rule in order of first use. In place: a pointwise kernel's
 output takes the slot of an input that dies there when the two have the same
 shape, strides and dtype and the kernel reads that input element for element
-at its own index (so no program reads what another already overwrote).
+at its own index (so no program reads what another already overwrote). The
+input may be read through a chain of reshapes between row-major buffers (a
+matrix product's ``[rows, n]`` result read as ``[batch, tokens, n]``, as every
+``nn.Linear`` on a 3-d activation is): element i is then at the same address.
+
+A backward program receives the forward's saved activations and frees each
+at its last use; nobody else holds them (``ctx.input_layouts`` names them, see
+passes/layout.py). The window search therefore counts them until then, so an
+arena is not taken while they are all still alive if a later start lowers the
+peak. Other inputs (parameters, the batch) are the caller's and not counted.
 
 The liveness lower bound is the largest sum of (aligned) planned bytes alive
 at one kernel, computed from lifetimes alone (buffers chained in place count
@@ -40,11 +49,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from retrograd.ir import ArenaWindow, Buffer, Kernel, PassResult, Program
+from retrograd.passes.op_classes import OUT_VARIANTS, RESHAPE_OPS
 from retrograd.passes.planning import windows
-from retrograd.passes.op_classes import OUT_VARIANTS
 
-__all__ = ["run", "lifetimes", "live_lower_bound", "plan_offsets", "Slot", "ALIGN",
-           "OUT_VARIANTS", "overlapping"]
+__all__ = [
+    "ALIGN",
+    "OUT_VARIANTS",
+    "Slot",
+    "lifetimes",
+    "live_lower_bound",
+    "overlapping",
+    "plan_offsets",
+    "run",
+]
 
 ALIGN = 16
 
@@ -184,8 +201,9 @@ def _reads_in_place(program: Program, kernel: Kernel, source: Buffer, target: Bu
     if (source.shape, source.strides, source.dtype) != (target.shape, target.strides,
                                                         target.dtype):
         return False
-    if any(program.root(name) == source.name and name != source.name for name in kernel.inputs):
-        return False   # a view of it is read too, at other indices
+    root = program.root(source.name)
+    if any(program.root(name) == root and name != source.name for name in kernel.inputs):
+        return False   # its storage is read through another name too, at other indices
     for node in kernel.nodes:
         for arg in node.all_input_nodes:
             if arg.name != source.name:
@@ -197,21 +215,65 @@ def _reads_in_place(program: Program, kernel: Kernel, source: Buffer, target: Bu
     return True
 
 
+def _contiguous(buffer: Buffer) -> bool:
+    expected, step = [], 1
+    for size in reversed(buffer.shape):
+        expected.append(step)
+        step *= size
+    return all(size <= 1 or a == b for size, a, b in
+               zip(buffer.shape, buffer.strides, reversed(expected)))
+
+
+def _same_order_base(program: Program, name: str, producers) -> str:
+    """The buffer whose memory ``name`` is, element for element in row-major
+    order: ``name`` itself, or the base of a chain of reshapes (``RESHAPE_OPS``)
+    between contiguous buffers -- a matrix product's ``[rows, n]`` result read
+    as ``[batch, tokens, n]``. A kernel reading such a view at its own index
+    reads the base at the same address it writes."""
+    while True:
+        kernel = producers.get(name)
+        buffer = program.buffers.get(name)
+        if kernel is None or kernel.kind != "view" or buffer is None \
+                or len(kernel.nodes) != 1 or kernel.nodes[0].target not in RESHAPE_OPS \
+                or len(kernel.inputs) != 1:
+            return name
+        base = program.buffers.get(kernel.inputs[0])
+        if base is None or base.dtype != buffer.dtype or base.numel != buffer.numel \
+                or not (_contiguous(base) and _contiguous(buffer)):
+            return name
+        name = base.name
+
+
+def _donor(program: Program, kernel: Kernel, index: int, buffer: Buffer, spans, slot_of,
+           producers, support) -> Slot | None:
+    """The slot of an input (or of the base of a reshaped input) that dies at
+    ``kernel`` and that ``buffer`` may be written over in place."""
+    for name in kernel.inputs:
+        base = _same_order_base(program, name, producers)
+        if base not in slot_of or spans[base][1] != index or slot_of[base].stop != index:
+            continue
+        if base != name and not (_contiguous(buffer) and buffer.shape
+                                 == program.buffers[name].shape):
+            continue
+        if _reads_in_place(program, kernel, program.buffers[name], buffer, support):
+            return slot_of[base]
+    return None
+
+
 def _slots(program: Program, spans, names: list[str], support) -> list[Slot]:
     """One slot per planned buffer, chaining in-place reuse."""
     slot_of: dict[str, Slot] = {}
     slots: list[Slot] = []
     planned = set(names)
+    producers = {name: kernel for kernel in program.kernels for name in kernel.outputs}
     for index, kernel in enumerate(program.kernels):
         for name in kernel.outputs:
             if name not in planned:
                 continue
             buffer = program.buffers[name]
             start, stop = spans[name]
-            donor = next((slot_of[i] for i in kernel.inputs if i in slot_of and i in planned
-                          and spans[i][1] == index and slot_of[i].stop == index
-                          and _reads_in_place(program, kernel, program.buffers[i], buffer,
-                                              support)), None)
+            donor = _donor(program, kernel, index, buffer, spans, slot_of, producers,
+                           support)
             if donor is not None:
                 donor.names.append(name)
                 donor.stop = stop
@@ -223,10 +285,15 @@ def _slots(program: Program, spans, names: list[str], support) -> list[Slot]:
     return slots
 
 
-def _windows(program: Program, spans, slots: list[Slot]):
-    """Busy periods, then peak-driven cuts (``passes/planning/windows.py``)."""
+def _windows(program: Program, spans, slots: list[Slot], received=()):
+    """Busy periods, then peak-driven cuts (``passes/planning/windows.py``);
+    ``received``: inputs the program frees and nobody else holds (module
+    docstring), counted in the footprint until their last use."""
     planned = {name for slot in slots for name in slot.names}
     base = windows.base_footprint(program, spans, planned)
+    for name in received:
+        if name in program.buffers and name in spans:
+            windows.add_span(base, 0, spans[name][1], program.buffers[name].nbytes)
     return windows.split_windows(
         base, windows.busy_periods(slots),
         lambda w: _live_peak((s.start, s.stop, s.size) for s in w.slots))
@@ -341,7 +408,7 @@ def run(program: Program, ctx) -> PassResult:
         program.buffers[output].reuses = source
     program.frees = _frees(program, spans)
     slots = _slots(program, spans, planned_buffers(program), ctx.op_support)
-    chosen, standalone = _windows(program, spans, slots)
+    chosen, standalone = _windows(program, spans, slots, getattr(ctx, "input_layouts", {}))
     strategies = _place_windows(program, chosen, standalone)
     kept = [slot for window in chosen for slot in window.slots]
     return PassResult(program, _stats(program, slots, kept, standalone, strategies, donated))

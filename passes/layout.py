@@ -49,7 +49,7 @@ import torch.fx as fx
 from retrograd.ir import Buffer, Kernel, PassResult, Program
 from retrograd.passes.op_classes import CONVOLUTIONS
 
-__all__ = ["run", "channels_last_strides", "saved_layouts"]
+__all__ = ["channels_last_strides", "run", "saved_layouts"]
 
 
 def channels_last_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -70,10 +70,13 @@ def _is_convolution(kernel: Kernel) -> bool:
 
 
 def saved_layouts(program: Program, user_outputs: int) -> dict[str, tuple[int, ...]]:
-    """The strides of a forward program's saved activations (its outputs past
-    the first ``user_outputs``), by name: what the backward receives."""
+    """The strides of a forward program's saved activations, by name: its
+    outputs past the first ``user_outputs`` that it computed itself (not its
+    inputs, such as parameters, nor the user's outputs). The backward receives
+    them, and nobody else holds them: it frees each at its last use."""
+    held = set(program.inputs) | set(program.outputs[:user_outputs])
     return {name: program.buffers[name].strides for name in program.outputs[user_outputs:]
-            if isinstance(name, str) and name in program.buffers}
+            if isinstance(name, str) and name in program.buffers and name not in held}
 
 
 def _user_visible(program: Program, user_outputs: int | None) -> set[str]:

@@ -140,8 +140,25 @@ def in_place_pair(program: Program, a: Buffer, b: Buffer) -> bool:
     kernel = program.kernels[b.first_use]
     pointwise = kernel.kind == "triton" and not kernel.is_reduction \
         and kernel.name.startswith("pointwise")
-    return (pointwise and a.name in kernel.inputs and b.name in kernel.outputs
-            and (a.shape, a.strides, a.dtype) == (b.shape, b.strides, b.dtype))
+    return (pointwise and b.name in kernel.outputs
+            and (a.name in kernel.inputs
+                 and (a.shape, a.strides, a.dtype) == (b.shape, b.strides, b.dtype)
+                 or _read_through_reshape(program, kernel, a, b)))
+
+
+def _row_major(buf: Buffer) -> bool:
+    return buf.strides == tuple(math.prod(buf.shape[i + 1:]) for i in range(len(buf.shape)))
+
+
+def _read_through_reshape(program: Program, kernel, a: Buffer, b: Buffer) -> bool:
+    """``kernel`` reads ``a`` only through a view with ``b``'s shape, both
+    row-major: element i of the view is element i of ``a`` and of ``b``."""
+    views = [program.buffers[n] for n in kernel.inputs
+             if n in program.buffers and program.root(n) == a.name]
+    return (len(views) == 1 and views[0].role == "view" and _row_major(a)
+            and _row_major(views[0]) and a.dtype == b.dtype
+            and (views[0].shape, views[0].strides, views[0].dtype)
+            == (b.shape, b.strides, b.dtype))
 
 
 def assert_plan_sound(program: Program) -> int:

@@ -138,3 +138,83 @@ def test_buffer_reuse_on_a_fused_program_runs_correctly():
             spans = buffer_reuse.lifetimes(program)
             assert spans[name][1] == index
     assert_program_matches(program, gm, [x, w])
+
+
+# -- what the LoRA step needed (issue 13, item 3) ------------------------------------
+
+def _received_program() -> Program:
+    """
+    0 triton k0:  s       -> t0   (s: a saved activation, 4096 bytes, dies here;
+                                   t0: 64 bytes)
+    1 triton k1:  t0      -> t1   (2048 bytes)
+    2 triton k2:  t1      -> t2   (2048 bytes)
+    3 triton k3:  t2, t1  -> out  (4 bytes)
+    One busy period, one arena of 4096 bytes from kernel 0 on, while s is
+    still alive: 8192 bytes held at kernel 0.
+    """
+    buffers = {"s": buffer("s", (1024,), "input"), "t0": buffer("t0", (16,)),
+               "t1": buffer("t1", (512,)), "t2": buffer("t2", (512,)),
+               "out": buffer("out", (1,), "output")}
+    kernels = [Kernel("k0", "triton", [], ["s"], ["t0"]),
+               Kernel("k1", "triton", [], ["t0"], ["t1"]),
+               Kernel("k2", "triton", [], ["t1"], ["t2"]),
+               Kernel("k3", "triton", [], ["t2", "t1"], ["out"])]
+    return Program("received", buffers, kernels, inputs=["s"], outputs=["out"])
+
+
+def test_a_received_activation_counts_until_its_last_use():
+    """A backward frees the saved activations it receives at their last use
+    (nobody else holds them), so the footprint counts them until then: the
+    arena is taken after ``s`` is gone (t0 gets its own 64 bytes), and kernel
+    0 holds 4160 bytes instead of 8192. Inputs not received from the forward
+    (parameters, the batch: held by the caller anyway) are not counted, and
+    there the one arena is best."""
+    program = _received_program()
+    buffer_reuse.run(program, context())
+    assert [(w.start, w.stop, w.nbytes) for w in program.arenas] == [(0, 3, 4096)]
+    program = _received_program()
+    ctx = context()
+    ctx.input_layouts = {"s": (1,)}
+    stats = buffer_reuse.run(program, ctx).stats
+    assert [(w.start, w.stop, w.nbytes) for w in program.arenas] == [(1, 3, 4096)]
+    assert program.buffers["t0"].offset is None and stats["standalone_buffers"] == 1
+    program.validate()
+
+
+def _product_read_through_a_reshape(read_again: bool):
+    """mm -> view [2, 8, 8] -> pointwise -> view -> mm: the pointwise kernel
+    reads the first product only through a reshape."""
+    x, w, w2 = torch.randn(16, 4), torch.randn(4, 8), torch.randn(8, 3)
+
+    def fn(x, w, w2):
+        product = x @ w
+        hidden = (product.view(2, 8, 8) * 2).relu()
+        out = hidden.view(16, 8) @ w2
+        return (out + product.sum() if read_again else out,)
+    return fuse(fn, x, w, w2), (x, w, w2)
+
+
+def test_in_place_through_a_reshape_of_a_matrix_product():
+    """The pointwise result is written over the product it reads through a
+    row-major reshape (the same element at the same address), so the two share
+    one slot; the generated program still computes the graph's values."""
+    from retrograd.codegen import generate_sources
+    from retrograd.runtime.executor import GeneratedExecutable
+    (program, _, gm), inputs = _product_read_through_a_reshape(read_again=False)
+    stats = buffer_reuse.run(program, context()).stats
+    [product] = [k.outputs[0] for k in program.kernels if k.op == "aten.mm.default"
+                 and k.inputs[0] == program.inputs[0]]
+    [hidden] = [k.outputs[0] for k in program.kernels if k.kind == "triton"]
+    assert program.buffers[hidden].offset == program.buffers[product].offset
+    assert stats["bytes_reused_in_place"] == 512
+    assert stats["arena_bytes"] == 512
+    kernels, wrapper = generate_sources(program, interpreted=True)
+    got = GeneratedExecutable(program, wrapper, kernels, True)(list(inputs))
+    torch.testing.assert_close(got[0], gm(*inputs)[0])
+
+
+def test_no_reshape_in_place_while_the_product_is_read_later():
+    (program, _, gm), inputs = _product_read_through_a_reshape(read_again=True)
+    stats = buffer_reuse.run(program, context()).stats
+    assert stats["bytes_reused_in_place"] == 0
+    assert_program_matches(program, gm, inputs)
