@@ -258,9 +258,10 @@ def _replace_reductions(gm: fx.GraphModule, interpreted: bool) -> int:
 
 def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, int]:
     """Replace runs of elementwise nodes, and sums or means over leading or
-    trailing dimensions, by size-generic kernels (none with the fx executor);
-    returns the module and how many kernels it launches."""
-    if executor == "fx":
+    trailing dimensions, by size-generic kernels;
+    returns the module and how many kernels it launches. Only the Triton
+    executors launch kernels; any other (fx, torch) leaves torch calls."""
+    if executor not in ("triton", "interpret"):
         return gm, 0
     reductions = _replace_reductions(gm, executor == "interpret")
     runs = _runs(gm.graph)

@@ -43,7 +43,7 @@ def _programs(compiled) -> int:
 
 
 def test_standalone_ten_batch_sizes_compile_at_most_two_programs(caplog, cache):
-    compiled = retrograd.compile(function)
+    compiled = retrograd.compile(function, executor="interpret")
     with caplog.at_level(logging.INFO, logger="retrograd"):
         for rows in range(2, 12):
             _check(compiled, function, rows)
@@ -255,7 +255,7 @@ def test_a_run_ending_in_a_mean_is_one_kernel_for_every_size():
     def mean_loss(x):
         return (x.exp() * 0.5).mean()
 
-    compiled = retrograd.compile(mean_loss)
+    compiled = retrograd.compile(mean_loss, executor="interpret")
     for rows in (2, 3, 17, 5):
         x = torch.randn(rows, 3, requires_grad=True)
         reference = x.detach().clone().requires_grad_()
@@ -273,7 +273,7 @@ def test_threads_with_different_sizes_share_one_symbolic_program():
     """Three threads, each its own sizes, on one compiled function: every value
     and gradient equals eager's, and the sizes compile two programs in all."""
     from test_threads import run_threads
-    compiled = retrograd.compile(function)
+    compiled = retrograd.compile(function, executor="interpret")
 
     def worker(first):
         def body():
@@ -289,7 +289,7 @@ def test_an_infinite_constant_stays_a_torch_call():
     def clipped(x):
         return torch.minimum(x * float("inf"), x + 1.0).sin().sum()
 
-    compiled = retrograd.compile(clipped)
+    compiled = retrograd.compile(clipped, executor="interpret")
     for rows in (2, 3, 4):
         x = torch.randn(rows, 2, dtype=torch.float64)
         assert_close(compiled(x), clipped(x), torch.float64)
@@ -308,7 +308,7 @@ def test_bias_gradients_and_per_row_means_are_size_generic_kernels():
         return (y.relu().sum(-1).square().mean(0).sum()
                 + y.mean(dim=(1, 2), keepdim=True).sum() + x.sum(0).square().sum())
 
-    compiled = retrograd.compile(lambda x: loss(linear, x))
+    compiled = retrograd.compile(lambda x: loss(linear, x), executor="interpret")
     for rows in (2, 3, 33, 4):
         x = torch.randn(rows, 3, 6, dtype=torch.float64, requires_grad=True)
         x_reference = x.detach().clone().requires_grad_()
