@@ -45,6 +45,12 @@ class Options:
             ("addmm_3"), in the spirit of JAX's ``save_only_these_names``.
         recompute: ops or values never saved for the backward (recomputed
             from what is saved); same patterns as ``save``.
+        offload: ops or values saved in host memory between forward and
+            backward (copied out after their last forward use, back before
+            their first backward use; saved, never recomputed); same patterns
+            as ``save``. Empty (the default): on CUDA the planner offloads
+            what a bandwidth model says hides behind compute, on the CPU
+            nothing (passes/offload.py). ``disable=["offload"]`` turns both off.
         data_dependent: standalone face only: what to do with code that needs
             tensor values while tracing (``.item()``, ``x[x > 0]``): "split"
             hands the call to ``torch.compile(backend="retrograd")``, which
@@ -67,7 +73,7 @@ class Options:
     Example:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
         Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), \
-verify=False, save=(), recompute=(), data_dependent='split', max_programs=16, \
+verify=False, save=(), recompute=(), offload=(), data_dependent='split', max_programs=16, \
 dynamic=None, recompile_limit=None)
     """
 
@@ -78,6 +84,7 @@ dynamic=None, recompile_limit=None)
     verify: bool = False
     save: tuple[str, ...] = ()
     recompute: tuple[str, ...] = ()
+    offload: tuple[str, ...] = ()
     data_dependent: str = "split"
     max_programs: int = 16
     dynamic: bool | None = None
@@ -132,7 +139,7 @@ dynamic=None, recompile_limit=None)
                              f"a whole number of compiles, at least 1")
         if not isinstance(self.verify, bool):
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
-        for name in ("save", "recompute"):
+        for name in ("save", "recompute", "offload"):
             value = getattr(self, name)
             value = (value,) if isinstance(value, str) else value
             if not isinstance(value, (list, tuple, set, frozenset)) or not all(
@@ -141,11 +148,12 @@ dynamic=None, recompile_limit=None)
                                  f"op names or fx node names (strings)")
             object.__setattr__(self, name, tuple(value))
         # "mm", "aten.mm" and "aten.mm.default" name the same op
-        clash = [(kept, dropped) for kept in self.save for dropped in self.recompute
-                 if _op_key(kept) == _op_key(dropped)]
-        if clash:
-            named = sorted({item for pair in clash for item in pair})
-            raise ValueError(f"retrograd: {named} named in both save and recompute")
+        for kept_in in ("save", "offload"):   # an offloaded value is saved (on the host)
+            clash = [(kept, dropped) for kept in getattr(self, kept_in)
+                     for dropped in self.recompute if _op_key(kept) == _op_key(dropped)]
+            if clash:
+                named = sorted({item for pair in clash for item in pair})
+                raise ValueError(f"retrograd: {named} named in both {kept_in} and recompute")
         disable = (self.disable,) if isinstance(self.disable, str) else tuple(self.disable)
         object.__setattr__(self, "disable", disable)
         # the names come from the declared pipeline (imported here: pipeline imports options)
@@ -159,3 +167,6 @@ dynamic=None, recompile_limit=None)
                 raise ValueError(
                     f"retrograd: pass {name!r} cannot be disabled: the program is built "
                     f"by it (use executor='fx' to bypass code generation)")
+        if self.offload and "offload" in disable:
+            raise ValueError(f"retrograd: option offload={list(self.offload)!r} names values "
+                             f"to offload, but disable names the offload pass")

@@ -35,7 +35,7 @@ from retrograd.dump import Dumper, count_nodes, subject_text
 from retrograd.ir import CodegenSupport, PassResult, Program
 from retrograd.options import Options
 from retrograd.passes import (buffer_reuse, checkpoint, cleanup, dead_gradient, fusion, layout,
-                              linear_cross_entropy, schedule, tied_gradients)
+                              linear_cross_entropy, offload, schedule, tied_gradients)
 from retrograd.passes.dead_gradient import GradientSpec
 from retrograd.report import PassRecord
 
@@ -142,6 +142,8 @@ PIPELINE: tuple[PassSpec, ...] = (
     PassSpec("cleanup", cleanup, (Stage.JOINT, Stage.INFERENCE, Stage.STEP)),
     PassSpec("checkpoint", checkpoint, (Stage.JOINT,), required=True),
     PassSpec("checkpoint", checkpoint, (Stage.STEP,), "rematerialize", required=True),
+    PassSpec("offload", offload, (Stage.JOINT,)),
+    PassSpec("offload", offload, (Stage.STEP,), "offload_step"),
     PassSpec("fusion", fusion, (Stage.HALF,), required=True),
     PassSpec("layout", layout, (Stage.HALF,)),
     PassSpec("schedule", schedule, (Stage.HALF,)),

@@ -64,8 +64,18 @@ def ledger_rows(records: list[PassRecord]) -> list[dict] | None:
         return None
     fields = ("name", "op", "shape", "dtype", "bytes", "source", "decision", "reason",
               "recompute_flops")
-    return [{key: source_of(row.get("stack_trace")) if key == "source" else row[key]
-             for key in fields} for row in rows]
+    offloaded = _stat(records, "offload", "reasons") or {}   # saved, but on the host
+    return [{key: source_of(row.get("stack_trace")) if key == "source" else
+             "offloaded" if key == "decision" and row["name"] in offloaded else
+             offloaded[row["name"]] if key == "reason" and row["name"] in offloaded else
+             row[key] for key in fields} for row in rows]
+
+
+def _device_saved_bytes(records: list[PassRecord]) -> int | None:
+    """Saved activation bytes the device holds: less those offloaded to the host."""
+    saved = _stat(records, "checkpoint", "saved_activation_bytes")
+    offloaded = _stat(records, "offload", "offloaded_bytes") or 0
+    return None if saved is None else saved - offloaded
 
 
 def _pass_dict(record: PassRecord) -> dict:
@@ -95,7 +105,7 @@ def build_report(graph: str, graph_id: str, program: Program, records: list[Pass
             "ops_in_triton": _stat(records, "fusion", "ops_in_triton"),
         },
         "memory": {
-            "saved_activation_bytes": _stat(records, "checkpoint", "saved_activation_bytes"),
+            "saved_activation_bytes": _device_saved_bytes(records),
             "arena_bytes": _stat(records, "buffer_reuse", "arena_bytes"),
             "live_lower_bound_bytes": _stat(records, "buffer_reuse", "live_lower_bound_bytes"),
             "unplanned_bytes": _stat(records, "buffer_reuse", "unplanned_bytes"),

@@ -136,7 +136,9 @@ class Policy:
     ``pinned`` names values that are always saved, never recomputed."""
 
     def __init__(self, options, op_support, pinned: set[str] = frozenset()):
-        self.save, self.recompute = set(options.save), set(options.recompute)
+        # an offloaded value (passes/offload.py) is saved, on the host
+        self.save = set(options.save) | set(options.offload)
+        self.recompute = set(options.recompute)
         self.pinned = set(pinned)
         self.support = op_support
         self.budget_fraction = options.memory_budget

@@ -34,9 +34,10 @@ __all__ = ["choose_executor", "interpreter_mode", "device_of"]
 
 
 def device_of(tensors: Sequence[object]) -> torch.device:
-    """The device of the first tensor argument (CPU when there is none)."""
+    """The device of the first tensor argument not on the CPU, else CPU: a
+    backward's first inputs may be activations offloaded to host memory."""
     for value in tensors:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             return value.device
     return torch.device("cpu")
 

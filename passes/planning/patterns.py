@@ -1,4 +1,4 @@
-"""The names ``save=`` and ``recompute=`` patterns match, and the check that
+"""The names ``save=``, ``recompute=`` and ``offload=`` patterns match, and the check that
 each pattern matches something.
 
 A pattern names an aten op (``"mm"``, ``"aten.mm"``, ``"aten.mm.default"``) or
@@ -60,13 +60,15 @@ def _is_op(pattern: str) -> bool:
         return False
 
 
-def check(graph: fx.Graph, save, recompute, graph_name: str) -> None:
+def check(graph, save, recompute, graph_name: str, offload=()) -> None:
     """Raise ``PatternError`` for a pattern that matches no node of ``graph``
-    and names no op; warn for one naming an op ``graph`` does not hold."""
+    (an fx graph, or several: a split forward and backward) and names no op;
+    warn for one naming an op ``graph`` does not hold."""
     names: set[str] = set()
-    for node in graph.nodes:
-        names |= node_names(node) if node.op == "call_function" else {node.name}
-    for option, patterns in (("save", save), ("recompute", recompute)):
+    for part in [graph] if isinstance(graph, fx.Graph) else graph:
+        for node in part.nodes:
+            names |= node_names(node) if node.op == "call_function" else {node.name}
+    for option, patterns in (("save", save), ("recompute", recompute), ("offload", offload)):
         for pattern in patterns:
             if pattern in names:
                 continue
