@@ -38,6 +38,7 @@ from retrograd.passes import (buffer_reuse, checkpoint, cleanup, dead_gradient, 
                               linear_cross_entropy, offload, schedule, tied_gradients)
 from retrograd.passes.dead_gradient import GradientSpec
 from retrograd.report import PassRecord
+from retrograd.runtime import offload as offload_ops  # noqa: F401  registers the copy ops
 
 __all__ = ["PassError", "PassSpec", "PIPELINE", "Stage", "OpSupport",
            "PassContext", "pass_names", "required_passes", "passes_for", "run_pass"]

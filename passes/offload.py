@@ -56,7 +56,8 @@ class _Saved:
 
 
 def _ops():
-    import retrograd.runtime.offload  # noqa: F401  registers the ops
+    """The copy ops, registered by runtime/offload.py (which the compiler
+    imports: passes never import the runtime)."""
     return torch.ops.retrograd
 
 

@@ -13,7 +13,7 @@ from retrograd.backend import retrograd_backend
 from retrograd.options import EXECUTORS, Options
 from retrograd.pipeline import PIPELINE, pass_names
 
-KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute",
+KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute", "offload",
          "data_dependent", "max_programs", "dynamic", "recompile_limit"]
 
 

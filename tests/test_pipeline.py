@@ -27,8 +27,8 @@ def _ran(report: dict) -> list[str]:
 
 def test_every_pass_is_declared_once_per_stage_with_its_contract():
     assert pass_names() == ("dead_gradient", "tied_gradients", "linear_cross_entropy",
-                            "restore_decompositions", "cleanup", "checkpoint", "fusion",
-                            "layout", "schedule", "buffer_reuse")
+                            "restore_decompositions", "cleanup", "checkpoint", "offload",
+                            "fusion", "layout", "schedule", "buffer_reuse")
     assert required_passes() == ("restore_decompositions", "checkpoint", "fusion")
     for stage in Stage:
         names = [spec.name for spec in passes_for(stage)]
@@ -41,7 +41,8 @@ def test_disable_drops_a_pass_from_its_stages_but_never_a_required_one():
     names = [spec.name for spec in passes_for(Stage.HALF, ("layout", "schedule", "fusion"))]
     assert names == ["fusion", "buffer_reuse"]
     assert [s.name for s in passes_for(Stage.JOINT, ("cleanup", "linear_cross_entropy"))] \
-        == ["dead_gradient", "tied_gradients", "restore_decompositions", "checkpoint"]
+        == ["dead_gradient", "tied_gradients", "restore_decompositions", "checkpoint",
+            "offload"]
 
 
 @pytest.mark.parametrize("disable", [(), ("cleanup", "layout"), ("dead_gradient", "schedule",
@@ -71,7 +72,7 @@ def test_a_training_step_runs_the_step_stage():
                                   executor="fx")
     step(torch.randn(3, 4))
     assert _ran(step.reports["step"]) == ["linear_cross_entropy", "restore_decompositions",
-                                          "cleanup", "checkpoint"] + HALF
+                                          "cleanup", "checkpoint", "offload"] + HALF
 
 
 def test_a_pass_must_return_a_pass_result():
