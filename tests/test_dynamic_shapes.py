@@ -137,7 +137,14 @@ def test_a_call_the_shape_guards_refuse_compiles_again():
         for a, b in zip(got_grads, torch.autograd.grad(expected, (x, y))):
             assert_close(a, b, torch.float64, what="gradient")
     guards = compiled._cache.entries
-    assert compiled._cache.compiles == 3   # (2, 2); symbolic (3, 3) and (4, 4); (4, 1)
+    assert compiled._cache.compiles == 3   # (2, 2); symbolic (3, 3) and (4, 4); symbolic (4, 1)
+    # the (4, 1) call was traced symbolic in x with y's one row fixed (a size of
+    # one is specialized): that program must refuse a y of 3 rows
+    symbolic = [entry for kept in guards.values() for entry in kept if entry.shapes]
+    assert len(symbolic) == 2
+    assert not any(entry.shapes.hold([torch.ones(5, 3), torch.ones(3, 3)]) for entry in symbolic)
+    assert [entry.shapes.hold([torch.ones(5, 3), torch.ones(1, 3)]) for entry in symbolic] \
+        == [False, True]
     assert any(".size()[0] == L['t" in entry.compiler.reports["forward"]
                .get("symbolic", {}).get("guards", "") for kept in guards.values()
                for entry in kept), guards
