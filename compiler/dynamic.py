@@ -150,7 +150,7 @@ class ShapeGuards:
         if self.code is None:
             return True
         names = {f"t{i}": tensor for i, tensor in enumerate(tensors)}
-        return bool(eval(self.code, SYMPY_INTERP, {"L": names}))  # noqa: S307 - torch's text
+        return bool(eval(self.code, SYMPY_INTERP, {"L": names}))   # torch's own guard text
 
     def text(self) -> str:
         return self.env.produce_guards_expression(self.fakes) or "True"
