@@ -9,9 +9,10 @@ partition_fn with it, then our forward and backward compilers, and wraps
 the two in its own autograd.Function, so gradients flow through ordinary
 autograd.
 
-Shapes are static: a graph is traced for the concrete shapes, dtypes and
-integer values it is first called with, and each face keeps one compiled
-graph per such signature (see ``signature``).
+Shapes are static here: a graph is traced for the concrete shapes, dtypes
+and integer values it is first called with, and each face keeps one
+compiled graph per such signature (see ``signature``). Sizes that vary are
+traced symbolically instead, once, by ``dynamic.compile_symbolic``.
 """
 
 from __future__ import annotations
