@@ -241,3 +241,24 @@ def test_a_program_on_a_device_is_not_run_on_the_host_of_its_offloaded_inputs():
     host, device = torch.zeros(2), torch.zeros(2, device="meta")
     assert device_of([host, 3, device]) == torch.device("meta")
     assert device_of([host]) == torch.device("cpu")
+
+
+def test_the_automatic_choice_offloads_dear_values_where_the_model_hides_the_copy(monkeypatch):
+    """The CUDA path of the pass, on the CPU: with the graph taken for a CUDA
+    one and a link fast enough for these tiny tensors, the matrix products'
+    outputs (dear) are offloaded and the tanh outputs (cheap) are not."""
+    from retrograd.passes import offload as offload_pass
+    monkeypatch.setattr(offload_pass, "_on_cuda", lambda items: True)
+    monkeypatch.setattr(model, "MIN_BYTES", 0)
+    monkeypatch.setattr(model, "PCIE_BYTES", 1e18)
+    torch.manual_seed(5)
+    inputs = torch.randn(4, 8), torch.randn(8, 16), torch.randn(16, 4), torch.randn(4, 4)
+    fn = lambda x, a, b, c: ((x @ a).sin() @ b).tanh() @ c  # noqa: E731
+    compiled = check_against_eager(fn, *inputs)
+    stats = _offload_stats(compiled.reports["forward"])
+    # x @ a is read late in the backward; tanh is saved too but cheap to recompute
+    assert stats["offloaded"] == ["mm"] and stats["choice"] == "auto (bandwidth model)"
+    assert stats["reasons"]["mm"].startswith("auto: dear to recompute (1024 FLOPs)")
+    monkeypatch.setattr(model, "PCIE_BYTES", 1.0)   # a copy that never hides: nothing
+    compiled = check_against_eager(fn, *inputs)
+    assert _offload_stats(compiled.reports["forward"])["offloaded"] == []
