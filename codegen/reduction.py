@@ -26,6 +26,7 @@ import re
 from string import Template
 
 from retrograd.codegen.common import HELPERS, describe, describe_node
+from retrograd.codegen.online_softmax import online_pairs
 from retrograd.codegen.reduction_kinds import (
     REDUCE_HELPERS,
     REDUCTIONS,
@@ -118,7 +119,8 @@ def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: i
     writer.prologue_end = 0
     writer.persistent = r_block >= kernel.extent
     writer.step = "step" if writer.persistent else "loop"
-    depths = levels(kernel, writer)
+    online = {} if writer.persistent else online_pairs(writer)   # one walk, not two
+    depths = levels(kernel, writer, online)
     reductions = [n for n in kernel.nodes if n.target in REDUCTIONS]
     full_stores = [name for name in kernel.outputs if writer.is_full(writer.group[name])]
     row_stores = [name for name in kernel.outputs if name not in full_stores]
@@ -128,7 +130,7 @@ def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: i
     for level in range(1, depth + 1):
         batch = [n for n in reductions if depths[n.name] == level]
         names = ", ".join(n.name for n in batch)
-        walk(writer, batch, [], f"{writer.step} {level}: reduce {names}")
+        walk(writer, batch, [], f"{writer.step} {level}: reduce {names}", online=online)
         row_nodes_at(writer, depths, level)
     if full_stores:
         walk(writer, [], full_stores,

@@ -20,7 +20,7 @@ import math
 import operator
 
 import torch
-from retrograd.codegen import ops
+from retrograd.codegen import online_softmax, ops
 from retrograd.codegen import reduction_kinds as kinds
 from retrograd.codegen.common import mentions
 from retrograd.codegen.layout import contiguous_strides
@@ -191,12 +191,16 @@ class ReductionWriter:
         self.emit(f"tl.store({name}_ptr + {index}, {value}, mask={mask})")
 
 
-def levels(kernel: Kernel, writer: ReductionWriter) -> dict[str, int]:
-    """How many reduction loops must finish before each node can be computed."""
+def levels(kernel: Kernel, writer: ReductionWriter, online=None) -> dict[str, int]:
+    """How many reduction loops must finish before each node can be computed.
+    ``online`` (``online_softmax.online_pairs``): sums computed beside their max."""
     level: dict[str, int] = {}
     for node in kernel.nodes:
         if ops.is_fill(node):   # a literal: needs nothing (its argument gives a shape)
             level[node.name] = 0
+            continue
+        if online and node.name in online:
+            level[node.name] = level[online[node.name][0].name]
             continue
         args = [a for a in node.all_input_nodes if a.name in writer.group
                 or writer.kernel.aliases.get(a.name) in writer.group]
@@ -221,11 +225,14 @@ def full_ancestors(targets, writer: ReductionWriter) -> list:
 
 
 def walk(writer: ReductionWriter, reductions: list, stores: list, comment: str,
-         span: str | None = None, finish: bool = True) -> None:
+         span: str | None = None, finish: bool = True, online=None) -> None:
     """One walk over the reduced extent: prologue nodes, accumulate, store,
     then (``finish``) combine the lanes. ``span``: the loop's range when it
-    covers part of the extent (a split reduction's chunk), else the whole."""
-    targets = reductions + [writer.group[name] for name in stores]
+    covers part of the extent (a split reduction's chunk), else the whole.
+    ``online``: sums of exponentials updated beside their max (online_softmax)."""
+    online = {n.name: online[n.name] for n in reductions if online and n.name in online}
+    targets = [n for n in reductions if n.name not in online] + \
+        [writer.group[name] for name in stores]
     full = full_ancestors(targets, writer) + [n for n in targets if writer.is_full(n)
                                                 and n not in reductions]
     seen, ordered = set(), []
@@ -252,13 +259,20 @@ def walk(writer: ReductionWriter, reductions: list, stores: list, comment: str,
                 and node.name not in writer.computed:
             writer.pointwise(node, full=True)
             writer.computed.add(node.name)
+    for node in reductions:   # an online sum first: it reads its max's previous lanes
+        if node.name in online:
+            online_softmax.update(writer, node, *online[node.name])
     for node in reductions:
-        kinds.accumulate(writer, node)
+        if node.name not in online:
+            kinds.accumulate(writer, node)
     for name in stores:
         writer.store(name, full=True)
     writer.indent = "    "
     for node in reductions if finish else []:
-        kinds.finish(writer, node)
+        if node.name in online:
+            online_softmax.finish(writer, node, online[node.name][0])
+        else:
+            kinds.finish(writer, node)
 
 
 def row_nodes_at(writer: ReductionWriter, depths: dict[str, int], level: int) -> None:

@@ -352,12 +352,38 @@ def test_looped_prod_and_any():
 
 
 def test_looped_softmax(tmp_path):
-    """Three walks over the extent: the max, the sum of exponentials, the store."""
+    """Two walks over the extent: the max and the sum of exponentials together
+    (online softmax, codegen/online_softmax.py), then the store (was three)."""
     compiled = check(lambda x: torch.softmax(x, -1), randn(1, EXTENT), tolerance=LONG,
                      grad_tolerance=LONG, dump_dir=str(tmp_path))
     assert_triton(compiled, kernels=1)
     (source,) = kernel_sources(tmp_path)
-    assert source.count("for k_start in range") == 3
+    assert source.count("for k_start in range") == 2
+    assert "new running max" in source
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: F.log_softmax(x * 3, -1),
+    lambda x: torch.logsumexp(x, -1),
+    lambda x: F.cross_entropy(x, torch.tensor([5, 19001])),
+], ids=["log_softmax", "logsumexp", "cross_entropy"])
+def test_online_softmax_patterns(fn):
+    """Rows growing in value across the blocks (the running max moves, the
+    running sum is rescaled)."""
+    x = randn(2, EXTENT) + torch.linspace(0, 30, EXTENT)
+    compiled = check(fn, x, tolerance=LONG, grad_tolerance=LONG)
+    assert_triton(compiled, halves=("forward",))
+
+
+def test_online_softmax_infinities_and_nan():
+    x = randn(3, EXTENT)
+    x[0, :] = float("-inf")          # every lane -inf: NaN, as eager
+    x[1, 18000] = float("inf")       # one inf: NaN around it, as eager
+    x[2, 17000] = float("nan")
+    check(lambda x: torch.softmax(x, -1), x, grad=False)
+    y = randn(2, EXTENT)
+    y[0, :17000] = float("-inf")     # whole blocks of -inf, then finite values
+    check(lambda y: torch.softmax(y, -1), y, grad=False, tolerance=LONG)
 
 
 # ---------------------------------------------------------------- strategies by shape
