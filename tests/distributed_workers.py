@@ -1,0 +1,263 @@
+"""Two-rank scenarios for tests/test_distributed.py, one process per rank.
+
+``python tests/distributed_workers.py SCENARIO[:ARG] ...`` runs under torchrun's
+environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; the test sets them),
+on CPU with gloo. Each scenario trains a tiny model the retrograd way and the
+eager way with the same wrapping, the same start and the same per-rank data,
+and asserts gradients, parameters (and optimizer state) agree after several
+steps; a failed assertion exits non-zero with the message on stderr.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import retrograd
+from checks import assert_close, assert_close_floor, recording_graphs
+
+WIDTH, CLASSES, BATCH, STEPS = 8, 4, 4, 3
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.norm = nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH)
+
+    def forward(self, x):
+        return x + F.gelu(self.norm(self.linear(x)))
+
+
+class Net(nn.Module):
+    """Two blocks and a head: the blocks are FSDP2's units, the head its root."""
+
+    def __init__(self, batch_norm: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(WIDTH, CLASSES)
+        self.batch_norm = nn.BatchNorm1d(WIDTH) if batch_norm else nn.Identity()
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.batch_norm(x))
+
+
+def loss_fn(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def batch(step: int):
+    """This rank's batch of ``step``: different on every rank, as DDP's are."""
+    generator = torch.Generator().manual_seed(100 * dist.get_rank() + step)
+    return (torch.randn(BATCH, WIDTH, generator=generator),
+            torch.randint(0, CLASSES, (BATCH,), generator=generator))
+
+
+def twins(batch_norm: bool = False) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = Net(batch_norm)
+    return model, copy.deepcopy(model)
+
+
+def compare_grads(got: nn.Module, ref: nn.Module, what: str, tolerance: float = 1e-5) -> None:
+    for (name, a), b in zip(got.named_parameters(), ref.parameters()):
+        assert (a.grad is None) == (b.grad is None), f"{what}: {name}.grad None differs"
+        if a.grad is not None:
+            assert_close_floor(a.grad, b.grad, tolerance, 1e-3, f"{what}: {name}.grad")
+
+
+def compare_parameters(got: nn.Module, ref: nn.Module, what: str,
+                       tolerance: float = 1e-5) -> None:
+    for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
+        a, b = getattr(a, "full_tensor", lambda: a)(), getattr(b, "full_tensor", lambda: b)()
+        if a.is_floating_point():
+            assert_close_floor(a, b, tolerance, 1e-3, f"{what}: {name}")
+        else:
+            assert torch.equal(a, b), f"{what}: {name}"
+
+
+def train_pair(pair, steps: int = STEPS, micro: int = 1) -> None:
+    """``steps`` AdamW steps on both (model, optimizer) pairs; with ``micro`` > 1
+    the first micro-batches accumulate under DDP's ``no_sync``. Gradients are
+    compared before every update, parameters after the last."""
+    for step in range(steps):
+        for model, optimizer in pair:
+            optimizer.zero_grad()
+            for part in range(micro - 1):
+                with model.no_sync():
+                    loss_fn(model, *batch(step * micro + part)).backward()
+            loss_fn(model, *batch(step * micro + micro - 1)).backward()
+        compare_grads(pair[0][0], pair[1][0], f"step {step}")
+        for _, optimizer in pair:
+            optimizer.step()
+    compare_parameters(pair[0][0], pair[1][0], f"after {steps} steps")
+
+
+def ddp_torch_compile(executor: str) -> None:
+    """DDP(torch.compile(model, backend="retrograd")) with no_sync accumulation,
+    one graph (the default bucket holds every gradient)."""
+    model, reference = twins()
+    compiled = DDP(torch.compile(model, backend="retrograd", options={"executor": executor}))
+    eager = DDP(reference)
+    with recording_graphs() as graphs:
+        train_pair([(compiled, torch.optim.AdamW(compiled.parameters(), lr=0.05)),
+                    (eager, torch.optim.AdamW(eager.parameters(), lr=0.05))], micro=2)
+    assert len(graphs) == 1, f"expected one graph, retrograd compiled {len(graphs)}"
+
+
+def ddp_buckets(executor: str) -> None:
+    """A tiny ``bucket_cap_mb``: dynamo's DDPOptimizer splits the graph at
+    bucket boundaries, so retrograd compiles several graphs; same numbers."""
+    model, reference = twins()
+    cap = 4 * WIDTH * WIDTH / 2 ** 20   # one weight matrix per bucket
+    compiled = DDP(torch.compile(model, backend="retrograd", options={"executor": executor}),
+                   bucket_cap_mb=cap)
+    eager = DDP(reference, bucket_cap_mb=cap)
+    with recording_graphs() as graphs:
+        train_pair([(compiled, torch.optim.AdamW(compiled.parameters(), lr=0.05)),
+                    (eager, torch.optim.AdamW(eager.parameters(), lr=0.05))])
+    assert len(graphs) > 1, f"DDPOptimizer did not split: {len(graphs)} graph(s)"
+
+
+def fsdp2(reshard: str) -> None:
+    """Each block compiled, then ``fully_shard`` per block and on the root,
+    bf16 parameters with fp32 gradient reduction; against eager FSDP2 with
+    the same policy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model, reference = twins()
+    for net, compile_blocks in ((model, True), (reference, False)):
+        for block in net.blocks:
+            if compile_blocks:
+                block.compile(backend="retrograd", options={"executor": "fx"})
+            fully_shard(block, mesh=mesh, mp_policy=policy,
+                        reshard_after_forward=reshard == "reshard")
+        fully_shard(net, mesh=mesh, mp_policy=policy)
+    pair = [(net, torch.optim.AdamW(net.parameters(), lr=0.05)) for net in (model, reference)]
+    for step in range(STEPS):
+        for net, optimizer in pair:
+            optimizer.zero_grad()
+            loss_fn(net, *batch(step)).backward()
+        for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+            assert_close_floor(a.grad.full_tensor(), b.grad.full_tensor(), 2e-2, 1e-3,
+                               f"step {step}: {name}.grad")
+        for _, optimizer in pair:
+            optimizer.step()
+    compare_parameters(model, reference, f"after {STEPS} steps", tolerance=2e-2)
+
+
+def compile_step_ddp(executor: str) -> None:
+    """retrograd.compile_step(DDP(model)) against an eager DDP loop: AdamW,
+    BatchNorm buffers (broadcast from rank 0), gradient clipping; parameters,
+    buffers and optimizer state after several steps."""
+    model, reference = twins(batch_norm=True)
+    wrapped, eager = DDP(model), DDP(reference)
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=0.05)
+    eager_optimizer = torch.optim.AdamW(eager.parameters(), lr=0.05)
+    step = retrograd.compile_step(wrapped, loss_fn, optimizer, max_grad_norm=0.5,
+                                  executor=executor)
+    for number in range(STEPS):
+        loss = step(*batch(number))
+        eager_optimizer.zero_grad()
+        eager_loss = loss_fn(eager, *batch(number))
+        eager_loss.backward()
+        torch.nn.utils.clip_grad_norm_(eager.parameters(), 0.5)
+        eager_optimizer.step()
+        assert_close(loss.detach(), eager_loss.detach(), torch.float32, f"loss {number}")
+    compare_parameters(model, reference, f"after {STEPS} steps")
+    for p, q in zip(model.parameters(), reference.parameters()):
+        for key, value in eager_optimizer.state[q].items():
+            assert_close_floor(optimizer.state[p][key], value, 1e-5, 1e-3, f"state {key}")
+    report = step.reports["step"]["kernels"]["extern_ops"]
+    assert report.get("_c10d_functional.all_reduce.default") == 1, report
+
+
+class Partial(Net):
+    """``Net`` plus an ``extra`` layer that only a rank with ``use_extra`` uses."""
+
+    def __init__(self, use_extra: bool):
+        super().__init__()
+        self.extra, self.use_extra = nn.Linear(WIDTH, CLASSES), use_extra
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits + self.extra(x) if self.use_extra else logits
+
+
+def compile_step_unused(executor: str) -> None:
+    """A layer the loss reaches on rank 1 only: averaged on both ranks, as
+    DDP(find_unused_parameters=True); SGD with momentum."""
+    torch.manual_seed(0)
+    model = Partial(use_extra=dist.get_rank() == 1)
+    reference = copy.deepcopy(model)
+    wrapped, eager = DDP(model), DDP(reference, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    step = retrograd.compile_step(wrapped, loss_fn, optimizer, executor=executor)
+    start = model.extra.weight.detach().clone()
+    for number in range(STEPS):
+        step(*batch(number))
+        eager_optimizer.zero_grad()
+        loss_fn(eager, *batch(number)).backward()
+        eager_optimizer.step()
+    compare_parameters(model, reference, f"after {STEPS} steps")
+    moved = (model.extra.weight - start).abs().max()
+    assert moved > 0, "the extra layer was not updated on this rank"
+
+
+def refusals(_: str) -> None:
+    """Setups compile_step cannot run end in UnsupportedError naming the fix
+    (FSDP1 needs an accelerator to be built: tests/test_distributed.py)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def refused(model, *words):
+        try:
+            retrograd.compile_step(model, loss_fn, None)
+        except retrograd.UnsupportedError as error:
+            assert all(word in str(error) for word in words), (words, str(error))
+        else:
+            raise AssertionError(f"compile_step accepted {type(model).__name__}")
+
+    model = Net()
+    refused(fully_shard(copy.deepcopy(model), mesh=init_device_mesh("cpu", (2,))), "FSDP2",
+            "fully_shard(block)")
+    uneven = DDP(copy.deepcopy(model))
+    if dist.get_rank() == 1:   # changed after DDP checked the shapes
+        uneven.module.head = nn.Linear(WIDTH, CLASSES + 1)
+    refused(uneven, "differ across ranks", "head.weight")
+    late = DDP(copy.deepcopy(model))
+    dist.destroy_process_group()
+    refused(late, "no process group", "init_process_group")
+
+
+SCENARIOS = {function.__name__: function for function in (
+    ddp_torch_compile, ddp_buckets, fsdp2, compile_step_ddp, compile_step_unused, refusals)}
+
+
+def main() -> None:
+    """Run each ``SCENARIO[:ARG]`` of the command line in order, in one process
+    group (starting a process costs more than most scenarios)."""
+    dist.init_process_group("gloo")
+    try:
+        for item in sys.argv[1:]:
+            name, _, argument = item.partition(":")
+            print(f"rank {dist.get_rank()}: {name} {argument}", flush=True)
+            torch._dynamo.reset()
+            SCENARIOS[name](argument)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""DDP and FSDP2 on CPU: two gloo processes per test, against eager with the
+same wrapping (the scenarios are in tests/distributed_workers.py).
+
+Each test starts two fresh processes with torchrun's environment variables
+(a free port per test), waits with a timeout (a hang fails instead of
+blocking the suite) and shows both ranks' output on failure.
+docs/distributed.md says which idioms these cover and why.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import retrograd
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKER = HERE / "distributed_workers.py"
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch built without torch.distributed")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment(**extra) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    env.pop("RETROGRAD_DUMP", None)
+    env.update(extra)
+    return env
+
+
+def _finish(processes, timeout: float) -> list[str]:
+    """Each process's output; kills them all if one outlives ``timeout``."""
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        outputs = [process.communicate()[0] for process in processes]
+        pytest.fail(f"ranks still running after {timeout} s (a hang?):\n" + "\n".join(outputs))
+    return outputs
+
+
+def run_ranks(*scenarios: str, world: int = 2, timeout: float = 300) -> None:
+    """The ``scenarios`` (``name:argument``), in order, on ``world`` ranks;
+    every rank must exit 0."""
+    port = str(_free_port())
+    processes = [subprocess.Popen(
+        [sys.executable, str(WORKER), *scenarios], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=_environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                         LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=port)) for rank in range(world)]
+    outputs = _finish(processes, timeout)
+    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
+    assert not failed, "\n".join(f"--- rank {rank} (exit {processes[rank].returncode}) ---\n"
+                                 f"{outputs[rank][-6000:]}" for rank in failed)
+
+
+def test_ddp_of_torch_compile_matches_eager_ddp():
+    """DDP(torch.compile(model, backend="retrograd")) against eager DDP, three
+    AdamW steps each: (1) the default executor, two micro-batches a step, the
+    first under no_sync, one graph; (2) a small bucket_cap_mb, where dynamo's
+    DDPOptimizer splits the model at bucket boundaries and retrograd compiles
+    each piece. Gradients before every update, parameters after the last."""
+    run_ranks("ddp_torch_compile:auto", "ddp_buckets:fx")
+
+
+def test_fsdp2_per_block_compile_matches_eager_fsdp2():
+    """block.compile(backend="retrograd") then fully_shard(block) with a bf16
+    MixedPrecisionPolicy, reshard_after_forward True and False, against eager
+    FSDP2 with the same policy."""
+    run_ranks("fsdp2:reshard", "fsdp2:keep")
+
+
+def test_compile_step_on_ddp_matches_eager_ddp_and_refuses_bad_setups():
+    """compile_step(DDP(model)) used to fail with KeyError
+    '_record_function_enter_new' (in codegen: the default executor). Now:
+    (1) parameters, BatchNorm buffers and AdamW state equal an eager DDP loop
+    with clip_grad_norm_; (2) FSDP2, parameters that differ across ranks and a
+    destroyed process group each end in UnsupportedError naming what to do."""
+    run_ranks("compile_step_ddp:auto", "refusals")
+
+
+@pytest.mark.slow
+def test_compile_step_on_ddp_averages_a_layer_reached_on_one_rank():
+    """A layer only rank 1's loss reaches is averaged on both ranks, as DDP
+    with find_unused_parameters=True (SGD with momentum)."""
+    run_ranks("compile_step_unused:fx")
+
+
+def test_compile_step_refuses_data_parallel_and_fsdp1():
+    model = torch.nn.DataParallel(torch.nn.Linear(2, 2))
+    with pytest.raises(retrograd.UnsupportedError, match="DataParallel.*DDP"):
+        retrograd.compile_step(model, lambda m, x: m(x).sum(), None)
+    # FSDP1 cannot be built without an accelerator; an instance without its
+    # __init__ is enough for the wrapper check, which runs before anything else
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    fsdp1 = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(fsdp1)
+    fsdp1.inner = torch.nn.Linear(2, 2)
+    with pytest.raises(retrograd.UnsupportedError, match="FSDP1.*DDP\\(torch.compile"):
+        retrograd.compile_step(torch.nn.Sequential(fsdp1), lambda m, x: m(x).sum(), None)
+
+
+def test_ddp_example_runs_under_torchrun():
+    """examples/ddp_train.py under torchrun with two CPU processes, few steps."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(ROOT / "examples" / "ddp_train.py"), "--steps", "2"],
+        cwd=ROOT, env=_environment(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "step 1" in result.stdout, result.stdout
