@@ -165,6 +165,8 @@ def _insert_reload(graph: fx.Graph, item: _Saved, host: fx.Node, anchor, asynchr
     first = min(item.backward_readers, key=order.__getitem__)
     shape, stride = [int(s) for s in val.shape], [int(s) for s in val.stride()]
     ops = _ops()
+    if anchor is not None and order[anchor] < order[host]:   # a step graph: after the copy out
+        anchor = None
     where = graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(first)
     with where:
         token = graph.call_function(ops.prefetch.default, (
@@ -211,6 +213,16 @@ def _filter(items: list[_Saved], held: set, ctx) -> tuple[list[_Saved], dict[str
     return usable, kept
 
 
+def _not_saved(nodes, items: list[_Saved], kept: dict[str, str], options) -> None:
+    """Name in ``kept`` the forward nodes a pattern names that do not cross to
+    the backward at all (recomputed there, or not read by it)."""
+    crossing = {item.node for item in items}
+    for node in nodes:
+        if node.op == "call_function" and node not in crossing and node.name not in kept \
+                and patterns.node_names(node) & set(options.offload):
+            kept[node.name] = "not saved for the backward (recomputed there, or not read)"
+
+
 def run(halves, ctx) -> PassResult:
     """Offload on checkpoint's (forward, backward) pair."""
     forward, backward = halves
@@ -228,6 +240,7 @@ def run(halves, ctx) -> PassResult:
             items.append(_Saved(node, value, readers, list(value.users)))
     held = {n for n in outputs[:count] if isinstance(n, fx.Node)}
     items, kept = _filter(items, held, ctx)
+    _not_saved(forward.graph.nodes, items, kept, ctx.options)
     chosen, starts, times = _choose(items, ctx, list(forward.graph.nodes),
                                     list(backward.graph.nodes))
     asynchronous = not ctx.options.verify
@@ -253,6 +266,7 @@ def offload_step(step: fx.GraphModule, ctx) -> PassResult:
     graph = step.graph
     patterns.check(graph, (), (), ctx.graph_name, offload=ctx.options.offload)
     nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
     phase = {n: n.meta.get(PHASE) for n in nodes}
     output = nodes[-1]
     items = []
@@ -260,12 +274,14 @@ def offload_step(step: fx.GraphModule, ctx) -> PassResult:
         if phase[node] != "forward":
             continue
         backward = [u for u in node.users if phase.get(u) == "backward"]
-        if backward:
-            forward = [u for u in node.users if phase.get(u) == "forward"]
-            items.append(_Saved(node, node, forward, backward))
+        forward = [u for u in node.users if phase.get(u) == "forward"]
+        if backward and min(map(position.get, backward)) > max(map(position.get, forward),
+                                                               default=-1):
+            items.append(_Saved(node, node, forward, backward))   # else read before its copy
     held = set(output.all_input_nodes)
     items, kept = _filter(items, held, ctx)
     forward_nodes = [n for n in nodes if phase[n] == "forward"]
+    _not_saved(forward_nodes, items, kept, ctx.options)
     backward_nodes = [n for n in nodes if phase[n] == "backward"]
     chosen, starts, times = _choose(items, ctx, forward_nodes, backward_nodes)
     asynchronous = not ctx.options.verify
