@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 from retrograd.ir import ArenaWindow, Buffer, Kernel, PassResult, Program
 from retrograd.passes.op_classes import OUT_VARIANTS, RESHAPE_OPS
-from retrograd.passes.planning import windows
+from retrograd.passes.planning import scatter_in_place, windows
 
 __all__ = [
     "ALIGN",
@@ -404,11 +404,13 @@ def _stats(program: Program, slots, kept, standalone, strategies, donated) -> di
 def run(program: Program, ctx) -> PassResult:
     spans = lifetimes(program)
     donated = _donations(program, spans, ctx.op_support)
-    for output, source in donated.items():
+    scattered = scatter_in_place.donations(program, spans, set(planned_buffers(program)))
+    for output, source in {**donated, **scattered}.items():
         program.buffers[output].reuses = source
     program.frees = _frees(program, spans)
     slots = _slots(program, spans, planned_buffers(program), ctx.op_support)
     chosen, standalone = _windows(program, spans, slots, getattr(ctx, "input_layouts", {}))
     strategies = _place_windows(program, chosen, standalone)
     kept = [slot for window in chosen for slot in window.slots]
-    return PassResult(program, _stats(program, slots, kept, standalone, strategies, donated))
+    stats = _stats(program, slots, kept, standalone, strategies, donated)
+    return PassResult(program, {**stats, "scatters_in_place": len(scattered)})

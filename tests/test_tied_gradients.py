@@ -2,7 +2,9 @@
 parameter that is one tensor under two names (``head.weight =
 embed.weight``, transformers' default tying) gets one gradient from the
 compiled backward, summed inside the graph, not two that the autograd
-engine adds after it; gradients equal eager's, verify included."""
+engine adds after it, and the embedding's scatter-add writes it over the
+fused loss's weight gradient (passes/planning/scatter_in_place.py);
+gradients equal eager's, verify included."""
 
 from __future__ import annotations
 
@@ -60,6 +62,11 @@ def test_a_weight_tied_by_name_gets_one_summed_gradient(verify):
     stats = next(p["stats"] for p in compiled.reports["forward"]["passes"]
                  if p["name"] == "tied_gradients")
     assert stats == {"gradients_merged": 1, "gradient_bytes_not_returned": 40 * 6 * 4}
+    # the fused loss's grad_W (an extern result) dies in the embedding's
+    # scatter-add, which writes the returned gradient over it
+    plan = next(p["stats"] for p in compiled.reports["backward"]["passes"]
+                if p["name"] == "buffer_reuse")
+    assert plan["scatters_in_place"] == 1, plan
 
 
 def test_the_pass_sums_each_group_and_returns_none_for_the_rest():
