@@ -32,15 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import fx
-from torch._prims_common import is_non_overlapping_and_dense_or_false as _dense
-
 from retrograd.ir import PassResult
 from retrograd.passes.op_classes import PHASE, is_view, view_base
 from retrograd.passes.planning import offload as model
 from retrograd.passes.planning import patterns
+from torch import fx
+from torch._prims_common import is_non_overlapping_and_dense_or_false as _dense
 
-__all__ = ["run", "offload_step"]
+__all__ = ["offload_step", "run"]
 
 
 @dataclass

@@ -38,17 +38,16 @@ tensor, so tests check the same graph, plan and numbers without a GPU.
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["offload", "prefetch", "reload", "pending"]
+__all__ = ["offload", "pending", "prefetch", "reload"]
 
 _lock = threading.Lock()
 #: token -> (device tensor being filled, event on the side stream or None)
 _prefetched = WeakTensorKeyDictionary()
-_side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device):
@@ -107,7 +106,7 @@ def _prefetch_cuda(host: torch.Tensor, shape, stride, device: torch.device,
 
 @torch.library.custom_op("retrograd::prefetch", mutates_args=())
 def prefetch(host: torch.Tensor, shape: list[int], stride: list[int], device: torch.device,
-             after: Optional[torch.Tensor], asynchronous: bool) -> torch.Tensor:
+             after: torch.Tensor | None, asynchronous: bool) -> torch.Tensor:
     """Start copying ``host`` back to ``device`` with ``stride``; the token
     returned names the copy for ``reload``. ``after`` only orders the op."""
     device = torch.device(device)

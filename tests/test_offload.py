@@ -11,19 +11,23 @@ and the bandwidth model's choices. Speed needs a GPU: not measured here.
 from __future__ import annotations
 
 import pytest
+import retrograd
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import retrograd
+from checks import (
+    assert_close,
+    check_against_eager,
+    compile_with,
+    eager_step,
+    record_graphs,
+    relative_error,
+)
 from retrograd.options import Options
 from retrograd.passes.planning import offload as model
 from retrograd.passes.planning.patterns import PatternError
 from retrograd.runtime import offload as copies
 from retrograd.runtime.device import device_of
-
-from checks import (assert_close, check_against_eager, compile_with, eager_step, record_graphs,
-                    relative_error)
+from torch import nn
 
 
 def _mlp() -> nn.Module:
@@ -113,7 +117,7 @@ def test_the_forward_frees_the_device_copy_and_the_backward_reads_it_back(tmp_pa
 
 def test_compile_step_with_offload_matches_an_eager_loop():
     compiled_model, eager_model = _mlp(), _mlp()
-    loss = lambda m, x, y: F.cross_entropy(m(x), y)  # noqa: E731
+    loss = lambda m, x, y: F.cross_entropy(m(x), y)
     compiled_opt = torch.optim.SGD(compiled_model.parameters(), lr=0.1)
     eager_opt = torch.optim.SGD(eager_model.parameters(), lr=0.1)
     step = retrograd.compile_step(compiled_model, loss, compiled_opt, offload=["tanh"])
@@ -169,7 +173,7 @@ def test_a_value_that_cannot_be_offloaded_is_kept_and_said_why():
     """A saved view (the transpose of x @ w) is not offloaded: its base holds
     the storage, and a copy of the view would free nothing."""
     torch.manual_seed(4)
-    fn = lambda x, w: (x @ w).t().sin().sum()  # noqa: E731
+    fn = lambda x, w: (x @ w).t().sin().sum()
     compiled = retrograd.compile(fn, executor="fx", offload=["permute", "mm"])
     compiled(torch.randn(4, 8), torch.randn(8, 6, requires_grad=True)).backward()
     stats = _offload_stats(compiled.reports["forward"])
@@ -252,7 +256,7 @@ def test_the_automatic_choice_offloads_dear_values_where_the_model_hides_the_cop
     monkeypatch.setattr(model, "PCIE_BYTES", 1e18)
     torch.manual_seed(5)
     inputs = torch.randn(4, 8), torch.randn(8, 16), torch.randn(16, 4), torch.randn(4, 4)
-    fn = lambda x, a, b, c: ((x @ a).sin() @ b).tanh() @ c  # noqa: E731
+    fn = lambda x, a, b, c: ((x @ a).sin() @ b).tanh() @ c
     compiled = check_against_eager(fn, *inputs)
     stats = _offload_stats(compiled.reports["forward"])
     # x @ a is read late in the backward; tanh is saved too but cheap to recompute

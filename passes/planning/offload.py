@@ -33,13 +33,23 @@ import operator
 from dataclasses import dataclass
 
 import torch
-from torch import fx
-
 from retrograd.passes.op_classes import is_pure, is_view
 from retrograd.passes.planning import remat
+from torch import fx
 
-__all__ = ["Candidate", "PCIE_BYTES", "DEVICE_FLOPS", "DEVICE_BYTES", "MIN_BYTES",
-           "node_seconds", "copy_seconds", "feasible", "latest_starts", "choose", "dear"]
+__all__ = [
+    "DEVICE_BYTES",
+    "DEVICE_FLOPS",
+    "MIN_BYTES",
+    "PCIE_BYTES",
+    "Candidate",
+    "choose",
+    "copy_seconds",
+    "dear",
+    "feasible",
+    "latest_starts",
+    "node_seconds",
+]
 
 #: host <-> device bandwidth in bytes per second (PCIe 4 x16, measured ~25 GB/s)
 PCIE_BYTES = 25e9
