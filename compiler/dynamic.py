@@ -194,7 +194,8 @@ class SymbolicCompiler:
         def compile_half(gm: fx.GraphModule, example_inputs):
             captured = len(gm.graph.nodes)
             executor = choose_executor(self.executor, _device(gm))
-            gm, kernels = fuse_pointwise(gm, executor)
+            # the torch program's symbolic form is the graph itself: torch calls, no kernels
+            gm, kernels = fuse_pointwise(gm, "fx" if executor == "torch" else executor)
             self.reports[name] = report = self._report(name, gm, captured, kernels, executor)
             log.info("retrograd: %s: symbolic %s program (%s): %d size-generic Triton kernels "
                      "+ %d torch calls", self.what, name, self.dims, kernels,

@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from retrograd.codegen import generate_sources
+from retrograd.codegen.torch_program import generate_torch_program
 from retrograd.codegen.wrapper import generate_program
 from retrograd.dump import Dumper, count_nodes, memory_plan_text, subject_text
 from retrograd.ir import Program
@@ -34,6 +35,7 @@ from retrograd.repro_writer import on_failure
 from retrograd.runtime.autograd import boxed
 from retrograd.runtime.device import choose_executor, device_of
 from retrograd.runtime.executor import FxExecutable, GeneratedExecutable
+from retrograd.runtime.torch_program import TorchProgramExecutable
 from retrograd.torch_logging import memory_log, passes_log
 from retrograd.verify import check_joint, compare, run_graph, run_program
 
@@ -271,6 +273,9 @@ class GraphCompiler:
         if executor == "fx":
             kernels, wrapper = {}, generate_program(program)
             executable = FxExecutable(program)
+        elif executor == "torch":   # the CPU default: no kernels, one program of torch calls
+            kernels, wrapper = {}, generate_torch_program(program)
+            executable = TorchProgramExecutable(program, wrapper)
         else:
             interpreted = executor == "interpret"
             kernels, wrapper = generate_sources(program, interpreted)

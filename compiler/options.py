@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 __all__ = ["Options", "EXECUTORS"]
 
-EXECUTORS = ("auto", "triton", "interpret", "fx")
+EXECUTORS = ("auto", "triton", "interpret", "fx", "torch")
 
 #: ``data_dependent``: hand such code to dynamo, or refuse it.
 DATA_DEPENDENT_CHOICES = ("split", "error")
@@ -34,9 +34,12 @@ class Options:
             save-everything plan.
         dump_dir: write pass-by-pass dumps there (``RETROGRAD_DUMP`` does the
             same without code changes).
-        executor: "auto" (Triton on CUDA, Triton's interpreter on CPU),
-            "triton", "interpret", or "fx" (the optimized graph run with torch
-            ops, which isolates codegen from the passes).
+        executor: "auto" (Triton on CUDA; on CPU the torch program),
+            "triton", "interpret" (the Triton kernels in Triton's
+            interpreter, on CPU: slow, for testing kernels), "torch" (the
+            optimized program written out once as straight-line torch calls,
+            any device), or "fx" (the optimized graph evaluated node by node
+            with torch ops, which isolates codegen from the passes).
         disable: names of passes to skip, for debugging.
         verify: run the graph after every pass on the example inputs and name
             the first pass that changes the numbers.

@@ -42,14 +42,21 @@ def device_of(tensors: Sequence[object]) -> torch.device:
     return torch.device("cpu")
 
 
+#: What ``executor="auto"`` runs on a CPU: the torch program (fast; Triton's
+#: interpreter is 30-180x slower than eager). tests/conftest.py sets
+#: "interpret" so that the tests of generated kernels keep running them.
+CPU_AUTO = "torch"
+
+
 def choose_executor(requested: str, device: torch.device) -> str:
     """Resolve ``"auto"`` and refuse combinations that cannot work."""
     if requested == "auto":
-        return "triton" if device.type == "cuda" else "interpret"
+        return "triton" if device.type == "cuda" else CPU_AUTO
     if requested == "triton" and device.type != "cuda":
         raise ValueError(
             f"retrograd: executor='triton' needs CUDA tensors, got tensors on {device}; "
-            f"use executor='interpret' (or 'auto') to run the kernels on the CPU")
+            f"use executor='interpret' to run the kernels on the CPU (or 'auto': "
+            f"torch calls there)")
     if requested == "interpret" and device.type != "cpu":
         raise ValueError(
             f"retrograd: executor='interpret' runs on CPU tensors, got tensors on {device}")

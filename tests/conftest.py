@@ -5,6 +5,10 @@
   empty dynamo cache, so recompile counts and backends never leak between tests.
 - ``no_dump_env``: the user's ``RETROGRAD_DUMP`` must not turn dumping on
   behind a test's back (tests that want dumps set it themselves).
+- ``kernels_on_cpu`` (every test): ``executor="auto"`` keeps running the
+  generated Triton kernels in Triton's interpreter on CPU, as the tests of
+  kernels expect; users get the torch program there. Tests of that default
+  are marked ``cpu_default`` (tests/test_cpu_program.py).
 """
 
 from __future__ import annotations
@@ -42,3 +46,12 @@ def one_arena_per_busy_period(monkeypatch):
     search would otherwise cut them apart (it is tested on its own)."""
     from retrograd.passes.planning import windows
     monkeypatch.setattr(windows, "split_windows", lambda base, found, size: (found, []))
+
+
+@pytest.fixture(autouse=True)
+def kernels_on_cpu(request, monkeypatch):
+    """``executor="auto"`` means the interpreter on CPU in tests, unless marked
+    ``cpu_default`` (runtime/device.py::CPU_AUTO)."""
+    if request.node.get_closest_marker("cpu_default") is None:
+        from retrograd.runtime import device
+        monkeypatch.setattr(device, "CPU_AUTO", "interpret")
