@@ -1,0 +1,114 @@
+"""Sharded data-parallel training (FSDP2) with retrograd compiling each block.
+
+Run it with ``torchrun --nproc-per-node 2 examples/fsdp2_train.py`` (CPU and
+gloo work; on GPUs each rank takes ``cuda:LOCAL_RANK`` and NCCL).
+
+The idiom: compile each block with ``block.compile(backend="retrograd")``
+*before* ``fully_shard(block)``, then ``fully_shard`` the root. FSDP2 gathers
+a block's parameters in a hook before the block runs and reduce-scatters its
+gradients after its backward, outside the compiled graph; retrograd compiles
+the block's forward and backward in between. (Compiling the model after
+``fully_shard`` traces nothing in torch 2.13: docs/distributed.md.)
+``--bf16`` adds a MixedPrecisionPolicy (bf16 parameters and compute, fp32
+gradient reduction); ``--no-reshard`` keeps gathered parameters between the
+forward and the backward (``reshard_after_forward=False``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import retrograd  # noqa: F401  (registers the "retrograd" backend in a bare checkout)
+
+
+class Block(nn.Module):
+    """A pre-norm residual MLP block: FSDP2's unit of gathering and sharding."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
+                                 nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class Net(nn.Module):
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        self.embed = nn.Linear(16, width)
+        self.blocks = nn.ModuleList([Block(width) for _ in range(depth)])
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def shard_model(model: Net, args, mesh) -> Net:
+    """Compile each block, then shard it; the root (embedding, head) last."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if args.bf16 else MixedPrecisionPolicy()
+    for block in model.blocks:
+        block.compile(backend="retrograd", options={"executor": args.executor})
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=args.reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def batch(step: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's batch of ``step``: a distinct slice of one global stream."""
+    generator = torch.Generator().manual_seed(step * dist.get_world_size() + dist.get_rank())
+    x = torch.randn(size, 16, generator=generator)
+    return x.to(device), x[:, :4].argmax(dim=1).to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 MixedPrecisionPolicy")
+    parser.add_argument("--no-reshard", dest="reshard", action="store_false",
+                        help="reshard_after_forward=False")
+    parser.add_argument("--executor", default="auto", help="retrograd's executor option")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        device = torch.device("cuda") if cuda else torch.device("cpu")
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        torch.manual_seed(0)   # the same full model on every rank before sharding
+        model = shard_model(Net(args.width, args.depth).to(device), args, mesh)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(args.steps):
+            x, y = batch(step, args.batch, device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()   # FSDP2 reduce-scatters each block's gradients
+            optimizer.step()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            if dist.get_rank() == 0:
+                print(f"step {step}: loss {total.item() / dist.get_world_size():.4f}",
+                      flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
