@@ -12,7 +12,7 @@ each cell in a fresh process (compilers keep global state):
   eager loop, Inductor + the eager optimizer, the retrograd backend + the
   eager optimizer, and ``retrograd.compile_step``.
 
-    python benchmarks/peaks.py [--models cnn lora] [--out results.json]
+    python benchmarks/peaks.py [--models cnn lora] [--executor interpret] [--out results.json]
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ FORWARD_BACKWARD = ("eager", "inductor", "retrograd backend", "retrograd.compile
 STEP = ("eager loop", "inductor + optimizer", "retrograd backend + optimizer", "compile_step")
 
 
-def _compiled(label: str, model):
+def _options(executor: str | None) -> dict:
+    return {} if executor is None else {"executor": executor}
+
+
+def _compiled(label: str, model, executor: str | None):
     """The callable of one forward+backward column."""
     import retrograd
     if label in ("eager", "eager loop"):
@@ -46,11 +50,13 @@ def _compiled(label: str, model):
     if label.startswith("inductor"):
         return torch.compile(model)
     if label.startswith("retrograd backend"):
-        return torch.compile(model, backend="retrograd")
-    return retrograd.compile(model)
+        options = _options(executor)
+        return torch.compile(model, backend="retrograd", **({"options": options} if options
+                                                            else {}))
+    return retrograd.compile(model, **_options(executor))
 
 
-def _runner(name: str, label: str):
+def _runner(name: str, label: str, executor: str | None = None):
     """``(run, inputs)``: ``run(batch)`` runs one step of ``label`` on model
     ``name``; ``inputs`` are the example inputs to copy a batch from."""
     import retrograd
@@ -60,7 +66,7 @@ def _runner(name: str, label: str):
     model, inputs = entry.model(), entry.inputs()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if label in FORWARD_BACKWARD:
-        compiled = _compiled(label, model)
+        compiled = _compiled(label, model, executor)
 
         def run(batch):
             model.zero_grad(set_to_none=True)
@@ -68,9 +74,10 @@ def _runner(name: str, label: str):
         return run, inputs
     optimizer = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
     if label == "compile_step":
-        step = retrograd.compile_step(model, lambda m, *batch: entry.run(m, batch), optimizer)
+        step = retrograd.compile_step(model, lambda m, *batch: entry.run(m, batch), optimizer,
+                                      **_options(executor))
         return (lambda batch: step(*batch)), inputs
-    compiled = _compiled(label, model)
+    compiled = _compiled(label, model, executor)
 
     def run(batch):
         optimizer.zero_grad(set_to_none=True)
@@ -79,22 +86,22 @@ def _runner(name: str, label: str):
     return run, inputs
 
 
-def measure(name: str, label: str) -> int:
+def measure(name: str, label: str, executor: str | None = None) -> int:
     """Peak bytes of one step after two warm-up steps (run in a fresh process).
     The batch is copied before the profiler starts: the caller holds it, as
     in benchmarks/memory.py."""
     warnings.simplefilter("ignore")
-    run, inputs = _runner(name, label)
+    run, inputs = _runner(name, label, executor)
     for _ in range(2):
         run(clone_inputs(inputs))
     batch = clone_inputs(inputs)
     return profiled_peak(lambda: run(batch))
 
 
-def isolated(name: str, label: str) -> int:
+def isolated(name: str, label: str, executor: str | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(measure, name, label).result()
+        return pool.submit(measure, name, label, executor).result()
 
 
 def table(rows: list[dict], columns: tuple) -> str:
@@ -112,6 +119,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=["cnn", "lora"])
     parser.add_argument("--columns", nargs="*", default=None,
                         help="measure only these columns (default: all)")
+    parser.add_argument("--executor", default=None,
+                        help="retrograd's executor option (default: retrograd's default)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     results = {}
@@ -119,7 +128,7 @@ def main() -> int:
         columns = tuple(c for c in columns if args.columns is None or c in args.columns)
         if not columns:
             continue
-        rows = [{"model": name, **{c: isolated(name, c) for c in columns}}
+        rows = [{"model": name, **{c: isolated(name, c, args.executor) for c in columns}}
                 for name in args.models]
         results[title] = rows
         print(f"## {title}\n\n{table(rows, columns)}\n", flush=True)
