@@ -180,7 +180,10 @@ def _last_uses(kernel: Kernel) -> dict[str, int]:
 def _fused_lines(writer: _Writer, kernel: Kernel) -> None:
     """A generated kernel's nodes as torch calls; inner values deleted at their
     last use inside it, its outputs kept for the plan's frees."""
-    keep = set(kernel.outputs)
+    # a node fusion copied into this kernel that an earlier one already made
+    # (a fill, a scalar) is that value: read, neither made again nor deleted here
+    earlier = {node.name for node in kernel.nodes if node.name in writer.alive}
+    keep = set(kernel.outputs) | earlier
     last = _last_uses(kernel)
     dying: dict[int, list[str]] = {}
     for name, index in last.items():
@@ -188,7 +191,8 @@ def _fused_lines(writer: _Writer, kernel: Kernel) -> None:
             dying.setdefault(index, []).append(name)
     made: list[str] = []
     for index, node in enumerate(kernel.nodes):
-        _define(writer, node, kernel, made)
+        if node.name not in earlier:
+            _define(writer, node, kernel, made)
         writer.free(dying.get(index, []))
     writer.free([name for name in made if name not in keep])
 

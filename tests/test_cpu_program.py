@@ -207,3 +207,17 @@ def test_symbolic_programs_run_torch_calls_by_default_on_cpu():
     symbolic = [r for r in compiled.reports.values() if r.get("symbolic")]
     assert symbolic and all(r["symbolic"]["executor"] == "torch" for r in symbolic)
     assert all(r["kernels"]["triton"] == 0 for r in symbolic)
+
+
+def test_a_node_copied_into_a_later_kernel_is_read_not_deleted():
+    """Fusion copies cheap nodes (scalars, fills) into each consumer's kernel;
+    an earlier kernel's output of that name stays alive (was deleted by the
+    later kernel as its own inner value: an UnboundLocalError at the return,
+    gpt2_tiny with memory_budget=1.0)."""
+    x = torch.randn(3, 4)
+    gm = trace(lambda x: (lambda s: (s, s * 2))(x.sin()), x)
+    sin, mul = (_name_of(gm, op) for op in (aten.sin.default, aten.mul.Tensor))
+    program = _program(gm, [[sin], [sin, mul]], [sin, mul])
+    program.kernels[1].outputs = [mul]   # the copy of sin is not stored there
+    got = TorchProgramExecutable(program, generate_torch_program(program))([x])
+    torch.testing.assert_close(got, [x.sin(), x.sin() * 2])

@@ -1,0 +1,155 @@
+"""A training step on CPU: eager, torch.compile (Inductor) and retrograd's default.
+
+Per zoo model (tests/zoo.py), one forward + backward, each variant on its
+own copy of the model and the same inputs:
+
+- ``eager``: the model in PyTorch;
+- ``inductor``: ``torch.compile(model)`` (Inductor's C++/OpenMP code on CPU);
+- ``retrograd``: ``retrograd.compile(model)`` with ``executor="auto"``, which
+  on CPU runs the torch program (codegen/torch_program.py);
+- ``retrograd out=`` (``--arena``): the same program with extern calls
+  writing into their arena slots (``out=``), to compare with plain allocation.
+
+The variants' steps are interleaved (one step of each in turn, ``--repeats``
+rounds after ``--warmup``), so a neighbour's load on a shared machine falls
+on all of them alike; the median and the fastest step are printed, and the
+ratio of medians to eager's. Saved bytes are measured, not read from the
+report: the unique storages autograd holds for the backward
+(``saved_tensors_hooks``, parameters and inputs left out; measuring.py).
+
+    python benchmarks/cpu_step.py [--models mlp gpt2_tiny] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RETROGRAD_CACHE_DIR", tempfile.mkdtemp(prefix="retrograd-cpu-step-"))
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import retrograd
+from interpreter_cost import _environment
+from measuring import saved_storage_bytes
+from zoo import ZOO, clone_inputs
+
+MODELS = ["mlp", "cnn", "attention_block", "gpt2_tiny", "lora", "mlp_frozen"]
+
+
+def _variants(arena: bool) -> dict:
+    """Name -> (how to wrap a fresh model, what holds while it compiles)."""
+    plain = contextlib.nullcontext
+    variants = {"eager": (lambda model: model, plain),
+                "inductor": (torch.compile, plain),
+                "retrograd": (retrograd.compile, plain)}
+    if arena:
+        variants["retrograd out="] = (retrograd.compile, _arena_program)
+    return variants
+
+
+@contextlib.contextmanager
+def _arena_program():
+    """While the first step compiles (forward, then backward): torch programs
+    whose extern calls write into their arena slots (``out=``)."""
+    from retrograd import graph_compiler
+    original = graph_compiler.generate_torch_program
+    graph_compiler.generate_torch_program = \
+        lambda program, title="": original(program, title, arena=True)
+    try:
+        yield
+    finally:
+        graph_compiler.generate_torch_program = original
+
+
+def _step(entry, model, inputs) -> float:
+    copies = clone_inputs(inputs)
+    start = time.perf_counter()
+    entry.run(model, copies).backward()
+    return time.perf_counter() - start
+
+
+def _saved_bytes(entry, model, module, inputs) -> int:
+    copies = clone_inputs(inputs)
+    excluded = [*module.parameters(), *module.buffers(), *copies]
+    return saved_storage_bytes(lambda: entry.run(model, copies), excluded)
+
+
+def measure(name: str, variants: dict, warmup: int, repeats: int) -> dict:
+    """Interleaved step times and saved bytes of every variant on ``name``."""
+    entry = ZOO[name]
+    torch.manual_seed(1)
+    inputs = entry.inputs()
+    built, modules, first = {}, {}, {}
+    for variant, (wrap, compiling) in variants.items():
+        torch.manual_seed(0)
+        modules[variant] = entry.model()
+        built[variant] = wrap(modules[variant])
+        with compiling():
+            first[variant] = _step(entry, built[variant], inputs)   # compiles
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
+    for round_ in range(warmup + repeats):
+        for variant, model in built.items():
+            spent = _step(entry, model, inputs)
+            if round_ >= warmup:
+                times[variant].append(spent)
+    row = {"model": name}
+    for variant in variants:
+        row[variant] = {"first_call_s": first[variant],
+                        "median_s": statistics.median(times[variant]),
+                        "min_s": min(times[variant]),
+                        "saved_bytes": _saved_bytes(entry, built[variant], modules[variant],
+                                                    inputs)}
+    return row
+
+
+def _print(rows: list[dict], variants: list[str]) -> None:
+    print("| model | " + " | ".join(variants) + " | "
+          + " | ".join(f"{v} / eager" for v in variants[1:]) + " | saved bytes ("
+          + ", ".join(variants) + ") |")
+    print("| --- |" + " ---: |" * (2 * len(variants) - 1) + " ---: |")
+    for row in rows:
+        cells = [f"{row[v]['median_s'] * 1e3:.2f} ({row[v]['min_s'] * 1e3:.2f}) ms"
+                 for v in variants]
+        ratios = [f"{row[v]['median_s'] / row['eager']['median_s']:.2f}x" for v in variants[1:]]
+        saved = ", ".join(f"{row[v]['saved_bytes']:,}" for v in variants)
+        print(f"| {row['model']} | {' | '.join(cells)} | {' | '.join(ratios)} | {saved} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=sorted(ZOO))
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's intra-op threads (1 on a shared machine)")
+    parser.add_argument("--arena", action="store_true",
+                        help="also the torch program with out= into the arena")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    before = _environment()
+    variants = _variants(args.arena)
+    rows = [measure(name, variants, args.warmup, args.repeats) for name in args.models]
+    _print(rows, list(variants))
+    print(f"load average (1, 5, 15 min) before: {before['load_average_1_5_15_min']}, "
+          f"after: {os.getloadavg()}")
+    if args.out is not None:
+        environment = dict(before, load_average_after=os.getloadavg())
+        args.out.write_text(json.dumps({"environment": environment, "rows": rows},
+                                       indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
