@@ -315,3 +315,31 @@ def _wide(device: str) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(),
                          nn.Linear(1024, 8)).to(device)
+
+
+@pytest.mark.parametrize("name", ["cnn", "attention_block",
+                                  pytest.param("gpt2_tiny", marks=pytest.mark.slow),
+                                  pytest.param("lora", marks=pytest.mark.slow)])
+def test_the_automatic_choice_keeps_the_zoo_right(name, monkeypatch):
+    """The CUDA choice on CPU graphs of every kind (convolutions, batch norm,
+    attention, embeddings, LoRA): with a link fast enough to offload whatever
+    is dear, the model's walk over every node runs and the numbers stay
+    eager's (fx executor: the passes' graphs, run with torch ops)."""
+    import copy
+
+    from zoo import ZOO, assert_parity, training_step
+    from retrograd.passes import offload as offload_pass
+    monkeypatch.setattr(offload_pass, "_on_cuda", lambda items: True)
+    monkeypatch.setattr(model, "MIN_BYTES", 0)
+    monkeypatch.setattr(model, "PCIE_BYTES", 1e18)
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    net, inputs = entry.model(), entry.inputs()
+    reference = copy.deepcopy(net)
+    compiled = retrograd.compile(net, executor="fx")
+    got = training_step(entry, compiled, net, inputs)
+    assert_parity(got, training_step(entry, reference, reference, inputs), tolerance=1e-5)
+    stats = _offload_stats(compiled.reports["forward"])
+    assert stats["offloaded"], stats
+    assert all(reason.startswith("auto: dear") for reason in stats["reasons"].values())
+    assert copies.pending() == 0
