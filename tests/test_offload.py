@@ -327,8 +327,8 @@ def test_the_automatic_choice_keeps_the_zoo_right(name, monkeypatch):
     eager's (fx executor: the passes' graphs, run with torch ops)."""
     import copy
 
-    from zoo import ZOO, assert_parity, training_step
     from retrograd.passes import offload as offload_pass
+    from zoo import ZOO, assert_parity, training_step
     monkeypatch.setattr(offload_pass, "_on_cuda", lambda items: True)
     monkeypatch.setattr(model, "MIN_BYTES", 0)
     monkeypatch.setattr(model, "PCIE_BYTES", 1e18)
