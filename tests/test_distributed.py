@@ -74,11 +74,11 @@ def run_ranks(*scenarios: str, world: int = 2, timeout: float = 300) -> None:
 
 def test_ddp_of_torch_compile_matches_eager_ddp():
     """DDP(torch.compile(model, backend="retrograd")) against eager DDP, three
-    AdamW steps each: (1) the default executor, two micro-batches a step, the
+    AdamW steps each: (1) Triton's interpreter, two micro-batches a step, the
     first under no_sync, one graph; (2) a small bucket_cap_mb, where dynamo's
     DDPOptimizer splits the model at bucket boundaries and retrograd compiles
     each piece. Gradients before every update, parameters after the last."""
-    run_ranks("ddp_torch_compile:auto", "ddp_buckets:fx")
+    run_ranks("ddp_torch_compile:interpret", "ddp_buckets:fx")
 
 
 def test_fsdp2_per_block_compile_matches_eager_fsdp2():
@@ -90,11 +90,12 @@ def test_fsdp2_per_block_compile_matches_eager_fsdp2():
 
 def test_compile_step_on_ddp_matches_eager_ddp_and_refuses_bad_setups():
     """compile_step(DDP(model)) used to fail with KeyError
-    '_record_function_enter_new' (in codegen: the default executor). Now:
+    '_record_function_enter_new' (in the generated program.py). Now:
     (1) parameters, BatchNorm buffers and AdamW state equal an eager DDP loop
-    with clip_grad_norm_; (2) FSDP2, parameters that differ across ranks and a
+    with clip_grad_norm_, with Triton's interpreter and with the CPU default
+    (the torch program); (2) FSDP2, parameters that differ across ranks and a
     destroyed process group each end in UnsupportedError naming what to do."""
-    run_ranks("compile_step_ddp:auto", "refusals")
+    run_ranks("compile_step_ddp:interpret", "compile_step_ddp:auto", "refusals")
 
 
 @pytest.mark.slow
@@ -118,11 +119,23 @@ def test_compile_step_refuses_data_parallel_and_fsdp1():
         retrograd.compile_step(torch.nn.Sequential(fsdp1), lambda m, x: m(x).sum(), None)
 
 
-def test_ddp_example_runs_under_torchrun():
-    """examples/ddp_train.py under torchrun with two CPU processes, few steps."""
+def _torchrun(example: str, *arguments: str) -> str:
+    """``example`` under torchrun with two CPU processes; rank 0's output."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(ROOT / "examples" / "ddp_train.py"), "--steps", "2"],
-        cwd=ROOT, env=_environment(), capture_output=True, text=True, timeout=240)
+         str(ROOT / "examples" / example), *arguments],
+        cwd=ROOT, env=_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "step 1" in result.stdout, result.stdout
+    return result.stdout
+
+
+def test_ddp_example_runs_under_torchrun():
+    """examples/ddp_train.py as a user runs it (its defaults), two steps."""
+    output = _torchrun("ddp_train.py", "--steps", "2")
+    assert "step 1: loss" in output and "parameters equal on every rank" in output, output
+
+
+@pytest.mark.slow
+def test_fsdp2_example_runs_under_torchrun():
+    output = _torchrun("fsdp2_train.py", "--steps", "2", "--bf16", "--no-reshard")
+    assert "step 1: loss" in output, output
