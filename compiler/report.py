@@ -65,10 +65,21 @@ def ledger_rows(records: list[PassRecord]) -> list[dict] | None:
     fields = ("name", "op", "shape", "dtype", "bytes", "source", "decision", "reason",
               "recompute_flops")
     offloaded = _stat(records, "offload", "reasons") or {}   # saved, but on the host
+    kept = _stat(records, "offload", "kept") or {}           # named, but left on the device
     return [{key: source_of(row.get("stack_trace")) if key == "source" else
              "offloaded" if key == "decision" and row["name"] in offloaded else
-             offloaded[row["name"]] if key == "reason" and row["name"] in offloaded else
+             _reason(row, offloaded, kept) if key == "reason" else
              row[key] for key in fields} for row in rows]
+
+
+def _reason(row: dict, offloaded: dict[str, str], kept: dict[str, str]) -> str:
+    """The checkpoint's reason, or the offload pass's for a value it offloaded
+    or was asked to offload and could not."""
+    if row["name"] in offloaded:
+        return offloaded[row["name"]]
+    if row["name"] in kept and row["decision"] == "saved":
+        return f"{row['reason']}; not offloaded: {kept[row['name']]}"
+    return row["reason"]
 
 
 def _device_saved_bytes(records: list[PassRecord]) -> int | None:

@@ -343,3 +343,20 @@ def test_the_automatic_choice_keeps_the_zoo_right(name, monkeypatch):
     assert stats["offloaded"], stats
     assert all(reason.startswith("auto: dear") for reason in stats["reasons"].values())
     assert copies.pending() == 0
+
+
+def test_the_ledger_says_why_a_named_value_stayed_on_the_device():
+    """A value the user also gets back cannot leave the device: its ledger
+    row stays saved and says why."""
+    torch.manual_seed(6)
+
+    def fn(x, w):
+        hidden = torch.tanh(x @ w)
+        return hidden, (hidden * hidden).sum()
+
+    compiled = retrograd.compile(fn, executor="fx", offload=["tanh"])
+    hidden, loss = compiled(torch.randn(4, 8), torch.randn(8, 6, requires_grad=True))
+    loss.backward()
+    row = next(r for r in compiled.reports["forward"]["ledger"] if r["name"] == "tanh")
+    assert row["decision"] == "saved"
+    assert row["reason"].endswith("; not offloaded: returned to the caller too")
