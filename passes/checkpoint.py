@@ -259,15 +259,17 @@ def run(joint: fx.GraphModule, ctx) -> PassResult:
     saved = [n for n in joint.graph.nodes if n in plan.saved or n.op == "placeholder"
              and not n.name.startswith("tangents")]
     forward, backward = _extract(joint, saved, count)
-    forward_names = {n.name for n in info.forward}
+    by_name = {n.name: n for n in info.forward}
     recomputed = [n for n in backward.graph.nodes
-                  if n.op == "call_function" and n.name in forward_names]
+                  if n.op == "call_function" and n.name in by_name]
     sink_recomputation(backward, {n.name for n in recomputed})
     kept, activations = saved_values(forward, backward)
-    by_name = {n.name: n for n in info.forward}
     recomputed = [by_name[n.name] for n in recomputed]
-    stats = _stats(ctx, plan, budget, save_all_bytes, activations, recomputed)
-    stats.update(saved_values=len(kept), saved_input_bytes=_bytes(kept) - _bytes(activations))
+    forward_nodes = {n.name: n for n in forward.graph.nodes}
+    activation_bytes = remat.storage_bytes(forward_nodes[n.name] for n in activations)
+    stats = _stats(ctx, info, plan, budget, save_all_bytes, activations, recomputed)
+    stats.update(saved_activation_bytes=activation_bytes, saved_values=len(kept),
+                 saved_input_bytes=_bytes(kept) - _bytes(activations))
     stats.update(_ledger(joint, ctx, info, policy, budget, save_all_bytes, activations,
                          recomputed, lambda n: by_name.get(n.name, n)))
     return PassResult((forward, backward), stats)
@@ -292,13 +294,13 @@ def _pareto(graph_module, ctx, info, policy: Policy, save_all_bytes, saved, reco
                                     policy.forced_recompute, save_all_bytes),
             "current": {"memory_budget": ctx.options.memory_budget,
                         "saved_bytes": int(remat.plan_bytes(info, saved)),
-                        "recompute_flops": int(sum(remat.flops(n) for n in recomputed)),
+                        "recompute_flops": int(sum(remat.extra_flops(n) for n in recomputed)),
                         "recompute_cost": float(sum(remat.recompute_cost(n) for n in recomputed)),
                         "predicted_peak_bytes": ledger.predicted_peak(
                             graph_module.graph, info, set(saved), set(recomputed))}}
 
 
-def _stats(ctx, plan, budget, save_all_bytes: float, activations, recomputed) -> dict:
+def _stats(ctx, info, plan, budget, save_all_bytes: float, activations, recomputed) -> dict:
     """What a checkpoint plan chose: saved activations and recomputed nodes."""
     return {
         "plan": "least saved bytes, cheap recompute" if budget is None else
@@ -308,11 +310,11 @@ def _stats(ctx, plan, budget, save_all_bytes: float, activations, recomputed) ->
         "save_all_bytes": int(save_all_bytes),
         "budget_bytes": None if budget is None else int(budget),
         "saved_activation_values": len(activations),
-        "saved_activation_bytes": _bytes(activations),
+        "saved_activation_bytes": remat.storage_bytes(activations),
         "saved": [n.name for n in activations],
         "recomputed": [n.name for n in recomputed],
         "recomputed_nodes": len(recomputed),
-        "recomputed_flops": int(sum(remat.flops(n) for n in recomputed)),
+        "recomputed_flops": int(sum(remat.extra_flops(n) for n in recomputed)),
         "recompute_cost": float(sum(remat.recompute_cost(n) for n in recomputed)),
     }
 
@@ -370,7 +372,7 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     saved = sorted((n for n in plan.saved if n not in info.primals and n not in info.free),
                    key=lambda n: n.name)
     recomputed = sorted(copies, key=lambda n: n.name)
-    stats = _stats(ctx, plan, budget, save_all_bytes, saved, recomputed)
+    stats = _stats(ctx, info, plan, budget, save_all_bytes, saved, recomputed)
     reason = lambda node, decision: policy.reason(node, decision, budget)  # noqa: E731
     stats.update(ledger=ledger.rows(saved, recomputed, lambda n: n, reason), pareto=pareto)
     return PassResult(step, stats)

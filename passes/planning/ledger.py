@@ -45,7 +45,7 @@ def _row(node: fx.Node, decision: str, reason: str, size: int) -> dict:
             "dtype": str(val.dtype).removeprefix("torch.") if tensor else None,
             "bytes": size, "stack_trace": node.meta.get("stack_trace"),
             "decision": decision, "reason": reason,
-            "recompute_flops": int(remat.flops(node))}
+            "recompute_flops": int(remat.extra_flops(node))}
 
 
 def rows(saved, recomputed, joint_node, reason) -> list[dict]:
@@ -125,7 +125,7 @@ def pareto(graph: fx.Graph, info: remat.JointInfo, recomputable, unsavable,
             "memory_budget": math.ceil(saved_bytes / save_all_bytes * 1e4) / 1e4
             if save_all_bytes else None,
             "saved_bytes": int(saved_bytes),
-            "recompute_flops": int(sum(remat.flops(n) for n in recomputed)),
+            "recompute_flops": int(sum(remat.extra_flops(n) for n in recomputed)),
             "recompute_cost": float(cost),
             "predicted_peak_bytes": predicted_peak(graph, info, saved, recomputed)})
     return table

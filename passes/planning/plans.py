@@ -31,6 +31,7 @@ class Plans:
     """
 
     def __init__(self, info: JointInfo, recomputable, unsavable):
+        recomputable, unsavable = info.predicates(recomputable, unsavable)
         nodes = info.forward
         index = {node: i for i, node in enumerate(nodes)}
         self.nodes = nodes

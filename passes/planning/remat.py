@@ -48,11 +48,18 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from retrograd.passes.op_classes import is_pure, is_view
+
 __all__ = ["JointInfo", "Plan", "analyse", "backward_nodes", "value_bytes", "flops",
            "recompute_cost", "min_cut_plan", "ilp_plan", "save_all_plan", "plan_bytes",
-           "needed_closure"]
+           "needed_closure", "storage_base", "storage_bytes", "extra_flops",
+           "FREE_TO_RECOMPUTE"]
 
 aten = torch.ops.aten
+
+#: node.meta key ``analyse`` sets on forward values that cost nothing to
+#: recompute under any plan: views, fills and ``once`` values (``JointInfo``).
+FREE_TO_RECOMPUTE = "retrograd.free_to_recompute"
 
 MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
            aten.convolution.default, aten._scaled_dot_product_flash_attention.default,
@@ -62,15 +69,46 @@ MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.d
 
 @dataclass
 class JointInfo:
-    """The forward part of a joint graph, as the planners see it."""
+    """The forward part of a joint graph, as the planners see it.
+
+    ``once``: forward values no forward output needs (the tangent-free part
+    of a backward formula: ``pow(rsqrt, 3)``, cross-entropy's one-hot). Eager
+    computes them in the backward, once; a plan that evaluates them there
+    spends nothing extra, so their recompute cost is zero. ``aliases``: a
+    view (or an item of a multi-output view) -> the value whose storage it
+    shares. Saving a view keeps that whole storage alive, so planners never
+    save a view: they save its base and recompute the view, and bytes are
+    counted per storage. ``fills``: values made from no tensor at all
+    (``full``, ``scalar_tensor``, ``arange``): literals in the kernels that
+    read them, so never saved either.
+    """
 
     forward: list[fx.Node]          # forward call_function nodes, in graph order
     primals: list[fx.Node]          # forward placeholders: always available
     needed: set[fx.Node]            # forward values the backward reads directly
     free: set[fx.Node] = field(default_factory=set)   # cost nothing to save
+    once: set[fx.Node] = field(default_factory=set)
+    aliases: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    fills: set[fx.Node] = field(default_factory=set)
 
     def inputs_of(self, node: fx.Node) -> list[fx.Node]:
         return [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
+
+    def storage(self, node: fx.Node) -> fx.Node:
+        """The value whose storage ``node`` uses (itself unless a view)."""
+        return self.aliases.get(node, node)
+
+    def predicates(self, recomputable, unsavable):
+        """A planner's ``recomputable`` and ``unsavable`` widened by the graph's
+        structure: ``once`` values may always be evaluated in the backward
+        (when pure); views and fills are never saved when recomputable."""
+        def can(node):
+            return bool(recomputable(node)) or (node in self.once and is_pure(node))
+
+        def cannot(node):
+            return bool(unsavable(node)) or (
+                (node in self.aliases or node in self.fills) and can(node))
+        return can, cannot
 
 
 @dataclass
@@ -108,7 +146,59 @@ def analyse(joint: fx.GraphModule, num_fwd_outputs: int, free=lambda node: False
     needed = {n for n in needed if n.op != "get_attr"}
     info = JointInfo(forward, primals, needed)
     info.free = {n for n in forward + primals if free(n)}
+    info.once = set(forward) - _forward_region(forward, output)
+    info.once |= _rederived(info)
+    info.aliases = {n: storage_base(n) for n in forward
+                    if n not in info.free and storage_base(n) is not n}
+    info.fills = {n for n in forward if not n.all_input_nodes and is_pure(n)
+                  and isinstance(n.meta.get("val"), torch.Tensor)}
+    for node in forward:    # read by recompute_cost, so every planner sees it
+        node.meta[FREE_TO_RECOMPUTE] = node in info.once or node in info.aliases \
+            or node in info.fills
     return info
+
+
+def _forward_region(forward: list[fx.Node], output: fx.Node) -> set[fx.Node]:
+    """Forward values some output of the graph needs (the forward outputs,
+    the loss), and the items of multi-output values among them (only
+    tensors cross to the backward, so an item is the unit a plan saves)."""
+    candidates = set(forward)
+    region, work = set(), [a for a in output.all_input_nodes if a in candidates]
+    while work:
+        node = work.pop()
+        if node not in region:
+            region.add(node)
+            work.extend(a for a in node.all_input_nodes if a in candidates)
+    region |= {n for n in forward if n.target is operator.getitem and n.args[0] in region}
+    return region
+
+
+def _rederived(info: JointInfo) -> set[fx.Node]:
+    """Forward values the backward reads that eager's backward formula makes
+    again from another value it reads: a pure pointwise op of one tensor
+    whose input the backward reads too (SiLU's ``sigmoid(x)``: silu_backward
+    reads ``x`` and computes the sigmoid, which CSE merged with the
+    forward's). Counted as ``once``: eager saves only the input."""
+    region = set(info.forward) - info.once
+    read = {n for n in info.needed if n in region}
+    read |= {a for n in info.once for a in info.inputs_of(n) if a in region}
+    found = set()
+    for node in info.forward:
+        inputs = [a for a in info.inputs_of(node) if isinstance(a.meta.get("val"), torch.Tensor)]
+        if node in read and len(inputs) == 1 and inputs[0] in read and inputs[0] not in found \
+                and is_pure(node) and torch.Tag.pointwise in getattr(node.target, "tags", ()):
+            found.add(node)
+    return found
+
+
+def storage_base(node: fx.Node) -> fx.Node:
+    """The value whose storage ``node`` shares: through views and items of
+    multi-output views (``split(x)[0]``), not through items of other
+    multi-output ops (each item of attention's result is its own tensor)."""
+    while isinstance(node.args[0] if node.args else None, fx.Node) and (
+            is_view(node) or node.target is operator.getitem and is_view(node.args[0])):
+        node = node.args[0]
+    return node
 
 
 # ---------------------------------------------------------------- cost model
@@ -143,8 +233,17 @@ def flops(node: fx.Node) -> int:
     return _numel(val)
 
 
+def extra_flops(node: fx.Node) -> int:
+    """FLOPs a plan that recomputes ``node`` spends beyond eager's: none for
+    a value marked ``FREE_TO_RECOMPUTE``."""
+    return 0 if node.meta.get(FREE_TO_RECOMPUTE) else flops(node)
+
+
 def recompute_cost(node: fx.Node) -> float:
-    """FLOPs plus one unit per 4 bytes read and written."""
+    """FLOPs plus one unit per 4 bytes read and written; zero for a value
+    ``analyse`` marked ``FREE_TO_RECOMPUTE`` (a view, a ``once`` value)."""
+    if node.meta.get(FREE_TO_RECOMPUTE):
+        return 0.0
     moved = sum(_numel(a.meta.get("val")) * a.meta["val"].element_size()
                 for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor))
     val = node.meta.get("val")
@@ -154,19 +253,34 @@ def recompute_cost(node: fx.Node) -> float:
 
 
 def plan_bytes(info: JointInfo, saved) -> float:
-    return sum(value_bytes(n) for n in saved if n not in info.free and n not in info.primals)
+    """Bytes a plan keeps: once per storage (a saved view keeps its base's)."""
+    kept = {info.storage(n) for n in saved}
+    return sum(value_bytes(n) for n in kept if n not in info.free and n not in info.primals)
+
+
+def storage_bytes(nodes) -> int:
+    """Bytes of the distinct storages ``nodes`` keep alive (a view counts as
+    its base), as ``saved_tensors_hooks`` measures what autograd keeps."""
+    bases = {storage_base(n) for n in nodes}
+    return int(sum(value_bytes(n) for n in bases if isinstance(n.meta.get("val"), torch.Tensor)))
 
 
 # ---------------------------------------------------------------- plans
 def save_all_plan(info: JointInfo) -> Plan:
-    """Save every forward value the backward reads: eager autograd's plan."""
-    saved = {n for n in info.needed if n not in info.primals}
-    return Plan(saved, set(), "save everything the backward reads", True)
+    """Eager autograd's plan, at its fewest bytes: nothing recomputed but what
+    costs nothing (``FREE_TO_RECOMPUTE``: views and fills made again from
+    their base, the values eager's backward makes itself), every other value
+    the backward reads saved once per storage. Its bytes are the denominator
+    of ``memory_budget``: what torch's ``default_partition`` keeps, measured."""
+    plan = min_cut_plan(info, lambda node: bool(node.meta.get(FREE_TO_RECOMPUTE))
+                        and is_pure(node))
+    return Plan(plan.saved, plan.recomputed, "save everything the backward reads", True)
 
 
 def min_cut_plan(info: JointInfo, recomputable, unsavable=lambda node: False) -> Plan:
     """Fewest saved bytes, recomputing only nodes ``recomputable`` allows and
     never saving those ``unsavable`` marks (a user's "always recompute")."""
+    recomputable, unsavable = info.predicates(recomputable, unsavable)
     graph = nx.DiGraph()
     # both terminals exist even when the backward reads no forward value
     # (the gradient of a sum, a pad or a cat): the cut is then empty
@@ -214,6 +328,7 @@ def ilp_plan(info: JointInfo, budget: float, recomputable, unsavable=lambda n: F
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 
+    recomputable, unsavable = info.predicates(recomputable, unsavable)
     nodes = info.forward
     index = {node: i for i, node in enumerate(nodes)}
     n = len(nodes)
