@@ -45,15 +45,19 @@ def _short(source: str | None) -> str:
 
 def group(rows: list[dict]) -> tuple[list[dict], dict]:
     """The ledger by source line, most saved bytes first (then most FLOPs),
-    and the totals: saved values and bytes, recomputed values and FLOPs."""
+    and the totals: saved values and bytes, recomputed values and FLOPs,
+    offloaded values and bytes (saved in host memory)."""
     groups: dict[str | None, dict] = {}
     for row in rows:
         entry = groups.setdefault(row["source"], {
             "source": row["source"], "saved_bytes": 0, "saved": 0, "recomputed": 0,
-            "recompute_flops": 0, "ops": []})
+            "recompute_flops": 0, "offloaded": 0, "offloaded_bytes": 0, "ops": []})
         if row["decision"] == "saved":
             entry["saved"] += 1
             entry["saved_bytes"] += row["bytes"]
+        elif row["decision"] == "offloaded":
+            entry["offloaded"] += 1
+            entry["offloaded_bytes"] += row["bytes"]
         else:
             entry["recomputed"] += 1
             entry["recompute_flops"] += row["recompute_flops"]
@@ -63,7 +67,8 @@ def group(rows: list[dict]) -> tuple[list[dict], dict]:
     ordered = sorted(groups.values(), key=lambda g: (-g["saved_bytes"], -g["recompute_flops"],
                                                      g["source"] or ""))
     totals = {key: sum(g[key] for g in ordered)
-              for key in ("saved_bytes", "saved", "recomputed", "recompute_flops")}
+              for key in ("saved_bytes", "saved", "recomputed", "recompute_flops", "offloaded",
+                          "offloaded_bytes")}
     return ordered, totals
 
 
@@ -86,7 +91,9 @@ def _print_ledger(name: str, report: dict) -> None:
     groups, totals = group(report["ledger"])
     print(f"== {name}: {totals['saved']} values saved ({totals['saved_bytes']:,} bytes = "
           f"memory.saved_activation_bytes {report['memory']['saved_activation_bytes']}), "
-          f"{totals['recomputed']} recomputed ({totals['recompute_flops']:,} FLOPs)")
+          f"{totals['recomputed']} recomputed ({totals['recompute_flops']:,} FLOPs)"
+          + (f", {totals['offloaded']} offloaded to host memory "
+             f"({totals['offloaded_bytes']:,} bytes)" if totals["offloaded"] else ""))
     print(f"{'source':44s} {'saved bytes':>12s} {'saved':>6s} {'recomp':>6s} "
           f"{'recompute FLOPs':>15s}  ops")
     for g in groups:

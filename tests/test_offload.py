@@ -360,3 +360,19 @@ def test_the_ledger_says_why_a_named_value_stayed_on_the_device():
     row = next(r for r in compiled.reports["forward"]["ledger"] if r["name"] == "tanh")
     assert row["decision"] == "saved"
     assert row["reason"].endswith("; not offloaded: returned to the caller too")
+
+
+def test_explain_counts_offloaded_values_apart(tmp_path, capsys):
+    """``retrograd explain``: offloaded rows are neither saved on the device
+    nor recomputed; the header gives their count and bytes."""
+    from retrograd import cli
+    from retrograd.explain import group
+    compiled = retrograd.compile(_mlp(), executor="fx", offload=["tanh"], dump_dir=str(tmp_path))
+    compiled(torch.randn(4, 8)).sum().backward()
+    report = compiled.reports["forward"]
+    _, totals = group(report["ledger"])
+    assert (totals["offloaded"], totals["offloaded_bytes"]) == (2, 2 * 4 * 16 * 4)
+    assert totals["saved_bytes"] == report["memory"]["saved_activation_bytes"]
+    assert totals["recomputed"] == sum(r["decision"] == "recomputed" for r in report["ledger"])
+    cli.main(["explain", str(tmp_path)])
+    assert "2 offloaded to host memory (512 bytes)" in capsys.readouterr().out
