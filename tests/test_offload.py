@@ -355,7 +355,7 @@ def test_the_ledger_says_why_a_named_value_stayed_on_the_device():
         return hidden, (hidden * hidden).sum()
 
     compiled = retrograd.compile(fn, executor="fx", offload=["tanh"])
-    hidden, loss = compiled(torch.randn(4, 8), torch.randn(8, 6, requires_grad=True))
+    _, loss = compiled(torch.randn(4, 8), torch.randn(8, 6, requires_grad=True))
     loss.backward()
     row = next(r for r in compiled.reports["forward"]["ledger"] if r["name"] == "tanh")
     assert row["decision"] == "saved"
