@@ -15,7 +15,8 @@ collective, ``_c10d_functional.all_reduce``, traced into the graph and run as
 an extern call; it is waited for at once, so nothing overlaps yet). The
 gradient clip and the optimizer update then run on the averaged gradients,
 in the same program. Buffers are broadcast from rank 0 before each step, as
-DDP's ``broadcast_buffers`` does before each forward.
+DDP's ``broadcast_buffers`` does before each forward. A step called inside
+``no_sync()`` is refused (DDP would average the accumulated ``.grad`` later).
 
 Which parameters a signature's loss reaches is agreed across ranks (their
 union, as DDP's ``find_unused_parameters`` gives: a parameter reached on any
@@ -54,7 +55,7 @@ class Replicas:
 
     group: Any
     world_size: int
-    broadcast_buffers: bool
+    wrapper: Any   # the DistributedDataParallel module: its no_sync() flag, its buffers
 
     def average(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each gradient averaged across the group, as DDP does (times
@@ -79,11 +80,19 @@ class Replicas:
             previous = total
         return averaged
 
-    def broadcast(self, buffers: list[torch.Tensor]) -> None:
-        """Rank 0's buffers (BatchNorm's running statistics) on every rank,
-        as DDP's ``broadcast_buffers=True`` before each forward."""
+    def before_step(self) -> None:
+        """Refuse ``no_sync()``, then broadcast rank 0's buffers (BatchNorm's
+        running statistics), as DDP's ``broadcast_buffers=True`` does before
+        each forward."""
         import torch.distributed as dist
-        if not (self.broadcast_buffers and buffers):
+        if not self.wrapper.require_backward_grad_sync:
+            raise UnsupportedError(
+                "retrograd.compile_step: DDP's no_sync() is not supported (the step averages "
+                "the gradients of every call; DDP would average the accumulated .grad "
+                "later); accumulate micro-batches inside loss_fn, or use "
+                "DDP(torch.compile(model, backend=\"retrograd\")) with no_sync")
+        buffers = [buffer for _, buffer in self.wrapper.module.named_buffers()]
+        if not (self.wrapper.broadcast_buffers and buffers):
             return
         source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         with torch.no_grad():
@@ -121,7 +130,7 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Replicas | None]:
                                "supported; use torch.autocast in loss_fn, or " + _INSTEAD)
     import torch.distributed as dist
     group = model.process_group
-    replicas = Replicas(group, dist.get_world_size(group), bool(model.broadcast_buffers))
+    replicas = Replicas(group, dist.get_world_size(group), model)
     return model.module, replicas
 
 

@@ -21,7 +21,9 @@ tensor inputs of the program, so a schedule never recompiles. Parameters the
 loss does not reach get no update and no state, as in eager (whose
 ``zero_grad`` leaves their ``.grad`` None); which those are is found by a
 fake-tensor trace of the loss with ``torch.autograd.grad`` before the step is
-traced, so ``loss_fn`` runs twice per new signature. ``max_grad_norm`` clips the
+traced, so ``loss_fn`` runs twice per new signature. A ``DistributedDataParallel``
+model is unwrapped and its gradients averaged inside the program
+(``compiler/distributed.py``, docs/distributed.md). ``max_grad_norm`` clips the
 gradients by their global L2 norm inside the program, before the update. At
 most ``max_programs`` step programs are kept, least recently used released
 (recompiles.py); threads making a signature's first call together compile once.
@@ -233,8 +235,8 @@ class Step:
     # -- one call -------------------------------------------------------------------
     def __call__(self, *batch):
         check_optimizer(self.optimizer)   # flags may have changed since the last call
-        if self.replicas is not None:
-            self.replicas.broadcast([b for _, b in self.model.named_buffers()])
+        if self.replicas is not None:   # no_sync refused, buffers from rank 0
+            self.replicas.before_step()
         every = list(self.model.named_parameters())   # one walk of the model per step
         named = [(n, p) for n, p in every if p.requires_grad]
         names, parameters = [n for n, _ in named], [p for _, p in named]

@@ -230,30 +230,39 @@ def compile_step_unused(executor: str) -> None:
     assert moved > 0, "the extra layer was not updated on this rank"
 
 
+def refused(call, *words) -> None:
+    """``call()`` raises UnsupportedError whose message has all ``words``."""
+    try:
+        call()
+    except retrograd.UnsupportedError as error:
+        assert all(word in str(error) for word in words), (words, str(error))
+    else:
+        raise AssertionError(f"not refused: expected an error naming {words}")
+
+
 def refusals(_: str) -> None:
     """Setups compile_step cannot run end in UnsupportedError naming the fix
     (FSDP1 needs an accelerator to be built: tests/test_distributed.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    def refused(model, *words):
-        try:
-            retrograd.compile_step(model, loss_fn, None)
-        except retrograd.UnsupportedError as error:
-            assert all(word in str(error) for word in words), (words, str(error))
-        else:
-            raise AssertionError(f"compile_step accepted {type(model).__name__}")
+    def build(model):
+        return lambda: retrograd.compile_step(model, loss_fn, None)
 
     model = Net()
-    refused(fully_shard(copy.deepcopy(model), mesh=init_device_mesh("cpu", (2,))), "FSDP2",
-            "fully_shard(block)")
+    refused(build(fully_shard(copy.deepcopy(model), mesh=init_device_mesh("cpu", (2,)))),
+            "FSDP2", "fully_shard(block)")
     uneven = DDP(copy.deepcopy(model))
     if dist.get_rank() == 1:   # changed after DDP checked the shapes
         uneven.module.head = nn.Linear(WIDTH, CLASSES + 1)
-    refused(uneven, "differ across ranks", "head.weight")
+    refused(build(uneven), "differ across ranks", "head.weight")
+    wrapped = DDP(copy.deepcopy(model))
+    step = retrograd.compile_step(wrapped, loss_fn, None, executor="fx")
+    with wrapped.no_sync():
+        refused(lambda: step(*batch(0)), "no_sync", "DDP(torch.compile")
     late = DDP(copy.deepcopy(model))
     dist.destroy_process_group()
-    refused(late, "no process group", "init_process_group")
+    refused(build(late), "no process group", "init_process_group")
 
 
 SCENARIOS = {function.__name__: function for function in (
