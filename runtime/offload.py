@@ -68,7 +68,8 @@ def _owns_storage(x: torch.Tensor) -> bool:
 def _offload_cuda(x: torch.Tensor, asynchronous: bool) -> torch.Tensor:
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-    source = x if _owns_storage(x) else x.clone()   # an arena slot is reused right after
+    # an arena slot is reused right after: copy from a clone of its own
+    source = x if _owns_storage(x) else x.clone(memory_format=torch.contiguous_format)
     side.wait_stream(main)
     with torch.cuda.stream(side):
         host.copy_(source, non_blocking=True)

@@ -376,3 +376,20 @@ def test_explain_counts_offloaded_values_apart(tmp_path, capsys):
     assert totals["recomputed"] == sum(r["decision"] == "recomputed" for r in report["ledger"])
     cli.main(["explain", str(tmp_path)])
     assert "2 offloaded to host memory (512 bytes)" in capsys.readouterr().out
+
+
+def test_reload_returns_the_copy_its_prefetch_made():
+    """The ops alone: offload gives a separate contiguous host copy;
+    prefetch's token names its copy until reload takes it (while the token
+    is alive, so reload found it by the token, not by the fallback)."""
+    x = torch.randn(6, 4).t()   # strided
+    ops = torch.ops.retrograd
+    host = ops.offload.default(x, True)
+    assert host.is_contiguous() and host.untyped_storage().data_ptr() != \
+        x.untyped_storage().data_ptr() and torch.equal(host, x)
+    token = ops.prefetch.default(host, list(x.shape), list(x.stride()), x.device, None, True)
+    assert copies.pending() == 1
+    back = ops.reload.default(host, token, list(x.shape), list(x.stride()), x.device)
+    assert copies.pending() == 0 and token is not None
+    assert torch.equal(back, x) and back.stride() == x.stride()
+    assert back.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
