@@ -42,7 +42,7 @@ import torch
 
 from retrograd.errors import UnsupportedError
 
-__all__ = ["Replicas", "unwrap", "check_same_parameters"]
+__all__ = ["Replicas", "check_same_parameters", "unwrap"]
 
 _INSTEAD = ("use DDP(torch.compile(model, backend=\"retrograd\")) for DDP, or "
             "block.compile(backend=\"retrograd\") before fully_shard(block) for FSDP2 "

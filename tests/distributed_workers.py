@@ -79,10 +79,15 @@ def compare_grads(got: nn.Module, ref: nn.Module, what: str, tolerance: float = 
             assert_close_floor(a.grad, b.grad, tolerance, 1e-3, f"{what}: {name}.grad")
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's shards) gathered whole; any other tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def compare_parameters(got: nn.Module, ref: nn.Module, what: str,
                        tolerance: float = FP32) -> None:
     for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
-        a, b = getattr(a, "full_tensor", lambda: a)(), getattr(b, "full_tensor", lambda: b)()
+        a, b = _whole(a), _whole(b)
         if a.is_floating_point():
             assert_close_floor(a, b, tolerance, 1e-3, f"{what}: {name}")
         else:
