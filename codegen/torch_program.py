@@ -24,8 +24,9 @@ executor makes them (``runtime/executor.py::_evaluate``): a fill shaped like
 a freed value takes its recorded shape, a view kept in registers is a
 reshape of the register it equals, and anything else is computed again from
 its operands (a deterministic recompute: retrograd's random ops are keyed
-by their seed). Each output gets the strides the plan gave it (a copy only
-when torch chose others), as generated kernels would write it.
+by their seed). Inputs and outputs get the strides they were traced with
+(``_strides``: the layout pass's choices serve generated kernels), a copy
+only where a caller or torch gave others.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ class _Writer:
             return render(arg)
         pieces = [text(arg) for arg in node.args]
         pieces += [f"{key}={text(value)}" for key, value in node.kwargs.items()]
+        if node.target is torch.ops.aten.view.default:   # the method: the same op, cheaper
+            return f"{pieces[0]}.view({pieces[1]})"
         return f"{self.callee(node)}({', '.join(pieces)})"
 
     def free(self, names) -> None:
@@ -221,29 +224,47 @@ def _extern_lines(writer: _Writer, kernel: Kernel, arena: bool) -> None:
 
 
 def _fix_layouts(writer: _Writer, kernel: Kernel) -> None:
-    """Give each output the planned strides, as a generated kernel would store
-    it: a stride test where torch's result should already have them (the
-    recorded value agrees with the plan), a call that copies where it may not."""
+    """Give each output the strides torch gives it (its recorded value's), a
+    copy only where torch chose others at run time; see ``_strides``."""
     nodes = {node.name: node for node in kernel.nodes}
     for name in kernel.outputs:
-        buffer, node = writer.program.buffers.get(name), nodes.get(name)
-        value = node.meta.get("val") if node is not None else None
-        if buffer is None or name not in writer.alive:
-            continue
-        fix = f"{variable(name)} = rt.layout({variable(name)}, {buffer.shape}, {buffer.strides})"
-        if isinstance(value, torch.Tensor) and _agrees(value, buffer):
-            writer.lines.append(f"if {variable(name)}.stride() != {tuple(value.stride())}:")
-            writer.lines.append(f"    {fix}")
-        elif value is None or isinstance(value, torch.Tensor):
-            writer.lines.append(fix)
+        buffer = writer.program.buffers.get(name)
+        if buffer is not None and name in writer.alive:
+            strides = _strides(nodes.get(name), buffer)
+            writer.lines.extend(_stride_check(name, buffer.shape, strides))
 
 
-def _agrees(value: torch.Tensor, buffer) -> bool:
-    """The recorded value has the buffer's shape and, where it matters, strides."""
-    if tuple(value.shape) != tuple(buffer.shape):
-        return False
-    return all(size <= 1 or a == b
-               for size, a, b in zip(buffer.shape, value.stride(), buffer.strides))
+def _strides(node: fx.Node | None, buffer) -> tuple[int, ...]:
+    """The strides a value has in the torch program: its recorded value's.
+
+    The layout pass may plan other strides (channels-last for a convolution's
+    Triton neighbours); they serve generated kernels, and making torch's
+    results follow them would only add copies. Every view and ``as_strided``
+    of the graph was traced against the recorded strides, so those are the
+    ones the program's torch calls rely on. Without a recorded tensor, the plan's.
+    """
+    value = node.meta.get("val") if node is not None else None
+    if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(buffer.shape):
+        return tuple(value.stride())
+    return tuple(buffer.strides)
+
+
+def _stride_check(name: str, shape, strides) -> list[str]:
+    """``name`` with ``strides``: one test, and a copy only when they differ."""
+    return [f"if {variable(name)}.stride() != {tuple(strides)}:",
+            f"    {variable(name)} = rt.layout({variable(name)}, {tuple(shape)}, "
+            f"{tuple(strides)})"]
+
+
+def _placeholders(program: Program) -> dict[str, fx.Node]:
+    """The program's input nodes by name (found through the kernels that read them)."""
+    found = {}
+    for kernel in program.kernels:
+        for node in kernel.nodes:
+            for operand in node.all_input_nodes:
+                if operand.op == "placeholder":
+                    found[operand.name] = operand
+    return found
 
 
 def _kernel_block(writer: _Writer, index: int, kernel: Kernel, arena: bool) -> None:
@@ -268,12 +289,12 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
     if program.inputs:
         lines.append(f"{', '.join(variable(name) for name in program.inputs)}, = args")
     lines.append("args.clear()")
-    for name in program.inputs:   # the strides the program was planned for (a copy if not)
+    placeholders = _placeholders(program)
+    for name in program.inputs:   # the strides the program was traced with (a copy if not)
         buffer = program.buffers.get(name)
         if buffer is not None:
-            lines.append(f"if {variable(name)}.stride() != {tuple(buffer.strides)}:")
-            lines.append(f"    {variable(name)} = rt.layout({variable(name)}, {buffer.shape}, "
-                         f"{buffer.strides})")
+            lines.extend(_stride_check(name, buffer.shape,
+                                       _strides(placeholders.get(name), buffer)))
     for name in program.constants:
         lines.append(f"{variable(name)} = rt.constant({name!r})")
     writer.alive.update(program.inputs, program.constants)
