@@ -61,17 +61,23 @@ def _roots(packages) -> tuple[str, ...]:
 
 
 @functools.cache
-def _library_folders() -> tuple[tuple[str, ...], str, str]:
+def _library_folders() -> tuple[tuple[str, ...], str, tuple[str, ...]]:
     """The folders of torch and retrograd's packages, the standard library and
-    site-packages; found once, not for every frame a stack walk looks at."""
+    every site-packages (a venv's own, and the base interpreter's that a venv
+    made with ``--system-site-packages`` also reads); found once, not for
+    every frame a stack walk looks at."""
+    import site
     import retrograd
     import retrograd.codegen
     import retrograd.passes
     import retrograd.runtime
     paths = sysconfig.get_paths()
+    sites = {paths["purelib"], paths["platlib"], *getattr(site, "getsitepackages", list)()}
+    base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    sites |= {base["purelib"], base["platlib"]}
     return (_roots((torch, retrograd, retrograd.passes, retrograd.codegen, retrograd.runtime)),
             os.path.join(os.path.realpath(paths["stdlib"]), ""),
-            os.path.join(os.path.realpath(paths["purelib"]), ""))
+            tuple(os.path.join(os.path.realpath(s), "") for s in sorted(sites)))
 
 
 def _is_library(filename: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,15 @@ def test_explain_says_what_is_missing(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     assert cli.main(["explain", str(tmp_path)]) == 1
     assert "no report with a saved-tensor ledger" in capsys.readouterr().err
+
+
+def test_packages_of_the_base_interpreter_are_the_users_in_a_venv():
+    """In a venv made with ``--system-site-packages``, transformers may live in
+    the base interpreter's site-packages, under its standard library folder:
+    its frames are still the user's (ledger sources name modeling_*.py), while
+    the standard library's are not."""
+    import sysconfig
+    from retrograd.errors import _is_library
+    base = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    assert not _is_library(f"{base['purelib']}/transformers/models/llama/modeling_llama.py")
+    assert _is_library(sysconfig.get_paths()["stdlib"] + "/functools.py")
