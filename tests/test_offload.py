@@ -393,3 +393,20 @@ def test_reload_returns_the_copy_its_prefetch_made():
     assert copies.pending() == 0 and token is not None
     assert torch.equal(back, x) and back.stride() == x.stride()
     assert back.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
+
+
+def test_offloaded_convolution_activations_keep_the_cnn_right():
+    """The layout pass lays a CNN's saved activations out channels-last for
+    the backward; offloaded ones cross contiguous and come back in the
+    strides the backward was planned with (generated kernels, interpreter)."""
+    import copy
+
+    from zoo import ZOO, assert_parity, training_step
+    entry = ZOO["cnn"]
+    torch.manual_seed(0)
+    net, inputs = entry.model(), entry.inputs()
+    reference = copy.deepcopy(net)
+    compiled = retrograd.compile(net, executor="interpret", offload=["relu"])
+    got = training_step(entry, compiled, net, inputs)
+    assert_parity(got, training_step(entry, reference, reference, inputs), tolerance=1e-5)
+    assert sorted(_offload_stats(compiled.reports["forward"])["offloaded"]) == ["relu", "relu_1"]
