@@ -273,7 +273,7 @@ def test_zoo_arena_is_within_5_percent_of_the_live_lower_bound(zoo_runs, name, h
     if arena:
         assert any(row[-1] != "None" for row in rows.values())
     index = (folder / "index.html").read_text()
-    assert "Live temporary memory over the schedule" in index
+    assert "The schedule: kernels and memory" in index
     assert "<svg" in index and "<polyline" in index
 
     assert max(run["errors"].values()) < 1e-5, run["errors"]
