@@ -92,6 +92,8 @@ def _choose(items: list[_Saved], ctx, forward_nodes, backward_nodes):
     """{saved: reason} for the values to offload, and the model's prefetch
     start (seconds into the backward) of each."""
     options = ctx.options
+    if not options.offload and not _on_cuda(items):
+        return {}, {}, {}   # nothing asked, and on the CPU nothing to gain
     forward_times, backward_times = _timeline(forward_nodes), _timeline(backward_nodes)
     forward_end = max((end for _, end in forward_times.values()), default=0.0)
 
