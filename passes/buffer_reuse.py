@@ -24,12 +24,6 @@ input may be read through a chain of reshapes between row-major buffers (a
 matrix product's ``[rows, n]`` result read as ``[batch, tokens, n]``, as every
 ``nn.Linear`` on a 3-d activation is): element i is then at the same address.
 
-A backward program receives the forward's saved activations and frees each
-at its last use; nobody else holds them (``ctx.input_layouts`` names them, see
-passes/layout.py). The window search therefore counts them until then, so an
-arena is not taken while they are all still alive if a later start lowers the
-peak. Other inputs (parameters, the batch) are the caller's and not counted.
-
 The liveness lower bound is the largest sum of (aligned) planned bytes alive
 at one kernel, computed from lifetimes alone (buffers chained in place count
 once: they share one slot); no planner can beat it. Offsets are aligned to
@@ -285,15 +279,10 @@ def _slots(program: Program, spans, names: list[str], support) -> list[Slot]:
     return slots
 
 
-def _windows(program: Program, spans, slots: list[Slot], received=()):
-    """Busy periods, then peak-driven cuts (``passes/planning/windows.py``);
-    ``received``: inputs the program frees and nobody else holds (module
-    docstring), counted in the footprint until their last use."""
+def _windows(program: Program, spans, slots: list[Slot]):
+    """Busy periods, then peak-driven cuts (``passes/planning/windows.py``)."""
     planned = {name for slot in slots for name in slot.names}
     base = windows.base_footprint(program, spans, planned)
-    for name in received:
-        if name in program.buffers and name in spans:
-            windows.add_span(base, 0, spans[name][1], program.buffers[name].nbytes)
     return windows.split_windows(
         base, windows.busy_periods(slots),
         lambda w: _live_peak((s.start, s.stop, s.size) for s in w.slots))
@@ -409,7 +398,7 @@ def run(program: Program, ctx) -> PassResult:
         program.buffers[output].reuses = source
     program.frees = _frees(program, spans)
     slots = _slots(program, spans, planned_buffers(program), ctx.op_support)
-    chosen, standalone = _windows(program, spans, slots, getattr(ctx, "input_layouts", {}))
+    chosen, standalone = _windows(program, spans, slots)
     strategies = _place_windows(program, chosen, standalone)
     kept = [slot for window in chosen for slot in window.slots]
     stats = _stats(program, slots, kept, standalone, strategies, donated)

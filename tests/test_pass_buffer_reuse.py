@@ -142,45 +142,6 @@ def test_buffer_reuse_on_a_fused_program_runs_correctly():
 
 # -- what the LoRA step needed (issue 13, item 3) ------------------------------------
 
-def _received_program() -> Program:
-    """
-    0 triton k0:  s       -> t0   (s: a saved activation, 4096 bytes, dies here;
-                                   t0: 64 bytes)
-    1 triton k1:  t0      -> t1   (2048 bytes)
-    2 triton k2:  t1      -> t2   (2048 bytes)
-    3 triton k3:  t2, t1  -> out  (4 bytes)
-    One busy period, one arena of 4096 bytes from kernel 0 on, while s is
-    still alive: 8192 bytes held at kernel 0.
-    """
-    buffers = {"s": buffer("s", (1024,), "input"), "t0": buffer("t0", (16,)),
-               "t1": buffer("t1", (512,)), "t2": buffer("t2", (512,)),
-               "out": buffer("out", (1,), "output")}
-    kernels = [Kernel("k0", "triton", [], ["s"], ["t0"]),
-               Kernel("k1", "triton", [], ["t0"], ["t1"]),
-               Kernel("k2", "triton", [], ["t1"], ["t2"]),
-               Kernel("k3", "triton", [], ["t2", "t1"], ["out"])]
-    return Program("received", buffers, kernels, inputs=["s"], outputs=["out"])
-
-
-def test_a_received_activation_counts_until_its_last_use():
-    """A backward frees the saved activations it receives at their last use
-    (nobody else holds them), so the footprint counts them until then: the
-    arena is taken after ``s`` is gone (t0 gets its own 64 bytes), and kernel
-    0 holds 4160 bytes instead of 8192. Inputs not received from the forward
-    (parameters, the batch: held by the caller anyway) are not counted, and
-    there the one arena is best."""
-    program = _received_program()
-    buffer_reuse.run(program, context())
-    assert [(w.start, w.stop, w.nbytes) for w in program.arenas] == [(0, 3, 4096)]
-    program = _received_program()
-    ctx = context()
-    ctx.input_layouts = {"s": (1,)}
-    stats = buffer_reuse.run(program, ctx).stats
-    assert [(w.start, w.stop, w.nbytes) for w in program.arenas] == [(1, 3, 4096)]
-    assert program.buffers["t0"].offset is None and stats["standalone_buffers"] == 1
-    program.validate()
-
-
 def _product_read_through_a_reshape(read_again: bool):
     """mm -> view [2, 8, 8] -> pointwise -> view -> mm: the pointwise kernel
     reads the first product only through a reshape."""
