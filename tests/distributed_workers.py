@@ -235,6 +235,38 @@ def compile_step_unused(executor: str) -> None:
     assert moved > 0, "the extra layer was not updated on this rank"
 
 
+class Mixed(nn.Module):
+    """A float64 layer feeding a float32 one: two gradient dtypes, two all-reduces."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(WIDTH, WIDTH, dtype=torch.float64)
+        self.second = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x.double())).float())
+
+
+def compile_step_dtypes(executor: str) -> None:
+    """Gradients of two dtypes: one all-reduce each, the second ordered after
+    the first; parameters equal an eager DDP loop (SGD with momentum)."""
+    torch.manual_seed(0)
+    model = Mixed()
+    reference = copy.deepcopy(model)
+    wrapped, eager = DDP(model), DDP(reference)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    step = retrograd.compile_step(wrapped, loss_fn, optimizer, executor=executor)
+    for number in range(STEPS):
+        step(*batch(number))
+        eager_optimizer.zero_grad()
+        loss_fn(eager, *batch(number)).backward()
+        eager_optimizer.step()
+    compare_parameters(model, reference, f"after {STEPS} steps")
+    report = step.reports["step"]["kernels"]["extern_ops"]
+    assert report.get("_c10d_functional.all_reduce.default") == 2, report
+
+
 def refused(call, *words) -> None:
     """``call()`` raises UnsupportedError whose message has all ``words``."""
     try:
@@ -271,7 +303,8 @@ def refusals(_: str) -> None:
 
 
 SCENARIOS = {function.__name__: function for function in (
-    ddp_torch_compile, ddp_buckets, fsdp2, compile_step_ddp, compile_step_unused, refusals)}
+    ddp_torch_compile, ddp_buckets, fsdp2, compile_step_ddp, compile_step_unused,
+    compile_step_dtypes, refusals)}
 
 
 def main() -> None:

@@ -100,10 +100,11 @@ def test_compile_step_on_ddp_matches_eager_ddp_and_refuses_bad_setups():
 
 
 @pytest.mark.slow
-def test_compile_step_on_ddp_averages_a_layer_reached_on_one_rank():
+def test_compile_step_on_ddp_unused_layers_and_two_gradient_dtypes():
     """A layer only rank 1's loss reaches is averaged on both ranks, as DDP
-    with find_unused_parameters=True (SGD with momentum)."""
-    run_ranks("compile_step_unused:fx")
+    with find_unused_parameters=True; float64 and float32 gradients are
+    averaged by one all-reduce each (SGD with momentum, against eager DDP)."""
+    run_ranks("compile_step_unused:fx", "compile_step_dtypes:interpret")
 
 
 def test_compile_step_refuses_data_parallel_and_fsdp1():
