@@ -20,9 +20,9 @@ do not run) keeps the overload.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
-__all__ = ["torch_function", "bound_name"]
+__all__ = ["bound_name", "torch_function"]
 
 _FUNCTIONS = torch._C._VariableFunctions
 

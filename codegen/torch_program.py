@@ -31,17 +31,15 @@ only where a caller or torch gave others.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from string import Template
 
-import operator
-
 import torch
-import torch.fx as fx
-
 from retrograd.codegen.torch_calls import bound_name, torch_function
 from retrograd.codegen.wrapper import render, variable
 from retrograd.ir import Kernel, Kind, Program
+from torch import fx
 
 __all__ = ["generate_torch_program"]
 
@@ -251,9 +249,9 @@ def _strides(node: fx.Node | None, buffer) -> tuple[int, ...]:
 
 def _stride_check(name: str, shape, strides) -> list[str]:
     """``name`` with ``strides``: one test, and a copy only when they differ."""
+    fix = f"rt.layout({variable(name)}, {tuple(shape)}, {tuple(strides)})"
     return [f"if {variable(name)}.stride() != {tuple(strides)}:",
-            f"    {variable(name)} = rt.layout({variable(name)}, {tuple(shape)}, "
-            f"{tuple(strides)})"]
+            f"    {variable(name)} = {fix}"]
 
 
 def _placeholders(program: Program) -> dict[str, fx.Node]:

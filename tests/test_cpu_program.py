@@ -12,11 +12,15 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-
 import retrograd
-from pass_helpers import buffer, fuse, run_gm, trace
-from pass_helpers import seeded  # noqa: F401  (autouse: each test from seed 0)
+import torch
+from pass_helpers import (
+    buffer,
+    fuse,
+    run_gm,
+    seeded,  # noqa: F401  (autouse: each test from seed 0)
+    trace,
+)
 from retrograd.codegen.torch_calls import torch_function
 from retrograd.codegen.torch_program import generate_torch_program
 from retrograd.ir import Kernel, Program
@@ -77,7 +81,8 @@ def test_dump_holds_the_program_one_comment_per_kernel(tmp_path):
     assert "\n    del " in text
     from retrograd.program_bench import main
     namespace: dict = {}
-    exec(compile(text.split('if __name__ == "__main__":')[0], str(path), "exec"), namespace)
+    exec(compile(text.split('if __name__ == "__main__":')[0], str(path), "exec"),  # noqa: S102
+         namespace)   # the recorded layouts, as `python program.py` reads them
     main(str(path), namespace["INPUTS"], namespace["CONSTANTS"], namespace["EXECUTOR"],
          argv=["--repeat", "1"])
 
@@ -145,7 +150,7 @@ def test_a_value_no_kernel_stored_is_computed_again_then_deleted():
 def test_inner_values_of_a_fused_kernel_die_at_their_last_use():
     """A fused chain holds at most two full-size values at once (what it reads
     and what it writes), as eager does; the fx executor kept them all."""
-    program, _, gm = fuse(lambda x: x.sin().cos().exp().neg().abs().sqrt(), torch.randn(8))
+    program, _, _ = fuse(lambda x: x.sin().cos().exp().neg().abs().sqrt(), torch.randn(8))
     source = generate_torch_program(program)
     body = source.split("def run")[1]
     assigned = deleted = 0
@@ -161,7 +166,7 @@ def test_inner_values_of_a_fused_kernel_die_at_their_last_use():
 
 
 def test_inputs_get_the_planned_strides():
-    program, _, gm = fuse(lambda x: x * 2, torch.randn(4, 3))
+    program, _, _ = fuse(lambda x: x * 2, torch.randn(4, 3))
     x = torch.randn(3, 4).t()   # same shape, other strides
     [got] = TorchProgramExecutable(program, generate_torch_program(program))([x])
     torch.testing.assert_close(got, x * 2)
@@ -170,7 +175,7 @@ def test_inputs_get_the_planned_strides():
 def test_values_keep_the_strides_they_were_traced_with():
     """The layout pass's strides serve generated kernels: in the torch program
     a value keeps torch's (recorded) strides, with no copy to the plan's."""
-    program, _, gm = fuse(lambda x: x * 2, torch.randn(4, 3))
+    program, _, _ = fuse(lambda x: x * 2, torch.randn(4, 3))
     [name] = program.kernels[0].outputs
     program.buffers[name].strides = (1, 4)   # the plan wants it column-major
     source = generate_torch_program(program)
@@ -219,7 +224,10 @@ def test_a_node_copied_into_a_later_kernel_is_read_not_deleted():
     later kernel as its own inner value: an UnboundLocalError at the return,
     gpt2_tiny with memory_budget=1.0)."""
     x = torch.randn(3, 4)
-    gm = trace(lambda x: (lambda s: (s, s * 2))(x.sin()), x)
+    def shared(x):
+        s = x.sin()
+        return s, s * 2
+    gm = trace(shared, x)
     sin, mul = (_name_of(gm, op) for op in (aten.sin.default, aten.mul.Tensor))
     program = _program(gm, [[sin], [sin, mul]], [sin, mul])
     program.kernels[1].outputs = [mul]   # the copy of sin is not stored there
