@@ -20,7 +20,10 @@ ALLOWED_EXTERN = {"aten.mm.default", "aten.bmm.default", "aten.addmm.default",
                   "aten._scaled_dot_product_efficient_attention.default",
                   "aten._scaled_dot_product_efficient_attention_backward.default",
                   "aten._scaled_dot_product_cudnn_attention.default",
-                  "aten._scaled_dot_product_cudnn_attention_backward.default"}
+                  "aten._scaled_dot_product_cudnn_attention_backward.default",
+                  # the fused linear + cross-entropy: chunked matrix products by design
+                  "retrograd.linear_cross_entropy.default",
+                  "retrograd.linear_cross_entropy_backward.default"}
 
 
 def _reports(name: str, autocast: bool) -> dict:
