@@ -151,8 +151,8 @@ def _insert_offload(graph: fx.Graph, item: _Saved, asynchronous: bool) -> fx.Nod
     order = {n: i for i, n in enumerate(graph.nodes)}
     last = max(item.forward_readers + [item.node], key=order.__getitem__)
     with graph.inserting_after(last):
-        host = graph.call_function(_ops().offload.default, (item.node, asynchronous))
-    host.name = f"offload_{item.node.name}"
+        host = graph.create_node("call_function", _ops().offload.default,
+                                 (item.node, asynchronous), name=f"offload_{item.node.name}")
     host.meta["val"] = _host_value(item.node.meta["val"])
     return host
 
@@ -170,12 +170,12 @@ def _insert_reload(graph: fx.Graph, item: _Saved, host: fx.Node, anchor, asynchr
         anchor = None
     where = graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(first)
     with where:
-        token = graph.call_function(ops.prefetch.default, (
-            host, shape, stride, val.device, anchor, asynchronous))
+        token = graph.create_node("call_function", ops.prefetch.default, (
+            host, shape, stride, val.device, anchor, asynchronous),
+            name=f"prefetch_{item.node.name}")
     with graph.inserting_before(first):
-        device_value = graph.call_function(ops.reload.default,
-                                           (host, token, shape, stride, val.device))
-    token.name, device_value.name = f"prefetch_{item.node.name}", f"reload_{item.node.name}"
+        device_value = graph.create_node("call_function", ops.reload.default, (
+            host, token, shape, stride, val.device), name=f"reload_{item.node.name}")
     token.meta["val"] = val.new_empty((), dtype=torch.int64, device="cpu")
     device_value.meta["val"] = val
     for node in (token, device_value):
