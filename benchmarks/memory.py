@@ -14,10 +14,14 @@ and, second table, the measured peak of live CPU memory during one training
 step (forward + backward) from ``torch.profiler`` memory events, for eager,
 ``torch.compile(backend="aot_eager")`` and retrograd; third table, a whole
 step with SGD (momentum) for an eager loop, ``torch.compile`` + the eager
-optimizer, and ``retrograd.compile_step``. Every row of the second and third
-tables is measured in a fresh process.
+optimizer, and ``retrograd.compile_step``; fourth, the Pareto table of
+``memory_budget`` (``benchmarks/pareto.py``: per budget the measured saved
+bytes against torch's default_partition measured the same way, recompute
+FLOPs, predicted and measured peak) on transformers' GPT-2, LLaMA and BERT
+and an LLM-shaped GPT-2 (vocabulary 128x its width). Every row of the second
+to fourth tables is measured in a fresh process.
 
-    python benchmarks/memory.py [--out results.json]
+    python benchmarks/memory.py [--out results.json] [--pareto-models gpt2 lm_wide]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import pareto  # noqa: E402
 from measuring import profiled_peak, saved_storage_bytes  # noqa: E402
 from zoo import ZOO, ZooEntry, _weighted_sum, clone_inputs  # noqa: E402  (the zoo lives with the tests)
 
@@ -232,19 +237,23 @@ def isolated(function, name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--pareto-models", nargs="*", default=list(pareto.MODELS))
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     rows = [measure(name) for name in args.models]
     peaks = [isolated(measure_peaks, name) for name in args.models]
     steps = [isolated(measure_steps, name) for name in args.models]
+    budgets = [row for name in args.pareto_models for row in pareto.rows_for(name)]
     if args.out:
-        Path(args.out).write_text(json.dumps({"saved": rows, "peak": peaks, "step": steps},
-                                             indent=2))
+        Path(args.out).write_text(json.dumps({"saved": rows, "peak": peaks, "step": steps,
+                                              "pareto": budgets}, indent=2))
     print(markdown(rows))
     print()
     print(peak_markdown(peaks))
     print()
     print(step_markdown(steps))
+    print()
+    print(pareto.markdown(budgets))
     return 0
 
 
