@@ -3,7 +3,7 @@ against eager PyTorch, forward outputs and gradients.
 
 Three runs of the same program on the same inputs:
 
-- ``compiled``: ``retrograd.compile(fn, executor="auto")`` (generated Triton,
+- ``compiled``: ``retrograd.compile(fn, executor="interpret")`` (generated Triton,
   under the interpreter on CPU), or ``torch.compile(fn, backend="retrograd")``;
 - ``eager``: the program as written, in its own dtypes;
 - ``wide``: the reference: every floating input widened to float64 and every
@@ -50,10 +50,11 @@ def _widen(x: torch.Tensor) -> torch.Tensor:
 
 def _compile(fn, face: str):
     if face == "compile":
-        return retrograd.compile(fn, executor="auto")
+        return retrograd.compile(fn, executor="interpret")
     if face == "torch.compile":
         torch._dynamo.reset()
-        return torch.compile(fn, backend="retrograd", dynamic=False)
+        return torch.compile(fn, backend="retrograd", dynamic=False,
+                             options={"executor": "interpret"})
     raise ValueError(f"face: expected 'compile' or 'torch.compile', got {face!r}")
 
 
