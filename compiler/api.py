@@ -27,6 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from retrograd.capture import real_primals
+from retrograd.distributed import refuse_for_compile
 from retrograd.errors import UnsupportedError
 from retrograd.options import Options
 from retrograd.reach import reachable_modules
@@ -102,6 +103,7 @@ def compile(target: Callable | None = None, **options):
     if target is None:
         return functools.partial(compile, **options)
     if isinstance(target, torch.nn.Module):
+        refuse_for_compile(target)   # DDP/FSDP: compile inside them (distributed.py)
         return CompiledModule(target, parsed)
     if callable(target):
         return CompiledFunction(target, parsed)

@@ -30,7 +30,8 @@ parameters differ across ranks (an all-gather of each rank's parameter names,
 shapes and dtypes, instead of a hang in the first all-reduce), DDP options the
 step does not implement (communication hooks, DDP's mixed precision), and
 wrappers it cannot unwrap (``DataParallel``, FSDP1, FSDP2's ``fully_shard``):
-docs/distributed.md lists what to use instead.
+docs/distributed.md lists what to use instead. ``retrograd.compile`` refuses
+the same wrappers (``refuse_for_compile``): it compiles inside them.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 from retrograd.errors import UnsupportedError
 
-__all__ = ["Replicas", "check_same_parameters", "unwrap"]
+__all__ = ["Replicas", "check_same_parameters", "refuse_for_compile", "unwrap"]
 
 _INSTEAD = ("use DDP(torch.compile(model, backend=\"retrograd\")) for DDP, or "
             "block.compile(backend=\"retrograd\") before fully_shard(block) for FSDP2 "
@@ -165,6 +166,26 @@ def _fsdp_kind(module: torch.nn.Module) -> str:
     if isinstance(module, FSDPModule):
         return "fully_shard (FSDP2)"
     return ""
+
+
+def refuse_for_compile(model: torch.nn.Module) -> None:
+    """``retrograd.compile(model)``: a DDP, FSDP or DataParallel module anywhere
+    in ``model`` is refused (each communicates in hooks and a forward the
+    trace does not keep; DDP's forward failed in codegen with ``KeyError:
+    '_record_function_enter_new'``). Compiling inside the wrapper works."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    for name, module in model.named_modules():
+        kind = _fsdp_kind(module) or ("DistributedDataParallel" if isinstance(
+            module, DistributedDataParallel) else "torch.nn.DataParallel" if isinstance(
+            module, DataParallel) else "")
+        if kind:
+            where = f" (at {name!r})" if name else ""
+            raise UnsupportedError(
+                f"retrograd.compile: {kind}{where} cannot be traced (it communicates in hooks "
+                "a trace does not keep); compile the model inside the wrapper: "
+                "DDP(retrograd.compile(model)), DDP(torch.compile(model, "
+                "backend=\"retrograd\")), or retrograd.compile_step(DDP(model), ...) "
+                "(docs/distributed.md)")
 
 
 def _require_process_group() -> None:

@@ -123,6 +123,16 @@ def ddp_torch_compile(executor: str) -> None:
     assert len(graphs) == 1, f"expected one graph, retrograd compiled {len(graphs)}"
 
 
+def ddp_standalone(executor: str) -> None:
+    """DDP(retrograd.compile(model)), the standalone face inside DDP, with
+    no_sync accumulation, against eager DDP."""
+    model, reference = twins()
+    compiled = DDP(retrograd.compile(model, executor=executor))
+    eager = DDP(reference)
+    train_pair([(compiled, torch.optim.AdamW(compiled.parameters(), lr=0.05)),
+                (eager, torch.optim.AdamW(eager.parameters(), lr=0.05))], micro=2)
+
+
 def ddp_buckets(executor: str) -> None:
     """``bucket_cap_mb=1`` (DDPOptimizer's least: its first bucket is 1 MiB)
     and 512 x 512 weights (1 MiB each): dynamo's DDPOptimizer splits the graph
@@ -303,7 +313,7 @@ def refusals(_: str) -> None:
 
 
 SCENARIOS = {function.__name__: function for function in (
-    ddp_torch_compile, ddp_buckets, fsdp2, compile_step_ddp, compile_step_unused,
+    ddp_torch_compile, ddp_standalone, ddp_buckets, fsdp2, compile_step_ddp, compile_step_unused,
     compile_step_dtypes, refusals)}
 
 

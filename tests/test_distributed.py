@@ -77,8 +77,9 @@ def test_ddp_of_torch_compile_matches_eager_ddp():
     AdamW steps each: (1) Triton's interpreter, two micro-batches a step, the
     first under no_sync, one graph; (2) a small bucket_cap_mb, where dynamo's
     DDPOptimizer splits the model at bucket boundaries and retrograd compiles
-    each piece. Gradients before every update, parameters after the last."""
-    run_ranks("ddp_torch_compile:interpret", "ddp_buckets:fx")
+    each piece; (3) DDP(retrograd.compile(model)), the standalone face, with
+    no_sync. Gradients before every update, parameters after the last."""
+    run_ranks("ddp_torch_compile:interpret", "ddp_buckets:fx", "ddp_standalone:fx")
 
 
 def test_fsdp2_per_block_compile_matches_eager_fsdp2():
@@ -119,6 +120,29 @@ def test_compile_step_refuses_data_parallel_and_fsdp1():
     fsdp1.inner = torch.nn.Linear(2, 2)
     with pytest.raises(retrograd.UnsupportedError, match="FSDP1.*DDP\\(torch.compile"):
         retrograd.compile_step(torch.nn.Sequential(fsdp1), lambda m, x: m(x).sum(), None)
+
+
+def _bare(cls):
+    """An instance of a wrapper class built without its __init__ (DDP needs a
+    process group, FSDP1 an accelerator): enough for the wrapper checks, which
+    look at types before anything else."""
+    wrapper = cls.__new__(cls)
+    torch.nn.Module.__init__(wrapper)
+    wrapper.module = torch.nn.Linear(2, 2)
+    return wrapper
+
+
+def test_retrograd_compile_refuses_distributed_wrappers():
+    """retrograd.compile(DDP(model)) failed with KeyError
+    '_record_function_enter_new'; now each wrapper is refused by name."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    for wrapper, name in ((_bare(DistributedDataParallel), "DistributedDataParallel"),
+                          (_bare(FullyShardedDataParallel), "FSDP1"),
+                          (DataParallel(torch.nn.Linear(2, 2)), "DataParallel")):
+        with pytest.raises(retrograd.UnsupportedError,
+                           match=f"retrograd.compile: .*{name}.*DDP\\(retrograd.compile"):
+            retrograd.compile(torch.nn.Sequential(wrapper))
 
 
 def _torchrun(example: str, *arguments: str) -> str:
