@@ -57,7 +57,7 @@ $body
 
 def launch($args):
     """Launch $name over $numel elements, $block per program."""
-    grid = (triton.cdiv($numel, $block),)
+    grid = (-(-$numel // $block),)
     $name[grid]($args, $numel, BLOCK=$block)
 ''')
 

@@ -55,7 +55,7 @@ $body
 
 def launch($args):
     """Launch $name over $numel elements, $block per program."""
-    $name[(triton.cdiv($numel, $block),)]($args, BLOCK=$block)
+    $name[(-(-$numel // $block),)]($args, BLOCK=$block)
 ''')
 
 

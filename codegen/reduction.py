@@ -71,7 +71,7 @@ $body
 
 def launch($args):
     """Launch $name: $rows rows, $row_block per program."""
-    grid = (triton.cdiv($rows, $row_block),)
+    grid = (-(-$rows // $row_block),)
     $name[grid]($args, ROWS=$row_block, RBLOCK=$r_block)
 ''')
 

@@ -86,9 +86,9 @@ $combine_body
 def launch($args):
     """Launch $name: partials of $rows rows in $split chunks, then their combination."""
 $scratch
-    ${name}_partial[(triton.cdiv($rows, $row_block), $split)]($partial_args, ROWS=$row_block,
+    ${name}_partial[(-(-$rows // $row_block), $split)]($partial_args, ROWS=$row_block,
         RBLOCK=$r_block, CHUNK=$chunk)
-    $name[(triton.cdiv($rows, $combine_rows),)]($combine_args, ROWS=$combine_rows,
+    $name[(-(-$rows // $combine_rows),)]($combine_args, ROWS=$combine_rows,
         RBLOCK=$split_block)
 ''')
 

@@ -79,7 +79,7 @@ $coordinates
 
 def launch(${source}, ${out}):
     """Launch $name: $rows rows, $row_block per program."""
-    grid = (triton.cdiv($rows, $row_block),)
+    grid = (-(-$rows // $row_block),)
     $name[grid](${source}, ${out}, ROWS=$row_block, RBLOCK=$r_block)
 ''')
 

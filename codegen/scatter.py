@@ -64,8 +64,8 @@ $body
 
 def launch($launch_args):
     """Copy self into $out, then scatter $numel elements into it."""
-    ${name}_copy[(triton.cdiv($out_numel, $copy_block),)]($copy_args, BLOCK=$copy_block)
-    $name[(triton.cdiv($numel, $block),)]($args, BLOCK=$block)
+    ${name}_copy[(-(-$out_numel // $copy_block),)]($copy_args, BLOCK=$copy_block)
+    $name[(-(-$numel // $block),)]($args, BLOCK=$block)
 ''')
 
 

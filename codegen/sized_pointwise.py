@@ -75,7 +75,7 @@ $body
 
 def launch(block, n_elements, $args):
     """Launch $name over n_elements elements, block per program."""
-    grid = (triton.cdiv(n_elements, block),)
+    grid = (-(-n_elements // block),)
     $name[grid]($args, n_elements, BLOCK=block)
 ''')
 

@@ -53,7 +53,7 @@ def $name(
 
 def launch(block_kept, block_reduced, rows, columns, in_ptr, out_ptr):
     """Launch $name: one program per block_kept $kept."""
-    grid = (triton.cdiv($kept_count, block_kept),)
+    grid = (-(-$kept_count // block_kept),)
     $name[grid](in_ptr, out_ptr, rows, columns,
                BLOCK_KEPT=block_kept, BLOCK_REDUCED=block_reduced)
 ''')
