@@ -1,15 +1,18 @@
-"""One training step (forward, backward, optimizer) of a GPT-2-like model under
-eager PyTorch, torch.compile's default backend, retrograd's torch.compile
-backend and ``retrograd.compile_step`` (the whole step as one program), in
-one run.
+"""One training step (forward, backward, optimizer) of a GPT-2 or a LLaMA-shaped
+model under eager PyTorch, torch.compile's default and max-autotune modes,
+retrograd's torch.compile backend and ``retrograd.compile_step`` (the whole
+step as one program).
 
 Reports the median step time and the peak of ``torch.cuda.max_memory_allocated``
-for each, as ratios against eager, plus a gradient check of retrograd's
-compiled CUDA kernels against eager on a tiny GPT-2. Needs CUDA; on a CPU-only
-machine it says so and exits (``--smoke`` runs a tiny configuration anywhere,
-to check the script itself).
+for each, as ratios against eager and against Inductor (torch.compile
+default), plus a gradient check of retrograd's compiled CUDA kernels against
+eager on tiny models. Needs CUDA; on a CPU-only machine it says so and exits
+(``--smoke`` runs a tiny configuration anywhere, to check the script itself).
+``benchmarks/gpu_session.py`` runs every configuration once under a time
+budget (the one command of a GPU session); this file measures one model.
 
     python benchmarks/step.py --out results.json          # GPT-2 small: 12 layers, 768 wide
+    python benchmarks/step.py --model llama --variants eager,retrograd
 """
 
 from __future__ import annotations
@@ -24,8 +27,30 @@ import traceback
 
 import torch
 
+# Full-size configurations (issue 15, "Measure") and the tiny ones of --smoke.
+PRESETS = {
+    "gpt2": {"layers": 12, "width": 768, "heads": 12, "length": 1024, "vocab": 50257, "batch": 8},
+    "llama": {"layers": 8, "width": 1024, "heads": 16, "kv_heads": 4, "ffn": 2816,
+              "length": 1024, "vocab": 32000, "batch": 8},
+}
+SMOKE = {
+    "gpt2": {"layers": 1, "width": 32, "heads": 2, "length": 16, "vocab": 64, "batch": 2},
+    "llama": {"layers": 1, "width": 32, "heads": 4, "kv_heads": 2, "ffn": 64, "length": 16,
+              "vocab": 64, "batch": 2},
+}
+# key -> name in tables and JSON (the names of the 2026-11-26 JSON kept)
+VARIANTS = {
+    "eager": "eager",
+    "inductor": "torch.compile default",
+    "max-autotune": "torch.compile max-autotune",
+    "retrograd": "retrograd",
+    "compile_step": "retrograd compile_step",
+}
+DEFAULT_VARIANTS = ("eager", "inductor", "retrograd", "compile_step")
 
-def gpt2(layers: int, width: int, heads: int, length: int, vocab: int, attention: str):
+
+def gpt2(layers: int, width: int, heads: int, length: int, vocab: int, attention: str,
+         **_):
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(n_layer=layers, n_embd=width, n_head=heads, n_positions=length,
                         vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -34,11 +59,28 @@ def gpt2(layers: int, width: int, heads: int, length: int, vocab: int, attention
     return GPT2LMHeadModel(config)
 
 
-def gradient_check(device: str) -> dict:
-    """retrograd's kernels on ``device`` against eager, fp32, tiny GPT-2."""
-    from retrograd.numerics import relative_error     # the measure verify and the tests use
+def llama(layers: int, width: int, heads: int, kv_heads: int, ffn: int, length: int,
+          vocab: int, attention: str, **_):
+    """LLaMA-shaped (GQA, RMSNorm, SwiGLU, rotary) from a config, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ffn,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=length,
+                         attention_dropout=0.0, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config._attn_implementation = attention
+    return LlamaForCausalLM(config)
+
+
+BUILDERS = {"gpt2": gpt2, "llama": llama}
+
+
+def gradient_check(device: str, model_name: str = "gpt2") -> dict:
+    """retrograd's kernels on ``device`` against eager, fp32, a tiny model."""
+    from retrograd.numerics import relative_error, tolerance  # what verify and tests use
     torch.manual_seed(0)
-    model = gpt2(2, 64, 4, 32, 128, "eager").to(device)
+    sizes = dict(SMOKE[model_name], layers=2, width=64, heads=4, length=32, vocab=128)
+    model = BUILDERS[model_name](attention="eager", **sizes).to(device)
     reference = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 32), device=device)
     compiled = torch.compile(model, backend="retrograd")
@@ -46,7 +88,24 @@ def gradient_check(device: str) -> dict:
     reference(ids, labels=ids).loss.backward()
     errors = [relative_error(p.grad, r.grad) for p, r in
               zip(model.parameters(), reference.parameters())]
-    return {"max_relative_grad_error": max(errors), "parameters": len(errors)}
+    limit = 10 * tolerance(torch.float32)
+    return {"max_relative_grad_error": max(errors), "parameters": len(errors),
+            "limit": limit, "passed": max(errors) <= limit}
+
+
+def wrap(variant: str, model):
+    """The model as ``measure`` steps it: a module, or ``"compile_step"``."""
+    if variant == "eager":
+        return model
+    if variant == "inductor":
+        return torch.compile(model)
+    if variant == "max-autotune":
+        return torch.compile(model, mode="max-autotune")
+    if variant == "retrograd":
+        return torch.compile(model, backend="retrograd")
+    if variant == "compile_step":
+        return "compile_step"
+    raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
 
 
 def measure(name: str, model, step_model, ids, steps: int, warmup: int, autocast) -> dict:
@@ -99,35 +158,100 @@ def synchronize(ids):
         torch.cuda.synchronize()
 
 
+def run_variant(model_name: str, variant: str, sizes: dict, steps: int, warmup: int) -> dict:
+    """Build ``model_name`` at ``sizes`` (seed 0) and measure ``variant`` on it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BUILDERS[model_name](attention="sdpa", **sizes).to(device)
+    ids = torch.randint(0, sizes["vocab"], (sizes["batch"], sizes["length"]), device=device)
+
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    try:
+        run = measure(VARIANTS[variant], model, wrap(variant, model), ids, steps, warmup,
+                      autocast)
+    finally:
+        del model
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {"model": model_name, "variant": variant, **run}
+
+
+def with_ratios(runs: list[dict]) -> list[dict]:
+    """Each run with time and peak as ratios to eager's and Inductor's of its
+    model (run / reference: lower is better; None where either is missing)."""
+    out = []
+    for run in runs:
+        run = dict(run)
+        for reference in ("eager", "inductor"):
+            base = next((r for r in runs if r.get("model") == run.get("model")
+                         and r.get("variant") == reference and "median_ms" in r), None)
+            for key, field in (("time", "median_ms"), ("peak", "peak_bytes")):
+                ok = base and run.get(field) and base.get(field)
+                run[f"{key}_x_{reference}"] = run[field] / base[field] if ok else None
+        out.append(run)
+    return out
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """The runs as a BENCHMARKS.md table (ratios: run / reference, lower is better)."""
+    lines = [("| model | variant | median step | time x eager | time x Inductor | "
+              "peak memory | peak x eager | peak x Inductor | warm-up (compile) |"),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ratio(value):
+        return f"{value:.2f}x" if value is not None else "-"
+
+    for run in with_ratios(runs):
+        head = f"| {run.get('model', '-')} | {run['name']} |"
+        if "median_ms" not in run:
+            why = run.get("skipped") or "failed: " + run.get("error", "?").strip().splitlines()[-1]
+            lines.append(f"{head} {why[:120].replace('|', '/')} | | | | | | |")
+            continue
+        peak = run["peak_bytes"]
+        mib = f"{peak / 2**20:.0f} MiB" if peak else "-"
+        lines.append(f"{head} {run['median_ms']:.2f} ms | {ratio(run['time_x_eager'])} | "
+                     f"{ratio(run['time_x_inductor'])} | {mib} | {ratio(run['peak_x_eager'])} | "
+                     f"{ratio(run['peak_x_inductor'])} | {run['warmup_seconds']:.1f} s |")
+    return "\n".join(lines)
+
+
+def sizes_for(args) -> dict:
+    sizes = dict((SMOKE if args.smoke else PRESETS)[args.model])
+    for key in sizes:
+        if getattr(args, key, None) is not None:
+            sizes[key] = getattr(args, key)
+    return sizes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--width", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", choices=sorted(BUILDERS), default="gpt2")
+    for key in ("layers", "width", "heads", "kv_heads", "ffn", "length", "vocab", "batch"):
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None,
+                            help="default: the model's preset")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None, help="write results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny configuration, any device")
     args = parser.parse_args()
     if args.smoke:
-        args.layers, args.width, args.heads, args.length, args.vocab = 1, 32, 2, 16, 64
-        args.batch, args.steps, args.warmup = 2, 2, 1
+        args.steps, args.warmup = 2, 1
     elif not torch.cuda.is_available():
         print("benchmarks/step.py needs CUDA (use --smoke to check the script on CPU)")
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from retrograd.backend import register
     register()   # the entry point does this once installed; harmless twice
+    sizes = sizes_for(args)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "torch": torch.__version__, "config": vars(args), "runs": []}
-    try:
-        import triton
-        results["triton"] = triton.__version__
-    except ImportError:
-        pass
+               "torch": torch.__version__, "model": args.model, "sizes": sizes,
+               "config": vars(args), "runs": []}
 
     def save():
         if args.out:
@@ -135,55 +259,25 @@ def main() -> int:
                 json.dump(results, file, indent=2)
 
     try:
-        results["gradient_check"] = gradient_check(device)
-    except Exception:
+        results["gradient_check"] = gradient_check(device, args.model)
+    except Exception:  # noqa: BLE001  (recorded: a benchmark reports every failure)
         results["gradient_check"] = {"error": traceback.format_exc()[-3000:]}
     print("gradient check:", json.dumps(results["gradient_check"])[:2000], flush=True)
     save()
-
-    torch.manual_seed(0)
-    base = gpt2(args.layers, args.width, args.heads, args.length, args.vocab, "sdpa").to(device)
-    ids = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-
-    def autocast():
-        return torch.autocast(device, dtype=dtype, enabled=device == "cuda")
-
-    variants = [("eager", lambda m: m),
-                ("torch.compile default", lambda m: torch.compile(m)),
-                ("retrograd", lambda m: torch.compile(m, backend="retrograd")),
-                ("retrograd compile_step", lambda m: "compile_step")]
-    for name, wrap in variants:
-        torch._dynamo.reset()
-        model = copy.deepcopy(base)
+    for variant in args.variants.split(","):
         try:
-            run = measure(name, model, wrap(model), ids, args.steps, args.warmup, autocast)
-        except Exception:
-            run = {"name": name, "error": traceback.format_exc()[-3000:]}
+            run = run_variant(args.model, variant, sizes, args.steps, args.warmup)
+        except Exception:  # noqa: BLE001  (recorded, and the next variant runs)
+            run = {"model": args.model, "variant": variant, "name": VARIANTS.get(variant, variant),
+                   "error": traceback.format_exc()[-3000:]}
         results["runs"].append(run)
         print(json.dumps(run)[:3000], flush=True)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
         save()
-
-    print_table(results)
+    results["runs"] = with_ratios(results["runs"])
+    save()
+    print(f"\n{results['device']}, torch {results['torch']}, {args.model} {sizes}")
+    print(markdown_table(results["runs"]))
     return 0
-
-
-def print_table(results: dict) -> None:
-    eager = next((r for r in results["runs"] if r["name"] == "eager" and "median_ms" in r), None)
-    print(f"\n{results['device']}, torch {results['torch']}, config {results['config']}")
-    print(f"{'variant':24s} {'median ms':>10s} {'x eager':>8s} {'peak MiB':>10s} {'x eager':>8s}")
-    for run in results["runs"]:
-        if "median_ms" not in run:
-            print(f"{run['name']:24s} failed: {run['error'].splitlines()[-1]}")
-            continue
-        speed = eager["median_ms"] / run["median_ms"] if eager else float("nan")
-        peak = run["peak_bytes"]
-        memory = peak / eager["peak_bytes"] if eager and peak else float("nan")
-        mib = f"{peak / 2**20:10.0f}" if peak else f"{'-':>10s}"
-        print(f"{run['name']:24s} {run['median_ms']:10.2f} {speed:8.2f} {mib} {memory:8.2f}")
 
 
 if __name__ == "__main__":
