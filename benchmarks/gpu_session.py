@@ -15,7 +15,7 @@ models. ``benchmarks/step.py`` measures each (median step time, peak of
 Budgets: the whole session has ``--budget`` seconds; each job its own limit
 (``--job-budget``). The jobs run in a worker process; one that runs past its
 limit, or past the session's end, is killed with its process group and
-recorded as ``"skipped": "budget: ..."`` (a job that could not start in time
+recorded as ``"skipped": "budget (...)"`` (a job that could not start in time
 likewise), and a fresh worker goes on with the rest. A job that fails is
 recorded with its traceback; on CUDA the worker then restarts, so a broken
 context cannot spoil the next job.
@@ -89,8 +89,8 @@ def worker(spec_path: str) -> int:
             job = named((model, kind))
             left = spec["deadline"] - time.time()
             if left < spec["min_start"]:
-                record = {**job, "skipped": f"budget: {left:.0f} s left of the session, "
-                                     f"{spec['min_start']} s needed to start"}
+                record = {**job, "skipped": f"budget ({left:.0f} s left of the session, "
+                                     f"{spec['min_start']} s needed to start)"}
                 progress.write(json.dumps({"event": "done", "record": record}) + "\n")
                 continue
             progress.write(json.dumps({"event": "start", "job": [model, kind]}) + "\n")
@@ -180,7 +180,7 @@ def watch(spec: Path, progress: Path, args, deadline: float, log_path: Path,
             process.wait()
             why = "its own limit" if limit[0] < deadline else "the session's end"
             records[current] = {**named(current), "skipped": (
-                f"budget: killed at {why} ({limit[1]:.0f} s for the job, session budget "
+                f"budget (killed at {why}: {limit[1]:.0f} s for the job, session budget "
                 f"{args.budget:.0f} s)")}
             report(records[current])
             return
@@ -288,7 +288,8 @@ def session(args) -> int:
         max_autotune = not args.smoke or "max-autotune" in args.variants.split(",")
     jobs = plan(args.models.split(","), args.variants.split(","), max_autotune,
                 args.gradient_check)
-    print(f"{env['device']}: {len(jobs)} jobs, budget {args.budget:.0f} s; log {log_path}",
+    print(f"{env['device']}: {len(jobs)} jobs, budget {args.budget:.0f} s; log {log_path}\n  "
+          + ", ".join(f"{m}/{k} ({job_budget((m, k), args):.0f} s)" for m, k in jobs),
           flush=True)
     records = run_jobs(jobs, args, deadline, log_path)
     sizes = step.SMOKE if args.smoke else step.PRESETS

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -162,6 +163,8 @@ def run_variant(model_name: str, variant: str, sizes: dict, steps: int, warmup: 
     """Build ``model_name`` at ``sizes`` (seed 0) and measure ``variant`` on it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch._dynamo.reset()
+    gc.collect()
+    before = torch.cuda.memory_allocated() if device == "cuda" else None
     torch.manual_seed(0)
     model = BUILDERS[model_name](attention="sdpa", **sizes).to(device)
     ids = torch.randint(0, sizes["vocab"], (sizes["batch"], sizes["length"]), device=device)
@@ -175,9 +178,11 @@ def run_variant(model_name: str, variant: str, sizes: dict, steps: int, warmup: 
     finally:
         del model
         torch._dynamo.reset()
+        gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    return {"model": model_name, "variant": variant, **run}
+    # allocated before the model was built: what an earlier job left behind (in the peak too)
+    return {"model": model_name, "variant": variant, **run, "allocated_before_bytes": before}
 
 
 def with_ratios(runs: list[dict]) -> list[dict]:
@@ -208,7 +213,8 @@ def markdown_table(runs: list[dict]) -> str:
     for run in with_ratios(runs):
         head = f"| {run.get('model', '-')} | {run['name']} |"
         if "median_ms" not in run:
-            why = run.get("skipped") or "failed: " + run.get("error", "?").strip().splitlines()[-1]
+            why = ("skipped: " + run["skipped"] if "skipped" in run else
+                   "failed: " + run.get("error", "?").strip().splitlines()[-1])
             lines.append(f"{head} {why[:120].replace('|', '/')} | | | | | | |")
             continue
         peak = run["peak_bytes"]
