@@ -158,7 +158,8 @@ EXCLUDED = {
 #: ``loss_ops.restore``, a required pipeline step, decomposes every one the
 #: pattern did not take with this table's own entry (``full_table``).
 HELD = {aten._log_softmax.default, aten._log_softmax_backward_data.default,
-        aten.nll_loss_forward.default, aten.nll_loss_backward.default}
+        aten.nll_loss_forward.default, aten.nll_loss_backward.default,
+        aten.logsumexp.default}   # a z-loss beside the cross-entropy (matching/z_loss.py)
 
 
 @functools.lru_cache(maxsize=None)

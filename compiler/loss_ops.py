@@ -129,11 +129,14 @@ def linear_cross_entropy_backward(
         class_weight: Optional[torch.Tensor], lse: torch.Tensor,
         row_grad: Optional[torch.Tensor], reduction: int,
         ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int, softcap: float,
-        weight_grad: bool, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weight_grad: bool, bias_grad: bool, z_grad: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``linear_cross_entropy``'s loss: (hidden, weight, bias);
     a gradient not wanted (``weight_grad``, ``bias_grad``: a frozen weight, no
     bias) is not computed and comes back empty (no elements). ``row_grad``: the
-    gradient of each row's sum of log-probabilities (label smoothing), or None."""
+    gradient of each row's sum of log-probabilities (label smoothing), or None;
+    ``z_grad``: the gradient of each row's logsumexp (a z-loss, which reads the
+    forward's ``lse``), or None: it adds ``z_grad * softmax`` to the logits'."""
     valid, safe = _valid_targets(target, ignore_index)
     wide = _accumulate(logits_dtype)
     row_weight = _row_weights(valid, safe, class_weight, wide)
@@ -145,6 +148,8 @@ def linear_cross_entropy_backward(
     # row_grad everywhere): p * (scale - V row_grad) + row_grad - scale onehot
     row_grad = torch.zeros_like(scale) if row_grad is None else row_grad.to(wide)
     coefficient = scale - weight.shape[0] * row_grad
+    if z_grad is not None:   # d logsumexp / d logits is the softmax
+        coefficient = coefficient + z_grad.to(wide)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros(weight.shape if weight_grad else (0,), dtype=wide,
                               device=weight.device)
@@ -177,7 +182,7 @@ def linear_cross_entropy_backward(
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, hidden, weight, bias, target, class_weight, lse, row_grad, reduction,
-      ignore_index, logits_dtype, chunk_rows, softcap, weight_grad, bias_grad):
+      ignore_index, logits_dtype, chunk_rows, softcap, weight_grad, bias_grad, z_grad=None):
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return (torch.empty_like(hidden),
             weight.new_empty(weight.shape if weight_grad else (0,)),

@@ -150,22 +150,51 @@ def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
         for node in match.row_sums:
             node.replace_all_uses_with(build.add(aten.view.default,
                                                  [row_sums, list(shape(node))]))
+        if match.z is not None:
+            _replace_z(build, match.z, lse)
     match.loss.replace_all_uses_with(loss)
     if match.nll_backward is not None:
         _rewrite_backward(build, match, [rows, weight, bias, *common[:2], lse], common[2:], undo)
+
+
+def _replace_z(build: _Builder, z: fx.Node, lse: fx.Node) -> None:
+    """The z-loss's logsumexp becomes the fused op's (cast to the logits'
+    dtype, shaped like ``z``). Its readers placed before the fused op move
+    to just after the replacement, with what reads them there, in order."""
+    dtype = z.meta["val"].dtype
+    if dtype != lse.meta["val"].dtype:
+        lse = build.add(aten._to_copy.default, [lse], {"dtype": dtype})
+    value = build.add(aten.view.default, [lse, list(shape(z))])
+    order = {node: i for i, node in enumerate(build.graph.nodes)}
+    early, frontier = set(), list(z.users)
+    while frontier:
+        node = frontier.pop()
+        if node not in early and order[node] < order[value]:
+            early.add(node)
+            frontier.extend(node.users)
+    anchor = value
+    for node in sorted(early, key=order.__getitem__):
+        anchor.append(node)
+        anchor = node
+    z.replace_all_uses_with(value)
 
 
 def _rewrite_backward(build: _Builder, match: Match, tensors: list, scalars: list,
                       undo: list) -> None:
     """The backward half: one fused call, its results in place of the products'."""
     rows_count = shape(match.log_softmax)[0]
-    with build.graph.inserting_before(match.log_softmax_backward):
+    # after the z-loss's gradient too: autograd may write it after the log-softmax's
+    anchor = match.log_softmax_backward
+    if match.z_grad is not None and _later(match.z_grad, anchor):
+        anchor = match.z_grad.next
+    with build.graph.inserting_before(anchor):
         row_grad = match.row_grad and build.add(aten.view.default,
                                                 [match.row_grad, [rows_count]])
+        z_grad = match.z_grad and build.add(aten.view.default, [match.z_grad, [rows_count]])
         grads = build.add(torch.ops.retrograd.linear_cross_entropy_backward.default,
                           [match.nll_backward.args[0], *tensors, row_grad, *scalars,
                            bool(match.grad_weight or match.grad_weight_t),
-                           bool(match.grad_bias)])
+                           bool(match.grad_bias), *([z_grad] if z_grad else [])])
         grad_hidden = _undo_rows(build, build.add(operator.getitem, [grads, 0]), undo)
         grad_weight = build.add(operator.getitem, [grads, 1])
         grad_bias = build.add(operator.getitem, [grads, 2])
@@ -180,6 +209,12 @@ def _rewrite_backward(build: _Builder, match: Match, tensors: list, scalars: lis
         with build.graph.inserting_before(node):
             node.replace_all_uses_with(build.add(aten.view.default,
                                                  [grad_bias, list(shape(node))]))
+
+
+def _later(node: fx.Node, other: fx.Node) -> bool:
+    """Whether ``node`` comes after ``other`` in its graph's order."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return order[node] > order[other]
 
 
 def _erase_dead(graph: fx.Graph) -> None:

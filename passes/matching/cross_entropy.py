@@ -3,9 +3,11 @@
 ``match_forward`` walks from a ``_log_softmax`` node up through the row ops
 (views, a causal row slice, clones, casts, one soft cap) to the matmul, and
 checks that its log-probabilities are read only by one ``nll_loss_forward``
-(and label smoothing's row sums); ``match_backward`` follows autograd's
-backward of the same ops down to the logits' gradient and checks it is read
-only by the hidden-state, weight and bias products. Each returns a reason
+(and label smoothing's row sums) and its logits only by the chain and at
+most one z-loss ``logsumexp`` over their last dim (passes/matching/z_loss.py);
+``match_backward`` follows autograd's backward of the same ops down to the
+logits' gradient (the logsumexp's share added on the way) and checks it is
+read only by the hidden-state, weight and bias products. Each returns a reason
 where the pattern is left alone; the rewrite lives with the pass.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from retrograd.passes.matching.z_loss import z_grad_add, z_has_gradient, z_users
 from retrograd.passes.op_classes import view_base
 
 __all__ = ["Match", "match_forward", "match_backward", "too_small", "slice_arguments",
@@ -59,6 +62,8 @@ class Match:
     grad_weight: list[fx.Node] = field(default_factory=list)     # G^T @ h: [V, D]
     grad_weight_t: list[fx.Node] = field(default_factory=list)   # h^T @ G: [D, V]
     grad_bias: list[fx.Node] = field(default_factory=list)       # sum(G, 0)
+    z: fx.Node | None = None         # logsumexp(logits, -1): a z-loss's, read from the fused lse
+    z_grad: fx.Node | None = None    # the z values' gradient (shaped like ``z``)
 
 
 def shape(node) -> tuple:
@@ -70,26 +75,39 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 
 def _match_chain(log_softmax: fx.Node):
-    """Walk up from the log-softmax input to the matmul; (matmul, chain) or a reason."""
+    """Walk up from the log-softmax input to the matmul; (matmul, chain, cap,
+    z) or a reason. ``z``: the one logsumexp over the last dim of a logits
+    node with no slice, cast or soft cap between it and the log-softmax."""
     chain, node, vocab, cap = [], log_softmax.args[0], shape(log_softmax)[-1], None
-    while node.op == "call_function" and (node.target in ROW_OPS or cap is None and _soft_cap(
-            node) is not None):
+    z, z_ok = None, True
+    while True:
+        found = z_users(node, z_ok)
+        if isinstance(found, str):
+            return found
+        rest, zs = found
+        if zs and z is not None or len(zs) > 1:
+            return f"more than one logsumexp of the logits ({zs[0].name})"
+        z = zs[0] if zs else z
+        if node.op != "call_function" or not (
+                node.target in ROW_OPS or cap is None and _soft_cap(node) is not None):
+            break
         if node.target not in ROW_OPS:   # softcap * tanh(x / softcap): Gemma 2
-            cap = _soft_cap(node)
+            cap, z_ok = _soft_cap(node), False
             node = cap[1].args[0].args[0]
             continue
-        if len(node.users) != 1:
+        if len(rest) != 1:
             return f"logits read elsewhere ({node.name})"
         reason = _row_op_reason(node, vocab)
         if reason is not None:
             return reason
+        z_ok = z_ok and node.target not in CASTS and node.target is not aten.slice.Tensor
         chain.insert(0, node)
         node = node.args[0]
     if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
         return f"logits not from a matmul ({node.name})"
-    if len(node.users) != 1:
+    if len(rest) != 1:
         return f"logits read elsewhere ({node.name})"
-    return node, chain, cap
+    return node, chain, cap, z
 
 
 def _soft_cap(mul: fx.Node) -> tuple[float, fx.Node] | None:
@@ -174,7 +192,8 @@ def match_forward(log_softmax: fx.Node):
     if 1 in items and any(u.target is not aten.nll_loss_backward.default
                           for u in items[1].users):
         return "total weight read elsewhere"
-    return Match(found[0], found[1], log_softmax, nll, items[0], row_sums, found[2])
+    return Match(found[0], found[1], log_softmax, nll, items[0], row_sums, found[2],
+                 z=found[3])
 
 
 def _is_row_sum(node: fx.Node) -> bool:
@@ -195,7 +214,7 @@ def match_backward(match: Match):
     """Fill the backward half of ``match``; None, or a reason it is left alone."""
     backs = [u for u in match.log_softmax.users if u.target is aten.nll_loss_backward.default]
     if not backs:
-        return None
+        return "the z-loss has a gradient, the loss none" if z_has_gradient(match.z) else None
     if len(backs) != 1:
         return "more than one nll_loss_backward"
     back = backs[0]
@@ -210,11 +229,16 @@ def match_backward(match: Match):
     while (user := _only_user(node)) is not None and (
             user.target in GRAD_ROW_OPS and (user.target is not aten.slice_scatter.default
                                              or user.args[1] is node)
-            or _through_cap(user, node, match) is not None):
+            or _through_cap(user, node, match) is not None
+            or match.z_grad is None and z_grad_add(user, node, match.z) is not None):
         steps.append(_through_cap(user, node, match))
+        if match.z is not None and match.z_grad is None:
+            match.z_grad = z_grad_add(user, node, match.z)
         node = user
     if match.cap is not None and sorted(s for s in steps if s) != ["div", "mul", "tanh"]:
         return "the soft cap's gradient not as autograd writes it"
+    if match.z_grad is None and z_has_gradient(match.z):
+        return "the logsumexp's gradient not as autograd writes it"
     if shape(node) != shape(match.matmul) or node.meta["val"].dtype != \
             match.matmul.meta["val"].dtype:
         return f"logits gradient {node.name} not shaped like the logits"
