@@ -16,13 +16,12 @@ from string import Template
 from typing import Any
 
 import torch
-import torch.fx as fx
-
 from retrograd.ir import Kernel, Program
+from torch import fx
 
 __all__ = ["generate_program", "render"]
 
-RESERVED = {"args", "kernels", "rt", "torch", "aten", "prims", "operator", "run"}
+RESERVED = {"args", "kernels", "rt", "torch", "aten", "prims", "operator", "run", "device"}
 
 PROGRAM = Template('''\
 """$title
@@ -44,7 +43,9 @@ $body
 
 
 def variable(name: str) -> str:
-    return f"{name}_" if name in RESERVED else name
+    """A value's Python name: its node's, unless the wrapper uses that name
+    itself (the reserved ones, ``arena`` and its typed views ``arena_<dtype>``)."""
+    return f"{name}_" if name in RESERVED or name.startswith("arena") else name
 
 
 def render(value: Any) -> str:
@@ -127,13 +128,36 @@ def _kernel_lines(index: int, kernel: Kernel, program: Program) -> list[str]:
 
 def _allocate(buffer) -> str:
     """A planned buffer is a view of the arena; one written in place over a
-    dying buffer outside the arenas is that tensor; anything else is its own."""
+    dying buffer outside the arenas is that tensor; anything else is its own.
+
+    Lean on purpose, as this runs at every call: a planned buffer is one
+    ``as_strided`` of the arena's view as its dtype (made once per arena,
+    ``_typed_views``) at an offset counted in elements here, an unplanned one
+    one ``torch.empty_strided`` on the allocator's device."""
     if buffer.reuses is not None:
         return f"{variable(buffer.reuses)}  # written in place"
     if buffer.offset is not None:
+        itemsize = getattr(torch, buffer.dtype).itemsize
+        if buffer.offset % itemsize == 0:
+            return (f"arena_{buffer.dtype}.as_strided({buffer.shape}, {buffer.strides}, "
+                    f"{buffer.offset // itemsize})  # byte {buffer.offset}")
         return (f"arena.view({buffer.offset}, {buffer.shape}, {buffer.strides}, "
                 f"torch.{buffer.dtype})")
-    return f"rt.empty({buffer.shape}, {buffer.strides}, torch.{buffer.dtype})"
+    return (f"torch.empty_strided({buffer.shape}, {buffer.strides}, "
+            f"dtype=torch.{buffer.dtype}, device=device)")
+
+
+def _typed_views(program: Program, window) -> list[str]:
+    """The dtypes of the buffers planned in ``window`` (kernels start..stop),
+    each of which gets one view of the arena's bytes when the arena opens."""
+    dtypes = set()
+    for kernel in program.kernels[window.start:window.stop + 1]:
+        names = list(kernel.outputs) + [node.name for node in kernel.nodes[:1]]
+        for name in names:
+            buffer = program.buffers.get(name)
+            if buffer is not None and buffer.offset is not None and buffer.reuses is None:
+                dtypes.add(buffer.dtype)
+    return sorted(dtypes)
 
 
 def generate_program(program: Program, title: str = "") -> str:
@@ -143,23 +167,26 @@ def generate_program(program: Program, title: str = "") -> str:
         names = ", ".join(variable(name) for name in program.inputs)
         body.append(f"{names}, = args")
     body.append("args.clear()")
+    body.append("device = rt.device")
     for name in program.constants:
         body.append(f"{variable(name)} = rt.constant({name!r})")
     if program.frees.get(-1):
         body.append(f"del {', '.join(variable(n) for n in program.frees[-1])}")
     opens = {window.start: (number, window) for number, window in enumerate(program.arenas)}
-    closes = {window.stop for window in program.arenas}
+    closes = {window.stop: _typed_views(program, window) for window in program.arenas}
     for index, kernel in enumerate(program.kernels):
         body.append("")
         if index in opens:   # taken when first needed, while earlier values may be gone
             number, window = opens[index]
             body.append(f"arena = rt.arena({window.nbytes})  # arena {number}: planned "
                         f"temporaries of kernels {window.start}..{window.stop}")
+            for dtype in _typed_views(program, window):
+                body.append(f"arena_{dtype} = arena.storage.view(torch.{dtype})")
         body.extend(_kernel_lines(index, kernel, program))
         if program.frees.get(index):
             body.append(f"del {', '.join(variable(n) for n in program.frees[index])}")
         if index in closes:   # given back once nothing planned in it is live
-            body.append("del arena")
+            body.append(f"del {', '.join(['arena'] + [f'arena_{d}' for d in closes[index]])}")
     outputs = ", ".join(variable(o) if isinstance(o, str) else render(o)
                         for o in program.outputs)
     body.append("")

@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy
 import torch
-import torch.fx as fx
-
 from retrograd.ir import Program
 from retrograd.runtime.arena import Allocator, same_layout
 from retrograd.runtime.device import device_of, interpreter_mode
 from retrograd.runtime.loader import load_module, write_source
+from torch import fx
 
-__all__ = ["GeneratedExecutable", "FxExecutable", "check_inputs", "without_cycles"]
+__all__ = ["FxExecutable", "GeneratedExecutable", "check_inputs", "without_cycles"]
 
 
 def without_cycles(launch):
@@ -57,13 +56,27 @@ def without_cycles(launch):
 
 def check_inputs(program: Program, args: list) -> None:
     """Give every tensor input the strides the kernels were generated for."""
-    for position, name in enumerate(program.inputs):
-        buffer = program.buffers.get(name)
+    fix_inputs(input_layouts(program), args)
+
+
+def input_layouts(program: Program) -> list[tuple[int, torch.Size, tuple[int, ...]]]:
+    """(position, shape, strides) of each planned input, computed once per program."""
+    return [(position, torch.Size(buffer.shape), tuple(buffer.strides))
+            for position, buffer in enumerate(program.buffers.get(name)
+                                              for name in program.inputs)
+            if buffer is not None]
+
+
+def fix_inputs(layouts: list, args: list) -> None:
+    """``check_inputs`` with the layouts precomputed: an input whose shape and
+    strides are exactly the planned ones (the usual case) costs two compares."""
+    for position, shape, strides in layouts:
         value = args[position]
-        if buffer is None or not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or (
+                value.shape == shape and value.stride() == strides):
             continue
-        if not same_layout(value, buffer.shape, buffer.strides):
-            args[position] = Allocator.layout(value, buffer.shape, buffer.strides)
+        if not same_layout(value, shape, strides):
+            args[position] = Allocator.layout(value, shape, strides)
 
 
 class GeneratedExecutable:
@@ -74,20 +87,31 @@ class GeneratedExecutable:
         self.program = program
         self.interpreted = interpreted
         self.paths: dict[str, Path] = {}
+        # The loaded modules (releases.py handles) are held here, so the
+        # program calls their functions themselves, not the wrappers that
+        # would keep a handle alive: one Python call less per launch.
+        self.modules = []
         launchers = {}
         for name, source in kernel_sources.items():
             path = write_source(name, source)
             self.paths[name] = path
-            launch = load_module(path, interpreted).launch
+            launch = self._function(load_module(path, interpreted), "launch")
             launchers[name] = without_cycles(launch) if interpreted else launch
         self.kernels = SimpleNamespace(**launchers)
         path = write_source(f"program_{program.name}", program_source)
         self.paths["program"] = path
-        self.run = load_module(path, interpreted=False).run
+        self.run = self._function(load_module(path, interpreted=False), "run")
         self.allocators: dict[torch.device, Allocator] = {}
+        self.layouts = input_layouts(program)
+
+    def _function(self, module, name: str):
+        """``module.name`` unwrapped, with ``module`` kept alive by ``self``."""
+        self.modules.append(module)
+        function = getattr(module, name)
+        return getattr(function, "__wrapped__", function)
 
     def __call__(self, args: list) -> list:
-        check_inputs(self.program, args)
+        fix_inputs(self.layouts, args)
         device = device_of(args)
         allocator = self.allocators.get(device)
         if allocator is None:
