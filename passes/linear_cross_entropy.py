@@ -29,9 +29,13 @@ than a dozen decomposed ones, and the backward is matched where autograd
 wrote it; ``loss_ops.restore`` decomposes whatever this pass leaves, so
 nothing after it sees a difference where no pattern matched.
 
+A z-loss's ``logsumexp(logits, -1)`` of the same logits (PaLM, OLMo) is
+taken from the fused op's logsumexp, and its gradient ``g_z * softmax``
+joins the fused backward (passes/matching/z_loss.py).
+
 Left alone, with the reason in the stats: logits or log-probabilities read
-elsewhere (returned, z-loss, any reduction of the log-probabilities but the
-row sum), a softmax not over the last dim, a reshape that mixes the
+elsewhere (returned, a logsumexp but that z-loss's, any reduction of the
+log-probabilities but the row sum), a softmax not over the last dim, a reshape that mixes the
 vocabulary dim, a logits gradient read by anything but the three products,
 a soft cap whose gradient is not autograd's mul / tanh-derivative / div;
 and, in a training graph, logits too small to pay: where the logits and

@@ -186,3 +186,30 @@ def test_inference_takes_z_from_the_fused_forward():
         expected = olmo(hidden.double(), weight.double(), bias.double(), target)
     assert_close_floor(loss, expected, 1e-6, what="loss")
     assert _stats(compiled)["fused"] == 1
+
+
+def test_compile_step_fuses_the_z_loss():
+    """In compile_step's one graph (a tied embedding LM, SGD): fused, and the
+    parameters after the step equal eager's."""
+    import copy
+
+    from checks import eager_step
+    from test_linear_cross_entropy import TiedLM
+
+    def loss(model, ids):
+        logits = model(ids)[:, :-1].reshape(-1, VOCAB)
+        return F.cross_entropy(logits, ids[:, 1:].reshape(-1)) + COEF * logits.logsumexp(
+            -1).square().mean()
+    torch.manual_seed(4)
+    model, ids = TiedLM(), torch.randint(0, VOCAB, ROWS_3D)
+    twin = copy.deepcopy(model)
+    step = retrograd.compile_step(model, loss, torch.optim.SGD(model.parameters(), lr=0.1),
+                                  executor="interpret")
+    got = step(ids)
+    expected = eager_step(twin, torch.optim.SGD(twin.parameters(), lr=0.1), loss, ids)
+    assert_close_floor(got.detach(), expected.detach(), 1e-6, what="loss")
+    for mine, theirs in zip(model.parameters(), twin.parameters()):
+        assert_close_floor(mine.detach(), theirs.detach(), 1e-5, what="parameter")
+    stats = next(p["stats"] for p in step.reports["step"]["passes"]
+                 if p["name"] == "linear_cross_entropy")
+    assert stats["fused"] == 1 and stats["left_alone"] == [], stats
