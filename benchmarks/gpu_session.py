@@ -89,8 +89,7 @@ def worker(spec_path: str) -> int:
             job = named((model, kind))
             left = spec["deadline"] - time.time()
             if left < spec["min_start"]:
-                record = {**job, "skipped": f"budget ({left:.0f} s left of the session, "
-                                     f"{spec['min_start']} s needed to start)"}
+                record = {**job, "skipped": too_late(left, spec["min_start"])}
                 progress.write(json.dumps({"event": "done", "record": record}) + "\n")
                 continue
             progress.write(json.dumps({"event": "start", "job": [model, kind]}) + "\n")
@@ -128,6 +127,13 @@ def run_jobs(jobs: list[tuple], args, deadline: float, log_path: Path) -> list[d
     with tempfile.TemporaryDirectory(prefix="gpu-session-") as scratch:
         attempt = 0
         while pending:
+            left = deadline - time.time()
+            if left < args.min_start:                  # no worker started just to skip
+                for job in pending:
+                    records[tuple(job)] = {**named(job),
+                                           "skipped": too_late(left, args.min_start)}
+                    report(records[tuple(job)])
+                break
             attempt += 1
             progress = Path(scratch, f"progress-{attempt}.jsonl")
             spec = Path(scratch, f"spec-{attempt}.json")
@@ -156,7 +162,7 @@ def watch(spec: Path, progress: Path, args, deadline: float, log_path: Path,
     current, limit, seen = None, None, 0
     while True:
         exited = process.poll() is not None      # read after: every line is in the file
-        lines = progress.read_text().splitlines()
+        lines = progress.read_text().split("\n")[:-1]    # complete lines only
         for line in lines[seen:]:
             event = json.loads(line)
             if event["event"] == "start":
@@ -189,6 +195,10 @@ def watch(spec: Path, progress: Path, args, deadline: float, log_path: Path,
 
 def named(job: tuple) -> dict:
     return {"model": job[0], "variant": job[1], "name": step.VARIANTS.get(job[1], job[1])}
+
+
+def too_late(left: float, needed: float) -> str:
+    return f"budget ({left:.0f} s left of the session, {needed:.0f} s needed to start)"
 
 
 def failed(job: tuple, error: str) -> dict:

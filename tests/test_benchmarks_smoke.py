@@ -71,6 +71,18 @@ def test_a_job_that_cannot_start_in_time_is_skipped(tmp_path):
     assert all(r["skipped"].startswith("budget (") and "median_ms" not in r for r in records)
 
 
+def test_a_session_out_of_time_starts_no_worker(tmp_path, capsys):
+    """With no budget left, every job is recorded as skipped and the files are
+    still written (in this process: no worker is started)."""
+    assert gpu_session.main(["--smoke", "--budget", "0", "--out-dir", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("results-step-*-smoke-*.json")
+    results = json.loads(path.read_text())
+    records = results["runs"] + results["gradient_check"]
+    assert len(records) == 10
+    assert all(r["skipped"].startswith("budget (") for r in records)
+    assert "| llama | retrograd | skipped: budget (" in path.with_suffix(".md").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines")
 def test_without_cuda_it_says_so(capsys):
     assert gpu_session.main([]) == 2
