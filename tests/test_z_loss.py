@@ -59,9 +59,10 @@ def three_d(h, w, y):
 
 
 def capped(h, w, b, y):
-    """Gemma 2's soft cap, then the z-loss of the capped logits."""
-    logits = (torch.tanh(F.linear(h, w, b) / 5.0) * 5.0).reshape(-1, VOCAB)
-    return F.cross_entropy(logits, y.reshape(-1)) + COEF * logits.logsumexp(-1).square().sum()
+    """Gemma 2's soft cap, then the z-loss of the (3-d) capped logits."""
+    logits = torch.tanh(F.linear(h, w, b) / 5.0) * 5.0
+    return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1)) + COEF * logits.logsumexp(
+        -1).square().sum()
 
 
 @pytest.mark.parametrize("fn", [palm, olmo, three_d, capped])

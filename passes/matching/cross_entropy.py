@@ -89,10 +89,10 @@ def _match_chain(log_softmax: fx.Node):
             return f"more than one logsumexp of the logits ({zs[0].name})"
         z = zs[0] if zs else z
         if node.op != "call_function" or not (
-                node.target in ROW_OPS or cap is None and _soft_cap(node) is not None):
+                node.target in ROW_OPS or cap is None and _soft_cap(node, rest) is not None):
             break
         if node.target not in ROW_OPS:   # softcap * tanh(x / softcap): Gemma 2
-            cap, z_ok = _soft_cap(node), False
+            cap, z_ok = _soft_cap(node, rest), False
             node = cap[1].args[0].args[0]
             continue
         if len(rest) != 1:
@@ -110,13 +110,14 @@ def _match_chain(log_softmax: fx.Node):
     return node, chain, cap, z
 
 
-def _soft_cap(mul: fx.Node) -> tuple[float, fx.Node] | None:
-    """``mul(tanh(div(x, c)), c)`` read once, its tanh read only by that mul
-    and by its own derivative: (c, the tanh node); else None."""
+def _soft_cap(mul: fx.Node, readers: list) -> tuple[float, fx.Node] | None:
+    """``mul(tanh(div(x, c)), c)`` read once (``readers``: its users but a
+    z-loss's), its tanh read only by that mul and by its own derivative:
+    (c, the tanh node); else None."""
     cap = mul.args[1] if mul.target is aten.mul.Tensor and len(mul.args) == 2 else None
     tanh = mul.args[0]
     if not isinstance(cap, (int, float)) or not cap or tanh.target is not aten.tanh.default \
-            or len(mul.users) != 1:
+            or len(readers) != 1:
         return None
     div = tanh.args[0]
     if div.target is not aten.div.Tensor or div.args[1] != cap or len(div.users) != 1:
