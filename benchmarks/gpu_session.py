@@ -268,7 +268,7 @@ def write(results: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
         f"parameters, limit {r['limit']:.0e}: {'passed' if r['passed'] else 'FAILED'}"
         if "max_relative_grad_error" in r else r.get("skipped") or "failed")
         for r in results["gradient_check"])
-    markdown = f"{header}\n\n{table}\n\n{checks}\n"
+    markdown = f"{header}\n\n{table}\n" + (f"\n{checks}\n" if checks else "")
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     md_path.write_text(markdown)
