@@ -141,7 +141,7 @@ def z_of_other_dim(h, w, b, y):
 
 
 @pytest.mark.parametrize("fn, reason, decomposed", [
-    (before_the_shift, "before a slice, cast or soft cap", 5),
+    (before_the_shift, "before a slice, a narrowing cast or the soft cap", 5),
     (two_z, "more than one logsumexp", 6),
     (z_of_other_dim, "logits read elsewhere", 5)])
 def test_z_loss_left_alone_with_its_reason(fn, reason, decomposed):
@@ -214,3 +214,34 @@ def test_compile_step_fuses_the_z_loss():
     stats = next(p["stats"] for p in step.reports["step"]["passes"]
                  if p["name"] == "linear_cross_entropy")
     assert stats["fused"] == 1 and stats["left_alone"] == [], stats
+
+
+def autocast_bf16(h, w, b, y):
+    """Under bf16 autocast z is taken from the bf16 logits, the loss from
+    their fp32 upcast (autocast's log_softmax): a widening cast between."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=h.dtype != torch.float64):
+        logits = F.linear(h, w, b).reshape(-1, VOCAB)
+        return F.cross_entropy(logits, y.reshape(-1)) + COEF * logits.logsumexp(
+            -1).square().mean()
+
+
+def test_z_loss_under_bf16_autocast_no_worse_than_eager():
+    """Fused (z of the bf16 logits from the fp32 logsumexp, cast to bf16),
+    and loss and gradients no further from float64 than eager bf16's."""
+    hidden, weight, bias, target = _inputs(6)
+    wide = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    exact = autocast_bf16(*wide, target)
+    exact_grads = torch.autograd.grad(exact, wide)
+
+    def error(fn):
+        mine = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss = fn(*mine, target)
+        grads = torch.autograd.grad(loss, mine)
+        num = sum(((g.double() - r) ** 2).sum() for g, r in zip(grads, exact_grads))
+        den = sum((r ** 2).sum() for r in exact_grads)
+        return abs(loss.item() - exact.item()), (num / den).sqrt().item()
+    compiled = retrograd.compile(autocast_bf16, executor="interpret")
+    (loss_error, grad_error), (eager_loss, eager_grad) = error(compiled), error(autocast_bf16)
+    assert _stats(compiled)["fused"] == 1, _stats(compiled)
+    assert 0 < eager_grad and grad_error <= 1.25 * eager_grad + 1e-3, (grad_error, eager_grad)
+    assert loss_error <= 1.25 * eager_loss + 1e-3 * exact.abs().item(), (loss_error, eager_loss)

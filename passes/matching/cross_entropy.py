@@ -77,7 +77,8 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 def _match_chain(log_softmax: fx.Node):
     """Walk up from the log-softmax input to the matmul; (matmul, chain, cap,
     z) or a reason. ``z``: the one logsumexp over the last dim of a logits
-    node with no slice, cast or soft cap between it and the log-softmax."""
+    node with no slice, narrowing cast or soft cap between it and the
+    log-softmax."""
     chain, node, vocab, cap = [], log_softmax.args[0], shape(log_softmax)[-1], None
     z, z_ok = None, True
     while True:
@@ -100,7 +101,8 @@ def _match_chain(log_softmax: fx.Node):
         reason = _row_op_reason(node, vocab)
         if reason is not None:
             return reason
-        z_ok = z_ok and node.target not in CASTS and node.target is not aten.slice.Tensor
+        z_ok = z_ok and node.target is not aten.slice.Tensor and (
+            node.target not in CASTS or _widening(node))
         chain.insert(0, node)
         node = node.args[0]
     if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
@@ -108,6 +110,14 @@ def _match_chain(log_softmax: fx.Node):
     if len(rest) != 1:
         return f"logits read elsewhere ({node.name})"
     return node, chain, cap, z
+
+
+def _widening(cast: fx.Node) -> bool:
+    """A cast that keeps every value (bf16 or fp16 -> fp32, fp32 -> fp64): a
+    logsumexp before it reads the values the fused op's reads after it."""
+    before, after = cast.args[0].meta["val"].dtype, cast.meta["val"].dtype
+    return before.is_floating_point and after.is_floating_point and \
+        after.itemsize > before.itemsize and torch.promote_types(before, after) == after
 
 
 def _soft_cap(mul: fx.Node, readers: list) -> tuple[float, fx.Node] | None:

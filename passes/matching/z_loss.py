@@ -48,8 +48,8 @@ def _backward_sub(user: fx.Node, node: fx.Node) -> bool:
 def z_users(node: fx.Node, allowed: bool):
     """Split ``node``'s users: (the others, the logsumexps over its last dim);
     their backward's reads of ``node`` are in neither. A reason instead where
-    there is such a logsumexp but ``allowed`` is false (a slice, cast or soft
-    cap lies between ``node`` and the log-softmax)."""
+    there is such a logsumexp but ``allowed`` is false (a slice, a narrowing
+    cast or the soft cap lies between ``node`` and the log-softmax)."""
     rest, zs = [], []
     for user in node.users:
         if _is_logsumexp(user, node):
@@ -57,8 +57,8 @@ def z_users(node: fx.Node, allowed: bool):
         elif not _backward_sub(user, node):
             rest.append(user)
     if zs and not allowed:
-        return (f"logsumexp {zs[0].name} of the logits before a slice, cast or soft cap "
-                "of them")
+        return (f"logsumexp {zs[0].name} of the logits before a slice, a narrowing cast "
+                "or the soft cap")
     return rest, zs
 
 
