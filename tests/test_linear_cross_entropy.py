@@ -278,7 +278,8 @@ def test_ops_held_back_then_restored_give_the_graph_of_the_full_table(monkeypatc
 
 def test_saved_bytes_drop_by_the_logits_and_the_backward_never_holds_them():
     """A logits-dominated model (V = 1024, width 8, 16 rows): the fused program
-    saves at least rows x V x 4 bytes less than the unfused one, and its
+    saves at least rows x V x 4 bytes less than the unfused one (less the
+    rows x 4 of the logsumexp it saves in their place), and its
     backward arena is smaller than one rows x V float32 tensor."""
     torch.manual_seed(7)
     vocab, ids = 1024, torch.randint(0, 1024, (2, 9))
@@ -291,8 +292,9 @@ def test_saved_bytes_drop_by_the_logits_and_the_backward_never_holds_them():
         compiled(ids).backward()
         memory[disable] = [compiled.reports[h]["memory"] for h in ("forward", "backward")]
     fused, unfused = memory[()], memory[("linear_cross_entropy",)]
+    lse_bytes = 2 * 8 * 4   # the fused op saves each row's float32 logsumexp instead
     assert fused[0]["saved_activation_bytes"] + logits_bytes \
-        <= unfused[0]["saved_activation_bytes"], (fused, unfused)
+        <= unfused[0]["saved_activation_bytes"] + lse_bytes, (fused, unfused)
     assert fused[1]["arena_bytes"] < logits_bytes <= unfused[1]["arena_bytes"], (fused, unfused)
 
 
