@@ -303,17 +303,18 @@ def test_zoo_plans_never_overlap_live_buffers(zoo_runs):
 
 
 def test_zoo_schedule_never_raises_the_peak(zoo_runs):
-    lowered = 0
+    """On every zoo program the reordering keeps or lowers the peak it models.
+    (Whether any zoo program gains depends on what checkpointing saves: since
+    the measured-budget planner none does; the two-chains test below is where
+    a reordering must gain.)"""
     for run in zoo_runs.values():
         for report in run["reports"].values():
             stats = pass_stats(report, "schedule")
             assert stats["peak_live_bytes_after"] <= stats["peak_live_bytes_before"]
-            lowered += stats["peak_live_bytes_after"] < stats["peak_live_bytes_before"]
             program = run["programs"][report["graph_id"]]
             assert schedule.peak_live_bytes(program) == stats["peak_live_bytes_after"]
             assert_topological(program)
             program.validate()
-    assert lowered >= 1      # attention and gpt2 forwards gain from reordering
 
 
 # ================================================================ unit: a traced program
