@@ -14,8 +14,9 @@ Memory follows the plan: every value is deleted after its last use
 last use inside it). Outputs are plain allocations by torch, not arena
 views: writing the last op of a fused run into a planned slot would need
 each op's ``out=`` overload, and on a CPU a fresh allocation is as cheap as
-the view (``benchmarks/cpu_step.py`` measured both for extern calls: the
-``out=`` form into the arena was slower on every zoo model). The arena plan
+the view (``benchmarks/cpu_step.py --arena`` measured both for extern
+calls: the ``out=`` form into the arena was no faster on any zoo model,
+equal within a shared machine's noise). The arena plan
 still says how much memory the program needs; the torch program holds at
 most the live bytes the frees allow.
 
