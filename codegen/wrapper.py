@@ -101,7 +101,7 @@ def _kernel_lines(index: int, kernel: Kernel, program: Program) -> list[str]:
     lines = [f"# {index}: {kernel.kind} {kernel.name} ({', '.join(kernel.node_names)})"]
     if kernel.kind == "triton":
         for name in kernel.outputs:
-            lines.append(f"{variable(name)} = {_allocate(program.buffers[name])}")
+            lines.append(f"{variable(name)} = {_allocate(program.buffers[name], program)}")
         names = ", ".join(variable(name) for name in kernel.inputs + kernel.outputs)
         lines.append(f"kernels.{kernel.name}({names})")
         return lines
@@ -109,7 +109,7 @@ def _kernel_lines(index: int, kernel: Kernel, program: Program) -> list[str]:
     planned = kernel.kind == "extern" and not getitems and \
         program.buffers[head.name].offset is not None
     if planned:   # the aten op's out= form writes into the arena
-        lines.append(f"{variable(head.name)} = {_allocate(program.buffers[head.name])}")
+        lines.append(f"{variable(head.name)} = {_allocate(program.buffers[head.name], program)}")
         call = _call(head).replace(f".{head.target._overloadname}(", ".out(", 1)
         lines.append(f"{call[:-1]}, out={variable(head.name)})")
         return lines
@@ -126,16 +126,22 @@ def _kernel_lines(index: int, kernel: Kernel, program: Program) -> list[str]:
     return lines
 
 
-def _allocate(buffer) -> str:
+def _allocate(buffer, program: Program) -> str:
     """A planned buffer is a view of the arena; one written in place over a
-    dying buffer outside the arenas is that tensor; anything else is its own.
+    dying buffer outside the arenas is that tensor (seen with its own shape
+    and strides where they differ: in place through a reshape); anything
+    else is its own.
 
     Lean on purpose, as this runs at every call: a planned buffer is one
     ``as_strided`` of the arena's view as its dtype (made once per arena,
     ``_typed_views``) at an offset counted in elements here, an unplanned one
     one ``torch.empty_strided`` on the allocator's device."""
     if buffer.reuses is not None:
-        return f"{variable(buffer.reuses)}  # written in place"
+        donor = program.buffers[buffer.reuses]
+        if (donor.shape, donor.strides) == (buffer.shape, buffer.strides):
+            return f"{variable(buffer.reuses)}  # written in place"
+        return (f"{variable(buffer.reuses)}.as_strided({buffer.shape}, {buffer.strides})"
+                "  # written in place")
     if buffer.offset is not None:
         itemsize = getattr(torch, buffer.dtype).itemsize
         if buffer.offset % itemsize == 0:

@@ -117,6 +117,26 @@ def make_inputs():
     return [x0, i1]
 '''),
     ("attention_causal", _ATTENTION),
+    # a kernel written in place through a reshape (its [1] result over a
+    # dying [1, 1] product): the wrapper bound the result to the product's
+    # tensor, [1, 1], and the expand after it failed
+    ("in_place_through_a_reshape", '''
+import torch
+import torch.nn.functional as F
+
+
+def fn(x0):
+    v1 = x0.sum(0, keepdim=False)
+    v2 = v1 @ x0
+    v3 = v1 @ x0
+    return v2, v3,
+
+
+def make_inputs():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((1, 1), generator=g).requires_grad_()
+    return [x0]
+'''),
 ]
 
 
