@@ -247,13 +247,20 @@ def math_isinf(value: float) -> bool:
     return value == float("inf")
 
 
+def _honor_save(info, policy):
+    """``save=`` (and pinned values) outrank the analysis: a value the user
+    names is never one the backward may evaluate again for free (``once``)."""
+    info.once = {node for node in info.once if not policy.forced_save(node)}
+    return info
+
+
 def run(joint: fx.GraphModule, ctx) -> PassResult:
     """Plan, split ``joint`` into (forward, backward), sink recomputation.
     ``ctx.num_fwd_outputs``: how many of the joint's outputs are the forward's."""
     count = ctx.num_fwd_outputs
     patterns.check(joint.graph, ctx.options.save, ctx.options.recompute, ctx.graph_name)
     policy = Policy(ctx.options, ctx.op_support, protect_mutated_inputs(joint))
-    info = remat.analyse(joint, count, free=_aliases_input)
+    info = _honor_save(remat.analyse(joint, count, free=_aliases_input), policy)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
     plan, budget = _plan(info, ctx, policy, save_all_bytes)
     saved = [n for n in joint.graph.nodes if n in plan.saved or n.op == "placeholder"
@@ -336,9 +343,9 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     graph = step.graph
     is_seed = lambda node: node.op == "placeholder" and node.name == seed  # noqa: E731
     patterns.check(graph, ctx.options.save, ctx.options.recompute, ctx.graph_name)
-    info = remat.analyse(step, 1, free=_aliases_input, is_tangent=is_seed)
-    save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
     policy = Policy(ctx.options, ctx.op_support)
+    info = _honor_save(remat.analyse(step, 1, free=_aliases_input, is_tangent=is_seed), policy)
+    save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
     plan, budget = _plan(info, ctx, policy, save_all_bytes)
     pareto = _pareto(step, ctx, info, policy, save_all_bytes, plan.saved, plan.recomputed)
     backward = remat.backward_nodes(graph, is_seed)
