@@ -349,7 +349,7 @@ x = torch.randn(2, 4)
 model(x).sum().backward()
 eager = [p.grad.clone() for p in model.parameters()]
 model.zero_grad()
-retrograd.compile(model, executor="interpret")(x)  # its kernels are cached files.sum().backward()
+retrograd.compile(model, executor="interpret")(x).sum().backward()  # kernels: cached files
 assert all(torch.allclose(p.grad, e) for p, e in zip(model.parameters(), eager))
 print("ok")
 """
