@@ -17,7 +17,8 @@ MODEL = """
 import torch
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-compiled = torch.compile(model, backend="retrograd")
+# the interpreter: the kernels are Triton sources (the CPU default runs torch calls)
+compiled = torch.compile(model, backend="retrograd", options={"executor": "interpret"})
 compiled(torch.randn(4, 8)).sum().backward()
 print("step done")
 """
