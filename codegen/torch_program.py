@@ -69,6 +69,13 @@ def run(args, kernels, rt):
 $body
 ''')
 
+#: scatters the plan may write over their ``self``, and their in-place methods
+IN_PLACE_SCATTERS = {torch.ops.aten.index_put.default: "index_put_",
+                     torch.ops.aten.scatter_add.default: "scatter_add_",
+                     torch.ops.aten.scatter.src: "scatter_",
+                     torch.ops.aten.scatter.value: "scatter_"}
+
+
 #: Ops that read their tensor argument for its shape, dtype and device only.
 LIKE_OPS = {torch.ops.aten.full_like.default, torch.ops.aten.zeros_like.default,
             torch.ops.aten.ones_like.default, torch.ops.aten.empty_like.default}
@@ -115,7 +122,17 @@ class _Writer:
         pieces += [f"{key}={text(value)}" for key, value in node.kwargs.items()]
         if node.target is torch.ops.aten.view.default:   # the method: the same op, cheaper
             return f"{pieces[0]}.view({pieces[1]})"
+        if self._scatters_in_place(node):   # passes/planning/scatter_in_place.py
+            method = IN_PLACE_SCATTERS[node.target]
+            return f"{pieces[0]}.{method}({', '.join(pieces[1:])})  # in place"
         return f"{self.callee(node)}({', '.join(pieces)})"
+
+    def _scatters_in_place(self, node: fx.Node) -> bool:
+        """The plan writes this scatter over its ``self``, which dies here."""
+        buffer = self.program.buffers.get(node.name)
+        base = node.args[0] if node.args else None
+        return node.target in IN_PLACE_SCATTERS and buffer is not None and \
+            isinstance(base, fx.Node) and buffer.reuses == base.name
 
     def free(self, names) -> None:
         names = [name for name in names if name in self.alive]

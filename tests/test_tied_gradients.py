@@ -127,3 +127,20 @@ def test_one_tensor_passed_twice_gets_the_whole_gradient():
     first, second = retrograd.grad(f, argnums=(0, 1), executor="interpret")(x, x)
     assert_close_floor(first, x.cos() * x, 1e-6, what="d/da")
     assert_close_floor(second, x.sin(), 1e-6, what="d/db")
+
+
+def test_the_torch_program_scatters_in_place_too(tmp_path):
+    """The CPU default (the torch program) follows the plan: the embedding's
+    scatter-add runs as ``index_put_`` on the fused loss's grad_W, which dies
+    there, instead of a functional index_put that copies it."""
+    torch.manual_seed(5)
+    model, ids = TiedByName(), torch.randint(0, 40, (2, 9))
+    twin = TiedByName()
+    twin.load_state_dict(model.state_dict())
+    twin(ids).backward()
+    compiled = retrograd.compile(model, executor="torch", dump_dir=str(tmp_path))
+    compiled(ids).backward()
+    for (name, got), want in zip(model.named_parameters(), twin.parameters()):
+        assert_close_floor(got.grad, want.grad, 1e-5, what=name)
+    program = next(tmp_path.glob("*-backward/program.py")).read_text()
+    assert ".index_put_(" in program and "# in place" in program, program
