@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from retrograd.ir import Program
 from retrograd.passes import buffer_reuse
+from retrograd.passes.planning import windows
 from retrograd.passes.op_classes import SCRATCH_OPS
 
 __all__ = ["SERIES", "Interval", "Step", "Timeline", "build"]
@@ -122,23 +123,12 @@ def _clip(start: int, stop: int, count: int) -> tuple[int, int]:
 
 
 def _storages(program: Program, spans, count: int) -> list[Interval]:
-    """The program's own storages outside the arenas (the rule of
-    ``planning/windows.py``: a buffer written in place over another extends
-    that storage's life; views, constants and inputs are left out)."""
-    lives: dict[str, tuple[int, int]] = {}
-    for name, buffer in program.buffers.items():
-        if buffer.offset is not None or buffer.role == "view" or name in program.constants \
-                or name not in spans:
-            continue
-        root = name
-        while program.buffers[root].reuses is not None:
-            root = program.buffers[root].reuses
-        start, stop = spans[name]
-        first, last = lives.get(root, (start, stop))
-        lives[root] = (min(first, start), max(last, stop))
+    """The program's own storages outside the arenas, by the rule the window
+    search uses (``planning/windows.storage_lives``)."""
+    planned = {name for name, buffer in program.buffers.items() if buffer.offset is not None}
     return [Interval(root, f"{program.buffers[root].role} (own allocation)",
                      program.buffers[root].nbytes, *_clip(first, last, count))
-            for root, (first, last) in lives.items() if program.buffers[root].role != "input"]
+            for root, (first, last) in windows.storage_lives(program, spans, planned).items()]
 
 
 def _held(program: Program, spans, count: int) -> list[Interval]:

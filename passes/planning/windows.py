@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from retrograd.ir import Program
 from retrograd.passes.op_classes import SCRATCH_OPS
 
-__all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "add_span"]
+__all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "add_span",
+           "storage_lives"]
 
 
 @dataclass
@@ -76,10 +77,12 @@ def busy_periods(slots: list) -> list[Window]:
     return windows
 
 
-def _storages(program: Program, spans: dict[str, tuple[int, int]], planned: set[str]):
-    """(bytes, first, last) per storage outside the arenas. A buffer written in
-    place over another (``Buffer.reuses``) allocates nothing and extends the
-    life of the storage it reuses; program inputs are the caller's."""
+def storage_lives(program: Program, spans: dict[str, tuple[int, int]],
+                  planned: set[str]) -> dict[str, tuple[int, int]]:
+    """(first, last) kernel per storage outside the arenas, by the buffer that
+    owns it. A buffer written in place over another (``Buffer.reuses``)
+    allocates nothing and extends the life of the storage it reuses; views,
+    constants and program inputs (the caller's) are left out."""
     lives: dict[str, tuple[int, int]] = {}
     for name, buffer in program.buffers.items():
         if name in planned or buffer.role == "view" or name in program.constants \
@@ -91,8 +94,13 @@ def _storages(program: Program, spans: dict[str, tuple[int, int]], planned: set[
         start, stop = spans[name]
         first, last = lives.get(root, (start, stop))
         lives[root] = (min(first, start), max(last, stop))
-    return [(program.buffers[root].nbytes, first, last) for root, (first, last) in lives.items()
-            if program.buffers[root].role != "input"]
+    return {root: life for root, life in lives.items() if program.buffers[root].role != "input"}
+
+
+def _storages(program: Program, spans: dict[str, tuple[int, int]], planned: set[str]):
+    """(bytes, first, last) per storage outside the arenas (``storage_lives``)."""
+    return [(program.buffers[root].nbytes, first, last)
+            for root, (first, last) in storage_lives(program, spans, planned).items()]
 
 
 def base_footprint(program: Program, spans: dict[str, tuple[int, int]],
