@@ -57,6 +57,7 @@ class Family(enum.StrEnum):
     SCATTER = "scatter"        # one lane per index, writing through it
     POOLING = "pooling"        # one lane per output window
     SCAN = "scan"              # rows scanned along one dim (cumsum, cumprod)
+    MATMUL = "matmul"          # a matmul template with a fused prologue/epilogue
     EXTERN = "extern"
     VIEW = "view"
 
