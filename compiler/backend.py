@@ -31,7 +31,7 @@ from retrograd.dynamic import compile_symbolic, describe_dims, is_symbolic
 from retrograd.errors import DATA_DEPENDENT
 from retrograd.locking import compiling
 from retrograd.options import Options
-from retrograd.recompiles import describe_change, limit_message, recompile_limit_message
+from retrograd.recompiles import ProgramBound, describe_change, recompile_limit_message
 from retrograd.torch_logging import register as register_torch_logs
 
 __all__ = ["retrograd_backend", "CompiledGraph", "SymbolicGraph"]
@@ -54,7 +54,7 @@ class CompiledGraph:
         self.lock = threading.Lock()   # the two dicts, for threads sharing this graph
         self.last_key: tuple | None = None
         self.scalar_inputs = scalar_inputs(gm)
-        self.warned_limit = False
+        self.bound = ProgramBound("torch.compile(backend='retrograd')")
         self.warned_eager = False
         self.compiles = 0
         self.eager: str | None = None   # past recompile_limit: why new signatures run eagerly
@@ -138,22 +138,15 @@ class CompiledGraph:
 
     def _bound(self, key: tuple) -> None:
         """Release the least recently used programs past ``max_programs`` (the
-        new ``key`` is the most recent); warn once naming what changed. Called
+        new ``key`` is the most recent; recompiles.ProgramBound). Called
         holding ``self.lock``; a thread running a released program holds it
         until its call ends."""
-        limit = self.options.max_programs
-        if len(self.compiled) <= limit:
-            return
-        if not self.warned_limit:
-            self.warned_limit = True
-            others = [other for other in self.compiled if other != key]
-            what = f"a graph dynamo handed over ({len(self.gm.graph.nodes)} nodes)"
-            warnings.warn(limit_message("torch.compile(backend='retrograd')", what, limit,
-                                        describe_change(key, others)), stacklevel=4)
-        while len(self.compiled) > limit:
+        def release_oldest():
             oldest = next(iter(self.compiled))
-            log.info("retrograd: releasing the program of a signature (max_programs=%d)", limit)
             del self.compiled[oldest], self.compilers[oldest]
+        what = f"a graph dynamo handed over ({len(self.gm.graph.nodes)} nodes)"
+        self.bound.enforce(key, self.compiled, self.options.max_programs,
+                           lambda: len(self.compiled), release_oldest, what, stacklevel=4)
 
 
 class EagerGraph:

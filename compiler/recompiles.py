@@ -21,10 +21,16 @@ warning (``recompile_limit_message``), as dynamo does past its own
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["describe_change", "limit_message", "recompile_limit_message"]
+from retrograd.errors import user_stacklevel
+
+__all__ = ["ProgramBound", "describe_change", "limit_message", "recompile_limit_message"]
+
+log = logging.getLogger("retrograd")
 
 #: The fields of a tensor's entry in ``capture.signature``, after its tag.
 _TENSOR_FIELDS = ("shape", "stride", "dtype", "device", "requires_grad")
@@ -113,3 +119,34 @@ def recompile_limit_message(face: str, what: str, limit: int, change: str) -> st
             f"PyTorch, uncompiled, from now on (programs already compiled still run). The "
             f"last change: {change}. Keep dtypes, layouts and the Python values the code "
             f"reads to a few values, or raise recompile_limit")
+
+
+class ProgramBound:
+    """The ``max_programs`` bound every compiled object keeps (trace cache,
+    backend, compile_step): past the limit, least recently used programs are
+    released, and the first time a warning names what changed in the new
+    signature against the nearest kept one (``describe_change``)."""
+
+    def __init__(self, face: str) -> None:
+        self.face = face
+        self.warned = False
+
+    def enforce(self, key: tuple, keys: Iterable[tuple], limit: int, count, release_oldest,
+                what: str, alone: str = "", stacklevel: int | None = None) -> None:
+        """While ``count()`` exceeds ``limit``, call ``release_oldest()``; warn
+        once before, naming ``what`` was compiled and how ``key`` differs from
+        the other ``keys`` (``alone`` when there are none). The warning points
+        at ``stacklevel`` frames above the caller, else at the user's call."""
+        if count() <= limit:
+            return
+        if not self.warned:
+            self.warned = True
+            others = [other for other in keys if other != key]
+            change = describe_change(key, others) if others else alone
+            level = user_stacklevel() if stacklevel is None else stacklevel + 1
+            warnings.warn(limit_message(self.face, what, limit, change), stacklevel=level)
+        while count() > limit:
+            log.info("%s: releasing the least recently used program (max_programs=%d)",
+                     self.face, limit)
+            release_oldest()
+

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -45,7 +44,6 @@ from torch.func import functionalize, grad_and_value
 from retrograd.capture import signature
 from retrograd.decompositions import decomposition_table, traced_right
 from retrograd.distributed import check_same_parameters, unwrap
-from retrograd.errors import user_stacklevel
 from retrograd.locking import compiling
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
                                   clip_gradients, family, initial_state, mark_stepped,
@@ -53,7 +51,7 @@ from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_o
 from retrograd.options import Options
 from retrograd.graph_compiler import GraphCompiler
 from retrograd.provenance import recording
-from retrograd.recompiles import describe_change, limit_message
+from retrograd.recompiles import ProgramBound
 
 __all__ = ["compile_step", "Step", "SUPPORTED_OPTIMIZERS"]
 
@@ -97,7 +95,7 @@ class Step:
         #: per signature, least recently used first; at most options.max_programs
         self.entries: OrderedDict[tuple, tuple[Any, GraphCompiler]] = OrderedDict()
         self.lock = threading.Lock()   # reached and entries, for threads sharing the step
-        self.warned_limit = False
+        self.bound = ProgramBound("retrograd.compile_step")
         self.last: tuple | None = None
         self._fresh: tuple[tuple, torch.Tensor] | None = None
         if self.replicas is not None:
@@ -324,21 +322,13 @@ class Step:
 
     def _bound(self, key: tuple) -> None:
         """Release the least recently used programs past ``max_programs`` (the
-        new ``key`` is the most recent), warning once with what changed
-        (recompiles.py). Called holding ``self.lock``; a thread running a
-        released program holds it until its call ends."""
-        limit = self.options.max_programs
-        if len(self.entries) <= limit:
-            return
-        if not self.warned_limit:
-            self.warned_limit = True
-            others = [other for other in self.entries if other != key]
-            what = f"the training step of {type(self.model).__name__}"
-            warnings.warn(limit_message("retrograd.compile_step", what, limit,
-                                        describe_change(key, others)),
-                          stacklevel=user_stacklevel())
-        while len(self.entries) > limit:
-            self.entries.popitem(last=False)
+        new ``key`` is the most recent; recompiles.ProgramBound). Called
+        holding ``self.lock``; a thread running a released program holds it
+        until its call ends."""
+        what = f"the training step of {type(self.model).__name__}"
+        self.bound.enforce(key, self.entries, self.options.max_programs,
+                           lambda: len(self.entries),
+                           lambda: self.entries.popitem(last=False), what)
 
     def _compile(self, inputs, loss_of, used, groups, clock_of):
         function = self._function(loss_of, used, groups, clock_of)

@@ -43,7 +43,7 @@ from retrograd.guards import (Guards, function_guards, module_function_guards,
 from retrograd.hooks import hook_key, warn_about_hooks
 from retrograd.locking import compiling
 from retrograd.options import Options
-from retrograd.recompiles import describe_change, limit_message, recompile_limit_message
+from retrograd.recompiles import ProgramBound, describe_change, recompile_limit_message
 
 __all__ = ["TraceCache", "MAX_ENTRIES"]
 
@@ -91,7 +91,7 @@ class TraceCache:
         self.face = face
         self.changed: str | None = None   # the guard that failed last
         self.warned_retracing = False
-        self.warned_limit = False
+        self.bound = ProgramBound(self.face)
         self.may_split = may_split   # data-dependent code may go to dynamo
         self.fallback: DynamoFallback | None = None
         self.what = (getattr(target, "__qualname__", "the function") if module is None
@@ -176,28 +176,19 @@ class TraceCache:
 
     def _bound(self, key: tuple) -> None:
         """Release least recently used graphs until at most ``max_programs`` are
-        kept; the first time, warn naming what changed in ``key``. A released
-        graph is referenced from nowhere else (``self.last`` moves to the new
-        one), so its program, kernels and arenas are freed (a thread running it
-        meanwhile holds it until its call ends). Called holding ``self.lock``."""
-        limit = self.options.max_programs
-        if sum(map(len, self.entries.values())) <= limit:
-            return
-        if not self.warned_limit:
-            self.warned_limit = True
-            others = [other for other in self.entries if other != key]
-            change = (describe_change(key, others) if others
-                      else f"a Python value it reads ({self.changed})")
-            warnings.warn(limit_message(self.face, self.what, limit, change),
-                          stacklevel=user_stacklevel())
-        while sum(map(len, self.entries.values())) > limit:
+        kept (recompiles.ProgramBound). A released graph is referenced from
+        nowhere else (``self.last`` moves to the new one), so its program,
+        kernels and arenas are freed (a thread running it meanwhile holds it
+        until its call ends). Called holding ``self.lock``."""
+        def release_oldest():
             oldest = next(iter(self.entries))   # the new key only when it is alone
-            log.info("%s: releasing a compiled graph of %s (max_programs=%d)",
-                     self.face, self.what, limit)
             kept = self.entries[oldest]
             del kept[0]
             if not kept:
                 del self.entries[oldest]
+        self.bound.enforce(key, self.entries, self.options.max_programs,
+                           lambda: sum(map(len, self.entries.values())), release_oldest,
+                           self.what, alone=f"a Python value it reads ({self.changed})")
 
     def _lookup(self, key: tuple, again: bool = False, tensors=None) -> _Entry | None:
         """The entry of ``key`` whose guards (and shape guards, for a symbolic
