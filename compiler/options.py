@@ -72,12 +72,19 @@ class Options:
         recompile_limit: None, or the most programs a compiled object
             compiles; past it a call that would compile runs in eager
             PyTorch, with one warning (dynamo's ``recompile_limit``).
+        matmul_templates: None (automatic): on CUDA each matmul with a fused
+            pointwise prologue/epilogue runs as a Triton template where a
+            bounded autotune, cached on disk, finds it faster than the extern
+            aten call plus its separate pointwise kernel; on the CPU the
+            extern call stays. True: always the template where one applies
+            (tests exercise it under the interpreter); False: never
+            (passes/matmul_fusion.py).
 
     Example:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
         Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), \
 verify=False, save=(), recompute=(), offload=(), data_dependent='split', max_programs=16, \
-dynamic=None, recompile_limit=None)
+dynamic=None, recompile_limit=None, matmul_templates=None)
     """
 
     memory_budget: float | None = None
@@ -92,6 +99,7 @@ dynamic=None, recompile_limit=None)
     max_programs: int = 16
     dynamic: bool | None = None
     recompile_limit: int | None = None
+    matmul_templates: bool | None = None
 
     @classmethod
     def known(cls) -> list[str]:
@@ -140,6 +148,9 @@ dynamic=None, recompile_limit=None)
                                   or limit < 1):
             raise ValueError(f"retrograd: option recompile_limit={limit!r} must be None or "
                              f"a whole number of compiles, at least 1")
+        if not isinstance(self.matmul_templates, (bool, type(None))):
+            raise ValueError(f"retrograd: option matmul_templates={self.matmul_templates!r} "
+                             f"must be None (automatic), True or False")
         if not isinstance(self.verify, bool):
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
         for name in ("save", "recompute", "offload"):
