@@ -126,6 +126,8 @@ class Kernel:
     # what it computes; fusion sets it for triton kernels (extern and view
     # kernels are their own family)
     family: Family | None = None
+    # matmul templates: the block configuration chosen (BLOCK_M, BLOCK_N, ...)
+    tuning: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.kind = Kind(self.kind)   # a plain string is checked here: ValueError if unknown
