@@ -393,13 +393,17 @@ def test_gpt2_bf16_autocast_no_worse_than_eager(face, monkeypatch, long_batch):
                                                                            error(eager))
 
 
-def test_inference_fuses_the_forward_half():
-    """Without gradients (an evaluation loss) the forward alone is fused."""
+@pytest.mark.parametrize("loss_fn", ["causal_shift", "olmo"])
+def test_inference_fuses_the_forward_half(loss_fn):
+    """Without gradients (an evaluation loss) the forward alone is fused; with
+    OLMo's z-loss, z is taken from the fused forward's logsumexp too."""
+    import test_z_loss
+    loss_fn = causal_shift if loss_fn == "causal_shift" else test_z_loss.olmo
     hidden, weight, bias, target = _inputs(8)
-    compiled = retrograd.compile(causal_shift, executor="interpret")
+    compiled = retrograd.compile(loss_fn, executor="interpret")
     with torch.no_grad():
         loss = compiled(hidden, weight, bias, target)
-        expected = causal_shift(hidden.double(), weight.double(), bias.double(), target)
+        expected = loss_fn(hidden.double(), weight.double(), bias.double(), target)
     assert_close_floor(loss, expected, 1e-6, what="loss")
     assert _stats(compiled)["fused"] == 1
 
