@@ -273,14 +273,8 @@ def test_dynamo_symbolic_shapes_after_a_recompile(monkeypatch):
 
 
 def _has_symbolic_sizes(gm: torch.fx.GraphModule) -> bool:
-    for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.SymInt):
-            return True
-        if isinstance(value, torch.Tensor) and any(
-                isinstance(size, torch.SymInt) for size in value.shape):
-            return True
-    return False
+    from retrograd.dynamic import is_symbolic
+    return is_symbolic([node.meta.get("example_value") for node in gm.graph.nodes])
 
 
 # -- dumps and the report -------------------------------------------------------------------
