@@ -72,6 +72,12 @@ class Options:
         recompile_limit: None, or the most programs a compiled object
             compiles; past it a call that would compile runs in eager
             PyTorch, with one warning (dynamo's ``recompile_limit``).
+        cudagraphs: None (the default: on for CUDA programs), True or False:
+            capture each program as a CUDA graph after a warm-up call and
+            replay it (runtime/cudagraphs.py). A program that cannot be
+            captured safely (tensors on the CPU, a host sync, a dynamic
+            size, host offload) runs without, and the report says why;
+            True also warns then.
         matmul_templates: None (automatic): on CUDA each matmul with a fused
             pointwise prologue/epilogue runs as a Triton template where a
             bounded autotune, cached on disk, finds it faster than the extern
@@ -84,7 +90,7 @@ class Options:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
         Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), \
 verify=False, save=(), recompute=(), offload=(), data_dependent='split', max_programs=16, \
-dynamic=None, recompile_limit=None, matmul_templates=None)
+dynamic=None, recompile_limit=None, matmul_templates=None, cudagraphs=None)
     """
 
     memory_budget: float | None = None
@@ -100,6 +106,7 @@ dynamic=None, recompile_limit=None, matmul_templates=None)
     dynamic: bool | None = None
     recompile_limit: int | None = None
     matmul_templates: bool | None = None
+    cudagraphs: bool | None = None
 
     @classmethod
     def known(cls) -> list[str]:
@@ -151,6 +158,9 @@ dynamic=None, recompile_limit=None, matmul_templates=None)
         if not isinstance(self.matmul_templates, (bool, type(None))):
             raise ValueError(f"retrograd: option matmul_templates={self.matmul_templates!r} "
                              f"must be None (automatic), True or False")
+        if not isinstance(self.cudagraphs, (bool, type(None))):
+            raise ValueError(f"retrograd: option cudagraphs={self.cudagraphs!r} must be None "
+                             f"(on for CUDA programs), True or False")
         if not isinstance(self.verify, bool):
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
         for name in ("save", "recompute", "offload"):

@@ -14,7 +14,8 @@ from retrograd.options import EXECUTORS, Options
 from retrograd.pipeline import PIPELINE, pass_names
 
 KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute", "offload",
-         "data_dependent", "max_programs", "dynamic", "recompile_limit"]
+         "data_dependent", "max_programs", "dynamic", "recompile_limit", "matmul_templates",
+         "cudagraphs"]
 
 
 def test_known_options():
