@@ -17,16 +17,15 @@ same on both faces:
   signature with those sizes left out) together with the shape guards of its
   trace (``ShapeGuards``), which every later call must pass.
 
-What a symbolic program runs: retrograd's passes, memory planner and static
-kernels work on concrete sizes (byte offsets, block sizes, unrolled index
-arithmetic), so a symbolic program is AOTAutograd's symbolic forward and
-backward graphs split by its default partition (what eager saves), where
-runs of elementwise ops become size-generic Triton kernels
-(symbolic_fusion.py: the element count is a launch argument) and the rest
-runs as torch calls. Its report says so (``symbolic``: the symbolic
-dimensions, the guards, the executor; kernels and torch calls counted).
-Only the static programs (first size, and every signature that does not
-vary in size) get retrograd's passes.
+What a symbolic program runs: its joint graph is split by retrograd's
+checkpoint plan made at the size hints (symbolic_partition.py; the default
+partition where that does not apply). Fusion, the memory planner and the
+static kernels work on concrete sizes (byte offsets, block sizes, unrolled
+index arithmetic), so within each half runs of elementwise ops become
+size-generic Triton kernels (symbolic_fusion.py: the element count is a
+launch argument) and the rest runs as torch calls. Its report says so
+(``symbolic``: the symbolic dimensions, the guards, the executor, the
+checkpoint plan; kernels and torch calls counted).
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from retrograd.capture import _OutputsOwnMemory, signature
 from retrograd.locking import compiling
 from retrograd.report import SCHEMA
 from retrograd.runtime.device import choose_executor
+from retrograd import symbolic_partition
 from retrograd.symbolic_fusion import fuse_pointwise
 
 __all__ = ["ShapeGuards", "SizeHistory", "SymbolicCompiler", "abstract_key", "compile_symbolic",
@@ -167,13 +167,23 @@ def is_symbolic(example_inputs: Sequence[Any]) -> bool:
     return False
 
 
+WHY = ("split by retrograd's checkpoint plan made at the size hints; its memory planner and "
+       "static kernels need concrete sizes: elementwise runs are size-generic Triton kernels, "
+       "the rest torch calls")
+WHY_DEFAULT = ("split by AOTAutograd's default partition; retrograd's memory planner and "
+               "static kernels need concrete sizes: elementwise runs are size-generic Triton "
+               "kernels, the rest torch calls")
+
+
 class SymbolicCompiler:
     """AOTAutograd's hooks for a symbolic program: the default partition; in
     each half, runs of elementwise ops become size-generic Triton kernels
     (symbolic_fusion.py) and the rest stays torch calls; and its report."""
 
-    def __init__(self, what: str, dims: str, executor: str = "auto"):
+    def __init__(self, what: str, dims: str, executor: str = "auto", options=None):
         self.what, self.dims, self.executor = what, dims, executor
+        self.options = options
+        self.checkpoint: dict | None = None   # the checkpoint pass's stats, at the hints
         self.reports: dict[str, dict] = {}
         self.closed_over_grads: list[str] = []
         self.guards = "dynamo's guards"
@@ -186,9 +196,21 @@ class SymbolicCompiler:
             report["symbolic"]["guards"] = text
 
     def partition(self, joint: fx.GraphModule, joint_inputs, **kwargs):
+        """retrograd's checkpoint plan, made at the size hints
+        (symbolic_partition.py); AOTAutograd's default partition where it
+        does not apply (``checkpoint=None``: the reason is logged) or where
+        the user disabled checkpointing."""
         from retrograd.graph_compiler import _closed_over_grads
         self.closed_over_grads = _closed_over_grads(joint)
-        return default_partition(joint, joint_inputs, **kwargs)
+        split = None
+        if self.options is not None:
+            split = symbolic_partition.partition(joint, kwargs["num_fwd_outputs"],
+                                                 self.options, self.what)
+        if split is None:
+            self.checkpoint = None
+            return default_partition(joint, joint_inputs, **kwargs)
+        forward, backward, self.checkpoint = split
+        return forward, backward
 
     def half(self, name: str):
         def compile_half(gm: fx.GraphModule, example_inputs):
@@ -222,10 +244,19 @@ class SymbolicCompiler:
                 "ledger": [], "pareto": None,
                 "compile_seconds": round(perf_counter() - self.started, 4),
                 "symbolic": {"dims": self.dims, "guards": self.guards, "executor": executor,
-                             "why": "retrograd's passes, memory planner and static kernels "
-                                    "need concrete sizes: this program is AOTAutograd's "
-                                    "graphs, elementwise runs as size-generic Triton "
-                                    "kernels, the rest torch calls"}}
+                             "why": WHY if self.checkpoint else WHY_DEFAULT,
+                             **self._checkpoint_fields()}}
+
+    def _checkpoint_fields(self) -> dict:
+        """The checkpoint plan made at the hints (its stats less the ledger and
+        trade-off, whose bytes hold at the hints only) and the saved bytes as
+        an expression of the symbols; None where the default partition ran."""
+        if self.checkpoint is None:
+            return {"checkpoint": None, "saved_activation_bytes": None}
+        stats = {k: v for k, v in self.checkpoint.items()
+                 if k not in ("ledger", "pareto", "saved_activation_bytes_expression")}
+        return {"checkpoint": stats,
+                "saved_activation_bytes": self.checkpoint["saved_activation_bytes_expression"]}
 
 
 def _device(gm: fx.GraphModule) -> torch.device:
@@ -246,9 +277,9 @@ def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, d
     skipped = [name for name in ("verify", "dump_dir") if getattr(options, name, None)]
     if skipped:
         log.warning("retrograd: %s: %s not applied to the symbolic program (%s): it runs "
-                    "AOTAutograd's graphs as torch calls, with no retrograd pass to check "
+                    "AOTAutograd's graphs as torch calls, with no program to check "
                     "or dump", what, " and ".join(skipped), dims)
-    compiler = SymbolicCompiler(what, dims, getattr(options, "executor", "auto"))
+    compiler = SymbolicCompiler(what, dims, getattr(options, "executor", "auto"), options)
     with compiling():
         compiled = aot_module_simplified(
             _OutputsOwnMemory(module), list(fakes),
