@@ -38,15 +38,14 @@ from typing import Any
 
 import sympy
 import torch
-from torch import fx
-from torch._functorch import partitioners
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import optimization_hint
-
 from retrograd.dump import Dumper
 from retrograd.passes import checkpoint
 from retrograd.passes.planning.remat import storage_base
 from retrograd.pipeline import OpSupport, PassContext
+from torch import fx
+from torch._functorch import partitioners
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 __all__ = ["hinted_copy", "partition", "saved_bytes_expression", "size_of_hint"]
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import retrograd
 import sympy
 import torch
-
-import retrograd
-import retrograd.symbolic_partition as symbolic_partition
 from checks import assert_close
+from retrograd import symbolic_partition
 from test_dynamic_shapes import Attention
 
 
@@ -68,7 +67,7 @@ def _compile_two_sizes(fn, make, sizes=(2, 3), **options):
 
 
 def test_symbolic_joint_graph_is_split_by_the_min_cut_plan_at_the_hints(monkeypatch):
-    make = lambda rows: torch.randn(rows, 5, dtype=torch.float64)   # noqa: E731
+    make = lambda rows: torch.randn(rows, 5, dtype=torch.float64)
     ours = _compile_two_sizes(chain, make)
     checkpoint = _symbolic_compiler(ours).checkpoint
     assert checkpoint is not None and checkpoint["solver"].startswith("min-cut")
@@ -89,7 +88,7 @@ def test_attention_saves_no_more_than_the_default_partition_at_untraced_lengths(
     torch.manual_seed(0)
     model = Attention().double()
     reference = copy.deepcopy(model)
-    make = lambda length: torch.randn(2, length, 8, dtype=torch.float64)   # noqa: E731
+    make = lambda length: torch.randn(2, length, 8, dtype=torch.float64)
     compiled = {"ours": retrograd.compile(model)}
     with monkeypatch.context() as patch:
         patch.setattr(symbolic_partition, "partition", lambda *args: None)
@@ -134,7 +133,7 @@ def test_memory_budget_applies_to_the_symbolic_program():
 
     def loss(x):
         return linear(x).tanh().square().sum()
-    make = lambda rows: torch.randn(rows, 4, dtype=torch.float64)   # noqa: E731
+    make = lambda rows: torch.randn(rows, 4, dtype=torch.float64)
     compiled = _compile_two_sizes(loss, make, memory_budget=0.01)
     checkpoint = _symbolic_compiler(compiled).checkpoint
     assert checkpoint["plan"] == "memory_budget=0.01"
