@@ -19,12 +19,15 @@ lane in Python.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+import retrograd
 
 from checks import check_against_eager as check
 
@@ -279,6 +282,70 @@ def test_layer_norm_is_one_kernel_and_its_backward_has_no_extern_op():
     assert_triton(compiled, kernels=1)
 
 
+def _column_kernels(sources: list[str], dims: str) -> list[str]:
+    return [source for source in sources if f"Reduces dims {dims} of shape" in source]
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5)])
+def test_layer_norm_weight_and_bias_gradients_are_one_kernel(shape, tmp_path):
+    """``sum(grad * xhat)`` and ``sum(grad)`` over the leading dims: one kernel
+    computing the product where it sums it (the product moves out of the
+    norm's row kernel), reading ``grad`` once; the row kernel stores no product
+    for it. Were two kernels, the product stored and read back."""
+    x, w, b = randn(*shape), torch.rand(5) + 0.5, randn(5)
+    check(lambda x, w, b: F.layer_norm(x, (5,), w, b), x, w, b, dump_dir=str(tmp_path))
+    sources = kernel_sources(tmp_path, "backward")
+    dims = str(list(range(len(shape) - 1)))
+    (column,) = _column_kernels(sources, dims)
+    assert "2 reductions and 1 other ops" in column
+    assert column.count("tl.load(") == 2   # grad and xhat, each once
+    rows = [source for source in sources if source not in _column_kernels(sources, dims)]
+    assert sum(source.count("tl.store(") for source in rows) <= 3   # grad x, xhat, rstd
+
+
+def test_a_product_of_two_row_kernel_values_stays_in_its_kernel(tmp_path):
+    """Moving ``s * exp(s)`` of a softmax into the column sum would make the
+    softmax kernel store two values instead of one: it stays."""
+    def fn(x):
+        s = torch.softmax(x, -1)
+        return (s * s.exp()).sum(0)
+    compiled = check(fn, randn(7, 5), dump_dir=str(tmp_path))
+    assert_triton(compiled)
+    (column,) = _column_kernels(kernel_sources(tmp_path), "[0]")
+    assert "1 reductions and 0 other ops" in column
+
+
+@pytest.mark.parametrize("name", ["attention_block", "gpt2_tiny"])
+def test_zoo_layer_norm_parameter_gradients_are_one_kernel_each(name, monkeypatch):
+    """On the zoo's layer-norm models: one column-sum kernel per LayerNorm in
+    the backward (were two), and gradients as eager's. The fx executor runs the
+    Program (the kernels' numerics under the interpreter: test_models)."""
+    from zoo import ZOO, assert_parity, training_step
+    from retrograd.passes import fusion
+    programs = []
+    original = fusion.run
+
+    def recording(gm, ctx):
+        result = original(gm, ctx)
+        programs.append(result.subject)
+        return result
+    monkeypatch.setattr(fusion, "run", recording)
+    entry = ZOO[name]
+    model, inputs = entry.model(), entry.inputs()
+    reference = copy.deepcopy(model)
+    expected = training_step(entry, reference, reference, inputs)
+    got = training_step(entry, retrograd.compile(model, executor="fx"), model, inputs)
+    assert_parity(got, expected)
+    (backward,) = [p for p in programs if p.name.endswith("-backward")]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    columns = [k for k in backward.kernels if k.is_reduction and len(k.full_shape) == 3
+               and k.reduced_dims == (0, 1)]
+    assert len(columns) == len(norms)
+    for kernel in columns:
+        sums = [n for n in kernel.nodes if n.target is torch.ops.aten.sum.dim_IntList]
+        assert len(sums) == 2, kernel.name
+
+
 def test_rms_norm_is_one_kernel():
     def rms_norm(x, w):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
@@ -449,9 +516,11 @@ def test_split_reduction_keeps_nan_and_infinity(forced_split):
 
 
 def test_layer_norm_weight_and_bias_gradients_split(forced_split, tmp_path):
+    """Both column sums split in one pair of kernels (one partials tensor each)."""
     x, w, b = randn(37, 5), torch.rand(5) + 0.5, randn(5)
     check(lambda x, w, b: F.layer_norm(x, (5,), w, b), x, w, b, dump_dir=str(tmp_path))
-    assert any("split into" in source for source in kernel_sources(tmp_path, "backward"))
+    (split,) = [s for s in kernel_sources(tmp_path, "backward") if "split into" in s]
+    assert "2 split reductions" in split
 
 
 def test_split_is_chosen_by_shape():

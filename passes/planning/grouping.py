@@ -39,6 +39,11 @@ def numel_of(node: fx.Node) -> int | None:
     return val.numel() if isinstance(val, torch.Tensor) else None
 
 
+def _nbytes(node: fx.Node) -> int:
+    val = value_of(node)
+    return val.numel() * val.element_size()
+
+
 def tensor_args(node: fx.Node) -> list[fx.Node]:
     return [arg for arg in node.all_input_nodes if isinstance(value_of(arg), torch.Tensor)]
 
@@ -190,6 +195,43 @@ class Grouping:
                 return group
         return None
 
+    def adopt_prologue(self, node: fx.Node, source: fx.Node, geometry) -> int | None:
+        """Move ``source``, a pointwise value only ``node`` reads, out of a kernel
+        of another geometry into ``node``'s reduction group, so it is computed
+        where it is reduced instead of stored and read back; returns that group.
+
+        Layer norm's weight gradient ``sum(grad * xhat, [0, 1])``: the product
+        sits in the row kernel of the norm's backward; moved, it reads ``grad``
+        as the bias gradient ``sum(grad, [0, 1])`` does, which then joins it as
+        a sibling: one kernel for the two column sums (Inductor and Liger fuse
+        them the same way). Only when at most one argument is a register of the
+        old kernel, no larger than ``source``: that value is stored instead of
+        ``source``, so no byte more is written.
+        """
+        group = self.group_of.get(source)
+        support = self.support
+        if group is None or self.geometry[group] in ("standalone", geometry) \
+                or not isinstance(value_of(node), torch.Tensor) \
+                or list(source.users) != [node] or len(self.groups[group]) < 2 \
+                or self.phase[group] != node.meta.get(PHASE) \
+                or support.describe_reduction(source) is not None or support.is_fill(source) \
+                or not support.can_lower(source) or support.reads_by_index(source) \
+                or support.is_generator(source):
+            return None
+        registers = [arg for arg in tensor_args(source) if not support.is_fill(arg)
+                     and self.register_source(arg, group) is not None]
+        if len(registers) > 1 or any(_nbytes(arg) > _nbytes(source) for arg in registers):
+            return None
+        target = next((g for arg in tensor_args(source) for user in arg.users
+                       if (g := self.group_of.get(user)) is not None and g != group
+                       and self.geometry[g] == geometry and self.phase[g] == self.phase[group]
+                       and self.can_join_reduction(source, g)), None)
+        self.groups[group].remove(source)
+        self.add(source, target, geometry, value_of(node).numel())
+        target = self.group_of[source]
+        self.group_reads[target] |= self.ancestors[source] - {target}
+        return target
+
     def add(self, node: fx.Node, group: int | None, geometry=None, numel=None) -> None:
         if group is None:
             group = len(self.groups)
@@ -214,6 +256,8 @@ class Grouping:
             rows = (val[0] if isinstance(val, (tuple, list)) else val).numel()
             geometry = (tuple(value_of(source).shape), tuple(dims))
             group = self.try_reduction(node)
+            if group is None:
+                group = self.adopt_prologue(node, source, geometry)
             self.add(node, self.sibling_reduction(node, source, geometry) if group is None
                      else group, geometry, rows)
         elif node.op == "call_function" and node.target is operator.getitem \
