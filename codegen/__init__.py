@@ -7,6 +7,7 @@ from retrograd.codegen.pointwise import choose_block, generate_pointwise
 from retrograd.codegen import reduction
 from retrograd.codegen.reduction import choose_reduction_blocks, generate_reduction
 from retrograd.codegen.reduction_split import generate_split_reduction, splittable
+from retrograd.codegen.matmul_template import generate_matmul
 from retrograd.codegen.pooling import POOLS, generate_pool
 from retrograd.codegen.scan import SCANS, generate_scan
 from retrograd.codegen.scatter import SCATTERS, generate_scatter
@@ -30,7 +31,9 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
     """Source of every Triton kernel (by kernel name) and of ``program.py``."""
     kernels = {}
     for kernel in program.kernels_of(Kind.TRITON):   # the generator by fusion's family
-        if kernel.family == Family.POOLING:
+        if kernel.family == Family.MATMUL:
+            kernel.source = generate_matmul(kernel, program.buffers, interpreted, program.name)
+        elif kernel.family == Family.POOLING:
             block = choose_block(kernel.numel or 1 << 16, interpreted)
             kernel.source = generate_pool(kernel, program.buffers, block, program.name)
         elif kernel.family == Family.SCATTER:

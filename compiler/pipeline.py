@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from retrograd import loss_ops
+from retrograd import loss_ops, matmul_choice
 from retrograd.codegen import indexing as codegen_indexing
 from retrograd.codegen import ops as codegen_ops
 from retrograd.codegen import pooling as codegen_pooling
@@ -35,7 +35,8 @@ from retrograd.dump import Dumper, count_nodes, subject_text
 from retrograd.ir import CodegenSupport, PassResult, Program
 from retrograd.options import Options
 from retrograd.passes import (buffer_reuse, checkpoint, cleanup, dead_gradient, fusion, layout,
-                              linear_cross_entropy, offload, schedule, tied_gradients)
+                              linear_cross_entropy, matmul_fusion, offload, schedule,
+                              tied_gradients)
 from retrograd.passes.dead_gradient import GradientSpec
 from retrograd.report import PassRecord
 from retrograd.runtime import offload as offload_ops  # noqa: F401  registers the copy ops
@@ -63,6 +64,7 @@ class OpSupport:
     can_scan = staticmethod(codegen_scan.can_scan)
     can_reduce = staticmethod(codegen_reduction.can_reduce)
     describe_reduction = staticmethod(codegen_reduction.describe_reduction)
+    choose_matmul = staticmethod(matmul_choice.choose)   # template or extern (CUDA autotune)
 
     @staticmethod
     def can_lower(node) -> bool:
@@ -146,6 +148,7 @@ PIPELINE: tuple[PassSpec, ...] = (
     PassSpec("offload", offload, (Stage.JOINT,)),
     PassSpec("offload", offload, (Stage.STEP,), "offload_step"),
     PassSpec("fusion", fusion, (Stage.HALF,), required=True),
+    PassSpec("matmul_templates", matmul_fusion, (Stage.HALF,)),
     PassSpec("layout", layout, (Stage.HALF,)),
     PassSpec("schedule", schedule, (Stage.HALF,)),
     PassSpec("buffer_reuse", buffer_reuse, (Stage.HALF,)),

@@ -13,7 +13,7 @@ from retrograd.options import Options
 from retrograd.pipeline import (PIPELINE, OpSupport, PassContext, PassError, Stage, pass_names,
                                 passes_for, required_passes, run_pass)
 
-HALF = ["fusion", "layout", "schedule", "buffer_reuse"]
+HALF = ["fusion", "matmul_templates", "layout", "schedule", "buffer_reuse"]
 
 
 def _model():
@@ -28,7 +28,7 @@ def _ran(report: dict) -> list[str]:
 def test_every_pass_is_declared_once_per_stage_with_its_contract():
     assert pass_names() == ("dead_gradient", "tied_gradients", "linear_cross_entropy",
                             "restore_decompositions", "cleanup", "checkpoint", "offload",
-                            "fusion", "layout", "schedule", "buffer_reuse")
+                            "fusion", "matmul_templates", "layout", "schedule", "buffer_reuse")
     assert required_passes() == ("restore_decompositions", "checkpoint", "fusion")
     for stage in Stage:
         names = [spec.name for spec in passes_for(stage)]
@@ -39,7 +39,7 @@ def test_every_pass_is_declared_once_per_stage_with_its_contract():
 
 def test_disable_drops_a_pass_from_its_stages_but_never_a_required_one():
     names = [spec.name for spec in passes_for(Stage.HALF, ("layout", "schedule", "fusion"))]
-    assert names == ["fusion", "buffer_reuse"]
+    assert names == ["fusion", "matmul_templates", "buffer_reuse"]
     assert [s.name for s in passes_for(Stage.JOINT, ("cleanup", "linear_cross_entropy"))] \
         == ["dead_gradient", "tied_gradients", "restore_decompositions", "checkpoint",
             "offload"]
