@@ -130,7 +130,8 @@ def candidate_configs(kernel: Kernel) -> list[dict[str, int]]:
     of Triton's matmul tutorial, less the ones larger than the matrix)."""
     m, n, k = _sizes(split_nodes(kernel)[2])
     table = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-             (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (32, 64, 64, 4, 4)]
+             (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (32, 64, 64, 4, 4),
+             (32, 32, 32, 4, 2), (16, 16, 32, 2, 2)]
     configs = []
     for block_m, block_n, block_k, warps, stages in table:
         if block_m > max(16, next_power_of_two(m)) or block_n > max(16, next_power_of_two(n)):
