@@ -15,10 +15,18 @@ the counter-based RNG of JAX and of AOTAutograd's functionalized RNG (Salmon
 et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), here on CPU
 too.
 
-The eager implementation below (numpy, used by the ``fx`` executor and by
-``verify``) computes exactly what the generated Triton helper ``_uniform``
-computes: the top 24 bits of Philox's first word times 2**-24, rounded down
-to ``k / 2**digits`` for half precision, as torch draws them.
+The eager implementation below (torch ops, used by the ``fx`` and torch
+program executors and by ``verify``) computes exactly what the generated
+Triton helper ``_uniform`` computes: the top 24 bits of Philox's first word
+times 2**-24, rounded down to ``k / 2**digits`` for half precision, as torch
+draws them. ``philox_uniform`` (numpy) is the reference it is tested against.
+
+CUDA graphs. Every op here reads the seed as a tensor on the draw's device
+and runs there: no ``.item()``, no host copy, so a captured graph replays it
+(runtime/cudagraphs.py). The seed itself comes from ``aten.randint`` on that
+device; on CUDA, torch's generator reads its seed and offset from device
+tensors while a graph is captured, and each replay advances the offset, so
+every replay draws a new seed (torch's graph-safe Philox state).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from __future__ import annotations
 import numpy
 import torch
 
-__all__ = ["uniform", "philox_uniform", "HALF_DIGITS"]
+__all__ = ["HALF_DIGITS", "philox_uniform", "philox_uniform_tensor", "uniform"]
 
 #: Mantissa bits of the half-precision uniforms torch draws (k / 2**digits).
 HALF_DIGITS = {torch.float16: 11, torch.bfloat16: 8}
@@ -60,16 +68,46 @@ def philox_uniform(seed: int, counters: numpy.ndarray) -> numpy.ndarray:
     return (c0 >> numpy.uint32(8)).astype(numpy.float32) * numpy.float32(2.0 ** -24)
 
 
+_WORD = 0xFFFFFFFF
+
+
+def _multiply(constant: int, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of ``constant * word`` in int64 tensors: the
+    product of two 32-bit words overflows int64, so ``word`` is split in
+    16-bit halves whose partial products (< 2**48) do not."""
+    low_half, high_half = word & 0xFFFF, word >> 16
+    partial_low, partial_high = constant * low_half, constant * high_half
+    middle = partial_low + ((partial_high & 0xFFFF) << 16)
+    return ((partial_high >> 16) + (middle >> 32)) & _WORD, middle & _WORD
+
+
+def philox_uniform_tensor(seed: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """``philox_uniform`` in torch ops on ``counters``' device, keyed by the
+    0-dim ``seed`` tensor without reading it on the host (graph-safe)."""
+    c0 = counters.to(torch.int64) & _WORD
+    c1 = c2 = c3 = torch.zeros_like(c0)
+    k0 = seed.to(device=c0.device, dtype=torch.int64) & _WORD
+    k1 = torch.zeros_like(k0)
+    for _ in range(10):
+        high0, low0 = _multiply(0xCD9E8D57, c2)
+        high2, low2 = _multiply(0xD2511F53, c0)
+        c0, c1, c2, c3 = high0 ^ c1 ^ k0, low0, high2 ^ c3 ^ k1, low2
+        k0 = (k0 + 0x9E3779B9) & _WORD
+        k1 = (k1 + 0xBB67AE85) & _WORD
+    return (c0 >> 8).to(torch.float32) * 2.0 ** -24
+
+
 @torch.library.custom_op("retrograd::uniform", mutates_args=())
 def uniform(like: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
     """Uniform [0, 1) shaped like ``like`` (its dtype and device; contiguous),
     element ``i`` from counter ``offset + i`` of the stream keyed by ``seed``."""
-    counters = numpy.arange(offset, offset + like.numel(), dtype=numpy.int64)
-    values = torch.from_numpy(philox_uniform(int(seed), counters & 0xFFFFFFFF))
+    counters = torch.arange(offset, offset + like.numel(), dtype=torch.int64,
+                            device=like.device)
+    values = philox_uniform_tensor(seed, counters)
     digits = HALF_DIGITS.get(like.dtype)
     if digits:
         values = torch.floor(values * 2.0 ** digits) * 2.0 ** -digits
-    return values.to(like.dtype).reshape(like.shape).to(like.device)
+    return values.to(like.dtype).reshape(like.shape)
 
 
 @uniform.register_fake
