@@ -114,7 +114,13 @@ def choose_split(rows: int, extent: int, interpreted: bool, rows_block: int,
 
 def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: int,
                        r_block: int, graph: str = "") -> str:
-    """Triton source (kernel plus ``launch``) for a fused reduction kernel."""
+    """Triton source (kernel plus ``launch``) for a fused reduction kernel;
+    split as the memory plan planned where it gave the kernel partials."""
+    if kernel.scratch:
+        # imported here: reduction_split imports this module
+        from retrograd.codegen.reduction_split import generate_split_reduction
+        return generate_split_reduction(kernel, buffers, rows_block, r_block,
+                                        buffers[kernel.scratch[0]].shape[0], graph)
     writer = ReductionWriter(kernel, buffers)
     writer.prologue_end = 0
     writer.persistent = r_block >= kernel.extent

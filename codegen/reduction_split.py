@@ -9,8 +9,12 @@ stores each row's partial result of its chunk; the second combines the
 ``SPLIT`` partials of each row (the same combination of lanes as a single
 kernel's, ``reduction_kinds.finish``), computes the epilogue and stores
 (Inductor's split reductions). The partials live in a small scratch tensor
-(``SPLIT x rows`` accumulators) that ``launch`` allocates beside the
-outputs; it is not part of the program's memory plan.
+per reduction (``SPLIT x rows`` accumulators). ``scratch_buffers`` says which
+before the memory plan is made: buffer_reuse adds them to the kernel as
+outputs no node makes (``Kernel.scratch``), alive only while it runs, and
+gives them arena slots like any temporary, so the report's bytes and peak
+count them; the wrapper hands them to ``launch``. A kernel the plan gave no
+scratch (buffer_reuse disabled) allocates it in ``launch``, off the plan.
 
 Only kernels whose reductions all read the input directly (one level, no
 reduction of a reduction's result), store no full-shape value, and are
@@ -24,6 +28,7 @@ import re
 from string import Template
 
 from retrograd.codegen import ops
+from retrograd.codegen import reduction
 from retrograd.codegen import reduction_kinds as kinds
 from retrograd.codegen.common import HELPERS, describe, describe_node
 from retrograd.codegen.reduction_kinds import (
@@ -36,7 +41,7 @@ from retrograd.codegen.reduction_kinds import (
 from retrograd.codegen.reduction_writer import ReductionWriter, levels, row_nodes_at, walk
 from retrograd.ir import Buffer, Kernel
 
-__all__ = ["SPLIT_KINDS", "generate_split_reduction", "splittable"]
+__all__ = ["SPLIT_KINDS", "generate_split_reduction", "scratch_buffers", "splittable"]
 
 #: reduction kinds whose partial results combine as the lanes of one program do
 SPLIT_KINDS = ("sum", "mean", "max", "min")
@@ -100,7 +105,35 @@ def splittable(kernel: Kernel) -> bool:
     reductions = [n for n in kernel.nodes if n.target in REDUCTIONS]
     return bool(reductions) and all(
         depths[n.name] == 1 and describe_reduction(n)[2] in SPLIT_KINDS for n in reductions
-    ) and not any(writer.is_full(writer.group[name]) for name in kernel.outputs)
+    ) and not any(writer.is_full(writer.group[name]) for name in kernel.outputs
+                 if name not in kernel.scratch)
+
+
+def _chunks(extent: int, split: int, r_block: int) -> tuple[int, int]:
+    """(CHUNK, SPLIT): chunks of whole RBLOCKs, as many as cover the extent."""
+    chunk = -(-extent // split // r_block) * r_block
+    return chunk, -(-extent // chunk)
+
+
+def _partials(kernel: Kernel, split: int) -> list[Buffer]:
+    return [Buffer(f"{node.name}_partials", (split, kernel.numel), (kernel.numel, 1),
+                   str(accumulator_dtype(node)).removeprefix("torch."))
+            for node in kernel.nodes if node.target in REDUCTIONS]
+
+
+def scratch_buffers(kernel: Kernel, interpreted: bool) -> list[Buffer]:
+    """The partials a split of ``kernel`` needs (none when it is not split):
+    ``reduction.choose_split`` by shape, ``splittable`` by what it computes.
+    The memory plan asks before codegen runs; codegen then splits as planned."""
+    if not kernel.is_reduction or kernel.scratch:
+        return []
+    inner = len(kernel.full_shape) - 1 in kernel.reduced_dims
+    rows, r_block = reduction.choose_reduction_blocks(kernel.numel, kernel.extent,
+                                                      interpreted, inner)
+    split = reduction.choose_split(kernel.numel, kernel.extent, interpreted, rows, r_block)
+    if split <= 1 or not splittable(kernel):
+        return []
+    return _partials(kernel, _chunks(kernel.extent, split, r_block)[1])
 
 
 def _partial_body(kernel, buffers, reductions, chunk_loop) -> list[str]:
@@ -137,7 +170,8 @@ def _combine_body(kernel, buffers, reductions) -> list[str]:
         kinds.finish(writer, node)
     row_nodes_at(writer, depths, 1)
     for name in kernel.outputs:
-        writer.store(name, full=False)
+        if name not in kernel.scratch:
+            writer.store(name, full=False)
     return writer.lines
 
 
@@ -145,19 +179,22 @@ def generate_split_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_bl
                              r_block: int, split: int, graph: str = "") -> str:
     """Triton source (two kernels plus ``launch``) for a split reduction."""
     reductions = [n for n in kernel.nodes if n.target in REDUCTIONS]
-    chunk = -(-kernel.extent // split // r_block) * r_block   # a multiple of RBLOCK
-    split = -(-kernel.extent // chunk)
+    planned = [buffers[name] for name in kernel.scratch]   # the memory plan's partials
+    if planned:
+        split = planned[0].shape[0]
+    chunk, split = _chunks(kernel.extent, split, r_block)
     partial_body = _partial_body(kernel, buffers, reductions,
                                  "split * CHUNK, split * CHUNK + CHUNK")
     combine_body = _combine_body(kernel, buffers, reductions)
-    scratch = [f"{n.name}_partials" for n in reductions]
-    device = (kernel.outputs + kernel.inputs)[0]
+    scratch = [buffer.name for buffer in planned or _partials(kernel, split)]
+    outputs = [name for name in kernel.outputs if name not in kernel.scratch]
+    device = (outputs + kernel.inputs)[0]
     body = "\n".join(partial_body + combine_body)
     helpers = {**HELPERS, **REDUCE_HELPERS}
     inputs = [f"    {n}_ptr,  # in: {describe(buffers[n])}" for n in kernel.inputs]
     partials = [f"    {n}_ptr,  # partials: {ops.triton_dtype(accumulator_dtype(node))}"
                 f"[{split}, {kernel.numel}]" for n, node in zip(scratch, reductions)]
-    outputs = [f"    {n}_ptr,  # out: {describe(buffers[n])}" for n in kernel.outputs]
+    out_params = [f"    {n}_ptr,  # out: {describe(buffers[n])}" for n in outputs]
     return KERNEL.substitute(
         title=f"{kernel.name}: {len(reductions)} split reductions and "
               f"{len(kernel.nodes) - len(reductions)} other ops.",
@@ -166,14 +203,15 @@ def generate_split_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_bl
         covered="\n".join(f"    {describe_node(node)}" for node in kernel.nodes),
         helpers="".join(s for n, s in helpers.items() if re.search(rf"\b{n}\b", body)),
         name=kernel.name, partial_params="\n".join(inputs + partials),
-        combine_params="\n".join(inputs + partials + outputs),
+        combine_params="\n".join(inputs + partials + out_params),
         partial_body="\n".join(partial_body), combine_body="\n".join(combine_body),
-        args=", ".join(kernel.inputs + kernel.outputs),
+        args=", ".join(kernel.inputs + outputs + [b.name for b in planned]),
         scratch="\n".join(
             f"    {n} = torch.empty(({split}, {kernel.numel}), device={device}.device, "
             f"dtype=torch.{str(accumulator_dtype(node)).removeprefix('torch.')})"
-            for n, node in zip(scratch, reductions)),
+            for n, node in zip(scratch, reductions)) if not planned
+        else "    # partials: arena slots of the memory plan, passed in",
         partial_args=", ".join(kernel.inputs + scratch),
-        combine_args=", ".join(kernel.inputs + scratch + kernel.outputs),
+        combine_args=", ".join(kernel.inputs + scratch + outputs),
         row_block=rows_block, r_block=r_block, combine_rows=min(rows_block, 64),
         split_block=1 << max(0, (split - 1).bit_length()))

@@ -148,6 +148,16 @@ class Kernel:
         return math.prod(self.full_shape[d] for d in self.reduced_dims)
 
     @property
+    def scratch(self) -> list[str]:
+        """A reduction's outputs no node of it makes: workspace it writes and
+        reads only while it runs (a split reduction's partials), planned like
+        any temporary and read by no later kernel."""
+        if not self.is_reduction:
+            return []
+        made = {node.name for node in self.nodes}
+        return [name for name in self.outputs if name not in made]
+
+    @property
     def op(self) -> str:
         """The aten op of an extern or view kernel ("aten.mm.default")."""
         return str(self.nodes[0].target) if self.nodes else ""
@@ -282,3 +292,6 @@ class CodegenSupport(Protocol):
 
     def reads_by_index(self, node: Any) -> bool:
         """An op that reads an input through computed indices (gather, embedding)."""
+
+    def reduction_scratch(self, kernel: "Kernel", interpreted: bool) -> list["Buffer"]:
+        """Workspace a reduction kernel's code will use (a split's partials), if any."""

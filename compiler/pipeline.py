@@ -29,6 +29,7 @@ from retrograd.codegen import indexing as codegen_indexing
 from retrograd.codegen import ops as codegen_ops
 from retrograd.codegen import pooling as codegen_pooling
 from retrograd.codegen import reduction as codegen_reduction
+from retrograd.codegen import reduction_split as codegen_reduction_split
 from retrograd.codegen import scan as codegen_scan
 from retrograd.codegen import scatter as codegen_scatter
 from retrograd.dump import Dumper, count_nodes, subject_text
@@ -64,6 +65,7 @@ class OpSupport:
     can_scan = staticmethod(codegen_scan.can_scan)
     can_reduce = staticmethod(codegen_reduction.can_reduce)
     describe_reduction = staticmethod(codegen_reduction.describe_reduction)
+    reduction_scratch = staticmethod(codegen_reduction_split.scratch_buffers)
     choose_matmul = staticmethod(matmul_choice.choose)   # template or extern (CUDA autotune)
 
     @staticmethod

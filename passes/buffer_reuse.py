@@ -186,8 +186,8 @@ def _reads_in_place(program: Program, kernel: Kernel, source: Buffer, target: Bu
     same shape read without indexing is only ever read by the program that
     overwrites it, before it does.
     """
-    if kernel.kind != "triton":
-        return False
+    if kernel.kind != "triton" or target.name in kernel.scratch:
+        return False   # partials are written while other programs read the inputs
     pointwise = not kernel.is_reduction and kernel.name.startswith("pointwise")
     reduction = reductions and kernel.is_reduction and kernel.name.startswith("reduction")
     if not (pointwise or reduction):
@@ -390,7 +390,28 @@ def _stats(program: Program, slots, kept, standalone, strategies, donated) -> di
     }
 
 
+def _add_scratch(program: Program, support) -> int:
+    """Workspace codegen will use (a split reduction's partials, asked of
+    ``support.reduction_scratch``) becomes outputs of the kernels that use it
+    (``Kernel.scratch``): planned temporaries alive while the kernel runs.
+    Triton's interpreter is assumed off the GPU, where nothing is split."""
+    scratch_of = getattr(support, "reduction_scratch", None)
+    added = 0
+    for kernel in program.kernels if scratch_of is not None else []:
+        value = next((n.meta.get("val") for n in kernel.nodes
+                      if hasattr(n.meta.get("val"), "device")), None)
+        if kernel.kind != "triton" or not kernel.is_reduction or value is None:
+            continue
+        for buffer in scratch_of(kernel, value.device.type != "cuda"):
+            program.buffers[buffer.name] = buffer
+            kernel.outputs.append(buffer.name)
+            added += 1
+    return added
+
+
 def run(program: Program, ctx) -> PassResult:
+    scratch = _add_scratch(program, ctx.op_support) if ctx.options.executor in (
+        "auto", "triton", "interpret") else 0
     spans = lifetimes(program)
     donated = _donations(program, spans, ctx.op_support)
     scattered = scatter_in_place.donations(program, spans, set(planned_buffers(program)))
@@ -402,4 +423,5 @@ def run(program: Program, ctx) -> PassResult:
     strategies = _place_windows(program, chosen, standalone)
     kept = [slot for window in chosen for slot in window.slots]
     stats = _stats(program, slots, kept, standalone, strategies, donated)
-    return PassResult(program, {**stats, "scatters_in_place": len(scattered)})
+    return PassResult(program, {**stats, "scatters_in_place": len(scattered),
+                                "scratch_buffers": scratch})

@@ -147,7 +147,7 @@ class FxExecutable:
                 env[node.name] = _evaluate(node, env, kernel.aliases)
             for name in kernel.outputs:
                 buffer = program.buffers[name]
-                if kernel.kind != "view":
+                if kernel.kind != "view" and name not in kernel.scratch:   # no value
                     env[name] = Allocator.layout(env[name], buffer.shape, buffer.strides)
             for name in program.frees.get(index, []):
                 env.pop(name, None)

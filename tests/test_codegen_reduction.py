@@ -523,6 +523,26 @@ def test_layer_norm_weight_and_bias_gradients_split(forced_split, tmp_path):
     assert "2 split reductions" in split
 
 
+@pytest.mark.parametrize("disable", [(), ("buffer_reuse",)], ids=["planned", "unplanned"])
+def test_split_partials_are_an_arena_slot(forced_split, disable, tmp_path):
+    """The partials are a planned temporary, alive while the split kernel runs:
+    the report's arena and live peak count them beside the softmax they are
+    written while reading, and ``launch`` allocates nothing. Without the memory
+    plan, ``launch`` allocates them itself (as it did for every split before)."""
+    compiled = check(lambda x: torch.softmax(x, -1).sum(0) * 2, randn(37, 5), grad=False,
+                     dump_dir=str(tmp_path), disable=list(disable))
+    (split,) = [s for s in kernel_sources(tmp_path) if "split into 3 chunks" in s]
+    assert ("torch.empty" in split) == bool(disable)
+    if disable:
+        return
+    forward = compiled.reports["forward"]
+    (stats,) = [p["stats"] for p in forward["passes"] if p["name"] == "buffer_reuse"]
+    assert stats["scratch_buffers"] == 1
+    softmax, partials = 37 * 5 * 4, 3 * 5 * 4
+    assert forward["memory"]["live_lower_bound_bytes"] >= softmax + partials
+    assert forward["memory"]["arena_bytes"] >= softmax + partials
+
+
 def test_split_is_chosen_by_shape():
     """On a GPU: a bias gradient over many tokens splits, many rows or a short
     extent do not; the interpreter never splits."""
