@@ -15,6 +15,18 @@ new one, so that buffer_reuse can write it over the input (XLA's buffer
 donation needs the same order). An edge that would close a cycle is left
 out, and that update then stays out of place.
 
+Collectives (``planning/collectives.py``): a functional collective is an
+issue kernel and a ``wait_tensor`` kernel. Each issue runs as soon as it is
+ready (and the kernel that fills its buffer is preferred among the ready
+ones), each wait only when nothing else is ready, so the compute between
+them overlaps the communication (as Inductor's comm reordering and
+SimpleFSDP's bucketed overlap do). Issues keep their order in the program:
+every rank must issue the same collectives in the same order, or the
+collectives mix up or hang. Where this order holds more bytes than the
+memory-first one, the pass tries the same rules on the incoming order and
+keeps the lower peak of the two; its stats add ``communication``, the
+predicted timeline of ``collectives.predict``.
+
 Fusions that raise the peak are reported, not undone: ``peak_held_by_fusion``
 lists the outputs of fused kernels that are alive at the peak although
 nothing reads them until after it (a separate kernel, run later, would not
@@ -26,12 +38,16 @@ before and after.
 
 Requires: kernels in a valid topological order (fusion's).
 Ensures: another valid topological order, with a peak of live temporary bytes
-  no higher.
+  no higher (with collectives: the lower of the two overlapping orders), and
+  collective issues in their incoming order.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from retrograd.ir import PassResult, Program
+from retrograd.passes.planning import collectives
 
 __all__ = ["run", "peak_live_bytes"]
 
@@ -118,63 +134,112 @@ def held_by_fusion(program: Program) -> list[dict]:
     return found
 
 
-def run(program: Program, ctx) -> PassResult:
-    before = peak_live_bytes(program)
+def _order(program: Program, waiting: list[set[int]], consumers: dict[int, list[int]],
+           rank) -> list[int]:
+    """List scheduling: among the ready kernels, the least ``rank(index,
+    remaining_users)`` runs next."""
     kernels = program.kernels
-    producer = _producers(program)
-    waiting = [{producer[n] for n in k.inputs if n in producer and producer[n] != i}
-               for i, k in enumerate(kernels)]
     users: dict[str, set[int]] = {}
     for index, kernel in enumerate(kernels):
         for name in kernel.inputs:
             users.setdefault(program.root(name), set()).add(index)
-    remaining_users = {name: set(indices) for name, indices in users.items()}
-    done: set[int] = set()
-    order: list[int] = []
-
-    def delta(index: int) -> int:
-        kernel = kernels[index]
-        grow = sum(program.buffers[n].nbytes for n in kernel.outputs
-                   if program.buffers[n].role == "temporary")
-        shrink = sum(program.buffers[root].nbytes
-                     for root in {program.root(n) for n in kernel.inputs}
-                     if root in program.buffers and program.buffers[root].role == "temporary"
-                     and remaining_users.get(root) == {index})
-        return grow - shrink
-
-    consumers: dict[int, list[int]] = {}
-    for index, producers in enumerate(waiting):
-        for producer_index in producers:
-            consumers.setdefault(producer_index, []).append(index)
-    _add_write_after_read(program, producer, waiting, consumers)
     pending = [len(producers) for producers in waiting]
     ready = [i for i in range(len(kernels)) if not pending[i]]
+    order: list[int] = []
     while ready:
-        chosen = min(ready, key=lambda i: (delta(i), i))
+        chosen = min(ready, key=lambda i: rank(i, users))
         ready.remove(chosen)
-        done.add(chosen)
         order.append(chosen)
         for name in {program.root(n) for n in kernels[chosen].inputs}:
-            remaining_users.get(name, set()).discard(chosen)
+            users.get(name, set()).discard(chosen)
         for consumer in consumers.get(chosen, []):
             pending[consumer] -= 1
             if not pending[consumer]:
                 ready.append(consumer)
     if len(order) != len(kernels):
         raise RuntimeError("schedule: the kernel graph has a cycle")
-    program.kernels = [kernels[i] for i in order]
-    after = peak_live_bytes(program)
-    if after > before:   # the greedy can lose; never make things worse
-        program.kernels = kernels
-        after = before
+    return order
+
+
+def _delta(program: Program, index: int, users: dict[str, set[int]]) -> int:
+    """Bytes running ``index`` adds: temporaries it writes less those it reads last."""
+    kernel = program.kernels[index]
+    grow = sum(program.buffers[n].nbytes for n in kernel.outputs
+               if program.buffers[n].role == "temporary")
+    shrink = sum(program.buffers[root].nbytes
+                 for root in {program.root(n) for n in kernel.inputs}
+                 if root in program.buffers and program.buffers[root].role == "temporary"
+                 and users.get(root) == {index})
+    return grow - shrink
+
+
+def _chain_issues(program: Program, waiting: list[set[int]],
+                  consumers: dict[int, list[int]]) -> dict[int, int]:
+    """Each collective issue after the one before it in the program; returns
+    each kernel's class: 0 an issue or a kernel feeding one, 2 a wait, else 1."""
+    kernels = program.kernels
+    issues = [i for i, kernel in enumerate(kernels) if collectives.is_issue(kernel)]
+    for before, after in pairwise(issues):
+        if before not in waiting[after]:
+            waiting[after].add(before)
+            consumers.setdefault(before, []).append(after)
+    classes = {i: 2 for i, kernel in enumerate(kernels) if collectives.is_wait(kernel)}
+    for issue in issues:
+        classes[issue] = 0
+        classes.update({i: 0 for i in waiting[issue] if i not in classes})
+    return classes
+
+
+def _reorder(program: Program, waiting, consumers) -> tuple[list[int], int]:
+    """The order (and its peak) of the kernels: memory first, or, with
+    collectives, communication first (module docstring)."""
+    kernels = program.kernels
+    classes = _chain_issues(program, waiting, consumers)
+
+    def peak_of(order: list[int]) -> int:
+        program.kernels = [kernels[i] for i in order]
+        try:
+            return peak_live_bytes(program)
+        finally:
+            program.kernels = kernels
+
+    order = _order(program, waiting, consumers, lambda i, users: (
+        classes.get(i, 1), _delta(program, i, users), i))
+    if not classes:
+        return order, peak_of(order)
+    incoming = _order(program, waiting, consumers, lambda i, users: (classes.get(i, 1), i))
+    return min(((order, peak_of(order)), (incoming, peak_of(incoming))),
+               key=lambda pair: pair[1])
+
+
+def run(program: Program, ctx) -> PassResult:
+    before = peak_live_bytes(program)
+    kernels = program.kernels
+    producer = _producers(program)
+    waiting = [{producer[n] for n in k.inputs if n in producer and producer[n] != i}
+               for i, k in enumerate(kernels)]
+    consumers: dict[int, list[int]] = {}
+    for index, producers in enumerate(waiting):
+        for producer_index in producers:
+            consumers.setdefault(producer_index, []).append(index)
+    _add_write_after_read(program, producer, waiting, consumers)
+    order, after = _reorder(program, waiting, consumers)
+    communicates = any(collectives.is_issue(kernel) for kernel in kernels)
+    if after <= before or communicates:   # memory: the greedy can lose; never worse
+        program.kernels = [kernels[i] for i in order]
+    else:
+        order, after = list(range(len(kernels))), before
     held = held_by_fusion(program)
     if held:
         ctx.log.info("%s: fusion holds %d bytes across the peak: %s", ctx.graph_name,
                      sum(h["bytes"] for h in held),
                      ", ".join(f"{h['buffer']} ({h['kernel']})" for h in held))
-    return PassResult(program, {
+    stats = {
         "peak_live_bytes_before": before, "peak_live_bytes_after": after,
         "moved_kernels": sum(1 for position, i in enumerate(order) if position != i)
-        if after < before else 0,
+        if after < before or communicates else 0,
         "peak_held_by_fusion_bytes": sum(h["bytes"] for h in held),
-        "peak_held_by_fusion": held})
+        "peak_held_by_fusion": held}
+    if communicates:
+        stats["communication"] = collectives.predict(program)
+    return PassResult(program, stats)
