@@ -44,6 +44,7 @@ import torch.fx as fx
 
 from retrograd.ir import Buffer, Family, Kernel, Kind, PassResult, Program, Role
 from retrograd.passes.op_classes import is_view
+from retrograd.passes.planning.collectives import mark_after_waits
 from retrograd.passes.planning.grouping import Grouping, numel_of, tensor_args, value_of
 
 __all__ = ["run"]
@@ -260,6 +261,7 @@ def run(gm: fx.GraphModule, ctx) -> PassResult:
     for node in gm.graph.nodes:   # constants carry real tensors as their value
         if node.op == "get_attr" and "val" not in node.meta:
             node.meta["val"] = getattr(gm, node.target)
+    mark_after_waits(gm.graph)   # a collective's result never joins the compute before it
     grouping = Grouping(gm.graph, ctx.op_support)
     for node in gm.graph.nodes:
         grouping.place(node)
