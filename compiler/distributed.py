@@ -1,4 +1,5 @@
-"""``compile_step`` on a ``DistributedDataParallel`` model, and the setups it refuses.
+"""``compile_step`` on a ``DistributedDataParallel`` model (or with
+``process_group=``), and the setups it refuses.
 
 ``compile_step(DDP(model), loss_fn, optimizer)`` cannot trace DDP itself: DDP
 averages gradients in autograd hooks on its parameters' ``AccumulateGrad``
@@ -9,14 +10,20 @@ handle is not a tensor (``profiler._record_function_enter_new``: the
 give each rank its *local* gradients, a silently wrong update.
 
 So the step unwraps DDP and averages the gradients itself, inside the
-program, as DDP does: each gradient is multiplied by ``1 / world_size`` and
-summed across ranks with one all-reduce per gradient dtype (a functional
-collective, ``_c10d_functional.all_reduce``, traced into the graph and run as
-an extern call; it is waited for at once, so nothing overlaps yet). The
-gradient clip and the optimizer update then run on the averaged gradients,
-in the same program. Buffers are broadcast from rank 0 before each step, as
-DDP's ``broadcast_buffers`` does before each forward. A step called inside
+program, as DDP does: gradients packed into buckets of DDP's
+``bucket_cap_mb`` (``buckets.py``), each bucket multiplied by
+``1 / world_size`` and summed across ranks by a functional all-reduce
+(``_c10d_functional.all_reduce``, traced into the graph and run as an extern
+call). The schedule pass issues each all-reduce as soon as its bucket is
+filled and waits for it only where the update first reads it, so the
+communication overlaps the rest of the backward. The gradient clip and the
+optimizer update then run on the averaged gradients, in the same program.
+Buffers are broadcast from rank 0 before each step, as DDP's
+``broadcast_buffers`` does before each forward. A step called inside
 ``no_sync()`` is refused (DDP would average the accumulated ``.grad`` later).
+``compile_step(model, ..., process_group=group, bucket_cap_mb=...)`` does the
+same without the wrapper (rank 0's parameters and buffers copied to every
+rank when the step is built, as DDP does when it wraps).
 
 Which parameters a signature's loss reaches is agreed across ranks (their
 union, as DDP's ``find_unused_parameters`` gives: a parameter reached on any
@@ -41,6 +48,7 @@ from typing import Any
 
 import torch
 
+from retrograd.buckets import Limits, all_reduce
 from retrograd.errors import UnsupportedError
 
 __all__ = ["Replicas", "check_same_parameters", "refuse_for_compile", "unwrap"]
@@ -52,53 +60,44 @@ _INSTEAD = ("use DDP(torch.compile(model, backend=\"retrograd\")) for DDP, or "
 
 @dataclass(frozen=True)
 class Replicas:
-    """The data-parallel group a DDP model's gradients are averaged over."""
+    """The data-parallel group a model's gradients are averaged over: DDP's,
+    or ``compile_step(process_group=...)``'s (``wrapper`` None)."""
 
     group: Any
     world_size: int
-    wrapper: Any   # the DistributedDataParallel module: its no_sync() flag, its buffers
+    module: torch.nn.Module   # the model traced: its buffers are broadcast
+    limits: Limits            # bucket sizes (buckets.py)
+    wrapper: Any = None       # the DistributedDataParallel module: its no_sync() flag
+    broadcast_buffers: bool = True
 
     def average(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each gradient averaged across the group, as DDP does (times
-        ``1 / world_size``, then summed): one flat all-reduce per dtype, in
-        order of first appearance, so every rank issues the same sequence.
-        Traced into the step's graph."""
-        import torch.distributed._functional_collectives as funcol
-        buckets: dict[torch.dtype, list[int]] = {}
-        for index, grad in enumerate(grads):
-            buckets.setdefault(grad.dtype, []).append(index)
-        averaged: list[Any] = [None] * len(grads)
-        previous = None
-        for members in buckets.values():
-            parts = [grads[i].reshape(-1) for i in members]
-            if previous is not None:   # an empty slice: orders this all-reduce after the last
-                parts.append(previous[:0].to(parts[0].dtype))
-            flat = torch.cat(parts) * (1.0 / self.world_size)
-            total = funcol.all_reduce(flat, "sum", self.group)
-            sizes = [grads[i].numel() for i in members]
-            for i, piece in zip(members, torch.split(total, sizes)):
-                averaged[i] = piece.view(grads[i].shape)
-            previous = total
-        return averaged
+        ``1 / world_size``, then summed): one functional all-reduce per
+        bucket (``buckets.py``), traced into the step's graph."""
+        return all_reduce(grads, self.group, self.world_size, self.limits)[0]
 
     def before_step(self) -> None:
-        """Refuse ``no_sync()``, then broadcast rank 0's buffers (BatchNorm's
-        running statistics), as DDP's ``broadcast_buffers=True`` does before
-        each forward."""
-        import torch.distributed as dist
-        if not self.wrapper.require_backward_grad_sync:
+        """Refuse DDP's ``no_sync()``, then broadcast rank 0's buffers
+        (BatchNorm's running statistics), as DDP's ``broadcast_buffers=True``
+        does before each forward."""
+        if self.wrapper is not None and not self.wrapper.require_backward_grad_sync:
             raise UnsupportedError(
                 "retrograd.compile_step: DDP's no_sync() is not supported (the step averages "
                 "the gradients of every call; DDP would average the accumulated .grad "
                 "later); accumulate micro-batches inside loss_fn, or use "
                 "DDP(torch.compile(model, backend=\"retrograd\")) with no_sync")
-        buffers = [buffer for _, buffer in self.wrapper.module.named_buffers()]
-        if not (self.wrapper.broadcast_buffers and buffers):
+        if self.broadcast_buffers:
+            self.broadcast([buffer for _, buffer in self.module.named_buffers()])
+
+    def broadcast(self, tensors: list[torch.Tensor]) -> None:
+        """``tensors`` overwritten with rank 0's, in place."""
+        import torch.distributed as dist
+        if not tensors:
             return
         source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         with torch.no_grad():
-            for buffer in buffers:
-                dist.broadcast(buffer, src=source, group=self.group)
+            for tensor in tensors:
+                dist.broadcast(tensor, src=source, group=self.group)
 
     def agree(self, reached: tuple[int, ...], names: list[str]) -> tuple[int, ...]:
         """The union over ranks of the parameters the loss reaches."""
@@ -114,14 +113,21 @@ class Replicas:
         return gathered
 
 
-def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Replicas | None]:
+def unwrap(model: torch.nn.Module, process_group: Any = None,
+           bucket_cap_mb: float | None = None) -> tuple[torch.nn.Module, Replicas | None]:
     """``(module to trace, replicas or None)``: a DDP model's inner module and
-    its group; any other model itself. Raises ``UnsupportedError`` for a
-    wrapper or DDP option the step cannot run."""
+    its group; a bare model with ``process_group=`` itself and that group;
+    any other model itself. Raises ``UnsupportedError`` for a wrapper or DDP
+    option the step cannot run."""
     _refuse_wrappers(model)
     from torch.nn.parallel import DistributedDataParallel
     if not isinstance(model, DistributedDataParallel):
-        return model, None
+        return _bare(model, process_group, bucket_cap_mb)
+    if process_group is not None or bucket_cap_mb is not None:
+        raise UnsupportedError(
+            "retrograd.compile_step: process_group= and bucket_cap_mb= are for a model not "
+            "wrapped in DDP; a DDP model's own process_group and bucket_cap_mb are used "
+            "(pass them to DistributedDataParallel(...))")
     _require_process_group()
     if model._comm_hooks or getattr(model, "_comm_hook", None) is not None:
         raise UnsupportedError("retrograd.compile_step: DDP with a communication hook "
@@ -131,8 +137,30 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, Replicas | None]:
                                "supported; use torch.autocast in loss_fn, or " + _INSTEAD)
     import torch.distributed as dist
     group = model.process_group
-    replicas = Replicas(group, dist.get_world_size(group), model)
+    replicas = Replicas(group, dist.get_world_size(group), model.module, Limits.of_ddp(model),
+                        model, bool(model.broadcast_buffers))
     return model.module, replicas
+
+
+def _bare(model: torch.nn.Module, process_group: Any,
+          bucket_cap_mb: float | None) -> tuple[torch.nn.Module, Replicas | None]:
+    """``compile_step(model, ..., process_group=group)``: DDP's semantics
+    without its wrapper (parameters and buffers from rank 0 when the step is
+    built, buffers again before each step, gradients averaged in buckets)."""
+    if process_group is None:
+        if bucket_cap_mb is not None:
+            raise ValueError("retrograd.compile_step: bucket_cap_mb= needs process_group= "
+                             "(or a DDP model, which has its own)")
+        return model, None
+    _require_process_group("process_group= was given")
+    import torch.distributed as dist
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise UnsupportedError(
+            "retrograd.compile_step: process_group= must be a torch.distributed.ProcessGroup "
+            f"(torch.distributed.group.WORLD, or one from new_group), got "
+            f"{type(process_group).__name__}")
+    limits = Limits.from_megabytes(bucket_cap_mb)
+    return model, Replicas(process_group, dist.get_world_size(process_group), model, limits)
 
 
 def _refuse_wrappers(model: torch.nn.Module) -> None:
@@ -188,19 +216,21 @@ def refuse_for_compile(model: torch.nn.Module) -> None:
                 "(docs/distributed.md)")
 
 
-def _require_process_group() -> None:
+def _require_process_group(why: str = "the model is DistributedDataParallel") -> None:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         raise UnsupportedError(
-            "retrograd.compile_step: the model is DistributedDataParallel but no process "
-            "group is initialised; call torch.distributed.init_process_group(...) (torchrun "
-            "sets its environment) on every rank before compile_step, and destroy it after")
+            f"retrograd.compile_step: {why} but no process group is initialised; call "
+            "torch.distributed.init_process_group(...) (torchrun sets its environment) on "
+            "every rank before compile_step, and destroy it after")
 
 
 def check_same_parameters(model: torch.nn.Module, replicas: Replicas) -> None:
     """Every rank's trainable parameters have the same names, shapes and
     dtypes; otherwise the first all-reduce would hang or mix values, so this
-    raises naming the first difference."""
+    raises naming the first difference. Then, under ``process_group=``,
+    rank 0's parameters and buffers are copied to every rank, as DDP does
+    when it wraps a model."""
     mine = [(name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()
             if p.requires_grad]
     gathered = replicas.gather(mine)
@@ -214,3 +244,6 @@ def check_same_parameters(model: torch.nn.Module, replicas: Replicas) -> None:
         raise UnsupportedError("retrograd.compile_step: the DDP model's parameters differ "
                                f"across ranks: {first} (name, shape, dtype); build the same "
                                "model on every rank")
+    if replicas.wrapper is None:   # DDP broadcast them when it wrapped the model
+        replicas.broadcast([tensor.detach() for tensor in model.parameters()]
+                           + list(model.buffers()))
