@@ -79,8 +79,9 @@ class Step:
     """A compiled training step; call it with a batch, get the loss."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer, options: Options,
-                 max_grad_norm: float | None = None):
-        model, self.replicas = unwrap(model)   # DDP: the step averages gradients itself
+                 max_grad_norm: float | None = None, distributed: dict | None = None):
+        # DDP or process_group=: the step averages gradients itself (distributed.py)
+        model, self.replicas = unwrap(model, **(distributed or {}))
         check_optimizer(optimizer)
         _check_max_grad_norm(max_grad_norm)
         if max_grad_norm is not None and optimizer is None:
@@ -411,16 +412,21 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def compile_step(model: torch.nn.Module, loss_fn: Callable, optimizer=None, *,
-                 max_grad_norm: float | None = None, **options) -> Step:
+                 max_grad_norm: float | None = None, process_group=None,
+                 bucket_cap_mb: float | None = None, **options) -> Step:
     """Compile ``loss_fn(model, *batch)``'s training step, optimizer update included.
 
     ``max_grad_norm`` clips the gradients as ``torch.nn.utils.clip_grad_norm_``
-    (global L2 norm) between the backward and the update; ``options`` are the
-    compiler options of ``retrograd.compile``.
+    (global L2 norm) between the backward and the update; ``process_group``
+    averages the gradients across its ranks as DDP would (all-reduces of
+    ``bucket_cap_mb`` MiB buckets, overlapped with the backward;
+    docs/distributed.md); ``options`` are the compiler options of
+    ``retrograd.compile``.
 
     Example:
         >>> step = retrograd.compile_step(model, lambda m, x, y: F.cross_entropy(m(x), y),
         ...                               torch.optim.AdamW(model.parameters(), lr=1e-3))
         >>> loss = step(x, y)
     """
-    return Step(model, loss_fn, optimizer, Options.from_mapping(options), max_grad_norm)
+    return Step(model, loss_fn, optimizer, Options.from_mapping(options), max_grad_norm,
+                {"process_group": process_group, "bucket_cap_mb": bucket_cap_mb})
