@@ -186,30 +186,78 @@ def _fsdp2_steps(model, reference, pair) -> None:
     compare_parameters(model, reference, f"after {STEPS} steps", tolerance=2e-2)
 
 
+#: DDP's bucket_cap_mb for the bucketed scenarios: 256 bytes, so Net's twelve
+#: parameters (912 bytes with BatchNorm) fill four buckets
+SMALL_BUCKET_MB = 256 / 2 ** 20
+
+
 def compile_step_ddp(executor: str) -> None:
     """retrograd.compile_step(DDP(model)) against an eager DDP loop: AdamW,
     BatchNorm buffers (broadcast from rank 0), gradient clipping; parameters,
-    buffers and optimizer state after several steps."""
+    buffers and optimizer state after several steps. DDP's 256-byte buckets:
+    one all-reduce per bucket, each issued before the backward's end."""
     model, reference = twins(batch_norm=True)
-    wrapped, eager = DDP(model), DDP(reference)
+    wrapped = DDP(model, bucket_cap_mb=SMALL_BUCKET_MB)
+    eager = DDP(reference, bucket_cap_mb=SMALL_BUCKET_MB)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=0.05)
     eager_optimizer = torch.optim.AdamW(eager.parameters(), lr=0.05)
     step = retrograd.compile_step(wrapped, loss_fn, optimizer, max_grad_norm=0.5,
                                   executor=executor)
+    _train_against(step, model, optimizer, eager, reference, eager_optimizer, clip=0.5)
+    check_buckets(step, model)
+
+
+def compile_step_group(executor: str) -> None:
+    """compile_step(model, process_group=WORLD, bucket_cap_mb=...) without a
+    DDP wrapper, each rank's model built from its own seed: rank 0's
+    parameters are copied to every rank when the step is built, and the
+    steps equal an eager DDP loop (which copies them when it wraps)."""
+    torch.manual_seed(dist.get_rank())
+    model = Net(batch_norm=True)
+    eager_model = copy.deepcopy(model)
+    eager = DDP(eager_model, bucket_cap_mb=SMALL_BUCKET_MB)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    eager_optimizer = torch.optim.AdamW(eager.parameters(), lr=0.05)
+    step = retrograd.compile_step(model, loss_fn, optimizer, executor=executor,
+                                  process_group=dist.group.WORLD,
+                                  bucket_cap_mb=SMALL_BUCKET_MB)
+    _train_against(step, model, optimizer, eager, eager_model, eager_optimizer, clip=None)
+    check_buckets(step, model)
+
+
+def check_buckets(step, model) -> None:
+    """One all-reduce per 256-byte bucket, as many as DDP's own assignment
+    makes, and the schedule put compute between the first bucket's issue
+    and its wait."""
+    parameters = list(model.parameters())
+    expected = len(dist._compute_bucket_assignment_by_size(
+        parameters, [256], [False] * len(parameters))[0])
+    assert expected > 2, expected
+    report = step.reports["step"]
+    assert report["kernels"]["extern_ops"].get("_c10d_functional.all_reduce.default") == \
+        expected, report["kernels"]["extern_ops"]
+    schedule = next(p for p in report["passes"] if p["name"] == "schedule")["stats"]
+    rows = schedule["communication"]["collectives"]
+    assert [row["issued_at"] for row in rows] == sorted(row["issued_at"] for row in rows)
+    assert rows[0]["kernels_between"] > 0 and rows[0]["waited_at"] > rows[-1]["issued_at"], rows
+
+
+def _train_against(step, model, optimizer, eager, reference, eager_optimizer, clip) -> None:
+    """``STEPS`` compiled steps against an eager DDP loop: losses, then
+    parameters, buffers and optimizer state after the last."""
     for number in range(STEPS):
         loss = step(*batch(number))
         eager_optimizer.zero_grad()
         eager_loss = loss_fn(eager, *batch(number))
         eager_loss.backward()
-        torch.nn.utils.clip_grad_norm_(eager.parameters(), 0.5)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(eager.parameters(), clip)
         eager_optimizer.step()
         assert_close(loss.detach(), eager_loss.detach(), torch.float32, f"loss {number}")
     compare_parameters(model, reference, f"after {STEPS} steps")
     for p, q in zip(model.parameters(), reference.parameters()):
         for key, value in eager_optimizer.state[q].items():
             assert_close_floor(optimizer.state[p][key], value, FP32, 1e-3, f"state {key}")
-    report = step.reports["step"]["kernels"]["extern_ops"]
-    assert report.get("_c10d_functional.all_reduce.default") == 1, report
 
 
 class Partial(Net):
@@ -313,7 +361,8 @@ def refusals(_: str) -> None:
 
 
 SCENARIOS = {function.__name__: function for function in (
-    ddp_torch_compile, ddp_standalone, ddp_buckets, fsdp2, compile_step_ddp, compile_step_unused,
+    ddp_torch_compile, ddp_standalone, ddp_buckets, fsdp2, compile_step_ddp, compile_step_group,
+    compile_step_unused,
     compile_step_dtypes, refusals)}
 
 

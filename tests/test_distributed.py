@@ -94,10 +94,13 @@ def test_compile_step_on_ddp_matches_eager_ddp_and_refuses_bad_setups():
     '_record_function_enter_new' (in the generated program.py). Now:
     (1) parameters, BatchNorm buffers and AdamW state equal an eager DDP loop
     with clip_grad_norm_, with Triton's interpreter and with the CPU default
-    (the torch program); (2) FSDP2, parameters that differ across ranks, a step
-    inside no_sync() and a destroyed process group each end in UnsupportedError
-    naming what to do."""
-    run_ranks("compile_step_ddp:interpret", "compile_step_ddp:auto", "refusals")
+    (the torch program), gradients all-reduced in DDP's buckets, each issued
+    before the backward's end; (2) the same with process_group= on a bare
+    model whose ranks start apart; (3) FSDP2, parameters that differ across
+    ranks, a step inside no_sync() and a destroyed process group each end in
+    UnsupportedError naming what to do."""
+    run_ranks("compile_step_ddp:interpret", "compile_step_ddp:auto", "compile_step_group:auto",
+              "refusals")
 
 
 @pytest.mark.slow

@@ -1,0 +1,157 @@
+"""Bucketed all-reduce in one process: DDP's bucket assignment, the schedule
+around collectives (issues early and in order, waits late), fusion keeping
+a collective's result apart from the compute before it, and the predicted
+overlap (passes/planning/collectives.py). The two-process runs are in
+tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pass_helpers import context, trace
+from retrograd.buckets import Limits, assign
+from retrograd.ir import Buffer, Kernel, Program
+from retrograd.passes import fusion, schedule
+from retrograd.passes.planning import collectives
+
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch built without torch.distributed")
+
+
+def test_buckets_match_ddp_assignment():
+    """``assign`` packs as DDP's ``_compute_bucket_assignment_by_size`` (per
+    dtype, a first limit then the rest), issued in DDP's reversed order."""
+    chooser = random.Random(0)
+    dtypes = [torch.float32, torch.float64, torch.float16]
+    for trial in range(200):
+        tensors = [torch.empty(chooser.randint(1, 300), dtype=chooser.choice(dtypes))
+                   for _ in range(chooser.randint(1, 12))]
+        first, rest = chooser.randint(1, 2000), chooser.randint(1, 3000)
+        limits = [first, rest] if trial % 2 else [rest]
+        theirs, _ = torch.distributed._compute_bucket_assignment_by_size(
+            tensors, limits, [False] * len(tensors))
+        mine = assign([(t.numel() * t.element_size(), t.dtype) for t in tensors],
+                      Limits(limits[0], limits[-1]))
+        assert mine == [sorted(bucket, reverse=True) for bucket in reversed(theirs)], trial
+
+
+def test_bucket_cap_mb_is_checked():
+    assert Limits.from_megabytes(None) == Limits(1 << 20, 25 << 20)   # DDP's defaults
+    assert Limits.from_megabytes(2) == Limits(2 << 20, 2 << 20)
+    for bad in (0, -1, True, "25"):
+        with pytest.raises(ValueError, match="bucket_cap_mb"):
+            Limits.from_megabytes(bad)
+
+
+def _buffer(name: str, numel: int, role: str = "temporary") -> Buffer:
+    return Buffer(name, (numel,), (1,), "float32", role)
+
+
+def _extern(name: str, target, inputs: list[str], outputs: list[str]) -> Kernel:
+    node = SimpleNamespace(target=target, name=name, args=(None, "sum", "no such group"))
+    return Kernel(name, "extern", [node], inputs, outputs)
+
+
+def two_buckets() -> Program:
+    """A backward in two halves with a bucket each, in traced order: each
+    all-reduce is waited for at once, and the second half's gradient ``g2``
+    is computed after the first bucket's wait."""
+    names = {"x": "input", "g1": "temporary", "r1": "temporary", "s1": "temporary",
+             "g2": "temporary", "r2": "temporary", "s2": "temporary",
+             "o1": "output", "o2": "output"}
+    buffers = {name: _buffer(name, 1000, role) for name, role in names.items()}
+    kernels = [Kernel("grad_1", "triton", [], ["x"], ["g1"]),
+               _extern("all_reduce_1", ALL_REDUCE, ["g1"], ["r1"]),
+               _extern("wait_1", WAIT, ["r1"], ["s1"]),
+               Kernel("update_1", "triton", [], ["s1"], ["o1"]),
+               Kernel("grad_2", "triton", [], ["x"], ["g2"]),
+               _extern("all_reduce_2", ALL_REDUCE, ["g2"], ["r2"]),
+               _extern("wait_2", WAIT, ["r2"], ["s2"]),
+               Kernel("update_2", "triton", [], ["s2"], ["o2"])]
+    return Program("two_buckets", buffers, kernels, inputs=["x"], outputs=["o1", "o2"])
+
+
+def test_schedule_issues_collectives_early_and_waits_late():
+    program = two_buckets()
+    stats = schedule.run(program, context()).stats
+    order = [kernel.name for kernel in program.kernels]
+    position = {name: index for index, name in enumerate(order)}
+    assert position["all_reduce_1"] < position["all_reduce_2"]   # the traced order, kept
+    assert position["wait_1"] > position["grad_2"]   # the second half's compute overlaps
+    assert order[:4] == ["grad_1", "all_reduce_1", "grad_2", "all_reduce_2"], order
+    communication = stats["communication"]
+    assert communication["count"] == 2 and communication["bytes"] == 8000
+    first = communication["collectives"][0]
+    assert first["issued_at"] == 1 and first["kernels_between"] == 1
+    # no process group here: the wire bytes and times are unknown, not guessed
+    assert first["wire_bytes"] is None and communication["overlap_fraction"] is None
+
+
+def test_schedule_keeps_the_issue_order_when_a_later_bucket_is_ready_first():
+    """Every rank must issue the same collectives in the same order: the
+    second all-reduce's bucket is ready first and issuing it would free its
+    gradient (the memory-first choice), it still goes second."""
+    program = two_buckets()
+    grad_1, issue_1, wait_1, update_1, grad_2, issue_2, wait_2, update_2 = program.kernels
+    program.kernels = [grad_2, grad_1, issue_1, wait_1, update_1, issue_2, wait_2, update_2]
+    schedule.run(program, context())
+    order = [kernel.name for kernel in program.kernels]
+    assert order.index("all_reduce_1") < order.index("all_reduce_2"), order
+
+
+def test_predicted_overlap_counts_the_compute_under_each_collective(monkeypatch):
+    """Two ranks (monkeypatched): an all-reduce of 4,000 bytes sends 4,000
+    bytes in 2 ring steps. Waited for at once, none of it hides; after the
+    schedule, the compute between issue and wait hides that much of it."""
+    monkeypatch.setattr(collectives, "group_size", lambda kernel: 2)
+    program = two_buckets()
+    before = collectives.predict(program)
+    seconds = 4000 / collectives.LINK_BYTES + 2 * collectives.LINK_LATENCY
+    assert before["wire_bytes"] == 8000
+    assert before["collectives"][0]["seconds"] == pytest.approx(seconds)
+    assert before["overlapped_seconds"] == 0 and before["overlap_fraction"] == 0
+    assert before["step_seconds"] == pytest.approx(before["step_seconds_waited_at_once"])
+    schedule.run(program, context())
+    after = collectives.predict(program)
+    order = [kernel.name for kernel in program.kernels]
+    assert order[2:] == ["grad_2", "all_reduce_2", "wait_1", "update_1", "wait_2", "update_2"]
+    # grad_2 runs under the first all-reduce, update_1 under the second (both
+    # far shorter than the link's latency); the waits stall for the rest
+    grad = collectives.kernel_seconds(program, program.kernels[2])
+    update = collectives.kernel_seconds(program, program.kernels[5])
+    assert grad > 0 and update > 0
+    rows = after["collectives"]
+    assert rows[0]["overlapped_seconds"] == pytest.approx(grad)
+    assert rows[1]["overlapped_seconds"] == pytest.approx(update)
+    assert rows[0]["exposed_seconds"] == pytest.approx(seconds - grad)
+    assert after["overlapped_seconds"] == pytest.approx(grad + update)
+    assert after["step_seconds"] < before["step_seconds"]
+    assert math.isclose(after["compute_seconds"], before["compute_seconds"])
+
+
+def test_fusion_keeps_a_collectives_result_apart_from_the_compute_before_it():
+    """A parameter's update (from a bucket's all-reduce) read ``x`` as an
+    unrelated backward value did, and fusion put the two in one kernel: the
+    backward then waited for the network. Now they stay in two kernels."""
+    def step(x, grad):
+        reduced = WAIT(ALL_REDUCE(grad * 0.5, "sum", "0"))
+        updated = x - 0.1 * reduced           # after the wait
+        other = torch.sin(x) * 3.0            # backward work, not after it
+        return updated, other
+
+    gm = trace(step, torch.randn(16), torch.randn(16))
+    program = fusion.run(gm, context()).subject
+    kernel_of = {node.name: kernel.name for kernel in program.kernels_of("triton")
+                 for node in kernel.nodes}
+    assert kernel_of["sub"] != kernel_of["mul_2"], kernel_of
+    schedule.run(program, context())
+    order = [kernel.name for kernel in program.kernels]
+    wait = next(i for i, k in enumerate(program.kernels) if collectives.is_wait(k))
+    assert order.index(kernel_of["mul_2"]) < wait, order
