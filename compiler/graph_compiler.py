@@ -33,6 +33,7 @@ from retrograd.pipeline import OpSupport, PassContext, PassSpec, Stage, passes_f
 from retrograd.report import PassRecord, build_report
 from retrograd.repro_writer import on_failure
 from retrograd.runtime.autograd import boxed
+from retrograd.runtime.cudagraphs import with_cudagraphs
 from retrograd.runtime.device import choose_executor, device_of
 from retrograd.runtime.executor import FxExecutable, GeneratedExecutable
 from retrograd.runtime.torch_program import TorchProgramExecutable
@@ -280,10 +281,13 @@ class GraphCompiler:
             interpreted = executor == "interpret"
             kernels, wrapper = generate_sources(program, interpreted)
             executable = GeneratedExecutable(program, wrapper, kernels, interpreted)
+        executable, graphs = with_cudagraphs(executable, program, self.options.cudagraphs,
+                                             example_inputs, executor)
         records.append(PassRecord("codegen", round(perf_counter() - start, 6),
                                   count_nodes(program), count_nodes(program),
                                   {"executor": executor, "kernel_sources": len(kernels),
-                                   "source_lines": sum(s.count("\n") for s in kernels.values())}))
+                                   "source_lines": sum(s.count("\n") for s in kernels.values()),
+                                   "cudagraphs": graphs}))
         return executable, kernels, wrapper
 
     def _log(self, report: dict, dumper: Dumper) -> None:
