@@ -52,6 +52,7 @@ from retrograd.report import SCHEMA
 from retrograd.runtime.device import choose_executor
 from retrograd import symbolic_partition
 from retrograd.symbolic_fusion import fuse_pointwise
+from retrograd.symbolic_plan import ArenaRunner
 
 __all__ = ["ShapeGuards", "SizeHistory", "SymbolicCompiler", "abstract_key", "compile_symbolic",
            "describe_dims", "every_dim", "family", "is_symbolic", "symbolic_inputs"]
@@ -184,6 +185,7 @@ class SymbolicCompiler:
         self.what, self.dims, self.executor = what, dims, executor
         self.options = options
         self.checkpoint: dict | None = None   # the checkpoint pass's stats, at the hints
+        self.runners: dict[str, ArenaRunner | None] = {}   # per half; None: the fx graph runs
         self.reports: dict[str, dict] = {}
         self.closed_over_grads: list[str] = []
         self.guards = "dynamo's guards"
@@ -218,11 +220,16 @@ class SymbolicCompiler:
             executor = choose_executor(self.executor, _device(gm))
             # the torch program's symbolic form is the graph itself: torch calls, no kernels
             gm, kernels = fuse_pointwise(gm, "fx" if executor == "torch" else executor)
+            runner = None if executor == "fx" else ArenaRunner(gm)
+            self.runners[name] = runner
             self.reports[name] = report = self._report(name, gm, captured, kernels, executor)
             log.info("retrograd: %s: symbolic %s program (%s): %d size-generic Triton kernels "
                      "+ %d torch calls", self.what, name, self.dims, kernels,
                      report["kernels"]["extern"])
-            return make_boxed_func(gm.forward)
+            if runner is None:
+                return make_boxed_func(gm.forward)
+            runner._boxed_call = True   # called with the list of inputs, which it may clear
+            return runner
         return compile_half
 
     def _report(self, name: str, gm: fx.GraphModule, captured: int, kernels: int,
@@ -241,11 +248,22 @@ class SymbolicCompiler:
                 "memory": {"saved_activation_bytes": None, "arena_bytes": None,
                            "live_lower_bound_bytes": None, "unplanned_bytes": None},
                 "traffic": None, "recompute": {"nodes": None, "flops": None},
-                "ledger": [], "pareto": None,
+                "ledger": [], "pareto": None, "communication": None,
                 "compile_seconds": round(perf_counter() - self.started, 4),
                 "symbolic": {"dims": self.dims, "guards": self.guards, "executor": executor,
                              "why": WHY if self.checkpoint else WHY_DEFAULT,
+                             "memory_plan": self._plan_fields(name),
                              **self._checkpoint_fields()}}
+
+    def _plan_fields(self, name: str) -> dict | None:
+        """What the run-time plan (symbolic_plan.py) may put in arenas; None
+        where the fx graph runs as it is (``executor="fx"``)."""
+        runner = self.runners.get(name)
+        if runner is None:
+            return None
+        return {"plannable_values": len(runner.planner.values),
+                "symbols": [str(symbol) for symbol, _, _ in runner.planner.bindings],
+                "arenas": "sized per call from the symbols' values, planned once per size"}
 
     def _checkpoint_fields(self) -> dict:
         """The checkpoint plan made at the hints (its stats less the ledger and

@@ -1,0 +1,116 @@
+"""A symbolic program's memory plan sized at run time (compiler/symbolic_plan.py):
+arenas sized per call from the sizes, plans cached per size, the measured
+peak never above the torch-call program's, values against eager on sizes
+never traced."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import retrograd
+import torch
+from checks import assert_close
+from retrograd.symbolic_plan import ArenaRunner, out_overload
+from test_dynamic_shapes import Attention
+from test_symbolic_passes import _symbolic_compiler
+from torch.fx.experimental.proxy_tensor import make_fx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from measuring import profiled_peak
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def products(x):
+    """A matrix product, then pointwise ops each over its dying input."""
+    return (x.mm(x.t()).sin().exp() * 2).sum()
+
+
+def _symbolic_graph(fn, example):
+    gm = make_fx(fn, tracing_mode="symbolic")(example)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def test_out_overloads_match_the_functional_arguments():
+    assert out_overload(aten.add.Tensor) is aten.add.out
+    assert out_overload(aten.pow.Tensor_Scalar) is aten.pow.Tensor_Scalar_out
+    assert out_overload(aten.sum.dim_IntList) is aten.sum.IntList_out
+    assert out_overload(aten.view.default) is None
+    assert out_overload(aten.native_layer_norm.default) is None   # three results
+
+
+def test_a_pointwise_chain_over_dying_inputs_takes_one_slot_at_every_size():
+    gm = _symbolic_graph(products, torch.randn(4, 3))
+    runner = ArenaRunner(gm)
+    for rows in (5, 9, 2):
+        x = torch.randn(rows, 3)
+        assert_close(runner([x]), products(x), torch.float32)
+        plan = runner.last_plan
+        # mm, sin over it, exp over sin, mul over exp: one slot of rows x rows floats
+        assert plan.arena_bytes == rows * rows * 4, plan
+        assert len({place for place in plan.offsets.values()}) == 1, plan.offsets
+        assert plan.predicted_peak < plan.predicted_peak_without
+    assert len(runner.planner.plans) == 3
+    x = torch.randn(5, 3)
+    first = runner.planner.plan(runner.planner.symbols([x]))
+    runner([x])
+    assert runner.last_plan is first   # cached per size: planned once
+
+
+def test_the_chain_measures_a_lower_peak_than_the_torch_calls():
+    gm = _symbolic_graph(products, torch.randn(4, 3))
+    runner = ArenaRunner(gm)
+    for rows in (64, 97):
+        x = torch.randn(rows, 3)
+        arena = profiled_peak(lambda: runner([x]))
+        plain = profiled_peak(lambda: gm(x))
+        # plain holds mm and sin at once; the arena one slot
+        assert arena <= plain - rows * rows * 4 + 64, (arena, plain)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                               torch.nn.Linear(64, 16), torch.nn.Tanh()).double()
+
+
+@pytest.mark.parametrize("which", ["mlp", "attention"])
+def test_measured_peak_never_above_the_torch_call_program(which):
+    model = _mlp() if which == "mlp" else Attention().double()
+    reference = copy.deepcopy(model)
+    if which == "mlp":
+        loss = lambda m: (lambda x: m(x).square().mean())
+        make = lambda n: torch.randn(n, 16, dtype=torch.float64)
+    else:
+        loss = lambda m: m
+        make = lambda n: torch.randn(2, n, 8, dtype=torch.float64)
+    compiled = {e: retrograd.compile(loss(model), executor=e) for e in ("torch", "fx")}
+    for fn in compiled.values():
+        for size in (3, 4):
+            fn(make(size).requires_grad_()).backward()
+    runners = _symbolic_compiler(compiled["torch"]).runners
+    assert _symbolic_compiler(compiled["fx"]).runners == {"forward": None, "backward": None}
+    for size in (37, 101):   # never traced, odd
+        x = make(size).requires_grad_()
+        peaks = {e: profiled_peak(lambda fn=fn: fn(x).backward()) for e, fn in compiled.items()}
+        assert peaks["torch"] <= peaks["fx"], peaks
+        assert runners["forward"].last_plan.arena_bytes, runners["forward"].last_plan
+        model.zero_grad()
+        reference.zero_grad()
+        x.grad = None
+        compiled["torch"](x).backward()
+        reference_x = x.detach().clone().requires_grad_()
+        loss(reference)(reference_x).backward()
+        assert_close(x.grad, reference_x.grad, torch.float64, what="input gradient")
+        for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+            assert_close(a.grad, b.grad, torch.float64, what=name)
