@@ -72,8 +72,8 @@ def test_the_chain_measures_a_lower_peak_than_the_torch_calls():
     runner = ArenaRunner(gm)
     for rows in (64, 97):
         x = torch.randn(rows, 3)
-        arena = profiled_peak(lambda: runner([x]))
-        plain = profiled_peak(lambda: gm(x))
+        arena = profiled_peak(lambda x=x: runner([x]))
+        plain = profiled_peak(lambda x=x: gm(x))
         # plain holds mm and sin at once; the arena one slot
         assert arena <= plain - rows * rows * 4 + 64, (arena, plain)
 
@@ -102,7 +102,8 @@ def test_measured_peak_never_above_the_torch_call_program(which):
     assert _symbolic_compiler(compiled["fx"]).runners == {"forward": None, "backward": None}
     for size in (37, 101):   # never traced, odd
         x = make(size).requires_grad_()
-        peaks = {e: profiled_peak(lambda fn=fn: fn(x).backward()) for e, fn in compiled.items()}
+        peaks = {e: profiled_peak(lambda fn=fn, x=x: fn(x).backward())
+                 for e, fn in compiled.items()}
         assert peaks["torch"] <= peaks["fx"], peaks
         assert runners["forward"].last_plan.arena_bytes, runners["forward"].last_plan
         model.zero_grad()
