@@ -181,7 +181,8 @@ class CudaGraphs:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return outputs
 
-    def capture(self, function: Callable[[], list]) -> tuple[Any, list]:
+    def capture(self, function: Callable[[], list], slots: list) -> tuple[Any, list]:
+        """The graph of ``function`` (which reads ``slots``) and its static outputs."""
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):

@@ -62,6 +62,16 @@ class StandIn:
         graph()
 
 
+def test_the_stand_in_has_the_cuda_backend_s_methods():
+    """The real backend cannot run here: at least its calls take what the
+    stand-in's take (capture once took no slots)."""
+    import inspect
+    for name in ("warm_up", "capture", "replay"):
+        real, stand_in = getattr(cudagraphs.CudaGraphs, name), getattr(StandIn, name)
+        assert list(inspect.signature(real).parameters) == \
+            list(inspect.signature(stand_in).parameters), name
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     """Programs on the CPU are 'captured' with ``StandIn``; yields the list of
@@ -319,3 +329,72 @@ def test_a_generated_program_run_is_capture_safe(stand_in):
     arena_bytes = sorted(w.nbytes for w in program.arenas)
     made = sorted(n for op, n in runs[0] if op == "aten::empty.memory_format")
     assert all(n in made for n in arena_bytes)
+
+
+# -- on a GPU (skipped without CUDA) ---------------------------------------------------
+
+def _captured(step) -> dict:
+    return step.entries[step.last][0].status
+
+
+@pytest.mark.gpu
+def test_gpu_uniform_replayed_reads_the_seed_tensor_each_replay():
+    like, seed = torch.empty(1000, device="cuda"), torch.tensor(5, device="cuda")
+    torch.ops.retrograd.uniform(like, seed, 0)   # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        values = torch.ops.retrograd.uniform(like, seed, 0)
+    for key in (5, 6, 2**31 - 2):
+        seed.fill_(key)
+        graph.replay()
+        reference = torch.ops.retrograd.uniform(torch.empty(1000), torch.tensor(key), 0)
+        assert torch.equal(values.cpu(), reference)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_step_with_graphs_matches_without():
+    model, twin = _mlp().cuda(), _mlp().cuda()
+    steps = [retrograd.compile_step(m, _mse, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                                    cudagraphs=flag)
+             for m, flag in ((model, None), (twin, False))]
+    for number in range(5):
+        batch = (torch.randn(4, 8, device="cuda"), torch.randn(4, 4, device="cuda"))
+        losses = [step(*batch) for step in steps]
+        assert_close(losses[0], losses[1], torch.float32, f"step {number}", 1e-5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p.detach(), q.detach(), torch.float32, "parameter", 1e-5)
+    status = _captured(steps[0])
+    assert (status["state"], status["captures"], status["replays"]) == ("captured", 1, 4)
+    assert status["plain_calls"] == 0 and status["copied_inputs"] == 2 * 3
+    assert not hasattr(steps[1].entries[steps[1].last][0], "status")   # never wrapped
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draw", ["dropout", "rand_like"])
+def test_gpu_replays_draw_new_random_numbers(draw):
+    function = ((lambda x: F.dropout(x, 0.5, training=True)) if draw == "dropout" else
+                (lambda x: torch.rand_like(x) + x))
+    compiled = retrograd.compile(function)
+    x = torch.ones(4096, device="cuda")
+    results = [compiled(x).clone() for _ in range(4)]   # warm-up, capture, two replays
+    for first in range(4):
+        for second in range(first + 1, 4):
+            assert not torch.equal(results[first], results[second]), (first, second)
+    if draw == "dropout":
+        for result in results:
+            kept = (result != 0).float().mean().item()
+            assert 0.45 < kept < 0.55 and set(result.unique().tolist()) <= {0.0, 2.0}
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_face_trains_like_eager():
+    model, twin = _mlp().cuda(), _mlp().cuda()
+    compiled = torch.compile(model, backend="retrograd")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    for number in range(4):
+        batch = (torch.randn(4, 8, device="cuda"), torch.randn(4, 4, device="cuda"))
+        got, want = (eager_step(network, optimizer, _mse, *batch)
+                     for network, optimizer in zip((compiled, twin), optimizers))
+        assert_close(got.detach(), want.detach(), torch.float32, f"step {number}", 1e-5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p.detach(), q.detach(), torch.float32, "parameter", 1e-5)
