@@ -7,7 +7,9 @@ issue 15 ("Measure") once, compile included, under a time budget.
 GPT-2 small (12 layers, 768 wide, seq 1024, batch 8) and a LLaMA-shaped model
 (GQA, RMSNorm, SwiGLU, 8 layers, 1024 wide), bf16 autocast, AdamW (fused
 outside compile_step), under eager, torch.compile default, retrograd (torch.compile
-backend), ``retrograd.compile_step`` and, last, torch.compile max-autotune;
+backend), ``retrograd.compile_step`` (CUDA graphs on, the default, and off:
+``compile_step-nographs``; each compile_step record says whether the step
+was captured and replayed, ``cudagraphs``) and, last, torch.compile max-autotune;
 before them a float32 gradient check of retrograd against eager on tiny
 models. ``benchmarks/step.py`` measures each (median step time, peak of
 ``torch.cuda.max_memory_allocated``).
@@ -49,10 +51,12 @@ import step  # benchmarks/step.py: the models, variants, measurement, table)
 
 # seconds per job kind on a GPU (compile included); --job-budget KEY=SECONDS overrides
 JOB_BUDGET = {"gradient-check": 90, "eager": 60, "inductor": 150, "retrograd": 180,
-              "compile_step": 180, "max-autotune": 240}
+              "compile_step": 180, "compile_step-nographs": 150, "max-autotune": 240}
 SMOKE_JOB_BUDGET = 240          # each job of --smoke, on a slow shared CPU
 MIN_START = 20                  # seconds left in the session below which a job is not started
-ORDER = ("eager", "inductor", "compile_step", "retrograd")   # max-autotune runs after all
+# compile_step-nographs: the same step with cudagraphs=False, what CUDA graphs gain
+ORDER = ("eager", "inductor", "compile_step", "compile_step-nographs", "retrograd")
+# max-autotune runs after all
 
 
 def plan(models: list[str], variants: list[str], max_autotune: bool,

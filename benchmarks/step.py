@@ -46,6 +46,7 @@ VARIANTS = {
     "max-autotune": "torch.compile max-autotune",
     "retrograd": "retrograd",
     "compile_step": "retrograd compile_step",
+    "compile_step-nographs": "retrograd compile_step, cudagraphs=False",
 }
 DEFAULT_VARIANTS = ("eager", "inductor", "retrograd", "compile_step")
 
@@ -104,8 +105,8 @@ def wrap(variant: str, model):
         return torch.compile(model, mode="max-autotune")
     if variant == "retrograd":
         return torch.compile(model, backend="retrograd")
-    if variant == "compile_step":
-        return "compile_step"
+    if variant.startswith("compile_step"):
+        return variant
     raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
 
 
@@ -113,13 +114,16 @@ def measure(name: str, model, step_model, ids, steps: int, warmup: int, autocast
     """Median time of ``steps`` training steps after ``warmup`` (compile included there).
 
     ``step_model`` is a wrapped model, or ``"compile_step"``: the whole step,
-    AdamW included, compiled by ``retrograd.compile_step`` as one program.
+    AdamW included, compiled by ``retrograd.compile_step`` as one program
+    (``"compile_step-nographs"``: with ``cudagraphs=False``).
     """
-    if step_model == "compile_step":
+    compiled = None
+    if isinstance(step_model, str) and step_model.startswith("compile_step"):
         import retrograd
+        options = {"cudagraphs": False} if step_model.endswith("-nographs") else {}
         compiled = retrograd.compile_step(
             model, lambda m, ids: m(ids, labels=ids).loss,
-            torch.optim.AdamW(model.parameters(), lr=1e-4))
+            torch.optim.AdamW(model.parameters(), lr=1e-4), **options)
 
         def step():
             with autocast():
@@ -151,7 +155,18 @@ def measure(name: str, model, step_model, ids, steps: int, warmup: int, autocast
         times.append(time.perf_counter() - begin)
     peak = torch.cuda.max_memory_allocated() if ids.is_cuda else None
     return {"name": name, "median_ms": 1e3 * statistics.median(times), "peak_bytes": peak,
-            "warmup_seconds": warm_seconds, "loss": loss.item()}
+            "warmup_seconds": warm_seconds, "loss": loss.item(),
+            **({"cudagraphs": graph_state(compiled)} if compiled is not None else {})}
+
+
+def graph_state(compiled) -> dict:
+    """compile_step's CUDA-graph decision (report) and what happened at run time
+    (captures, replays, copied inputs, calls run without the graph)."""
+    codegen = [p["stats"] for p in compiled.reports.get("step", {}).get("passes", [])
+               if p["name"] == "codegen"]
+    executable = compiled.entries[compiled.last][0] if compiled.last else None
+    return {"decision": codegen[0].get("cudagraphs") if codegen else None,
+            "run": dict(getattr(executable, "status", None) or {}) or None}
 
 
 def synchronize(ids):
