@@ -1,4 +1,4 @@
-"""The report: schema 2, one per compiled graph (forward, backward or step).
+"""The report: schema 3, one per compiled graph (forward, backward or step).
 
 Every figure comes from a pass or from the program; a figure nobody
 produced is ``None`` (``null`` in JSON), never a guess.
@@ -9,6 +9,11 @@ user's source line) and ``pareto`` (saved bytes against recompute FLOPs and
 predicted peak over the plans ``memory_budget`` can pick; dumps only). The
 checkpoint pass's own rows and stack traces are moved out of its
 ``passes[].stats`` into these two fields.
+
+Schema 3 adds ``communication``: the collectives of a distributed
+``compile_step`` program (bytes per collective, where the schedule issues and
+waits for each, and the overlap a stated bandwidth model predicts:
+``passes/planning/collectives.py``); ``null`` for a program without any.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from retrograd.provenance import source_of
 
 __all__ = ["PassRecord", "build_report", "traffic", "ledger_rows", "SCHEMA"]
 
-SCHEMA = 2
+SCHEMA = 3
 
 #: checkpoint stats that become report fields of their own, not pass stats
 _MOVED = ("ledger", "pareto")
@@ -128,6 +133,7 @@ def build_report(graph: str, graph_id: str, program: Program, records: list[Pass
         },
         "ledger": ledger_rows(records),
         "pareto": _stat(records, "checkpoint", "pareto"),
+        "communication": _stat(records, "schedule", "communication"),
         "compile_seconds": round(compile_seconds, 4),
     }
 

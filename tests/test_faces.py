@@ -291,7 +291,7 @@ REPORT_KEYS = {
 
 def _check_report(report: dict) -> None:
     """Schema 2: the keys DESIGN.md fixes, with values of the right kinds."""
-    assert report["schema"] == 2
+    assert report["schema"] == 3
     assert isinstance(report["ledger"], list) and "pareto" in report
     assert report["graph"] in ("forward", "backward")
     assert isinstance(report["graph_id"], str) and report["graph_id"]
