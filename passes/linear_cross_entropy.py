@@ -51,6 +51,15 @@ ceil(rows / MIN_CHUNKS))``, at least 1: a chunk's float32 logits take at most
 4 MiB (less under a tighter budget) and at most an eighth of all the logits,
 so the transient chunk stays small beside what the fusion saves.
 
+Which kernels: the chunked extern matmuls above, or Cut Cross-Entropy's
+Triton kernels (codegen/cce.py, compiler/cce_ops.py: a matmul with a fused
+online-logsumexp epilogue, the logits tile never written to memory, and its
+backward), same arguments, same values. ``ctx.op_support.choose_cce``
+decides: CCE with ``matmul_templates=True`` (tests run it under the
+interpreter), the chunked ops with False or off CUDA, and on CUDA by default
+the faster of the two in a bounded, cached autotune; the record is in the
+stats (``kernels``).
+
 The pattern itself is found by passes/matching/cross_entropy.py.
 
 Requires: a joint, step or inference graph traced with decompositions.HELD
@@ -80,6 +89,13 @@ aten = torch.ops.aten
 CHUNK_BYTES = 4 << 20
 #: The fewest chunks the rows are cut into (where they have that many rows).
 MIN_CHUNKS = 8
+#: The fused op pairs, by kernel: chunked extern matmuls (compiler/loss_ops.py)
+#: or Cut Cross-Entropy's Triton kernels (compiler/cce_ops.py); looked up late,
+#: as the compiler registers them.
+OPS = {"chunked": (lambda: torch.ops.retrograd.linear_cross_entropy.default,
+                   lambda: torch.ops.retrograd.linear_cross_entropy_backward.default),
+       "cce": (lambda: torch.ops.retrograd.linear_cross_entropy_cce.default,
+               lambda: torch.ops.retrograd.linear_cross_entropy_cce_backward.default)}
 
 
 class _Builder:
@@ -137,8 +153,9 @@ def _weight_rows(build: _Builder, matmul: fx.Node) -> fx.Node:
     return build.add(aten.permute.default, [right, [1, 0]])
 
 
-def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
-    """The forward half becomes one fused call; then the backward half, if any."""
+def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int, ops=OPS["chunked"]) -> None:
+    """The forward half becomes one fused call; then the backward half, if any
+    (``ops``: the forward and backward op pair, chunked or CCE)."""
     build = _Builder(graph, mode)
     matmul, nll = match.matmul, match.nll
     bias = matmul.args[0] if matmul.target is aten.addmm.default else None
@@ -148,8 +165,7 @@ def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
     with graph.inserting_before(nll):
         weight = _weight_rows(build, matmul)
         rows, undo = _replay_rows(build, match, matmul.args[-2])
-        fused = build.add(torch.ops.retrograd.linear_cross_entropy.default,
-                          [rows, weight, bias, *common])
+        fused = build.add(ops[0](), [rows, weight, bias, *common])
         loss, lse, row_sums = (build.add(operator.getitem, [fused, i]) for i in range(3))
         for node in match.row_sums:
             node.replace_all_uses_with(build.add(aten.view.default,
@@ -158,7 +174,8 @@ def _rewrite(graph: fx.Graph, match: Match, mode, chunk_rows: int) -> None:
             _replace_z(build, match.z, lse)
     match.loss.replace_all_uses_with(loss)
     if match.nll_backward is not None:
-        _rewrite_backward(build, match, [rows, weight, bias, *common[:2], lse], common[2:], undo)
+        _rewrite_backward(build, match, [rows, weight, bias, *common[:2], lse], common[2:], undo,
+                          ops[1]())
 
 
 def _replace_z(build: _Builder, z: fx.Node, lse: fx.Node) -> None:
@@ -184,7 +201,7 @@ def _replace_z(build: _Builder, z: fx.Node, lse: fx.Node) -> None:
 
 
 def _rewrite_backward(build: _Builder, match: Match, tensors: list, scalars: list,
-                      undo: list) -> None:
+                      undo: list, op) -> None:
     """The backward half: one fused call, its results in place of the products'."""
     rows_count = shape(match.log_softmax)[0]
     # after the z-loss's gradient too: autograd may write it after the log-softmax's
@@ -195,8 +212,7 @@ def _rewrite_backward(build: _Builder, match: Match, tensors: list, scalars: lis
         row_grad = match.row_grad and build.add(aten.view.default,
                                                 [match.row_grad, [rows_count]])
         z_grad = match.z_grad and build.add(aten.view.default, [match.z_grad, [rows_count]])
-        grads = build.add(torch.ops.retrograd.linear_cross_entropy_backward.default,
-                          [match.nll_backward.args[0], *tensors, row_grad, *scalars,
+        grads = build.add(op, [match.nll_backward.args[0], *tensors, row_grad, *scalars,
                            bool(match.grad_weight or match.grad_weight_t),
                            bool(match.grad_bias), *([z_grad] if z_grad else [])])
         grad_hidden = _undo_rows(build, build.add(operator.getitem, [grads, 0]), undo)
@@ -231,7 +247,7 @@ def _erase_dead(graph: fx.Graph) -> None:
 def run(gm: fx.GraphModule, ctx) -> PassResult:
     graph = gm.graph
     budget = getattr(ctx.options, "memory_budget", None) or 1.0
-    fused, avoided, chunks, left = 0, 0, [], []
+    fused, avoided, chunks, left, kernels = 0, 0, [], [], []
     mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten._log_softmax.default:
@@ -245,7 +261,9 @@ def run(gm: fx.GraphModule, ctx) -> PassResult:
         rows, vocab = shape(node)
         chunk_rows = max(1, min(int(CHUNK_BYTES * budget) // (vocab * 4),
                                 -(-rows // MIN_CHUNKS)))
-        _rewrite(graph, match, mode, chunk_rows)
+        kernel, record = _choose_kernel(ctx, match, chunk_rows)
+        _rewrite(graph, match, mode, chunk_rows, OPS[kernel])
+        kernels.append({"node": node.name, **record})
         fused += 1
         chunks.append(chunk_rows)
         held = 2 if match.nll_backward is not None else 1   # the logits and their gradient
@@ -253,5 +271,18 @@ def run(gm: fx.GraphModule, ctx) -> PassResult:
     if fused:
         _erase_dead(graph)
         gm.recompile()
-    return PassResult(gm, {"fused": fused, "chunk_rows": chunks,
+    return PassResult(gm, {"fused": fused, "chunk_rows": chunks, "kernels": kernels,
                            "logits_bytes_not_held": avoided, "left_alone": left})
+
+
+def _choose_kernel(ctx, match: Match, chunk_rows: int) -> tuple[str, dict]:
+    """"chunked" or "cce", with the record of why (``ctx.op_support.choose_cce``:
+    compiler/cce_ops.py; the chunked ops where no choice is offered)."""
+    choose = getattr(ctx.op_support, "choose_cce", None)
+    if choose is None:
+        return "chunked", {"kernel": "chunked", "why": "no choice offered"}
+    hidden, weight = match.matmul.args[-2].meta["val"], match.matmul.args[-1].meta["val"]
+    use, record = choose(ctx.options, shape(match.log_softmax)[0], weight.shape[-1],
+                         hidden.shape[-1], hidden.dtype, match.log_softmax.meta["val"].dtype,
+                         match.matmul.target is aten.addmm.default, hidden.device, chunk_rows)
+    return ("cce" if use else "chunked"), record
