@@ -18,6 +18,7 @@ import difflib
 import html
 import itertools
 
+from retrograd.comm_timeline import communication_html
 from retrograd.explain import ledger_html
 from retrograd.memory_timeline import HELD, IN_ARENAS, SERIES, Timeline
 
@@ -268,6 +269,7 @@ def page(report: dict, graph_files: list[tuple[str, str]], kernels: list[str],
 <title>retrograd {e(report['graph_id'])}</title><style>{STYLE}</style></head><body>
 <h1>{title}</h1>{_summary(report)}
 <h2>The schedule: kernels and memory</h2>{schedule_svg(timeline, kernels)}{peak_html(timeline)}
+{communication_html(report)}
 <h2>Saved for the backward, by source line</h2>{ledger_html(report)}{ledger_values_html(report)}
 <h2>Passes</h2>{_passes_html(report)}
 <h2>What each stage changed</h2>{diffs}

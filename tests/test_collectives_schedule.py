@@ -155,3 +155,21 @@ def test_fusion_keeps_a_collectives_result_apart_from_the_compute_before_it():
     order = [kernel.name for kernel in program.kernels]
     wait = next(i for i, k in enumerate(program.kernels) if collectives.is_wait(k))
     assert order.index(kernel_of["mul_2"]) < wait, order
+
+
+def test_dump_page_draws_the_predicted_timeline(monkeypatch):
+    """The dump page's communication section: a link bar per collective, the
+    compute's stalls at the waits, the table; none without collectives."""
+    from retrograd.comm_timeline import communication_html
+    monkeypatch.setattr(collectives, "group_size", lambda kernel: 2)
+    program = two_buckets()
+    schedule.run(program, context())
+    summary = collectives.predict(program)
+    text = communication_html({"communication": summary})
+    assert "predicted timeline" in text and "Predicted, not measured" in text
+    assert text.count('fill="#e67e22"') == 2   # the link lane: one bar per all-reduce
+    assert text.count('fill="#c0392b"') == 2   # the compute waits at both waits
+    assert text.count("<tr>") == 3 and "all_reduce" in text
+    hidden = round(100 * summary["overlap_fraction"])
+    assert f"hides {hidden}% of the communication" in text
+    assert communication_html({"communication": None}) == ""
