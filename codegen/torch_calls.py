@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-__all__ = ["bound_name", "torch_function"]
+__all__ = ["accepts_out", "bound_name", "torch_function"]
 
 _FUNCTIONS = torch._C._VariableFunctions
 
@@ -43,11 +43,30 @@ def torch_function(node: fx.Node) -> str | None:
     if function is None or getattr(torch, name, None) is not function:
         return None
     try:
-        args, kwargs = _meta_operands(node)
+        args, kwargs, _ = _meta_operands(node)
         return f"torch.{name}" if _same(target(*args, **kwargs),
                                         function(*args, **kwargs)) else None
     except Exception:   # noqa: BLE001 -- any refusal means: keep the overload
         return None
+
+
+def accepts_out(node: fx.Node, operand: fx.Node) -> bool:
+    """torch's function of ``node``'s op, called with ``out=`` its operand
+    ``operand`` (the same tensor), writes there what the overload returns
+    (checked on meta tensors; ``torch_program``'s in-place writes)."""
+    target = node.target
+    function = getattr(_FUNCTIONS, getattr(target, "_opname", ""), None)
+    if function is None:
+        return False
+    try:
+        args, kwargs, _ = _meta_operands(node)
+        expected = target(*args, **kwargs)
+        args, kwargs, metas = _meta_operands(node)   # fresh: out= writes over one of them
+        out = metas[operand]
+        got = function(*args, **kwargs, out=out)
+    except Exception:   # noqa: BLE001 -- any refusal means: no out= form
+        return False
+    return got is out and _same(expected, got)
 
 
 class _Unknown(Exception):
@@ -55,17 +74,24 @@ class _Unknown(Exception):
 
 
 def _meta_operands(node: fx.Node):
+    """Meta tensors of ``node``'s operands (one per operand node, however often
+    it is read: ``x * x`` reads one tensor twice), and those tensors by node."""
+    metas: dict[fx.Node, torch.Tensor] = {}
+
     def meta(operand: fx.Node):
+        if operand in metas:
+            return metas[operand]
         value = operand.meta.get("val")
         if not isinstance(value, torch.Tensor):
             raise _Unknown(operand.name)
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
-                                   device="meta")
+        metas[operand] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                             device="meta")
+        return metas[operand]
     args = fx.node.map_arg(node.args, meta)
     kwargs = dict(fx.node.map_arg(node.kwargs, meta))
     if "device" in kwargs:   # factories: made on meta too, never allocated for real
         kwargs["device"] = torch.device("meta")
-    return args, kwargs
+    return args, kwargs, metas
 
 
 def _same(expected, got) -> bool:

@@ -38,6 +38,7 @@ from string import Template
 
 import torch
 from retrograd.codegen.torch_calls import bound_name, torch_function
+from retrograd.codegen.torch_liveness import Statement, tighten
 from retrograd.codegen.wrapper import render, variable
 from retrograd.ir import Kernel, Kind, Program
 from torch import fx
@@ -87,7 +88,7 @@ class _Writer:
 
     program: Program
     alive: set[str] = field(default_factory=set)
-    lines: list[str] = field(default_factory=list)
+    lines: list[str | Statement] = field(default_factory=list)
     bindings: dict[str, str] = field(default_factory=dict)   # bound name -> overload
 
     def callee(self, node: fx.Node) -> str:
@@ -158,7 +159,9 @@ def _define(writer: _Writer, node: fx.Node, kernel: Kernel, made: list[str]) -> 
             stand_ins[operand] = _stand_in(operand)
         else:
             _make_missing(writer, operand, kernel, made)
-    writer.lines.append(f"{variable(node.name)} = {writer.call(node, stand_ins)}")
+    writer.lines.append(Statement(f"{variable(node.name)} = {writer.call(node, stand_ins)}",
+                                  node, aliasing=writer._scatters_in_place(node),
+                                  variable=variable(node.name)))
     writer.alive.add(node.name)
 
 
@@ -172,12 +175,14 @@ def _make_missing(writer: _Writer, node: fx.Node, kernel: Kernel, made: list[str
     register = kernel.aliases.get(node.name)
     if register in writer.alive:
         shape = tuple(node.meta["val"].shape)
-        writer.lines.append(f"{variable(node.name)} = {variable(register)}.reshape({shape})"
-                            f"  # a view fusion kept in registers")
+        writer.lines.append(Statement(
+            f"{variable(node.name)} = {variable(register)}.reshape({shape})"
+            f"  # a view fusion kept in registers", node, aliasing=True,
+            variable=variable(node.name)))
         writer.alive.add(node.name)
     else:
         _define(writer, node, kernel, made)
-        writer.lines[-1] += "  # computed again: not stored"
+        writer.lines[-1].text += "  # computed again: not stored"
     made.append(node.name)
 
 
@@ -268,7 +273,7 @@ def _strides(node: fx.Node | None, buffer) -> tuple[int, ...]:
 def _stride_check(name: str, shape, strides) -> list[str]:
     """``name`` with ``strides``: one test, and a copy only when they differ."""
     fix = f"rt.layout({variable(name)}, {tuple(shape)}, {tuple(strides)})"
-    return [f"if {variable(name)}.stride() != {tuple(strides)}:",
+    return [f"if {variable(name)}.stride() != {tuple(strides)}:\n"
             f"    {variable(name)} = {fix}"]
 
 
@@ -329,6 +334,9 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
     outputs = ", ".join(variable(o) if isinstance(o, str) else render(o)
                         for o in program.outputs)
     lines += ["", f"return [{outputs}]"]
+    foreign = {variable(name) for name in [*program.inputs, *program.constants]}
+    lines = tighten([line if isinstance(line, Statement) else Statement(line)
+                     for line in lines], foreign)
     counts = {kind: len(program.kernels_of(kind)) for kind in Kind}
     summary = (f"{counts[Kind.TRITON]} fused kernels as torch calls, {counts[Kind.EXTERN]} "
                f"extern calls, {counts[Kind.VIEW]} views")
@@ -339,4 +347,5 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
                     "(torch_calls.py)\n" + bindings)
     return PROGRAM.substitute(title=title or f"Program {program.name}", summary=summary,
                               bindings=bindings,
-                              body="\n".join(f"    {line}" if line else "" for line in lines))
+                              body="\n".join(f"    {line}" if line else ""
+                                             for line in "\n".join(lines).split("\n")))

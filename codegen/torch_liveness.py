@@ -1,0 +1,269 @@
+"""Liveness of the torch program's variables: deletes at the last use, and
+pointwise results written over an operand that dies there.
+
+The torch program (``torch_program.py``) is first written as statements in
+the schedule's order with the plan's deletes (``program.frees`` between
+kernels, a fused kernel's inner values at their last use inside it). Two
+things the plan cannot say about torch calls are decided here, on those
+statements:
+
+- **deletes at the last use.** A kernel's inputs were deleted after the whole
+  kernel (the plan frees between kernels); a value the plan frees dies at the
+  last statement that names it, so a fused chain's first reads release their
+  operands before its later ops allocate.
+- **in place.** A pointwise op whose result has an operand's shape, dtype and
+  strides writes into that operand (``torch.mul(a, b, out=a)``) when the
+  operand's storage dies at that statement: it was made by this program (an
+  input or constant may be held by the caller or by autograd for a second
+  backward), and no alias of it (a view, a tuple's element, a register's
+  reshape) is named later. Eager's modules do this themselves (``relu_``,
+  ``add_``); the functional graph lost it, and a fused kernel written as
+  torch calls otherwise holds two values per step of its chain. This is the
+  Triton wrapper's in-place reuse (``buffer_reuse``) for torch calls, decided
+  on the program's own statements because fused kernels' inner values are
+  not buffers of the plan.
+
+Each statement is one unit of source (a stride check with its copy is one);
+``del`` statements are rewritten, every other statement kept in order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from retrograd.codegen.torch_calls import accepts_out
+from retrograd.codegen.wrapper import variable
+from torch import fx
+from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+__all__ = ["Statement", "tighten"]
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+ASSIGNED = re.compile(r"^([A-Za-z_][A-Za-z_0-9]*) = ")
+#: ops whose results never share storage with an operand, besides pointwise ones
+FRESH = {"mm", "addmm", "bmm", "baddbmm", "clone", "_to_copy", "sum", "mean", "amax",
+         "amin", "convolution", "native_layer_norm", "native_batch_norm", "cat"}
+
+
+@dataclass
+class Statement:
+    """One unit of program source; ``node``: the fx node it computes, if any;
+    ``aliasing``: it returns an operand's storage (a scatter in place, a reshape)."""
+
+    text: str
+    node: fx.Node | None = None
+    aliasing: bool = False
+    variable: str | None = None   # the name it assigns, when it computes ``node``
+
+
+def _fresh(node: fx.Node | None) -> bool:
+    """``node``'s result is new storage whatever its operands are."""
+    target = getattr(node, "target", None)
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return False
+    tags = set(target.tags)
+    if tags & {torch.Tag.inplace, torch.Tag.inplace_view, torch.Tag.maybe_aliasing_or_mutating}:
+        return False
+    if any(value.alias_info is not None for value in target._schema.returns):
+        return False
+    if target._opname.startswith("_unsafe"):
+        return False
+    return torch.Tag.pointwise in tags or torch.Tag.reduction in tags or \
+        target._opname in FRESH
+
+
+class _Groups:
+    """Variables that may share storage (union-find over names), and whether
+    each group's storage was made by the program."""
+
+    def __init__(self, foreign: set[str]):
+        self.parent: dict[str, str] = {}
+        self.foreign = set(foreign)   # groups holding an input, a constant, an unknown
+
+    def root(self, name: str) -> str:
+        while self.parent.get(name, name) != name:
+            name = self.parent[name]
+        return name
+
+    def join(self, a: str, b: str) -> None:
+        ra, rb = self.root(a), self.root(b)
+        if ra != rb:
+            self.parent[ra] = rb
+            if ra in self.foreign:
+                self.foreign.add(rb)
+
+    def owned(self, name: str) -> bool:
+        return self.root(name) not in self.foreign
+
+    def members(self, name: str, known) -> list[str]:
+        root = self.root(name)
+        return [other for other in known if self.root(other) == root]
+
+
+@dataclass
+class _Ranges:
+    """Where each variable's definitions are used: ``ends[i]`` the variables
+    whose last use is statement ``i`` and that the plan deletes; ``live``:
+    per variable, ``(start, end)`` ranges (``end`` None: never deleted)."""
+
+    ends: dict[int, list[str]]
+    live: dict[str, list[tuple[int, int | None]]]
+
+    def alive_after(self, name: str, index: int) -> bool:
+        return any(start <= index and (end is None or end > index)
+                   for start, end in self.live.get(name, []))
+
+
+def _references(statements: list[Statement], names: set[str]) -> list[set[str]]:
+    found = []
+    for statement in statements:
+        text = statement.text
+        if text.startswith("#") or text.startswith("del "):
+            found.append(set())
+        else:
+            found.append(set(NAME.findall(text.split("  # ")[0])) & names)
+    return found
+
+
+def _ranges(statements: list[Statement], references: list[set[str]]) -> _Ranges:
+    opened: dict[str, int] = {}
+    last: dict[str, int] = {}
+    ends: dict[int, list[str]] = {}
+    live: dict[str, list[tuple[int, int | None]]] = {}
+    for index, (statement, names) in enumerate(zip(statements, references)):
+        if statement.text.startswith("del "):
+            for name in statement.text[4:].split(", "):
+                if name in opened:
+                    end = last[name]
+                    ends.setdefault(end, []).append(name)
+                    live.setdefault(name, []).append((opened.pop(name), end))
+            continue
+        for name in names:
+            opened.setdefault(name, index)
+            last[name] = index
+    for name, start in opened.items():
+        live.setdefault(name, []).append((start, None))
+    return _Ranges(ends, live)
+
+
+def _assigned(statement: Statement) -> list[str]:
+    text = statement.text
+    if text.startswith("#") or text.startswith("del ") or text.startswith("if "):
+        return []
+    if " = args" in text.split("\n")[0]:
+        return [name.strip() for name in text.split(" = ")[0].split(",") if name.strip()]
+    match = ASSIGNED.match(text)
+    return [match.group(1)] if match else []
+
+
+def tighten(statements: list[Statement], foreign: set[str]) -> list[str]:
+    """The statements with deletes at last use and pointwise results written
+    over dying operands; ``foreign``: variables the program did not make
+    (inputs, constants). Returns the source lines (statements may span lines)."""
+    names = set(foreign)
+    for statement in statements:
+        names.update(_assigned(statement))
+    references = _references(statements, names)
+    ranges = _ranges(statements, references)
+    state = _State(ranges, _Groups(set()), {})
+    out: list[str] = []
+    for index, (statement, read) in enumerate(zip(statements, references)):
+        if statement.text.startswith("del "):
+            continue
+        out.append(_define(state, statement, index, read, foreign))
+        dying = ranges.ends.get(index, [])
+        if dying:
+            out.append(f"del {', '.join(dying)}")
+    return out
+
+
+@dataclass
+class _State:
+    """The walk's state: ranges, storage groups of definitions, and each
+    variable's current definition (``name@index``: a name made again after a
+    delete is another storage)."""
+
+    ranges: _Ranges
+    groups: _Groups
+    current: dict[str, str]
+
+    def key(self, name: str) -> str:
+        return self.current.get(name, name)
+
+
+def _define(state: _State, statement: Statement, index: int, read: set[str],
+            foreign: set[str]) -> str:
+    """Record what ``statement`` defines (its storage group); the statement's
+    text, written over a dying operand where it may."""
+    text = statement.text
+    for name in _assigned(statement):
+        if name in state.current and not _redefined(state.ranges, name, index):
+            continue   # a stride fix rebinding a live name: the same group
+        key = state.current[name] = f"{name}@{index}"
+        groups = state.groups
+        groups.parent[key] = key
+        if name in foreign:
+            groups.foreign.add(key)
+        elif statement.node is None and not read - {name}:
+            groups.foreign.add(key)   # nothing known of where it came from
+        elif not _fresh(statement.node) or statement.aliasing:
+            for other in read - {name}:
+                groups.join(key, state.key(other))
+        else:
+            target = _in_place_target(state, statement, index, read)
+            if target is not None:
+                text = _with_out(text, target)
+                groups.join(key, state.key(target))
+    return text
+
+
+def _redefined(ranges: _Ranges, name: str, index: int) -> bool:
+    """Statement ``index`` starts a new range of ``name`` (made again after a delete)."""
+    return any(start == index for start, _ in ranges.live.get(name, []))
+
+
+def _in_place_target(state: _State, statement: Statement, index: int,
+                     read: set[str]) -> str | None:
+    """The operand ``statement``'s pointwise op may write its result into: one
+    the program made, dying here with every alias of it, laid out as the result."""
+    node = statement.node
+    tags = set(node.target.tags)
+    if torch.Tag.pointwise not in tags or torch.Tag.nondeterministic_seeded in tags:
+        return None
+    if not statement.text.startswith(f"{statement.variable} = torch."):
+        return None   # an overload's entry point, a method: no out= form checked
+    result = node.meta.get("val")
+    if not isinstance(result, torch.Tensor):
+        return None
+    operands = [(operand, variable(operand.name)) for operand in node.all_input_nodes]
+    groups = state.groups
+    for operand, name in operands:
+        value = operand.meta.get("val")
+        if name not in read or name not in state.ranges.ends.get(index, []) or \
+                not groups.owned(state.key(name)) or not _same_layout(value, result):
+            continue
+        root = groups.root(state.key(name))
+        if any(groups.root(state.key(other)) == root for other_node, other in operands
+               if other != name):
+            continue   # another operand shares its storage: not elementwise-safe
+        members = [key.split("@")[0] for key in groups.parent if groups.root(key) == root]
+        if any(state.ranges.alive_after(member, index) for member in members):
+            continue
+        if accepts_out(node, operand):
+            return name
+    return None
+
+
+def _same_layout(value, result: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.shape == result.shape and \
+        value.dtype == result.dtype and value.stride() == result.stride() and \
+        value.device == result.device and is_non_overlapping_and_dense_or_false(value)
+
+
+def _with_out(text: str, target: str) -> str:
+    """``y = torch.f(...)`` as ``y = torch.f(..., out=target)``."""
+    code, marker, comment = text.partition("  # ")
+    assert code.endswith(")"), code
+    return f"{code[:-1]}, out={target}){marker}{comment}"

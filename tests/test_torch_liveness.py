@@ -1,0 +1,98 @@
+"""The torch program's liveness (codegen/torch_liveness.py): deletes at the
+last use, and pointwise results written over an operand that dies there,
+never over an input, a constant, or storage a live view still reads."""
+
+from __future__ import annotations
+
+import torch
+from pass_helpers import buffer, fuse, run_gm, trace
+from pass_helpers import seeded  # noqa: F401  (autouse: each test from seed 0)
+from retrograd.codegen.torch_liveness import Statement, tighten
+from retrograd.codegen.torch_program import generate_torch_program
+from retrograd.ir import Kernel, Program
+from retrograd.runtime.torch_program import TorchProgramExecutable
+
+aten = torch.ops.aten
+
+
+def _node(gm, target):
+    return next(n for n in gm.graph.nodes if n.target is target)
+
+
+def test_a_fused_chain_writes_each_step_over_the_value_it_consumes():
+    """A chain of pointwise ops holds its input and one value, as eager's
+    in-place modules do (was: two values per step, a new one per op)."""
+    x = torch.randn(4, 8)
+    program, _, gm = fuse(lambda x: x.sin().cos().exp().neg().abs().sqrt(), x)
+    source = generate_torch_program(program)
+    body = source.split("def run")[1]
+    assert body.count(", out=") == 5   # cos .. sqrt each over its operand
+    [name] = program.inputs
+    assert f"out={name})" not in body   # never over the caller's input
+    before = x.clone()
+    [got] = TorchProgramExecutable(program, source)([x])
+    torch.testing.assert_close(got, run_gm(gm, [before])[0])
+    assert torch.equal(x, before)
+
+
+def test_an_input_that_dies_is_not_written_over():
+    """The plan may free an input after its last reader; the caller (or
+    autograd, for a second backward) may still hold it."""
+    x = torch.randn(3, 4)
+    gm = trace(lambda x: x * 2, x)
+    mul = _node(gm, aten.mul.Tensor)
+    [placeholder] = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    buffers = {placeholder: buffer(placeholder, (3, 4), "input"),
+               mul.name: buffer(mul.name, (3, 4), "output")}
+    program = Program("unit", buffers, [Kernel("kernel_0", "triton", [mul],
+                                               outputs=[mul.name])],
+                      [placeholder], [mul.name], frees={0: [placeholder]})
+    source = generate_torch_program(program)
+    assert "out=" not in source
+    before = x.clone()
+    [got] = TorchProgramExecutable(program, source)([x])
+    torch.testing.assert_close(got, before * 2)
+    assert torch.equal(x, before)
+
+
+def _statements(gm, with_view: bool) -> list[Statement]:
+    """``s = sin(x); [v = s.view]; t = cos(s); del s; ...`` over ``gm``'s nodes."""
+    sin, cos = _node(gm, aten.sin.default), _node(gm, aten.cos.default)
+    view = _node(gm, aten.view.default)
+    lines = [Statement("x, = args"), Statement(f"{sin.name} = torch.sin(x)", sin,
+                                                variable=sin.name)]
+    if with_view:
+        lines.append(Statement(f"{view.name} = {sin.name}.view([12])", view, aliasing=True,
+                               variable=view.name))
+    lines += [Statement(f"{cos.name} = torch.cos({sin.name})", cos, variable=cos.name),
+              Statement(f"del {sin.name}")]
+    if with_view:
+        lines += [Statement(f"y = {view.name} * 2"), Statement(f"del {view.name}")]
+    return lines
+
+
+def test_storage_a_live_view_reads_is_not_written_over():
+    def fn(x):
+        s = x.sin()
+        return s.cos(), s.view(12) * 2
+    gm = trace(fn, torch.randn(3, 4))
+    cos = _node(gm, aten.cos.default).name
+    sin = _node(gm, aten.sin.default).name
+    alone = tighten(_statements(gm, with_view=False), {"x"})
+    assert f"{cos} = torch.cos({sin}, out={sin})" in alone   # the control: it would
+    viewed = tighten(_statements(gm, with_view=True), {"x"})
+    assert f"{cos} = torch.cos({sin})" in viewed
+
+
+def test_a_kernel_input_is_deleted_at_its_last_reader_inside_the_kernel():
+    """The plan frees between kernels; inside a fused kernel written as torch
+    calls, its input dies at the op that last reads it."""
+    def fn(x):
+        return x.sin() * 2 + 1
+    gm = trace(fn, torch.randn(3, 4))
+    sin = _node(gm, aten.sin.default)
+    lines = [Statement("x, = args"), Statement("a = torch.exp(x)", None, variable="a"),
+             Statement(f"{sin.name} = torch.sin(a)"), Statement("b = torch.mul(x, 2)"),
+             Statement("del a, x")]
+    source = "\n".join(tighten(lines, {"x"}))
+    assert source.index("del a") < source.index("b = torch.mul")
