@@ -39,10 +39,8 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
         elif kernel.family == Family.SCATTER:
             block = choose_block(kernel.numel, interpreted)
             kernel.source = generate_scatter(kernel, program.buffers, block, program.name)
-        elif kernel.family == Family.SCAN:
-            val = kernel.nodes[-1].meta["val"]
-            extent = val.shape[kernel.nodes[-1].args[1] % val.dim()]
-            rows, r_block = choose_reduction_blocks(val.numel() // extent, extent, interpreted)
+        elif kernel.family == Family.SCAN:   # rows x the scanned extent, as a reduction
+            rows, r_block = choose_reduction_blocks(kernel.numel, kernel.extent, interpreted)
             kernel.source = generate_scan(kernel, program.buffers, rows, r_block, program.name)
         elif kernel.family == Family.REDUCTION:
             inner = len(kernel.full_shape) - 1 in kernel.reduced_dims

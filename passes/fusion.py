@@ -24,9 +24,10 @@ This is greedy fusion in the manner of TorchInductor's scheduler
 (``can_fuse`` over producer/consumer pairs, with the same cycle check):
 vertical (a consumer joins its producer's kernel) first, then horizontal
 (a node joins a kernel that already reads the same input, so the input is
-loaded once). Reductions take their pointwise prologue and epilogue. Which
-node joins which group is planned by ``planning/grouping.py``; this module
-builds the buffers and kernels from that plan.
+loaded once). Reductions and scans take their pointwise prologue and
+epilogue. Which node joins which group is planned by
+``planning/grouping.py``; this module builds the buffers and kernels from
+that plan.
 
 Requires: a functional ATen graph with fake values in node.meta['val'];
   ctx.op_support.
@@ -45,7 +46,7 @@ import torch.fx as fx
 from retrograd.ir import Buffer, Family, Kernel, Kind, PassResult, Program, Role
 from retrograd.passes.op_classes import is_view
 from retrograd.passes.planning.collectives import mark_after_waits
-from retrograd.passes.planning.grouping import Grouping, numel_of, tensor_args, value_of
+from retrograd.passes.planning.grouping import Grouping, is_scan, numel_of, tensor_args, value_of
 
 __all__ = ["run"]
 
@@ -178,7 +179,7 @@ class _Builder:
             if short not in ops and short != "getitem":
                 ops.append(short)
         geometry = self.grouping.geometry[group]
-        kind = "pointwise" if geometry is None else "reduction"
+        kind = "pointwise" if geometry is None else "scan" if is_scan(geometry) else "reduction"
         family = self._family(nodes, geometry)
         if geometry == "standalone":   # a kernel of its own kind: scatter, pooling
             kind = nodes[0].target.__name__.split(".")[0]
@@ -196,6 +197,8 @@ class _Builder:
             if support.can_scan(nodes[0]):
                 return Family.SCAN
             return Family.SCATTER if support.can_scatter(nodes[0]) else Family.POOLING
+        if is_scan(geometry):   # a cumsum/cumprod with its prologue and epilogue
+            return Family.SCAN
         if geometry is not None:
             return Family.REDUCTION
         if any(support.reads_by_index(node) for node in nodes):

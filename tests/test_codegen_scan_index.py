@@ -93,6 +93,60 @@ def test_looped_scan_carries_across_blocks():
     check(lambda t: t.cumsum(1), (x * 8).round().to(torch.int64), grad=False)
 
 
+# ---------------------------------------------------------------- fused scans
+def _forward_sources(tmp_path) -> list[str]:
+    return [path.read_text() for path in kernel_files(tmp_path, "forward")]
+
+
+def test_position_ids_are_one_scan_kernel(tmp_path):
+    """transformers' position ids ``cumsum(mask, 1) * mask - 1``: the scan and
+    its epilogue in one kernel that loads the mask once (were a scan kernel
+    and a pointwise one, the cumsum stored and read back). Exact."""
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    mask[1, -3:] = 0
+    compiled = check(lambda m: torch.cumsum(m, 1) * m - 1, mask, grad=False,
+                     dump_dir=str(tmp_path))
+    assert compiled.reports["forward"]["kernels"]["triton"] == 1
+    (source,) = _forward_sources(tmp_path)
+    assert source.count("tl.load(") == 1 and source.count("tl.store(") == 1
+
+
+def test_roberta_position_ids_scan_has_its_prologue(tmp_path):
+    """RoBERTa's ``(cumsum(ne(ids, pad).int(), 1).type_as(mask) + 0) * mask
+    + pad``: the comparison and cast before the scan, the rest after, one kernel."""
+    ids = torch.randint(2, 9, (2, 7))
+    ids[1, -3:] = 1
+
+    def position_ids(ids):
+        mask = ids.ne(1).int()
+        return (torch.cumsum(mask, dim=1).type_as(mask) + 0) * mask + 1
+    compiled = check(position_ids, ids, grad=False, dump_dir=str(tmp_path))
+    assert compiled.reports["forward"]["kernels"]["triton"] == 1
+
+
+@pytest.mark.parametrize("scan", ["cumsum", "cumprod"])
+def test_scan_with_prologue_and_epilogue_forward_backward(scan, tmp_path):
+    """``sin(scan(exp(x) * 0.5, 0))``: one forward kernel; gradients as eager's."""
+    compiled = check(lambda x: getattr(torch, scan)(x.exp() * 0.5, 0).sin(),
+                     torch.randn(5, 3) * 0.3, dump_dir=str(tmp_path),
+                     allowed={"aten.max.dim", "aten.scatter.value"})
+    assert compiled.reports["forward"]["kernels"]["triton"] == 1
+
+
+def test_looped_fused_scan_carries_across_blocks():
+    """Three blocks per row: the prologue recomputed per block, the epilogue
+    reading the carried result."""
+    x = torch.rand(2, 40000) - 0.25
+    compiled = check(lambda t: (t * 2).cumsum(1) - t, x, grad=False, tolerance=1e-5)
+    assert compiled.reports["forward"]["kernels"]["triton"] == 1
+
+
+def test_a_scan_of_a_scan_is_two_kernels():
+    """One scan per kernel: the second reads the first's result from memory."""
+    compiled = check(lambda x: x.cumsum(1).cumsum(1) * 2, torch.randn(3, 6), grad=False)
+    assert compiled.reports["forward"]["kernels"]["triton"] == 2
+
+
 # ---------------------------------------------------------------- flip and index
 @pytest.mark.parametrize("dims", [[0], [1, 2], [-1]])
 def test_flip(dims):

@@ -26,7 +26,15 @@ import torch.fx as fx
 from retrograd.ir import CodegenSupport
 from retrograd.passes.op_classes import PHASE, is_reshape, view_base
 
-__all__ = ["Grouping", "value_of", "numel_of", "tensor_args"]
+__all__ = ["Grouping", "value_of", "numel_of", "tensor_args", "is_scan"]
+
+#: The last item of a scan group's geometry: (full shape, (scanned dim,), SCAN).
+SCAN = "scan"
+
+
+def is_scan(geometry) -> bool:
+    """A scan group's geometry: rows by the scanned extent, every member full."""
+    return isinstance(geometry, tuple) and geometry[2:] == (SCAN,)
 
 
 def value_of(node: Any):
@@ -124,6 +132,8 @@ class Grouping:
             return False      # scatters and pools write memory only
         if self.phase[group] != node.meta.get(PHASE):
             return False
+        if is_scan(self.geometry[group]):
+            return self.can_join_scan(node, group)
         if self.geometry[group] is not None:
             return self.can_join_reduction(node, group)
         if self.numel[group] != numel_of(node):
@@ -157,6 +167,40 @@ class Grouping:
                 return False
         return True
 
+    def can_join_scan(self, node: fx.Node, group: int) -> bool:
+        """A pointwise node of the scanned shape (the scan's epilogue, or a
+        value beside it), reading the group's values through registers."""
+        if tuple(value_of(node).shape) != self.geometry[group][0] \
+                or self.support.reads_by_index(node) or self.support.is_generator(node):
+            return False   # scan kernels index by (row, position), not by offset
+        return all(self.support.is_fill(arg) or self.register_source(arg, group) is not None
+                   or self.external_ok(arg, group) for arg in tensor_args(node))
+
+    def _convertible(self, group: int, shape: tuple) -> bool:
+        """A pointwise group whose every member has ``shape``, reads a tensor,
+        and is neither an indexed read nor a generator: one that can become a
+        reduction's or a scan's prologue."""
+        return self.geometry[group] is None and not any(
+            tuple(value_of(m).shape) != shape or not tensor_args(m)
+            or self.support.reads_by_index(m) or self.support.is_generator(m)
+            for m in self.groups[group] if not self.support.is_fill(m))
+
+    def place_scan(self, node: fx.Node) -> None:
+        """A cumsum/cumprod takes the pointwise group computing its input as its
+        prologue when that group can become a scan group (as a reduction takes
+        its prologue), else starts a group of its own; pointwise consumers of
+        the scanned shape join it later (its epilogue). One scan per group."""
+        source, dim = node.args[0], node.args[1] % max(1, value_of(node).dim())
+        shape = tuple(value_of(node).shape)
+        geometry, rows = (shape, (dim,), SCAN), value_of(node).numel() // max(1, shape[dim])
+        group = self.group_of.get(source)
+        if group is not None and self.phase[group] == node.meta.get(PHASE) \
+                and self._convertible(group, shape):
+            self.geometry[group], self.numel[group] = geometry, rows
+        else:
+            group = None
+        self.add(node, group, geometry, rows)
+
     def try_reduction(self, node: fx.Node) -> int | None:
         """The group a reduction joins (converting a pointwise group), if any."""
         source, dims, _ = self.support.describe_reduction(node)
@@ -167,10 +211,7 @@ class Grouping:
         full_shape = tuple(value_of(source).shape)
         geometry = (full_shape, tuple(dims))
         if self.geometry[group] is None:
-            members = self.groups[group]
-            if any(tuple(value_of(m).shape) != full_shape or not tensor_args(m)
-                   or self.support.reads_by_index(m) or self.support.is_generator(m)
-                   for m in members if not self.support.is_fill(m)):
+            if not self._convertible(group, full_shape):
                 return None   # a reshape or a generator inside: keep it pointwise
             self.geometry[group] = geometry
             self.numel[group] = numel_of(node) if not isinstance(value_of(node), tuple) \
@@ -248,8 +289,10 @@ class Grouping:
         if support.can_scatter(node):
             # one lane per element of the index (scatter) or values (index_put)
             self.add(node, None, "standalone", numel_of(node.args[2]))
-        elif support.can_pool(node) or support.can_scan(node):
+        elif support.can_pool(node):
             self.add(node, None, "standalone", None)
+        elif support.can_scan(node):
+            self.place_scan(node)
         elif support.can_reduce(node):
             source, dims, _ = support.describe_reduction(node)
             val = value_of(node)
