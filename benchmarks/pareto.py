@@ -12,9 +12,15 @@ For each model and budget, in a fresh process after two warm-up steps:
   forward report, summed);
 - recompute FLOPs beyond eager's (the reports' ``recompute.flops``);
 - predicted peak: the pass's graph-level estimate for the chosen plan
-  (``pareto.current.predicted_peak_bytes``, written while dumping; the
-  largest over the graphs), beside the measured step peak (``torch.profiler``
-  allocation events, ``measuring.profiled_peak``).
+  (the checkpoint stats' ``predicted_peak_bytes``; the largest over the
+  graphs), beside the measured step peak (``torch.profiler`` allocation
+  events, ``measuring.profiled_peak``);
+- the peak guard (``passes/planning/budget.py``): how many solver plans it
+  rejected for peaking above a looser budget's, and whether it held; and
+  the budget floor as a fraction.
+
+After the table, per model, whether the measured and the predicted peak
+stayed level or fell at each step of 1.0 -> 0.75 -> 0.5 -> 0.25.
 
 Models: transformers' GPT-2, LLaMA and BERT from ``tests/hf_zoo.py`` with
 library defaults (SDPA attention), and ``lm_wide``, a logits-dominated GPT-2
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import multiprocessing
 import sys
@@ -98,15 +105,26 @@ def measure(name: str, label: str, budget=None) -> dict:
     model.zero_grad(set_to_none=True)
     row["peak_bytes"] = profiled_peak(lambda: run().backward())
     if label == "retrograd":
-        reports = _reports(dump_dir)
-        current = [r["pareto"]["current"] for r in reports if r.get("pareto")]
-        row.update(
-            planned_saved_bytes=sum(r["memory"]["saved_activation_bytes"] or 0 for r in reports),
-            recompute_flops=sum(r["recompute"]["flops"] or 0 for r in reports),
-            predicted_peak_bytes=max((c["predicted_peak_bytes"] for c in current),
-                                     default=None),
-            graphs=len(reports))
+        row.update(_planned(_reports(dump_dir)))
     return row
+
+
+def _planned(reports: list[dict]) -> dict:
+    """What the checkpoint pass planned, over every graph: saved bytes,
+    recompute FLOPs, the largest predicted peak, the peak guard's rejections
+    and whether it held, the budget floor (largest fraction)."""
+    stats = [p["stats"] for r in reports for p in r["passes"] if p["name"] == "checkpoint"]
+    guards = [s["peak_guard"] for s in stats if s.get("peak_guard")]
+    floors = [s["budget_floor"] for s in stats if s.get("budget_floor")]
+    return {
+        "planned_saved_bytes": sum(r["memory"]["saved_activation_bytes"] or 0 for r in reports),
+        "recompute_flops": sum(r["recompute"]["flops"] or 0 for r in reports),
+        "predicted_peak_bytes": max((s["predicted_peak_bytes"] for s in stats
+                                     if s.get("predicted_peak_bytes") is not None), default=None),
+        "guard_rejected": sum(len(g["rejected"]) for g in guards) if guards else None,
+        "guard_monotone": all(g["monotone"] for g in guards) if guards else None,
+        "budget_floor_fraction": max((f["fraction"] for f in floors), default=None),
+        "graphs": len(reports)}
 
 
 def isolated(name: str, label: str, budget=None) -> dict:
@@ -128,23 +146,49 @@ def rows_for(name: str) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     """The Pareto table: budget -> saved bytes (measured, planned, ratio to
     default_partition's measured), recompute FLOPs, predicted and measured peak."""
-    lines = ["| model | memory_budget | saved bytes (measured) | x default_partition | "
-             "saved bytes (planned) | recompute FLOPs | predicted peak | measured peak |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    header = ("| model | memory_budget | saved bytes (measured) | x default_partition | "
+              "saved bytes (planned) | recompute FLOPs | predicted peak | measured peak | "
+              "guard rejected (held) |")
+    lines = [header,
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     base = {r["model"]: r for r in rows if r["compiler"] == "default_partition"}
     for r in rows:
         denominator = base[r["model"]]["saved_bytes"]
         if r["compiler"] == "default_partition":
             lines.append(f"| {r['model']} | default_partition | {r['saved_bytes']:,} | 1.00 | "
-                         f"| | | {r['peak_bytes']:,} |")
+                         f"| | | {r['peak_bytes']:,} | |")
             continue
         predicted = r["predicted_peak_bytes"]
         lines.append(
             f"| {r['model']} | {r['memory_budget']} | {r['saved_bytes']:,} | "
             f"{r['saved_bytes'] / denominator:.3f} | {r['planned_saved_bytes']:,} | "
             f"{r['recompute_flops']:,} | {'' if predicted is None else f'{predicted:,}'} | "
-            f"{r['peak_bytes']:,} |")
-    return "\n".join(lines)
+            f"{r['peak_bytes']:,} | {_guard(r)} |")
+    return "\n".join(lines + [""] + monotonicity(rows))
+
+
+def _guard(row: dict) -> str:
+    if row.get("guard_rejected") is None:
+        return ""
+    return f"{row['guard_rejected']} ({'yes' if row['guard_monotone'] else 'no'})"
+
+
+def monotonicity(rows: list[dict], budgets=(1.0, 0.75, 0.5, 0.25)) -> list[str]:
+    """Per model: does each peak stay level or fall along ``budgets``? Names
+    each step where it rose, and by how many bytes."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by_budget = {r["memory_budget"]: r for r in rows
+                     if r["model"] == model and r["compiler"] == "retrograd"}
+        steps = [(a, b) for a, b in itertools.pairwise(budgets) if a in by_budget and b in by_budget]
+        for key, label in (("peak_bytes", "measured"), ("predicted_peak_bytes", "predicted")):
+            rises = [f"{a} -> {b}: +{by_budget[b][key] - by_budget[a][key]:,}" for a, b in steps
+                     if None not in (by_budget[a][key], by_budget[b][key])
+                     and by_budget[b][key] > by_budget[a][key]]
+            verdict = "never rises" if not rises else "rises at " + ", ".join(rises)
+            lines.append(f"- {model}, {label} peak over {' -> '.join(map(str, budgets))}: "
+                         f"{verdict}")
+    return lines
 
 
 def main() -> int:

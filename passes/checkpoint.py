@@ -17,7 +17,12 @@ it does not stay alive longer than needed.
   products included, if the budget demands. Exact (ILP) on graphs with at most
   ``EXACT_LIMIT`` forward nodes, greedy above; the stats say which ran and
   whether the plan is proven optimal. A budget below what recomputing
-  everything allows gives that smallest plan and a warning with both numbers.
+  everything allows (the floor) gives that smallest plan and a warning
+  naming the floor in bytes and as a fraction (stats ``budget_floor``).
+  The predicted peak never rises as the budget tightens: a plan that would
+  peak above a looser budget's plan (or, below the default plan's bytes,
+  above the default plan) is rejected; the rule, what it guarantees and the
+  issue it answers (pytorch issue 197838) are in ``planning/budget.py``.
 - ``save`` / ``recompute`` options force ops or named values either way.
 - An input the program writes in place (``x.add_(1)`` in the forward) is
   read by the backward only through a copy taken in the forward, which is
@@ -42,7 +47,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-import warnings
 
 import torch
 import torch.fx as fx
@@ -50,7 +54,8 @@ from torch._functorch import partitioners
 
 from retrograd.ir import PassResult
 from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
-from retrograd.passes.planning import ledger, patterns, remat, remat_search
+from retrograd.passes.planning import budget as budget_plans
+from retrograd.passes.planning import ledger, patterns, remat
 
 __all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
 
@@ -219,32 +224,18 @@ def sink_recomputation(backward: fx.GraphModule, recomputed: set[str]) -> None:
     backward.recompile()
 
 
-def _plan(info, ctx, policy: Policy, save_all_bytes: float):
-    budget_fraction = ctx.options.memory_budget
-    if budget_fraction is None:
-        return remat.min_cut_plan(info, policy.cheap, policy.forced_recompute), None
-    budget = budget_fraction * save_all_bytes
-    plan = None
-    if len(info.forward) <= EXACT_LIMIT:
-        plan = remat.ilp_plan(info, budget, policy.any, policy.forced_recompute)
-    elif not math_isinf(budget):
-        plan = remat_search.greedy_plan(info, budget, policy.any, policy.forced_recompute)
-    if plan is None or remat.plan_bytes(info, plan.saved) > budget:
-        smallest = remat.min_cut_plan(info, policy.any, policy.forced_recompute)
-        smallest_bytes = remat.plan_bytes(info, smallest.saved)
-        if plan is None or smallest_bytes < remat.plan_bytes(info, plan.saved):
-            plan = smallest
-        if smallest_bytes > budget:
-            message = (f"retrograd: memory_budget={budget_fraction} asks for at most "
-                       f"{budget:.0f} saved bytes, but the smallest plan saves "
-                       f"{smallest_bytes:.0f} bytes; using that plan")
-            warnings.warn(message, stacklevel=2)
-            ctx.log.warning(message)
-    return plan, budget
-
-
-def math_isinf(value: float) -> bool:
-    return value == float("inf")
+def _plan(info, ctx, policy: Policy, save_all_bytes: float, graph: fx.Graph):
+    """(plan, budget bytes or None, guard stats): the min-cut without a
+    budget, else ``budget.plan_for_budget`` (solver, floor, peak guard)."""
+    fraction = ctx.options.memory_budget
+    if fraction is None:
+        plan = remat.min_cut_plan(info, policy.cheap, policy.forced_recompute)
+        return plan, None, {"predicted_peak_bytes": ledger.predicted_peak(
+            graph, info, plan.saved, plan.recomputed)}
+    exact = len(info.forward) <= EXACT_LIMIT
+    plan, stats = budget_plans.plan_for_budget(graph, info, fraction, save_all_bytes, policy,
+                                               exact, ctx.log)
+    return plan, fraction * save_all_bytes, stats
 
 
 def _honor_save(info, policy):
@@ -262,7 +253,7 @@ def run(joint: fx.GraphModule, ctx) -> PassResult:
     policy = Policy(ctx.options, ctx.op_support, protect_mutated_inputs(joint))
     info = _honor_save(remat.analyse(joint, count, free=_aliases_input), policy)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
-    plan, budget = _plan(info, ctx, policy, save_all_bytes)
+    plan, budget, guard = _plan(info, ctx, policy, save_all_bytes, joint.graph)
     saved = [n for n in joint.graph.nodes if n in plan.saved or n.op == "placeholder"
              and not n.name.startswith("tangents")]
     forward, backward = _extract(joint, saved, count)
@@ -275,6 +266,7 @@ def run(joint: fx.GraphModule, ctx) -> PassResult:
     forward_nodes = {n.name: n for n in forward.graph.nodes}
     activation_bytes = remat.storage_bytes(forward_nodes[n.name] for n in activations)
     stats = _stats(ctx, info, plan, budget, save_all_bytes, activations, recomputed)
+    stats.update(guard)
     stats.update(saved_activation_bytes=activation_bytes, saved_values=len(kept),
                  saved_input_bytes=_bytes(kept) - _bytes(activations))
     stats.update(_ledger(joint, ctx, info, policy, budget, save_all_bytes, activations,
@@ -346,7 +338,7 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     policy = Policy(ctx.options, ctx.op_support)
     info = _honor_save(remat.analyse(step, 1, free=_aliases_input, is_tangent=is_seed), policy)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)
-    plan, budget = _plan(info, ctx, policy, save_all_bytes)
+    plan, budget, guard = _plan(info, ctx, policy, save_all_bytes, graph)
     pareto = _pareto(step, ctx, info, policy, save_all_bytes, plan.saved, plan.recomputed)
     backward = remat.backward_nodes(graph, is_seed)
     copies: dict[fx.Node, fx.Node] = {}
@@ -380,6 +372,7 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
                    key=lambda n: n.name)
     recomputed = sorted(copies, key=lambda n: n.name)
     stats = _stats(ctx, info, plan, budget, save_all_bytes, saved, recomputed)
+    stats.update(guard)
     reason = lambda node, decision: policy.reason(node, decision, budget)  # noqa: E731
     stats.update(ledger=ledger.rows(saved, recomputed, lambda n: n, reason), pareto=pareto)
     return PassResult(step, stats)

@@ -12,10 +12,13 @@ predicted peak (``predicted_peak``), so a user can see what each
 the most bytes of activations and gradients alive at once when the joint
 graph runs in its order under a plan. A forward value lives from its node
 to its last forward reader; a saved one to the end of the backward; a
-recomputed one again from its first backward reader to its last (a
-recomputed reader counts at its own first backward reader); a backward value from its node to
-its last reader. Inputs, parameters, their views and tangents are left out,
-as in the saved bytes.
+recomputed one again from where it is recomputed to its last backward
+reader. Recomputation runs just before the first backward reader that needs
+it, a chain in its forward order, each value freed after its last reader
+(as ``sink_recomputation`` places it): a chain of ten recomputed values
+for one reader is not ten values alive at once. A backward value lives
+from its node to its last reader. Inputs, parameters, their views and
+tangents are left out, as in the saved bytes.
 """
 
 from __future__ import annotations
@@ -61,47 +64,63 @@ def rows(saved, recomputed, joint_node, reason) -> list[dict]:
     return table
 
 
-def _backward_span(info, forward: set, recomputed: set, order: dict) -> dict:
-    """(first, last) backward position at which each recomputed value is read,
-    directly or through recomputed readers, latest values first."""
-    span = {}
+#: the sub-slot of a node that is not recomputed: after every recomputation
+#: placed just before it
+_AFTER = 1 << 30
+
+
+def _recompute_slots(info, forward: set, recomputed: set, order: dict) -> dict:
+    """Where each recomputed value is evaluated: (position of its first
+    backward reader, its forward index), so a chain recomputed for one reader
+    runs in its forward order just before it, as ``sink_recomputation`` puts
+    it; latest values first, since a value's slot depends on its readers'."""
+    index = {node: i for i, node in enumerate(info.forward)}
+    slots = {}
     for node in reversed(info.forward):
         if node not in recomputed:
             continue
-        positions = [order[u] for u in node.users if u not in forward and u.op != "output"]
-        positions += [span[u][0] for u in node.users if u in span]   # freed once u is made
-        if positions:
-            span[node] = (min(positions), max(positions))
-    return span
+        firsts = [order[u] for u in node.users if u not in forward and u.op != "output"]
+        firsts += [slots[u][0] for u in node.users if u in slots]
+        if firsts:
+            slots[node] = (min(firsts), index[node])
+    return slots
+
+
+def _lives(graph: fx.Graph, info, saved, recomputed):
+    """(bytes, first slot, last slot) of every value the peak counts (module
+    docstring); a slot is (graph position, sub-slot)."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    forward, skip = set(info.forward), set(info.free) | set(info.primals)
+    slots = _recompute_slots(info, forward, set(recomputed), order)
+    end = (len(nodes), _AFTER)
+
+    def read_at(user):   # where a reader reads: its own slot if recomputed
+        return slots.get(user, (order[user], _AFTER))
+    for node in nodes:
+        if node.op != "call_function" or node in skip:
+            continue
+        size, here = _tensor_bytes(node), (order[node], _AFTER)
+        if node not in forward:
+            yield size, here, max((read_at(u) for u in node.users), default=here)
+            continue
+        forward_readers = [read_at(u) for u in node.users if u in forward or u.op == "output"]
+        forward_readers = [slot for slot in forward_readers if slot[1] == _AFTER]
+        yield size, here, end if node in saved else max(forward_readers, default=here)
+        if node in slots:
+            readers = [read_at(u) for u in node.users if u in slots or u not in forward]
+            yield size, slots[node], max(readers, default=slots[node])
 
 
 def predicted_peak(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) -> int:
     """Most bytes of activations and gradients alive at once (module docstring)."""
-    nodes = list(graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    end = len(nodes)
-    forward, recomputed = set(info.forward), set(recomputed)
-    skip = set(info.free) | set(info.primals)
-    change = [0] * (end + 2)
-
-    def live(size: int, first: int, last: int) -> None:
-        change[first] += size
-        change[last + 1] -= size
-
-    span = _backward_span(info, forward, recomputed, order)
-    for node in nodes:
-        if node.op != "call_function" or node in skip:
-            continue
-        size = _tensor_bytes(node)
-        readers = [order[u] for u in node.users]
-        if node in forward:
-            forward_readers = [order[u] for u in node.users if u in forward or u.op == "output"]
-            last = end if node in saved else max(forward_readers, default=order[node])
-            live(size, order[node], last)
-            if node in span:
-                live(size, *span[node])
-        else:
-            live(size, order[node], max(readers, default=order[node]))
+    lives = list(_lives(graph, info, set(saved), recomputed))
+    events = sorted({slot for _, first, last in lives for slot in (first, last)})
+    position = {slot: i for i, slot in enumerate(events)}
+    change = [0] * (len(events) + 1)
+    for size, first, last in lives:
+        change[position[first]] += size
+        change[position[last] + 1] -= size
     peak = current = 0
     for delta in change:
         current += delta
