@@ -8,7 +8,16 @@ gloo work; on GPUs each rank takes ``cuda:LOCAL_RANK`` and NCCL). Two faces:
   graph at DDP's bucket boundaries, so retrograd compiles one graph per bucket.
 - ``--face step``: ``retrograd.compile_step(DDP(model), loss_fn, optimizer)``.
   The whole step -- forward, backward, the gradient average (an all-reduce
-  inside the program) and the AdamW update -- is one program.
+  per DDP bucket inside the program, each issued as soon as its gradients
+  are final) and the AdamW update -- is one program.
+- ``--face group``: the same without the wrapper,
+  ``compile_step(model, loss_fn, optimizer, process_group=WORLD)``.
+
+``--bucket-cap-mb`` sets DDP's (or the step's) bucket size. The step faces
+print the report's communication figures (bytes, and the overlap predicted
+by the bandwidth model of docs/distributed.md); every face prints the mean
+step time after the first step (on several GPUs: NCCL against
+``torch.compile`` + DDP).
 
 Each rank trains on its own shard of a synthetic classification set; rank 0
 prints the loss averaged over ranks, and at the end every rank checks that
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -53,8 +63,9 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def train(args, device) -> nn.Module:
     model = make_model(args.width).to(device)
     options = {"executor": args.executor}
+    buckets = {"bucket_cap_mb": args.bucket_cap_mb} if args.bucket_cap_mb else {}
     if args.face == "compile":
-        ddp = DDP(torch.compile(model, backend="retrograd", options=options))
+        ddp = DDP(torch.compile(model, backend="retrograd", options=options), **buckets)
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
 
         def step(x, y):
@@ -63,16 +74,48 @@ def train(args, device) -> nn.Module:
             loss.backward()          # DDP all-reduces the gradients here
             optimizer.step()
             return loss.detach()
-    else:
-        ddp = DDP(model)
+    elif args.face == "step":
+        ddp = DDP(model, **buckets)
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
         step = retrograd.compile_step(ddp, loss_fn, optimizer, **options)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        step = retrograd.compile_step(model, loss_fn, optimizer, process_group=dist.group.WORLD,
+                                      **buckets, **options)
+    run(step, args, device)
+    if args.face != "compile" and dist.get_rank() == 0:
+        report_communication(step.reports["step"]["communication"])
+    return model
+
+
+def run(step, args, device) -> None:
+    """``args.steps`` steps; rank 0 prints the loss averaged over ranks and
+    the mean step time after the first (which compiles)."""
+    started = None
     for number in range(args.steps):
+        if number == 1:
+            started = time.perf_counter()
         loss = step(*shard(number, args.batch, device)).detach().clone()
-        dist.all_reduce(loss)
+        dist.all_reduce(loss)   # also keeps the ranks in step for the clock
         if dist.get_rank() == 0:
             print(f"step {number}: loss {loss.item() / dist.get_world_size():.4f}", flush=True)
-    return model
+    if started is not None and dist.get_rank() == 0:
+        seconds = (time.perf_counter() - started) / (args.steps - 1)
+        print(f"mean step time after the first: {seconds * 1e3:.2f} ms", flush=True)
+
+
+def report_communication(summary) -> None:
+    """The step program's collectives, as the report counts them."""
+    if summary is None:
+        print("the step program has no collectives")
+        return
+    print(f"{summary['count']} all-reduces, {summary['bytes']:,} bytes, "
+          f"{summary['wire_bytes']:,} sent per rank", flush=True)
+    if summary["overlap_fraction"] is not None:
+        print(f"predicted (bandwidth model, docs/distributed.md): "
+              f"{summary['overlapped_seconds'] * 1e6:.3f} of "
+              f"{summary['communication_seconds'] * 1e6:.3f} us of communication hidden "
+              f"behind {summary['compute_seconds'] * 1e6:.3f} us of compute", flush=True)
 
 
 def check_replicas(model: nn.Module) -> None:
@@ -86,7 +129,9 @@ def check_replicas(model: nn.Module) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--face", choices=["compile", "step"], default="compile")
+    parser.add_argument("--face", choices=["compile", "step", "group"], default="compile")
+    parser.add_argument("--bucket-cap-mb", type=float, default=None,
+                        help="DDP's bucket_cap_mb (the step's, with --face group)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=int, default=32)
