@@ -355,6 +355,8 @@ def refusals(_: str) -> None:
     step = retrograd.compile_step(wrapped, loss_fn, None, executor="fx")
     with wrapped.no_sync():
         refused(lambda: step(*batch(0)), "no_sync", "DDP(torch.compile")
+    refused(lambda: retrograd.compile_step(model, loss_fn, None, process_group="WORLD"),
+            "must be a torch.distributed.ProcessGroup", "str")
     late = DDP(copy.deepcopy(model))
     dist.destroy_process_group()
     refused(build(late), "no process group", "init_process_group")

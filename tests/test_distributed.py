@@ -148,6 +148,23 @@ def test_retrograd_compile_refuses_distributed_wrappers():
             retrograd.compile(torch.nn.Sequential(wrapper))
 
 
+def test_compile_step_process_group_options_are_checked():
+    """process_group= and bucket_cap_mb= misused end in clear errors before
+    any communication (no process group is initialised in this process)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def build(model, **options):
+        return lambda: retrograd.compile_step(model, lambda m, x: m(x).sum(), None, **options)
+
+    with pytest.raises(ValueError, match="bucket_cap_mb= needs process_group="):
+        build(torch.nn.Linear(2, 2), bucket_cap_mb=1)()
+    with pytest.raises(retrograd.UnsupportedError,
+                       match="process_group= was given but no process group is initialised"):
+        build(torch.nn.Linear(2, 2), process_group=object())()
+    with pytest.raises(retrograd.UnsupportedError, match="not wrapped in DDP.*DistributedData"):
+        build(_bare(DistributedDataParallel), process_group=object())()
+
+
 def _torchrun(example: str, *arguments: str) -> str:
     """``example`` under torchrun with two CPU processes; rank 0's output."""
     result = subprocess.run(
