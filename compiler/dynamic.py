@@ -52,6 +52,7 @@ from retrograd.report import SCHEMA
 from retrograd.runtime.device import choose_executor
 from retrograd import symbolic_partition
 from retrograd.symbolic_fusion import fuse_pointwise
+from retrograd.symbolic_checks import SymbolicDump, Verifier, plan_text
 from retrograd.symbolic_plan import ArenaRunner
 
 __all__ = ["ShapeGuards", "SizeHistory", "SymbolicCompiler", "abstract_key", "compile_symbolic",
@@ -181,9 +182,12 @@ class SymbolicCompiler:
     each half, runs of elementwise ops become size-generic Triton kernels
     (symbolic_fusion.py) and the rest stays torch calls; and its report."""
 
-    def __init__(self, what: str, dims: str, executor: str = "auto", options=None):
+    def __init__(self, what: str, dims: str, executor: str = "auto", options=None,
+                 module: torch.nn.Module | None = None):
         self.what, self.dims, self.executor = what, dims, executor
         self.options = options
+        self.verifier = Verifier(what, module) if getattr(options, "verify", False) else None
+        self.dump: SymbolicDump | None = None
         self.checkpoint: dict | None = None   # the checkpoint pass's stats, at the hints
         self.runners: dict[str, ArenaRunner | None] = {}   # per half; None: the fx graph runs
         self.reports: dict[str, dict] = {}
@@ -194,8 +198,10 @@ class SymbolicCompiler:
     def set_guards(self, text: str) -> None:
         """The shape guards of the trace, in the reports made and to come."""
         self.guards = text
-        for report in self.reports.values():
+        for name, report in self.reports.items():
             report["symbolic"]["guards"] = text
+            if self.dump is not None:
+                self.dump.report(name, report)
 
     def partition(self, joint: fx.GraphModule, joint_inputs, **kwargs):
         """retrograd's checkpoint plan, made at the size hints
@@ -204,14 +210,20 @@ class SymbolicCompiler:
         the user disabled checkpointing."""
         from retrograd.graph_compiler import _closed_over_grads
         self.closed_over_grads = _closed_over_grads(joint)
+        self.dump = SymbolicDump(getattr(self.options, "dump_dir", None), joint,
+                                 ["forward", "backward"])
         split = None
         if self.options is not None:
             split = symbolic_partition.partition(joint, kwargs["num_fwd_outputs"],
                                                  self.options, self.what)
         if split is None:
             self.checkpoint = None
-            return default_partition(joint, joint_inputs, **kwargs)
-        forward, backward, self.checkpoint = split
+            forward, backward = default_partition(joint, joint_inputs, **kwargs)
+        else:
+            forward, backward, self.checkpoint = split
+        self.dump.split(forward, backward)
+        if self.verifier is not None:
+            self.verifier.set_joint(joint, kwargs["num_fwd_outputs"])
         return forward, backward
 
     def half(self, name: str):
@@ -226,11 +238,26 @@ class SymbolicCompiler:
             log.info("retrograd: %s: symbolic %s program (%s): %d size-generic Triton kernels "
                      "+ %d torch calls", self.what, name, self.dims, kernels,
                      report["kernels"]["extern"])
+            self._dump(name, gm, report, runner)
             if runner is None:
-                return make_boxed_func(gm.forward)
+                runner = make_boxed_func(gm.forward)
             runner._boxed_call = True   # called with the list of inputs, which it may clear
-            return runner
+            if self.verifier is None:
+                return runner
+            if name == "backward":
+                tangents = sum(1 for n in gm.graph.nodes if n.op == "placeholder"
+                               and n.name.startswith("tangents"))
+                return self.verifier.backward(runner, tangents)
+            return self.verifier.forward(runner)
         return compile_half
+
+    def _dump(self, name: str, gm: fx.GraphModule, report: dict, runner) -> None:
+        """The half's files in the dump (a forward without a joint graph, when
+        no gradient is needed, gets a folder of its own)."""
+        if self.dump is None:
+            self.dump = SymbolicDump(getattr(self.options, "dump_dir", None), gm, [name])
+        report["graph_id"] = f"{self.dump.graph_id}-{name}"
+        self.dump.half(name, gm, report, plan_text(name, runner))
 
     def _report(self, name: str, gm: fx.GraphModule, captured: int, kernels: int,
                 executor: str) -> dict:
@@ -291,16 +318,13 @@ def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, d
     """``module`` traced by AOTAutograd on symbolic ``fakes``; returns
     (callable, compiler). Runs in the fake mode (and, under torch.compile, the
     tracing context) of ``fakes``, so the trace's shape guards land there.
-    ``verify`` and ``dump_dir`` (of ``options``) do not apply to it: logged."""
-    skipped = [name for name in ("verify", "dump_dir") if getattr(options, name, None)]
-    if skipped:
-        log.warning("retrograd: %s: %s not applied to the symbolic program (%s): it runs "
-                    "AOTAutograd's graphs as torch calls, with no program to check "
-                    "or dump", what, " and ".join(skipped), dims)
-    compiler = SymbolicCompiler(what, dims, getattr(options, "executor", "auto"), options)
+    ``verify`` and ``dump_dir`` (of ``options``): symbolic_checks.py."""
+    wrapped = _OutputsOwnMemory(module)
+    compiler = SymbolicCompiler(what, dims, getattr(options, "executor", "auto"), options,
+                                wrapped)
     with compiling():
         compiled = aot_module_simplified(
-            _OutputsOwnMemory(module), list(fakes),
+            wrapped, list(fakes),
             fw_compiler=compiler.half("forward"), bw_compiler=compiler.half("backward"),
             inference_compiler=compiler.half("forward"), partition_fn=compiler.partition)
     return compiled, compiler

@@ -28,15 +28,14 @@ from typing import Any
 import numpy
 import sympy
 import torch
-from torch import fx
-
 from retrograd.codegen.sized_pointwise import DTYPES, OPS, REDUCTIONS, kernel_source
 from retrograd.codegen.sized_reduction import reduction_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
 from retrograd.runtime.loader import load_module, write_source
+from torch import fx
 
-__all__ = ["fuse_pointwise"]
+__all__ = ["fuse_pointwise", "kernel_sources"]
 
 
 def _expr(size: Any):
@@ -169,6 +168,7 @@ def _launcher(name: str, source: str, outputs: list[bool], dtype: torch.dtype,
                 launch(block, count, *tensors, *results)
         return tuple(results)
     run.__name__ = run.__qualname__ = name
+    run.source = source
     return run
 
 
@@ -236,6 +236,7 @@ def _reduction_launcher(node: fx.Node, leading: bool, reduced: tuple[int, ...],
                 launch(block_kept, block_reduced, rows, columns, tensor, result)
         return result
     run.__name__ = run.__qualname__ = name
+    run.source = source
     return run
 
 
@@ -254,6 +255,13 @@ def _replace_reductions(gm: fx.GraphModule, interpreted: bool) -> int:
         gm.graph.erase_node(node)
         count += 1
     return count
+
+
+def kernel_sources(gm: fx.GraphModule) -> dict[str, str]:
+    """The size-generic kernels ``gm`` launches: file name -> source (the dump's
+    ``kernels/``)."""
+    return {node.target.__name__: node.target.source for node in gm.graph.nodes
+            if node.op == "call_function" and hasattr(node.target, "source")}
 
 
 def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, int]:

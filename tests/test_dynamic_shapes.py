@@ -227,15 +227,6 @@ def test_torch_compile_face_recompile_limit_runs_eagerly(fresh_dynamo, monkeypat
     assert max(len(graph.compilers) for graph in graphs) == 2
 
 
-def test_verify_and_dumps_say_they_skip_the_symbolic_program(tmp_path, caplog):
-    compiled = retrograd.compile(function, verify=True, dump_dir=str(tmp_path / "dumps"))
-    with caplog.at_level(logging.WARNING, logger="retrograd"):
-        for rows in (2, 3):
-            _check(compiled, function, rows)
-    assert any("verify and dump_dir not applied to the symbolic program" in r.getMessage()
-               for r in caplog.records)
-
-
 def test_fx_executor_leaves_the_symbolic_program_to_torch_calls():
     compiled = retrograd.compile(function, executor="fx")
     for rows in (2, 3, 4):
