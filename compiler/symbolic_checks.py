@@ -78,8 +78,8 @@ def plan_text(name: str, runner) -> str:
     if runner is None:
         return f"# {name}: executor='fx' runs the graph as it is: no arena\n"
     planner = runner.planner
-    lines = [f"# run-time memory plan of the symbolic {name}: values an arena may hold "
-             "(planned per call size on first sight)",
+    lines = [(f"# run-time memory plan of the symbolic {name}: values an arena may hold "
+              "(planned per call size on first sight)"),
              "# symbols: " + ", ".join(f"{symbol} = input {slot}" + (
                  f" dim {dim}" if dim is not None else "")
                  for symbol, slot, dim in planner.bindings),
