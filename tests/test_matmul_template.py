@@ -212,3 +212,66 @@ def test_a_damaged_tuning_record_is_a_miss(monkeypatch, tmp_path):
     path.write_text("# retrograd\n__import__('os').system('false')\n")
     assert tuning_cache.lookup("matmul_tuning", key) is None
     assert tuning_cache.lookup("matmul_tuning", {**key, "device": "other"}) is None
+
+
+def _padded(shape, strides, pad: int, fill: float):
+    """A view with ``shape`` and ``strides`` inside storage with ``pad``
+    elements of ``fill`` before and after it."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides))
+    storage = torch.full((pad + span + pad,), fill)
+    return storage, storage.as_strided(shape, strides, pad), span
+
+
+def test_template_reads_and_writes_nothing_out_of_bounds():
+    """Blocks of 16 over a 37 x 33 product (K 35) with a transposed weight:
+    inputs sit in NaN padding (a stray read would poison the product) and the
+    outputs in sentinel padding that must survive (the interpreter checks no
+    bounds, TRITON_ON_CPU.md)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from retrograd.codegen.matmul_template import generate_matmul
+    from retrograd.decompositions import decomposition_table
+    from retrograd.dump import Dumper
+    from retrograd.options import Options
+    from retrograd.passes import fusion, matmul_fusion
+    from retrograd.pipeline import PassContext
+    from retrograd.runtime.device import interpreter_mode
+    from retrograd.runtime.loader import load_module, write_source
+
+    def fn(x, w, b):
+        y = x @ w.t()
+        return torch.relu(y + b), y
+    x, w, b = _inputs((37, 35), (33, 35), (33,))
+    gm = make_fx(fn, tracing_mode="fake",
+                 decomposition_table=decomposition_table(full_table=True))(x, w, b)
+    ctx = PassContext(Options(matmul_templates=True), Dumper(None, []), OpSupport(), "unit")
+    program, _ = fusion.run(gm, ctx)
+    program, stats = matmul_fusion.run(program, ctx)
+    [kernel] = [k for k in program.kernels if k.family == "matmul"]
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+    source = generate_matmul(kernel, program.buffers, True, "unit", config)
+    module = load_module(write_source(kernel.name, source), interpreted=True)
+    values = dict(zip(program.inputs, (x, w, b)))
+    for view in program.kernels:
+        if view.kind == "view":   # the transposed weight
+            values[view.outputs[0]] = view.nodes[0].target(
+                values[view.nodes[0].args[0].name], *view.nodes[0].args[1:])
+    tensors, outputs = {}, {}
+    for name in kernel.inputs:
+        buffer = program.buffers[name]
+        _, tensors[name], _ = _padded(buffer.shape, buffer.strides, 64, float("nan"))
+        tensors[name].copy_(values[name])
+    for name in kernel.outputs:
+        buffer = program.buffers[name]
+        outputs[name] = _padded(buffer.shape, buffer.strides, 64, -12345.0)
+        tensors[name] = outputs[name][1]
+    with interpreter_mode(True):
+        module.launch(*(tensors[name] for name in kernel.inputs + kernel.outputs))
+    for name, (storage, view, span) in outputs.items():
+        assert bool((storage[:64] == -12345.0).all()), f"{name}: wrote before"
+        assert bool((storage[64 + span:] == -12345.0).all()), f"{name}: wrote past"
+    relu, product = fn(x, w, b)
+    got = [outputs[name][1] for name in kernel.outputs]
+    assert len(got) == 2   # the product is read outside: stored too
+    for value in got:
+        reference = product if bool((value < 0).any()) else relu
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-5)
