@@ -275,3 +275,23 @@ def test_template_reads_and_writes_nothing_out_of_bounds():
     for value in got:
         reference = product if bool((value < 0).any()) else relu
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("executor", ["torch", "fx"])
+def test_template_kernels_run_in_the_other_executors(executor):
+    """A template kernel's nodes (prologue, transposed operand, mm, an epilogue
+    read through a reshape of the product) evaluate as torch calls too."""
+    def fn(x, w1, b1, w2, r):
+        return (F.gelu(x @ w1.t() + b1) @ w2.t()).view(2, 3, 3) * 0.5 + r.view(2, 3, 3)
+    inputs = _inputs((6, 5), (7, 5), (7,), (3, 7), (6, 3))
+    mine = [t.clone().requires_grad_() for t in inputs]
+    wide = [t.double().requires_grad_() for t in inputs]
+    compiled = retrograd.compile(fn, executor=executor, matmul_templates=True)
+    out, ref = compiled(*mine), fn(*wide)
+    upstream = torch.randn(out.shape)
+    out.backward(upstream)
+    ref.backward(upstream.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(mine, wide):
+        torch.testing.assert_close(got.grad.double(), expected.grad, rtol=1e-5, atol=1e-5)
+    assert len(_templates(compiled, "forward")) == 2
