@@ -100,3 +100,36 @@ def test_verify_catches_a_wrong_symbolic_program(monkeypatch):
     y = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     unchecked(y).backward()   # wrong, silently: what verify is for
     assert not torch.allclose(y.grad, 2 * (2 * y.detach()).cos())
+
+
+def test_torch_compile_face_verifies_dumps_and_plans_its_symbolic_graph(fresh_dynamo,
+                                                                        monkeypatch, tmp_path):
+    import retrograd.backend
+    made = []
+    original = retrograd.backend.SymbolicGraph.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(retrograd.backend.SymbolicGraph, "__init__", init)
+    torch.manual_seed(0)
+    model = Attention().double()
+    reference = copy.deepcopy(model)
+    root = tmp_path / "dumps"
+    compiled = torch.compile(model, backend="retrograd",
+                             options={"verify": True, "dump_dir": str(root)})
+    for length in (3, 5, 7, 11):
+        x = torch.randn(2, length, 8, dtype=torch.float64)
+        model.zero_grad()
+        reference.zero_grad()
+        compiled(x).backward()
+        reference(x).backward()
+        for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+            assert_close(a.grad, b.grad, torch.float64, what=name)
+    assert len(made) == 1
+    compiler = made[0].compiler
+    assert compiler.checkpoint is not None and compiler.runners["forward"] is not None
+    assert compiler.verifier.checked == 3   # lengths 5, 7 and 11
+    assert compiler.runners["forward"].last_plan is not None
+    folders = [p.name for p in root.iterdir() if p.name.startswith("s")]
+    assert len(folders) == 2, folders
