@@ -52,6 +52,7 @@ from retrograd.options import Options
 from retrograd.graph_compiler import GraphCompiler
 from retrograd.provenance import recording
 from retrograd.recompiles import ProgramBound
+from retrograd.step_dynamic import DynamicSteps
 
 __all__ = ["compile_step", "Step", "SUPPORTED_OPTIMIZERS"]
 
@@ -101,13 +102,15 @@ class Step:
         self._fresh: tuple[tuple, torch.Tensor] | None = None
         if self.replicas is not None:
             check_same_parameters(model, self.replicas)
+        # a batch size that varies: one symbolic program after the second (step_dynamic.py)
+        self.dynamic = DynamicSteps(options, f"the training step of {type(model).__name__}")
 
     @property
     def reports(self) -> dict[str, dict]:
         """The report of the last signature's program (``{"step": report}``)."""
         with self.lock:
             entry = self.entries.get(self.last) if self.last else None
-        return entry[1].reports if entry is not None else {}
+        return entry[1].reports if entry is not None else self.dynamic.reports
 
     # -- state in torch's own format ----------------------------------------------
     def _groups(self, parameters) -> tuple[int, ...]:
@@ -257,7 +260,14 @@ class Step:
         seed = torch.ones((), dtype=torch.float32, device=device)
         inputs = [detached, buffers, state, hyper, fresh, leaves, seed]
         key = shape + (clock_of,) + signature(state + hyper + fresh)
-        executable = self._program(key, inputs, loss_of, used, groups, clock_of)
+        executable = self._use(key)   # a size with its own program keeps it
+        if executable is None:
+            executable = self.dynamic.program(
+                key, len(parameters) + len(buffers), leaves, inputs,
+                lambda: self._function(loss_of, used, groups, clock_of))
+            self.last = None if executable is not None else self.last
+        if executable is None:
+            executable = self._program(key, inputs, loss_of, used, groups, clock_of)
         with torch.no_grad():   # the program computes its own gradients
             flat = [v.detach() if isinstance(v, torch.Tensor) else v
                     for v in pytree.tree_flatten(inputs)[0]]

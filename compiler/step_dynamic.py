@@ -1,0 +1,186 @@
+"""compile_step with dynamic sizes: after a batch dimension's second size,
+one symbolic step program serves every later size.
+
+As the other faces do (dynamic.py): ``SizeHistory`` remembers, per family
+of batches (the step's signature with the batch's sizes left out), the sizes
+each dimension of each contiguous batch tensor took; once one has taken two
+(``dynamic=None``; from the first call with ``dynamic=True``, never with
+``False``), the step is traced once more with those dimensions symbols of a
+fresh ``ShapeEnv`` (``make_fx`` on fake inputs of that env, the rest of the
+step's inputs static), kept under the signature with those sizes left out,
+and run by every later call whose sizes pass the trace's shape guards (a
+call they refuse compiles its own static program, as before).
+
+What the symbolic step runs: the traced step graph (forward, backward,
+optimizer update in one graph) with fx's dead-code elimination, its
+elementwise runs as size-generic kernels (symbolic_fusion.py, the Triton
+executors), in arenas sized at each call from its sizes
+(symbolic_plan.py). Not run on it: the step's own passes (the checkpoint
+pass's ``rematerialize`` inserts recomputation copies that are not yet
+replayed on a symbolic graph; the backward keeps what the traced graph
+reads, as eager does), in-place updates of parameters and state (written
+back by the step as for any program that did not write them), ``verify``
+and ``dump_dir`` (a warning says so). Its report says all that
+(``symbolic``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from time import perf_counter
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from functorch.compile import make_boxed_func
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.func import functionalize
+
+from retrograd.decompositions import decomposition_table, traced_right
+from retrograd.dynamic import (ShapeGuards, SizeHistory, abstract_key, describe_dims,
+                               every_dim, family, symbolic_inputs)
+from retrograd.locking import compiling
+from retrograd.provenance import recording
+from retrograd.report import SCHEMA
+from retrograd.runtime.device import choose_executor
+from retrograd.symbolic_fusion import fuse_pointwise
+from retrograd.symbolic_plan import ArenaRunner
+
+__all__ = ["DynamicSteps"]
+
+log = logging.getLogger("retrograd")
+
+
+class _Program:
+    """One symbolic step program: its executable, guards and report."""
+
+    def __init__(self, executable, guards: ShapeGuards, report: dict, runner):
+        self.executable, self.guards, self.report, self.runner = (executable, guards, report,
+                                                                  runner)
+
+
+class DynamicSteps:
+    """A step's symbolic programs, one per family of batch sizes."""
+
+    def __init__(self, options, what: str):
+        self.options, self.what = options, what
+        self.sizes = SizeHistory()
+        self.programs: dict[tuple, list[_Program]] = {}
+        self.failed: dict[tuple, str] = {}   # families whose symbolic trace failed: why
+        self.last: _Program | None = None
+        self.compiles = 0
+
+    @property
+    def reports(self) -> dict[str, dict]:
+        return {"step": self.last.report} if self.last is not None else {}
+
+    def program(self, key: tuple, offset: int, leaves: Sequence[Any], inputs: list,
+                function: Callable[[], Callable]):
+        """The executable for this call, or None (the static path compiles it).
+
+        ``key`` is the step's static key, whose entries ``offset`` on are the
+        batch's ``leaves``; ``inputs`` the step's inputs; ``function()`` the
+        step function to trace."""
+        dims = self._dims(leaves)
+        if not dims or family(leaves) in self.failed:
+            return None
+        batch = abstract_key(leaves, dims)
+        abstract = key[:offset] + batch[:len(leaves)] + key[offset + len(leaves):]
+        flat = pytree.tree_flatten(inputs)[0]
+        for kept in self.programs.get(abstract, ()):
+            if kept.guards.hold([v for v in flat if isinstance(v, torch.Tensor)]):
+                self.last = kept
+                return kept.executable
+        made = self._compile(inputs, flat, offset, leaves, dims, function)
+        if made is None:
+            return None
+        self.programs.setdefault(abstract, []).append(made)
+        self.last = made
+        return made.executable
+
+    def _dims(self, leaves: Sequence[Any]) -> frozenset:
+        dynamic = getattr(self.options, "dynamic", None)
+        if dynamic is False:
+            return frozenset()
+        seen = self.sizes.observe(leaves)
+        return every_dim(leaves) if dynamic else seen
+
+    def _compile(self, inputs, flat, offset, leaves, dims, function):
+        """Trace the step with ``dims`` of the batch symbolic; None (and this
+        family static from now on, with a warning) if that trace fails."""
+        shown = describe_dims(dims).replace("input", "batch input")
+        log.info("retrograd.compile_step: compiling %s again: %s took another size: tracing "
+                 "with %s symbolic", self.what, shown, "it" if len(dims) == 1 else "them")
+        started = perf_counter()
+        try:
+            with compiling():
+                gm, guards = _trace(function(), inputs, flat, leaves, dims)
+        except Exception as error:   # noqa: BLE001 - the static path handles it, or says why
+            why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            self.failed[family(leaves)] = why
+            log.warning("retrograd.compile_step: %s could not be traced with %s symbolic (%s); "
+                        "each size is compiled as its own static program", self.what, shown,
+                        why)
+            return None
+        self.compiles += 1
+        _warn_skipped(self.options, self.what)
+        executor = choose_executor(getattr(self.options, "executor", "auto"), _device(flat))
+        gm, kernels = fuse_pointwise(gm, "fx" if executor == "torch" else executor)
+        runner = None if executor == "fx" else ArenaRunner(gm)
+        executable = make_boxed_func(gm.forward) if runner is None else runner
+        executable._boxed_call = True
+        report = _report(gm, kernels, executor, shown, guards.text(), perf_counter() - started)
+        return _Program(executable, guards, report, runner)
+
+
+def _trace(step: Callable, inputs: list, flat: list, leaves: Sequence[Any], dims: frozenset):
+    """(graph, shape guards) of ``step`` traced on fakes whose batch ``dims``
+    are symbols; every other input is a static fake of the same mode."""
+    start = len(flat) - len(leaves) - 1   # the batch leaves, then the seed
+    slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    fakes, env = symbolic_inputs(list(leaves), slots, dims)
+    mode = fakes[0].fake_mode if fakes else None
+    by_position = dict(zip(slots, fakes))
+    faked = []
+    for position, value in enumerate(flat):
+        if start <= position < start + len(leaves) and position - start in by_position:
+            faked.append(by_position[position - start])
+        elif isinstance(value, torch.Tensor):
+            faked.append(mode.from_tensor(value, static_shapes=True))
+        else:
+            faked.append(value)
+    fake_inputs = pytree.tree_unflatten(faked, pytree.tree_flatten(inputs)[1])
+    with mode, traced_right():
+        gm = make_fx(functionalize(recording(step)), decomposition_table=decomposition_table(),
+                     tracing_mode="real")(*fake_inputs)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, ShapeGuards(env, [v for v in faked if isinstance(v, torch.Tensor)])
+
+
+def _warn_skipped(options, what: str) -> None:
+    skipped = [name for name in ("verify", "dump_dir") if getattr(options, name, None)]
+    if skipped:
+        log.warning("retrograd.compile_step: %s: %s not applied to the symbolic step program "
+                    "(step_dynamic.py)", what, " and ".join(skipped))
+
+
+def _device(flat: list) -> torch.device:
+    return next((v.device for v in flat if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
+def _report(gm, kernels: int, executor: str, dims: str, guards: str, seconds: float) -> dict:
+    """The symbolic step's report: what was counted, null for what no pass made."""
+    calls = sum(1 for node in gm.graph.nodes if node.op == "call_function")
+    return {"schema": SCHEMA, "graph": "step", "graph_id": None,
+            "nodes": {"captured": None, "final": len(gm.graph.nodes)}, "passes": [],
+            "kernels": {"triton": kernels, "extern": calls - kernels},
+            "memory": {"saved_activation_bytes": None, "arena_bytes": None,
+                       "live_lower_bound_bytes": None, "unplanned_bytes": None},
+            "ledger": [], "compile_seconds": round(seconds, 4),
+            "symbolic": {"dims": dims, "guards": guards, "executor": executor,
+                         "checkpoint": None,
+                         "why": "the traced step graph with size-generic kernels and arenas "
+                                "sized per call; the step's passes (rematerialize, in-place "
+                                "updates) need concrete sizes"}}
