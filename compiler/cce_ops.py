@@ -66,7 +66,7 @@ def _config(hidden, weight, bias, logits_dtype, interpreted: bool) -> dict:
     """Blocks: under the interpreter few, large ones; on a GPU the autotune's
     recorded winner, else the first candidate."""
     if interpreted:
-        fit = lambda size: max(16, min(64, next_power_of_two(size)))  # noqa: E731
+        fit = lambda size: max(16, min(64, next_power_of_two(size)))
         return {"BLOCK_R": fit(hidden.shape[0]), "BLOCK_V": fit(weight.shape[0]),
                 "BLOCK_D": fit(weight.shape[1])}
     record = tuning_cache.lookup(KIND, _key(hidden, weight, bias, logits_dtype))
@@ -231,8 +231,8 @@ def autotune(rows, vocab, width, dtype, logits_dtype, has_bias, device, chunk_ro
         if time.perf_counter() - started > budget:
             stopped = f"time cap {budget}s reached after {len(tried)} configs"
             break
-        tried.append({"config": dict(config), "ms": round(float(timer(lambda: fused(config))),
-                                                           6)})
+        milliseconds = timer(lambda config=config: fused(config))
+        tried.append({"config": dict(config), "ms": round(float(milliseconds), 6)})
     best = min(tried, key=lambda entry: entry["ms"], default=None)
     use = best is not None and best["ms"] < chunked_ms
     record = {"kernel": "cce" if use else "chunked", "chunked_ms": round(chunked_ms, 6),

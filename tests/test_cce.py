@@ -10,8 +10,6 @@ gradient, a soft cap, a z-loss gradient, class weights, frozen weight).
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -92,7 +90,7 @@ def test_cce_ops_match_the_chunked_ops_in_float64(rows, vocab, width, bias, soft
 
 
 def test_frozen_weight_gets_no_gradient_and_hidden_is_right():
-    hidden, weight, b, target = _case(11, 21, 6, False)
+    hidden, weight, _, target = _case(11, 21, 6, False)
     _, lse, _ = loss_ops.linear_cross_entropy(hidden, weight, None, target, None, 1, -100,
                                               torch.float64, 4, 0.0)
     one = torch.tensor(1.0, dtype=torch.float64)

@@ -245,7 +245,7 @@ def test_template_reads_and_writes_nothing_out_of_bounds():
                  decomposition_table=decomposition_table(full_table=True))(x, w, b)
     ctx = PassContext(Options(matmul_templates=True), Dumper(None, []), OpSupport(), "unit")
     program, _ = fusion.run(gm, ctx)
-    program, stats = matmul_fusion.run(program, ctx)
+    program, _ = matmul_fusion.run(program, ctx)
     [kernel] = [k for k in program.kernels if k.family == "matmul"]
     config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
     source = generate_matmul(kernel, program.buffers, True, "unit", config)
