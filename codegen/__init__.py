@@ -27,8 +27,13 @@ def lowered_ops() -> dict[str, list[str]]:
     return {family: sorted(str(op) for op in table) for family, table in families.items()}
 
 
-def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str], str]:
-    """Source of every Triton kernel (by kernel name) and of ``program.py``."""
+def generate_sources(program: Program, interpreted: bool,
+                     configure=None) -> tuple[dict[str, str], str]:
+    """Source of every Triton kernel (by kernel name) and of ``program.py``.
+
+    ``configure(kernel, program, family, default)``, if given, may replace
+    the rule's block of a pointwise kernel (an int) or an unsplit reduction
+    ((ROWS, RBLOCK)): the autotune hook (compiler/kernel_tuning.py)."""
     kernels = {}
     for kernel in program.kernels_of(Kind.TRITON):   # the generator by fusion's family
         if kernel.family == Family.MATMUL:
@@ -52,10 +57,14 @@ def generate_sources(program: Program, interpreted: bool) -> tuple[dict[str, str
                 kernel.source = generate_split_reduction(kernel, program.buffers, rows, r_block,
                                                          split, program.name)
             else:
+                if configure is not None:
+                    rows, r_block = configure(kernel, program, "reduction", (rows, r_block))
                 kernel.source = generate_reduction(kernel, program.buffers, rows, r_block,
                                                    program.name)
         else:
             block = choose_block(kernel.numel, interpreted)
+            if configure is not None:
+                block = configure(kernel, program, "pointwise", block)
             kernel.source = generate_pointwise(kernel, program.buffers, block, program.name)
         kernels[kernel.name] = kernel.source
     return kernels, generate_program(program)
