@@ -78,6 +78,13 @@ class Options:
             captured safely (tensors on the CPU, a host sync, a dynamic
             size, host offload) runs without, and the report says why;
             True also warns then.
+        autotune: None (the default: on CUDA), True or False: time a few
+            block sizes of each pointwise and unsplit reduction kernel and
+            keep the fastest that computes what the rule's block does,
+            bounded in time, cached on disk per kernel and device, reported
+            in the codegen pass's stats (compiler/kernel_tuning.py). True
+            forces it under the interpreter too (a test of the mechanism:
+            its times mean nothing).
         matmul_templates: None (automatic): on CUDA each matmul with a fused
             pointwise prologue/epilogue runs as a Triton template where a
             bounded autotune, cached on disk, finds it faster than the extern
@@ -90,7 +97,8 @@ class Options:
         >>> Options.from_mapping({"executor": "fx", "disable": ["cleanup"]})
         Options(memory_budget=None, dump_dir=None, executor='fx', disable=('cleanup',), \
 verify=False, save=(), recompute=(), offload=(), data_dependent='split', max_programs=16, \
-dynamic=None, recompile_limit=None, matmul_templates=None, cudagraphs=None)
+dynamic=None, recompile_limit=None, matmul_templates=None, cudagraphs=None, \
+autotune=None)
     """
 
     memory_budget: float | None = None
@@ -107,6 +115,7 @@ dynamic=None, recompile_limit=None, matmul_templates=None, cudagraphs=None)
     recompile_limit: int | None = None
     matmul_templates: bool | None = None
     cudagraphs: bool | None = None
+    autotune: bool | None = None
 
     @classmethod
     def known(cls) -> list[str]:
@@ -161,6 +170,9 @@ dynamic=None, recompile_limit=None, matmul_templates=None, cudagraphs=None)
         if not isinstance(self.cudagraphs, (bool, type(None))):
             raise ValueError(f"retrograd: option cudagraphs={self.cudagraphs!r} must be None "
                              f"(on for CUDA programs), True or False")
+        if not isinstance(self.autotune, (bool, type(None))):
+            raise ValueError(f"retrograd: option autotune={self.autotune!r} must be None "
+                             f"(on CUDA), True or False")
         if not isinstance(self.verify, bool):
             raise ValueError(f"retrograd: option verify={self.verify!r} must be True or False")
         for name in ("save", "recompute", "offload"):

@@ -15,7 +15,7 @@ from retrograd.pipeline import PIPELINE, pass_names
 
 KNOWN = ["memory_budget", "dump_dir", "executor", "disable", "verify", "save", "recompute", "offload",
          "data_dependent", "max_programs", "dynamic", "recompile_limit", "matmul_templates",
-         "cudagraphs"]
+         "cudagraphs", "autotune"]
 
 
 def test_known_options():
