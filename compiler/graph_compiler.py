@@ -27,6 +27,7 @@ from retrograd.codegen.torch_program import generate_torch_program
 from retrograd.codegen.wrapper import generate_program
 from retrograd.dump import Dumper, count_nodes, memory_plan_text, subject_text
 from retrograd.ir import Program
+from retrograd.kernel_tuning import Tuner
 from retrograd.options import Options
 from retrograd.passes import layout
 from retrograd.pipeline import OpSupport, PassContext, PassSpec, Stage, passes_for, run_pass
@@ -270,6 +271,7 @@ class GraphCompiler:
 
     def _generate(self, program: Program, example_inputs, records: list[PassRecord]):
         start = perf_counter()
+        tuner = None   # block sizes are tuned for generated kernels only
         executor = choose_executor(self.options.executor, device_of(example_inputs))
         if executor == "fx":
             kernels, wrapper = {}, generate_program(program)
@@ -279,7 +281,9 @@ class GraphCompiler:
             executable = TorchProgramExecutable(program, wrapper)
         else:
             interpreted = executor == "interpret"
-            kernels, wrapper = generate_sources(program, interpreted)
+            tuner = Tuner(self.options.autotune, device_of(example_inputs), interpreted)
+            kernels, wrapper = generate_sources(program, interpreted,
+                                                tuner.configure if tuner.enabled else None)
             executable = GeneratedExecutable(program, wrapper, kernels, interpreted)
         executable, graphs = with_cudagraphs(executable, program, self.options.cudagraphs,
                                              example_inputs, executor)
@@ -287,7 +291,8 @@ class GraphCompiler:
                                   count_nodes(program), count_nodes(program),
                                   {"executor": executor, "kernel_sources": len(kernels),
                                    "source_lines": sum(s.count("\n") for s in kernels.values()),
-                                   "cudagraphs": graphs}))
+                                   "cudagraphs": graphs,
+                                   "autotune": tuner.summary() if tuner else None}))
         return executable, kernels, wrapper
 
     def _log(self, report: dict, dumper: Dumper) -> None:
