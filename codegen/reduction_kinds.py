@@ -1,7 +1,8 @@
 """What each reduction kind is and the code it adds to a reduction loop.
 
 ``REDUCTIONS`` maps an aten reduction to its kind (sum, mean, prod, max,
-min, argmax, argmin, any, all, var, var_mean); ``describe_reduction`` and
+min, argmax, argmin, max_dim and min_dim (values and indices, as argmax
+finds them), any, all, var, var_mean); ``describe_reduction`` and
 ``can_reduce`` say what a node reduces and whether codegen emits it. The
 kernel writer (``reduction.py``) walks the reduced extent in loops and asks
 this module for each kind's three pieces: the accumulator and its identity
@@ -18,8 +19,8 @@ import torch
 
 from retrograd.codegen import ops
 
-__all__ = ["REDUCTIONS", "REDUCE_HELPERS", "describe_reduction", "can_reduce", "initialise",
-           "accumulate", "finish", "accumulator_dtype"]
+__all__ = ["REDUCTIONS", "REDUCE_HELPERS", "PARTS", "describe_reduction", "can_reduce",
+           "initialise", "accumulate", "finish", "accumulator_dtype"]
 
 aten = torch.ops.aten
 
@@ -34,7 +35,15 @@ REDUCTIONS = {
     aten.any.dims: ("any", 1), aten.any.dim: ("any", 1), aten.any.default: ("any", None),
     aten.all.dims: ("all", 1), aten.all.dim: ("all", 1), aten.all.default: ("all", None),
     aten.var_mean.correction: ("var_mean", 1), aten.var.correction: ("var", 1),
+    aten.max.dim: ("max_dim", 1), aten.min.dim: ("min_dim", 1),
 }
+
+#: Kinds whose value is a tuple: the variable each ``getitem`` reads, by index.
+PARTS = {"var_mean": ("var", "mean"), "max_dim": ("values", "indices"),
+         "min_dim": ("values", "indices")}
+
+#: Kinds that find the position of the best element, and which way is better.
+_ARG_KINDS = {"argmax": ">", "argmin": "<", "max_dim": ">", "min_dim": "<"}
 
 REDUCE_HELPERS = {
     "_mul": '''
@@ -108,8 +117,8 @@ def accumulate(writer, node) -> None:
         helper = "_maximum" if kind == "any" else "_minimum"
         writer.emit(f"{acc} = {helper}({acc}, tl.where(mask, ({value} != 0).to(tl.int32), "
                   f"{acc}))")
-    elif kind in ("argmax", "argmin"):
-        better = ">" if kind == "argmax" else "<"
+    elif kind in _ARG_KINDS:
+        better = _ARG_KINDS[kind]
         writer.emit(f"take = mask & (({value} {better} {acc}) | (({value} != {value}) "
                   f"& ({acc} == {acc})))")
         writer.emit(f"{acc} = tl.where(take, {value}, {acc})")
@@ -133,25 +142,48 @@ def initialise(writer, node) -> None:
             writer.emit(f"{node.name}_{part} = tl.full({shape}, 0, {tl_dtype})")
         return
     identity = {"sum": 0, "mean": 0, "prod": 1, "any": 0, "all": 1}.get(kind)
-    if kind in ("max", "argmax"):
+    if kind in ("max", "argmax", "max_dim"):
         identity = 'float("-inf")' if dtype.is_floating_point else str(
             torch.iinfo(dtype).min if dtype != torch.bool else 0)
-    elif kind in ("min", "argmin"):
+    elif kind in ("min", "argmin", "min_dim"):
         identity = 'float("inf")' if dtype.is_floating_point else str(
             torch.iinfo(dtype).max if dtype != torch.bool else 1)
     if kind in ("any", "all"):
         tl_dtype = "tl.int32"
     writer.emit(f"{node.name}_acc = tl.full({shape}, {identity}, {tl_dtype})")
-    if kind in ("argmax", "argmin"):
+    if kind in _ARG_KINDS:
         writer.emit(f"{node.name}_index = tl.full({shape}, 0, tl.int64)")
 
 def accumulator_dtype(node) -> torch.dtype:
     source, _, kind = describe_reduction(node)
-    if kind in ("argmax", "argmin", "max", "min"):
+    if kind in ("max", "min") or kind in _ARG_KINDS:
         return ops.compute_dtype(source.meta["val"].dtype)
     out = node.meta["val"]
     out = out[0] if isinstance(out, (tuple, list)) else out
     return ops.compute_dtype(out.dtype)
+
+def _finish_arg(writer, node, kind: str) -> None:
+    """argmax/argmin: the first index of the best lane value (a NaN is best);
+    max_dim/min_dim also that value, as ``{name}_values`` and ``{name}_indices``."""
+    name, acc = node.name, f"{node.name}_acc"
+    dtype = accumulator_dtype(node)
+    combine = MAX if _ARG_KINDS[kind] == ">" else MIN
+    writer.emit(f"{name}_best = tl.reduce({acc}, 1, {combine}, keep_dims=True)")
+    hit = f"({acc} == {name}_best)"
+    if dtype.is_floating_point:
+        writer.emit(f"{name}_nans = tl.reduce(({acc} != {acc}).to(tl.int32), 1, {SUM}, "
+                    f"keep_dims=True)")
+        hit = f"tl.where({name}_nans > 0, {acc} != {acc}, {hit})"
+    # the smallest index among lanes holding the winner: torch's first occurrence
+    writer.emit(f"{name} = tl.reduce(tl.where({hit}, {name}_index, {2 ** 62}), 1, {MIN}, "
+                f"keep_dims=True)")
+    if kind in PARTS:
+        best = f'tl.where({name}_nans > 0, float("nan"), {name}_best)' \
+            if dtype.is_floating_point else f"{name}_best"
+        writer.emit(f"{name}_values = {best}")
+        writer.emit(f"{name}_indices = {name}")
+        writer.dtypes[f"{name}_values"], writer.dtypes[f"{name}_indices"] = dtype, torch.int64
+
 
 def finish(writer, node) -> None:
     """After the loop: combine the lanes into one value per row."""
@@ -173,17 +205,8 @@ def finish(writer, node) -> None:
             writer.emit(f"{name}_nans = tl.reduce(({acc} != {acc}).to(tl.int32), 1, {SUM}, "
                       f"keep_dims=True)")
             writer.emit(f'{name} = tl.where({name}_nans > 0, float("nan"), {name})')
-    elif kind in ("argmax", "argmin"):
-        combine = MAX if kind == "argmax" else MIN
-        writer.emit(f"{name}_best = tl.reduce({acc}, 1, {combine}, keep_dims=True)")
-        hit = f"({acc} == {name}_best)"
-        if accumulator_dtype(node).is_floating_point:
-            writer.emit(f"{name}_nans = tl.reduce(({acc} != {acc}).to(tl.int32), 1, {SUM}, "
-                      f"keep_dims=True)")
-            hit = f"tl.where({name}_nans > 0, {acc} != {acc}, {hit})"
-        # the smallest index among lanes holding the winner: torch's first occurrence
-        writer.emit(f"{name} = tl.reduce(tl.where({hit}, {name}_index, {2 ** 62}), 1, {MIN}, "
-                  f"keep_dims=True)")
+    elif kind in _ARG_KINDS:
+        _finish_arg(writer, node, kind)
     else:
         correction = node.kwargs.get("correction")
         correction = 1 if correction is None else correction

@@ -39,7 +39,7 @@ from retrograd.codegen.reduction_kinds import (
     describe_reduction,
 )
 from retrograd.codegen.reduction_writer import ReductionWriter, levels, row_nodes_at, walk
-from retrograd.ir import Buffer, Kernel
+from retrograd.ir import Buffer, Family, Kernel
 
 __all__ = ["SPLIT_KINDS", "generate_split_reduction", "scratch_buffers", "splittable"]
 
@@ -125,8 +125,8 @@ def scratch_buffers(kernel: Kernel, interpreted: bool) -> list[Buffer]:
     """The partials a split of ``kernel`` needs (none when it is not split):
     ``reduction.choose_split`` by shape, ``splittable`` by what it computes.
     The memory plan asks before codegen runs; codegen then splits as planned."""
-    if not kernel.is_reduction or kernel.scratch:
-        return []
+    if kernel.family != Family.REDUCTION or kernel.scratch:
+        return []   # scans see rows x extent too, but never split
     inner = len(kernel.full_shape) - 1 in kernel.reduced_dims
     rows, r_block = reduction.choose_reduction_blocks(kernel.numel, kernel.extent,
                                                       interpreted, inner)

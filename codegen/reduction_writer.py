@@ -24,7 +24,7 @@ from retrograd.codegen import online_softmax, ops
 from retrograd.codegen import reduction_kinds as kinds
 from retrograd.codegen.common import mentions
 from retrograd.codegen.layout import contiguous_strides
-from retrograd.codegen.reduction_kinds import REDUCTIONS
+from retrograd.codegen.reduction_kinds import REDUCTIONS, describe_reduction
 from retrograd.ir import Buffer, Kernel
 
 __all__ = ["ReductionWriter", "full_ancestors", "levels", "row_nodes_at", "walk"]
@@ -175,7 +175,7 @@ class ReductionWriter:
 
     def getitem(self, node) -> None:
         source, index = node.args
-        part = ("var", "mean")[index]
+        part = kinds.PARTS[describe_reduction(source)[2]][index]
         self.emit(f"{node.name} = {source.name}_{part}")
         self.dtypes[node.name] = self.dtypes[f"{source.name}_{part}"]
 

@@ -81,12 +81,13 @@ def can_scatter(node) -> bool:
     if getattr(node, "op", None) != "call_function" or node.target not in SCATTERS:
         return False
     out = node.meta.get("val")
-    if not isinstance(out, torch.Tensor) or out.numel() == 0 or out.dtype not in ops.FLOATS:
+    if not isinstance(out, torch.Tensor) or out.numel() == 0 \
+            or out.dtype not in ops.TRITON_DTYPES:
         return False
     accumulate = node.target is aten.scatter_add.default or (
         node.target is aten.index_put.default and len(node.args) > 3 and node.args[3])
     if accumulate and out.dtype not in (torch.float32, torch.float64):
-        return False   # atomic adds only on full-precision floats
+        return False   # atomic adds only on full-precision floats; plain stores of any dtype
     if node.target is aten.index_put.default and not _index_put_ok(node, out):
         return False
     if node.target in (aten.scatter.src, aten.scatter_add.default):

@@ -117,6 +117,21 @@ def test_argmax_argmin(op, dim, keepdim):
     assert_triton(compiled, halves=("forward",), kernels=1)
 
 
+@pytest.mark.parametrize("op", ["max", "min"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_max_min_dim_values_and_indices(op, dtype, keepdim):
+    """``max.dim``/``min.dim`` (a tuple: values and indices) are one reduction
+    kernel: ties take the first index, a NaN wins with its first index, bool
+    inputs (cumprod's backward) work; the values' gradient too."""
+    x = (torch.randn(4, 7) * 2).round().to(dtype) if dtype != torch.bool \
+        else torch.randn(4, 7) > 0.5
+    if dtype == torch.float32:
+        x[2, 3] = x[2, 5] = float("nan")
+    compiled = check(lambda x: tuple(getattr(torch, op)(x, 1, keepdim)), x)
+    assert_triton(compiled, halves=("forward",), kernels=1)
+
+
 @pytest.mark.parametrize("op", ["any", "all"])
 @pytest.mark.parametrize("dims", [-1, 0, (0, 2), None], ids=str)
 def test_any_all(op, dims):

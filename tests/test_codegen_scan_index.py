@@ -78,11 +78,26 @@ def test_cumsum_dtype_argument_and_bfloat16():
 
 
 def test_cumprod_forward_backward():
-    """cumprod is a scan; its backward's zero handling (a max over a bool mask
-    with its index, a bool scatter) is not lowered yet and stays extern."""
+    """cumprod is a scan; its backward's zero handling (``max.dim`` of a bool
+    mask for the first zero's index, a bool ``scatter.value`` marking it) is
+    Triton too (were two extern calls): inputs without zeros, with one zero
+    in a row and with two."""
     sign = torch.where(torch.rand(3, 6) < 0.5, -1.0, 1.0)
-    check(lambda x: x.cumprod(1), sign * (torch.rand(3, 6) + 0.5),
-          allowed={"aten.max.dim", "aten.scatter.value"})
+    x = sign * (torch.rand(3, 6) + 0.5)
+    check(lambda x: x.cumprod(1), x)
+    x[0, 2] = x[1, 1] = x[1, 4] = 0.0
+    check(lambda x: x.cumprod(1), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float32])
+def test_non_accumulating_scatters_of_any_dtype(dtype):
+    """``scatter.value`` / ``scatter.src`` store without atomics, so bool and
+    integer outputs are scatter kernels too (cumprod's backward marks the
+    first zero with a bool scatter)."""
+    base = (torch.randn(3, 6) * 3).to(dtype)
+    index = torch.tensor([[2, 4], [0, 0], [5, 1]])
+    check(lambda b, i: b.scatter(1, i, 1), base, index, grad=False)
+    check(lambda b, i: torch.zeros_like(b).scatter(1, i, b[:, :2]), base, index, grad=False)
 
 
 def test_looped_scan_carries_across_blocks():
@@ -128,8 +143,7 @@ def test_roberta_position_ids_scan_has_its_prologue(tmp_path):
 def test_scan_with_prologue_and_epilogue_forward_backward(scan, tmp_path):
     """``sin(scan(exp(x) * 0.5, 0))``: one forward kernel; gradients as eager's."""
     compiled = check(lambda x: getattr(torch, scan)(x.exp() * 0.5, 0).sin(),
-                     torch.randn(5, 3) * 0.3, dump_dir=str(tmp_path),
-                     allowed={"aten.max.dim", "aten.scatter.value"})
+                     torch.randn(5, 3) * 0.3, dump_dir=str(tmp_path))
     assert compiled.reports["forward"]["kernels"]["triton"] == 1
 
 
