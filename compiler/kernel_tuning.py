@@ -46,7 +46,9 @@ __all__ = ["KIND", "Tuner", "pointwise_candidates", "reduction_candidates"]
 #: File stem of the records in the kernel cache.
 KIND = "block_tuning"
 #: Wall time all of one program's tuning may take; later kernels keep the rule's block.
-PROGRAM_BUDGET_SECONDS = 30.0
+PROGRAM_BUDGET_SECONDS = 15.0
+#: Largest ROWS x RBLOCK tile a candidate may have beyond the rule's (twice its 4096).
+TILE_LIMIT = 8192
 
 Timer = Callable[[Callable[[], Any]], float]
 
@@ -63,12 +65,14 @@ def pointwise_candidates(block: int, numel: int) -> list[dict]:
 
 
 def reduction_candidates(rows: int, r_block: int, numel: int, extent: int) -> list[dict]:
-    """The rule's (ROWS, RBLOCK) first, then each halved and doubled, within the sizes."""
+    """The rule's (ROWS, RBLOCK) first, then each halved and doubled, within the
+    sizes and a tile of ``TILE_LIMIT`` elements (or the rule's, if larger)."""
     rows_limit, r_limit = _power(numel), _power(extent)
+    tile = max(rows * r_block, TILE_LIMIT)   # elements per program: registers
     pairs = [(rows, r_block), (rows * 2, r_block), (max(1, rows // 2), r_block),
              (rows, r_block * 2), (rows, max(1, r_block // 2))]
     return [{"rows": a, "r_block": b} for a, b in dict.fromkeys(pairs)
-            if a <= max(rows, rows_limit) and b <= max(r_block, r_limit)]
+            if a <= max(rows, rows_limit) and b <= max(r_block, r_limit) and a * b <= tile]
 
 
 def identity(source: str, kernel: Kernel) -> str:

@@ -7,7 +7,7 @@ default configuration (the one codegen would have chosen) runs first: its
 outputs are the reference every other candidate must match (``same``:
 bitwise for elementwise kernels, within the dtype's tolerance where a
 reduction's block changes the order of its sums); a candidate that does
-not is rejected and never wins. Candidates are tried in order until the
+not, or that fails (out of resources, say), is rejected and never wins. Candidates are tried in order until the
 time budget is spent (the rest are recorded as not tried). The fastest
 exact one wins; ties keep the earlier (the default first).
 
@@ -55,7 +55,12 @@ def tune(kind: str, key: dict[str, Any], candidates: Sequence[dict], measure: Me
         if time.perf_counter() - started > budget:
             stopped = f"time cap {budget}s reached after {len(tried) + len(rejected)} configs"
             break
-        milliseconds, outputs = measure(config)
+        try:
+            milliseconds, outputs = measure(config)
+        except Exception as error:  # noqa: BLE001 -- a candidate that fails is not chosen
+            rejected.append({"config": config, "why": f"failed: {type(error).__name__}: "
+                                                      f"{str(error)[:200]}"})
+            continue
         if not same(outputs, reference):
             rejected.append({"config": config, "why": "outputs differ from the default's"})
             continue

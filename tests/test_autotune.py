@@ -60,6 +60,12 @@ def test_candidates_stay_within_the_kernel():
     assert kernel_tuning.pointwise_candidates(64, 50) == [{"block": b} for b in (64, 16, 32)]
     assert kernel_tuning.reduction_candidates(4, 32, 4, 32) == [
         {"rows": 4, "r_block": 32}, {"rows": 2, "r_block": 32}, {"rows": 4, "r_block": 16}]
+    # a GPU rule's 4 x 1024 tile: doubled once, never past 8192 elements
+    assert kernel_tuning.reduction_candidates(4, 1024, 1 << 16, 1 << 16) == [
+        {"rows": a, "r_block": b} for a, b in ((4, 1024), (8, 1024), (2, 1024), (4, 2048),
+                                               (4, 512))]
+    assert {"rows": 16, "r_block": 1024} not in kernel_tuning.reduction_candidates(
+        8, 1024, 1 << 16, 1 << 16)
 
 
 def _function(x, w):
@@ -143,3 +149,15 @@ def test_the_program_budget_leaves_later_kernels_at_the_rule(cache, monkeypatch)
     records = _codegen(compiled)["autotune"]["kernels"]
     assert records and all(r["skipped"] == "the program's tuning budget (0.0s) is spent"
                            for r in records.values())
+
+
+def test_a_failing_candidate_is_rejected_with_its_error(cache):
+    def measure(config):
+        if config["n"] == 2:
+            raise RuntimeError("out of resources: shared memory")
+        return float(config["n"]), [1]
+    record = autotune.tune("test_tuning", {"kernel": "fails"}, [{"n": 1}, {"n": 2}, {"n": 3}],
+                           measure, lambda a, b: a == b)
+    assert record["config"] == {"n": 1}
+    assert record["rejected"] == [{"config": {"n": 2}, "why": "failed: RuntimeError: out of "
+                                                              "resources: shared memory"}]
