@@ -161,12 +161,22 @@ def measure(name: str, model, step_model, ids, steps: int, warmup: int, autocast
 
 def graph_state(compiled) -> dict:
     """compile_step's CUDA-graph decision (report) and what happened at run time
-    (captures, replays, copied inputs, calls run without the graph)."""
+    (captures, replays, copied inputs, calls run without the graph), and how
+    many kernels the block autotune tuned, changed from the rule and read
+    from the cache."""
     codegen = [p["stats"] for p in compiled.reports.get("step", {}).get("passes", [])
                if p["name"] == "codegen"]
     executable = compiled.entries[compiled.last][0] if compiled.last else None
+    tuning = codegen[0].get("autotune") if codegen else None
+    records = (tuning or {}).get("kernels", {}).values()
     return {"decision": codegen[0].get("cudagraphs") if codegen else None,
-            "run": dict(getattr(executable, "status", None) or {}) or None}
+            "run": dict(getattr(executable, "status", None) or {}) or None,
+            "autotune": None if tuning is None else {
+                "enabled": tuning["enabled"], "reason": tuning["reason"],
+                "kernels": len(records),
+                "changed": sum(1 for r in records
+                               if "default" in r and r["config"] != r["default"]),
+                "cache_hits": sum(1 for r in records if r.get("cache") == "hit")}}
 
 
 def synchronize(ids):

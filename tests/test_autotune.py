@@ -161,3 +161,17 @@ def test_a_failing_candidate_is_rejected_with_its_error(cache):
     assert record["config"] == {"n": 1}
     assert record["rejected"] == [{"config": {"n": 2}, "why": "failed: RuntimeError: out of "
                                                               "resources: shared memory"}]
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_is_on_by_default_exact_and_cached(cache):
+    x, w = torch.randn(64, 1000, device="cuda"), torch.randn(1000, device="cuda")
+    first = retrograd.compile(_function)
+    for got, want in zip(first(x, w), _function(x, w)):
+        assert_close(got, want, torch.float32)
+    summary = _codegen(first)["autotune"]
+    assert summary["enabled"] and summary["kernels"]
+    assert all(r["cache"] == "miss" and r["rejected"] == [] for r in summary["kernels"].values())
+    second = retrograd.compile(_function)
+    second(x, w)
+    assert all(r["cache"] == "hit" for r in _codegen(second)["autotune"]["kernels"].values())
