@@ -295,3 +295,32 @@ def test_template_kernels_run_in_the_other_executors(executor):
     for got, expected in zip(mine, wide):
         torch.testing.assert_close(got.grad.double(), expected.grad, rtol=1e-5, atol=1e-5)
     assert len(_templates(compiled, "forward")) == 2
+
+
+def test_compile_step_with_templates_matches_eager_sgd():
+    """A whole training step (forward, backward, SGD update in one program)
+    with templates: parameters after three steps as eager's."""
+    import copy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+
+    def loss_fn(module, x, y):
+        return F.mse_loss(module(x), y)
+    step = retrograd.compile_step(model, loss_fn, optimizer, executor="interpret",
+                                  matmul_templates=True)
+    for _ in range(3):
+        x, y = torch.randn(6, 5), torch.randn(6, 3)
+        loss = step(x, y)
+        reference_optimizer.zero_grad()
+        expected = loss_fn(reference, x, y)
+        expected.backward()
+        reference_optimizer.step()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    [record] = [p["stats"] for report in step.reports.values() for p in report["passes"]
+                if p["name"] == "matmul_templates"]
+    assert record["templates"] >= 2, record
