@@ -261,5 +261,7 @@ def choose(options, rows: int, vocab: int, width: int, dtype: torch.dtype,
     if device.type != "cuda":
         return False, {"kernel": "chunked",
                        "why": f"{device.type}: chunked extern matmuls are the default there"}
+    if not all(isinstance(size, int) for size in (rows, vocab, width)):
+        return False, {"kernel": "chunked", "why": "symbolic sizes: nothing to time"}
     return autotune(rows, vocab, width, dtype, logits_dtype, has_bias, device, chunk_rows,
                     timer=_do_bench)
