@@ -15,9 +15,9 @@ innermost program line, to see which kernels come close.
 from __future__ import annotations
 
 import argparse
+import bisect
 import linecache
 import re
-import bisect
 import sys
 import time
 import warnings
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from peaks import _runner  # noqa: E402
-from zoo import clone_inputs  # noqa: E402
+from peaks import _runner
+from zoo import clone_inputs
 
 FRAME = re.compile(r"^(?P<file>.+)\((?P<line>\d+)\): (?P<function>.+)$")
 
@@ -76,10 +76,10 @@ def _locals(frame) -> dict[str, int]:
 def _curve(events):
     """``[(time_ns, live_bytes)]`` after each allocation event."""
     live, points = 0, []
-    for time, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events
+    for moment, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events
                                if e.name() == "[memory]"):
         live += nbytes
-        points.append((time, live))
+        points.append((moment, live))
     return points
 
 
@@ -117,13 +117,13 @@ def report(name: str, label: str, executor: str | None, maxima: int) -> None:
     batch = clone_inputs(inputs)
     events, lines = _events(lambda: run(batch))
     curve = _curve(events)
-    time, peak = max(curve, key=lambda point: point[1])
+    instant, peak = max(curve, key=lambda point: point[1])
     print(f"{name} / {label}: peak {peak:,} bytes")
-    for event in _open_at(events, time):
+    for event in _open_at(events, instant):
         if "profiler" not in event.name() and "built-in" not in event.name():
             print("   ", _describe(event))
-    print("    program line:", _program_line(lines, time))
-    index = bisect.bisect_right([line[0] for line in lines], time) - 1
+    print("    program line:", _program_line(lines, instant))
+    index = bisect.bisect_right([line[0] for line in lines], instant) - 1
     if index >= 0:
         alive = lines[index][3]
         print(f"    program variables alive there: {sum(alive.values()):,} bytes:",
@@ -133,8 +133,8 @@ def report(name: str, label: str, executor: str | None, maxima: int) -> None:
             if (i + 1 == len(curve) or curve[i + 1][1] < curve[i][1])
             and (i == 0 or curve[i - 1][1] <= curve[i][1])]
     print(f"highest {maxima} local maxima:")
-    for time, live in sorted(tops, key=lambda point: -point[1])[:maxima]:
-        print(f"  {live:>9,}  {_program_line(lines, time)}")
+    for moment, live in sorted(tops, key=lambda point: -point[1])[:maxima]:
+        print(f"  {live:>9,}  {_program_line(lines, moment)}")
 
 
 def main() -> int:

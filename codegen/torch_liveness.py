@@ -40,11 +40,9 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 __all__ = ["Statement", "tighten"]
 
-NAME = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+#: a name read: not an attribute (``torch.permute``), not a keyword (``dim=``)
+NAME = re.compile(r"(?<![.\w])[A-Za-z_]\w*(?![\w=])")
 ASSIGNED = re.compile(r"^([A-Za-z_][A-Za-z_0-9]*) = ")
-#: ops whose results never share storage with an operand, besides pointwise ones
-FRESH = {"mm", "addmm", "bmm", "baddbmm", "clone", "_to_copy", "sum", "mean", "amax",
-         "amin", "convolution", "native_layer_norm", "native_batch_norm", "cat"}
 
 
 @dataclass
@@ -59,7 +57,9 @@ class Statement:
 
 
 def _fresh(node: fx.Node | None) -> bool:
-    """``node``'s result is new storage whatever its operands are."""
+    """``node``'s result is new storage whatever its operands are: an aten op
+    whose schema says it aliases nothing and mutates nothing, with a kernel of
+    its own (not a composite of other ops)."""
     target = getattr(node, "target", None)
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         return False
@@ -70,8 +70,9 @@ def _fresh(node: fx.Node | None) -> bool:
         return False
     if target._opname.startswith("_unsafe"):
         return False
-    return torch.Tag.pointwise in tags or torch.Tag.reduction in tags or \
-        target._opname in FRESH
+    # composite ops may hand back an operand itself (type_as of the same dtype)
+    return not torch._C._dispatch_has_kernel_for_dispatch_key(
+        target.name(), "CompositeImplicitAutograd")
 
 
 class _Groups:
@@ -120,7 +121,7 @@ def _references(statements: list[Statement], names: set[str]) -> list[set[str]]:
     found = []
     for statement in statements:
         text = statement.text
-        if text.startswith("#") or text.startswith("del "):
+        if text.startswith(("#", "del ")):
             found.append(set())
         else:
             found.append(set(NAME.findall(text.split("  # ")[0])) & names)
@@ -150,7 +151,7 @@ def _ranges(statements: list[Statement], references: list[set[str]]) -> _Ranges:
 
 def _assigned(statement: Statement) -> list[str]:
     text = statement.text
-    if text.startswith("#") or text.startswith("del ") or text.startswith("if "):
+    if text.startswith(("#", "del ", "if ")):
         return []
     if " = args" in text.split("\n")[0]:
         return [name.strip() for name in text.split(" = ")[0].split(",") if name.strip()]

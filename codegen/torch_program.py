@@ -39,6 +39,7 @@ from string import Template
 import torch
 from retrograd.codegen.torch_calls import bound_name, torch_function
 from retrograd.codegen.torch_liveness import Statement, tighten
+from retrograd.codegen.torch_order import order_for_memory
 from retrograd.codegen.wrapper import render, variable
 from retrograd.ir import Kernel, Kind, Program
 from torch import fx
@@ -186,12 +187,12 @@ def _make_missing(writer: _Writer, node: fx.Node, kernel: Kernel, made: list[str
     made.append(node.name)
 
 
-def _last_uses(kernel: Kernel) -> dict[str, int]:
-    """For each node of the kernel, the position of its last reader inside it
-    (a reader of an in-register view reads the register)."""
-    position = {node.name: index for index, node in enumerate(kernel.nodes)}
+def _last_uses(kernel: Kernel, nodes: list[fx.Node]) -> dict[str, int]:
+    """For each of ``nodes`` (the kernel's, in the order they run), the position
+    of its last reader among them (a reader of an in-register view reads the register)."""
+    position = {node.name: index for index, node in enumerate(nodes)}
     last = {}
-    for index, node in enumerate(kernel.nodes):
+    for index, node in enumerate(nodes):
         last.setdefault(node.name, index)
         for operand in node.all_input_nodes:
             # reading a view kept in registers reads the register it equals
@@ -201,20 +202,22 @@ def _last_uses(kernel: Kernel) -> dict[str, int]:
     return last
 
 
-def _fused_lines(writer: _Writer, kernel: Kernel) -> None:
-    """A generated kernel's nodes as torch calls; inner values deleted at their
-    last use inside it, its outputs kept for the plan's frees."""
+def _fused_lines(writer: _Writer, kernel: Kernel, dying_after: set[str]) -> None:
+    """A generated kernel's nodes as torch calls, in the order that holds the
+    least memory (torch_order.py); inner values deleted at their last use
+    inside it, its outputs kept for the plan's frees (``dying_after``)."""
     # a node fusion copied into this kernel that an earlier one already made
     # (a fill, a scalar) is that value: read, neither made again nor deleted here
     earlier = {node.name for node in kernel.nodes if node.name in writer.alive}
     keep = set(kernel.outputs) | earlier
-    last = _last_uses(kernel)
+    nodes = order_for_memory(kernel.nodes, kernel.aliases, keep, dying_after)
+    last = _last_uses(kernel, nodes)
     dying: dict[int, list[str]] = {}
     for name, index in last.items():
         if name not in keep:
             dying.setdefault(index, []).append(name)
     made: list[str] = []
-    for index, node in enumerate(kernel.nodes):
+    for index, node in enumerate(nodes):
         if node.name not in earlier:
             _define(writer, node, kernel, made)
         writer.free(dying.get(index, []))
@@ -273,8 +276,8 @@ def _strides(node: fx.Node | None, buffer) -> tuple[int, ...]:
 def _stride_check(name: str, shape, strides) -> list[str]:
     """``name`` with ``strides``: one test, and a copy only when they differ."""
     fix = f"rt.layout({variable(name)}, {tuple(shape)}, {tuple(strides)})"
-    return [f"if {variable(name)}.stride() != {tuple(strides)}:\n"
-            f"    {variable(name)} = {fix}"]
+    return [(f"if {variable(name)}.stride() != {tuple(strides)}:\n"
+             f"    {variable(name)} = {fix}")]
 
 
 def _placeholders(program: Program) -> dict[str, fx.Node]:
@@ -292,7 +295,7 @@ def _kernel_block(writer: _Writer, index: int, kernel: Kernel, arena: bool) -> N
     writer.lines.append(f"# {index}: {kernel.kind} {kernel.name} "
                         f"({', '.join(kernel.node_names)})")
     if kernel.kind == Kind.TRITON:
-        _fused_lines(writer, kernel)
+        _fused_lines(writer, kernel, set(writer.program.frees.get(index, [])))
     else:
         _extern_lines(writer, kernel, arena)
     if kernel.kind != Kind.VIEW:
