@@ -11,7 +11,8 @@ accumulates ``grad_hidden = P @ W``, ``grad_W += P^T @ h``, ``grad_b += sum P``.
 Only ``h``, ``W``, the target and the O(rows) logsumexp are saved. This is
 the row-chunked scheme of Liger-Kernel's fused linear cross-entropy (Hsu et
 al., 2024) run as extern torch calls; Cut Cross-Entropy (Wijmans et al.,
-2024) goes further with a fused Triton kernel, not done here.
+2024) goes further with fused Triton kernels: compiler/cce_ops.py, same
+arguments, used where the pass chooses them.
 
 The numerics follow eager PyTorch's decomposed path: the matrix product in
 the operands' dtype (bf16 under autocast), its result cast to the logits
