@@ -34,18 +34,24 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from functorch.compile import make_boxed_func
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.func import functionalize
-
 from retrograd.decompositions import decomposition_table, traced_right
-from retrograd.dynamic import (ShapeGuards, SizeHistory, abstract_key, describe_dims,
-                               every_dim, family, symbolic_inputs)
+from retrograd.dynamic import (
+    ShapeGuards,
+    SizeHistory,
+    abstract_key,
+    describe_dims,
+    every_dim,
+    family,
+    symbolic_inputs,
+)
 from retrograd.locking import compiling
 from retrograd.provenance import recording
 from retrograd.report import SCHEMA
 from retrograd.runtime.device import choose_executor
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_plan import ArenaRunner
+from torch.func import functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
 
 __all__ = ["DynamicSteps"]
 

@@ -167,14 +167,17 @@ def _windows(values: dict[str, _Value], sizes: dict[str, int], fresh: list, limi
     meanwhile (design.md, "Arenas, one per window")."""
     shared = {name: v.over for name, v in values.items()
               if v.over in values and sizes[name] == sizes[v.over]}
-    units = sorted((v.start, name) for name, v in values.items() if name not in shared)
+    units = [name for _, name in sorted((v.start, name) for name, v in values.items()
+                                         if name not in shared)]
+    alone = [_pack([name], values, sizes, shared)[0] for name in units]
     groups: list[list[str]] = []
     closed: list[tuple[int, int, int]] = []
     packed = None
-    for _, name in units:
+    for position, name in enumerate(units):
         if groups and len(groups[-1]) < WINDOW_UNITS:
             trial = _pack(groups[-1] + [name], values, sizes, shared)
-            if _peak(fresh + closed + [trial[0]]) <= limit:
+            # the units still to come count as they are, each its own slot
+            if _peak(fresh + closed + [trial[0]] + alone[position + 1:]) <= limit:
                 groups[-1].append(name)
                 packed = trial
                 continue
