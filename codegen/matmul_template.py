@@ -41,9 +41,14 @@ from retrograd.codegen.layout import next_power_of_two
 from retrograd.codegen.pointwise import _Writer
 from retrograd.ir import Buffer, Kernel
 
-__all__ = ["generate_matmul", "default_config", "candidate_configs", "split_nodes"]
+__all__ = ["generate_matmul", "default_config", "candidate_configs", "split_nodes", "operands",
+           "MATMUL_OPS"]
 
 aten = torch.ops.aten
+
+#: The products a template computes: ``mm(A, B)`` and ``addmm(bias, A, B)``
+#: (inference graphs keep ``F.linear`` as addmm; training graphs decompose it).
+MATMUL_OPS = (aten.mm.default, aten.addmm.default)
 
 KERNEL = Template('''\
 """$title
@@ -97,19 +102,27 @@ def launch($args):
 ''')
 
 
+def operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, float, float]:
+    """(A, B, bias or None, alpha, beta) of an mm or addmm node."""
+    if node.target is aten.addmm.default:
+        bias, left, right = node.args[:3]
+        return left, right, bias, node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    return node.args[0], node.args[1], None, 1, 1
+
+
 def split_nodes(kernel: Kernel) -> tuple[list[fx.Node], fx.Node | None, fx.Node, list[fx.Node]]:
     """(prologue nodes, the view of the prologue's value the mm reads or None,
     the mm node, epilogue nodes) of a matmul kernel."""
-    index = next(i for i, node in enumerate(kernel.nodes) if node.target is aten.mm.default)
+    index = next(i for i, node in enumerate(kernel.nodes) if node.target in MATMUL_OPS)
     matmul = kernel.nodes[index]
     prologue = kernel.nodes[:index]
-    view = matmul.args[0] if matmul.args[0] in prologue and not ops.can_lower(
-        matmul.args[0]) else None
+    left = operands(matmul)[0]
+    view = left if left in prologue and not ops.can_lower(left) else None
     return [n for n in prologue if n is not view], view, matmul, kernel.nodes[index + 1:]
 
 
 def _sizes(matmul: fx.Node) -> tuple[int, int, int]:
-    left, right = (arg.meta["val"] for arg in matmul.args[:2])
+    left, right = (arg.meta["val"] for arg in operands(matmul)[:2])
     return int(left.shape[0]), int(right.shape[1]), int(left.shape[1])
 
 
@@ -193,7 +206,7 @@ class _Operands:
 
     def left(self) -> list[str]:
         if not self.prologue:
-            return self.load("a", self.matmul.args[0], "rm", "rk", "MK")
+            return self.load("a", operands(self.matmul)[0], "rm", "rk", "MK")
         value = self.prologue[-1] if self.view is None else self.view.args[0]
         strides = _flat_strides(self.view, value, _sizes(self.matmul)[2])
         writer = _Writer(SimpleNamespace(nodes=self.prologue, aliases={}), self.buffers)
@@ -212,15 +225,21 @@ class _Operands:
         return lines
 
     def right(self) -> list[str]:
-        return self.load("b", self.matmul.args[1], "rk", "rn", "KN")
+        return self.load("b", operands(self.matmul)[1], "rk", "rn", "KN")
 
     def epilogue_lines(self) -> list[str]:
         group = SimpleNamespace(nodes=[self.matmul, *self.epilogue], aliases=self.kernel.aliases)
         writer = _Writer(group, self.buffers)
         writer.dtypes[self.matmul.name] = torch.float32
         writer.vector.add(self.matmul.name)
-        lines = [f"    {self.matmul.name} = {_round('acc', self.dtype)}"
-                 f"  # the product in {str(self.dtype).removeprefix('torch.')}"]
+        _, _, bias, alpha, beta = operands(self.matmul)
+        product = "acc" if alpha == 1 else f"acc * {ops.literal(float(alpha))}"
+        if bias is not None:   # addmm: the bias joins before the one rounding, as in BLAS
+            term = writer.operand(self.matmul, bias, torch.float32)
+            product += f" + {term}" if beta == 1 else f" + {term} * {ops.literal(float(beta))}"
+        writer.lines.append(f"    {self.matmul.name} = {_round(product, self.dtype)}"
+                            f"  # the product in {str(self.dtype).removeprefix('torch.')}")
+        lines = []
         for node in self.epilogue:
             writer.node(node)
         for name in self.kernel.outputs:

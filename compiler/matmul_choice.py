@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from retrograd.codegen.matmul_template import candidate_configs, generate_matmul, split_nodes
+from retrograd.codegen.matmul_template import (candidate_configs, generate_matmul, operands,
+                                               split_nodes)
 from retrograd.codegen.pointwise import choose_block, generate_pointwise
 from retrograd.ir import Buffer, Kernel, Kind
 from retrograd.runtime import tuning_cache
@@ -57,10 +58,13 @@ def _extern_runner(pieces: list[Kernel], buffers: dict[str, Buffer], tensors, in
     for kernel in pieces:
         names = kernel.inputs + kernel.outputs
         if kernel.kind == Kind.EXTERN:
-            node = kernel.nodes[0]
-            left, right, out = (tensors[n] for n in
-                                (node.args[0].name, node.args[1].name, kernel.outputs[0]))
-            steps.append(functools.partial(torch.mm, left, right, out=out))
+            left, right, bias, alpha, beta = operands(kernel.nodes[0])
+            left, right, out = (tensors[n] for n in (left.name, right.name, kernel.outputs[0]))
+            if bias is None:
+                steps.append(functools.partial(torch.mm, left, right, out=out))
+            else:
+                steps.append(functools.partial(torch.addmm, tensors[bias.name], left, right,
+                                               beta=beta, alpha=alpha, out=out))
         else:
             source = generate_pointwise(kernel, buffers, choose_block(kernel.numel, interpreted))
             steps.append(functools.partial(_launcher(kernel.name, source, interpreted),

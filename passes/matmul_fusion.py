@@ -47,8 +47,17 @@ aten = torch.ops.aten
 
 #: Dtypes the template computes (tl.dot with a float32 accumulator).
 DTYPES = ("float32", "float16", "bfloat16")
+#: The products fused: ``mm(A, B)``, ``addmm(bias, A, B)`` (inference keeps F.linear so).
+MATMUL_OPS = ("aten.mm.default", "aten.addmm.default")
 #: Views of the left operand the prologue can be read through.
 OPERAND_VIEWS = (aten.permute.default, aten.view.default, aten._unsafe_view.default)
+
+
+def _operands(node) -> tuple:
+    """(A, B, bias or None) of an mm or addmm node."""
+    if node.target is aten.addmm.default:
+        return node.args[1], node.args[2], node.args[0]
+    return node.args[0], node.args[1], None
 
 
 def _contiguous(shape, strides) -> bool:
@@ -77,11 +86,14 @@ def _eligible(kernel: Kernel, program: Program) -> str | None:
         return "not a 2-D product"
     if str(value.dtype).removeprefix("torch.") not in DTYPES:
         return f"dtype {value.dtype}"
-    sizes = [*value.shape, *node.args[0].meta["val"].shape]
+    left, right, bias = _operands(node)
+    sizes = [*value.shape, *left.meta["val"].shape]
     if not all(isinstance(size, int) for size in sizes):
         return "symbolic sizes"
-    if any(name not in program.buffers for name in kernel.inputs[:2]):
+    if any(arg.name not in program.buffers for arg in (left, right)):
         return "an operand is not a buffer"
+    if bias is not None and not isinstance(bias, torch.fx.Node):
+        return "a bias that is not a tensor"
     return None
 
 
@@ -123,10 +135,10 @@ def _left_operand_view(program: Program, name: str) -> Kernel | None:
 
 def _reads_as_left_operand(kernel: Kernel, names: set[str]) -> bool:
     """An extern mm reading one of ``names`` as its left operand only."""
-    if kernel.kind != Kind.EXTERN or kernel.op != "aten.mm.default":
+    if kernel.kind != Kind.EXTERN or kernel.op not in MATMUL_OPS:
         return False
-    left, right = (arg.name for arg in kernel.nodes[0].args[:2])
-    return left in names and right not in names
+    left, right, bias = (getattr(arg, "name", None) for arg in _operands(kernel.nodes[0]))
+    return left in names and right not in names and bias not in names
 
 
 def _prologue(program: Program, matmul: Kernel) -> tuple[Kernel | None, Kernel | None]:
@@ -170,10 +182,13 @@ def _merge(program: Program, matmul: Kernel, prologue, view, epilogue, stored: b
         nodes += prologue.nodes + ([view.nodes[0]] if view is not None else [])
         inputs += prologue.inputs
         aliases.update(prologue.aliases)
-    else:
-        inputs.append(matmul.nodes[0].args[0].name)
+    left, right, bias = _operands(matmul.nodes[0])
+    if prologue is None:
+        inputs.append(left.name)
     nodes.append(matmul.nodes[0])
-    inputs.append(matmul.nodes[0].args[1].name)
+    inputs.append(right.name)
+    if bias is not None:
+        inputs.append(bias.name)
     product = matmul.outputs[0]
     outputs = [product] if stored else []
     if epilogue is not None:
@@ -248,7 +263,7 @@ def run(program: Program, ctx) -> PassResult:
         return PassResult(program, stats)
     number = 0
     for matmul in [k for k in program.kernels if k.kind == Kind.EXTERN
-                   and k.op == "aten.mm.default"]:
+                   and k.op in MATMUL_OPS]:
         reason = _eligible(matmul, program)
         prologue, view = _prologue(program, matmul) if reason is None else (None, None)
         epilogue, stored, flat = _epilogue(program, matmul) if reason is None else (None, 1, ())

@@ -324,3 +324,20 @@ def test_compile_step_with_templates_matches_eager_sgd():
     [record] = [p["stats"] for report in step.reports.values() for p in report["passes"]
                 if p["name"] == "matmul_templates"]
     assert record["templates"] >= 2, record
+
+
+def test_inference_addmm_with_its_epilogue():
+    """Without gradients F.linear stays ``addmm``: the bias joins the product
+    before its one rounding (as BLAS adds it), then the epilogue; with a
+    beta and alpha too."""
+    def linear_relu(x, w, b):
+        return F.relu(F.linear(x, w, b))
+
+    def scaled(x, w, b):
+        return torch.tanh(torch.addmm(b, x, w.t(), beta=0.5, alpha=2.0))
+    for fn in (linear_relu, scaled):
+        compiled = check_against_eager(fn, *_inputs((37, 35), (33, 35), (33,)), grad=False,
+                                       matmul_templates=True)
+        [nodes] = _covered(compiled, "forward")
+        assert nodes[0].startswith("addmm"), nodes
+        assert compiled.reports["forward"]["kernels"]["extern"] == 0
