@@ -284,6 +284,42 @@ def test_compile_step_replays_the_whole_step_writing_parameters_in_place(stand_i
     assert status["copied_inputs"] == 4
 
 
+def test_parameters_that_move_are_written_through_private_slots(stand_in):
+    """Parameters given new storage after the capture (``p.data = ...``) are
+    demoted to private slots: the graph is captured again, its in-place
+    updates land in the slots and are copied back into the parameters."""
+    model, twin = _mlp(), _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    step = retrograd.compile_step(model, _mse, optimizer, executor="interpret")
+    for number in range(5):
+        if number == 3:
+            for p in model.parameters():
+                p.data = p.data.clone()
+        batch = (torch.randn(4, 8), torch.randn(4, 4))
+        loss = step(*batch)
+        reference = eager_step(twin, twin_optimizer, _mse, *batch)
+        assert_close(loss, reference, torch.float32, f"step {number}: loss", 1e-5)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert_close(p.detach(), q.detach(), torch.float32, f"step {number}", 1e-5)
+    status = _status(stand_in, "step")
+    assert (status["captures"], status["replays"]) == (2, 4)
+
+
+def test_the_torch_compile_face_trains_like_eager_through_replays(stand_in):
+    model, twin = _mlp(), _mlp()
+    compiled = torch.compile(model, backend="retrograd", options={"executor": "torch"})
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    for number in range(4):
+        batch = (torch.randn(4, 8), torch.randn(4, 4))
+        got, want = (eager_step(network, optimizer, _mse, *batch)
+                     for network, optimizer in zip((compiled, twin), optimizers))
+        assert_close(got.detach(), want.detach(), torch.float32, f"step {number}", 1e-5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert_close(p.detach(), q.detach(), torch.float32, "parameter", 1e-5)
+    assert sorted(c.status["replays"] for c in stand_in) == [3, 3]   # forward, backward
+
+
 def test_a_failed_capture_warns_and_runs_without(stand_in, monkeypatch):
     def refuse(self, function, slots):
         raise RuntimeError("operation not permitted when stream is capturing")
