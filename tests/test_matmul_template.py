@@ -341,3 +341,30 @@ def test_inference_addmm_with_its_epilogue():
         [nodes] = _covered(compiled, "forward")
         assert nodes[0].startswith("addmm"), nodes
         assert compiled.reports["forward"]["kernels"]["extern"] == 0
+
+
+UNARY = [torch.relu, torch.tanh, torch.sigmoid, F.gelu, F.silu, torch.exp, lambda v: v * 0.75,
+         lambda v: v.square(), lambda v: torch.clamp(v, -0.5, 0.5)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_operand_layouts_and_epilogue_chains(seed):
+    """Random odd sizes, operands transposed or not as the graph has them, a
+    random chain of two or three pointwise ops (with a broadcast add) on the
+    product, values and gradients against float64 eager."""
+    generator = torch.Generator().manual_seed(seed)
+    m, n, k = (int(v) for v in torch.randint(3, 40, (3,), generator=generator))
+    left_t, right_t = (bool(v) for v in torch.randint(0, 2, (2,), generator=generator))
+    chain = [UNARY[int(i)] for i in torch.randint(0, len(UNARY), (3,), generator=generator)]
+    cut = 2 + int(torch.randint(0, 2, (1,), generator=generator))
+
+    def fn(a, b, c):
+        y = (a.t() if left_t else a) @ (b.t() if right_t else b)
+        for op in chain[:cut]:
+            y = op(y) + c
+        return y
+    a = torch.randn((k, m) if left_t else (m, k), generator=generator)
+    b = torch.randn((n, k) if right_t else (k, n), generator=generator) / k ** 0.5
+    c = torch.randn(n, generator=generator)
+    compiled = check_against_eager(fn, a, b, c, matmul_templates=True)
+    assert _templates(compiled, "forward")
