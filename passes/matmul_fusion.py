@@ -1,7 +1,8 @@
 """Fuse a matmul with its pointwise prologue and epilogue into one template kernel.
 
 What it does, on the program fusion built (every ``aten.mm`` an extern
-call): for each 2-D ``mm`` it looks for
+call): for each 2-D ``mm`` (or ``addmm``, whose bias the template adds
+itself) it looks for
 - an epilogue: the pointwise Triton kernel that reads the product (directly
   or through row-major reshapes of it) and iterates over exactly its
   elements -- a bias add, an activation, a residual add, a scale;
