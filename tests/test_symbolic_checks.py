@@ -118,7 +118,7 @@ def test_torch_compile_face_verifies_dumps_and_plans_its_symbolic_graph(fresh_dy
     root = tmp_path / "dumps"
     compiled = torch.compile(model, backend="retrograd",
                              options={"verify": True, "dump_dir": str(root)})
-    for length in (3, 5, 7, 11):
+    for length in (3, 5, 7):
         x = torch.randn(2, length, 8, dtype=torch.float64)
         model.zero_grad()
         reference.zero_grad()
@@ -129,7 +129,7 @@ def test_torch_compile_face_verifies_dumps_and_plans_its_symbolic_graph(fresh_dy
     assert len(made) == 1
     compiler = made[0].compiler
     assert compiler.checkpoint is not None and compiler.runners["forward"] is not None
-    assert compiler.verifier.checked == 3   # lengths 5, 7 and 11
+    assert compiler.verifier.checked == 2   # lengths 5 and 7
     assert compiler.runners["forward"].last_plan is not None
     folders = [p.name for p in root.iterdir() if p.name.startswith("s")]
     assert len(folders) == 2, folders
