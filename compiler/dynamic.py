@@ -214,8 +214,7 @@ class SymbolicCompiler:
                                  ["forward", "backward"])
         split = None
         if self.options is not None:
-            split = symbolic_partition.partition(joint, kwargs["num_fwd_outputs"],
-                                                 self.options, self.what)
+            split = self._plan(joint, kwargs["num_fwd_outputs"])
         if split is None:
             self.checkpoint = None
             forward, backward = default_partition(joint, joint_inputs, **kwargs)
@@ -225,6 +224,20 @@ class SymbolicCompiler:
         if self.verifier is not None:
             self.verifier.set_joint(joint, kwargs["num_fwd_outputs"])
         return forward, backward
+
+    def _plan(self, joint: fx.GraphModule, num_fwd_outputs: int):
+        """symbolic_partition.partition, or None where it raised (the default
+        partition then splits the graph: eager's saved values, never a wrong
+        one; logged). An error about the user's options is theirs: raised."""
+        try:
+            return symbolic_partition.partition(joint, num_fwd_outputs, self.options, self.what)
+        except Exception as error:   # noqa: BLE001 - the default partition is always right
+            if getattr(error, "user_error", False):
+                raise
+            log.warning("retrograd: %s: the checkpoint plan failed on the symbolic program "
+                        "(%s: %s); it is split by AOTAutograd's default partition", self.what,
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            return None
 
     def half(self, name: str):
         def compile_half(gm: fx.GraphModule, example_inputs):

@@ -142,3 +142,26 @@ def test_memory_budget_applies_to_the_symbolic_program():
         _check_gradients(compiled, loss, make(rows))
         assert measured_saved_bytes(compiled, make(rows).requires_grad_(),
                                     keep=list(linear.parameters())) == 0
+
+
+def test_a_failing_plan_leaves_the_default_partition_not_a_static_family(monkeypatch, caplog):
+    """The plan raising on the symbolic graph (it did: an unbounded cut when
+    size computations were costed as values) must not cost the symbolic
+    program: the default partition splits it, with a warning."""
+    import logging
+
+    from retrograd.passes import checkpoint
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a planner bug")
+    make = lambda rows: torch.randn(rows, 5, dtype=torch.float64)   # noqa: E731
+    compiled = retrograd.compile(chain)
+    _check_gradients(compiled, chain, make(2))   # the static program plans as usual
+    monkeypatch.setattr(checkpoint, "run", broken)
+    with caplog.at_level(logging.WARNING, logger="retrograd"):
+        for rows in (3, 7):
+            _check_gradients(compiled, chain, make(rows))
+    assert _symbolic_compiler(compiled).checkpoint is None
+    assert compiled._cache.compiles == 2
+    assert any("checkpoint plan failed on the symbolic program (RuntimeError: a planner bug)"
+               in r.getMessage() for r in caplog.records)
