@@ -154,7 +154,7 @@ def test_a_failing_plan_leaves_the_default_partition_not_a_static_family(monkeyp
 
     def broken(*args, **kwargs):
         raise RuntimeError("a planner bug")
-    make = lambda rows: torch.randn(rows, 5, dtype=torch.float64)   # noqa: E731
+    make = lambda rows: torch.randn(rows, 5, dtype=torch.float64)
     compiled = retrograd.compile(chain)
     _check_gradients(compiled, chain, make(2))   # the static program plans as usual
     monkeypatch.setattr(checkpoint, "run", broken)
