@@ -122,10 +122,10 @@ def capture_blockers(program, device: torch.device, executor: str,
         return [f"tensors on {device}: CUDA graphs need CUDA tensors"]
     if executor not in CAPTURED_EXECUTORS:
         return [f"executor={executor!r}: only {CAPTURED_EXECUTORS} programs are captured"]
+    # a CPU input, even 0-dim, changes per call: a replay would reuse its captured value
     reasons = [f"input {i} ({name}) is on {value.device}"
                for i, (name, value) in enumerate(zip(program.inputs, inputs))
-               if isinstance(value, torch.Tensor) and value.device != device
-               and value.dim() > 0]
+               if isinstance(value, torch.Tensor) and value.device != device]
     for name, buffer in program.buffers.items():
         if any(not isinstance(size, int) for size in buffer.shape):
             reasons.append(f"buffer {name} has a dynamic size {tuple(buffer.shape)}")

@@ -199,10 +199,11 @@ def test_a_dynamic_size_and_a_cpu_input_are_blockers():
     program, mode = _fake_cuda_program(lambda x: x.exp(), (4,))
     size = mode.shape_env.create_unbacked_symint()
     program.buffers = {"buf": SimpleNamespace(shape=(size, 4))}
-    program.inputs = ["batch"]
+    program.inputs = ["batch", "step"]
     reasons = cudagraphs.capture_blockers(program, torch.device("cuda:0"), "torch",
-                                          [torch.empty(2, 2)])
-    assert reasons == ["input 0 (batch) is on cpu", f"buffer buf has a dynamic size ({size}, 4)"]
+                                          [torch.empty(2, 2), torch.tensor(3.0)])
+    assert reasons == ["input 0 (batch) is on cpu", "input 1 (step) is on cpu",
+                       f"buffer buf has a dynamic size ({size}, 4)"]
 
 
 def test_interpreter_and_fx_programs_are_not_captured():
