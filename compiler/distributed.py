@@ -43,6 +43,7 @@ the same wrappers (``refuse_for_compile``): it compiles inside them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ import torch
 
 from retrograd.buckets import Limits, all_reduce
 from retrograd.errors import UnsupportedError
+from retrograd.zero import owners, share
 
 __all__ = ["Replicas", "check_same_parameters", "refuse_for_compile", "unwrap"]
 
@@ -69,6 +71,24 @@ class Replicas:
     limits: Limits            # bucket sizes (buckets.py)
     wrapper: Any = None       # the DistributedDataParallel module: its no_sync() flag
     broadcast_buffers: bool = True
+    rank: int = 0             # this rank in ``group``
+    shard_state: bool = False   # ZeRO-1 (zero.py): each rank updates its own parameters
+
+    def owned(self, used: tuple[int, ...], parameters) -> tuple[int, ...]:
+        """The parameters of ``used`` this rank updates (and keeps optimizer
+        state of): all of them, or its share under ZeRO-1."""
+        if not self.shard_state:
+            return used
+        owner = owners([parameters[i].numel() for i in used], self.world_size)
+        return tuple(i for i, rank in zip(used, owner) if rank == self.rank)
+
+    def share(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Under ZeRO-1, each updated parameter (``values``, one per parameter
+        of ``used``) sent from its owner to every rank (traced)."""
+        if not self.shard_state:
+            return values
+        owner = owners([value.numel() for value in values], self.world_size)
+        return share(values, owner, self.group, self.world_size)
 
     def average(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each gradient averaged across the group, as DDP does (times
@@ -114,11 +134,29 @@ class Replicas:
 
 
 def unwrap(model: torch.nn.Module, process_group: Any = None,
-           bucket_cap_mb: float | None = None) -> tuple[torch.nn.Module, Replicas | None]:
+           bucket_cap_mb: float | None = None, shard_optimizer_state: bool = False,
+           optimizer: Any = None) -> tuple[torch.nn.Module, Replicas | None]:
     """``(module to trace, replicas or None)``: a DDP model's inner module and
     its group; a bare model with ``process_group=`` itself and that group;
     any other model itself. Raises ``UnsupportedError`` for a wrapper or DDP
-    option the step cannot run."""
+    option the step cannot run; ``shard_optimizer_state`` (ZeRO-1) needs a
+    group and an optimizer."""
+    module, replicas = _unwrap(model, process_group, bucket_cap_mb)
+    if shard_optimizer_state is not True and shard_optimizer_state is not False:
+        raise ValueError("retrograd.compile_step: shard_optimizer_state must be True or False, "
+                         f"got {shard_optimizer_state!r}")
+    if shard_optimizer_state and (replicas is None or optimizer is None):
+        raise ValueError("retrograd.compile_step: shard_optimizer_state=True (ZeRO-1) needs an "
+                         "optimizer and a group: a DDP model or process_group=")
+    if shard_optimizer_state:
+        import torch.distributed as dist
+        replicas = dataclasses.replace(replicas, rank=dist.get_rank(replicas.group),
+                                       shard_state=True)
+    return module, replicas
+
+
+def _unwrap(model: torch.nn.Module, process_group: Any,
+            bucket_cap_mb: float | None) -> tuple[torch.nn.Module, Replicas | None]:
     _refuse_wrappers(model)
     from torch.nn.parallel import DistributedDataParallel
     if not isinstance(model, DistributedDataParallel):
