@@ -82,7 +82,7 @@ class Step:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer, options: Options,
                  max_grad_norm: float | None = None, distributed: dict | None = None):
         # DDP or process_group=: the step averages gradients itself (distributed.py)
-        model, self.replicas = unwrap(model, **(distributed or {}))
+        model, self.replicas = unwrap(model, optimizer=optimizer, **(distributed or {}))
         check_optimizer(optimizer)
         _check_max_grad_norm(max_grad_norm)
         if max_grad_norm is not None and optimizer is None:
@@ -213,8 +213,11 @@ class Step:
                 return loss, grads, []
             per_group, per_clock = Hyperparameters.unflatten(optimizer, clock_count, hyper)
             weights = {}   # SGD momentum weights per group, over all buffers: once each
-            new_params, new_state, cursor, momentum = [], [], 0, 0
-            for k, index in enumerate(used):
+            # ZeRO-1 (zero.py): this rank updates its own parameters, then shares them
+            owned = replicas.owned(used, params) if replicas is not None else used
+            position = {index: k for k, index in enumerate(used)}
+            new_params, new_state, cursor, momentum = {}, [], 0, 0
+            for k, index in enumerate(owned):
                 group = optimizer.param_groups[groups[index]]
                 width = len(state_keys(kind, group))
                 blend = clock = None
@@ -227,11 +230,13 @@ class Step:
                 if kind == "Adam":
                     clock = per_clock[clock_of[k]]
                 value, kept = update(kind, group, per_group[groups[index]], clock, params[index],
-                                     grads[k], state[cursor:cursor + width], blend)
+                                     grads[position[index]], state[cursor:cursor + width],
+                                     blend)
                 cursor += width
-                new_params.append(value)
+                new_params[index] = value
                 new_state += kept
-            return loss, new_params, new_state
+            values = [new_params.get(index, params[index]) for index in used]
+            return loss, replicas.share(values) if replicas else values, new_state
         return step
 
     # -- one call -------------------------------------------------------------------
@@ -254,7 +259,8 @@ class Step:
             str(batch_spec))
         loss_of = self._loss_of(names, buffer_names, batch_spec)
         used = self._used(shape, loss_of, detached, buffers, leaves, names)
-        state, clocks, clock_of, fresh = self._state(parameters, used, groups, device)
+        owned = self.replicas.owned(used, parameters) if self.replicas else used   # ZeRO-1
+        state, clocks, clock_of, fresh = self._state(parameters, owned, groups, device)
         hyper = [] if self.optimizer is None else self.hyperparameters.inputs(
             self.optimizer, clocks, device, _hyper_dtype(parameters))
         seed = torch.ones((), dtype=torch.float32, device=device)
@@ -276,7 +282,7 @@ class Step:
         new_params, new_state = outputs[1:1 + len(used)], outputs[1 + len(used):]
         groups_used = [self.optimizer.param_groups[groups[i]] for i in used] if groups else []
         self._write_back([parameters[i] for i in used], groups_used, new_params, state,
-                         new_state)
+                         new_state, [parameters[i] for i in owned])
         mark_stepped(self.optimizer)
         return loss
 
@@ -365,8 +371,9 @@ class Step:
         pairs.update({1 + len(used) + j: state_at + j for j in range(state_count)})
         return pairs
 
-    def _write_back(self, parameters, groups, new_params, state, new_state) -> None:
-        """Parameters, state and step counts of the reached parameters, in place
+    def _write_back(self, parameters, groups, new_params, state, new_state, owned) -> None:
+        """Parameters, state and step counts of the reached parameters (state
+        of the ``owned`` ones: all, or this rank's under ZeRO-1), in place
         where the program did not already write them."""
         with torch.no_grad():
             if self.optimizer is None:   # gradients accumulate as autograd does
@@ -378,7 +385,9 @@ class Step:
                 if not _same_memory(target, value):   # not already updated in place
                     target.copy_(value)
             cursor = 0
-            for p, group in zip(parameters, groups):
+            group_of = {id(p): group for p, group in zip(parameters, groups)}
+            for p in owned:
+                group = group_of[id(p)]
                 entry = self.optimizer.state[p]
                 for key in state_keys(self.kind, group):
                     entry[key] = state[cursor]   # SGD's first buffer is created here
@@ -423,14 +432,16 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def compile_step(model: torch.nn.Module, loss_fn: Callable, optimizer=None, *,
                  max_grad_norm: float | None = None, process_group=None,
-                 bucket_cap_mb: float | None = None, **options) -> Step:
+                 bucket_cap_mb: float | None = None, shard_optimizer_state: bool = False,
+                 **options) -> Step:
     """Compile ``loss_fn(model, *batch)``'s training step, optimizer update included.
 
     ``max_grad_norm`` clips the gradients as ``torch.nn.utils.clip_grad_norm_``
     (global L2 norm) between the backward and the update; ``process_group``
     averages the gradients across its ranks as DDP would (all-reduces of
     ``bucket_cap_mb`` MiB buckets, overlapped with the backward;
-    docs/distributed.md); ``options`` are the compiler options of
+    docs/distributed.md); ``shard_optimizer_state`` (ZeRO-1) keeps each
+    parameter's optimizer state on one rank; ``options`` are the compiler options of
     ``retrograd.compile``.
 
     Example:
@@ -439,4 +450,5 @@ def compile_step(model: torch.nn.Module, loss_fn: Callable, optimizer=None, *,
         >>> loss = step(x, y)
     """
     return Step(model, loss_fn, optimizer, Options.from_mapping(options), max_grad_norm,
-                {"process_group": process_group, "bucket_cap_mb": bucket_cap_mb})
+                {"process_group": process_group, "bucket_cap_mb": bucket_cap_mb,
+                 "shard_optimizer_state": shard_optimizer_state})
