@@ -225,6 +225,45 @@ def compile_step_group(executor: str) -> None:
     check_buckets(step, model)
 
 
+def compile_step_zero(kind: str) -> None:
+    """ZeRO-1: compile_step(DDP(model), shard_optimizer_state=True), AdamW
+    (``kind`` "adamw") or SGD with momentum ("sgd"), the CPU default.
+    Parameters and buffers equal an eager DDP loop after several steps; each
+    rank keeps optimizer state for its own parameters only (equal to
+    eager's), together every parameter's, and the updates are shared by
+    broadcasts."""
+    model, reference = twins(batch_norm=True)
+    wrapped, eager = DDP(model), DDP(reference)
+
+    def make(parameters):
+        if kind == "sgd":
+            return torch.optim.SGD(parameters, lr=0.1, momentum=0.9)
+        return torch.optim.AdamW(parameters, lr=0.05)
+    optimizer, eager_optimizer = make(wrapped.parameters()), make(eager.parameters())
+    step = retrograd.compile_step(wrapped, loss_fn, optimizer, shard_optimizer_state=True)
+    for number in range(STEPS):
+        loss = step(*batch(number))
+        eager_optimizer.zero_grad()
+        eager_loss = loss_fn(eager, *batch(number))
+        eager_loss.backward()
+        eager_optimizer.step()
+        assert_close(loss.detach(), eager_loss.detach(), torch.float32, f"loss {number}")
+    compare_parameters(model, reference, f"after {STEPS} steps")
+    mine = []
+    for index, (p, q) in enumerate(zip(model.parameters(), reference.parameters())):
+        if optimizer.state[p]:
+            mine.append(index)
+            for key, value in eager_optimizer.state[q].items():
+                assert_close_floor(optimizer.state[p][key], value, FP32, 1e-3, f"state {key}")
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    assert all(everyone), f"a rank keeps no state: {everyone}"
+    count = len(list(model.parameters()))
+    assert sorted(i for part in everyone for i in part) == list(range(count)), everyone
+    report = step.reports["step"]["kernels"]["extern_ops"]
+    assert report.get("_c10d_functional.broadcast.default") == dist.get_world_size(), report
+
+
 def check_buckets(step, model) -> None:
     """One all-reduce per 256-byte bucket, as many as DDP's own assignment
     makes, and the schedule put compute between the first bucket's issue
@@ -364,7 +403,7 @@ def refusals(_: str) -> None:
 
 SCENARIOS = {function.__name__: function for function in (
     ddp_torch_compile, ddp_standalone, ddp_buckets, fsdp2, compile_step_ddp, compile_step_group,
-    compile_step_unused,
+    compile_step_zero, compile_step_unused,
     compile_step_dtypes, refusals)}
 
 

@@ -96,19 +96,22 @@ def test_compile_step_on_ddp_matches_eager_ddp_and_refuses_bad_setups():
     with clip_grad_norm_, with Triton's interpreter and with the CPU default
     (the torch program), gradients all-reduced in DDP's buckets, each issued
     before the backward's end; (2) the same with process_group= on a bare
-    model whose ranks start apart; (3) FSDP2, parameters that differ across
+    model whose ranks start apart; (3) ZeRO-1 (shard_optimizer_state): each
+    rank keeps its own parameters' AdamW state, equal to eager's, and the
+    parameters still equal eager DDP's; (4) FSDP2, parameters that differ across
     ranks, a step inside no_sync() and a destroyed process group each end in
     UnsupportedError naming what to do."""
     run_ranks("compile_step_ddp:interpret", "compile_step_ddp:auto", "compile_step_group:auto",
-              "refusals")
+              "compile_step_zero:adamw", "refusals")
 
 
 @pytest.mark.slow
 def test_compile_step_on_ddp_unused_layers_and_two_gradient_dtypes():
     """A layer only rank 1's loss reaches is averaged on both ranks, as DDP
     with find_unused_parameters=True; float64 and float32 gradients are
-    averaged by one all-reduce each (SGD with momentum, against eager DDP)."""
-    run_ranks("compile_step_unused:fx", "compile_step_dtypes:interpret")
+    averaged by one all-reduce each (SGD with momentum, against eager DDP);
+    ZeRO-1 with SGD's momentum buffers sharded."""
+    run_ranks("compile_step_unused:fx", "compile_step_dtypes:interpret", "compile_step_zero:sgd")
 
 
 def test_compile_step_refuses_data_parallel_and_fsdp1():
@@ -163,6 +166,24 @@ def test_compile_step_process_group_options_are_checked():
         build(torch.nn.Linear(2, 2), process_group=object())()
     with pytest.raises(retrograd.UnsupportedError, match="not wrapped in DDP.*DistributedData"):
         build(_bare(DistributedDataParallel), process_group=object())()
+
+
+def test_zero1_owners_and_its_option():
+    """ZeRO-1's partition: largest first, each to the least loaded rank (so
+    ranks hold about equal elements); the option needs a group and an
+    optimizer."""
+    from retrograd.zero import owners
+    assert owners([10, 1, 7, 3], 2) == [0, 0, 1, 1]   # loads 10 + 1, 7 + 3
+    assert owners([5, 5, 5, 5, 5], 2) == [0, 1, 0, 1, 0]
+    assert owners([4, 4], 3) == [0, 1]
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="shard_optimizer_state=True .*needs an optimizer and a "
+                                         "group"):
+        retrograd.compile_step(model, lambda m, x: m(x).sum(),
+                               torch.optim.SGD(model.parameters(), lr=0.1),
+                               shard_optimizer_state=True)
+    with pytest.raises(ValueError, match="must be True or False"):
+        retrograd.compile_step(model, lambda m, x: m(x).sum(), None, shard_optimizer_state=1)
 
 
 def _torchrun(example: str, *arguments: str) -> str:
