@@ -52,8 +52,9 @@ def torch_function(node: fx.Node) -> str | None:
 
 def accepts_out(node: fx.Node, operand: fx.Node) -> bool:
     """torch's function of ``node``'s op, called with ``out=`` its operand
-    ``operand`` (the same tensor), writes there what the overload returns
-    (checked on meta tensors; ``torch_program``'s in-place writes)."""
+    ``operand`` (the same tensor, or another value: a donated input), writes
+    there what the overload returns (checked on meta tensors;
+    ``torch_program``'s in-place writes)."""
     target = node.target
     function = getattr(_FUNCTIONS, getattr(target, "_opname", ""), None)
     if function is None:
@@ -62,7 +63,7 @@ def accepts_out(node: fx.Node, operand: fx.Node) -> bool:
         args, kwargs, _ = _meta_operands(node)
         expected = target(*args, **kwargs)
         args, kwargs, metas = _meta_operands(node)   # fresh: out= writes over one of them
-        out = metas[operand]
+        out = metas[operand] if operand in metas else _meta(operand)
         got = function(*args, **kwargs, out=out)
     except Exception:   # noqa: BLE001 -- any refusal means: no out= form
         return False
@@ -73,6 +74,13 @@ class _Unknown(Exception):
     """An operand without a recorded tensor value."""
 
 
+def _meta(operand: fx.Node) -> torch.Tensor:
+    value = operand.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        raise _Unknown(operand.name)
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+
+
 def _meta_operands(node: fx.Node):
     """Meta tensors of ``node``'s operands (one per operand node, however often
     it is read: ``x * x`` reads one tensor twice), and those tensors by node."""
@@ -81,11 +89,7 @@ def _meta_operands(node: fx.Node):
     def meta(operand: fx.Node):
         if operand in metas:
             return metas[operand]
-        value = operand.meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            raise _Unknown(operand.name)
-        metas[operand] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
-                                             device="meta")
+        metas[operand] = _meta(operand)
         return metas[operand]
     args = fx.node.map_arg(node.args, meta)
     kwargs = dict(fx.node.map_arg(node.kwargs, meta))

@@ -54,6 +54,7 @@ class Statement:
     node: fx.Node | None = None
     aliasing: bool = False
     variable: str | None = None   # the name it assigns, when it computes ``node``
+    donor: fx.Node | None = None   # an input the plan lets this result write over
 
 
 def _fresh(node: fx.Node | None) -> bool:
@@ -111,6 +112,7 @@ class _Ranges:
 
     ends: dict[int, list[str]]
     live: dict[str, list[tuple[int, int | None]]]
+    last: dict[str, int]   # the last statement naming each variable, deleted or not
 
     def alive_after(self, name: str, index: int) -> bool:
         return any(start <= index and (end is None or end > index)
@@ -124,7 +126,10 @@ def _references(statements: list[Statement], names: set[str]) -> list[set[str]]:
         if text.startswith(("#", "del ")):
             found.append(set())
         else:
-            found.append(set(NAME.findall(text.split("  # ")[0])) & names)
+            read = set(NAME.findall(text.split("  # ")[0])) & names
+            if statement.donor is not None:   # it may write there: alive until then
+                read.add(variable(statement.donor.name))
+            found.append(read)
     return found
 
 
@@ -146,7 +151,7 @@ def _ranges(statements: list[Statement], references: list[set[str]]) -> _Ranges:
             last[name] = index
     for name, start in opened.items():
         live.setdefault(name, []).append((start, None))
-    return _Ranges(ends, live)
+    return _Ranges(ends, live, last)
 
 
 def _assigned(statement: Statement) -> list[str]:
@@ -213,7 +218,8 @@ def _define(state: _State, statement: Statement, index: int, read: set[str],
             for other in read - {name}:
                 groups.join(key, state.key(other))
         else:
-            target = _in_place_target(state, statement, index, read)
+            target = _donor(state, statement, index) or \
+                _in_place_target(state, statement, index, read)
             if target is not None:
                 text = _with_out(text, target)
                 groups.join(key, state.key(target))
@@ -255,6 +261,24 @@ def _in_place_target(state: _State, statement: Statement, index: int,
         if accepts_out(node, operand):
             return name
     return None
+
+
+def _donor(state: _State, statement: Statement, index: int) -> str | None:
+    """The donated input (``Buffer.reuses``: a parameter or optimizer state
+    the step replaces) ``statement``'s pointwise result may be written over:
+    nothing sharing its storage is named after this statement."""
+    node, donor = statement.node, statement.donor
+    if donor is None or torch.Tag.pointwise not in set(node.target.tags) or \
+            not statement.text.startswith(f"{statement.variable} = torch.") or \
+            not _same_layout(donor.meta.get("val"), node.meta.get("val")):
+        return None
+    name = variable(donor.name)
+    groups = state.groups
+    root = groups.root(state.key(name))
+    members = [key.split("@")[0] for key in groups.parent if groups.root(key) == root]
+    if any(state.ranges.last.get(member, -1) > index for member in members):
+        return None
+    return name if accepts_out(node, donor) else None
 
 
 def _same_layout(value, result: torch.Tensor) -> bool:

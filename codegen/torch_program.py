@@ -91,6 +91,7 @@ class _Writer:
     alive: set[str] = field(default_factory=set)
     lines: list[str | Statement] = field(default_factory=list)
     bindings: dict[str, str] = field(default_factory=dict)   # bound name -> overload
+    placeholders: dict[str, fx.Node] | None = None   # the program's inputs, once asked
 
     def callee(self, node: fx.Node) -> str:
         """What the program calls for ``node``'s op (torch_calls.py)."""
@@ -136,6 +137,16 @@ class _Writer:
         return node.target in IN_PLACE_SCATTERS and buffer is not None and \
             isinstance(base, fx.Node) and buffer.reuses == base.name
 
+    def donor(self, node: fx.Node) -> fx.Node | None:
+        """The input the plan writes ``node``'s value over (buffer donation in
+        compile_step: a parameter or optimizer state the step replaces)."""
+        buffer = self.program.buffers.get(node.name)
+        if buffer is None or buffer.reuses is None or self._scatters_in_place(node):
+            return None
+        if self.placeholders is None:
+            self.placeholders = _placeholders(self.program)
+        return self.placeholders.get(buffer.reuses)
+
     def free(self, names) -> None:
         names = [name for name in names if name in self.alive]
         if names:
@@ -162,7 +173,7 @@ def _define(writer: _Writer, node: fx.Node, kernel: Kernel, made: list[str]) -> 
             _make_missing(writer, operand, kernel, made)
     writer.lines.append(Statement(f"{variable(node.name)} = {writer.call(node, stand_ins)}",
                                   node, aliasing=writer._scatters_in_place(node),
-                                  variable=variable(node.name)))
+                                  variable=variable(node.name), donor=writer.donor(node)))
     writer.alive.add(node.name)
 
 
