@@ -13,7 +13,8 @@ gloo work; on GPUs each rank takes ``cuda:LOCAL_RANK`` and NCCL). Two faces:
 - ``--face group``: the same without the wrapper,
   ``compile_step(model, loss_fn, optimizer, process_group=WORLD)``.
 
-``--bucket-cap-mb`` sets DDP's (or the step's) bucket size. The step faces
+``--bucket-cap-mb`` sets DDP's (or the step's) bucket size; ``--zero`` shards
+the optimizer state across ranks (ZeRO-1, the step faces). The step faces
 print the report's communication figures (bytes, and the overlap predicted
 by the bandwidth model of docs/distributed.md); every face prints the mean
 step time after the first step (on several GPUs: NCCL against
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -77,11 +79,12 @@ def train(args, device) -> nn.Module:
     elif args.face == "step":
         ddp = DDP(model, **buckets)
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
-        step = retrograd.compile_step(ddp, loss_fn, optimizer, **options)
+        step = retrograd.compile_step(ddp, loss_fn, optimizer,
+                                      shard_optimizer_state=args.zero, **options)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         step = retrograd.compile_step(model, loss_fn, optimizer, process_group=dist.group.WORLD,
-                                      **buckets, **options)
+                                      shard_optimizer_state=args.zero, **buckets, **options)
     run(step, args, device)
     if args.face != "compile" and dist.get_rank() == 0:
         report_communication(step.reports["step"]["communication"])
@@ -109,8 +112,9 @@ def report_communication(summary) -> None:
     if summary is None:
         print("the step program has no collectives")
         return
-    print(f"{summary['count']} all-reduces, {summary['bytes']:,} bytes, "
-          f"{summary['wire_bytes']:,} sent per rank", flush=True)
+    ops = Counter(row["op"] for row in summary["collectives"])
+    print(f"{summary['count']} collectives ({', '.join(f'{n} {op}' for op, n in ops.items())}), "
+          f"{summary['bytes']:,} bytes, {summary['wire_bytes']:,} sent per rank", flush=True)
     if summary["overlap_fraction"] is not None:
         print(f"predicted (bandwidth model, docs/distributed.md): "
               f"{summary['overlapped_seconds'] * 1e6:.3f} of "
@@ -132,6 +136,8 @@ def main() -> None:
     parser.add_argument("--face", choices=["compile", "step", "group"], default="compile")
     parser.add_argument("--bucket-cap-mb", type=float, default=None,
                         help="DDP's bucket_cap_mb (the step's, with --face group)")
+    parser.add_argument("--zero", action="store_true",
+                        help="ZeRO-1: optimizer state sharded across ranks (step faces)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=int, default=32)
