@@ -76,19 +76,22 @@ class Replicas:
 
     def owned(self, used: tuple[int, ...], parameters) -> tuple[int, ...]:
         """The parameters of ``used`` this rank updates (and keeps optimizer
-        state of): all of them, or its share under ZeRO-1."""
+        state of): all of them, or its share under ZeRO-1. Owners are chosen
+        over every trainable parameter, so a parameter keeps its owner (and
+        its state) in signatures whose loss reaches fewer parameters."""
         if not self.shard_state:
             return used
-        owner = owners([parameters[i].numel() for i in used], self.world_size)
-        return tuple(i for i, rank in zip(used, owner) if rank == self.rank)
+        owner = owners([p.numel() for p in parameters], self.world_size)
+        return tuple(i for i in used if owner[i] == self.rank)
 
-    def share(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Under ZeRO-1, each updated parameter (``values``, one per parameter
-        of ``used``) sent from its owner to every rank (traced)."""
+    def share(self, values: list[torch.Tensor], used: tuple[int, ...],
+              parameters) -> list[torch.Tensor]:
+        """Under ZeRO-1, each updated parameter (``values``, one per index of
+        ``used``) sent from its owner to every rank (traced)."""
         if not self.shard_state:
             return values
-        owner = owners([value.numel() for value in values], self.world_size)
-        return share(values, owner, self.group, self.world_size)
+        owner = owners([p.numel() for p in parameters], self.world_size)
+        return share(values, [owner[i] for i in used], self.group, self.world_size)
 
     def average(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each gradient averaged across the group, as DDP does (times

@@ -1,10 +1,11 @@
 """ZeRO-1 for a distributed ``compile_step``: optimizer state sharded across ranks.
 
 With ``compile_step(..., shard_optimizer_state=True)`` (on DDP or with
-``process_group=``) every trainable parameter the loss reaches is owned by
-one rank (``owners``: largest first, each to the rank holding the fewest
-elements so far, as ``torch.distributed.optim.ZeroRedundancyOptimizer``
-partitions). All ranks average the gradients as before; each rank then runs
+``process_group=``) every trainable parameter is owned by one rank
+(``owners``: largest first, each to the rank holding the fewest elements so
+far, as ``torch.distributed.optim.ZeroRedundancyOptimizer`` partitions; over
+all trainable parameters, so an owner and its state stay put when a
+signature's loss reaches fewer). All ranks average the gradients as before; each rank then runs
 the optimizer update of its own parameters only, so it keeps the optimizer
 state (Adam's two moments, SGD's momentum) of those alone: about
 ``1 / world_size`` of it. The updated parameters are then sent from their
