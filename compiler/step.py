@@ -236,7 +236,7 @@ class Step:
                 new_params[index] = value
                 new_state += kept
             values = [new_params.get(index, params[index]) for index in used]
-            return loss, replicas.share(values) if replicas else values, new_state
+            return loss, replicas.share(values, used, params) if replicas else values, new_state
         return step
 
     # -- one call -------------------------------------------------------------------
