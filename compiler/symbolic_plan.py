@@ -37,7 +37,7 @@ from typing import Any
 
 import sympy
 import torch
-from retrograd.passes.op_classes import is_view, view_base
+from retrograd.passes.op_classes import is_view
 from retrograd.runtime.arena import Arena
 from retrograd.symbolic_fusion import _contiguous
 from torch import fx
@@ -221,42 +221,65 @@ def _bindings(nodes: list[fx.Node]) -> list[tuple[sympy.Symbol, int, int | None]
     return found
 
 
+def aliased_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose storage ``node``'s value may share: the arguments its
+    schema marks as aliased and not written (``view``'s ``Tensor(a) self``,
+    ``split``'s ``Tensor(a -> *) self``), a reshape's input, and for an item
+    of a multi-output op, what that op aliases (``split(x)[0]`` shares x's)."""
+    if node.op != "call_function":
+        return []
+    if node.target is operator.getitem:
+        parent = node.args[0]
+        return aliased_inputs(parent) if isinstance(parent, fx.Node) else []
+    found = [node.args[0]] if is_view(node) and isinstance(node.args[0], fx.Node) else []
+    schema = getattr(node.target, "_schema", None)
+    for position, argument in enumerate(schema.arguments if schema is not None else ()):
+        if argument.alias_info is None or argument.alias_info.is_write:
+            continue
+        value = node.args[position] if position < len(node.args) else \
+            node.kwargs.get(argument.name)
+        found += [arg for arg in (value if isinstance(value, (list, tuple)) else [value])
+                  if isinstance(arg, fx.Node) and arg not in found]
+    return found
+
+
 def _last_uses(nodes: list[fx.Node], index: dict) -> dict[fx.Node, int]:
-    """Each node's last reader, a view's readers counting for its base."""
+    """Each node's last reader, the readers of anything sharing its storage
+    (views, items of a split) counting for it."""
     last = {node: index[node] for node in nodes}
     for node in nodes:
         for arg in node.all_input_nodes:
             last[arg] = max(last[arg], index[node])
-    for node in reversed(nodes):   # a view's last use extends its base's
-        if is_view(node) and isinstance(node.args[0], fx.Node):
-            base = node.args[0]
+    for node in reversed(nodes):   # an alias's last use extends what it shares
+        for base in aliased_inputs(node):
             last[base] = max(last[base], last[node])
     return last
 
 
 def _escaping(nodes: list[fx.Node]) -> set[fx.Node]:
-    """Outputs and the bases of the views among them: they outlive the call."""
+    """Outputs and everything whose storage they may share: they outlive the call."""
     output = next(node for node in reversed(nodes) if node.op == "output")
-    found = set()
-    for node in output.all_input_nodes:
-        found.add(node)
-        found.add(view_base(node, through_items=True))
+    found, work = set(), list(output.all_input_nodes)
+    while work:
+        node = work.pop()
+        if node not in found:
+            found.add(node)
+            work.extend(aliased_inputs(node))
     return found
 
 
 def _plannable(node: fx.Node) -> bool:
     value = node.meta.get("val")
     return (node.op == "call_function" and isinstance(value, torch.Tensor)
-            and not is_view(node) and out_overload(node.target) is not None
-            and _contiguous(value))
+            and not is_view(node) and not aliased_inputs(node)
+            and out_overload(node.target) is not None and _contiguous(value))
 
 
 def _allocates(node: fx.Node) -> bool:
     """A node whose value is new memory (a tensor result that is no view)."""
     value = node.meta.get("val")
-    if node.op != "call_function" or not isinstance(value, torch.Tensor) or is_view(node):
-        return False
-    return node.target is not operator.getitem or not is_view(node.args[0])
+    return node.op == "call_function" and isinstance(value, torch.Tensor) \
+        and not is_view(node) and not aliased_inputs(node)
 
 
 def _written_over(node: fx.Node, last: dict, index: dict) -> str | None:
@@ -269,10 +292,21 @@ def _written_over(node: fx.Node, last: dict, index: dict) -> str | None:
         if isinstance(other, torch.Tensor) and last[arg] == index[node] and \
                 other.dtype == value.dtype and _contiguous(other) and \
                 [str(s) for s in other.shape] == [str(s) for s in value.shape] and \
-                not any(a is not arg and view_base(a, through_items=True) is arg
+                not any(a is not arg and arg in _ancestry(a)
                         for a in node.all_input_nodes):   # read at other indices too
             return arg.name
     return None
+
+
+def _ancestry(node: fx.Node) -> set[fx.Node]:
+    """Every value whose storage ``node`` may share, through chains of aliases."""
+    found, work = set(), aliased_inputs(node)
+    while work:
+        other = work.pop()
+        if other not in found:
+            found.add(other)
+            work.extend(aliased_inputs(other))
+    return found
 
 
 def _pack(group: list[str], values: dict[str, _Value], sizes: dict[str, int],
