@@ -230,7 +230,10 @@ class CapturedExecutable:
                                        "replays": 0, "copied_inputs": 0, "plain_calls": 0}
 
     def __getattr__(self, name):   # paths, program, modules: the executable's
-        return getattr(self.executable, name)
+        wrapped = self.__dict__.get("executable")
+        if wrapped is None or name.startswith("__"):   # copy's half-built object
+            raise AttributeError(name)
+        return getattr(wrapped, name)
 
     def __call__(self, args: list) -> list:
         if self.status["state"] == "off" or not self.lock.acquire(blocking=False):
@@ -254,6 +257,8 @@ class CapturedExecutable:
             if not self._capture(args):
                 return self._plain(args)
         elif not self._fits(args):
+            self.status["reason"] = "a call's inputs differ in layout, device or value " \
+                                    "from the captured ones"
             return self._plain(args)
         else:
             self._fill(args)

@@ -13,6 +13,7 @@ retrograd's uniform draws read their seed as a tensor. The tests marked
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy
@@ -319,6 +320,28 @@ def test_the_torch_compile_face_trains_like_eager_through_replays(stand_in):
     for p, q in zip(model.parameters(), twin.parameters()):
         assert_close(p.detach(), q.detach(), torch.float32, "parameter", 1e-5)
     assert sorted(c.status["replays"] for c in stand_in) == [3, 3]   # forward, backward
+
+
+def test_a_captured_executable_can_be_copied(stand_in):
+    """``copy`` builds the object before its attributes: the passthrough to
+    the wrapped executable must not recurse then."""
+    compiled = retrograd.compile(lambda x: x * 3, executor="torch")
+    compiled(torch.randn(2))
+    [captured] = stand_in
+    twin = copy.copy(captured)
+    assert twin.executable is captured.executable and twin.paths == captured.paths
+
+
+def test_a_call_that_does_not_fit_the_slots_runs_without_and_says_why(stand_in):
+    compiled = retrograd.compile(lambda x: x * 3, executor="torch")
+    for _ in range(3):
+        compiled(torch.randn(2))
+    [captured] = stand_in
+    strided = torch.arange(4.0)[::2]   # the captured slot is contiguous
+    [out] = captured([strided])
+    assert torch.equal(out, torch.tensor([0.0, 6.0]))
+    status = captured.status
+    assert status["plain_calls"] == 1 and "differ in layout" in status["reason"]
 
 
 def test_a_failed_capture_warns_and_runs_without(stand_in, monkeypatch):
