@@ -175,10 +175,16 @@ class CudaGraphs:
         self.pool = torch.cuda.graph_pool_handle()
 
     def warm_up(self, function: Callable[[], list]) -> list:
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        """``function``'s outputs, computed on the capture stream; they are used
+        on the caller's, so their memory is not reused before that work ends."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             outputs = function()
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        current.wait_stream(self.stream)
+        for output in outputs:
+            if isinstance(output, torch.Tensor) and output.is_cuda:
+                output.record_stream(current)
         return outputs
 
     def capture(self, function: Callable[[], list], slots: list) -> tuple[Any, list]:
