@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-__all__ = ["accepts_out", "bound_name", "torch_function"]
+__all__ = ["accepts_out", "bound_name", "in_place_method", "torch_function"]
 
 _FUNCTIONS = torch._C._VariableFunctions
 
@@ -68,6 +68,24 @@ def accepts_out(node: fx.Node, operand: fx.Node) -> bool:
     except Exception:   # noqa: BLE001 -- any refusal means: no out= form
         return False
     return got is out and _same(expected, got)
+
+
+def in_place_method(node: fx.Node) -> str | None:
+    """``"<op>_"`` when the tensor method of that name, called on ``node``'s
+    first operand, computes what the overload does (checked on meta tensors):
+    ``a.mul_(b)`` is about a microsecond cheaper than ``torch.mul(a, b, out=a)``."""
+    target = node.target
+    name = f"{getattr(target, '_opname', '')}_"
+    if not isinstance(getattr(torch.Tensor, name, None), type(torch.Tensor.add_)):
+        return None
+    try:
+        args, kwargs, _ = _meta_operands(node)
+        expected = target(*args, **kwargs)
+        args, kwargs, _ = _meta_operands(node)
+        got = getattr(args[0], name)(*args[1:], **kwargs)
+    except Exception:   # noqa: BLE001 -- any refusal means: keep out=
+        return None
+    return name if got is args[0] and _same(expected, got) else None
 
 
 class _Unknown(Exception):

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from retrograd.codegen.torch_calls import accepts_out
+from retrograd.codegen.torch_calls import accepts_out, in_place_method
 from retrograd.codegen.wrapper import variable
 from torch import fx
 from torch._prims_common import is_non_overlapping_and_dense_or_false
@@ -221,7 +221,7 @@ def _define(state: _State, statement: Statement, index: int, read: set[str],
             target = _donor(state, statement, index) or \
                 _in_place_target(state, statement, index, read)
             if target is not None:
-                text = _with_out(text, target)
+                text = _with_out(text, target, statement)
                 groups.join(key, state.key(target))
     return text
 
@@ -287,8 +287,16 @@ def _same_layout(value, result: torch.Tensor) -> bool:
         value.device == result.device and is_non_overlapping_and_dense_or_false(value)
 
 
-def _with_out(text: str, target: str) -> str:
-    """``y = torch.f(...)`` as ``y = torch.f(..., out=target)``."""
+def _with_out(text: str, target: str, statement: Statement) -> str:
+    """``y = torch.f(...)`` as ``y = torch.f(..., out=target)``, or as the
+    in-place method ``y = target.f_(...)`` when ``target`` is its first operand."""
     code, marker, comment = text.partition("  # ")
     assert code.endswith(")"), code
+    head = f"{statement.variable} = torch.{statement.node.target._opname}("
+    arguments = code[len(head):-1]
+    if code.startswith(head) and (arguments == target or arguments.startswith(f"{target}, ")):
+        method = in_place_method(statement.node)
+        if method is not None:
+            rest = arguments[len(target) + 2:]
+            return f"{statement.variable} = {target}.{method}({rest}){marker}{comment}"
     return f"{code[:-1]}, out={target}){marker}{comment}"
