@@ -24,7 +24,7 @@ autograd). Saved bytes are measured, not read from the
 report: the unique storages autograd holds for the backward
 (``saved_tensors_hooks``, parameters and inputs left out; measuring.py).
 
-    python benchmarks/cpu_step.py [--models mlp gpt2_tiny] [--out results.json]
+    python benchmarks/cpu_step.py [--models mlp gpt2_tiny] [--no-inductor] [--out results.json]
 """
 
 from __future__ import annotations
@@ -169,6 +169,8 @@ def main() -> None:
                         help="torch's intra-op threads (1 on a shared machine)")
     parser.add_argument("--arena", action="store_true",
                         help="also the torch program with out= into the arena")
+    parser.add_argument("--no-inductor", action="store_true",
+                        help="leave Inductor out (its compiles take most of a run)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,6 +178,8 @@ def main() -> None:
     CLOCK = _ProgramClock()
     before = _environment()
     variants = _variants(args.arena)
+    if args.no_inductor:
+        del variants["inductor"]
     rows = [measure(name, variants, args.warmup, args.repeats) for name in args.models]
     _print(rows, list(variants))
     print(f"load average (1, 5, 15 min) before: {before['load_average_1_5_15_min']}, "
