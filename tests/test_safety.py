@@ -308,12 +308,13 @@ def test_one_model_hammered_from_threads_with_different_shapes(face, compiles, f
 def test_compile_step_keeps_max_programs_and_warns_once(compiles):
     """A step called with ever-new batch sizes keeps at most ``max_programs``
     programs (least recently used released, compiled again when called), warns
-    once naming what changed, and still trains as eager."""
+    once naming what changed, and still trains as eager. ``dynamic=False``:
+    sizes specialize (by default the second size compiles one symbolic step)."""
     model = _model(4)
     reference = copy.deepcopy(model)
     loss_fn = lambda m, x: m(x).pow(2).mean()
     step = retrograd.compile_step(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1),
-                                  max_programs=2)
+                                  max_programs=2, dynamic=False)
     eager = torch.optim.SGD(reference.parameters(), lr=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
