@@ -132,8 +132,16 @@ def _extract(joint: fx.GraphModule, saved_names: set[str], forward_names: set[st
     (those it does not read are dropped by the extraction)."""
     saved = [n for n in joint.graph.nodes if n.name in saved_names
              and isinstance(n.meta.get("val"), torch.Tensor)]
-    symbols = [n for n in joint.graph.nodes if n.name in forward_names
-               and _is_symbolic_number(n) and n.op != "output"]
+    # every size computation that reads no tangent: the hinted copy inlined them
+    # (so they are in no half of its split), and a recomputed view may need one
+    tangent_side: set[fx.Node] = set()
+    for node in joint.graph.nodes:
+        if node.op == "placeholder" and node.name.startswith("tangents") or \
+                any(arg in tangent_side for arg in node.all_input_nodes):
+            tangent_side.add(node)
+    symbols = [n for n in joint.graph.nodes if _is_symbolic_number(n)
+               and n not in tangent_side and (n.op == "placeholder" or n.name in forward_names
+                                              or n.op == "call_function")]
     keywords = {"saved_sym_nodes": symbols, "num_fwd_outputs": num_fwd_outputs}
     parameters = inspect.signature(partitioners._extract_fwd_bwd_modules).parameters
     keywords = {k: v for k, v in keywords.items() if k in parameters}
