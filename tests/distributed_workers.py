@@ -1,4 +1,5 @@
-"""Two-rank scenarios for tests/test_distributed.py, one process per rank.
+"""Two-rank scenarios for tests/test_distributed.py, one process per rank
+(compile_step's are in tests/distributed_step_workers.py).
 
 ``python tests/distributed_workers.py SCENARIO[:ARG] ...`` runs under torchrun's
 environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; the test sets them),
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import retrograd
-from checks import assert_close, assert_close_floor, recording_graphs
+from checks import assert_close_floor, recording_graphs
 
 WIDTH, CLASSES, BATCH, STEPS = 8, 4, 4, 3
 #: fp32 tolerance relative to the largest value (README: the zoo's 1e-4): reductions
@@ -186,249 +187,16 @@ def _fsdp2_steps(model, reference, pair) -> None:
     compare_parameters(model, reference, f"after {STEPS} steps", tolerance=2e-2)
 
 
-#: DDP's bucket_cap_mb for the bucketed scenarios: 256 bytes, so Net's twelve
-#: parameters (912 bytes with BatchNorm) fill four buckets
-SMALL_BUCKET_MB = 256 / 2 ** 20
-
-
-def compile_step_ddp(executor: str) -> None:
-    """retrograd.compile_step(DDP(model)) against an eager DDP loop: AdamW,
-    BatchNorm buffers (broadcast from rank 0), gradient clipping; parameters,
-    buffers and optimizer state after several steps. DDP's 256-byte buckets:
-    one all-reduce per bucket, each issued before the backward's end."""
-    model, reference = twins(batch_norm=True)
-    wrapped = DDP(model, bucket_cap_mb=SMALL_BUCKET_MB)
-    eager = DDP(reference, bucket_cap_mb=SMALL_BUCKET_MB)
-    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=0.05)
-    eager_optimizer = torch.optim.AdamW(eager.parameters(), lr=0.05)
-    step = retrograd.compile_step(wrapped, loss_fn, optimizer, max_grad_norm=0.5,
-                                  executor=executor)
-    _train_against(step, model, optimizer, eager, reference, eager_optimizer, clip=0.5)
-    check_buckets(step, model)
-
-
-def compile_step_group(executor: str) -> None:
-    """compile_step(model, process_group=WORLD, bucket_cap_mb=...) without a
-    DDP wrapper, each rank's model built from its own seed: rank 0's
-    parameters are copied to every rank when the step is built, and the
-    steps equal an eager DDP loop (which copies them when it wraps)."""
-    torch.manual_seed(dist.get_rank())
-    model = Net(batch_norm=True)
-    eager_model = copy.deepcopy(model)
-    eager = DDP(eager_model, bucket_cap_mb=SMALL_BUCKET_MB)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    eager_optimizer = torch.optim.AdamW(eager.parameters(), lr=0.05)
-    step = retrograd.compile_step(model, loss_fn, optimizer, executor=executor,
-                                  process_group=dist.group.WORLD,
-                                  bucket_cap_mb=SMALL_BUCKET_MB)
-    _train_against(step, model, optimizer, eager, eager_model, eager_optimizer, clip=None)
-    check_buckets(step, model)
-
-
-class Gated(Net):
-    """``Net`` plus an ``extra`` layer used only on even batch sizes: the
-    signatures' losses reach different parameters."""
-
-    def __init__(self):
-        super().__init__(batch_norm=True)
-        self.extra = nn.Linear(WIDTH, CLASSES)
-
-    def forward(self, x):
-        logits = super().forward(x)
-        return logits + self.extra(x) if x.shape[0] % 2 == 0 else logits
-
-
-def compile_step_zero(kind: str) -> None:
-    """ZeRO-1: compile_step(DDP(model), shard_optimizer_state=True), AdamW
-    (``kind`` "adamw") or SGD with momentum ("sgd"), the CPU default.
-    Parameters and buffers equal an eager DDP loop after several steps; each
-    rank keeps optimizer state for its own parameters only (equal to
-    eager's), together every parameter's, and the updates are shared by
-    broadcasts. "sgd" alternates batch sizes whose losses reach different
-    parameters: each keeps its owner and state across them."""
-    torch.manual_seed(0)
-    model = Gated() if kind == "sgd" else Net(batch_norm=True)
-    reference = copy.deepcopy(model)
-    wrapped, eager = DDP(model), DDP(reference, find_unused_parameters=kind == "sgd")
-    rows = [BATCH, BATCH - 1, BATCH, BATCH - 1] if kind == "sgd" else [BATCH] * STEPS
-
-    def make(parameters):
-        if kind == "sgd":
-            return torch.optim.SGD(parameters, lr=0.1, momentum=0.9)
-        return torch.optim.AdamW(parameters, lr=0.05)
-    optimizer, eager_optimizer = make(wrapped.parameters()), make(eager.parameters())
-    step = retrograd.compile_step(wrapped, loss_fn, optimizer, shard_optimizer_state=True)
-    for number, count in enumerate(rows):
-        x, y = batch(number)
-        loss = step(x[:count], y[:count])
-        eager_optimizer.zero_grad()
-        eager_loss = loss_fn(eager, x[:count], y[:count])
-        eager_loss.backward()
-        eager_optimizer.step()
-        assert_close(loss.detach(), eager_loss.detach(), torch.float32, f"loss {number}")
-    compare_parameters(model, reference, f"after {STEPS} steps")
-    mine = []
-    for index, (p, q) in enumerate(zip(model.parameters(), reference.parameters())):
-        if optimizer.state[p]:
-            mine.append(index)
-            for key, value in eager_optimizer.state[q].items():
-                assert_close_floor(optimizer.state[p][key], value, FP32, 1e-3, f"state {key}")
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    assert all(everyone), f"a rank keeps no state: {everyone}"
-    count = len(list(model.parameters()))
-    assert sorted(i for part in everyone for i in part) == list(range(count)), everyone
-    if kind == "adamw":   # one signature, one program: one broadcast per rank
-        report = step.reports["step"]["kernels"]["extern_ops"]
-        assert report.get("_c10d_functional.broadcast.default") == dist.get_world_size(), report
-
-
-def check_buckets(step, model) -> None:
-    """One all-reduce per 256-byte bucket, as many as DDP's own assignment
-    makes, and the schedule put compute between the first bucket's issue
-    and its wait."""
-    parameters = list(model.parameters())
-    expected = len(dist._compute_bucket_assignment_by_size(
-        parameters, [256], [False] * len(parameters))[0])
-    assert expected > 2, expected
-    report = step.reports["step"]
-    assert report["kernels"]["extern_ops"].get("_c10d_functional.all_reduce.default") == \
-        expected, report["kernels"]["extern_ops"]
-    schedule = next(p for p in report["passes"] if p["name"] == "schedule")["stats"]
-    rows = schedule["communication"]["collectives"]
-    assert [row["issued_at"] for row in rows] == sorted(row["issued_at"] for row in rows)
-    assert rows[0]["kernels_between"] > 0 and rows[0]["waited_at"] > rows[-1]["issued_at"], rows
-
-
-def _train_against(step, model, optimizer, eager, reference, eager_optimizer, clip) -> None:
-    """``STEPS`` compiled steps against an eager DDP loop: losses, then
-    parameters, buffers and optimizer state after the last."""
-    for number in range(STEPS):
-        loss = step(*batch(number))
-        eager_optimizer.zero_grad()
-        eager_loss = loss_fn(eager, *batch(number))
-        eager_loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(eager.parameters(), clip)
-        eager_optimizer.step()
-        assert_close(loss.detach(), eager_loss.detach(), torch.float32, f"loss {number}")
-    compare_parameters(model, reference, f"after {STEPS} steps")
-    for p, q in zip(model.parameters(), reference.parameters()):
-        for key, value in eager_optimizer.state[q].items():
-            assert_close_floor(optimizer.state[p][key], value, FP32, 1e-3, f"state {key}")
-
-
-class Partial(Net):
-    """``Net`` plus an ``extra`` layer that only a rank with ``use_extra`` uses."""
-
-    def __init__(self, use_extra: bool):
-        super().__init__()
-        self.extra, self.use_extra = nn.Linear(WIDTH, CLASSES), use_extra
-
-    def forward(self, x):
-        logits = super().forward(x)
-        return logits + self.extra(x) if self.use_extra else logits
-
-
-def compile_step_unused(executor: str) -> None:
-    """A layer the loss reaches on rank 1 only: averaged on both ranks, as
-    DDP(find_unused_parameters=True); SGD with momentum."""
-    torch.manual_seed(0)
-    model = Partial(use_extra=dist.get_rank() == 1)
-    reference = copy.deepcopy(model)
-    wrapped, eager = DDP(model), DDP(reference, find_unused_parameters=True)
-    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
-    eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
-    step = retrograd.compile_step(wrapped, loss_fn, optimizer, executor=executor)
-    start = model.extra.weight.detach().clone()
-    for number in range(STEPS):
-        step(*batch(number))
-        eager_optimizer.zero_grad()
-        loss_fn(eager, *batch(number)).backward()
-        eager_optimizer.step()
-    compare_parameters(model, reference, f"after {STEPS} steps")
-    moved = (model.extra.weight - start).abs().max()
-    assert moved > 0, "the extra layer was not updated on this rank"
-
-
-class Mixed(nn.Module):
-    """A float64 layer feeding a float32 one: two gradient dtypes, two all-reduces."""
-
-    def __init__(self):
-        super().__init__()
-        self.first = nn.Linear(WIDTH, WIDTH, dtype=torch.float64)
-        self.second = nn.Linear(WIDTH, CLASSES)
-
-    def forward(self, x):
-        return self.second(torch.tanh(self.first(x.double())).float())
-
-
-def compile_step_dtypes(executor: str) -> None:
-    """Gradients of two dtypes: one all-reduce each, the second ordered after
-    the first; parameters equal an eager DDP loop (SGD with momentum)."""
-    torch.manual_seed(0)
-    model = Mixed()
-    reference = copy.deepcopy(model)
-    wrapped, eager = DDP(model), DDP(reference)
-    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
-    eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
-    step = retrograd.compile_step(wrapped, loss_fn, optimizer, executor=executor)
-    for number in range(STEPS):
-        step(*batch(number))
-        eager_optimizer.zero_grad()
-        loss_fn(eager, *batch(number)).backward()
-        eager_optimizer.step()
-    compare_parameters(model, reference, f"after {STEPS} steps")
-    report = step.reports["step"]["kernels"]["extern_ops"]
-    assert report.get("_c10d_functional.all_reduce.default") == 2, report
-
-
-def refused(call, *words) -> None:
-    """``call()`` raises UnsupportedError whose message has all ``words``."""
-    try:
-        call()
-    except retrograd.UnsupportedError as error:
-        assert all(word in str(error) for word in words), (words, str(error))
-    else:
-        raise AssertionError(f"not refused: expected an error naming {words}")
-
-
-def refusals(_: str) -> None:
-    """Setups compile_step cannot run end in UnsupportedError naming the fix
-    (FSDP1 needs an accelerator to be built: tests/test_distributed.py)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    def build(model):
-        return lambda: retrograd.compile_step(model, loss_fn, None)
-
-    model = Net()
-    refused(build(fully_shard(copy.deepcopy(model), mesh=init_device_mesh("cpu", (2,)))),
-            "FSDP2", "fully_shard(block)")
-    uneven = DDP(copy.deepcopy(model))
-    if dist.get_rank() == 1:   # changed after DDP checked the shapes
-        uneven.module.head = nn.Linear(WIDTH, CLASSES + 1)
-    refused(build(uneven), "differ across ranks", "head.weight")
-    wrapped = DDP(copy.deepcopy(model))
-    step = retrograd.compile_step(wrapped, loss_fn, None, executor="fx")
-    with wrapped.no_sync():
-        refused(lambda: step(*batch(0)), "no_sync", "DDP(torch.compile")
-    refused(lambda: retrograd.compile_step(model, loss_fn, None, process_group="WORLD"),
-            "must be a torch.distributed.ProcessGroup", "str")
-    late = DDP(copy.deepcopy(model))
-    dist.destroy_process_group()
-    refused(build(late), "no process group", "init_process_group")
-
-
 SCENARIOS = {function.__name__: function for function in (
-    ddp_torch_compile, ddp_standalone, ddp_buckets, fsdp2, compile_step_ddp, compile_step_group,
-    compile_step_zero, compile_step_unused,
-    compile_step_dtypes, refusals)}
+    ddp_torch_compile, ddp_standalone, ddp_buckets, fsdp2)}
 
 
 def main() -> None:
     """Run each ``SCENARIO[:ARG]`` of the command line in order, in one process
     group (starting a process costs more than most scenarios)."""
+    import distributed_step_workers  # compile_step's scenarios (they import this module)
+
+    SCENARIOS.update(distributed_step_workers.SCENARIOS)
     dist.init_process_group("gloo")
     try:
         for item in sys.argv[1:]:

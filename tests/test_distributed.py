@@ -1,5 +1,6 @@
 """DDP and FSDP2 on CPU: two gloo processes per test, against eager with the
-same wrapping (the scenarios are in tests/distributed_workers.py).
+same wrapping (the scenarios are in tests/distributed_workers.py and
+tests/distributed_step_workers.py).
 
 Each test starts two fresh processes with torchrun's environment variables
 (a free port per test), waits with a timeout (a hang fails instead of
@@ -96,13 +97,11 @@ def test_compile_step_on_ddp_matches_eager_ddp_and_refuses_bad_setups():
     with clip_grad_norm_, with Triton's interpreter and with the CPU default
     (the torch program), gradients all-reduced in DDP's buckets, each issued
     before the backward's end; (2) the same with process_group= on a bare
-    model whose ranks start apart; (3) ZeRO-1 (shard_optimizer_state): each
-    rank keeps its own parameters' AdamW state, equal to eager's, and the
-    parameters still equal eager DDP's; (4) FSDP2, parameters that differ across
+    model whose ranks start apart; (3) FSDP2, parameters that differ across
     ranks, a step inside no_sync() and a destroyed process group each end in
     UnsupportedError naming what to do."""
     run_ranks("compile_step_ddp:interpret", "compile_step_ddp:auto", "compile_step_group:auto",
-              "compile_step_zero:adamw", "refusals")
+              "refusals")
 
 
 @pytest.mark.slow
@@ -110,8 +109,12 @@ def test_compile_step_on_ddp_unused_layers_and_two_gradient_dtypes():
     """A layer only rank 1's loss reaches is averaged on both ranks, as DDP
     with find_unused_parameters=True; float64 and float32 gradients are
     averaged by one all-reduce each (SGD with momentum, against eager DDP);
-    ZeRO-1 with SGD's momentum buffers sharded."""
-    run_ranks("compile_step_unused:fx", "compile_step_dtypes:interpret", "compile_step_zero:sgd")
+    ZeRO-1 (shard_optimizer_state) with AdamW, then SGD momentum over batch
+    sizes whose losses reach different parameters: each rank keeps its own
+    parameters' state, equal to eager's, and the parameters equal eager
+    DDP's."""
+    run_ranks("compile_step_unused:fx", "compile_step_dtypes:interpret", "compile_step_zero:adamw",
+              "compile_step_zero:sgd")
 
 
 def test_compile_step_refuses_data_parallel_and_fsdp1():
