@@ -558,6 +558,12 @@ def test_split_partials_are_an_arena_slot(forced_split, disable, tmp_path):
     assert forward["memory"]["arena_bytes"] >= softmax + partials
 
 
+def test_split_partials_under_verify(forced_split):
+    """``verify=True`` runs each pass's Program node by node: the partials
+    (outputs no node makes) are skipped there, not looked up."""
+    check(lambda x: x.sum(0) * 2, randn(37, 5), grad=False, verify=True)
+
+
 def test_split_is_chosen_by_shape():
     """On a GPU: a bias gradient over many tokens splits, many rows or a short
     extent do not; the interpreter never splits."""
