@@ -167,17 +167,7 @@ def test_a_failing_plan_leaves_the_default_partition_not_a_static_family(monkeyp
                in r.getMessage() for r in caplog.records)
 
 
-# This passed at 3e9026b; minutes later, with other changes in the shared tree
-# (not identified), the plan chosen at the hints for these graphs could no longer
-# be cut out of the symbolic joint ("Node t_99 was invalid, but is output"): both
-# get the default partition (right numbers, a warning). Strict: this fails, and
-# must be un-marked, once the plan applies again.
-KNOWN = pytest.mark.xfail(strict=True, reason="symbolic extraction of the hinted plan "
-                                                "fails on LoRA/GPT-2 (see comment)")
-
-
-@pytest.mark.parametrize("name", [pytest.param("lora", marks=KNOWN),
-                                  pytest.param("gpt2_tiny", marks=[KNOWN, pytest.mark.slow])])
+@pytest.mark.parametrize("name", ["lora", pytest.param("gpt2_tiny", marks=pytest.mark.slow)])
 def test_zoo_models_get_the_plan_and_save_no_more_than_the_default(name, monkeypatch):
     """The plan applies to LoRA and GPT-2 (it raised on them: size computations
     read only by a recomputed view were not handed to the backward), matches
