@@ -82,12 +82,14 @@ class DynamicSteps:
         return {"step": self.last.report} if self.last is not None else {}
 
     def program(self, key: tuple, offset: int, leaves: Sequence[Any], inputs: list,
-                function: Callable[[], Callable]):
+                function: Callable[[], Callable], updates: dict[int, int] | None = None):
         """The executable for this call, or None (the static path compiles it).
 
         ``key`` is the step's static key, whose entries ``offset`` on are the
         batch's ``leaves``; ``inputs`` the step's inputs; ``function()`` the
-        step function to trace."""
+        step function to trace; ``updates`` output position -> input position
+        of each value the step replaces (parameters, optimizer state), written
+        over that input where safe (symbolic_donation.py)."""
         dims = self._dims(leaves)
         if not dims or family(leaves) in self.failed:
             return None
