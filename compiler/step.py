@@ -270,7 +270,8 @@ class Step:
         if executable is None:
             executable = self.dynamic.program(
                 key, len(parameters) + len(buffers), leaves, inputs,
-                lambda: self._function(loss_of, used, groups, clock_of))
+                lambda: self._function(loss_of, used, groups, clock_of),
+                self._updates(inputs, used, len(inputs[2])))
             self.last = None if executable is not None else self.last
         if executable is None:
             executable = self._program(key, inputs, loss_of, used, groups, clock_of)
