@@ -32,7 +32,6 @@ elimination, which reads no size, runs instead.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
@@ -43,7 +42,6 @@ from retrograd.passes import checkpoint
 from retrograd.passes.planning.remat import storage_base
 from retrograd.pipeline import OpSupport, PassContext
 from torch import fx
-from torch._functorch import partitioners
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
@@ -142,13 +140,7 @@ def _extract(joint: fx.GraphModule, saved_names: set[str], forward_names: set[st
     symbols = [n for n in joint.graph.nodes if _is_symbolic_number(n)
                and n not in tangent_side and (n.op == "placeholder" or n.name in forward_names
                                               or n.op == "call_function")]
-    keywords = {"saved_sym_nodes": symbols, "num_fwd_outputs": num_fwd_outputs}
-    parameters = inspect.signature(partitioners._extract_fwd_bwd_modules).parameters
-    keywords = {k: v for k, v in keywords.items() if k in parameters}
-    forward, backward = partitioners._extract_fwd_bwd_modules(joint, saved, **keywords)
-    forward.graph.eliminate_dead_code()
-    backward.graph.eliminate_dead_code(
-        is_impure_node=lambda node: node.is_impure(impure_random=False))
+    forward, backward = checkpoint.extract(joint, saved, num_fwd_outputs, symbols)
     forward.recompile()
     backward.recompile()
     return forward, backward

@@ -57,7 +57,7 @@ from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
 from retrograd.passes.planning import budget as budget_plans
 from retrograd.passes.planning import ledger, patterns, remat
 
-__all__ = ["run", "saved_values", "Policy", "EXACT_LIMIT"]
+__all__ = ["run", "saved_values", "extract", "Policy", "EXACT_LIMIT"]
 
 #: Largest number of forward nodes handed to the exact (ILP) budget solver.
 EXACT_LIMIT = 600
@@ -195,9 +195,11 @@ class Policy:
         return not self.forced_save(node) and is_pure(node)
 
 
-def _extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int):
-    """AOTAutograd's own extraction of the two halves around ``saved``."""
-    keywords = {"saved_sym_nodes": [], "num_fwd_outputs": num_fwd_outputs}
+def extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int,
+            saved_symbols: list[fx.Node] = ()):
+    """AOTAutograd's own extraction of the two halves around ``saved`` (and
+    the size symbols the backward reads, on a symbolic joint graph)."""
+    keywords = {"saved_sym_nodes": list(saved_symbols), "num_fwd_outputs": num_fwd_outputs}
     parameters = inspect.signature(partitioners._extract_fwd_bwd_modules).parameters
     keywords = {k: v for k, v in keywords.items() if k in parameters}
     forward, backward = partitioners._extract_fwd_bwd_modules(joint, saved, **keywords)
@@ -256,7 +258,7 @@ def run(joint: fx.GraphModule, ctx) -> PassResult:
     plan, budget, guard = _plan(info, ctx, policy, save_all_bytes, joint.graph)
     saved = [n for n in joint.graph.nodes if n in plan.saved or n.op == "placeholder"
              and not n.name.startswith("tangents")]
-    forward, backward = _extract(joint, saved, count)
+    forward, backward = extract(joint, saved, count)
     by_name = {n.name: n for n in info.forward}
     recomputed = [n for n in backward.graph.nodes
                   if n.op == "call_function" and n.name in by_name]
