@@ -29,8 +29,9 @@ a freed value takes its recorded shape, a view kept in registers is a
 reshape of the register it equals, and anything else is computed again from
 its operands (a deterministic recompute: retrograd's random ops are keyed
 by their seed). Inputs and outputs get the strides they were traced with
-(``_strides``: the layout pass's choices serve generated kernels), a copy
-only where a caller or torch gave others.
+or the layout pass's channels-last choices where no torch call reading
+them depends on strides (``_strides``, ``torch_strides.py``), a copy only
+where a caller or torch gave others.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 from retrograd.codegen.torch_calls import bound_name, torch_function
 from retrograd.codegen.torch_liveness import Statement, tighten
 from retrograd.codegen.torch_order import order_for_memory
+from retrograd.codegen.torch_strides import followed_strides
 from retrograd.codegen.wrapper import render, variable
 from retrograd.ir import Kernel, Kind, Program
 from torch import fx
@@ -95,6 +97,7 @@ class _Writer:
     lines: list[str | Statement] = field(default_factory=list)
     bindings: dict[str, str] = field(default_factory=dict)   # bound name -> overload
     placeholders: dict[str, fx.Node] | None = None   # the program's inputs, once asked
+    followed: set[str] = field(default_factory=set)   # planned strides kept (torch_strides.py)
 
     def callee(self, node: fx.Node) -> str:
         """What the program calls for ``node``'s op (torch_calls.py)."""
@@ -268,20 +271,20 @@ def _fix_layouts(writer: _Writer, kernel: Kernel) -> None:
     for name in kernel.outputs:
         buffer = writer.program.buffers.get(name)
         if buffer is not None and name in writer.alive:
-            strides = _strides(nodes.get(name), buffer)
+            strides = _strides(nodes.get(name), buffer, name in writer.followed)
             writer.lines.extend(_stride_check(name, buffer.shape, strides))
 
 
-def _strides(node: fx.Node | None, buffer) -> tuple[int, ...]:
-    """The strides a value has in the torch program: its recorded value's.
-
-    The layout pass may plan other strides (channels-last for a convolution's
-    Triton neighbours); they serve generated kernels, and making torch's
-    results follow them would only add copies. Every view and ``as_strided``
-    of the graph was traced against the recorded strides, so those are the
-    ones the program's torch calls rely on. Without a recorded tensor, the plan's.
+def _strides(node: fx.Node | None, buffer, followed: bool = False) -> tuple[int, ...]:
+    """The strides a value has in the torch program: the plan's where
+    ``followed`` (the layout pass's channels-last choices, where no torch call
+    reading the value depends on strides: torch_strides.py), else its
+    recorded value's: every view and ``as_strided`` of the graph was traced
+    against those. Without a recorded tensor, the plan's.
     """
     value = node.meta.get("val") if node is not None else None
+    if followed:
+        return tuple(buffer.strides)
     if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(buffer.shape):
         return tuple(value.stride())
     return tuple(buffer.strides)
@@ -322,7 +325,7 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
     ``arena``: extern calls with a planned slot write into the arena with their
     ``out=`` form (off by default: slower on a CPU, see the module docstring).
     """
-    writer = _Writer(program)
+    writer = _Writer(program, followed=followed_strides(program))
     lines = writer.lines
     if program.inputs:
         lines.append(f"{', '.join(variable(name) for name in program.inputs)}, = args")
@@ -332,7 +335,8 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
         buffer = program.buffers.get(name)
         if buffer is not None:
             lines.extend(_stride_check(name, buffer.shape,
-                                       _strides(placeholders.get(name), buffer)))
+                                       _strides(placeholders.get(name), buffer,
+                                                name in writer.followed)))
     for name in program.constants:
         lines.append(f"{variable(name)} = rt.constant({name!r})")
     writer.alive.update(program.inputs, program.constants)
