@@ -23,7 +23,7 @@ import torch
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retrograd.decompositions import decomposition_table, traced_right
+from retrograd.decompositions import decomposition_table, table_for, traced_right
 from retrograd.errors import UnsupportedError
 from retrograd.locking import compiling
 from retrograd.options import Options
@@ -135,7 +135,7 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
                 bw_compiler=_once(compiler.compile_backward),
                 partition_fn=compiler.partition,
                 inference_compiler=compiler.compile_inference,
-                decompositions=decomposition_table(),
+                decompositions=table_for(options.executor, example_inputs),
             )
     return compiled, compiler
 

@@ -7,7 +7,9 @@ codegen's counter-based generator), GELU into erf and products, layer norm
 and softmax into reductions and pointwise math, batch norm into the same.
 What remains for codegen is a small set: pointwise math (docs/ops.md lists
 every lowered op), reductions, matrix products, convolutions, indexing and
-RNG.
+RNG. The torch program (``executor="torch"``, the CPU default) keeps a few
+of those composites whole instead (``TORCH_WHOLE``): it runs each op as one
+torch call, so fewer, fused calls are what make it fast.
 
 Some of PyTorch's core decompositions are written for inference and export
 and are wrong in a training joint graph, where AOTAutograd pairs a
@@ -26,9 +28,10 @@ import torch
 import torch._decomp
 
 from retrograd.locking import compiling
+from retrograd.runtime.device import choose_executor, device_of
 
 __all__ = ["decomposition_table", "traced_right", "EXCLUDED", "FIXED", "AUTOGRAD_FIXES",
-           "HELD"]
+           "HELD", "TORCH_WHOLE", "table_for"]
 
 aten = torch.ops.aten
 
@@ -162,9 +165,34 @@ HELD = {aten._log_softmax.default, aten._log_softmax_backward_data.default,
         aten.logsumexp.default}   # a z-loss beside the cross-entropy (matching/z_loss.py)
 
 
+#: Ops kept whole when the graph runs as the torch program (``executor="torch"``,
+#: what ``"auto"`` runs on a CPU): there each decomposed op is a torch call of a
+#: few microseconds, and these fused ATen kernels replace 8-15 calls each (GELU's
+#: derivative, layer norm's backward). Only ops whose keeping leaves the saved
+#: bytes unchanged: the forward ops the plan recomputes in the backward stay
+#: decomposed, since an extern op with several outputs is not recomputed
+#: (``native_layer_norm`` whole saved its output: mlp 512 -> 672 bytes).
+#: The backward ops read what their decomposition reads (GELU's input; the
+#: norm's input, mean and rstd), so the plan saves the same values.
+TORCH_WHOLE = {aten.gelu.default, aten.gelu_backward.default,
+               aten.native_layer_norm_backward.default}
+
+
+def table_for(requested: str, tensors) -> dict:
+    """The table to trace with when ``requested`` (an executor option) runs on
+    ``tensors``: ``executor="torch"`` keeps ``TORCH_WHOLE`` whole; the
+    interpreter and Triton keep every decomposition (codegen fuses them)."""
+    try:
+        executor = choose_executor(requested, device_of(tensors))
+    except ValueError:   # refused: the compiler says why, with its own message
+        executor = None
+    return decomposition_table(executor=executor)
+
+
 @functools.lru_cache(maxsize=None)
-def decomposition_table(full_table: bool = False) -> dict:
-    """What retrograd traces with; ``full_table`` also holds the HELD ops' entries."""
+def decomposition_table(full_table: bool = False, executor: str | None = None) -> dict:
+    """What retrograd traces with; ``full_table`` also holds the HELD ops' entries;
+    ``executor="torch"`` leaves out the ``TORCH_WHOLE`` ops' (see ``table_for``)."""
     import retrograd.rng  # noqa: F401  (registers retrograd::uniform)
     table = dict(torch._decomp.core_aten_decompositions())
     table.update(torch._decomp.get_decompositions(EXTRA))
@@ -174,5 +202,8 @@ def decomposition_table(full_table: bool = False) -> dict:
         table.pop(op, None)
     if not full_table:
         for op in HELD:
+            table.pop(op, None)
+    if executor == "torch":
+        for op in TORCH_WHOLE:
             table.pop(op, None)
     return table

@@ -42,7 +42,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functionalize, grad_and_value
 
 from retrograd.capture import signature
-from retrograd.decompositions import decomposition_table, traced_right
+from retrograd.decompositions import table_for, traced_right
 from retrograd.distributed import check_same_parameters, unwrap
 from retrograd.locking import compiling
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
@@ -351,11 +351,11 @@ class Step:
     def _compile(self, inputs, loss_of, used, groups, clock_of):
         function = self._function(loss_of, used, groups, clock_of)
         with compiling():   # trace and pipeline, one thread at a time (locking.py)
+            flat = pytree.tree_flatten(inputs)[0]
             with traced_right():
                 traced = make_fx(functionalize(recording(function)),   # source lines
-                                 decomposition_table=decomposition_table(),
+                                 decomposition_table=table_for(self.options.executor, flat),
                                  tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
-            flat = pytree.tree_flatten(inputs)[0]
             compiler = GraphCompiler(self.options, flat)
             updates = self._updates(inputs, used, len(inputs[2]))
             executable = compiler.compile_step(traced, flat, seed=len(flat) - 1,

@@ -238,7 +238,9 @@ class Plans:
         rows, columns, capacity, sized, size = self.cut_edges
         capacity = capacity.copy()
         saveable = np.isfinite(capacity[sized])
-        capacity[sized[saveable]] = (np.broadcast_to(weight, (n,)) * size)[saveable]
+        # products at saveable values only: an unsaveable one's size is inf, and
+        # inf * a weight of 0 warned (a nan, then discarded)
+        capacity[sized[saveable]] = np.broadcast_to(weight, (n,))[saveable] * size[saveable]
         finite = np.isfinite(capacity)
         total = capacity[finite].sum()
         limit = 2 ** 30
