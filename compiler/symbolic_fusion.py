@@ -156,11 +156,13 @@ def _launcher(name: str, source: str, outputs: list[bool], dtype: torch.dtype,
     launch = load_module(write_source(name, source), interpreted).launch
     launch = without_cycles(launch) if interpreted else launch
 
-    def run(*tensors):
+    def run(*tensors, out=None):
+        """``out``: a preallocated tensor (or None) per output (in-place updates)."""
         first = tensors[0]
         tensors = [_as_loaded(t, scalar, name) for t, scalar in zip(tensors, scalars)]
-        results = [torch.empty(first.shape if full else (), dtype=dtype, device=first.device)
-                   for full in outputs]
+        results = [given if given is not None else
+                   torch.empty(first.shape if full else (), dtype=dtype, device=first.device)
+                   for full, given in zip(outputs, out or [None] * len(outputs))]
         count = first.numel()
         if count or not all(outputs):   # a sum of nothing is still written (0, or nan)
             block = max(16, min(1 << 16 if interpreted else 1024, 1 << (count - 1).bit_length()))
@@ -168,7 +170,7 @@ def _launcher(name: str, source: str, outputs: list[bool], dtype: torch.dtype,
                 launch(block, count, *tensors, *results)
         return tuple(results)
     run.__name__ = run.__qualname__ = name
-    run.source = source
+    run.source, run.takes_out = source, True
     return run
 
 
