@@ -15,13 +15,14 @@ What the symbolic step runs: the traced step graph (forward, backward,
 optimizer update in one graph) with fx's dead-code elimination, its
 elementwise runs as size-generic kernels (symbolic_fusion.py, the Triton
 executors), in arenas sized at each call from its sizes
-(symbolic_plan.py). Not run on it: the step's own passes (the checkpoint
-pass's ``rematerialize`` inserts recomputation copies that are not yet
-replayed on a symbolic graph; the backward keeps what the traced graph
-reads, as eager does), in-place updates of parameters and state (written
-back by the step as for any program that did not write them), ``verify``
-and ``dump_dir`` (a warning says so). Its report says all that
-(``symbolic``).
+(symbolic_plan.py), new parameters and optimizer state written over the
+inputs they replace where safe (symbolic_donation.py: the static step's
+donation rule; the report's ``memory.updates_in_place``; the rest are
+copied back by the step). Not run on it: the checkpoint pass's
+``rematerialize`` (its recomputation copies are not yet replayed on a
+symbolic graph; the backward keeps what the traced graph reads, as eager
+does), ``verify`` and ``dump_dir`` (a warning says so). Its report says
+all that (``symbolic``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from retrograd.locking import compiling
 from retrograd.provenance import recording
 from retrograd.report import SCHEMA
 from retrograd.runtime.device import choose_executor
+from retrograd.symbolic_donation import donations
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_plan import ArenaRunner
 from torch.func import functionalize
@@ -100,7 +102,7 @@ class DynamicSteps:
             if kept.guards.hold([v for v in flat if isinstance(v, torch.Tensor)]):
                 self.last = kept
                 return kept.executable
-        made = self._compile(inputs, flat, offset, leaves, dims, function)
+        made = self._compile(inputs, flat, offset, leaves, dims, function, updates or {})
         if made is None:
             return None
         self.programs.setdefault(abstract, []).append(made)
@@ -114,7 +116,7 @@ class DynamicSteps:
         seen = self.sizes.observe(leaves)
         return every_dim(leaves) if dynamic else seen
 
-    def _compile(self, inputs, flat, offset, leaves, dims, function):
+    def _compile(self, inputs, flat, offset, leaves, dims, function, updates):
         """Trace the step with ``dims`` of the batch symbolic; None (and this
         family static from now on, with a warning) if that trace fails."""
         shown = describe_dims(dims).replace("input", "batch input")
@@ -135,10 +137,14 @@ class DynamicSteps:
         _warn_skipped(self.options, self.what)
         executor = choose_executor(getattr(self.options, "executor", "auto"), _device(flat))
         gm, kernels = fuse_pointwise(gm, "fx" if executor == "torch" else executor)
-        runner = None if executor == "fx" else ArenaRunner(gm)
+        donation = donations(gm, updates) if executor != "fx" and updates else None
+        runner = None if executor == "fx" else ArenaRunner(gm, donation)
         executable = make_boxed_func(gm.forward) if runner is None else runner
         executable._boxed_call = True
         report = _report(gm, kernels, executor, shown, guards.text(), perf_counter() - started)
+        report["memory"]["updates_in_place"] = len(donation) if donation is not None else 0
+        report["memory"]["updates_out_of_place"] = len(updates) - \
+            report["memory"]["updates_in_place"]
         return _Program(executable, guards, report, runner)
 
 
@@ -189,6 +195,6 @@ def _report(gm, kernels: int, executor: str, dims: str, guards: str, seconds: fl
             "ledger": [], "compile_seconds": round(seconds, 4),
             "symbolic": {"dims": dims, "guards": guards, "executor": executor,
                          "checkpoint": None,
-                         "why": "the traced step graph with size-generic kernels and arenas "
-                                "sized per call; the step's passes (rematerialize, in-place "
-                                "updates) need concrete sizes"}}
+                         "why": "the traced step graph with size-generic kernels, arenas "
+                                "sized per call and updates in place; rematerialize needs "
+                                "concrete sizes"}}

@@ -107,7 +107,7 @@ class SizedPlan:
 class SizedPlanner:
     """One half's analysis, done once; ``plan(values)`` per size, cached."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, written: frozenset = frozenset()):
         nodes = list(gm.graph.nodes)
         self.index = {node: i for i, node in enumerate(nodes)}
         self.bindings = _bindings(nodes)
@@ -120,11 +120,12 @@ class SizedPlanner:
                 self.values[node.name] = _Value(
                     node.name, tuple(_expr(s) for s in value.shape), value.dtype,
                     self.index[node], last[node], _written_over(node, last, self.index))
-        # every fresh allocation, for the predicted peaks: (name, start, end, shape, dtype)
+        # every fresh allocation, for the predicted peaks: (name, start, end, shape, dtype);
+        # ``written``: values written over an input (in-place updates) allocate nothing
         self.allocations = [(node.name, self.index[node], last[node],
                              tuple(_expr(s) for s in node.meta["val"].shape),
                              node.meta["val"].dtype)
-                            for node in nodes if _allocates(node)]
+                            for node in nodes if _allocates(node) and node.name not in written]
         self.plans: OrderedDict[tuple, SizedPlan] = OrderedDict()
 
     def symbols(self, args: list) -> tuple[int, ...]:
@@ -356,10 +357,13 @@ def _peak(allocations: list[tuple[int, int, int]]) -> int:
 class ArenaRunner:
     """Runs a half's graph with its arenas sized for this call's sizes: each
     allocated before its first node and dropped after its last (its views
-    die with their last readers)."""
+    die with their last readers). ``donation`` (symbolic_donation.py): update
+    values written over the inputs they replace."""
 
-    def __init__(self, gm: fx.GraphModule):
-        self.gm, self.planner = gm, SizedPlanner(gm)
+    def __init__(self, gm: fx.GraphModule, donation=None):
+        self.donation = donation
+        written = donation.written if donation is not None else frozenset()
+        self.gm, self.planner = gm, SizedPlanner(gm, written)
         nodes = list(gm.graph.nodes)
         last = {}
         for i, node in enumerate(nodes):
@@ -375,6 +379,7 @@ class ArenaRunner:
         if isinstance(args, list):
             args.clear()   # the caller's list no longer holds the inputs (boxed convention)
         plan = self.last_plan = self.planner.plan(self.planner.symbols(values))
+        targets = self.donation.targets(values) if self.donation else {}
         device = _device(values)
         opening = {start: [] for start, _, _ in plan.windows}
         for number, (start, _, _) in enumerate(plan.windows):
@@ -393,18 +398,23 @@ class ArenaRunner:
             elif node.op == "output":
                 return fx.map_arg(node.args[0], env.__getitem__)
             else:
-                env[node] = self._call(node, out, env, plan, arenas)
+                env[node] = self._call(node, out, env, plan, arenas, targets)
             for arg in dying:
                 env.pop(arg, None)
             for number in [n for n in arenas if plan.windows[n][1] <= index]:
                 del arenas[number]
         raise AssertionError("retrograd: a graph without an output node")
 
-    @staticmethod
-    def _call(node: fx.Node, out: Any, env: dict, plan: SizedPlan, arenas: dict) -> Any:
-        """The node's op: its ``out=`` form into its arena slot when planned."""
+    def _call(self, node: fx.Node, out: Any, env: dict, plan: SizedPlan, arenas: dict,
+              targets: dict) -> Any:
+        """The node's op: its ``out=`` form into its arena slot when planned,
+        or over the input it replaces when donated and this call allows."""
         positional = fx.map_arg(node.args, env.__getitem__)
         keywords = fx.map_arg(node.kwargs, env.__getitem__)
+        if targets:
+            written = self.donation.call(node, targets)
+            if written is not None:
+                return written(positional, keywords)
         place = plan.offsets.get(node.name) if out is not None else None
         if place is None:
             return node.target(*positional, **keywords)
