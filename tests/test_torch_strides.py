@@ -13,8 +13,13 @@ import pytest
 import retrograd
 import torch
 import torch.nn.functional as F
-from pass_helpers import context, fuse, run_gm, trace
-from pass_helpers import seeded  # noqa: F401  (autouse: each test from seed 0)
+from pass_helpers import (
+    context,
+    fuse,
+    run_gm,
+    seeded,  # noqa: F401  (autouse: each test from seed 0)
+    trace,
+)
 from retrograd.codegen.torch_program import generate_torch_program
 from retrograd.codegen.torch_strides import followed_strides, reads_strides
 from retrograd.ir import Kernel, Kind
