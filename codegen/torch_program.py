@@ -83,6 +83,12 @@ IN_PLACE_SCATTERS = {torch.ops.aten.index_put.default: "index_put_",
                      torch.ops.aten.scatter.value: "scatter_"}
 
 
+#: The modules that register retrograd's own ops (``torch.ops.retrograd``): a
+#: program that calls one imports them, so that the dump's program.py runs alone.
+REGISTERING = ("retrograd.cce_ops", "retrograd.loss_ops", "retrograd.rng",
+               "retrograd.runtime.offload")
+
+
 #: Ops that read their tensor argument for its shape, dtype and device only.
 LIKE_OPS = {torch.ops.aten.full_like.default, torch.ops.aten.zeros_like.default,
             torch.ops.aten.ones_like.default, torch.ops.aten.empty_like.default}
@@ -363,6 +369,8 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
                f"extern calls, {counts[Kind.VIEW]} views")
     bindings = "".join(f"{name} = entry({overload})\n"
                        for name, overload in sorted(writer.bindings.items()))
+    if any(o.startswith("torch.ops.retrograd.") for o in writer.bindings.values()):
+        bindings = "".join(f"import {module}\n" for module in REGISTERING) + bindings
     if bindings:
         bindings = ("\n\n# overloads torch has no function of the same meaning for "
                     "(torch_calls.py)\n" + bindings)
