@@ -12,17 +12,17 @@ and run by every later call whose sizes pass the trace's shape guards (a
 call they refuse compiles its own static program, as before).
 
 What the symbolic step runs: the traced step graph (forward, backward,
-optimizer update in one graph) with fx's dead-code elimination, its
-elementwise runs as size-generic kernels (symbolic_fusion.py, the Triton
-executors), in arenas sized at each call from its sizes
-(symbolic_plan.py), new parameters and optimizer state written over the
-inputs they replace where safe (symbolic_donation.py: the static step's
-donation rule; the report's ``memory.updates_in_place``; the rest are
-copied back by the step). Not run on it: the checkpoint pass's
-``rematerialize`` (its recomputation copies are not yet replayed on a
-symbolic graph; the backward keeps what the traced graph reads, as eager
-does), ``verify`` and ``dump_dir`` (a warning says so). Its report says
-all that (``symbolic``).
+optimizer update in one graph) with fx's dead-code elimination; checkpoints
+placed in it by the checkpoint pass's ``rematerialize`` planned at the size
+hints (symbolic_remat.py; ``symbolic.checkpoint`` and the ledger in the
+report, at the hints); its elementwise runs as size-generic kernels
+(symbolic_fusion.py, the Triton executors), in arenas sized at each call
+from its sizes (symbolic_plan.py); new parameters and optimizer state
+written over the inputs they replace where safe (symbolic_donation.py: the
+static step's donation rule; the report's ``memory.updates_in_place``; the
+rest are copied back by the step). Not run on it: the step's other graph
+passes (cleanup, offload_step: they compare shapes or cost bytes at concrete
+sizes), ``verify`` and ``dump_dir`` (a warning says so).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from retrograd.runtime.device import choose_executor
 from retrograd.symbolic_donation import donations
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_plan import ArenaRunner
+from retrograd.symbolic_remat import place_checkpoints
 from torch.func import functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -126,7 +127,11 @@ class DynamicSteps:
         try:
             with compiling():
                 gm, guards = _trace(function(), inputs, flat, leaves, dims)
-        except Exception as error:   # noqa: BLE001 - the static path handles it, or says why
+                seed = [n.name for n in gm.graph.nodes if n.op == "placeholder"][-1]
+                checkpoints = place_checkpoints(gm, seed, self.options, self.what)
+        except Exception as error:   # the static path handles it, or says why
+            if getattr(error, "user_error", False):
+                raise
             why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             self.failed[family(leaves)] = why
             log.warning("retrograd.compile_step: %s could not be traced with %s symbolic (%s); "
@@ -141,7 +146,8 @@ class DynamicSteps:
         runner = None if executor == "fx" else ArenaRunner(gm, donation)
         executable = make_boxed_func(gm.forward) if runner is None else runner
         executable._boxed_call = True
-        report = _report(gm, kernels, executor, shown, guards.text(), perf_counter() - started)
+        report = _report(gm, kernels, executor, shown, guards.text(), perf_counter() - started,
+                         checkpoints)
         report["memory"]["updates_in_place"] = len(donation) if donation is not None else 0
         report["memory"]["updates_out_of_place"] = len(updates) - \
             report["memory"]["updates_in_place"]
@@ -184,17 +190,20 @@ def _device(flat: list) -> torch.device:
     return next((v.device for v in flat if isinstance(v, torch.Tensor)), torch.device("cpu"))
 
 
-def _report(gm, kernels: int, executor: str, dims: str, guards: str, seconds: float) -> dict:
-    """The symbolic step's report: what was counted, null for what no pass made."""
+def _report(gm, kernels: int, executor: str, dims: str, guards: str, seconds: float,
+            checkpoints: dict) -> dict:
+    """The symbolic step's report: what was counted, null for what no pass made
+    (the checkpoint plan's figures are at the size hints)."""
     calls = sum(1 for node in gm.graph.nodes if node.op == "call_function")
+    plan = {k: v for k, v in checkpoints.items() if k not in ("ledger", "pareto")}
     return {"schema": SCHEMA, "graph": "step", "graph_id": None,
             "nodes": {"captured": None, "final": len(gm.graph.nodes)}, "passes": [],
             "kernels": {"triton": kernels, "extern": calls - kernels},
             "memory": {"saved_activation_bytes": None, "arena_bytes": None,
                        "live_lower_bound_bytes": None, "unplanned_bytes": None},
-            "ledger": [], "compile_seconds": round(seconds, 4),
+            "ledger": checkpoints.get("ledger", []), "compile_seconds": round(seconds, 4),
             "symbolic": {"dims": dims, "guards": guards, "executor": executor,
-                         "checkpoint": None,
-                         "why": "the traced step graph with size-generic kernels, arenas "
-                                "sized per call and updates in place; rematerialize needs "
-                                "concrete sizes"}}
+                         "checkpoint": plan,
+                         "why": "the traced step graph with checkpoints placed at the size "
+                                "hints, size-generic kernels, arenas sized per call and "
+                                "updates in place"}}
