@@ -229,6 +229,8 @@ class GraphCompiler:
         ctx.seed = self.seed
         if self.options.verify:
             inputs = self._primals(example_inputs)
+            if stage == Stage.STEP:   # its checks run updates in place: on copies, not the model
+                inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in inputs]
             self.references[half] = (inputs, run_graph(gm, inputs))
         for spec in passes_for(stage, self.options.disable):
             gm = _run(spec, gm, ctx, self.joint_records)
