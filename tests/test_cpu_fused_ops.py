@@ -22,7 +22,7 @@ from retrograd.decompositions import TORCH_WHOLE, decomposition_table, table_for
 from zoo import ZOO, assert_parity, clone_inputs, training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from measuring import saved_storage_bytes  # noqa: E402
+from measuring import saved_storage_bytes
 
 aten = torch.ops.aten
 
@@ -148,5 +148,5 @@ def test_a_dumped_program_calling_retrograd_ops_runs_alone(tmp_path):
     assert any("torch.ops.retrograd." in path.read_text() for path in paths)
     for path in paths:
         done = subprocess.run([sys.executable, str(path), "--repeat", "1"],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
