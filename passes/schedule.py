@@ -2,7 +2,8 @@
 
 What it does: list scheduling over the kernel DAG. Among the kernels whose
 inputs are ready, it runs the one that adds the fewest live bytes (bytes its
-temporary outputs allocate minus bytes of inputs it is the last reader of),
+temporary and program outputs allocate minus bytes of inputs it is the last
+reader of; an output, a gradient say, stays alive to the end once made),
 ties broken by the fusion order. That is the greedy "least peak memory
 first" heuristic of Inductor's memory-aware reordering (and of Pisarchyk &
 Lee's scheduling for inference). Fusion decided what runs together; this
@@ -162,10 +163,14 @@ def _order(program: Program, waiting: list[set[int]], consumers: dict[int, list[
 
 
 def _delta(program: Program, index: int, users: dict[str, set[int]]) -> int:
-    """Bytes running ``index`` adds: temporaries it writes less those it reads last."""
+    """Bytes running ``index`` adds: temporaries and program outputs it writes
+    less temporaries it reads last. An output lives from its kernel to the
+    end (a backward's gradients), so made early it is held across every later
+    peak; an update written over its input (``Program.updates``) adds nothing."""
     kernel = program.kernels[index]
     grow = sum(program.buffers[n].nbytes for n in kernel.outputs
-               if program.buffers[n].role == "temporary")
+               if program.buffers[n].role == "temporary"
+               or program.buffers[n].role == "output" and n not in program.updates)
     shrink = sum(program.buffers[root].nbytes
                  for root in {program.root(n) for n in kernel.inputs}
                  if root in program.buffers and program.buffers[root].role == "temporary"

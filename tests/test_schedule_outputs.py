@@ -1,0 +1,105 @@
+"""The schedule counts a program output as bytes held to the end: a backward's
+gradients made early are alive across every later peak. It counted only
+temporaries, so the zoo MLP's backward made its largest weight gradient
+before the GELU recompute and the last weight product (step peak 1,848
+bytes, eager's; Inductor 1,720)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import retrograd
+import torch
+from pass_helpers import (
+    buffer,
+    context,
+    seeded,  # noqa: F401  (autouse: each test from seed 0)
+)
+from retrograd.ir import Kernel, Program
+from retrograd.passes import schedule
+from zoo import ZOO, assert_parity, clone_inputs, training_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from measuring import profiled_peak
+
+#: Inductor's measured step peak over eager's on the zoo MLP (benchmarks/peaks.py,
+#: BENCHMARKS.md "The CPU default's peaks": 1,720 / 1,848 bytes)
+INDUCTOR_OVER_EAGER_MLP = 1_720 / 1_848
+
+
+def _gradients_program() -> Program:
+    """A backward's shape: a big gradient ``g1`` made from the input alone,
+    and a small gradient ``g2`` through a temporary ``t``."""
+    buffers = {"a": buffer("a", (64,), "input"), "g1": buffer("g1", (128,), "output"),
+               "t": buffer("t", (64,)), "g2": buffer("g2", (32,), "output")}
+    kernels = [Kernel("extern_big_gradient", "extern", [], ["a"], ["g1"]),
+               Kernel("pointwise_t", "triton", [], ["a"], ["t"]),
+               Kernel("reduction_small_gradient", "triton", [], ["t"], ["g2"])]
+    return Program("gradients", buffers, kernels, inputs=["a"], outputs=["g1", "g2"])
+
+
+def _true_peak(program: Program) -> int:
+    """Live bytes, outputs counted from their kernel to the end."""
+    live = peak = 0
+    last_read = {name: index for index, kernel in enumerate(program.kernels)
+                 for name in kernel.inputs}
+    for index, kernel in enumerate(program.kernels):
+        live += sum(program.buffers[name].nbytes for name in kernel.outputs)
+        peak = max(peak, live)
+        live -= sum(program.buffers[name].nbytes for name in kernel.inputs
+                    if program.buffers[name].role == "temporary" and last_read[name] == index)
+    return peak
+
+
+def test_a_gradient_is_made_after_the_temporaries_it_does_not_need():
+    program = _gradients_program()
+    before = _true_peak(program)            # g1 512 + t 256 + g2 128
+    schedule.run(program, context())
+    assert [kernel.name for kernel in program.kernels] == [
+        "pointwise_t", "reduction_small_gradient", "extern_big_gradient"]
+    assert _true_peak(program) < before
+
+
+def test_an_update_written_over_its_input_adds_nothing():
+    """compile_step's new parameters go over the old ones: no bytes to defer
+    (deferring them measured 1,352 -> 1,576 bytes on the MLP's step)."""
+    program = _gradients_program()
+    program.buffers["p"] = buffer("p", (128,), "input")
+    program.inputs.append("p")
+    program.kernels[0] = Kernel("pointwise_update", "triton", [], ["p"], ["g1"])
+    program.updates = {"g1": "p"}
+    schedule.run(program, context())
+    assert program.kernels[0].name == "pointwise_update"   # fusion's order holds
+
+
+def _mlp_peak(make) -> int:
+    """Measured peak of one forward+backward of the zoo MLP after two warm-ups
+    (as benchmarks/peaks.py)."""
+    entry = ZOO["mlp"]
+    torch.manual_seed(0)
+    model, inputs = entry.model(), entry.inputs()
+    compiled = make(model)
+
+    def step(batch):
+        model.zero_grad(set_to_none=True)
+        entry.run(compiled, batch).backward()
+    for _ in range(2):
+        step(clone_inputs(inputs))
+    batch = clone_inputs(inputs)
+    return profiled_peak(lambda: step(batch))
+
+
+def test_the_mlp_step_peaks_at_or_below_inductors_under_the_cpu_default():
+    eager = _mlp_peak(lambda model: model)
+    got = _mlp_peak(lambda model: retrograd.compile(model, executor="torch"))
+    assert got <= INDUCTOR_OVER_EAGER_MLP * eager
+
+
+def test_the_mlp_gradients_still_match_eager():
+    entry = ZOO["mlp"]
+    model, inputs = entry.model(), entry.inputs()
+    got = training_step(entry, retrograd.compile(model, executor="torch"), model, inputs)
+    reference = entry.model()
+    reference.load_state_dict(model.state_dict())
+    assert_parity(got, training_step(entry, reference, reference, inputs))
