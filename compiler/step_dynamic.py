@@ -22,7 +22,9 @@ written over the inputs they replace where safe (symbolic_donation.py: the
 static step's donation rule; the report's ``memory.updates_in_place``; the
 rest are copied back by the step). Not run on it: the step's other graph
 passes (cleanup, offload_step: they compare shapes or cost bytes at concrete
-sizes), ``verify`` and ``dump_dir`` (a warning says so).
+sizes). ``dump_dir`` and ``verify`` as for the other faces' symbolic
+programs (symbolic_checks.py: folder ``<id>-step``; verify against the
+traced step graph at each size's first call).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 import torch.utils._pytree as pytree
 from functorch.compile import make_boxed_func
 from retrograd.decompositions import decomposition_table, traced_right
+from retrograd.dump import subject_text
 from retrograd.dynamic import (
     ShapeGuards,
     SizeHistory,
@@ -49,6 +52,7 @@ from retrograd.locking import compiling
 from retrograd.provenance import recording
 from retrograd.report import SCHEMA
 from retrograd.runtime.device import choose_executor
+from retrograd.symbolic_checks import StepVerifier, SymbolicDump, plan_text, traced_copy
 from retrograd.symbolic_donation import donations
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_plan import ArenaRunner
@@ -127,8 +131,11 @@ class DynamicSteps:
         try:
             with compiling():
                 gm, guards = _trace(function(), inputs, flat, leaves, dims)
+                dump = SymbolicDump(getattr(self.options, "dump_dir", None), gm, ["step"])
+                traced = traced_copy(gm) if getattr(self.options, "verify", False) else None
                 seed = [n.name for n in gm.graph.nodes if n.op == "placeholder"][-1]
                 checkpoints = place_checkpoints(gm, seed, self.options, self.what)
+                dump.dumper.stage("checkpoint", subject_text(gm))
         except Exception as error:   # the static path handles it, or says why
             if getattr(error, "user_error", False):
                 raise
@@ -139,7 +146,6 @@ class DynamicSteps:
                         why)
             return None
         self.compiles += 1
-        _warn_skipped(self.options, self.what)
         executor = choose_executor(getattr(self.options, "executor", "auto"), _device(flat))
         gm, kernels = fuse_pointwise(gm, "fx" if executor == "torch" else executor)
         donation = donations(gm, updates) if executor != "fx" and updates else None
@@ -151,6 +157,12 @@ class DynamicSteps:
         report["memory"]["updates_in_place"] = len(donation) if donation is not None else 0
         report["memory"]["updates_out_of_place"] = len(updates) - \
             report["memory"]["updates_in_place"]
+        report["graph_id"] = f"{dump.graph_id}-step"
+        dump.half("step", gm, report, plan_text("step", runner))
+        if traced is not None:
+            verifier = StepVerifier(self.what, traced)
+            executable = verifier.wrap(executable)
+            executable.verifier = verifier
         return _Program(executable, guards, report, runner)
 
 
@@ -177,13 +189,6 @@ def _trace(step: Callable, inputs: list, flat: list, leaves: Sequence[Any], dims
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, ShapeGuards(env, [v for v in faked if isinstance(v, torch.Tensor)])
-
-
-def _warn_skipped(options, what: str) -> None:
-    skipped = [name for name in ("verify", "dump_dir") if getattr(options, name, None)]
-    if skipped:
-        log.warning("retrograd.compile_step: %s: %s not applied to the symbolic step program "
-                    "(step_dynamic.py)", what, " and ".join(skipped))
 
 
 def _device(flat: list) -> torch.device:

@@ -20,6 +20,15 @@ outputs with the backward's gradients must match the joint graph's
 (``verify.compare``: checkpoint split, fusion, kernels and arenas at once).
 A program that draws random numbers is not checked (the draws differ from
 eager's; logged), as the static joint stage skips it.
+
+compile_step's symbolic step (step_dynamic.py) is one graph, dumped under
+``<id>-step`` (the traced step graph as ``joint``, the graph after checkpoint
+placement as ``checkpoint``, then as above). Its verify (``StepVerifier``)
+runs the traced step graph op by op on a copy of the first call's inputs at
+each size (taken before the program writes parameters and state in place)
+and compares the loss, new parameters and new state with the program's
+(checkpoint placement, fusion, kernels, arenas and in-place updates at
+once); as the static step's verify, against the traced graph, not eager.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from retrograd.symbolic_fusion import kernel_sources
 from retrograd.verify import check_joint, compare, is_random_graph, run_graph
 from torch import fx
 
-__all__ = ["SymbolicDump", "Verifier", "plan_text"]
+__all__ = ["StepVerifier", "SymbolicDump", "Verifier", "plan_text", "traced_copy"]
 
 log = logging.getLogger("retrograd")
 
@@ -166,3 +175,42 @@ class Verifier:
         compare("symbolic program", forward_outputs + grads, reference)
         self.checked += 1
         self.eager_checked += skipped is None
+
+
+def traced_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm``'s graph (nodes and metadata shared by value) that later
+    rewrites of ``gm`` (checkpoint copies, fusion) leave as traced."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copied = fx.GraphModule(gm, graph)
+    copied.recompile()
+    return copied
+
+
+class StepVerifier:
+    """Wraps the symbolic step program so the first call at each size is
+    checked against the traced step graph (module docstring)."""
+
+    def __init__(self, what: str, traced: fx.GraphModule):
+        self.what, self.traced = what, traced
+        if is_random_graph(traced):
+            log.info("retrograd: %s: verify: the symbolic step draws random numbers: not "
+                     "checked", what)
+            self.traced = None
+        self.seen: set[tuple] = set()
+        self.checked = 0   # calls checked so far (the tests read it)
+
+    def wrap(self, run):
+        def checked(args: list) -> Any:
+            key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+            if self.traced is None or key in self.seen:
+                return run(args)
+            self.seen.add(key)
+            inputs = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+            expected = run_graph(self.traced, inputs)
+            outputs = run(args)
+            compare("symbolic step program", list(outputs), expected)
+            self.checked += 1
+            return outputs
+        checked._boxed_call = True
+        return checked

@@ -5,6 +5,7 @@ parameters and optimizer state match an eager loop at sizes never traced."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import operator
 import sys
@@ -317,3 +318,78 @@ def test_a_recomputed_value_that_reads_a_written_input_is_found():
     add = next(n.name for n in gm.graph.nodes if n.target is operator.add)
     assert symbolic_remat._recomputes_from_written_input(gm, {add})
     assert not symbolic_remat._recomputes_from_written_input(gm, {"sin"})
+
+
+def test_the_symbolic_step_is_dumped(tmp_path):
+    """dump_dir: the symbolic step's folder ``s<digest>-step`` holds the
+    traced step graph, the graph after checkpoint placement and after fusion,
+    the size-generic kernels, the run-time memory plan and the report."""
+    root = tmp_path / "dumps"
+    model = _blocks()
+    step = retrograd.compile_step(model, _loss, _optimizer("adamw", model),
+                                  executor="interpret", dump_dir=str(root))
+    for rows in (4, 6, 5):
+        step(torch.randn(rows, 8, dtype=torch.float64), torch.randn(rows, 3, dtype=torch.float64))
+    folders = [p for p in root.iterdir() if p.name.startswith("s") and p.name.endswith("-step")]
+    assert len(folders) == 1, sorted(p.name for p in root.iterdir())
+    folder = folders[0]
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".py"))
+    assert names == ["00_joint.py", "01_checkpoint.py", "02_symbolic_fusion.py"], names
+    assert "sin_3_recomputed" in (folder / "01_checkpoint.py").read_text()
+    assert "sin_3_recomputed" not in (folder / "00_joint.py").read_text()
+    assert list((folder / "kernels").glob("sized_pointwise_*.py"))
+    assert "value" in (folder / "memory_plan.txt").read_text()
+    report = json.loads((folder / "report.json").read_text())
+    assert report["graph_id"] == folder.name and report["memory"]["updates_in_place"] > 0
+    assert report["symbolic"]["checkpoint"]["recomputed"]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_verify_checks_the_symbolic_step_at_each_new_size(kind):
+    model, reference = _blocks(), _blocks()
+    optimizer, eager = _optimizer(kind, model), _optimizer(kind, reference)
+    step = retrograd.compile_step(model, _loss, optimizer, executor="torch", verify=True)
+    for rows in (4, 6, 5, 6, 9):
+        batch = (torch.randn(rows, 8, dtype=torch.float64),
+                 torch.randn(rows, 3, dtype=torch.float64))
+        assert_close(step(*batch), eager_step(reference, eager, _loss, *batch), torch.float64)
+    _check_state(model, optimizer, reference, eager)
+    assert step.dynamic.last.executable.verifier.checked == 3   # rows 6, 5, 9
+
+
+def test_verify_catches_a_wrong_symbolic_step(monkeypatch):
+    """A checkpoint copy corrupted (a recomputed sine computed as a cosine):
+    verify raises naming the symbolic step program."""
+    from retrograd import step_dynamic, symbolic_remat
+    from retrograd.verify import VerificationError
+    original = symbolic_remat.place_checkpoints
+
+    def wrong(gm, seed, options, what):
+        stats = original(gm, seed, options, what)
+        for node in gm.graph.nodes:
+            if node.name == "sin_recomputed":
+                node.target = torch.ops.aten.cos.default
+        gm.recompile()
+        return stats
+    monkeypatch.setattr(step_dynamic, "place_checkpoints", wrong)
+    model = _blocks()
+    step = retrograd.compile_step(model, _loss, _optimizer("sgd", model), executor="torch",
+                                  verify=True)
+    step(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(VerificationError, match="symbolic step program"):
+        step(torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64))
+
+
+def test_verify_leaves_a_static_step_training_as_eager():
+    """verify=True on the static step ran its checks (the program, which
+    writes parameters and state in place) on the model's own tensors: every
+    compile applied the update twice (graph_compiler._compile_whole now
+    checks on copies)."""
+    model, reference = _model(), _model()
+    optimizer, eager = _optimizer("sgd", model), _optimizer("sgd", reference)
+    step = retrograd.compile_step(model, _loss, optimizer, executor="torch", verify=True,
+                                  dynamic=False)
+    for rows in (4, 5, 4):
+        batch = _batch(rows)
+        assert_close(step(*batch), eager_step(reference, eager, _loss, *batch), torch.float64)
+    _check_state(model, optimizer, reference, eager)
