@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy
 import torch
 
-__all__ = ["HALF_DIGITS", "philox_uniform", "philox_uniform_tensor", "uniform"]
+__all__ = ["CHUNK", "HALF_DIGITS", "philox_uniform", "philox_uniform_tensor", "uniform"]
 
 #: Mantissa bits of the half-precision uniforms torch draws (k / 2**digits).
 HALF_DIGITS = {torch.float16: 11, torch.bfloat16: 8}
@@ -70,44 +70,67 @@ def philox_uniform(seed: int, counters: numpy.ndarray) -> numpy.ndarray:
 
 _WORD = 0xFFFFFFFF
 
+#: Elements drawn per pass of ``uniform``: Philox in int64 torch ops holds
+#: about eight int64 temporaries per element, so a whole dropout input at once
+#: would hold 64 bytes per element (a GPT-2 activation's dropout: gigabytes);
+#: in chunks the transient is at most ~4 MiB whatever the size.
+CHUNK = 1 << 16
+
 
 def _multiply(constant: int, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) 32-bit words of ``constant * word`` in int64 tensors: the
     product of two 32-bit words overflows int64, so ``word`` is split in
-    16-bit halves whose partial products (< 2**48) do not."""
-    low_half, high_half = word & 0xFFFF, word >> 16
-    partial_low, partial_high = constant * low_half, constant * high_half
-    middle = partial_low + ((partial_high & 0xFFFF) << 16)
-    return ((partial_high >> 16) + (middle >> 32)) & _WORD, middle & _WORD
+    16-bit halves whose partial products (< 2**48) do not. In place where a
+    temporary dies, so at most three are alive besides ``word``."""
+    partial_low = (word & 0xFFFF).mul_(constant)
+    partial_high = (word >> 16).mul_(constant)
+    middle = (partial_high & 0xFFFF).bitwise_left_shift_(16).add_(partial_low)
+    del partial_low
+    high = partial_high.bitwise_right_shift_(16).add_(middle >> 32).bitwise_and_(_WORD)
+    return high, middle.bitwise_and_(_WORD)
 
 
 def philox_uniform_tensor(seed: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """``philox_uniform`` in torch ops on ``counters``' device, keyed by the
     0-dim ``seed`` tensor without reading it on the host (graph-safe)."""
-    c0 = counters.to(torch.int64) & _WORD
-    c1 = c2 = c3 = torch.zeros_like(c0)
+    c0 = counters.to(torch.int64, copy=True).bitwise_and_(_WORD)
+    c1, c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0), torch.zeros_like(c0)
     k0 = seed.to(device=c0.device, dtype=torch.int64) & _WORD
     k1 = torch.zeros_like(k0)
     for _ in range(10):
-        high0, low0 = _multiply(0xCD9E8D57, c2)
+        # each old word dies as soon as its last use is done: at most seven
+        # element-sized tensors are alive (four words, a multiply's three)
         high2, low2 = _multiply(0xD2511F53, c0)
-        c0, c1, c2, c3 = high0 ^ c1 ^ k0, low0, high2 ^ c3 ^ k1, low2
+        del c0
+        new2 = high2.bitwise_xor_(c3).bitwise_xor_(k1)
+        c3 = low2
+        del high2, low2
+        high0, c1_next = _multiply(0xCD9E8D57, c2)
+        c0 = high0.bitwise_xor_(c1).bitwise_xor_(k0)
+        c1, c2 = c1_next, new2
+        del high0, c1_next, new2
         k0 = (k0 + 0x9E3779B9) & _WORD
         k1 = (k1 + 0xBB67AE85) & _WORD
-    return (c0 >> 8).to(torch.float32) * 2.0 ** -24
+    return (c0 >> 8).to(torch.float32).mul_(2.0 ** -24)
 
 
 @torch.library.custom_op("retrograd::uniform", mutates_args=())
 def uniform(like: torch.Tensor, seed: torch.Tensor, offset: int) -> torch.Tensor:
     """Uniform [0, 1) shaped like ``like`` (its dtype and device; contiguous),
-    element ``i`` from counter ``offset + i`` of the stream keyed by ``seed``."""
-    counters = torch.arange(offset, offset + like.numel(), dtype=torch.int64,
-                            device=like.device)
-    values = philox_uniform_tensor(seed, counters)
+    element ``i`` from counter ``offset + i`` of the stream keyed by ``seed``;
+    drawn ``CHUNK`` elements at a time into the result."""
+    count = like.numel()
+    values = torch.empty(count, dtype=like.dtype, device=like.device)
     digits = HALF_DIGITS.get(like.dtype)
-    if digits:
-        values = torch.floor(values * 2.0 ** digits) * 2.0 ** -digits
-    return values.to(like.dtype).reshape(like.shape)
+    for start in range(0, count, CHUNK):
+        stop = min(count, start + CHUNK)
+        counters = torch.arange(offset + start, offset + stop, dtype=torch.int64,
+                                device=like.device)
+        drawn = philox_uniform_tensor(seed, counters)
+        if digits:
+            drawn = torch.floor(drawn * 2.0 ** digits) * 2.0 ** -digits
+        values[start:stop] = drawn
+    return values.reshape(like.shape)
 
 
 @uniform.register_fake

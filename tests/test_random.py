@@ -255,3 +255,37 @@ def test_rand_like_half_stays_below_one(dtype, digits):
     scaled = values.double() * 2 ** digits
     assert torch.equal(scaled, scaled.floor()), "values off the type's uniform grid"
     assert abs(values.double().mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uniform_drawn_in_chunks_is_the_philox_stream(monkeypatch, dtype):
+    """retrograd::uniform's eager form (the torch program's, verify's) draws
+    ``rng.CHUNK`` elements at a time: across chunk boundaries, and from an
+    offset, every element is Philox's value at its counter (numpy reference)."""
+    import numpy
+    from retrograd import rng
+    monkeypatch.setattr(rng, "CHUNK", 7)
+    like, seed, offset = torch.empty(4, 5, dtype=dtype), 987654321, 13
+    got = rng.uniform(like, torch.tensor(seed), offset)
+    want = torch.from_numpy(rng.philox_uniform(
+        seed, numpy.arange(offset, offset + like.numel())))
+    digits = rng.HALF_DIGITS.get(dtype)
+    if digits:
+        want = torch.floor(want * 2.0 ** digits) * 2.0 ** -digits
+    assert got.dtype == dtype and got.shape == like.shape
+    assert torch.equal(got.float().flatten(), want.to(dtype).float())
+
+
+def test_uniform_holds_a_bounded_transient_whatever_the_size(monkeypatch):
+    """Philox in int64 torch ops holds several int64 temporaries per element;
+    drawn in chunks, what the draw holds beyond its result is bounded by the
+    chunk, not the tensor (a whole GPT-2 dropout input at once: gigabytes)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from measuring import profiled_peak
+    from retrograd import rng
+    monkeypatch.setattr(rng, "CHUNK", 1024)
+    like, seed = torch.empty(16 * 1024), torch.tensor(5)
+    peak = profiled_peak(lambda: rng.uniform(like, seed, 0))
+    assert peak <= like.nbytes + 12 * 1024 * 8, peak
