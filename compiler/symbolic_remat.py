@@ -33,7 +33,6 @@ import logging
 import torch
 from retrograd.dump import Dumper
 from retrograd.passes import checkpoint
-from retrograd.passes.op_classes import PHASE
 from retrograd.passes.planning import remat
 from retrograd.pipeline import OpSupport, PassContext
 from retrograd.symbolic_partition import hinted_copy
@@ -103,29 +102,8 @@ def replay(gm: fx.GraphModule, seed: str, recomputed: set[str]) -> int:
     graph = gm.graph
     backward = remat.backward_nodes(
         graph, lambda node: node.op == "placeholder" and node.name == seed)
-    copies: dict[fx.Node, fx.Node] = {}
-
-    def copy_of(node: fx.Node, reader: fx.Node) -> fx.Node:
-        if node.name not in recomputed or node in backward:
-            return node
-        if node not in copies:
-            args = fx.map_arg(node.args, lambda arg: copy_of(arg, reader))
-            kwargs = fx.map_arg(node.kwargs, lambda arg: copy_of(arg, reader))
-            with graph.inserting_before(reader):
-                copy = graph.create_node("call_function", node.target, args, kwargs,
-                                         name=f"{node.name}_recomputed")
-            copy.meta = dict(node.meta)
-            copies[node] = copy
-        return copies[node]
-
-    for node in list(graph.nodes):
-        if node in backward and node.op == "call_function":
-            node.args = fx.map_arg(node.args, lambda arg, reader=node: copy_of(arg, reader))
-            node.kwargs = fx.map_arg(node.kwargs, lambda arg, reader=node: copy_of(arg, reader))
-    for node in graph.nodes:
-        if node.op == "call_function":
-            node.meta[PHASE] = "backward" if node in backward or node in copies.values() \
-                else "forward"
+    copies = checkpoint.recompute_in_backward(
+        graph, backward, lambda node: node.name in recomputed and node not in backward)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

@@ -57,7 +57,7 @@ from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
 from retrograd.passes.planning import budget as budget_plans
 from retrograd.passes.planning import ledger, patterns, remat
 
-__all__ = ["run", "saved_values", "extract", "Policy", "EXACT_LIMIT"]
+__all__ = ["run", "saved_values", "extract", "recompute_in_backward", "Policy", "EXACT_LIMIT"]
 
 #: Largest number of forward nodes handed to the exact (ILP) budget solver.
 EXACT_LIMIT = 600
@@ -343,29 +343,7 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     plan, budget, guard = _plan(info, ctx, policy, save_all_bytes, graph)
     pareto = _pareto(step, ctx, info, policy, save_all_bytes, plan.saved, plan.recomputed)
     backward = remat.backward_nodes(graph, is_seed)
-    copies: dict[fx.Node, fx.Node] = {}
-
-    def copy_of(node: fx.Node, reader: fx.Node) -> fx.Node:
-        if node not in plan.recomputed:
-            return node
-        if node not in copies:
-            args = fx.map_arg(node.args, lambda arg: copy_of(arg, reader))
-            kwargs = fx.map_arg(node.kwargs, lambda arg: copy_of(arg, reader))
-            with graph.inserting_before(reader):
-                copy = graph.create_node("call_function", node.target, args, kwargs,
-                                         name=f"{node.name}_recomputed")
-            copy.meta = dict(node.meta)
-            copies[node] = copy
-        return copies[node]
-
-    for node in list(graph.nodes):
-        if node in backward and node.op == "call_function":
-            node.args = fx.map_arg(node.args, lambda arg, reader=node: copy_of(arg, reader))
-            node.kwargs = fx.map_arg(node.kwargs, lambda arg, reader=node: copy_of(arg, reader))
-    for node in graph.nodes:
-        if node.op == "call_function":
-            node.meta[PHASE] = "backward" if node in backward or node in copies.values() \
-                else "forward"
+    copies = recompute_in_backward(graph, backward, lambda node: node in plan.recomputed)
     _fold_seed(graph, seed)
     graph.eliminate_dead_code()   # forward values read only through copies now
     graph.lint()
@@ -394,3 +372,35 @@ def _fold_seed(graph: fx.Graph, seed: str) -> None:
     one.meta = dict(node.meta)
     one.meta[PHASE] = "backward"
     node.replace_all_uses_with(one)
+
+
+def recompute_in_backward(graph: fx.Graph, backward: set[fx.Node], recomputed) -> dict:
+    """Make every backward reader of a node for which ``recomputed(node)``
+    holds read a copy of it (and of the recomputed nodes it reads) inserted
+    just before that reader's first backward reader; mark each call's
+    ``PHASE``. Returns {node: its copy}. Used on the one step graph here and
+    on the symbolic step graph (compiler/symbolic_remat.py)."""
+    copies: dict[fx.Node, fx.Node] = {}
+
+    def copy_of(node: fx.Node, reader: fx.Node) -> fx.Node:
+        if not recomputed(node):
+            return node
+        if node not in copies:
+            args = fx.map_arg(node.args, lambda arg: copy_of(arg, reader))
+            kwargs = fx.map_arg(node.kwargs, lambda arg: copy_of(arg, reader))
+            with graph.inserting_before(reader):
+                copy = graph.create_node("call_function", node.target, args, kwargs,
+                                         name=f"{node.name}_recomputed")
+            copy.meta = dict(node.meta)
+            copies[node] = copy
+        return copies[node]
+
+    for node in list(graph.nodes):
+        if node in backward and node.op == "call_function":
+            node.args = fx.map_arg(node.args, lambda arg, reader=node: copy_of(arg, reader))
+            node.kwargs = fx.map_arg(node.kwargs, lambda arg, reader=node: copy_of(arg, reader))
+    for node in graph.nodes:
+        if node.op == "call_function":
+            node.meta[PHASE] = "backward" if node in backward or node in copies.values() \
+                else "forward"
+    return copies
