@@ -6,17 +6,13 @@ of a frozen weight is ever computed, counted on the backward program itself."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from unittest import mock
 
 import retrograd
 import torch
 from retrograd.passes import buffer_reuse
-from zoo import ZOO, LoRATransformer, clone_inputs
+from zoo import ZOO, LoRATransformer, clone_inputs, forward_backward_peak
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from measuring import profiled_peak
 
 MATMULS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default")
 
@@ -81,18 +77,6 @@ def test_no_gradient_of_a_frozen_base_weight_is_computed():
 
 
 
-def _peak(entry, model, inputs) -> int:
-    """Measured peak (profiler allocation events) of one forward + backward
-    after two warm-up steps, the batch made before the profiler starts."""
-    def step(batch):
-        model.zero_grad(set_to_none=True)
-        entry.run(model, batch).backward()
-    for _ in range(2):
-        step(clone_inputs(inputs))
-    batch = clone_inputs(inputs)
-    return profiled_peak(lambda: step(batch))
-
-
 def test_the_cpu_default_peaks_below_eager():
     """Under the torch program (the CPU default) LoRA's forward + backward
     peaked at 1.15x eager's (73,996 against 64,200 bytes): the frozen MLP's
@@ -102,6 +86,6 @@ def test_the_cpu_default_peaks_below_eager():
     entry = ZOO["lora"]
     torch.manual_seed(0)
     model, inputs = entry.model(), entry.inputs()
-    eager = _peak(entry, model, inputs)
+    eager = forward_backward_peak(entry, model, model, inputs)
     compiled = retrograd.compile(model, executor="torch")
-    assert _peak(entry, compiled, inputs) <= eager
+    assert forward_backward_peak(entry, model, compiled, inputs) <= eager

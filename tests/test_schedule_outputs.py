@@ -6,8 +6,6 @@ bytes, eager's; Inductor 1,720)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import retrograd
 import torch
@@ -18,10 +16,8 @@ from pass_helpers import (
 )
 from retrograd.ir import Kernel, Program
 from retrograd.passes import schedule
-from zoo import ZOO, assert_parity, clone_inputs, training_step
+from zoo import ZOO, assert_parity, forward_backward_peak, training_step
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from measuring import profiled_peak
 
 #: Inductor's measured step peak over eager's on the zoo MLP (benchmarks/peaks.py,
 #: BENCHMARKS.md "The CPU default's peaks": 1,720 / 1,848 bytes)
@@ -75,19 +71,11 @@ def test_an_update_written_over_its_input_adds_nothing():
 
 def _mlp_peak(make) -> int:
     """Measured peak of one forward+backward of the zoo MLP after two warm-ups
-    (as benchmarks/peaks.py)."""
+    (zoo.forward_backward_peak, as benchmarks/peaks.py)."""
     entry = ZOO["mlp"]
     torch.manual_seed(0)
     model, inputs = entry.model(), entry.inputs()
-    compiled = make(model)
-
-    def step(batch):
-        model.zero_grad(set_to_none=True)
-        entry.run(compiled, batch).backward()
-    for _ in range(2):
-        step(clone_inputs(inputs))
-    batch = clone_inputs(inputs)
-    return profiled_peak(lambda: step(batch))
+    return forward_backward_peak(entry, model, make(model), inputs)
 
 
 def test_the_mlp_step_peaks_at_or_below_inductors_under_the_cpu_default():

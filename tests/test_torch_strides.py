@@ -6,8 +6,6 @@ below Inductor's under the CPU default."""
 from __future__ import annotations
 
 import operator
-import sys
-from pathlib import Path
 
 import pytest
 import retrograd
@@ -26,10 +24,8 @@ from retrograd.ir import Kernel, Kind
 from retrograd.passes import layout
 from retrograd.runtime.torch_program import TorchProgramExecutable
 from torch.utils._python_dispatch import TorchDispatchMode
-from zoo import ZOO, assert_parity, clone_inputs, training_step
+from zoo import ZOO, assert_parity, clone_inputs, forward_backward_peak, training_step
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from measuring import profiled_peak
 
 aten = torch.ops.aten
 
@@ -140,20 +136,12 @@ def test_the_cnn_backward_convolves_channels_last_operands_and_matches_eager():
 
 
 def _cnn_peak(make) -> int:
-    """Measured peak of one forward+backward of the zoo CNN after two warm-ups,
-    the batch made before the profiler starts (as benchmarks/peaks.py)."""
+    """Measured peak of one forward+backward of the zoo CNN after two warm-ups
+    (zoo.forward_backward_peak, as benchmarks/peaks.py)."""
     entry = ZOO["cnn"]
     torch.manual_seed(0)
     model, inputs = entry.model(), entry.inputs()
-    compiled = make(model)
-
-    def step(batch):
-        model.zero_grad(set_to_none=True)
-        entry.run(compiled, batch).backward()
-    for _ in range(2):
-        step(clone_inputs(inputs))
-    batch = clone_inputs(inputs)
-    return profiled_peak(lambda: step(batch))
+    return forward_backward_peak(entry, model, make(model), inputs)
 
 
 def _torch_program(model):

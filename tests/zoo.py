@@ -309,6 +309,26 @@ def clone_inputs(inputs: tuple, dtype: torch.dtype | None = None) -> tuple:
     return tuple(copies)
 
 
+def forward_backward_peak(entry: ZooEntry, model: nn.Module, compiled: Callable,
+                          inputs: tuple) -> int:
+    """Measured peak (the profiler's allocation events, benchmarks/measuring.py)
+    of one forward + backward of ``compiled`` after two warm-ups, ``model``'s
+    gradients cleared inside each step, the batch made before the profiler
+    starts (as benchmarks/peaks.py measures it)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from measuring import profiled_peak
+
+    def step(batch):
+        model.zero_grad(set_to_none=True)
+        entry.run(compiled, batch).backward()
+    for _ in range(2):
+        step(clone_inputs(inputs))
+    batch = clone_inputs(inputs)
+    return profiled_peak(lambda: step(batch))
+
+
 def training_step(entry: ZooEntry, model: Callable, parameters_of: nn.Module,
                   inputs: tuple) -> dict[str, torch.Tensor | None]:
     """One forward and backward of ``model`` on copies of ``inputs``.
