@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import retrograd
-from interpreter_cost import _environment
+from interpreter_cost import _environment, _finish
 from measuring import saved_storage_bytes
 from zoo import ZOO, clone_inputs
 
@@ -182,12 +181,7 @@ def main() -> None:
         del variants["inductor"]
     rows = [measure(name, variants, args.warmup, args.repeats) for name in args.models]
     _print(rows, list(variants))
-    print(f"load average (1, 5, 15 min) before: {before['load_average_1_5_15_min']}, "
-          f"after: {os.getloadavg()}")
-    if args.out is not None:
-        environment = dict(before, load_average_after=os.getloadavg())
-        args.out.write_text(json.dumps({"environment": environment, "rows": rows},
-                                       indent=2) + "\n")
+    _finish(before, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ fifth of ``--rounds`` steps of each, and the ratios to eager.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import retrograd
-from interpreter_cost import _environment
+from interpreter_cost import _environment, _finish
 from retrograd import capture, decompositions
 from zoo import ZOO, clone_inputs
 
@@ -88,11 +87,7 @@ def main() -> None:
         print(f"| {row['model']} | {t['eager'] * 1e3:.3f} ms | {t['decomposed'] * 1e3:.3f} ms "
               f"| {t['fused'] * 1e3:.3f} ms | {row['decomposed_over_eager']:.2f}x "
               f"| {row['fused_over_eager']:.2f}x | {row['fused_over_decomposed']:.3f} |")
-    print(f"load average before: {before['load_average_1_5_15_min']}, after: {os.getloadavg()}")
-    if args.out is not None:
-        environment = dict(before, load_average_after=os.getloadavg())
-        args.out.write_text(json.dumps({"environment": environment, "rows": rows},
-                                       indent=2) + "\n")
+    _finish(before, rows, args.out)
 
 
 if __name__ == "__main__":

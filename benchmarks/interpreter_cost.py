@@ -104,6 +104,16 @@ def _environment() -> dict:
             "load_average_1_5_15_min": os.getloadavg()}
 
 
+def _finish(before: dict, rows: list[dict], out: Path | None) -> None:
+    """Print the load average before and after the run, and write ``rows`` with
+    the environment (``before``, plus the load after) to ``out`` as JSON."""
+    print(f"load average (1, 5, 15 min) before: {before['load_average_1_5_15_min']}, "
+          f"after: {os.getloadavg()}")
+    if out is not None:
+        environment = dict(before, load_average_after=os.getloadavg())
+        out.write_text(json.dumps({"environment": environment, "rows": rows}, indent=2) + "\n")
+
+
 def _print(rows: list[dict]) -> None:
     """Markdown rows: median (fastest) step in ms per variant, the ratio of medians."""
     print("| model | Triton kernels (fwd+bwd) | eager | retrograd fx | retrograd (interpreter) "
@@ -135,12 +145,7 @@ def main() -> None:
     before = _environment()
     rows = [measure(name, args.warmup, args.repeats) for name in args.models]
     _print(rows)
-    print(f"load average (1, 5, 15 min) before: {before['load_average_1_5_15_min']}, "
-          f"after: {os.getloadavg()}")
-    if args.out is not None:
-        environment = dict(before, load_average_after=os.getloadavg())
-        args.out.write_text(json.dumps({"environment": environment, "rows": rows},
-                                       indent=2) + "\n")
+    _finish(before, rows, args.out)
 
 
 if __name__ == "__main__":
