@@ -144,7 +144,8 @@ class SizedPlanner:
         return plan
 
     def _plan(self, symbols: dict) -> SizedPlan:
-        evaluate = lambda shape: tuple(int(e.subs(symbols)) for e in shape)
+        def evaluate(shape):
+            return tuple(int(e.subs(symbols)) for e in shape)
         shapes = {name: evaluate(v.shape) for name, v in self.values.items()}
         sizes = {name: _nbytes(shapes[name], v.dtype) for name, v in self.values.items()}
         fresh = [(start, end, _nbytes(evaluate(shape), dtype))
@@ -260,20 +261,13 @@ def _last_uses(nodes: list[fx.Node], index: dict) -> dict[fx.Node, int]:
 def _escaping(nodes: list[fx.Node]) -> set[fx.Node]:
     """Outputs and everything whose storage they may share: they outlive the call."""
     output = next(node for node in reversed(nodes) if node.op == "output")
-    found, work = set(), list(output.all_input_nodes)
-    while work:
-        node = work.pop()
-        if node not in found:
-            found.add(node)
-            work.extend(aliased_inputs(node))
-    return found
+    return _alias_closure(output.all_input_nodes)
 
 
 def _plannable(node: fx.Node) -> bool:
-    value = node.meta.get("val")
-    return (node.op == "call_function" and isinstance(value, torch.Tensor)
-            and not is_view(node) and not aliased_inputs(node)
-            and out_overload(node.target) is not None and _contiguous(value))
+    """New memory an ``out=`` overload can write, contiguous: an arena slot."""
+    return _allocates(node) and out_overload(node.target) is not None \
+        and _contiguous(node.meta["val"])
 
 
 def _allocates(node: fx.Node) -> bool:
@@ -301,12 +295,18 @@ def _written_over(node: fx.Node, last: dict, index: dict) -> str | None:
 
 def _ancestry(node: fx.Node) -> set[fx.Node]:
     """Every value whose storage ``node`` may share, through chains of aliases."""
-    found, work = set(), aliased_inputs(node)
+    return _alias_closure(aliased_inputs(node))
+
+
+def _alias_closure(start) -> set[fx.Node]:
+    """``start`` and every value whose storage they may share, through chains
+    of aliases (``aliased_inputs``)."""
+    found, work = set(), list(start)
     while work:
-        other = work.pop()
-        if other not in found:
-            found.add(other)
-            work.extend(aliased_inputs(other))
+        node = work.pop()
+        if node not in found:
+            found.add(node)
+            work.extend(aliased_inputs(node))
     return found
 
 
