@@ -66,7 +66,8 @@ def _config(hidden, weight, bias, logits_dtype, interpreted: bool) -> dict:
     """Blocks: under the interpreter few, large ones; on a GPU the autotune's
     recorded winner, else the first candidate."""
     if interpreted:
-        fit = lambda size: max(16, min(64, next_power_of_two(size)))
+        def fit(size):
+            return max(16, min(64, next_power_of_two(size)))
         return {"BLOCK_R": fit(hidden.shape[0]), "BLOCK_V": fit(weight.shape[0]),
                 "BLOCK_D": fit(weight.shape[1])}
     record = tuning_cache.lookup(KIND, _key(hidden, weight, bias, logits_dtype))
@@ -182,13 +183,7 @@ def _backward(grad_loss, hidden, weight, bias, target, class_weight, lse, row_gr
     return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), grad_bias.to(bias_dtype)
 
 
-@linear_cross_entropy_cce_backward.register_fake
-def _(grad_loss, hidden, weight, bias, target, class_weight, lse, row_grad, reduction,
-      ignore_index, logits_dtype, chunk_rows, softcap, weight_grad, bias_grad, z_grad=None):
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    return (torch.empty_like(hidden),
-            weight.new_empty(weight.shape if weight_grad else (0,)),
-            weight.new_empty((weight.shape[0] if bias_grad else 0,), dtype=bias_dtype))
+linear_cross_entropy_cce_backward.register_fake(loss_ops.backward_fake)
 
 
 def _inputs(rows, vocab, width, dtype, has_bias, device):

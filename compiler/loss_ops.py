@@ -87,8 +87,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                          ignore_index: int, logits_dtype: torch.dtype, chunk_rows: int,
                          softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T + bias`` (rows x V, never held) against
-    ``target`` (each row weighted by its target's ``class_weight``, if given); returns (loss, logsumexp per row in float32, and each row's sum
-    of log-probabilities in the logits' dtype, what label smoothing reads)."""
+    ``target`` (each row weighted by its target's ``class_weight``, if given);
+    returns (loss, logsumexp per row in float32 -- float64 for float64 logits --,
+    and each row's sum of log-probabilities in the logits' dtype, what label
+    smoothing reads)."""
     rows, wide = hidden.shape[0], _accumulate(logits_dtype)
     lse = torch.empty(rows, dtype=wide, device=hidden.device)
     terms = torch.empty(rows, dtype=wide, device=hidden.device)
@@ -182,8 +184,11 @@ def linear_cross_entropy_backward(
 
 
 @linear_cross_entropy_backward.register_fake
-def _(grad_loss, hidden, weight, bias, target, class_weight, lse, row_grad, reduction,
-      ignore_index, logits_dtype, chunk_rows, softcap, weight_grad, bias_grad, z_grad=None):
+def backward_fake(grad_loss, hidden, weight, bias, target, class_weight, lse, row_grad,
+                  reduction, ignore_index, logits_dtype, chunk_rows, softcap, weight_grad,
+                  bias_grad, z_grad=None):
+    """Shapes of the backward's gradients (an unwanted one has no elements);
+    also the CCE backward's (cce_ops.py: same arguments, same results)."""
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return (torch.empty_like(hidden),
             weight.new_empty(weight.shape if weight_grad else (0,)),
