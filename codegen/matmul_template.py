@@ -132,7 +132,8 @@ def default_config(kernel: Kernel, interpreted: bool) -> dict[str, int]:
     defaults, shrunk to the matrix (``tl.dot`` wants 16 at least)."""
     m, n, k = _sizes(split_nodes(kernel)[2])
     top = 128 if interpreted else 64
-    fit = lambda size, most: max(16, min(most, next_power_of_two(size)))
+    def fit(size, most):
+        return max(16, min(most, next_power_of_two(size)))
     return {"BLOCK_M": fit(m, top), "BLOCK_N": fit(n, top),
             "BLOCK_K": fit(k, top if interpreted else 32), "GROUP_M": 8,
             "num_warps": 4, "num_stages": 3}

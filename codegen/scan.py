@@ -100,7 +100,8 @@ def can_scan(node) -> bool:
         return False
     source, _, out_dtype = described
     val = source.meta["val"]
-    return (not ops.is_fill(source) and val.dim() > 0 and val.numel() > 0 and val.dtype in ops.TRITON_DTYPES
+    return (not ops.is_fill(source) and val.dim() > 0 and val.numel() > 0
+            and val.dtype in ops.TRITON_DTYPES
             and out_dtype in ops.TRITON_DTYPES)
 
 

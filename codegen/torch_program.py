@@ -14,7 +14,8 @@ Memory follows the plan: every value is deleted after its last use
 last use inside it), then tightened on the written statements
 (``torch_liveness.py``: deletes at the very last use, pointwise results and
 compile_step's donated updates written in place), and a fused kernel's
-nodes run in their least-memory order (``torch_order.py``). Outputs are plain allocations by torch, not arena
+nodes run in their least-memory order (``torch_order.py``). Outputs are plain
+allocations by torch, not arena
 views: writing the last op of a fused run into a planned slot would need
 each op's ``out=`` overload, and on a CPU a fresh allocation is as cheap as
 the view (``benchmarks/cpu_step.py --arena`` measured both for extern

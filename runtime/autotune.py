@@ -7,7 +7,8 @@ default configuration (the one codegen would have chosen) runs first: its
 outputs are the reference every other candidate must match (``same``:
 bitwise for elementwise kernels, within the dtype's tolerance where a
 reduction's block changes the order of its sums); a candidate that does
-not, or that fails (out of resources, say), is rejected and never wins. Candidates are tried in order until the
+not, or that fails (out of resources, say), is rejected and never wins.
+Candidates are tried in order until the
 time budget is spent (the rest are recorded as not tried). The fastest
 exact one wins; ties keep the earlier (the default first).
 

@@ -14,7 +14,8 @@ this module:
   size depends on values, nothing tagged ``cudagraph_unsafe``, no tensor made
   on another device (a host copy would be frozen at capture), no host
   offload (its host buffers are made per call), no collective (DDP's
-  all-reduce in a step), no RNG with a generator of the caller's. Each reason names the op and node; the report carries them.
+  all-reduce in a step), no RNG with a generator of the caller's. Each
+  reason names the op and node; the report carries them.
 - Warm-up: the first call runs the program as it is, on the capture stream
   (Triton compiles its kernels, cuBLAS makes its workspace) and notes each
   input's address.
