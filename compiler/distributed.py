@@ -51,7 +51,8 @@ import torch
 
 from retrograd.buckets import Limits, all_reduce
 from retrograd.errors import UnsupportedError
-from retrograd.zero import owners, share
+from retrograd.optimizers import clip_gradients
+from retrograd import zero
 
 __all__ = ["Replicas", "check_same_parameters", "refuse_for_compile", "unwrap"]
 
@@ -74,6 +75,9 @@ class Replicas:
     rank: int = 0             # this rank in ``group``
     shard_state: bool = False   # ZeRO-1 (zero.py): each rank updates its own parameters
 
+    def _owners(self, parameters) -> list[int]:
+        return zero.owners([p.numel() for p in parameters], self.world_size)
+
     def owned(self, used: tuple[int, ...], parameters) -> tuple[int, ...]:
         """The parameters of ``used`` this rank updates (and keeps optimizer
         state of): all of them, or its share under ZeRO-1. Owners are chosen
@@ -81,23 +85,40 @@ class Replicas:
         its state) in signatures whose loss reaches fewer parameters."""
         if not self.shard_state:
             return used
-        owner = owners([p.numel() for p in parameters], self.world_size)
+        owner = self._owners(parameters)
         return tuple(i for i in used if owner[i] == self.rank)
+
+    def average(self, grads: list[torch.Tensor], used: tuple[int, ...],
+                parameters) -> list[torch.Tensor | None]:
+        """Each gradient (one per index of ``used``) averaged across the
+        group, as DDP does (times ``1 / world_size``, then summed), traced
+        into the step's graph: one functional all-reduce per bucket
+        (``buckets.py``); under ZeRO-1 one reduce-scatter per bucket, which
+        gives this rank its own parameters' gradients only (None for the
+        others, ``zero.py``)."""
+        if not self.shard_state:
+            return all_reduce(grads, self.group, self.world_size, self.limits)[0]
+        owner = self._owners(parameters)
+        return zero.reduce_scatter(grads, [owner[i] for i in used], self.rank, self.group,
+                                   self.world_size, self.limits)
+
+    def clip(self, grads: list, max_norm: float, used: tuple[int, ...], parameters) -> list:
+        """``clip_grad_norm_`` of the averaged gradients; under ZeRO-1 the
+        norm's sum spans the ranks (``zero.clip``)."""
+        if not self.shard_state:
+            return clip_gradients(grads, max_norm)
+        return zero.clip(grads, max_norm, [parameters[i] for i in used], self.group)
 
     def share(self, values: list[torch.Tensor], used: tuple[int, ...],
               parameters) -> list[torch.Tensor]:
         """Under ZeRO-1, each updated parameter (``values``, one per index of
-        ``used``) sent from its owner to every rank (traced)."""
+        ``used``) sent from its owner to every rank: one all-gather per dtype
+        (traced)."""
         if not self.shard_state:
             return values
-        owner = owners([p.numel() for p in parameters], self.world_size)
-        return share(values, [owner[i] for i in used], self.group, self.world_size)
-
-    def average(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each gradient averaged across the group, as DDP does (times
-        ``1 / world_size``, then summed): one functional all-reduce per
-        bucket (``buckets.py``), traced into the step's graph."""
-        return all_reduce(grads, self.group, self.world_size, self.limits)[0]
+        owner = self._owners(parameters)
+        return zero.gather(values, [owner[i] for i in used], self.rank, self.group,
+                           self.world_size)
 
     def before_step(self) -> None:
         """Refuse DDP's ``no_sync()``, then broadcast rank 0's buffers

@@ -205,10 +205,11 @@ class Step:
         def step(params, buffers, state, hyper, fresh, batch, seed):
             grads, (_, loss) = grad_and_value(seeded, has_aux=True)(params, buffers, batch, seed)
             grads = [grads[index] for index in used]
-            if replicas is not None:   # DDP's average, in the program (distributed.py)
-                grads = replicas.average(grads)
+            if replicas is not None:   # DDP's average (ZeRO-1: own shard), in the program
+                grads = replicas.average(grads, used, params)
             if max_norm is not None:
-                grads = clip_gradients(grads, max_norm)
+                grads = (replicas.clip(grads, max_norm, used, params) if replicas is not None
+                         else clip_gradients(grads, max_norm))
             if kind is None:
                 return loss, grads, []
             per_group, per_clock = Hyperparameters.unflatten(optimizer, clock_count, hyper)

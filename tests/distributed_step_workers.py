@@ -74,33 +74,50 @@ class Gated(Net):
 
 def compile_step_zero(kind: str) -> None:
     """ZeRO-1: compile_step(DDP(model), shard_optimizer_state=True), AdamW
-    (``kind`` "adamw") or SGD with momentum ("sgd"), the CPU default.
-    Parameters and buffers equal an eager DDP loop after several steps; each
-    rank keeps optimizer state for its own parameters only (equal to
-    eager's), together every parameter's, and the updates are shared by
-    broadcasts. "sgd" alternates batch sizes whose losses reach different
-    parameters: each keeps its owner and state across them."""
+    (``kind`` "adamw", with gradient clipping and DDP's 256-byte buckets, so
+    some buckets hold only one rank's parameters) or SGD with momentum
+    ("sgd"), the CPU default. Parameters and buffers equal an eager DDP loop
+    after several steps; each rank keeps optimizer state for its own
+    parameters only (equal to eager's), together every parameter's. The
+    gradients are reduce-scattered (one per bucket, no all-reduce of
+    gradients) and the updates all-gathered, the bytes counted as sent.
+    "sgd" alternates batch sizes whose losses reach different parameters:
+    each keeps its owner and state across them."""
     torch.manual_seed(0)
     model = Gated() if kind == "sgd" else Net(batch_norm=True)
     reference = copy.deepcopy(model)
-    wrapped, eager = DDP(model), DDP(reference, find_unused_parameters=kind == "sgd")
+    cap = SMALL_BUCKET_MB if kind == "adamw" else 25
+    wrapped = DDP(model, bucket_cap_mb=cap)
+    eager = DDP(reference, find_unused_parameters=kind == "sgd", bucket_cap_mb=cap)
     rows = [BATCH, BATCH - 1, BATCH, BATCH - 1] if kind == "sgd" else [BATCH] * STEPS
+    clip = 0.5 if kind == "adamw" else None
 
     def make(parameters):
         if kind == "sgd":
             return torch.optim.SGD(parameters, lr=0.1, momentum=0.9)
         return torch.optim.AdamW(parameters, lr=0.05)
     optimizer, eager_optimizer = make(wrapped.parameters()), make(eager.parameters())
-    step = retrograd.compile_step(wrapped, loss_fn, optimizer, shard_optimizer_state=True)
+    step = retrograd.compile_step(wrapped, loss_fn, optimizer, shard_optimizer_state=True,
+                                  max_grad_norm=clip)
     for number, count in enumerate(rows):
         x, y = batch(number)
         loss = step(x[:count], y[:count])
         eager_optimizer.zero_grad()
         eager_loss = loss_fn(eager, x[:count], y[:count])
         eager_loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(eager.parameters(), clip)
         eager_optimizer.step()
         assert_close(loss.detach(), eager_loss.detach(), torch.float32, f"loss {number}")
     compare_parameters(model, reference, f"after {STEPS} steps")
+    _check_sharded_state(model, reference, optimizer, eager_optimizer)
+    if kind == "adamw":
+        _check_zero_collectives(step, model)
+
+
+def _check_sharded_state(model, reference, optimizer, eager_optimizer) -> None:
+    """Each rank keeps state (equal to eager's) for its own parameters only;
+    together, every parameter's."""
     mine = []
     for index, (p, q) in enumerate(zip(model.parameters(), reference.parameters())):
         if optimizer.state[p]:
@@ -112,9 +129,38 @@ def compile_step_zero(kind: str) -> None:
     assert all(everyone), f"a rank keeps no state: {everyone}"
     count = len(list(model.parameters()))
     assert sorted(i for part in everyone for i in part) == list(range(count)), everyone
-    if kind == "adamw":   # one signature, one program: one broadcast per rank
-        report = step.reports["step"]["kernels"]["extern_ops"]
-        assert report.get("_c10d_functional.broadcast.default") == dist.get_world_size(), report
+
+
+def _check_zero_collectives(step, model) -> None:
+    """One reduce-scatter per DDP bucket, one all-gather (float32), one
+    one-element all-reduce (the clip's norm); the report's bytes are the
+    padded layouts actually sent, each below an all-reduce's wire bytes."""
+    from retrograd.buckets import Limits, assign
+    from retrograd.zero import owners
+    parameters = list(model.parameters())
+    sizes = [p.numel() for p in parameters]
+    owner = owners(sizes, 2)
+    buckets = assign([(n * 4, torch.float32) for n in sizes], Limits(256, 256))
+    assert any(len({owner[i] for i in bucket}) == 1 for bucket in buckets), buckets
+    ops = step.reports["step"]["kernels"]["extern_ops"]
+    assert ops.get("_c10d_functional.reduce_scatter_tensor.default") == len(buckets), ops
+    assert ops.get("_c10d_functional.all_gather_into_tensor.default") == 1, ops
+    assert ops.get("_c10d_functional.all_reduce.default") == 1, ops
+    assert "_c10d_functional.broadcast.default" not in ops, ops
+
+    def padded(part_sizes):   # two ranks' chunks, each the larger one's width
+        return 2 * 4 * max(part_sizes)
+    scattered = sum(padded([sum(sizes[i] for i in b if owner[i] == r) for r in (0, 1)])
+                    for b in buckets)
+    gathered = padded([sum(n for n, o in zip(sizes, owner) if o == r) for r in (0, 1)])
+    communication = step.reports["step"]["communication"]
+    rows = communication["collectives"]
+    by_op = {op: sum(row["bytes"] for row in rows if row["op"] == op)
+             for op in ("reduce_scatter_tensor", "all_gather_into_tensor", "all_reduce")}
+    assert by_op == {"reduce_scatter_tensor": scattered, "all_gather_into_tensor": gathered,
+                     "all_reduce": 4}, (by_op, scattered, gathered)
+    wire = sum(row["wire_bytes"] for row in rows if row["op"] == "reduce_scatter_tensor")
+    assert wire == scattered // 2 < 4 * sum(sizes), (wire, sizes)
 
 
 def check_buckets(step, model) -> None:

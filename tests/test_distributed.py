@@ -109,10 +109,12 @@ def test_compile_step_on_ddp_unused_layers_and_two_gradient_dtypes():
     """A layer only rank 1's loss reaches is averaged on both ranks, as DDP
     with find_unused_parameters=True; float64 and float32 gradients are
     averaged by one all-reduce each (SGD with momentum, against eager DDP);
-    ZeRO-1 (shard_optimizer_state) with AdamW, then SGD momentum over batch
-    sizes whose losses reach different parameters: each rank keeps its own
-    parameters' state, equal to eager's, and the parameters equal eager
-    DDP's."""
+    ZeRO-1 (shard_optimizer_state) with AdamW and clipping, then SGD
+    momentum over batch sizes whose losses reach different parameters: each
+    rank keeps its own parameters' state, equal to eager's, and the
+    parameters equal eager DDP's; gradients reduce-scattered per bucket and
+    updates all-gathered (it broadcast them after an all-reduce), the
+    report's bytes the padded layouts sent."""
     run_ranks("compile_step_unused:fx", "compile_step_dtypes:interpret", "compile_step_zero:adamw",
               "compile_step_zero:sgd")
 
