@@ -35,11 +35,12 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from retrograd.ir import PassResult
 from retrograd.passes.op_classes import MASKED_OPS, MEANING_VIEWS, is_pure, is_view, view_base
 
-__all__ = ["run"]
+__all__ = ["run", "same_sizes"]
 
 aten = torch.ops.aten
 CONSTANT_COPIES = {aten.lift_fresh_copy.default}
@@ -85,11 +86,21 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> int:
     return merged
 
 
+def same_sizes(a, b) -> bool:
+    """Equal sequences of sizes (or one size each), known without a guard: a
+    symbolic size (``s0``) equals another only where that holds at every
+    size, so a pass on a symbolic graph fixes no size (compiler/symbolic_passes.py)."""
+    if not isinstance(a, (tuple, list)):
+        a, b = (a,), (b,)
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
 def _same_layout(a, b) -> bool:
     """Same shape, strides, offset and dtype, and the same conjugate and
     negative bits (``_conj(x)`` has x's layout but not its values)."""
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
-        and a.stride() == b.stride() and a.storage_offset() == b.storage_offset() \
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
+        and same_sizes(a.shape, b.shape) and same_sizes(a.stride(), b.stride()) \
+        and same_sizes(a.storage_offset(), b.storage_offset()) \
         and a.dtype == b.dtype and a.is_conj() == b.is_conj() and a.is_neg() == b.is_neg()
 
 

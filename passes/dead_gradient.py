@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from retrograd.ir import PassResult
+from retrograd.passes.cleanup import same_sizes
 
 __all__ = ["run", "GradientSpec"]
 
@@ -86,7 +87,7 @@ def _other_term(node: fx.Node, zero: set) -> fx.Node | None:
     else:
         return None
     same = keep.meta.get("val") is not None and \
-        tuple(keep.meta["val"].shape) == tuple(node.meta["val"].shape) and \
+        same_sizes(keep.meta["val"].shape, node.meta["val"].shape) and \
         keep.meta["val"].dtype == node.meta["val"].dtype
     return keep if same else None
 
