@@ -33,7 +33,8 @@ def generate_sources(program: Program, interpreted: bool,
 
     ``configure(kernel, program, family, default)``, if given, may replace
     the rule's block of a pointwise kernel (an int) or an unsplit reduction
-    ((ROWS, RBLOCK)): the autotune hook (compiler/kernel_tuning.py)."""
+    ((ROWS, RBLOCK)), and returns it with the launch's ``num_warps`` (None:
+    Triton's default): the autotune hook (compiler/kernel_tuning.py)."""
     kernels = {}
     for kernel in program.kernels_of(Kind.TRITON):   # the generator by fusion's family
         if kernel.family == Family.MATMUL:
@@ -57,14 +58,17 @@ def generate_sources(program: Program, interpreted: bool,
                 kernel.source = generate_split_reduction(kernel, program.buffers, rows, r_block,
                                                          split, program.name)
             else:
+                warps = None
                 if configure is not None:
-                    rows, r_block = configure(kernel, program, "reduction", (rows, r_block))
+                    (rows, r_block), warps = configure(kernel, program, "reduction",
+                                                       (rows, r_block))
                 kernel.source = generate_reduction(kernel, program.buffers, rows, r_block,
-                                                   program.name)
+                                                   program.name, num_warps=warps)
         else:
-            block = choose_block(kernel.numel, interpreted)
+            block, warps = choose_block(kernel.numel, interpreted), None
             if configure is not None:
-                block = configure(kernel, program, "pointwise", block)
-            kernel.source = generate_pointwise(kernel, program.buffers, block, program.name)
+                block, warps = configure(kernel, program, "pointwise", block)
+            kernel.source = generate_pointwise(kernel, program.buffers, block, program.name,
+                                               num_warps=warps)
         kernels[kernel.name] = kernel.source
     return kernels, generate_program(program)

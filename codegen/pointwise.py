@@ -26,7 +26,7 @@ from retrograd.codegen.layout import contiguous_strides, next_power_of_two
 from retrograd.codegen.indexing import INDEXING, lower_indexing
 from retrograd.ir import Buffer, Kernel
 
-__all__ = ["generate_pointwise", "choose_block"]
+__all__ = ["generate_pointwise", "choose_block", "warps_argument"]
 
 #: Mantissa digits of the half types: torch's uniform draw for them is an
 #: integer below 2**digits times 2**-digits (ATen's ``uniform_real``).
@@ -58,7 +58,7 @@ $body
 def launch($args):
     """Launch $name over $numel elements, $block per program."""
     grid = (-(-$numel // $block),)
-    $name[grid]($args, $numel, BLOCK=$block)
+    $name[grid]($args, $numel, BLOCK=$block$launch_extra)
 ''')
 
 
@@ -220,8 +220,9 @@ class _Writer:
 
 
 def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
-                       graph: str = "") -> str:
-    """Triton source (kernel plus ``launch``) for a fused pointwise kernel."""
+                       graph: str = "", num_warps: int | None = None) -> str:
+    """Triton source (kernel plus ``launch``) for a fused pointwise kernel;
+    ``num_warps`` (autotuned) is passed to the launch, else Triton's default."""
     writer = _Writer(kernel, buffers)
     for node in kernel.nodes:
         writer.node(node)
@@ -252,7 +253,14 @@ def generate_pointwise(kernel: Kernel, buffers: dict[str, Buffer], block: int,
         args=", ".join(args),
         numel=kernel.numel,
         block=block,
+        launch_extra=warps_argument(num_warps),
     )
+
+
+def warps_argument(num_warps: int | None) -> str:
+    """The launch's ``num_warps`` keyword (none: Triton's default, 4). Triton's
+    interpreter drops it (it runs one program instance at a time)."""
+    return "" if num_warps is None else f", num_warps={int(num_warps)}"
 
 
 def _largest_index(kernel: Kernel, buffers: dict[str, Buffer]) -> int:

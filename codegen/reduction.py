@@ -27,6 +27,7 @@ from string import Template
 
 from retrograd.codegen.common import HELPERS, describe, describe_node
 from retrograd.codegen.online_softmax import online_pairs
+from retrograd.codegen.pointwise import warps_argument
 from retrograd.codegen.reduction_kinds import (
     REDUCE_HELPERS,
     REDUCTIONS,
@@ -72,7 +73,7 @@ $body
 def launch($args):
     """Launch $name: $rows rows, $row_block per program."""
     grid = (-(-$rows // $row_block),)
-    $name[grid]($args, ROWS=$row_block, RBLOCK=$r_block)
+    $name[grid]($args, ROWS=$row_block, RBLOCK=$r_block$launch_extra)
 ''')
 
 
@@ -113,9 +114,10 @@ def choose_split(rows: int, extent: int, interpreted: bool, rows_block: int,
 
 
 def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: int,
-                       r_block: int, graph: str = "") -> str:
+                       r_block: int, graph: str = "", num_warps: int | None = None) -> str:
     """Triton source (kernel plus ``launch``) for a fused reduction kernel;
-    split as the memory plan planned where it gave the kernel partials."""
+    split as the memory plan planned where it gave the kernel partials.
+    ``num_warps`` (autotuned, unsplit kernels only) reaches the launch."""
     if kernel.scratch:
         # imported here: reduction_split imports this module
         from retrograd.codegen.reduction_split import generate_split_reduction
@@ -156,4 +158,5 @@ def generate_reduction(kernel: Kernel, buffers: dict[str, Buffer], rows_block: i
         rows=kernel.numel, extent=kernel.extent,
         covered="\n".join(f"    {describe_node(node)}" for node in kernel.nodes),
         helpers="".join(used), name=kernel.name, params=params, body=body,
-        args=", ".join(kernel.inputs + kernel.outputs), row_block=rows_block, r_block=r_block)
+        args=", ".join(kernel.inputs + kernel.outputs), row_block=rows_block, r_block=r_block,
+        launch_extra=warps_argument(num_warps))

@@ -13,8 +13,17 @@ reference every candidate must match (bitwise for pointwise kernels,
 within the dtype's tolerance for reductions, whose sums change order),
 results cached on disk per kernel (its source less the names: one
 repeated block of a model is tuned once) and device; a program's tuning
-stops after ``PROGRAM_BUDGET_SECONDS``. ``num_warps`` stays Triton's
-default: the templates do not pass it.
+stops after ``PROGRAM_BUDGET_SECONDS``.
+
+``num_warps`` is the second dimension (``with_warps``): 1, 2, 4 or 8, at
+most one thread per element of the tile (BLOCK, or ROWS x RBLOCK), Triton's
+default 4 always. The candidates are at most 5 blocks x 4 warps = 20
+(``MAX_CANDIDATES``), ordered so that a budget cut keeps the neighbours of
+the rule's: the default, the other warps at the rule's block, the other
+blocks at 4 warps, then the rest. The winner's ``num_warps`` is written
+into the kernel's ``launch`` (``kernel[grid](..., num_warps=W)``), stored in
+the cache record and shown in the report's record; Triton's interpreter
+ignores it (one program instance at a time), so there it changes nothing.
 
 Only on CUDA by default (``autotune=None``): under Triton's interpreter a
 time says nothing about a GPU. ``autotune=True`` forces it there too (tests:
@@ -41,7 +50,7 @@ from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
 from retrograd.runtime.loader import load_module, source_key, write_source
 
-__all__ = ["KIND", "Tuner", "pointwise_candidates", "reduction_candidates"]
+__all__ = ["KIND", "Tuner", "pointwise_candidates", "reduction_candidates", "with_warps"]
 
 #: File stem of the records in the kernel cache.
 KIND = "block_tuning"
@@ -49,6 +58,14 @@ KIND = "block_tuning"
 PROGRAM_BUDGET_SECONDS = 15.0
 #: Largest ROWS x RBLOCK tile a candidate may have beyond the rule's (twice its 4096).
 TILE_LIMIT = 8192
+#: ``num_warps`` tried; Triton's default (what an untuned launch gets) first.
+WARPS = (4, 1, 2, 8)
+#: Threads per warp: a candidate's warps never have more threads than its tile has elements.
+WARP_THREADS = 32
+#: Blocks (at most 5) times warps (at most 4): the most candidates one kernel has.
+MAX_CANDIDATES = 5 * len(WARPS)
+#: What the cache key says was searched (records of the block-only search are misses).
+SPACE = "block x num_warps"
 
 Timer = Callable[[Callable[[], Any]], float]
 
@@ -73,6 +90,20 @@ def reduction_candidates(rows: int, r_block: int, numel: int, extent: int) -> li
              (rows, r_block * 2), (rows, max(1, r_block // 2))]
     return [{"rows": a, "r_block": b} for a, b in dict.fromkeys(pairs)
             if a <= max(rows, rows_limit) and b <= max(r_block, r_limit) and a * b <= tile]
+
+
+def with_warps(blocks: list[dict], tile: Callable[[dict], int]) -> list[dict]:
+    """``blocks`` (the rule's first) crossed with the ``WARPS`` a tile of
+    ``tile(config)`` elements can use (Triton's default 4 always, 1 always,
+    others while ``warps * 32 <= tile``): the default first, then the other
+    warps at the rule's block, the other blocks at 4 warps, then the rest."""
+    def allowed(config):
+        return [w for w in WARPS if w in (WARPS[0], 1) or w * WARP_THREADS <= tile(config)]
+    first, *others = blocks
+    ordered = [{**first, "num_warps": w} for w in allowed(first)]
+    ordered += [{**config, "num_warps": WARPS[0]} for config in others]
+    ordered += [{**config, "num_warps": w} for config in others for w in allowed(config)[1:]]
+    return ordered[:MAX_CANDIDATES]
 
 
 def identity(source: str, kernel: Kernel) -> str:
@@ -157,33 +188,38 @@ class Tuner:
         return {"enabled": self.enabled, "reason": self.reason, "kernels": self.records}
 
     def configure(self, kernel: Kernel, program: Program, family: str, default):
-        """The block of ``kernel`` (``default``: the rule's; an int BLOCK for
-        "pointwise", (ROWS, RBLOCK) for "reduction"), tuned."""
+        """(block, num_warps) of ``kernel``, tuned; ``default`` is the rule's
+        block (an int BLOCK for "pointwise", (ROWS, RBLOCK) for "reduction")
+        and comes back with None (Triton's default warps) when not tuned."""
         buffers, graph = program.buffers, program.name
         if family == "pointwise":
-            candidates = pointwise_candidates(default, kernel.numel)
-            def generate(c): return generate_pointwise(kernel, buffers, c["block"], graph)
+            candidates = with_warps(pointwise_candidates(default, kernel.numel),
+                                    lambda c: c["block"])
+            def generate(c): return generate_pointwise(kernel, buffers, c["block"], graph,
+                                                       num_warps=c["num_warps"])
             def chosen(c): return c["block"]
             same = _same_bits
         else:
-            candidates = reduction_candidates(*default, kernel.numel, kernel.extent)
+            candidates = with_warps(
+                reduction_candidates(*default, kernel.numel, kernel.extent),
+                lambda c: c["rows"] * c["r_block"])
             def generate(c): return generate_reduction(kernel, buffers, c["rows"], c["r_block"],
-                                                       graph)
+                                                       graph, num_warps=c["num_warps"])
             def chosen(c): return (c["rows"], c["r_block"])
             same = _close
         if len(candidates) < 2:
-            return default
+            return default, None
         if perf_counter() - self.started > self.program_budget:
             self.records[kernel.name] = {"config": candidates[0], "skipped": (
                 f"the program's tuning budget ({self.program_budget}s) is spent")}
-            return default
+            return default, None
         key = {"kernel": source_key(identity(generate(candidates[0]), kernel)),
-               "family": family, "device": _device_name(self.device)}
+               "family": family, "device": _device_name(self.device), "space": SPACE}
         tensors = self._tensors(kernel, program)
         record = tune(KIND, key, candidates,
                       lambda config: self._measure(kernel, generate(config), tensors), same)
         self.records[kernel.name] = record
-        return chosen(record["config"])
+        return chosen(record["config"]), record["config"].get("num_warps")
 
     def _tensors(self, kernel: Kernel, program: Program) -> dict[str, torch.Tensor]:
         """Random inputs and zeroed outputs, shaped as the plan says (seeded)."""

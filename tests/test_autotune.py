@@ -68,6 +68,23 @@ def test_candidates_stay_within_the_kernel():
         8, 1024, 1 << 16, 1 << 16)
 
 
+def test_warps_cross_the_blocks_within_the_tile_and_the_bound():
+    blocks = kernel_tuning.pointwise_candidates(1024, 1 << 20)
+    crossed = kernel_tuning.with_warps(blocks, lambda c: c["block"])
+    assert crossed[:4] == [{"block": 1024, "num_warps": w} for w in (4, 1, 2, 8)]
+    assert crossed[4:8] == [{"block": b, "num_warps": 4} for b in (256, 512, 2048, 4096)]
+    assert len(crossed) == 20 == kernel_tuning.MAX_CANDIDATES
+    assert len({tuple(sorted(c.items())) for c in crossed}) == 20
+    # a 16-element block: at most one thread per element, Triton's default 4 kept
+    small = kernel_tuning.with_warps([{"block": 64}, {"block": 16}], lambda c: c["block"])
+    assert small == [{"block": 64, "num_warps": w} for w in (4, 1, 2)] + [
+        {"block": 16, "num_warps": 4}, {"block": 16, "num_warps": 1}]
+    tiles = kernel_tuning.with_warps(kernel_tuning.reduction_candidates(4, 32, 4, 32),
+                                     lambda c: c["rows"] * c["r_block"])
+    assert {"rows": 4, "r_block": 32, "num_warps": 8} not in tiles   # 256 threads, 128 elements
+    assert {"rows": 4, "r_block": 32, "num_warps": 2} in tiles
+
+
 def _function(x, w):
     return torch.relu(x * w + 1).sum(dim=1), w.cos() * 3
 
@@ -112,7 +129,7 @@ def test_the_winner_is_what_the_program_runs(cache, monkeypatch, tmp_path):
 
     def measure(self, kernel, source, tensors):
         _, outputs = original(self, kernel, source, tensors)
-        return float(re.search(r"BLOCK=(\d+)\)", source).group(1)), outputs
+        return float(re.search(r"BLOCK=(\d+)[,)]", source).group(1)), outputs
     monkeypatch.setattr(kernel_tuning.Tuner, "_measure", measure)
     x, w = torch.randn(8, 40), torch.randn(40)
     compiled = retrograd.compile(lambda x, w: (x * w).exp() - 1, executor="interpret",
@@ -123,7 +140,52 @@ def test_the_winner_is_what_the_program_runs(cache, monkeypatch, tmp_path):
     assert block == min(entry["config"]["block"] for entry in record["tried"])
     assert block != record["default"]["block"]
     sources = [p.read_text() for p in (tmp_path / "dump").rglob("*.py") if name in p.name]
-    assert sources and all(f"BLOCK={block})" in text for text in sources), sources
+    assert sources and all(re.search(f"BLOCK={block}[,)]", text) for text in sources), sources
+
+
+def _launched_warps(monkeypatch) -> list[tuple[str, object]]:
+    """(kernel, num_warps) of every launch Triton's interpreter receives."""
+    from triton.runtime.interpreter import InterpretedFunction
+    launches, run = [], InterpretedFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        launches.append((self.fn.__name__, kwargs.get("num_warps")))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", recording)
+    return launches
+
+
+def test_the_chosen_num_warps_reaches_the_launch_the_cache_and_the_report(cache, monkeypatch):
+    """A timer that prefers two warps: every tuned kernel (pointwise and
+    reduction) is launched with ``num_warps=2``, the record says so, a second
+    compile reads it from the cache, and the numbers stay eager's."""
+    original = kernel_tuning.Tuner._measure
+
+    def measure(self, kernel, source, tensors):
+        _, outputs = original(self, kernel, source, tensors)
+        return (1.0 if "num_warps=2)" in source else 2.0), outputs
+    monkeypatch.setattr(kernel_tuning.Tuner, "_measure", measure)
+    launches = _launched_warps(monkeypatch)
+    x, w = torch.randn(4, 128), torch.randn(128)   # tiles of 128 and 512: two warps fit
+    for attempt in ("miss", "hit"):
+        compiled = retrograd.compile(_function, executor="interpret", autotune=True)
+        compiled(x, w)
+        launches.clear()
+        for got, want in zip(compiled(x, w), _function(x, w)):
+            assert_close(got, want, torch.float32)
+        records = _codegen(compiled)["autotune"]["kernels"]
+        assert len(records) == 2 and {r["cache"] for r in records.values()} == {attempt}
+        assert all(r["config"]["num_warps"] == 2 for r in records.values()), records
+        assert sorted(launches) == sorted((name, 2) for name in records), launches
+    stored = [p.read_text() for p in cache.rglob("block_tuning_*.py")]
+    assert len(stored) == 2 and all("'num_warps': 2" in text for text in stored)
+
+
+def test_untuned_kernels_launch_with_tritons_default_warps(cache, monkeypatch):
+    launches = _launched_warps(monkeypatch)
+    compiled = retrograd.compile(_function, executor="interpret", autotune=False)
+    compiled(torch.randn(4, 8), torch.randn(8))
+    assert launches and {warps for _, warps in launches} == {None}
 
 
 def test_a_kernel_that_differs_only_in_names_reads_the_same_record(cache):
