@@ -192,7 +192,8 @@ class Dumper:
         self.write("memory_plan.txt", plan)
         self.write("report.json", to_json(report))
         timeline = memory_timeline.build(program)
-        self.write("trace.json", json.dumps(chrome_trace(report["graph_id"], timeline)) + "\n")
+        self.write("trace.json", json.dumps(chrome_trace(
+            report["graph_id"], timeline, report.get("communication"))) + "\n")
         self.write("index.html", page(report, self.graph_files, sorted(kernels), timeline))
 
     def _trace_final(self, report: dict, kernels: dict[str, str], program_text: str,
@@ -204,7 +205,8 @@ class Dumper:
             trace(f"{prefix}_kernel_{name}", lambda source=source: source)
         trace(f"{prefix}_program", lambda: program_text)
         trace(f"{prefix}_chrome_trace", lambda: json.dumps(
-            chrome_trace(report["graph_id"], memory_timeline.build(program))), encoding="json")
+            chrome_trace(report["graph_id"], memory_timeline.build(program),
+                         report.get("communication"))), encoding="json")
         trace(f"{prefix}_memory_plan", lambda: plan)
         trace(f"{prefix}_report", lambda: to_json(report), encoding="json")
         if report.get("ledger") is not None:

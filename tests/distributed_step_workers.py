@@ -8,6 +8,10 @@ asserts they agree; a failed assertion exits non-zero.
 from __future__ import annotations
 
 import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,16 +33,33 @@ def compile_step_ddp(executor: str) -> None:
     """retrograd.compile_step(DDP(model)) against an eager DDP loop: AdamW,
     BatchNorm buffers (broadcast from rank 0), gradient clipping; parameters,
     buffers and optimizer state after several steps. DDP's 256-byte buckets:
-    one all-reduce per bucket, each issued before the backward's end."""
+    one all-reduce per bucket, each issued before the backward's end. Under
+    "auto", the dump's trace.json shows each all-reduce on its own track."""
     model, reference = twins(batch_norm=True)
     wrapped = DDP(model, bucket_cap_mb=SMALL_BUCKET_MB)
     eager = DDP(reference, bucket_cap_mb=SMALL_BUCKET_MB)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=0.05)
     eager_optimizer = torch.optim.AdamW(eager.parameters(), lr=0.05)
+    folder = tempfile.mkdtemp(prefix=f"rg-ddp-dump-{dist.get_rank()}-")
     step = retrograd.compile_step(wrapped, loss_fn, optimizer, max_grad_norm=0.5,
-                                  executor=executor)
+                                  executor=executor,
+                                  dump_dir=folder if executor == "auto" else None)
     _train_against(step, model, optimizer, eager, reference, eager_optimizer, clip=0.5)
     check_buckets(step, model)
+    if executor == "auto":   # one dump is enough: the trace's collectives track
+        check_trace(folder, step.reports["step"]["communication"])
+    shutil.rmtree(folder)
+
+
+def check_trace(folder: str, communication: dict) -> None:
+    """The dump's trace.json has the collectives on their own track: one
+    span per all-reduce, from its issue to its wait, bytes as reported."""
+    [path] = Path(folder).glob("*-step/trace.json")
+    events = json.loads(path.read_text())["traceEvents"]
+    spans = [e for e in events if e.get("cat") == "collective"]
+    rows = communication["collectives"]
+    assert [e["args"]["bytes"] for e in spans] == [row["bytes"] for row in rows], spans
+    assert all(e["args"]["op"] == "all_reduce" and e["dur"] > 0 for e in spans), spans
 
 
 def compile_step_group(executor: str) -> None:
