@@ -40,14 +40,15 @@ def _build(name: str, variant: str, inputs):
     model = entry.model()
     if variant == "eager":
         return model
-    keep = capture.table_for
+    keep = capture.decompositions_for
     if variant == "decomposed":
-        capture.table_for = lambda requested, tensors: decompositions.decomposition_table()
+        capture.decompositions_for = lambda executor, tensors: (
+            decompositions.decomposition_table())
     try:
         compiled = retrograd.compile(model, executor="torch")
         entry.run(compiled, clone_inputs(inputs)).backward()   # forward + backward compiled
     finally:
-        capture.table_for = keep
+        capture.decompositions_for = keep
     return compiled
 
 

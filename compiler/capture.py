@@ -2,8 +2,8 @@
 
 ``compile_graph`` hands a module (dynamo's GraphModule, or the standalone
 face's wrapper around the user's module or function) to
-``aot_module_simplified`` with retrograd's decomposition table and the
-hooks of a ``GraphCompiler``. AOTAutograd traces the joint forward+backward
+``aot_module_simplified`` with retrograd's decomposition table (one entry
+point, ``decompositions_for``) and the hooks of a ``GraphCompiler``. AOTAutograd traces the joint forward+backward
 graph in functional ATen (node.meta["val"] holds fake tensors), calls our
 partition_fn with it, then our forward and backward compilers, and wraps
 the two in its own autograd.Function, so gradients flow through ordinary
@@ -23,14 +23,27 @@ import torch
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from retrograd.decompositions import decomposition_table, table_for, traced_right
+from retrograd.decompositions import table_for, traced_right
 from retrograd.errors import UnsupportedError
 from retrograd.locking import compiling
 from retrograd.options import Options
 from retrograd.provenance import run_recording
 from retrograd.graph_compiler import GraphCompiler
 
-__all__ = ["compile_graph", "signature", "joint_graph", "real_primals"]
+__all__ = ["compile_graph", "signature", "joint_graph", "real_primals", "decompositions_for"]
+
+
+def decompositions_for(executor: str | None, tensors: Sequence[Any]) -> dict:
+    """The decomposition table a trace of ``tensors`` for ``executor`` uses.
+
+    Every trace asks here: ``compile_graph`` (both faces, ``grad`` and
+    ``value_and_grad`` included), ``compile_step`` and ``joint_graph``. So a
+    test or a study that replaces the table patches this one function. The
+    torch program (``"torch"``, what ``"auto"`` runs on a CPU) keeps a few fused
+    ops whole; ``None`` and the kernel executors get every decomposition codegen
+    fuses (``decompositions.table_for``).
+    """
+    return table_for(executor, tensors)
 
 
 def signature(values: Sequence[Any]) -> tuple:
@@ -135,7 +148,7 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
                 bw_compiler=_once(compiler.compile_backward),
                 partition_fn=compiler.partition,
                 inference_compiler=compiler.compile_inference,
-                decompositions=table_for(options.executor, example_inputs),
+                decompositions=decompositions_for(options.executor, example_inputs),
             )
     return compiled, compiler
 
@@ -162,13 +175,16 @@ class _JointCaptured(Exception):
     """Raised by the capturing partition_fn to stop AOTAutograd once it has the joint."""
 
 
-def joint_graph(module: torch.nn.Module, example_inputs: Sequence[Any]):
+def joint_graph(module: torch.nn.Module, example_inputs: Sequence[Any],
+                executor: str | None = None):
     """The joint forward+backward graph retrograd's passes would see, for study.
 
     Returns ``(joint, joint_inputs, num_fwd_outputs)``: the GraphModule as
-    AOTAutograd hands it to ``partition_fn`` (decomposed with retrograd's
-    table, before any pass), its fake inputs, and how many of its outputs
-    belong to the forward. ``module`` must return a tensor or a tuple of them.
+    AOTAutograd hands it to ``partition_fn`` (decomposed with the table
+    ``decompositions_for(executor)`` gives, before any pass), its fake inputs,
+    and how many of its outputs belong to the forward. ``executor=None`` traces
+    as the kernel executors do (every decomposition); ``"torch"`` or ``"auto"``
+    as that executor does. ``module`` must return a tensor or a tuple of them.
     """
     captured = {}
 
@@ -184,7 +200,8 @@ def joint_graph(module: torch.nn.Module, example_inputs: Sequence[Any]):
         with traced_right():
             aot_module_simplified(module, list(example_inputs), fw_compiler=never,
                                   bw_compiler=never, partition_fn=partition,
-                                  decompositions=decomposition_table())
+                                  decompositions=decompositions_for(executor,
+                                                                    example_inputs))
     except _JointCaptured:
         pass
     if not captured:

@@ -41,8 +41,9 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functionalize, grad_and_value
 
+from retrograd import capture
 from retrograd.capture import signature
-from retrograd.decompositions import table_for, traced_right
+from retrograd.decompositions import traced_right
 from retrograd.distributed import check_same_parameters, unwrap
 from retrograd.locking import compiling
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
@@ -355,7 +356,8 @@ class Step:
             flat = pytree.tree_flatten(inputs)[0]
             with traced_right():
                 traced = make_fx(functionalize(recording(function)),   # source lines
-                                 decomposition_table=table_for(self.options.executor, flat),
+                                 decomposition_table=capture.decompositions_for(
+                                     self.options.executor, flat),
                                  tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
             compiler = GraphCompiler(self.options, flat)
             updates = self._updates(inputs, used, len(inputs[2]))

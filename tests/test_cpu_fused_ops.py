@@ -58,7 +58,7 @@ def _saved_and_parity(name: str, monkeypatch, decomposed: bool) -> int:
     with the full decomposition table when ``decomposed``), after checking
     its gradients against eager."""
     if decomposed:
-        monkeypatch.setattr(capture, "table_for", lambda requested, tensors:
+        monkeypatch.setattr(capture, "decompositions_for", lambda executor, tensors:
                             decomposition_table())
     entry = ZOO[name]
     torch.manual_seed(0)

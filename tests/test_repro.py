@@ -159,10 +159,10 @@ def test_a_training_step_repro_reruns_compile_step(monkeypatch):
 def test_a_wrong_decomposition_says_why_it_has_no_reproducer(monkeypatch):
     """verify's joint stage compares with eager autograd on the model itself."""
     import retrograd.capture
-    table = dict(retrograd.capture.decomposition_table())
+    import retrograd.decompositions
+    table = dict(retrograd.decompositions.decomposition_table())
     table[torch.ops.aten.tanh.default] = lambda x: torch.sigmoid(2 * x)
-    monkeypatch.setattr(retrograd.capture, "decomposition_table", lambda: table)
-    monkeypatch.setattr(retrograd.capture, "table_for", lambda *args: table)   # compile's
+    monkeypatch.setattr(retrograd.capture, "decompositions_for", lambda *args: table)
     compiled = retrograd.compile(lambda x: torch.tanh(x).sum(), executor="fx", verify=True)
     with pytest.raises(VerificationError, match="no reproducer: this stage compares"):
         compiled(torch.randn(3, requires_grad=True)).backward()

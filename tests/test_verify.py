@@ -16,6 +16,7 @@ import logging
 import pytest
 import retrograd
 import retrograd.capture
+import retrograd.decompositions
 import torch
 import torch._decomp
 import torch.nn.functional as F
@@ -30,10 +31,9 @@ aten = torch.ops.aten
 
 def _with_decomposition(monkeypatch, op, decomposition) -> None:
     """retrograd's table with ``op`` decomposed by ``decomposition`` (sabotage)."""
-    table = dict(retrograd.capture.decomposition_table())
+    table = dict(retrograd.decompositions.decomposition_table())
     table[op] = decomposition
-    monkeypatch.setattr(retrograd.capture, "decomposition_table", lambda: table)
-    monkeypatch.setattr(retrograd.capture, "table_for", lambda *args: table)   # compile's
+    monkeypatch.setattr(retrograd.capture, "decompositions_for", lambda *args: table)
 
 
 def _wrong_tanh(x):
