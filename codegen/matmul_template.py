@@ -20,6 +20,13 @@ zeroed before the dot. The product is rounded to the mm's dtype before the
 epilogue reads it (eager rounds it there too); it is stored only when
 something else reads it.
 
+Batched products (``aten.bmm``, ``aten.baddbmm``) take the batch as the
+grid's second dimension: program ``(tile, b)`` computes tile ``tile`` of
+product ``b``, its operand tiles offset by each operand's batch stride (0
+where broadcast), and its prologue and epilogue see ``offsets`` as the flat
+index in the 3-D value, ``b * M * N + m * N + n``, so the pointwise lines are
+the same as for ``mm``.
+
 Numerics: float32 operands use ``input_precision="ieee"`` unless torch
 allows TF32 for matmuls (``torch.backends.cuda.matmul.allow_tf32``); under
 the interpreter half-precision tiles are upcast to float32 first (its
@@ -47,8 +54,13 @@ __all__ = ["generate_matmul", "default_config", "candidate_configs", "split_node
 aten = torch.ops.aten
 
 #: The products a template computes: ``mm(A, B)`` and ``addmm(bias, A, B)``
-#: (inference graphs keep ``F.linear`` as addmm; training graphs decompose it).
-MATMUL_OPS = (aten.mm.default, aten.addmm.default)
+#: (inference graphs keep ``F.linear`` as addmm; training graphs decompose it),
+#: and their batched forms ``bmm`` and ``baddbmm`` (attention's decomposed form).
+MATMUL_OPS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
+#: The batched ones: the batch is grid dimension 1.
+BATCHED_OPS = (aten.bmm.default, aten.baddbmm.default)
+#: Biased ones: ``(bias, A, B, beta=, alpha=)``.
+BIASED_OPS = (aten.addmm.default, aten.baddbmm.default)
 
 KERNEL = Template('''\
 """$title
@@ -71,7 +83,7 @@ $params
     GROUP_M: tl.constexpr,    # tiles per column group (L2 reuse)
 ):
     # which output tile: programs walk GROUP_M tiles down before moving right
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)$batch
     tiles_m = (M + BLOCK_M - 1) // BLOCK_M
     tiles_n = (N + BLOCK_N - 1) // BLOCK_N
     width = GROUP_M * tiles_n
@@ -89,22 +101,22 @@ $right
         acc += tl.dot(a, b$precision)
     # the epilogue: element (m, n) of the product is element m * N + n of
     # every value below (they share its row-major order)
-    offsets = rm[:, None] * N + rn[None, :]
+    offsets = ${batch_offset}rm[:, None] * N + rn[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
 $epilogue
 
 
 def launch($args):
     """Launch $name: $tiles tiles of $block_m x $block_n."""
-    grid = ($tiles,)
+    grid = ($grid)
     $name[grid]($args, $m, $n, $k, BLOCK_M=$block_m, BLOCK_N=$block_n, BLOCK_K=$block_k,
         GROUP_M=$group_m$launch_extra)
 ''')
 
 
 def operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, float, float]:
-    """(A, B, bias or None, alpha, beta) of an mm or addmm node."""
-    if node.target is aten.addmm.default:
+    """(A, B, bias or None, alpha, beta) of an mm, addmm, bmm or baddbmm node."""
+    if node.target in BIASED_OPS:
         bias, left, right = node.args[:3]
         return left, right, bias, node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
     return node.args[0], node.args[1], None, 1, 1
@@ -122,8 +134,14 @@ def split_nodes(kernel: Kernel) -> tuple[list[fx.Node], fx.Node | None, fx.Node,
 
 
 def _sizes(matmul: fx.Node) -> tuple[int, int, int]:
+    """(M, N, K) of one product (of each, for a batched one)."""
     left, right = (arg.meta["val"] for arg in operands(matmul)[:2])
-    return int(left.shape[0]), int(right.shape[1]), int(left.shape[1])
+    return int(left.shape[-2]), int(right.shape[-1]), int(left.shape[-1])
+
+
+def batch_size(matmul: fx.Node) -> int | None:
+    """The number of products of a ``bmm``/``baddbmm`` (None for ``mm``/``addmm``)."""
+    return int(matmul.meta["val"].shape[0]) if matmul.target in BATCHED_OPS else None
 
 
 def default_config(kernel: Kernel, interpreted: bool) -> dict[str, int]:
@@ -159,11 +177,12 @@ def candidate_configs(kernel: Kernel) -> list[dict[str, int]]:
 
 
 def _flat_strides(view: fx.Node | None, value: fx.Node, k: int) -> tuple[int, int]:
-    """How element (m, k) of the mm's left operand maps to the row-major flat
-    index of the prologue's ``value``: directly (or through a row-major
-    reshape), or through its transpose."""
+    """How element (m, k) of the mm's left operand (of each product, for a
+    batched one) maps to the row-major flat index of the prologue's
+    ``value``: directly (or through a row-major reshape), or through its
+    transpose (of the last two dimensions)."""
     if view is not None and view.target is aten.permute.default:
-        return 1, int(value.meta["val"].shape[1])   # (m, k) of value^T is (k, m) of value
+        return 1, int(value.meta["val"].shape[-1])   # (m, k) of value^T is (k, m) of value
     return k, 1
 
 
@@ -188,6 +207,7 @@ class _Operands:
         self.kernel, self.buffers, self.interpreted = kernel, buffers, interpreted
         self.prologue, self.view, self.matmul, self.epilogue = split_nodes(kernel)
         self.dtype = self.matmul.meta["val"].dtype
+        self.batched = batch_size(self.matmul) is not None
 
     def dot_dtype(self, text: str) -> str:
         """A tile as ``tl.dot`` takes it: float32 under the interpreter."""
@@ -198,8 +218,10 @@ class _Operands:
 
     def load(self, letter: str, arg: fx.Node, rows: str, cols: str, limits: str) -> list[str]:
         buffer = self.buffers[arg.name]
-        stride_rows, stride_cols = buffer.strides
+        stride_rows, stride_cols = buffer.strides[-2:]
         index = f"{rows}[:, None] * {stride_rows} + {cols}[None, :] * {stride_cols}"
+        if self.batched:   # stride 0: one matrix broadcast over the batch
+            index = f"bid * {buffer.strides[0]} + {index}"
         mask = f"({rows}[:, None] < {limits[0]}) & ({cols}[None, :] < {limits[1]})"
         text = f"tl.load({arg.name}_ptr + {index}, mask={mask}, other=0.0)"
         return [f"        # {letter} tile: {arg.name}[{rows}, {cols}]  ({describe(buffer)})",
@@ -213,9 +235,12 @@ class _Operands:
         writer = _Writer(SimpleNamespace(nodes=self.prologue, aliases={}), self.buffers)
         for node in self.prologue:
             writer.node(node)
+        m, _, k = _sizes(self.matmul)
+        first = f"bid * {m * k} + " if self.batched else ""
         lines = [f"        # a tile: the prologue's {value.name}, element (m, k) at flat index",
-                 f"        # m * {strides[0]} + k * {strides[1]}; never stored",
-                 f"        offsets = rm[:, None] * {strides[0]} + rk[None, :] * {strides[1]}",
+                 f"        # {first}m * {strides[0]} + k * {strides[1]}; never stored",
+                 f"        offsets = {first}rm[:, None] * {strides[0]} + rk[None, :] * "
+                 f"{strides[1]}",
                  "        mask = (rm[:, None] < M) & (rk[None, :] < K)"]
         if writer.needs_broadcast:
             lines.append("        broadcast = offsets * 0  # index of a broadcast "
@@ -264,6 +289,7 @@ def generate_matmul(kernel: Kernel, buffers: dict[str, Buffer], interpreted: boo
     if operands.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         precision = ', input_precision="ieee"'
     tiles = -(-m // config["BLOCK_M"]) * -(-n // config["BLOCK_N"])
+    batch = batch_size(operands.matmul)
     names = kernel.inputs + kernel.outputs
     params = "\n".join(
         [f"    {name}_ptr,  # in: {describe(buffers[name])}" for name in kernel.inputs]
@@ -274,13 +300,35 @@ def generate_matmul(kernel: Kernel, buffers: dict[str, Buffer], interpreted: boo
              [operands.view] if operands.view is not None else []),
              ("matmul", [operands.matmul]), ("epilogue", operands.epilogue)]
     covered = [f"    {part}: {describe_node(node)}" for part, nodes in parts for node in nodes]
-    wide = ".to(tl.int64)" if max(m * n, m * k, k * n) >= 2 ** 31 else ""
+    wide = ".to(tl.int64)" if _largest(kernel, buffers, batch or 1, m, n, k) >= 2 ** 31 else ""
+    product = f"mm {m}x{k} @ {k}x{n}" if batch is None else f"bmm {batch} x {m}x{k} @ {k}x{n}"
     return KERNEL.substitute(
-        title=f"{kernel.name}: mm {m}x{k} @ {k}x{n} with {len(operands.prologue)} prologue "
+        title=f"{kernel.name}: {product} with {len(operands.prologue)} prologue "
               f"and {len(operands.epilogue)} epilogue ops fused.",
-        graph=graph or "?", shape=f"M={m}, N={n}, K={k}", covered="\n".join(covered),
+        graph=graph or "?", shape=f"M={m}, N={n}, K={k}" + (
+            f", {batch} products (grid dimension 1)" if batch else ""),
+        covered="\n".join(covered), **_batch_parts(batch, m * n, wide),
         helpers="".join(helpers), name=kernel.name, params=params, wide=wide,
         left="\n".join(left), right="\n".join(right), precision=precision,
         epilogue="\n".join(epilogue), args=", ".join(names), tiles=tiles,
+        grid=f"{tiles}," if batch is None else f"{tiles}, {batch}",
         m=m, n=n, k=k, block_m=config["BLOCK_M"], block_n=config["BLOCK_N"],
         block_k=config["BLOCK_K"], group_m=config["GROUP_M"], launch_extra=extra)
+
+
+def _batch_parts(batch: int | None, product_size: int, wide: str) -> dict[str, str]:
+    """The template's batch pieces: which product this program computes
+    (grid dimension 1) and where that product starts in the flat output."""
+    if batch is None:
+        return {"batch": "", "batch_offset": ""}
+    return {"batch": f"\n    bid = tl.program_id(1){wide}  # which product of the batch",
+            "batch_offset": f"bid * {product_size} + "}
+
+
+def _largest(kernel: Kernel, buffers: dict[str, Buffer], batch: int, m: int, n: int,
+             k: int) -> int:
+    """The largest flat index the kernel computes (int64 indexing past 2**31)."""
+    spans = [batch * m * n, batch * m * k, batch * k * n]
+    spans += [buffers[name].numel for name in kernel.inputs + kernel.outputs
+              if name in buffers]
+    return max(spans)

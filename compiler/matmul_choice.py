@@ -1,9 +1,10 @@
 """Template or extern: the bounded autotune behind ``matmul_templates=None``.
 
 passes/matmul_fusion.py proposes a template kernel (an mm with its fused
-prologue and epilogue) and asks ``choose`` through ``OpSupport``. On CUDA
-it times the extern path -- ``torch.mm`` plus the separate pointwise
-kernels fusion made for the prologue and epilogue -- against the template
+prologue and epilogue; a bmm's too) and asks ``choose`` through
+``OpSupport``. On CUDA it times the extern path -- ``torch.mm`` (``addmm``,
+``bmm``, ``baddbmm``) plus the separate pointwise kernels fusion made for
+the prologue and epilogue -- against the template
 with each of a few block configurations (``matmul_template.candidate_configs``),
 within ``BUDGET_SECONDS``; the fastest wins. The result is stored per kernel
 source (so per shape, strides, dtype and fused ops), device and versions in
@@ -25,8 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from retrograd.codegen.matmul_template import (candidate_configs, generate_matmul, operands,
-                                               split_nodes)
+from retrograd.codegen.matmul_template import (BATCHED_OPS, candidate_configs, generate_matmul,
+                                               operands, split_nodes)
 from retrograd.codegen.pointwise import choose_block, generate_pointwise
 from retrograd.ir import Buffer, Kernel, Kind
 from retrograd.runtime import tuning_cache
@@ -60,10 +61,13 @@ def _extern_runner(pieces: list[Kernel], buffers: dict[str, Buffer], tensors, in
         if kernel.kind == Kind.EXTERN:
             left, right, bias, alpha, beta = operands(kernel.nodes[0])
             left, right, out = (tensors[n] for n in (left.name, right.name, kernel.outputs[0]))
+            batched = kernel.nodes[0].target in BATCHED_OPS
             if bias is None:
-                steps.append(functools.partial(torch.mm, left, right, out=out))
+                steps.append(functools.partial(torch.bmm if batched else torch.mm, left, right,
+                                               out=out))
             else:
-                steps.append(functools.partial(torch.addmm, tensors[bias.name], left, right,
+                steps.append(functools.partial(torch.baddbmm if batched else torch.addmm,
+                                               tensors[bias.name], left, right,
                                                beta=beta, alpha=alpha, out=out))
         else:
             source = generate_pointwise(kernel, buffers, choose_block(kernel.numel, interpreted))

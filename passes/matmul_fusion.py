@@ -2,7 +2,8 @@
 
 What it does, on the program fusion built (every ``aten.mm`` an extern
 call): for each 2-D ``mm`` (or ``addmm``, whose bias the template adds
-itself) it looks for
+itself) and each 3-D ``bmm`` (or ``baddbmm``: the batch is the template's
+second grid dimension) it looks for
 - an epilogue: the pointwise Triton kernel that reads the product (directly
   or through row-major reshapes of it) and iterates over exactly its
   elements -- a bias add, an activation, a residual add, a scale;
@@ -24,8 +25,7 @@ separate pointwise kernels, cached on disk with the kernels
 the interpreter is no measure of speed. Every decision is in the stats
 (``choices``: what was tried, what won, whether it came from the cache).
 
-Not fused, with the reason in ``left_extern``: batched or 3-D products
-(``bmm``), dtypes other than float32/float16/bfloat16, symbolic sizes, a
+Not fused, with the reason in ``left_extern``: dtypes other than float32/float16/bfloat16, symbolic sizes, a
 product whose other reader feeds the epilogue (it would need the product
 before the epilogue's kernel runs).
 
@@ -48,15 +48,18 @@ aten = torch.ops.aten
 
 #: Dtypes the template computes (tl.dot with a float32 accumulator).
 DTYPES = ("float32", "float16", "bfloat16")
-#: The products fused: ``mm(A, B)``, ``addmm(bias, A, B)`` (inference keeps F.linear so).
-MATMUL_OPS = ("aten.mm.default", "aten.addmm.default")
+#: The products fused: ``mm(A, B)``, ``addmm(bias, A, B)`` (inference keeps F.linear so),
+#: and the batched ``bmm(A, B)``, ``baddbmm(bias, A, B)`` (with their product's rank).
+RANKS = {"aten.mm.default": 2, "aten.addmm.default": 2, "aten.bmm.default": 3,
+         "aten.baddbmm.default": 3}
+MATMUL_OPS = tuple(RANKS)
 #: Views of the left operand the prologue can be read through.
 OPERAND_VIEWS = (aten.permute.default, aten.view.default, aten._unsafe_view.default)
 
 
 def _operands(node) -> tuple:
-    """(A, B, bias or None) of an mm or addmm node."""
-    if node.target is aten.addmm.default:
+    """(A, B, bias or None) of an mm, addmm, bmm or baddbmm node."""
+    if node.target in (aten.addmm.default, aten.baddbmm.default):
         return node.args[1], node.args[2], node.args[0]
     return node.args[0], node.args[1], None
 
@@ -83,8 +86,9 @@ def _eligible(kernel: Kernel, program: Program) -> str | None:
     """Why this extern kernel cannot be a template, or None."""
     node = kernel.nodes[0]
     value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor) or value.dim() != 2:
-        return "not a 2-D product"
+    rank = RANKS[kernel.op]
+    if not isinstance(value, torch.Tensor) or value.dim() != rank:
+        return f"not a {rank}-D product"
     if str(value.dtype).removeprefix("torch.") not in DTYPES:
         return f"dtype {value.dtype}"
     left, right, bias = _operands(node)
@@ -128,9 +132,10 @@ def _left_operand_view(program: Program, name: str) -> Kernel | None:
     template can read a prologue's value through."""
     view = next((k for k in program.kernels if k.kind == Kind.VIEW and name in k.outputs), None)
     node = view.nodes[0] if view is not None else None
-    if node is None or node.target not in OPERAND_VIEWS or len(view.outputs) != 1 or (
-            node.target is aten.permute.default and list(node.args[1]) != [1, 0]):
+    if node is None or node.target not in OPERAND_VIEWS or len(view.outputs) != 1:
         return None
+    if node.target is aten.permute.default and list(node.args[1]) not in ([1, 0], [0, 2, 1]):
+        return None   # only the last two dimensions swapped
     return view
 
 
