@@ -80,6 +80,37 @@ def compile_step_group(executor: str) -> None:
     check_buckets(step, model)
 
 
+def compile_step_budget(executor: str) -> None:
+    """memory_budget and the arena per rank: each rank builds its own step
+    program, so a rank may pass its own budget (0.3 on rank 0, 0.6 on rank
+    1). Each rank's checkpoint plan obeys its own budget (saved bytes <=
+    budget bytes < save-all bytes, the budget ``fraction * save-all``), its
+    report says whose figures they are (``communication["rank"]``), the
+    ranks' figures differ as their budgets do, and the steps still equal an
+    eager DDP loop (the collectives do not depend on the plan)."""
+    fraction = (0.3, 0.6)[dist.get_rank()]
+    model, reference = twins(width=16)
+    wrapped, eager = DDP(model), DDP(reference)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    eager_optimizer = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    step = retrograd.compile_step(wrapped, loss_fn, optimizer, executor=executor,
+                                  memory_budget=fraction)
+    _train_against(step, model, optimizer, eager, reference, eager_optimizer, clip=None)
+    report = step.reports["step"]
+    stats = next(p["stats"] for p in report["passes"] if p["name"] == "checkpoint")
+    assert stats["plan"] == f"memory_budget={fraction}", stats["plan"]
+    assert abs(stats["budget_bytes"] - fraction * stats["save_all_bytes"]) <= 1, stats
+    assert stats["saved_activation_bytes"] <= stats["budget_bytes"] < stats["save_all_bytes"]
+    assert report["communication"]["rank"] == dist.get_rank(), report["communication"]
+    mine = (stats["budget_bytes"], stats["saved_activation_bytes"],
+            report["memory"]["arena_bytes"])
+    assert all(isinstance(value, (int, float)) and value > 0 for value in mine), mine
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    assert everyone[0][0] < everyone[1][0], everyone   # each rank's own budget
+    assert everyone[0][1] < everyone[1][1], everyone   # and its own plan
+
+
 class Gated(Net):
     """``Net`` plus an ``extra`` layer used only on even batch sizes: the
     signatures' losses reach different parameters."""
@@ -322,5 +353,5 @@ def refusals(_: str) -> None:
 
 
 SCENARIOS = {function.__name__: function for function in (
-    compile_step_ddp, compile_step_group, compile_step_zero, compile_step_unused,
-    compile_step_dtypes, refusals)}
+    compile_step_ddp, compile_step_group, compile_step_zero, compile_step_budget,
+    compile_step_unused, compile_step_dtypes, refusals)}

@@ -97,11 +97,13 @@ def test_compile_step_on_ddp_matches_eager_ddp_and_refuses_bad_setups():
     with clip_grad_norm_, with Triton's interpreter and with the CPU default
     (the torch program), gradients all-reduced in DDP's buckets, each issued
     before the backward's end; (2) the same with process_group= on a bare
-    model whose ranks start apart; (3) FSDP2, parameters that differ across
+    model whose ranks start apart; (3) memory_budget per rank (0.3 on rank
+    0, 0.6 on rank 1): each rank's plan obeys its own budget and its report
+    names its rank; (4) FSDP2, parameters that differ across
     ranks, a step inside no_sync() and a destroyed process group each end in
     UnsupportedError naming what to do."""
     run_ranks("compile_step_ddp:interpret", "compile_step_ddp:auto", "compile_step_group:auto",
-              "refusals")
+              "compile_step_budget:fx", "refusals")
 
 
 @pytest.mark.slow

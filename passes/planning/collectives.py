@@ -38,8 +38,8 @@ from retrograd.passes.planning import remat
 from retrograd.passes.planning.offload import DEVICE_BYTES, DEVICE_FLOPS
 from torch import fx
 
-__all__ = ["LINK_BYTES", "LINK_LATENCY", "WAIT", "Collective", "group_size", "is_issue",
-           "is_wait", "kernel_seconds", "mark_after_waits", "predict"]
+__all__ = ["LINK_BYTES", "LINK_LATENCY", "WAIT", "Collective", "group_rank", "group_size",
+           "is_issue", "is_wait", "kernel_seconds", "mark_after_waits", "predict"]
 
 #: bytes per second each rank sends on the ring (a PCIe 4 x16-class link; NVLink is faster)
 LINK_BYTES = 25e9
@@ -87,6 +87,19 @@ def mark_after_waits(graph: fx.Graph) -> int:
             node.meta[PHASE] = f"{phase} after {','.join(sorted(waits))}"
             marked += 1
     return marked
+
+
+def group_rank(kernel: Kernel) -> int | None:
+    """This process's rank in the collective's group, or None where no such
+    group is initialised: each rank compiles (and reports) its own program."""
+    if not kernel.nodes:
+        return None
+    name = kernel.nodes[0].args[-1]
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        return _resolve_process_group(name).rank()
+    except Exception:   # noqa: BLE001 - no process group, or not a group name
+        return None
 
 
 def group_size(kernel: Kernel) -> int | None:
@@ -191,10 +204,15 @@ def predict(program: Program) -> dict | None:
             for collective in order:
                 if collective.waited_at is None and seconds:
                     collective.kernels_between += 1
-    return _summary(order, compute, now, known) if order else None
+    if not order:
+        return None
+    first = program.kernels[order[0].issued_at]
+    return dict(_summary(order, compute, now, known), rank=group_rank(first))
 
 
 def _summary(order: list[Collective], compute: float, step: float, known: bool) -> dict:
+    """The totals; ``rank`` (added by ``predict``) says whose program these
+    figures describe: every rank plans, schedules and reports its own."""
     rows = [collective.row() for collective in order]
     link = sum(row["seconds"] for row in rows) if known else None
     exposed = sum(row["exposed_seconds"] or 0.0 for row in rows) if known else None
