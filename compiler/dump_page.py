@@ -249,7 +249,11 @@ def _summary(report: dict) -> str:
             f"final; {kernels['triton']} Triton kernels, {kernels['extern']} extern calls "
             f"{e(kernels['extern_ops'])}, {kernels['views']} views; saved activations "
             f"{e(memory['saved_activation_bytes'])} bytes, arena {e(memory['arena_bytes'])} "
-            f"bytes; compiled in {e(report['compile_seconds'])} s.</p>"
+            f"bytes; peak: {e(memory.get('predicted_peak_bytes'))} bytes predicted by the "
+            f"checkpoint plan (forward and backward), {e(memory.get('program_peak_bytes'))} "
+            f"bytes held by this program at most, {e(memory.get('measured_peak_bytes'))} "
+            f"measured ({e(memory.get('measured_peak_note'))}); "
+            f"compiled in {e(report['compile_seconds'])} s.</p>"
             '<p><a href="report.json">report.json</a>, <a href="program.py">program.py</a> '
             "(<code>python program.py</code> runs it on random inputs and times each kernel), "
             '<a href="memory_plan.txt">memory_plan.txt</a>, <a href="trace.json">trace.json</a> '

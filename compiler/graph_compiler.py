@@ -31,6 +31,7 @@ from retrograd.kernel_tuning import Tuner
 from retrograd.options import Options
 from retrograd.passes import layout
 from retrograd.pipeline import OpSupport, PassContext, PassSpec, Stage, passes_for, run_pass
+from retrograd.measured_peak import NOT_RUN, Probe
 from retrograd.report import PassRecord, build_report
 from retrograd.repro_writer import on_failure
 from retrograd.runtime.autograd import boxed
@@ -256,10 +257,13 @@ class GraphCompiler:
         if half == "forward" and self.num_fwd_outputs is not None:
             self.saved_layouts = layout.saved_layouts(program, self.num_fwd_outputs)
         executable, kernels, wrapper = self._generate(program, example_inputs, records)
-        if reference is not None and not isinstance(executable, FxExecutable):
-            compare("codegen", run_program(executable, reference[0]), reference[1])
+        measured = NOT_RUN   # verify's run of the program is the one measured
+        if reference is not None:
+            probe = Probe(executable, reference[0])
+            compare("codegen", run_program(probe, reference[0]), reference[1])
+            measured = probe.measured
         report = build_report(half, name, program, records, self.captured_nodes,
-                              len(gm.graph.nodes), perf_counter() - self.started)
+                              len(gm.graph.nodes), perf_counter() - self.started, measured)
         self.reports[half] = report
         plan = memory_plan_text(program)
         memory_log.debug("%s: memory plan\n%s", name, plan)

@@ -14,6 +14,12 @@ Schema 3 adds ``communication``: the collectives of a distributed
 ``compile_step`` program (bytes per collective, where the schedule issues and
 waits for each, and the overlap a stated bandwidth model predicts:
 ``passes/planning/collectives.py``); ``null`` for a program without any.
+
+Schema 4 adds three peaks to ``memory`` (``peak_fields`` says what each counts):
+``predicted_peak_bytes`` (the checkpoint plan's, over forward and backward),
+``program_peak_bytes`` (this program's, from its memory timeline) and
+``measured_peak_bytes`` with ``measured_peak_note`` (how it was measured, or
+why it was not: ``measured_peak.py``). No field changed.
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from retrograd import memory_timeline
 from retrograd.ir import Program
+from retrograd.measured_peak import NOT_RUN, Measured
 from retrograd.provenance import source_of
 
-__all__ = ["PassRecord", "build_report", "traffic", "ledger_rows", "SCHEMA"]
+__all__ = ["PassRecord", "build_report", "traffic", "ledger_rows", "peak_fields",
+           "program_peak", "SCHEMA"]
 
-SCHEMA = 3
+SCHEMA = 4
 
 #: checkpoint stats that become report fields of their own, not pass stats
 _MOVED = ("ledger", "pareto")
@@ -94,6 +103,47 @@ def _device_saved_bytes(records: list[PassRecord]) -> int | None:
     return None if saved is None else saved - offloaded
 
 
+def program_peak(program: Program) -> int | None:
+    """The peak of the memory timeline's ``held by the program`` series (arenas,
+    the program's own allocations outside them from birth to death, extern
+    scratch estimates; inputs not counted): buffer_reuse's footprint
+    prediction, as the dump page charts it. None for a program of no kernels.
+    A sweep over the intervals (those of this series have no arena offsets)."""
+    timeline = memory_timeline.build(program)
+    changes: dict[int, int] = {}
+    for interval in timeline.intervals.get(memory_timeline.HELD, []):
+        if interval.start <= interval.stop:
+            changes[interval.start] = changes.get(interval.start, 0) + interval.nbytes
+            changes[interval.stop + 1] = changes.get(interval.stop + 1, 0) - interval.nbytes
+    if not timeline.steps:
+        return None
+    live = peak = 0
+    for position in sorted(changes):
+        live += changes[position]
+        peak = max(peak, live)
+    return peak
+
+
+def peak_fields(predicted: int | None, program: int | None, measured: Measured) -> dict:
+    """The report's three peaks (bytes; null where nobody produced one).
+
+    - ``predicted_peak_bytes``: the checkpoint plan the program runs, scored
+      by ``ledger.predicted_peak`` on the joint (or step) graph: the most
+      bytes of activations and gradients alive at once over forward *and*
+      backward (a saved value from its node to the end of the backward, a
+      recomputed one again from its recomputation to its last reader), before
+      fusion and the arena; inputs, parameters and tangents left out. One
+      figure per joint graph, the same in its forward and backward reports,
+      equal to the checkpoint stats' ``predicted_peak_bytes``.
+    - ``program_peak_bytes``: this program's own peak (``program_peak``), after
+      fusion and the arena.
+    - ``measured_peak_bytes``: this program's measured peak, the scope of
+      ``program_peak_bytes``; ``measured_peak_note`` says how, or why not.
+    """
+    return {"predicted_peak_bytes": predicted, "program_peak_bytes": program,
+            "measured_peak_bytes": measured.bytes, "measured_peak_note": measured.note}
+
+
 def _pass_dict(record: PassRecord) -> dict:
     entry = asdict(record)
     entry["stats"] = {k: v for k, v in entry["stats"].items()
@@ -102,7 +152,8 @@ def _pass_dict(record: PassRecord) -> dict:
 
 
 def build_report(graph: str, graph_id: str, program: Program, records: list[PassRecord],
-                 captured_nodes: int, final_nodes: int, compile_seconds: float) -> dict:
+                 captured_nodes: int, final_nodes: int, compile_seconds: float,
+                 measured: Measured = NOT_RUN) -> dict:
     extern_ops = Counter(kernel.op for kernel in program.kernels_of("extern"))
     return {
         "schema": SCHEMA,
@@ -125,6 +176,8 @@ def build_report(graph: str, graph_id: str, program: Program, records: list[Pass
             "arena_bytes": _stat(records, "buffer_reuse", "arena_bytes"),
             "live_lower_bound_bytes": _stat(records, "buffer_reuse", "live_lower_bound_bytes"),
             "unplanned_bytes": _stat(records, "buffer_reuse", "unplanned_bytes"),
+            **peak_fields(_stat(records, "checkpoint", "predicted_peak_bytes"),
+                          program_peak(program), measured),
         },
         "traffic": traffic(program),
         "recompute": {

@@ -283,7 +283,8 @@ REPORT_KEYS = {
     "nodes": {"captured", "final"},
     "kernels": {"triton", "extern", "extern_ops"},
     "memory": {"saved_activation_bytes", "arena_bytes", "live_lower_bound_bytes",
-               "unplanned_bytes"},
+               "unplanned_bytes", "predicted_peak_bytes", "program_peak_bytes",
+               "measured_peak_bytes", "measured_peak_note"},
     "traffic": {"bytes_read", "bytes_written"},
     "recompute": {"nodes", "flops"},
 }
@@ -291,7 +292,7 @@ REPORT_KEYS = {
 
 def _check_report(report: dict) -> None:
     """Schema 2: the keys DESIGN.md fixes, with values of the right kinds."""
-    assert report["schema"] == 3
+    assert report["schema"] == 4
     assert isinstance(report["ledger"], list) and "pareto" in report
     assert report["graph"] in ("forward", "backward")
     assert isinstance(report["graph_id"], str) and report["graph_id"]

@@ -59,7 +59,7 @@ def _check_adds_up(reports: list[dict]) -> None:
     with_ledger = [r for r in reports if r["ledger"] is not None]
     assert with_ledger, "no report has a ledger"
     for report in with_ledger:
-        assert report["schema"] == 3
+        assert report["schema"] == 4
         saved = [row for row in report["ledger"] if row["decision"] == "saved"]
         assert sum(row["bytes"] for row in saved) == report["memory"]["saved_activation_bytes"]
         assert len(saved) == next(p for p in report["passes"] if p["name"] == "checkpoint")[
