@@ -69,6 +69,13 @@ prims = torch.ops.prims
 def entry(overload):
     """An overload's C++ entry point: the op without OpOverload.__call__'s frame."""
     return getattr(overload, "_op", overload)
+
+
+def body(overload):
+    """A custom op of retrograd's as its Python function: without torch.library's
+    autograd and backend wrappers around it (~0.1 ms of Python per call)."""
+    from torch._library.custom_ops import OPDEFS
+    return OPDEFS[overload._schema.name]._init_fn
 $bindings
 
 def run(args, kernels, rt):
@@ -120,7 +127,9 @@ class _Writer:
         name = bound_name(target)
         namespace = "aten" if target.namespace == "aten" else \
             "prims" if target.namespace == "prims" else f"torch.ops.{target.namespace}"
-        self.bindings[name] = f"{namespace}.{target._opname}.{target._overloadname}"
+        overload = f"{namespace}.{target._opname}.{target._overloadname}"
+        self.bindings[name] = f"body({overload})" if _plain_custom_op(target) else \
+            f"entry({overload})"
         return name
 
     def call(self, node: fx.Node, stand_ins: dict | None = None) -> str:
@@ -165,6 +174,23 @@ class _Writer:
         if names:
             self.lines.append(f"del {', '.join(variable(name) for name in names)}")
             self.alive.difference_update(names)
+
+
+def _plain_custom_op(target: torch._ops.OpOverload) -> bool:
+    """Whether the program may call ``target``'s Python function itself: one of
+    retrograd's ``torch.library.custom_op`` ops (loss_ops, cce_ops, rng,
+    offload) with one implementation for every device, no mutated argument,
+    no torch_dispatch rule. The dispatcher would run that same function; what
+    is skipped is its Python wrapping (autograd_impl, backend_impl: ~0.1 ms a
+    call, most of a small chunked loss's cost), which adds nothing where the
+    program runs: outside autograd, on real tensors, results fresh."""
+    if target.namespace != "retrograd":
+        return False
+    from torch._library.custom_ops import OPDEFS
+    definition = OPDEFS.get(target._schema.name)
+    return definition is not None and set(definition._backend_fns) <= {None} and \
+        not definition._torch_dispatch_fns and not target._schema.is_mutable and \
+        not definition._is_inplace and not definition._is_out
 
 
 def _stand_in(node: fx.Node) -> str:
@@ -368,9 +394,9 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
     counts = {kind: len(program.kernels_of(kind)) for kind in Kind}
     summary = (f"{counts[Kind.TRITON]} fused kernels as torch calls, {counts[Kind.EXTERN]} "
                f"extern calls, {counts[Kind.VIEW]} views")
-    bindings = "".join(f"{name} = entry({overload})\n"
+    bindings = "".join(f"{name} = {overload}\n"
                        for name, overload in sorted(writer.bindings.items()))
-    if any(o.startswith("torch.ops.retrograd.") for o in writer.bindings.values()):
+    if any("torch.ops.retrograd." in o for o in writer.bindings.values()):
         bindings = "".join(f"import {module}\n" for module in REGISTERING) + bindings
     if bindings:
         bindings = ("\n\n# overloads torch has no function of the same meaning for "

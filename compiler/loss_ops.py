@@ -92,20 +92,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     and each row's sum of log-probabilities in the logits' dtype, what label
     smoothing reads)."""
     rows, wide = hidden.shape[0], _accumulate(logits_dtype)
-    lse = torch.empty(rows, dtype=wide, device=hidden.device)
-    terms = torch.empty(rows, dtype=wide, device=hidden.device)
-    row_sums = torch.empty(rows, dtype=wide, device=hidden.device)
+    # per chunk only what reads the logits (a row's logsumexp, its target's
+    # logit, its sum); the per-row arithmetic once for all rows after the loop:
+    # each torch call costs microseconds, and small models run many chunks
+    lse, picked, sums = (torch.empty(rows, dtype=wide, device=hidden.device)
+                         for _ in range(3))
     valid, safe = _valid_targets(target, ignore_index)
-    row_weight = _row_weights(valid, safe, class_weight, wide)
+    column = safe[:, None]
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
         logits, _ = _chunk_logits(hidden[start:stop], weight, bias, logits_dtype, softcap)
         torch.logsumexp(logits, dim=-1, out=lse[start:stop])
-        picked = logits.gather(1, safe[start:stop, None]).squeeze(1)
-        terms[start:stop] = torch.where(valid[start:stop], row_weight[start:stop] * (
-            lse[start:stop] - picked), 0.0)
-        row_sums[start:stop] = logits.sum(-1) - logits.shape[1] * lse[start:stop]
+        torch.gather(logits, 1, column[start:stop], out=picked[start:stop, None])
+        torch.sum(logits, -1, out=sums[start:stop])
         del logits   # before the next chunk's: one chunk alive at a time
+    row_weight = _row_weights(valid, safe, class_weight, wide)
+    terms = torch.where(valid, row_weight * (lse - picked), 0.0)
+    row_sums = sums - weight.shape[0] * lse
     if reduction == MEAN:
         loss = terms.sum() / row_weight.sum()
     elif reduction == SUM:
@@ -158,14 +161,17 @@ def linear_cross_entropy_backward(
                               device=weight.device)
     grad_bias = torch.zeros(weight.shape[0] if bias_grad else 0, dtype=wide,
                             device=weight.device)
+    # the per-row columns made once, sliced per chunk (a view costs a call too)
+    lse, coefficient, row_grad = lse[:, None], coefficient[:, None], row_grad[:, None]
+    safe, minus_scale = safe[:, None], -scale[:, None]
     for start in range(0, hidden.shape[0], chunk_rows):
         stop = min(hidden.shape[0], start + chunk_rows)
         chunk = hidden[start:stop]
         # in place on the chunk's logits: softmax, minus the one-hot, scaled
         probs, tanh = _chunk_logits(chunk, weight, bias, logits_dtype, softcap)
-        probs.sub_(lse[start:stop, None]).exp_()
-        probs.mul_(coefficient[start:stop, None]).add_(row_grad[start:stop, None])
-        probs.scatter_add_(1, safe[start:stop, None], -scale[start:stop, None])
+        probs.sub_(lse[start:stop]).exp_()
+        probs.mul_(coefficient[start:stop]).add_(row_grad[start:stop])
+        probs.scatter_add_(1, safe[start:stop], minus_scale[start:stop])
         if tanh is not None:   # through the soft cap: times 1 - tanh^2
             probs.mul_(tanh.square_().neg_().add_(1))
             del tanh
