@@ -265,7 +265,7 @@ class _Operands:
             product += f" + {term}" if beta == 1 else f" + {term} * {ops.literal(float(beta))}"
         writer.lines.append(f"    {self.matmul.name} = {_round(product, self.dtype)}"
                             f"  # the product in {str(self.dtype).removeprefix('torch.')}")
-        lines = []
+        lines = self.reorder()
         for node in self.epilogue:
             writer.node(node)
         for name in self.kernel.outputs:
@@ -273,6 +273,36 @@ class _Operands:
         if writer.needs_broadcast:
             lines.append("    broadcast = offsets * 0  # index of a broadcast scalar")
         return lines + _tile(writer.lines, "[BLOCK_M, BLOCK_N]")
+
+
+    def permuted_view(self) -> fx.Node | None:
+        """The view through which the epilogue reads the product when it is
+        not row-major (passes/matmul_fusion.py allows one, read by nothing else)."""
+        for node in self.epilogue:
+            for arg in node.all_input_nodes:
+                if self.kernel.aliases.get(arg.name) == self.matmul.name \
+                        and not arg.meta["val"].is_contiguous():
+                    return arg
+        return None
+
+    def reorder(self) -> list[str]:
+        """Lines turning ``offsets`` (the product's flat index) into the flat
+        index, in the epilogue's row-major order, of the same element read
+        through the permuted view: coordinate ``i`` is ``(p // stride_i) %
+        size_i``, since the view's strides permute the contiguous ones."""
+        view = self.permuted_view()
+        if view is None:
+            return []
+        shape, strides = tuple(view.meta["val"].shape), tuple(view.meta["val"].stride())
+        terms, inner = [], 1
+        for size, stride in reversed(list(zip(shape, strides))):
+            if size != 1:
+                term = f"(offsets // {stride}) % {size}" if stride != 1 else f"offsets % {size}"
+                terms.append(term if inner == 1 else f"{term} * {inner}")
+            inner *= size
+        return [f"    # the epilogue reads the product as {view.name}, shape {list(shape)},",
+                f"    # strides {list(strides)}: each element's index in the epilogue's order",
+                f"    offsets = {' + '.join(reversed(terms)) or '0'}"]
 
 
 def generate_matmul(kernel: Kernel, buffers: dict[str, Buffer], interpreted: bool,

@@ -102,9 +102,40 @@ def _eligible(kernel: Kernel, program: Program) -> str | None:
     return None
 
 
+def _permuted(program: Program, name: str, product: str) -> bool:
+    """``name`` is the whole product in another order: the same elements, its
+    strides a permutation of the contiguous ones (a transpose's copy, as
+    attention's ``(weights @ v).transpose(1, 2).reshape(...)`` makes)."""
+    view, buffer = program.buffers[name], program.buffers[product]
+    if view.numel != buffer.numel or view.nbytes != buffer.nbytes:
+        return False
+    running = 1
+    for stride, size in sorted(((st, sz) for sz, st in zip(view.shape, view.strides)
+                                if sz != 1)):
+        if stride != running:
+            return False
+        running *= size
+    return True
+
+
+def _reads_permuted(kernel: Kernel, names: set[str], program: Program, product: str) -> bool:
+    """``kernel`` reads the product only through one permuted view, every
+    node of it shaped as that view (so its iteration order is the view's)."""
+    read = set(kernel.inputs) & names
+    view = read.pop() if len(read) == 1 else product
+    if view == product or not _permuted(program, view, product):
+        return False
+    shape = tuple(program.buffers[view].shape)
+    return all(tuple(node.meta["val"].shape) == shape for node in kernel.nodes)
+
+
 def _epilogue(program: Program, matmul: Kernel) -> tuple[Kernel | None, bool, set[str]]:
     """(the epilogue kernel or None, whether the product must still be
-    stored, the views of the product the epilogue reads in registers)."""
+    stored, the views of the product the epilogue reads in registers).
+
+    The epilogue reads the product directly or through row-major reshapes;
+    or, read by nothing else, through one permuted view of it (the template
+    then visits the epilogue's elements in the product's order)."""
     product = matmul.outputs[0]
     buffer = program.buffers[product]
     if not _contiguous(buffer.shape, buffer.strides):
@@ -114,10 +145,13 @@ def _epilogue(program: Program, matmul: Kernel) -> tuple[Kernel | None, bool, se
             and _contiguous(program.buffers[v].shape, program.buffers[v].strides)}
     names = {product} | views
     readers = [k for k in _readers(program, names) if k.kind != Kind.VIEW]
-    chosen = next((k for k in readers if k.kind == Kind.TRITON
-                   and k.family == Family.POINTWISE and k.numel == buffer.numel
-                   and set(k.inputs) & names <= {product} | flat), None)
+    pointwise = [k for k in readers if k.kind == Kind.TRITON
+                 and k.family == Family.POINTWISE and k.numel == buffer.numel]
+    chosen = next((k for k in pointwise if set(k.inputs) & names <= {product} | flat), None)
     if chosen is None:
+        permuted = [k for k in pointwise if _reads_permuted(k, names, program, product)]
+        if len(readers) == 1 and permuted and not program.escaping() & names:
+            return permuted[0], False, set(permuted[0].inputs) & names
         return None, True, set()
     others = [k for k in readers if k is not chosen]
     stored = bool(others) or bool(program.escaping() & names)

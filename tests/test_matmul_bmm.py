@@ -121,3 +121,39 @@ def test_cpu_default_keeps_the_extern_bmm():
     compiled(*_inputs(*shapes))
     [choice] = _choices(compiled, "forward")["choices"]
     assert choice["chosen"] == "extern" and choice["why"].startswith("cpu:"), choice
+
+
+def test_epilogue_that_writes_the_product_transposed():
+    """``(w @ v).transpose(1, 2).reshape(...)``, attention's merge of heads:
+    the copy into the transposed layout is the bmm's epilogue (the template
+    visits its elements in the product's order); in the backward the same
+    for the gradient's copies, through an mm too."""
+    def fn(w, v, p):
+        return torch.matmul(w, v).transpose(1, 2).reshape(2, 5, 12) @ p
+    compiled = check_against_eager(fn, *_inputs((2, 3, 5, 4), (2, 3, 4, 4), (12, 6)),
+                                   matmul_templates=True)
+    assert _covered(compiled, "forward") == [["bmm", "clone"]]
+    assert any(nodes[0].startswith("mm") and nodes[1].startswith("clone")
+               for nodes in _covered(compiled, "backward"))
+
+
+def test_zoo_attention_block_forward_and_backward_with_bmm_templates():
+    """The zoo's decomposed attention: ``weights @ v`` and two of the
+    backward's bmms become templates (their epilogue the copy into the
+    heads-merged layout); loss and every gradient as a float64 run's."""
+    import copy
+
+    import retrograd
+    from zoo import ZOO, clone_inputs, errors, training_step
+    entry = ZOO["attention_block"]
+    torch.manual_seed(0)
+    model, inputs = entry.model(), entry.inputs()
+    truth_model = copy.deepcopy(model).double()
+    truth = training_step(entry, truth_model, truth_model, clone_inputs(inputs, torch.float64))
+    compiled = retrograd.compile(model, executor="interpret", matmul_templates=True)
+    got = training_step(entry, compiled, model, inputs)
+    worst = {name: error for name, error in errors(got, truth).items() if not error < 1e-5}
+    assert not worst, worst
+    batched = {half: [nodes for nodes in _covered(compiled, half) if nodes[0].startswith("bmm")]
+               for half in ("forward", "backward")}
+    assert len(batched["forward"]) == 1 and len(batched["backward"]) == 2, batched
