@@ -157,3 +157,27 @@ def test_zoo_attention_block_forward_and_backward_with_bmm_templates():
     batched = {half: [nodes for nodes in _covered(compiled, half) if nodes[0].startswith("bmm")]
                for half in ("forward", "backward")}
     assert len(batched["forward"]) == 1 and len(batched["backward"]) == 2, batched
+
+
+@pytest.mark.parametrize("kind", ["residual", "baddbmm_relu"])
+def test_the_cuda_choice_times_the_extern_bmm_against_the_template(kind, monkeypatch, tmp_path):
+    """matmul_choice's autotune (CUDA's path) with a timer that runs what it
+    times: the extern path (torch.bmm / baddbmm, then the epilogue kernel)
+    runs, the template wins on the stand-in times, the record says so."""
+    import functools
+
+    from retrograd import matmul_choice
+    from retrograd.pipeline import OpSupport
+    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path))
+    times = iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
+
+    def timer(function):
+        function()
+        return next(times)
+    choose = functools.partial(matmul_choice.autotune, timer=timer, interpreted=True)
+    monkeypatch.setattr(OpSupport, "choose_matmul", staticmethod(choose), raising=False)
+    fn, shapes = EPILOGUES[kind]
+    compiled = check_against_eager(fn, *_inputs(*shapes), grad=False)
+    [record] = _choices(compiled, "forward")["choices"]
+    assert record["chosen"] == "template" and record["extern_ms"] == 5.0, record
+    assert record["config"] == record["tried"][0]["config"] and record["cache"] == "miss"
