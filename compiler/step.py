@@ -27,6 +27,10 @@ model is unwrapped and its gradients averaged inside the program
 gradients by their global L2 norm inside the program, before the update. At
 most ``max_programs`` step programs are kept, least recently used released
 (recompiles.py); threads making a signature's first call together compile once.
+
+This module holds the step's calls and its programs per signature; the
+traced function is step_function.py's, the optimizer state's round trip
+step_state.py's, and the symbolic step (a varying batch size) step_dynamic.py's.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.func import functionalize, grad_and_value
+from torch.func import functionalize
 
 from retrograd import capture
 from retrograd.capture import signature
@@ -47,25 +51,16 @@ from retrograd.decompositions import traced_right
 from retrograd.distributed import check_same_parameters, unwrap
 from retrograd.locking import compiling
 from retrograd.optimizers import (SUPPORTED_OPTIMIZERS, Hyperparameters, check_optimizer,
-                                  clip_gradients, family, initial_state, mark_stepped,
-                                  momentum_weights, state_keys, structure, update)
+                                  family, mark_stepped, structure)
 from retrograd.options import Options
 from retrograd.graph_compiler import GraphCompiler
 from retrograd.provenance import recording
 from retrograd.recompiles import ProgramBound
 from retrograd.step_dynamic import DynamicSteps
+from retrograd.step_function import loss_function, reached_parameters, step_function
+from retrograd.step_state import OptimizerState, hyper_dtype
 
 __all__ = ["compile_step", "Step", "SUPPORTED_OPTIMIZERS"]
-
-
-def _group_indices(optimizer, parameters) -> tuple[int, ...]:
-    """The index of each parameter's group in ``optimizer.param_groups``."""
-    where = {id(p): index for index, group in enumerate(optimizer.param_groups)
-             for p in group["params"]}
-    if any(id(p) not in where for p in parameters):
-        raise ValueError("retrograd.compile_step: a trainable parameter of the model is not in "
-                         "the optimizer")
-    return tuple(where[id(p)] for p in parameters)
 
 
 def _check_max_grad_norm(value) -> None:
@@ -100,7 +95,7 @@ class Step:
         self.lock = threading.Lock()   # reached and entries, for threads sharing the step
         self.bound = ProgramBound("retrograd.compile_step")
         self.last: tuple | None = None
-        self._fresh: tuple[tuple, torch.Tensor] | None = None
+        self.optimizer_state = OptimizerState(optimizer, self.kind)   # step_state.py
         if self.replicas is not None:
             check_same_parameters(model, self.replicas)
         # a batch size that varies: one symbolic program after the second (step_dynamic.py)
@@ -112,134 +107,6 @@ class Step:
         with self.lock:
             entry = self.entries.get(self.last) if self.last else None
         return entry[1].reports if entry is not None else self.dynamic.reports
-
-    # -- state in torch's own format ----------------------------------------------
-    def _groups(self, parameters) -> tuple[int, ...]:
-        return _group_indices(self.optimizer, parameters) if self.optimizer is not None else ()
-
-    def _state(self, parameters, used, groups, device) -> tuple[list, list, tuple, list]:
-        """(state tensors, Adam clocks, each reached parameter's clock, [SGD
-        fresh-buffer flags]) of the parameters the loss reaches, state created
-        as torch creates it. A clock is (group index, step count after this
-        step); parameters that share one share their bias corrections."""
-        if self.optimizer is None:
-            return [], [], (), []
-        flat, fresh, clocks, clock_of = [], [], {}, []
-        for index in used:
-            p, group = parameters[index], self.optimizer.param_groups[groups[index]]
-            state = self.optimizer.state[p]
-            if self.kind == "Adam":
-                if not state:
-                    state.update(initial_state(self.kind, group, p))
-                flat += [state[key] for key in state_keys(self.kind, group)]
-                clock = (groups[index], float(state["step"]) + 1)
-                clock_of.append(clocks.setdefault(clock, len(clocks)))
-            elif state_keys(self.kind, group):
-                buffer = state.get("momentum_buffer")
-                fresh.append(buffer is None)
-                flat.append(torch.zeros_like(p) if buffer is None else buffer)
-        return flat, list(clocks), tuple(clock_of), self._fresh_flags(tuple(fresh), device)
-
-    def _fresh_flags(self, values: tuple, device) -> list:
-        """One bool tensor, kept while the flags stay the same (after the first step)."""
-        if not values:
-            return []
-        if self._fresh is None or self._fresh[0] != values or self._fresh[1].device != device:
-            self._fresh = (values, torch.tensor(values, dtype=torch.bool, device=device))
-        return [self._fresh[1]]
-
-    # -- tracing --------------------------------------------------------------------
-    def _loss_of(self, names, buffer_names, batch_spec):
-        """The loss as a function of parameters, buffers and batch leaves; it
-        runs only while tracing, so the model's ties are looked up there and
-        not on every step."""
-        model, loss_fn = self.model, self.loss_fn
-
-        def loss_of(params, buffers, batch):
-            state = dict(zip(names, params))
-            state.update(zip(buffer_names, buffers))
-            state.update({alias: state[name] for alias, name in _tied_names(model).items()
-                          if name in state})
-            with torch.nn.utils.stateless._reparametrize_module(model, state):
-                loss = loss_fn(model, *pytree.tree_unflatten(batch, batch_spec))
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("retrograd.compile_step: loss_fn must return a scalar tensor, "
-                                 f"got {getattr(loss, 'shape', type(loss).__name__)}")
-            if not loss.is_floating_point():
-                raise ValueError("retrograd.compile_step: loss_fn must return a floating-point "
-                                 f"loss, got dtype {loss.dtype} (it has no gradient)")
-            return loss.reshape(())
-        return loss_of
-
-    @staticmethod
-    def _reached(loss_of, parameters, buffers, leaves) -> tuple[int, ...]:
-        """Indices of the parameters autograd gives a gradient (eager's
-        ``.grad`` is not None), found by a fake-tensor trace of the loss and
-        ``torch.autograd.grad``: ``grad_and_value`` returns zeros for the others."""
-        found: list[bool] = []
-
-        def probe(params, buffers, batch):
-            params = [p.detach().requires_grad_() for p in params]
-            with torch.enable_grad():
-                loss = loss_of(params, buffers, batch)
-                grads = (torch.autograd.grad(loss, params, allow_unused=True)
-                         if loss.requires_grad else [None] * len(params))
-            found.extend(g is not None for g in grads)
-            return loss.detach()
-        with traced_right():   # a tensor the loss closes over (class weights) is a constant
-            make_fx(probe, tracing_mode="fake", _allow_non_fake_inputs=True)(
-                [p.detach() for p in parameters], buffers, leaves)
-        return tuple(index for index, reached in enumerate(found) if reached)
-
-    def _function(self, loss_of, used, groups, clock_of):
-        kind, optimizer, max_norm = self.kind, self.optimizer, self.max_grad_norm
-        replicas = self.replicas
-        clock_count = len(set(clock_of))
-
-        def seeded(params, buffers, batch, seed):
-            """The loss times its cotangent ``seed`` (1 at run time): every
-            backward node then depends on the seed, which is how the checkpoint
-            pass tells backward from forward inside the one graph."""
-            loss = loss_of(params, buffers, batch)
-            return loss * seed, loss
-
-        def step(params, buffers, state, hyper, fresh, batch, seed):
-            grads, (_, loss) = grad_and_value(seeded, has_aux=True)(params, buffers, batch, seed)
-            grads = [grads[index] for index in used]
-            if replicas is not None:   # DDP's average (ZeRO-1: own shard), in the program
-                grads = replicas.average(grads, used, params)
-            if max_norm is not None:
-                grads = (replicas.clip(grads, max_norm, used, params) if replicas is not None
-                         else clip_gradients(grads, max_norm))
-            if kind is None:
-                return loss, grads, []
-            per_group, per_clock = Hyperparameters.unflatten(optimizer, clock_count, hyper)
-            weights = {}   # SGD momentum weights per group, over all buffers: once each
-            # ZeRO-1 (zero.py): this rank updates its own parameters, then shares them
-            owned = replicas.owned(used, params) if replicas is not None else used
-            position = {index: k for k, index in enumerate(used)}
-            new_params, new_state, cursor, momentum = {}, [], 0, 0
-            for k, index in enumerate(owned):
-                group = optimizer.param_groups[groups[index]]
-                width = len(state_keys(kind, group))
-                blend = clock = None
-                if kind == "SGD" and width:
-                    if groups[index] not in weights:
-                        weights[groups[index]] = momentum_weights(per_group[groups[index]],
-                                                                  fresh[0])
-                    keep, take = weights[groups[index]]
-                    blend, momentum = (keep[momentum], take[momentum]), momentum + 1
-                if kind == "Adam":
-                    clock = per_clock[clock_of[k]]
-                value, kept = update(kind, group, per_group[groups[index]], clock, params[index],
-                                     grads[position[index]], state[cursor:cursor + width],
-                                     blend)
-                cursor += width
-                new_params[index] = value
-                new_state += kept
-            values = [new_params.get(index, params[index]) for index in used]
-            return loss, replicas.share(values, used, params) if replicas else values, new_state
-        return step
 
     # -- one call -------------------------------------------------------------------
     def __call__(self, *batch):
@@ -254,17 +121,18 @@ class Step:
         other += self.model.named_buffers()
         buffer_names, buffers = [n for n, _ in other], [b for _, b in other]
         leaves, batch_spec = pytree.tree_flatten(batch)
-        device, groups = _device(parameters, leaves), self._groups(parameters)
+        device, groups = _device(parameters, leaves), self.optimizer_state.groups(parameters)
         detached = [p.detach() for p in parameters]
         shape = signature(parameters + buffers + leaves) + (
             structure(self.optimizer), groups, self.max_grad_norm, self.model.training,
             str(batch_spec))
-        loss_of = self._loss_of(names, buffer_names, batch_spec)
+        loss_of = loss_function(self.model, self.loss_fn, names, buffer_names, batch_spec)
         used = self._used(shape, loss_of, detached, buffers, leaves, names)
         owned = self.replicas.owned(used, parameters) if self.replicas else used   # ZeRO-1
-        state, clocks, clock_of, fresh = self._state(parameters, owned, groups, device)
+        state, clocks, clock_of, fresh = self.optimizer_state.inputs(parameters, owned, groups,
+                                                                     device)
         hyper = [] if self.optimizer is None else self.hyperparameters.inputs(
-            self.optimizer, clocks, device, _hyper_dtype(parameters))
+            self.optimizer, clocks, device, hyper_dtype(parameters))
         seed = torch.ones((), dtype=torch.float32, device=device)
         inputs = [detached, buffers, state, hyper, fresh, leaves, seed]
         key = shape + (clock_of,) + signature(state + hyper + fresh)
@@ -272,7 +140,7 @@ class Step:
         if executable is None:
             executable = self.dynamic.program(
                 key, len(parameters) + len(buffers), leaves, inputs,
-                lambda: self._function(loss_of, used, groups, clock_of),
+                lambda: step_function(self, loss_of, used, groups, clock_of),
                 self._updates(inputs, used, len(inputs[2])))
             self.last = None if executable is not None else self.last
         if executable is None:
@@ -284,8 +152,8 @@ class Step:
         loss = outputs[0]
         new_params, new_state = outputs[1:1 + len(used)], outputs[1 + len(used):]
         groups_used = [self.optimizer.param_groups[groups[i]] for i in used] if groups else []
-        self._write_back([parameters[i] for i in used], groups_used, new_params, state,
-                         new_state, [parameters[i] for i in owned])
+        self.optimizer_state.write_back([parameters[i] for i in used], groups_used, new_params,
+                                        state, new_state, [parameters[i] for i in owned])
         mark_stepped(self.optimizer)
         return loss
 
@@ -303,7 +171,7 @@ class Step:
             with compiling():   # threads starting together probe once
                 used = self.reached.get(shape)
                 if used is None:
-                    used = self._reached(loss_of, detached, buffers, leaves)
+                    used = reached_parameters(loss_of, detached, buffers, leaves)
                     if self.replicas is not None:
                         used = self.replicas.agree(used, names)
             with self.lock:
@@ -351,7 +219,7 @@ class Step:
                            lambda: self.entries.popitem(last=False), what)
 
     def _compile(self, inputs, loss_of, used, groups, clock_of):
-        function = self._function(loss_of, used, groups, clock_of)
+        function = step_function(self, loss_of, used, groups, clock_of)
         with compiling():   # trace and pipeline, one thread at a time (locking.py)
             flat = pytree.tree_flatten(inputs)[0]
             with traced_right():
@@ -375,63 +243,11 @@ class Step:
         pairs.update({1 + len(used) + j: state_at + j for j in range(state_count)})
         return pairs
 
-    def _write_back(self, parameters, groups, new_params, state, new_state, owned) -> None:
-        """Parameters, state and step counts of the reached parameters (state
-        of the ``owned`` ones: all, or this rank's under ZeRO-1), in place
-        where the program did not already write them."""
-        with torch.no_grad():
-            if self.optimizer is None:   # gradients accumulate as autograd does
-                for p, g in zip(parameters, new_params):
-                    p.grad = g if p.grad is None else p.grad.add_(g)
-                return
-            for target, value in zip(list(parameters) + list(state),
-                                     list(new_params) + list(new_state)):
-                if not _same_memory(target, value):   # not already updated in place
-                    target.copy_(value)
-            cursor = 0
-            group_of = {id(p): group for p, group in zip(parameters, groups)}
-            for p in owned:
-                group = group_of[id(p)]
-                entry = self.optimizer.state[p]
-                for key in state_keys(self.kind, group):
-                    entry[key] = state[cursor]   # SGD's first buffer is created here
-                    cursor += 1
-                if self.kind == "Adam":
-                    entry["step"] += 1
-
-
-def _hyper_dtype(parameters) -> torch.dtype:
-    """float64 numbers for float64 parameters, float32 otherwise (as torch's
-    scalar arguments are rounded to the computation's type)."""
-    return torch.float64 if any(p.dtype == torch.float64 for p in parameters) else torch.float32
-
-
-def _tied_names(model: torch.nn.Module) -> dict[str, str]:
-    """Every further name of a shared parameter or buffer (a language model's
-    output layer tied to its embedding) -> the name ``named_parameters`` gives
-    it, so the traced step replaces the tensor under all its names."""
-    first: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, tensor in [*model.named_parameters(remove_duplicate=False),
-                         *model.named_buffers(remove_duplicate=False)]:
-        if id(tensor) in first:
-            tied[name] = first[id(tensor)]
-        else:
-            first[id(tensor)] = name
-    return tied
-
-
 def _device(parameters, leaves) -> torch.device:
     for value in list(parameters) + list(leaves):
         if isinstance(value, torch.Tensor):
             return value.device
     return torch.device("cpu")
-
-
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``b`` is ``a``'s memory, shape and strides (the program wrote it in place)."""
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.device == b.device)
 
 
 def compile_step(model: torch.nn.Module, loss_fn: Callable, optimizer=None, *,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import retrograd
 import retrograd.step
+import retrograd.step_function
 from checks import eager_step, relative_error
 
 
@@ -217,8 +218,8 @@ def test_tied_parameters_are_replaced_under_every_name(monkeypatch):
     """The ties are looked up while tracing only: a step that reuses its
     program does not walk the model for them again."""
     looked_up = []
-    real = retrograd.step._tied_names
-    monkeypatch.setattr(retrograd.step, "_tied_names",
+    real = retrograd.step_function.tied_names
+    monkeypatch.setattr(retrograd.step_function, "tied_names",
                         lambda model: looked_up.append(1) or real(model))
     torch.manual_seed(0)
     compiled_model = _TiedLM()
