@@ -1,6 +1,6 @@
 """Device check of the matmul templates and the Cut Cross-Entropy kernels.
 
-    python benchmarks/matmul_templates_check.py            # on a CUDA machine (~1-2 min)
+    python benchmarks/matmul_templates_check.py            # on a CUDA machine (~3-4 min)
     python benchmarks/matmul_templates_check.py --smoke    # tiny shapes, the CPU interpreter
 
 What has only run under Triton's interpreter so far (tests/test_matmul_template.py,
@@ -14,7 +14,13 @@ tests/test_cce.py) is run once on the GPU:
    them from the cache;
 3. a language-model head (linear + cross-entropy, vocabulary 128x the width)
    with the CCE kernels forced, against eager; then the default choice's
-   record (chunked against CCE).
+   record (chunked against CCE);
+4. batched products (bmm templates, the batch as grid dimension 1), forward
+   and backward: ``gelu(bmm(x, y) * 0.5 + r)``, ``relu(baddbmm(r, x, y,
+   alpha=0.125))`` and attention's heads merge ``(w @ v).transpose(1, 2)
+   .reshape(...)`` (the transposed copy as the epilogue), forced in float32
+   and bf16 autocast against float64 eager, then the default choice twice
+   (the autotune's records, the second from the cache).
 
 Prints one JSON object (and writes it to ``--out`` if given). No timing here
 is a benchmark: the autotune's milliseconds are do_bench medians of one
@@ -67,6 +73,48 @@ def _run_mlp(device, sizes, dtype, options) -> dict:
                           for half in compiled.reports}}
 
 
+def _bmm_epilogue(x, y, r):
+    return F.gelu(torch.bmm(x, y) * 0.5 + r)
+
+
+def _baddbmm(x, y, r):
+    return torch.relu(torch.baddbmm(r, x, y, alpha=0.125))
+
+
+def _heads_merge(w, v):
+    batch, heads, tokens, width = v.shape
+    return (w @ v).transpose(1, 2).reshape(batch, tokens, heads * width)
+
+
+def _bmm_shapes(cuda: bool) -> dict:
+    """Each case's function and input shapes: GPT-2-small-like attention on
+    CUDA (4 x 12 heads, 512 tokens, 64 wide), tiny under the interpreter."""
+    heads, tokens, width = (48, 512, 64) if cuda else (3, 5, 4)
+    x, y, r = (heads, tokens, width), (heads, width, tokens), (heads, tokens, tokens)
+    w, v = (heads // 3, 3, tokens, tokens), (heads // 3, 3, tokens, width)
+    return {"bmm_epilogue": (_bmm_epilogue, (x, y, r)), "baddbmm": (_baddbmm, (x, y, r)),
+            "heads_merge": (_heads_merge, (w, v))}
+
+
+def _run_bmm(device, case, dtype, options) -> dict:
+    """One case forward and backward against float64 eager, with its choices."""
+    fn, shapes = case
+    torch.manual_seed(0)
+    tensors = [torch.randn(shape) for shape in shapes]
+    mine = [t.to(device).clone().requires_grad_() for t in tensors]
+    wide = [t.double().to(device).requires_grad_() for t in tensors]
+    compiled = retrograd.compile(fn, **options)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = compiled(*mine)
+    out.float().square().sum().backward()
+    ref = fn(*wide)
+    ref.square().sum().backward()
+    return {"dtype": str(dtype), "output_error": _error(out, ref),
+            "grad_errors": [_error(a.grad, b.grad) for a, b in zip(mine, wide)],
+            "templates": {half: _stage(compiled, half, "matmul_templates")["choices"]
+                          for half in compiled.reports}}
+
+
 def _head(h, w, y):
     return F.cross_entropy(h @ w.t(), y, ignore_index=-100)
 
@@ -111,11 +159,20 @@ def main() -> int:
                                for _ in range(2)]   # the second must hit the cache
     results["head_cce"] = _run_head(device, head_sizes, {**base, "matmul_templates": True})
     results["head_default"] = _run_head(device, head_sizes, base)
-    failures = []
-    for run in results["mlp_forced"] + results["mlp_autotune"]:
+    bmm_runs = []
+    for name, case in _bmm_shapes(cuda).items():
+        forced = [_run_bmm(device, case, dtype, {**base, "matmul_templates": True})
+                  for dtype in (torch.float32, torch.bfloat16)]
+        tuned = [_run_bmm(device, case, torch.bfloat16, base) for _ in range(2)]
+        results[f"bmm_{name}"] = {"forced": forced, "autotune": tuned}
+        bmm_runs += forced + tuned
+        if not any(c["chosen"] == "template" for c in forced[0]["templates"]["forward"]):
+            results.setdefault("failures_early", []).append(f"bmm {name}: no template formed")
+    failures = results.pop("failures_early", [])
+    for run in results["mlp_forced"] + results["mlp_autotune"] + bmm_runs:
         limit = 1e-4 if run["dtype"] == "torch.float32" else 3e-2
         if max([run["output_error"], *run["grad_errors"]]) > limit:
-            failures.append(f"mlp {run['dtype']}: errors above {limit}")
+            failures.append(f"mlp/bmm {run['dtype']}: errors above {limit}")
     for name in ("head_cce", "head_default"):
         if max([results[name]["loss_error"], *results[name]["grad_errors"]]) > 1e-4:
             failures.append(f"{name}: errors above 1e-4")

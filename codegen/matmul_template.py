@@ -239,8 +239,8 @@ class _Operands:
         first = f"bid * {m * k} + " if self.batched else ""
         lines = [f"        # a tile: the prologue's {value.name}, element (m, k) at flat index",
                  f"        # {first}m * {strides[0]} + k * {strides[1]}; never stored",
-                 f"        offsets = {first}rm[:, None] * {strides[0]} + rk[None, :] * "
-                 f"{strides[1]}",
+                 (f"        offsets = {first}rm[:, None] * {strides[0]} + rk[None, :] * "
+                  f"{strides[1]}"),
                  "        mask = (rm[:, None] < M) & (rk[None, :] < K)"]
         if writer.needs_broadcast:
             lines.append("        broadcast = offsets * 0  # index of a broadcast "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from checks import check_against_eager
 from retrograd.codegen import matmul_template
 
