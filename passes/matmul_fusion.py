@@ -25,9 +25,10 @@ separate pointwise kernels, cached on disk with the kernels
 the interpreter is no measure of speed. Every decision is in the stats
 (``choices``: what was tried, what won, whether it came from the cache).
 
-Not fused, with the reason in ``left_extern``: dtypes other than float32/float16/bfloat16, symbolic sizes, a
-product whose other reader feeds the epilogue (it would need the product
-before the epilogue's kernel runs).
+Not fused, with the reason in ``left_extern``: dtypes other than
+float32/float16/bfloat16, symbolic sizes, a product whose other reader
+feeds the epilogue (it would need the product before the epilogue's
+kernel runs).
 
 Requires: a Program from fusion (before layout, schedule and buffer_reuse).
 Ensures: the program's values unchanged; each fused mm's kernel reads no
