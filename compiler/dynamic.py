@@ -17,7 +17,9 @@ same on both faces:
   signature with those sizes left out) together with the shape guards of its
   trace (``ShapeGuards``), which every later call must pass.
 
-What a symbolic program runs: its joint graph is split by retrograd's
+What a symbolic program runs: its joint graph, after dead_gradient (only
+the gradients the caller asked for) and cleanup, each kept only where it
+needed no guard on the sizes (symbolic_passes.py), is split by retrograd's
 checkpoint plan made at the size hints (symbolic_partition.py; the default
 partition where that does not apply). Fusion, the memory planner and the
 static kernels work on concrete sizes (byte offsets, block sizes, unrolled
@@ -25,7 +27,9 @@ index arithmetic), so within each half runs of elementwise ops become
 size-generic Triton kernels (symbolic_fusion.py: the element count is a
 launch argument) and the rest runs as torch calls. Its report says so
 (``symbolic``: the symbolic dimensions, the guards, the executor, the
-checkpoint plan; kernels and torch calls counted).
+checkpoint plan; kernels and torch calls counted; in ``passes``, the
+graph passes that ran, and offload and CUDA graphs, which never do on a
+symbolic program, with the reason).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from retrograd.runtime.device import choose_executor
 from retrograd import symbolic_partition
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_checks import SymbolicDump, Verifier, plan_text
+from retrograd.symbolic_passes import cudagraphs_record, offload_record, run_passes
 from retrograd.symbolic_plan import ArenaRunner
 
 __all__ = ["ShapeGuards", "SizeHistory", "SymbolicCompiler", "abstract_key", "compile_symbolic",
@@ -183,9 +188,10 @@ class SymbolicCompiler:
     (symbolic_fusion.py) and the rest stays torch calls; and its report."""
 
     def __init__(self, what: str, dims: str, executor: str = "auto", options=None,
-                 module: torch.nn.Module | None = None):
+                 module: torch.nn.Module | None = None, gradients=None):
         self.what, self.dims, self.executor = what, dims, executor
-        self.options = options
+        self.options, self.gradients = options, gradients
+        self.joint_records: list[dict] = []   # dead_gradient, cleanup (symbolic_passes.py)
         self.verifier = Verifier(what, module) if getattr(options, "verify", False) else None
         self.dump: SymbolicDump | None = None
         self.checkpoint: dict | None = None   # the checkpoint pass's stats, at the hints
@@ -212,6 +218,10 @@ class SymbolicCompiler:
         self.closed_over_grads = _closed_over_grads(joint)
         self.dump = SymbolicDump(getattr(self.options, "dump_dir", None), joint,
                                  ["forward", "backward"])
+        if self.verifier is not None:   # checked against the joint graph as traced
+            self.verifier.set_joint(joint, kwargs["num_fwd_outputs"])
+        joint, self.joint_records = run_passes(joint, "joint", self.options, self.what,
+                                               kwargs["num_fwd_outputs"], self.gradients)
         split = None
         if self.options is not None:
             split = self._plan(joint, kwargs["num_fwd_outputs"])
@@ -221,8 +231,6 @@ class SymbolicCompiler:
         else:
             forward, backward, self.checkpoint = split
         self.dump.split(forward, backward)
-        if self.verifier is not None:
-            self.verifier.set_joint(joint, kwargs["num_fwd_outputs"])
         return forward, backward
 
     def _plan(self, joint: fx.GraphModule, num_fwd_outputs: int):
@@ -242,6 +250,8 @@ class SymbolicCompiler:
     def half(self, name: str):
         def compile_half(gm: fx.GraphModule, example_inputs):
             captured = len(gm.graph.nodes)
+            if self.dump is None:   # no joint graph was split: a forward alone
+                gm, self.joint_records = run_passes(gm, "inference", self.options, self.what)
             executor = choose_executor(self.executor, _device(gm))
             # the torch program's symbolic form is the graph itself: torch calls, no kernels
             gm, kernels = fuse_pointwise(gm, "fx" if executor == "torch" else executor)
@@ -280,7 +290,8 @@ class SymbolicCompiler:
                         and not getattr(node.target, "__name__", "").startswith(
                             ("sized_pointwise_", "sized_reduction_")))
         return {"schema": SCHEMA, "graph": name, "graph_id": None,
-                "nodes": {"captured": captured, "final": len(gm.graph.nodes)}, "passes": [],
+                "nodes": {"captured": captured, "final": len(gm.graph.nodes)},
+                "passes": self._passes(executor, len(gm.graph.nodes)),
                 "kernels": {"triton": kernels, "extern": sum(calls.values()),
                             "extern_ops": dict(sorted(calls.items())), "views": None,
                             "pointwise_ops": None, "pointwise_ops_in_triton": None,
@@ -294,6 +305,13 @@ class SymbolicCompiler:
                              "why": WHY if self.checkpoint else WHY_DEFAULT,
                              "memory_plan": self._plan_fields(name),
                              **self._checkpoint_fields()}}
+
+    def _passes(self, executor: str, nodes: int) -> list[dict]:
+        """The report's pass records: the joint passes that ran (or why not),
+        offload (never, and why) and codegen's CUDA-graph decision (never)."""
+        return [*self.joint_records, offload_record(self.options, self.what),
+                cudagraphs_record(getattr(self.options, "cudagraphs", None), self.dims,
+                                  self.what, executor, nodes)]
 
     def _plan_fields(self, name: str) -> dict | None:
         """What the run-time plan (symbolic_plan.py) may put in arenas; None
@@ -327,14 +345,15 @@ def _device(gm: fx.GraphModule) -> torch.device:
 
 
 def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, dims: str,
-                     options=None):
+                     options=None, gradients=None):
     """``module`` traced by AOTAutograd on symbolic ``fakes``; returns
     (callable, compiler). Runs in the fake mode (and, under torch.compile, the
     tracing context) of ``fakes``, so the trace's shape guards land there.
-    ``verify`` and ``dump_dir`` (of ``options``): symbolic_checks.py."""
+    ``verify`` and ``dump_dir`` (of ``options``): symbolic_checks.py;
+    ``gradients`` (dead_gradient.GradientSpec): what the caller needs."""
     wrapped = _OutputsOwnMemory(module)
     compiler = SymbolicCompiler(what, dims, getattr(options, "executor", "auto"), options,
-                                wrapped)
+                                wrapped, gradients)
     with compiling():
         compiled = aot_module_simplified(
             wrapped, list(fakes),

@@ -20,10 +20,11 @@ report, at the hints); its elementwise runs as size-generic kernels
 from its sizes (symbolic_plan.py); new parameters and optimizer state
 written over the inputs they replace where safe (symbolic_donation.py: the
 static step's donation rule; the report's ``memory.updates_in_place``; the
-rest are copied back by the step). Not run on it: the step's other graph
-passes (cleanup, offload_step: they compare shapes or cost bytes at concrete
-sizes). ``dump_dir`` and ``verify`` as for the other faces' symbolic
-programs (symbolic_checks.py: folder ``<id>-step``; verify against the
+rest are copied back by the step). Of the step's other graph passes,
+cleanup runs first (symbolic_passes.py: kept where it needed no guard on
+the sizes); offload_step and CUDA graphs do not (their buffers and graphs
+are sized at compile time), each said in the report's ``passes``.
+``dump_dir`` and ``verify`` as for the other faces' symbolic programs (symbolic_checks.py: folder ``<id>-step``; verify against the
 traced step graph at each size's first call).
 """
 
@@ -37,8 +38,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from functorch.compile import make_boxed_func
-from retrograd import capture
-from retrograd.decompositions import traced_right
+from retrograd.decompositions import decomposition_table, traced_right
 from retrograd.dump import subject_text
 from retrograd.dynamic import (
     ShapeGuards,
@@ -56,6 +56,7 @@ from retrograd.runtime.device import choose_executor
 from retrograd.symbolic_checks import StepVerifier, SymbolicDump, plan_text, traced_copy
 from retrograd.symbolic_donation import donations
 from retrograd.symbolic_fusion import fuse_pointwise
+from retrograd.symbolic_passes import cudagraphs_record, offload_record, run_passes
 from retrograd.symbolic_plan import ArenaRunner
 from retrograd.symbolic_remat import place_checkpoints
 from torch.func import functionalize
@@ -134,6 +135,7 @@ class DynamicSteps:
                 gm, guards = _trace(function(), inputs, flat, leaves, dims)
                 dump = SymbolicDump(getattr(self.options, "dump_dir", None), gm, ["step"])
                 traced = traced_copy(gm) if getattr(self.options, "verify", False) else None
+                gm, records = run_passes(gm, "step", self.options, self.what)
                 seed = [n.name for n in gm.graph.nodes if n.op == "placeholder"][-1]
                 checkpoints = place_checkpoints(gm, seed, self.options, self.what)
                 dump.dumper.stage("checkpoint", subject_text(gm))
@@ -155,6 +157,9 @@ class DynamicSteps:
         executable._boxed_call = True
         report = _report(gm, kernels, executor, shown, guards.text(), perf_counter() - started,
                          checkpoints)
+        report["passes"] = [*records, offload_record(self.options, self.what),
+                            cudagraphs_record(getattr(self.options, "cudagraphs", None), shown,
+                                              self.what, executor, len(gm.graph.nodes))]
         report["memory"]["updates_in_place"] = len(donation) if donation is not None else 0
         report["memory"]["updates_out_of_place"] = len(updates) - \
             report["memory"]["updates_in_place"]
@@ -185,8 +190,7 @@ def _trace(step: Callable, inputs: list, flat: list, leaves: Sequence[Any], dims
             faked.append(value)
     fake_inputs = pytree.tree_unflatten(faked, pytree.tree_flatten(inputs)[1])
     with mode, traced_right():
-        gm = make_fx(functionalize(recording(step)),   # every decomposition, any executor
-                     decomposition_table=capture.decompositions_for(None, flat),
+        gm = make_fx(functionalize(recording(step)), decomposition_table=decomposition_table(),
                      tracing_mode="real")(*fake_inputs)
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -235,9 +235,9 @@ class TraceCache:
                             f"{'it' if len(dims) == 1 else 'them'} symbolic")
         fakes, env = symbolic_inputs(leaves, slots, dims)
 
-        def trace(flat):
+        def trace(flat, gradients=None):
             return compile_symbolic(flat, fakes, f"{self.face} of {self.what}", shown,
-                                    self.options)
+                                    self.options, gradients)
         try:
             entry = self._trace(leaves, in_spec, slots, fakes, trace)
         except Exception as error:   # noqa: BLE001 - the static path handles it, or says why
@@ -298,7 +298,7 @@ class TraceCache:
         module_function_guards(self._modules(), guards)
         warn_about_hooks(watched, f"{self.face} of {self.what}")
         with recording_module_reads() as reads:
-            compiled, compiler = (trace(flat) if trace is not None else compile_graph(
+            compiled, compiler = (trace(flat, gradients) if trace is not None else compile_graph(
                 flat, tensors, self.options, gradients=gradients))
         module_read_guards(reads, {id(sub): label for label, sub in watched}, guards)
         guards.refresh(f"{self.face}: {self.what}")
