@@ -180,3 +180,17 @@ def test_the_cuda_choice_times_the_extern_bmm_against_the_template(kind, monkeyp
     [record] = _choices(compiled, "forward")["choices"]
     assert record["chosen"] == "template" and record["extern_ms"] == 5.0, record
     assert record["config"] == record["tried"][0]["config"] and record["cache"] == "miss"
+
+
+@pytest.mark.parametrize("order", [(0, 2, 1, 3), (3, 1, 0, 2), (1, 0, 3, 2)])
+def test_permuted_epilogue_reads_its_other_inputs_in_its_own_order(order):
+    """The product viewed 4-D and permuted, plus a residual laid out as the
+    permuted value: the residual is loaded at the remapped index."""
+    shape = [(2, 3, 5, 7)[d] for d in order]
+
+    def fn(x, y, r):
+        return torch.bmm(x, y).view(2, 3, 5, 7).permute(order) * 2 + r
+    compiled = check_against_eager(fn, *_inputs((6, 5, 4), (6, 4, 7), shape),
+                                   matmul_templates=True)
+    [nodes] = _covered(compiled, "forward")
+    assert nodes[0] == "bmm" and "add" in nodes, nodes
