@@ -26,7 +26,7 @@ the interpreter is no measure of speed. Every decision is in the stats
 (``choices``: what was tried, what won, whether it came from the cache).
 
 Not fused, with the reason in ``left_extern``: dtypes other than
-float32/float16/bfloat16, symbolic sizes, a product whose other reader
+float32/float16/bfloat16, symbolic sizes, a batch over 65535 products, a product whose other reader
 feeds the epilogue (it would need the product before the epilogue's
 kernel runs).
 
@@ -54,6 +54,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 RANKS = {"aten.mm.default": 2, "aten.addmm.default": 2, "aten.bmm.default": 3,
          "aten.baddbmm.default": 3}
 MATMUL_OPS = tuple(RANKS)
+#: Products a batched template computes at most: CUDA's limit on grid dimension 1.
+MAX_BATCH = 65535
 #: Views of the left operand the prologue can be read through.
 OPERAND_VIEWS = (aten.permute.default, aten.view.default, aten._unsafe_view.default)
 
@@ -90,6 +92,8 @@ def _eligible(kernel: Kernel, program: Program) -> str | None:
     rank = RANKS[kernel.op]
     if not isinstance(value, torch.Tensor) or value.dim() != rank:
         return f"not a {rank}-D product"
+    if rank == 3 and isinstance(value.shape[0], int) and value.shape[0] > MAX_BATCH:
+        return f"a batch of {value.shape[0]} products (the grid's dimension 1 takes {MAX_BATCH})"
     if str(value.dtype).removeprefix("torch.") not in DTYPES:
         return f"dtype {value.dtype}"
     left, right, bias = _operands(node)

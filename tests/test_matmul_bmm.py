@@ -194,3 +194,14 @@ def test_permuted_epilogue_reads_its_other_inputs_in_its_own_order(order):
                                    matmul_templates=True)
     [nodes] = _covered(compiled, "forward")
     assert nodes[0] == "bmm" and "add" in nodes, nodes
+
+
+def test_a_batch_past_the_grid_limit_stays_extern():
+    """CUDA's grid dimension 1 takes 65535 programs: a larger batch keeps the
+    extern bmm, and the report says why."""
+    def fn(x, y):
+        return torch.bmm(x, y) * 2
+    compiled = check_against_eager(fn, *_inputs((65536, 1, 2), (65536, 2, 1)), grad=False,
+                                   matmul_templates=True)
+    [reason] = _choices(compiled, "forward")["left_extern"]
+    assert "a batch of 65536 products" in reason, reason
