@@ -359,6 +359,7 @@ def _largest(kernel: Kernel, buffers: dict[str, Buffer], batch: int, m: int, n: 
              k: int) -> int:
     """The largest flat index the kernel computes (int64 indexing past 2**31)."""
     spans = [batch * m * n, batch * m * k, batch * k * n]
-    spans += [buffers[name].numel for name in kernel.inputs + kernel.outputs
-              if name in buffers]
+    spans += [buffer.nbytes // max(1, buffer.logical_bytes // max(1, buffer.numel))
+              for buffer in (buffers.get(name) for name in kernel.inputs + kernel.outputs)
+              if buffer is not None]   # the elements each spans, strides included
     return max(spans)

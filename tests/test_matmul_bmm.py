@@ -205,3 +205,16 @@ def test_a_batch_past_the_grid_limit_stays_extern():
                                    matmul_templates=True)
     [reason] = _choices(compiled, "forward")["left_extern"]
     assert "a batch of 65536 products" in reason, reason
+
+
+def test_int64_indexing_counts_an_operand_spread_by_its_batch_stride():
+    """A small operand whose batch stride reaches past 2**31 elements: the
+    template must index in int64 though no product is that large."""
+    from types import SimpleNamespace
+
+    from retrograd.ir import Buffer
+    spread = Buffer("a", (2, 4, 4), (2 ** 31, 4, 1), "float32")
+    kernel = SimpleNamespace(inputs=["a"], outputs=[])
+    assert matmul_template._largest(kernel, {"a": spread}, 2, 4, 4, 4) > 2 ** 31
+    dense = Buffer("a", (2, 4, 4), (16, 4, 1), "float32")
+    assert matmul_template._largest(kernel, {"a": dense}, 2, 4, 4, 4) == 32
