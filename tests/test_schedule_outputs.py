@@ -7,6 +7,7 @@ bytes, eager's; Inductor 1,720)."""
 from __future__ import annotations
 
 
+import pytest
 import retrograd
 import torch
 from pass_helpers import (
@@ -19,8 +20,13 @@ from retrograd.passes import schedule
 from zoo import ZOO, assert_parity, forward_backward_peak, training_step
 
 
-#: Inductor's measured step peak over eager's on the zoo MLP (benchmarks/peaks.py,
-#: BENCHMARKS.md "The CPU default's peaks": 1,720 / 1,848 bytes)
+#: Inductor's measured forward+backward peak over eager's on the zoo MLP, 1,720 /
+#: 1,848 bytes: ``python benchmarks/peaks.py --models mlp`` on 2026-12-03 at commit
+#: 61ac375, torch 2.13.0+cpu (raw: benchmarks/results-peaks-cpu-default.json,
+#: "before_61ac375"; BENCHMARKS.md "The CPU default's peaks"); the same bytes again
+#: at 93056f4 (2026-12-03). A constant because torch.compile of the MLP takes ~80 s
+#: on a cold Inductor cache here (~13 s warm); the live comparison is the slow
+#: test below.
 INDUCTOR_OVER_EAGER_MLP = 1_720 / 1_848
 
 
@@ -79,9 +85,19 @@ def _mlp_peak(make) -> int:
 
 
 def test_the_mlp_step_peaks_at_or_below_inductors_under_the_cpu_default():
+    """Against Inductor's recorded ratio to eager (``INDUCTOR_OVER_EAGER_MLP``),
+    eager measured here."""
     eager = _mlp_peak(lambda model: model)
     got = _mlp_peak(lambda model: retrograd.compile(model, executor="torch"))
     assert got <= INDUCTOR_OVER_EAGER_MLP * eager
+
+
+@pytest.mark.slow
+def test_the_mlp_step_peaks_at_or_below_a_measured_inductor():
+    """The same against torch.compile measured here (a C++ build: slow)."""
+    torch._dynamo.reset()
+    inductor = _mlp_peak(torch.compile)
+    assert _mlp_peak(lambda model: retrograd.compile(model, executor="torch")) <= inductor
 
 
 def test_the_mlp_gradients_still_match_eager():
