@@ -51,6 +51,7 @@ import torch
 
 from retrograd.buckets import Limits, all_reduce
 from retrograd.errors import UnsupportedError
+from retrograd.fsdp import is_fsdp2, unwrap_fsdp2
 from retrograd.optimizers import clip_gradients
 from retrograd import zero
 
@@ -74,6 +75,13 @@ class Replicas:
     broadcast_buffers: bool = True
     rank: int = 0             # this rank in ``group``
     shard_state: bool = False   # ZeRO-1 (zero.py): each rank updates its own parameters
+    layout: Any = None          # FSDP2 (fsdp.py): parameters are local shards
+
+    def unshard(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters the forward runs on: under FSDP2 the local shards
+        all-gathered (one functional all-gather per unit, traced), else
+        ``params`` themselves."""
+        return params if self.layout is None else self.layout.unshard(params)
 
     def _owners(self, parameters) -> list[int]:
         return zero.owners([p.numel() for p in parameters], self.world_size)
@@ -96,6 +104,8 @@ class Replicas:
         (``buckets.py``); under ZeRO-1 one reduce-scatter per bucket, which
         gives this rank its own parameters' gradients only (None for the
         others, ``zero.py``)."""
+        if self.layout is not None:   # FSDP2: each rank's shard of the gradients
+            return self.layout.reduce_scatter(grads, used, parameters)
         if not self.shard_state:
             return all_reduce(grads, self.group, self.world_size, self.limits)[0]
         owner = self._owners(parameters)
@@ -105,7 +115,7 @@ class Replicas:
     def clip(self, grads: list, max_norm: float, used: tuple[int, ...], parameters) -> list:
         """``clip_grad_norm_`` of the averaged gradients; under ZeRO-1 the
         norm's sum spans the ranks (``zero.clip``)."""
-        if not self.shard_state:
+        if not self.shard_state and self.layout is None:
             return clip_gradients(grads, max_norm)
         return zero.clip(grads, max_norm, [parameters[i] for i in used], self.group)
 
@@ -130,6 +140,8 @@ class Replicas:
                 "the gradients of every call; DDP would average the accumulated .grad "
                 "later); accumulate micro-batches inside loss_fn, or use "
                 "DDP(torch.compile(model, backend=\"retrograd\")) with no_sync")
+        if self.layout is not None:   # the view follows the FSDP2 model's train/eval
+            self.module.training = self.module.root.training
         if self.broadcast_buffers:
             self.broadcast([buffer for _, buffer in self.module.named_buffers()])
 
@@ -165,6 +177,8 @@ def unwrap(model: torch.nn.Module, process_group: Any = None,
     any other model itself. Raises ``UnsupportedError`` for a wrapper or DDP
     option the step cannot run; ``shard_optimizer_state`` (ZeRO-1) needs a
     group and an optimizer."""
+    if is_fsdp2(model):
+        return _fsdp2(model, process_group, bucket_cap_mb, shard_optimizer_state, optimizer)
     module, replicas = _unwrap(model, process_group, bucket_cap_mb)
     if shard_optimizer_state is not True and shard_optimizer_state is not False:
         raise ValueError("retrograd.compile_step: shard_optimizer_state must be True or False, "
@@ -177,6 +191,23 @@ def unwrap(model: torch.nn.Module, process_group: Any = None,
         replicas = dataclasses.replace(replicas, rank=dist.get_rank(replicas.group),
                                        shard_state=True)
     return module, replicas
+
+
+def _fsdp2(model: torch.nn.Module, process_group: Any, bucket_cap_mb: float | None,
+           shard_optimizer_state: bool, optimizer: Any) -> tuple[torch.nn.Module, Replicas]:
+    """An FSDP2 root: its local shards traced, gathered and reduce-scattered
+    in the program (``fsdp.py``)."""
+    if process_group is not None or bucket_cap_mb is not None or shard_optimizer_state:
+        raise UnsupportedError(
+            "retrograd.compile_step: process_group=, bucket_cap_mb= and "
+            "shard_optimizer_state= are not for an FSDP2 model (fully_shard's mesh is its "
+            "group; its optimizer state is already sharded)")
+    _require_process_group("the model is FSDP2 (fully_shard)")
+    _refuse_wrappers(model, fsdp2=True)
+    view, layout = unwrap_fsdp2(model, optimizer)
+    replicas = Replicas(layout.group, layout.world_size, view, Limits.from_megabytes(None),
+                        broadcast_buffers=False, rank=layout.rank, layout=layout)
+    return view, replicas
 
 
 def _unwrap(model: torch.nn.Module, process_group: Any,
@@ -225,8 +256,9 @@ def _bare(model: torch.nn.Module, process_group: Any,
     return model, Replicas(process_group, dist.get_world_size(process_group), model, limits)
 
 
-def _refuse_wrappers(model: torch.nn.Module) -> None:
-    """DataParallel, FSDP1 and FSDP2 anywhere in ``model``; DDP below the top."""
+def _refuse_wrappers(model: torch.nn.Module, fsdp2: bool = False) -> None:
+    """DataParallel, FSDP1 and FSDP2 anywhere in ``model`` (FSDP2 allowed
+    when ``fsdp2``: the root is fully_shard-ed); DDP below the top."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
     for name, module in model.named_modules():
         where = f" (at {name!r})" if name else ""
@@ -236,10 +268,12 @@ def _refuse_wrappers(model: torch.nn.Module) -> None:
                 "use one process per device with DistributedDataParallel: "
                 "compile_step(DDP(model), ...), or " + _INSTEAD)
         kind = _fsdp_kind(module)
-        if kind:
+        if kind and not (fsdp2 and kind.endswith("(FSDP2)")):
+            how = ("; call fully_shard on the root too: compile_step(fully_shard(model), ...)"
+                   if kind.endswith("(FSDP2)") else "")
             raise UnsupportedError(f"retrograd.compile_step: {kind}{where} is not supported "
                                    "(its parameters are shards gathered by hooks a "
-                                   "functional trace does not run); " + _INSTEAD)
+                                   "functional trace does not run)" + how + "; " + _INSTEAD)
         if name and isinstance(module, DistributedDataParallel):
             raise UnsupportedError(f"retrograd.compile_step: DistributedDataParallel{where} "
                                    "inside the model; wrap the whole model: "
@@ -293,6 +327,8 @@ def check_same_parameters(model: torch.nn.Module, replicas: Replicas) -> None:
     raises naming the first difference. Then, under ``process_group=``,
     rank 0's parameters and buffers are copied to every rank, as DDP does
     when it wraps a model."""
+    if replicas.layout is not None:   # FSDP2 sharded them alike; the shards may differ
+        return
     mine = [(name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()
             if p.requires_grad]
     gathered = replicas.gather(mine)

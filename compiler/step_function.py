@@ -99,7 +99,9 @@ def step_function(step, loss_of, used, groups, clock_of) -> Callable:
         return loss * seed, loss
 
     def traced(params, buffers, state, hyper, fresh, batch, seed):
-        grads, (_, loss) = grad_and_value(seeded, has_aux=True)(params, buffers, batch, seed)
+        # FSDP2 (fsdp.py): the local shards all-gathered into full parameters first
+        full = replicas.unshard(params) if replicas is not None else params
+        grads, (_, loss) = grad_and_value(seeded, has_aux=True)(full, buffers, batch, seed)
         grads = [grads[index] for index in used]
         if replicas is not None:   # DDP's average (ZeRO-1: own shard), in the program
             grads = replicas.average(grads, used, params)

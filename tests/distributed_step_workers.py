@@ -335,8 +335,9 @@ def refusals(_: str) -> None:
         return lambda: retrograd.compile_step(model, loss_fn, None)
 
     model = Net()
-    refused(build(fully_shard(copy.deepcopy(model), mesh=init_device_mesh("cpu", (2,)))),
-            "FSDP2", "fully_shard(block)")
+    inner = copy.deepcopy(model)
+    fully_shard(inner.blocks[0], mesh=init_device_mesh("cpu", (2,)))
+    refused(build(inner), "FSDP2", "fully_shard on the root too")
     uneven = DDP(copy.deepcopy(model))
     if dist.get_rank() == 1:   # changed after DDP checked the shapes
         uneven.module.head = nn.Linear(WIDTH, CLASSES + 1)
@@ -355,3 +356,11 @@ def refusals(_: str) -> None:
 SCENARIOS = {function.__name__: function for function in (
     compile_step_ddp, compile_step_group, compile_step_zero, compile_step_budget,
     compile_step_unused, compile_step_dtypes, refusals)}
+
+
+def _fsdp2_scenarios() -> dict:
+    import distributed_fsdp_workers   # compile_step on FSDP2 (it imports distributed_workers)
+    return distributed_fsdp_workers.SCENARIOS
+
+
+SCENARIOS.update(_fsdp2_scenarios())

@@ -99,11 +99,21 @@ def test_compile_step_on_ddp_matches_eager_ddp_and_refuses_bad_setups():
     before the backward's end; (2) the same with process_group= on a bare
     model whose ranks start apart; (3) memory_budget per rank (0.3 on rank
     0, 0.6 on rank 1): each rank's plan obeys its own budget and its report
-    names its rank; (4) FSDP2, parameters that differ across
+    names its rank; (4) FSDP2 on blocks but not the root, parameters that differ across
     ranks, a step inside no_sync() and a destroyed process group each end in
     UnsupportedError naming what to do."""
     run_ranks("compile_step_ddp:interpret", "compile_step_ddp:auto", "compile_step_group:auto",
               "compile_step_budget:fx", "refusals")
+
+
+def test_compile_step_on_fsdp2_matches_eager_fsdp2():
+    """compile_step(fully_shard(model)) used to be refused. Now the program
+    all-gathers each FSDP2 unit's shards (uneven: 5 rows on 2 ranks) and
+    reduce-scatters its gradients; losses, parameters and each rank's AdamW
+    state (its shards) equal an eager FSDP2 loop with clipping after three
+    steps; FSDP2 on blocks only and its MixedPrecisionPolicy are refused by
+    name."""
+    run_ranks("compile_step_fsdp2:auto", "fsdp2_refusals")
 
 
 @pytest.mark.slow

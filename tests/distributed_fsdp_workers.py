@@ -1,0 +1,85 @@
+"""compile_step on an FSDP2 model: two-rank scenarios for
+tests/test_distributed.py (run by tests/distributed_workers.py, whose model,
+data and comparisons they share). The model is 5 wide, so FSDP2's dim-0
+shards are uneven (3 rows on rank 0, 2 on rank 1) and the step's padding
+is exercised."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import retrograd
+from checks import assert_close, assert_close_floor
+from distributed_workers import FP32, STEPS, batch, compare_parameters, loss_fn, twins
+
+
+def _sharded(net, reshard: bool = True):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in net.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    return fully_shard(net, mesh=mesh)
+
+
+def compile_step_fsdp2(executor: str) -> None:
+    """compile_step(fully_shard(model)) against an eager FSDP2 loop with the
+    same wrapping: AdamW with clipping, three steps; losses, parameters
+    (gathered whole) and each rank's optimizer state (its shards, equal to
+    eager FSDP2's local state). The program all-gathers each unit's shards
+    (3 units: root, two blocks) and reduce-scatters each unit's gradients."""
+    model, reference = twins(width=5)
+    model, reference = _sharded(model), _sharded(reference)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    eager_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05)
+    step = retrograd.compile_step(model, loss_fn, optimizer, max_grad_norm=0.5,
+                                  executor=executor)
+    for number in range(STEPS):
+        loss = step(*batch(number))
+        eager_optimizer.zero_grad()
+        eager_loss = loss_fn(reference, *batch(number))
+        eager_loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        eager_optimizer.step()
+        assert_close(loss.detach(), eager_loss.detach(), torch.float32, f"loss {number}")
+    compare_parameters(model, reference, f"after {STEPS} steps")
+    mine = [p for group in optimizer.param_groups for p in group["params"]]
+    theirs = [p for group in eager_optimizer.param_groups for p in group["params"]]
+    assert len(mine) == len(theirs) == len(list(model.parameters()))
+    for p, q in zip(mine, theirs):
+        assert p.shape == q.to_local().shape, (p.shape, q.to_local().shape)
+        for key, value in eager_optimizer.state[q].items():
+            value = value.to_local() if hasattr(value, "to_local") else value
+            assert_close_floor(optimizer.state[p][key], value, FP32, 1e-3, f"state {key}")
+    ops = step.reports["step"]["kernels"]["extern_ops"]
+    assert ops.get("_c10d_functional.all_gather_into_tensor.default") == 3, ops
+    assert ops.get("_c10d_functional.reduce_scatter_tensor.default") == 3, ops
+
+
+def fsdp2_refusals(_: str) -> None:
+    """FSDP2 setups the step cannot run end in UnsupportedError naming the fix."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    blocks_only, _ = twins()
+    for block in blocks_only.blocks:
+        fully_shard(block, mesh=mesh)
+    _refused(lambda: retrograd.compile_step(blocks_only, loss_fn, None),
+             "fully_shard on the root too")
+    mixed, _ = twins()
+    fully_shard(mixed, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    _refused(lambda: retrograd.compile_step(mixed, loss_fn, None), "MixedPrecisionPolicy",
+             "torch.autocast")
+
+
+def _refused(call, *words) -> None:
+    try:
+        call()
+    except retrograd.UnsupportedError as error:
+        assert all(word in str(error) for word in words), (words, str(error))
+    else:
+        raise AssertionError(f"not refused: expected an error naming {words}")
+
+
+SCENARIOS = {function.__name__: function for function in (compile_step_fsdp2, fsdp2_refusals)}
