@@ -19,52 +19,37 @@ interpreter), and half-precision values are computed in float32.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["LOWERINGS", "FILL_OPS", "RANDOM_OPS", "can_lower", "is_random", "is_generator",
-           "reads_shape_only", "compute_dtype", "triton_dtype",
-           "literal", "lower", "is_fill", "fill_value"]
+from retrograd.codegen.fills_and_generators import (
+    FILL_OPS,
+    RANDOM_OPS,
+    fill_value,
+    held_as,
+    is_fill,
+    is_generator,
+    is_random,
+    reads_shape_only,
+)
+from retrograd.codegen.triton_types import (
+    FLOATS,
+    TRITON_DTYPES,
+    compute_dtype,
+    literal,
+    triton_dtype,
+)
+
+#: The lowering table and its queries; the dtype and literal spelling
+#: (triton_types.py) and the fill and generator queries (fills_and_generators.py)
+#: are re-exported, since every kernel writer reaches them as ``ops.<name>``.
+__all__ = ["LOWERINGS", "can_lower", "lower",
+           "FILL_OPS", "RANDOM_OPS", "is_random", "is_generator", "reads_shape_only",
+           "is_fill", "fill_value", "TRITON_DTYPES", "FLOATS", "compute_dtype",
+           "triton_dtype", "literal"]
 
 aten = torch.ops.aten
-
-#: torch dtype -> Triton dtype name.
-TRITON_DTYPES = {
-    torch.float64: "tl.float64", torch.float32: "tl.float32",
-    torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
-    torch.int64: "tl.int64", torch.int32: "tl.int32", torch.int16: "tl.int16",
-    torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.bool: "tl.int1",
-}
-
-FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def triton_dtype(dtype: torch.dtype) -> str:
-    return TRITON_DTYPES[dtype]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Registers hold half-precision values as float32 (Inductor does the same)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def literal(value: Any) -> str:
-    """A Python scalar as Triton source text."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return 'float("nan")'
-        if math.isinf(value):
-            return 'float("inf")' if value > 0 else 'float("-inf")'
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    raise TypeError(f"retrograd codegen: cannot write {value!r} ({type(value).__name__}) "
-                    "as a literal")
-
 
 Operand = Callable[..., str]   # operand(arg, cast_to: torch.dtype | None = None) -> str
 Lowering = Callable[[Any, Operand], str]
@@ -286,7 +271,7 @@ def _identity(node, operand):
 def _cast(node, operand):
     target = node.meta["val"].dtype
     if is_fill(node.args[0]):   # a cast of a constant is a constant: fold it here
-        return literal(_held_as(fill_value(node.args[0]), target))
+        return literal(held_as(fill_value(node.args[0]), target))
     source = getattr(getattr(node.args[0], "meta", {}).get("val"), "dtype", None)
     leaves_half = source in _ROUND_HALF and target != source
     value = operand(node.args[0], torch.float32 if leaves_half else compute_dtype(target))
@@ -311,44 +296,6 @@ def _copy(node, operand):
 
 
 # ---------------------------------------------------------------- fills and generators
-FILL_OPS = {aten.full.default, aten.full_like.default, aten.scalar_tensor.default,
-            aten.zeros_like.default, aten.ones_like.default, aten.fill.Scalar,
-            aten.zeros.default, aten.ones.default, aten.new_zeros.default,
-            aten.new_ones.default, aten.new_full.default}
-
-
-def is_fill(node) -> bool:
-    """A constant fill codegen can write as a literal: not a complex one (no
-    complex registers in Triton), which stays an extern call."""
-    if getattr(node, "target", None) not in FILL_OPS:
-        return False
-    val = node.meta.get("val")
-    return not isinstance(val, torch.Tensor) or val.dtype in TRITON_DTYPES
-
-
-def fill_value(node) -> Any:
-    """The one value every element of a fill node holds."""
-    target = node.target
-    if target in (aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default):
-        value = 0
-    elif target in (aten.ones_like.default, aten.ones.default, aten.new_ones.default):
-        value = 1
-    elif target in (aten.full.default, aten.full_like.default, aten.fill.Scalar,
-                    aten.new_full.default):
-        value = node.args[1]
-    else:  # scalar_tensor
-        value = node.args[0]
-    return _held_as(value, node.meta["val"].dtype)
-
-
-def _held_as(value, dtype: torch.dtype) -> Any:
-    """``value`` as an element of ``dtype`` holds it, converted the way torch
-    converts (0.1 in bfloat16 is 0.10009765625; 2.7 in int32 is 2), as a
-    Python number."""
-    wide = torch.float64 if isinstance(value, float) else None
-    return torch.tensor(value, dtype=wide).to(dtype).item()
-
-
 def _fill(node, operand):
     dtype = triton_dtype(_out(node))
     return f"tl.full([BLOCK], {literal(fill_value(node))}, {dtype})"
@@ -368,31 +315,6 @@ def _arange(node, operand):
         step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
     dtype = triton_dtype(_out(node))
     return f"({literal(start)} + offsets * {literal(step)}).to({dtype})"
-
-
-# ---------------------------------------------------------------- random numbers
-#: Uniform [0, 1) per element: ``retrograd.uniform(like, seed, offset)``, the
-#: counter-based generator keyed by a seed tensor that the decompositions
-#: draw from torch's generator (compiler/rng.py; the kernel writer emits it).
-RANDOM_OPS = ("retrograd.uniform.default",)
-
-
-def is_random(node) -> bool:
-    return str(getattr(node, "target", "")) in RANDOM_OPS
-
-
-def is_generator(node) -> bool:
-    """Ops whose value depends on the element's position (they use ``offsets``)."""
-    return is_random(node) or getattr(node, "target", None) in (
-        aten.arange.start_step, aten.arange.start, aten.arange.default)
-
-
-def reads_shape_only(node, arg=None) -> bool:
-    """Fills look at their tensor argument's shape, not its values; a uniform
-    draw looks at its ``like`` argument's shape (its seed is read)."""
-    if is_random(node):
-        return arg is None or arg is node.args[0]
-    return is_fill(node)
 
 
 # ---------------------------------------------------------------- queries
