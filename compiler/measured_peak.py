@@ -23,12 +23,13 @@ allows one at a time).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["Measured", "NOT_RUN", "Probe"]
+__all__ = ["NOT_RUN", "Measured", "Probe"]
 
 HOW = ("measured: peak of torch's CPU allocations minus frees (profiler memory events) "
        "while verify's codegen check ran the program once on the reference inputs")

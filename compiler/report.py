@@ -34,8 +34,8 @@ from retrograd.ir import Program
 from retrograd.measured_peak import NOT_RUN, Measured
 from retrograd.provenance import source_of
 
-__all__ = ["PassRecord", "build_report", "traffic", "ledger_rows", "peak_fields",
-           "program_peak", "SCHEMA"]
+__all__ = ["SCHEMA", "PassRecord", "build_report", "ledger_rows", "peak_fields", "program_peak",
+           "traffic"]
 
 SCHEMA = 4
 

@@ -1,8 +1,9 @@
 """``memory_budget``'s floor and peak guard (``passes/planning/budget.py``).
 
 - The predicted peak of the chosen plan never rises as the budget tightens
-  along ``budget.LADDER`` (exact solver), nor between any two budgets under
-  the list's greedy, unless the stats say the guard could not hold.
+  along ``budget.LADDER`` (exact solver) and over a sweep under the list's
+  greedy, unless the stats say the guard could not hold (random pairs of
+  budgets: tests/test_budget_pairs.py).
 - A plan the exact solver finds for a tighter budget that would peak above a
   looser budget's plan is rejected, and the stats say so with both peaks.
 - The predicted peak counts a recomputed chain as it runs (each value freed
@@ -75,14 +76,16 @@ def _ilp_peak(name: str, fraction: float) -> int:
 
 def test_a_plan_peaking_above_a_looser_budgets_is_rejected():
     """On the MLP the least-cost plan at 0.3 (the ILP's) predicts a higher
-    peak than the plan at 0.5: the guard keeps a costlier one that does not."""
+    peak than the plan at 0.5: the guard keeps a costlier one that does not,
+    and its stats name the level where the solver's plan was rejected."""
     looser = place("mlp", memory_budget=0.5)[1]
     exact = _ilp_peak("mlp", 0.3)
     assert exact > looser["predicted_peak_bytes"], "the case no longer arises; pick another"
     stats = place("mlp", memory_budget=0.3)[1]
     assert stats["predicted_peak_bytes"] <= looser["predicted_peak_bytes"]
-    assert {"memory_budget": 0.3, "solver_peak_bytes": exact, "why": "predicted peak",
-            "cap_bytes": looser["predicted_peak_bytes"]} in stats["peak_guard"]["rejected"]
+    rejected = stats["peak_guard"]["rejected"]
+    assert rejected and all(r["why"] == "predicted peak" and r["solver_peak_bytes"] > r["cap_bytes"]
+                            and 0.3 <= r["memory_budget"] < 0.5 for r in rejected), rejected
     assert stats["recompute_cost"] >= looser["recompute_cost"]
     assert stats["saved_activation_bytes"] <= looser["saved_activation_bytes"]
 

@@ -10,7 +10,8 @@ step) graph in three steps.
    deterministic op may be recomputed. What it keeps is what the backward
    needs and cannot make again (a random draw's seed, an impure op, a
    ``save=`` value, the copy of an input the program writes). A budget below
-   it cannot hold: the floor's plan is used and a warning names the floor in
+   it cannot hold: a plan saving the floor's bytes is used (the walk's plan
+   at the floor's fraction, step 3) and a warning names the floor in
    bytes and as a fraction of the save-all plan. The stats record it
    (``budget_floor``) under every budget, so a user sees the smallest budget
    worth asking for.
@@ -19,34 +20,55 @@ step) graph in three steps.
    a tighter ``activation_memory_budget`` measured a higher peak, because
    the recomputed values live in the backward too). retrograd cannot measure
    while compiling, so it holds the rule on its *predicted* peak
-   (``ledger.predicted_peak``):
+   (``ledger.predicted_peak``).
 
-   **Rule.** Walk the budget levels from the loosest down to ``f``: the
-   fractions of ``LADDER`` above ``f``, then ``f`` (when the solver is the
-   list's greedy, also every fraction at which a listed plan starts to fit,
-   so that every budget is a level of the same walk). A level's plan is the
-   solver's plan there if it is *admissible*, else the cheapest admissible
-   plan among the previous level's plan and the budget-independent list
-   (the trade-off's frontier, the default min-cut plan, the floor).
-   *Admissible* at level l: saved bytes <= l x save_all; a predicted peak
-   no higher than the previous level's plan's and, below the default plan's
-   own fraction, no higher than the default plan's (asking to save less
-   than the default must not peak above it); no more saved bytes and no
-   less recompute than the previous level's plan (so the budget stays
-   monotone in both, as before). A solver plan that fails is *rejected*
-   (the stats' ``peak_guard.rejected`` lists each, with its peak and the
-   cap). If no plan is admissible, no plan within the budget keeps the
-   peak from rising: the solver's plan stays (the least recompute) and
-   ``peak_guard.monotone`` is false; trading recompute for a smaller rise
-   is not what the budget asked for.
+   **The walk.** One sequence of levels, the same for every budget: the
+   fractions ``k / GRID`` (1.0, 0.95, ..., 0.05), the floor's fraction and,
+   when the solver is the list's greedy, every fraction at which a listed
+   plan starts to fit; from the loosest down. Each level ``l`` has a plan
+   ``W(l)``, fixed by ``l`` and the previous level's plan alone: that plan
+   again if it is *admissible* at ``l`` (no solve), else the solver's plan
+   at ``l`` if admissible, else the cheapest admissible plan among the
+   previous level's plan and the budget-independent list (the trade-off's
+   frontier, the default min-cut plan, the floor). *Admissible* at ``l``:
+   saved bytes <= l x save_all; a predicted peak no higher than the previous
+   level's plan's and, below the default plan's own fraction, no higher than
+   the default plan's (asking to save less than the default must not peak
+   above it); no more saved bytes and no less recompute than the previous
+   level's plan. A solver plan that fits but fails is *rejected* (the stats'
+   ``peak_guard.rejected`` lists each, with its peak and the cap). If no
+   plan is admissible, the cheapest fitting plan is taken (the solver's,
+   where it has one) and ``peak_guard.monotone`` is false.
 
-   What it guarantees: the predicted peak never rises from one ``LADDER``
-   budget to a tighter one, nor from a ``LADDER`` budget to any tighter
-   budget; under the list's greedy, between any two budgets. Two budgets
-   strictly between neighbouring ``LADDER`` fractions both solved by the
-   ILP are not compared (the looser one's exact plan is not a level of the
-   tighter one's walk). The cost: one exact solve per ``LADDER`` fraction
-   above ``f``, and the trade-off search when a plan is rejected.
+   **The rule.** ``memory_budget=f`` runs the plan ``W(l*)`` of the first
+   level ``l*`` of the walk whose plan saves at most ``f x save_all`` bytes
+   (``peak_guard.level``). A budget on the grid (0.05, 0.1, ..., 1.0) gets
+   its own level's plan; one between grid points gets a plan of the grid
+   point above if that plan already fits it, else of a level below: the
+   budget is quantised, never exceeded, at the price of up to 1/GRID of
+   ``save_all`` left unused. A budget below the floor gets what the floor's
+   fraction gets (with the warning of step 2).
+
+   **What it guarantees** (proof). Take budgets ``f1 > f2`` and suppose
+   ``peak_guard.monotone`` is true for ``f2``. (a) The walk does not depend
+   on the budget, so ``W(l)`` is the same plan in both compiles for every
+   level ``l``; only where the walk stops differs. (b) ``l*(f1) >= l*(f2)``:
+   the plan ``W(l*(f2))`` saves at most ``f2 x save_all < f1 x save_all``
+   bytes, so it fits ``f1`` too, and the walk for ``f1`` stops at it or at an
+   earlier (looser) level. (c) Along the walk down to ``l*(f2)`` every level
+   took an admissible plan (``monotone``), so the predicted peak never rises
+   from one level to the next, hence ``peak(W(l*(f2))) <= peak(W(l))`` for
+   every level ``l >= l*(f2)``, ``l*(f1)`` among them. So the plan for
+   ``f2`` never predicts a higher peak than the plan for ``f1``, for any two
+   budgets, on or off the grid, below the floor too (they run as the
+   floor's fraction), exact solver or greedy; the same argument gives saved
+   bytes non-increasing and recompute cost non-decreasing.
+   ``tests/test_budget_pairs.py`` checks it over random budget pairs.
+
+   The cost: one solve per level where the previous plan no longer fits,
+   at most one per grid fraction above ``f`` (the ILP's plan at a level is
+   also optimal at the tighter levels it still fits, so they need none);
+   measured on the zoo's gpt2_tiny in docs/design.md ("Peak guard").
 """
 
 from __future__ import annotations
@@ -56,11 +78,14 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from retrograd.passes.planning import ledger, remat, remat_search
+from retrograd.passes.planning import budget_memo, ledger, remat, remat_search
 
-__all__ = ["LADDER", "Scored", "floor_stats", "plan_for_budget"]
+__all__ = ["GRID", "LADDER", "Scored", "floor_stats", "levels", "plan_for_budget"]
 
-#: Budgets whose plans the guard always compares (those benchmarks/pareto.py measures).
+#: The walk's grid: the fractions k / GRID, k = GRID .. 1 (module docstring).
+GRID = 20
+
+#: Budgets benchmarks/pareto.py measures (all on the grid).
 LADDER = (1.0, 0.75, 0.5, 0.25)
 
 #: Local-search work for the list the guard falls back on when the ILP solves
@@ -143,7 +168,9 @@ def _admissible(candidate: Scored, level: float, previous: Scored | None, walk: 
 
 
 def _level(level: float, previous: Scored | None, walk: _Walk, record: dict) -> Scored | None:
-    """The plan of one level of the walk (module docstring, "Rule")."""
+    """``W(level)`` from the previous level's plan (module docstring, "The walk")."""
+    if previous is not None and _admissible(previous, level, previous, walk):
+        return previous          # still fits: the solver's plan there would cost no less
     solved = walk.solve(level) if walk.solve is not None else None
     if solved is not None:   # its own label, though the list may hold the same plan
         solved = dataclasses.replace(walk.score(solved), plan=solved)
@@ -167,16 +194,26 @@ def _level(level: float, previous: Scored | None, walk: _Walk, record: dict) -> 
     return min(fitting, key=Scored.key)
 
 
-def _walk(fraction: float, walk: _Walk, record: dict) -> Scored | None:
-    levels = {level for level in LADDER if level > fraction}
-    if walk.solve is None:      # the list's greedy: every breakpoint is a level
-        levels |= {c.bytes / walk.save_all for c in walk.pool() if c.bytes / walk.save_all
-                   > fraction}
+def levels(walk: _Walk, floor: Scored) -> list[float]:
+    """The walk's levels, loosest first: the grid, the floor's fraction and,
+    under the list's greedy, where each listed plan starts to fit. None
+    depends on the budget asked for (the proof's step (a))."""
+    points = {k / GRID for k in range(GRID, 0, -1)} | {floor.bytes / walk.save_all}
+    if walk.solve is None:
+        points |= {c.bytes / walk.save_all for c in walk.pool()}
+    return sorted((p for p in points if 0 < p <= 1), reverse=True)
+
+
+def _walk(fraction: float, walk: _Walk, floor: Scored, record: dict) -> Scored | None:
+    """``W(l*)``: the plan of the first level whose plan fits ``fraction``."""
     chosen = None
-    for level in sorted(levels, reverse=True) + [fraction]:
+    for level in levels(walk, floor):
         chosen = _level(level, chosen, walk, record) or chosen
         record["levels"] += 1
-    return chosen
+        if chosen is not None and _fits(chosen, fraction, walk):
+            record["level"] = level
+            return chosen
+    return None
 
 
 def plan_for_budget(graph, info: remat.JointInfo, fraction: float, save_all_bytes: float,
@@ -189,27 +226,33 @@ def plan_for_budget(graph, info: remat.JointInfo, fraction: float, save_all_byte
     floor_plan = remat.min_cut_plan(info, policy.any, policy.forced_recompute)
     floor = score(floor_plan)
     default = score(remat.min_cut_plan(info, policy.cheap, policy.forced_recompute))
+    if not save_all_bytes:   # the backward reads no activation: nothing to trade
+        return default.plan, {"peak_guard": None, "budget_floor": floor_stats(0, 0),
+                              "predicted_peak_bytes": default.peak}
     made: list = []
+    work = FALLBACK_WORK if exact else remat_search.GREEDY_WORK
+    memo = budget_memo.Memo(budget_memo.problem_key(
+        graph, info, policy, save_all_bytes, (exact, GRID, work)), graph)
 
     def pool() -> list[Scored]:
         if not made:
-            work = FALLBACK_WORK if exact else remat_search.GREEDY_WORK
-            plans = _frontier_plans(info, policy.any, policy.forced_recompute, work)
-            plans += [floor_plan, default.plan]
-            made.append([score(p) for p in plans])
+            plans = memo.frontier(lambda: _frontier_plans(info, policy.any,
+                                                          policy.forced_recompute, work))
+            made.append([score(p) for p in plans + [floor_plan, default.plan]])
         return made[0]
 
     solve = None
     if exact:
         def solve(level):
-            return remat.ilp_plan(info, level * save_all_bytes, policy.any,
-                                  policy.forced_recompute)
-    record = {"rejected": [], "monotone": True, "levels": 0, "ladder": list(LADDER)}
+            return memo.solve(level, lambda level: remat.ilp_plan(
+                info, level * save_all_bytes, policy.any, policy.forced_recompute))
+    record = {"rejected": [], "monotone": True, "levels": 0, "grid": GRID, "level": None}
     walk = _Walk(save_all_bytes, score, default, pool, solve)
-    chosen = _walk(fraction, walk, record) if floor.bytes <= budget else None
-    if chosen is None:
-        chosen = floor
+    below_floor = not _fits(floor, fraction, walk)
+    if below_floor:   # the walk's plan at the floor: what any budget down there gets
         _warn_floor(fraction, budget, floor.bytes, save_all_bytes, log)
+    chosen = _walk(floor.bytes / save_all_bytes if below_floor else fraction, walk, floor,
+                   record) or floor
     stats = {"peak_guard": record, "budget_floor": floor_stats(floor.bytes, save_all_bytes),
              "predicted_peak_bytes": chosen.peak}
     return chosen.plan, stats
