@@ -13,12 +13,14 @@ statements:
   operands before its later ops allocate.
 - **in place.** A pointwise op whose result has an operand's shape, dtype and
   strides writes into that operand (``torch.mul(a, b, out=a)``) when the
-  operand's storage dies at that statement: it was made by this program (an
-  input or constant may be held by the caller or by autograd for a second
-  backward), and no alias of it (a view, a tuple's element, a register's
-  reshape) is named later. Eager's modules do this themselves (``relu_``,
-  ``add_``); the functional graph lost it, and a fused kernel written as
-  torch calls otherwise holds two values per step of its chain. This is the
+  operand's storage dies at that statement (an op called by its entry point,
+  ``gelu_backward`` say, through its aten out overload: ``torch_out.py``):
+  it was made by this program (an input or constant may be held by the
+  caller or by autograd for a second backward), and no alias of it (a
+  view, a tuple's element, a register's reshape) is named later. Eager's
+  modules do this themselves (``relu_``, ``add_``); the functional graph
+  lost it, and a fused kernel written as torch calls otherwise holds two
+  values per step of its chain. This is the
   Triton wrapper's in-place reuse (``buffer_reuse``) for torch calls, decided
   on the program's own statements because fused kernels' inner values are
   not buffers of the plan.
@@ -33,7 +35,8 @@ import re
 from dataclasses import dataclass
 
 import torch
-from retrograd.codegen.torch_calls import accepts_out, in_place_method
+from retrograd.codegen.torch_calls import accepts_out, bound_name, in_place_method
+from retrograd.codegen.torch_out import out_overload
 from retrograd.codegen.wrapper import variable
 from torch import fx
 from torch._prims_common import is_non_overlapping_and_dense_or_false
@@ -239,8 +242,8 @@ def _in_place_target(state: _State, statement: Statement, index: int,
     tags = set(node.target.tags)
     if torch.Tag.pointwise not in tags or torch.Tag.nondeterministic_seeded in tags:
         return None
-    if not statement.text.startswith(f"{statement.variable} = torch."):
-        return None   # an overload's entry point, a method: no out= form checked
+    if _call_form(statement) is None:
+        return None   # a method, an expression: no out= form checked
     result = node.meta.get("val")
     if not isinstance(result, torch.Tensor):
         return None
@@ -258,7 +261,7 @@ def _in_place_target(state: _State, statement: Statement, index: int,
         members = [key.split("@")[0] for key in groups.parent if groups.root(key) == root]
         if any(state.ranges.alive_after(member, index) for member in members):
             continue
-        if accepts_out(node, operand):
+        if _writes_into(statement, operand):
             return name
     return None
 
@@ -269,7 +272,7 @@ def _donor(state: _State, statement: Statement, index: int) -> str | None:
     nothing sharing its storage is named after this statement."""
     node, donor = statement.node, statement.donor
     if donor is None or torch.Tag.pointwise not in set(node.target.tags) or \
-            not statement.text.startswith(f"{statement.variable} = torch.") or \
+            _call_form(statement) is None or \
             not _same_layout(donor.meta.get("val"), node.meta.get("val")):
         return None
     name = variable(donor.name)
@@ -278,7 +281,27 @@ def _donor(state: _State, statement: Statement, index: int) -> str | None:
     members = [key.split("@")[0] for key in groups.parent if groups.root(key) == root]
     if any(state.ranges.last.get(member, -1) > index for member in members):
         return None
-    return name if accepts_out(node, donor) else None
+    return name if _writes_into(statement, donor) else None
+
+
+def _call_form(statement: Statement) -> str | None:
+    """How ``statement`` calls its op: ``"torch"`` (``y = torch.f(...)``),
+    ``"entry"`` (the overload's bound entry point, ``torch_calls.bound_name``)
+    or None (anything else)."""
+    if statement.text.startswith(f"{statement.variable} = torch."):
+        return "torch"
+    target = statement.node.target
+    if isinstance(target, torch._ops.OpOverload) and \
+            statement.text.startswith(f"{statement.variable} = {bound_name(target)}("):
+        return "entry"
+    return None
+
+
+def _writes_into(statement: Statement, operand: fx.Node) -> bool:
+    """``statement``'s op, called in its out= form, writes its result into ``operand``."""
+    if _call_form(statement) == "torch":
+        return accepts_out(statement.node, operand)
+    return out_overload(statement.node, operand) is not None
 
 
 def _same_layout(value, result: torch.Tensor) -> bool:
@@ -287,11 +310,23 @@ def _same_layout(value, result: torch.Tensor) -> bool:
         value.device == result.device and is_non_overlapping_and_dense_or_false(value)
 
 
+def _operand(statement: Statement, name: str) -> fx.Node:
+    """The operand node (or the donated input) the program names ``name``."""
+    found = [n for n in statement.node.all_input_nodes if variable(n.name) == name]
+    return found[0] if found else statement.donor
+
+
 def _with_out(text: str, target: str, statement: Statement) -> str:
     """``y = torch.f(...)`` as ``y = torch.f(..., out=target)``, or as the
-    in-place method ``y = target.f_(...)`` when ``target`` is its first operand."""
+    in-place method ``y = target.f_(...)`` when ``target`` is its first operand;
+    an entry point's call as its aten out overload (``torch_out.py``)."""
     code, marker, comment = text.partition("  # ")
     assert code.endswith(")"), code
+    if _call_form(statement) == "entry":
+        head = f"{statement.variable} = {bound_name(statement.node.target)}("
+        overload, argument = out_overload(statement.node, _operand(statement, target))
+        return f"{statement.variable} = {overload}({code[len(head):-1]}, " \
+            f"{argument}={target}){marker}{comment}"
     head = f"{statement.variable} = torch.{statement.node.target._opname}("
     arguments = code[len(head):-1]
     if code.startswith(head) and (arguments == target or arguments.startswith(f"{target}, ")):

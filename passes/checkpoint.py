@@ -53,7 +53,7 @@ import torch.fx as fx
 from torch._functorch import partitioners
 
 from retrograd.ir import PassResult
-from retrograd.passes.op_classes import PHASE, is_pure, is_view, view_base
+from retrograd.passes.op_classes import PHASE, RECOMPUTED, is_pure, is_view, view_base
 from retrograd.passes.planning import budget as budget_plans
 from retrograd.passes.planning import ledger, patterns, remat
 
@@ -392,6 +392,7 @@ def recompute_in_backward(graph: fx.Graph, backward: set[fx.Node], recomputed) -
                 copy = graph.create_node("call_function", node.target, args, kwargs,
                                          name=f"{node.name}_recomputed")
             copy.meta = dict(node.meta)
+            copy.meta[RECOMPUTED] = node.name
             copies[node] = copy
         return copies[node]
 

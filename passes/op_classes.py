@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["PHASE", "RESHAPE_OPS", "MEANING_VIEWS", "MATMULS", "CONVOLUTIONS", "MASKED_OPS",
+__all__ = ["PHASE", "RECOMPUTED",
+           "RESHAPE_OPS", "MEANING_VIEWS", "MATMULS", "CONVOLUTIONS", "MASKED_OPS",
            "OUT_VARIANTS", "SCRATCH_OPS", "is_view", "is_reshape", "view_base", "is_pure",
            "is_random"]
 
@@ -40,6 +41,11 @@ aten = torch.ops.aten
 #: would run -- and keep its value alive -- from the forward on, undoing
 #: what checkpoint placement chose.
 PHASE = "retrograd_phase"
+
+#: Node meta key: set (to the recomputed node's name) on a checkpoint's
+#: recomputation copy (``checkpoint.recompute_in_backward``); the schedule
+#: runs a kernel of copies only when a reader needs it (``planning/lazy.py``).
+RECOMPUTED = "retrograd_recomputed"
 
 #: Aliasing ops that keep row-major element order: an in-kernel value read
 #: through one of them is still the same register.

@@ -48,7 +48,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 from retrograd.ir import PassResult, Program
-from retrograd.passes.planning import collectives
+from retrograd.passes.planning import collectives, lazy
 
 __all__ = ["run", "peak_live_bytes"]
 
@@ -135,28 +135,32 @@ def held_by_fusion(program: Program) -> list[dict]:
     return found
 
 
-def _order(program: Program, waiting: list[set[int]], consumers: dict[int, list[int]],
-           rank) -> list[int]:
-    """List scheduling: among the ready kernels, the least ``rank(index,
-    remaining_users)`` runs next."""
+def _order(program: Program, demand: lazy.Demand, rank) -> list[int]:
+    """List scheduling: among the kernels whose producers have run (lazy ones
+    excepted: ``planning/lazy.py``), the least ``rank(indices, users)`` runs
+    next, ``indices`` being the lazy kernels it reads not run yet, then it."""
     kernels = program.kernels
     users: dict[str, set[int]] = {}
     for index, kernel in enumerate(kernels):
         for name in kernel.inputs:
             users.setdefault(program.root(name), set()).add(index)
-    pending = [len(producers) for producers in waiting]
-    ready = [i for i in range(len(kernels)) if not pending[i]]
+    pending = [len(needs) for needs in demand.needs]
+    ready = [i for i in range(len(kernels)) if not pending[i] and i not in demand.lazy]
     order: list[int] = []
+    done: set[int] = set()
     while ready:
-        chosen = min(ready, key=lambda i: rank(i, users))
+        chosen = min(ready, key=lambda i: rank(demand.pending(i, done), users))
         ready.remove(chosen)
-        order.append(chosen)
-        for name in {program.root(n) for n in kernels[chosen].inputs}:
-            users.get(name, set()).discard(chosen)
-        for consumer in consumers.get(chosen, []):
+        for index in demand.pending(chosen, done):
+            order.append(index)
+            done.add(index)
+            for name in {program.root(n) for n in kernels[index].inputs}:
+                users.get(name, set()).discard(index)
+        for consumer in demand.needed_by.get(chosen, []):
             pending[consumer] -= 1
-            if not pending[consumer]:
+            if not pending[consumer] and consumer not in demand.lazy:
                 ready.append(consumer)
+    order += [i for i in demand.order if i not in done]   # lazy kernels nothing reads
     if len(order) != len(kernels):
         raise RuntimeError("schedule: the kernel graph has a cycle")
     return order
@@ -208,11 +212,15 @@ def _reorder(program: Program, waiting, consumers) -> tuple[list[int], int]:
         finally:
             program.kernels = kernels
 
-    order = _order(program, waiting, consumers, lambda i, users: (
-        classes.get(i, 1), _delta(program, i, users), i))
+    order = lazy.topological(waiting)
+    demand = lazy.Demand(waiting, lazy.lazy_kernels(program), order)
+    order = _order(program, demand, lambda indices, users: (
+        classes.get(indices[-1], 1), sum(_delta(program, i, users) for i in indices),
+        indices[-1]))
     if not classes:
         return order, peak_of(order)
-    incoming = _order(program, waiting, consumers, lambda i, users: (classes.get(i, 1), i))
+    incoming = _order(program, demand, lambda indices, users: (
+        classes.get(indices[-1], 1), indices[-1]))
     return min(((order, peak_of(order)), (incoming, peak_of(incoming))),
                key=lambda pair: pair[1])
 
