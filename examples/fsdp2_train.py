@@ -12,6 +12,13 @@ the block's forward and backward in between. (Compiling the model after
 ``--bf16`` adds a MixedPrecisionPolicy (bf16 parameters and compute, fp32
 gradient reduction); ``--no-reshard`` keeps gathered parameters between the
 forward and the backward (``reshard_after_forward=False``).
+
+``--face step`` trains the same sharded model with
+``retrograd.compile_step(model, loss_fn, optimizer)`` instead: one program
+per step that all-gathers each unit's shards, runs forward, backward and
+reduce-scatters, and updates this rank's shards (docs/distributed.md,
+"compile_step on FSDP2"); it prints the collectives the program holds.
+``--bf16`` is refused there (use ``torch.autocast`` inside the loss).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import retrograd  # noqa: F401  (registers the "retrograd" backend in a bare checkout)
+import retrograd  # also registers the "retrograd" backend in a bare checkout
 
 
 class Block(nn.Module):
@@ -61,7 +68,8 @@ def shard_model(model: Net, args, mesh) -> Net:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if args.bf16 else MixedPrecisionPolicy()
     for block in model.blocks:
-        block.compile(backend="retrograd", options={"executor": args.executor})
+        if args.face == "compile":   # compile_step compiles the whole step itself
+            block.compile(backend="retrograd", options={"executor": args.executor})
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=args.reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
@@ -84,7 +92,13 @@ def main() -> None:
     parser.add_argument("--no-reshard", dest="reshard", action="store_false",
                         help="reshard_after_forward=False")
     parser.add_argument("--executor", default="auto", help="retrograd's executor option")
+    parser.add_argument("--face", choices=("compile", "step"), default="compile",
+                        help="block.compile before fully_shard, or compile_step on the "
+                             "sharded model")
     args = parser.parse_args()
+    if args.face == "step" and args.bf16:
+        parser.error("--face step does not take --bf16 (FSDP2's MixedPrecisionPolicy is "
+                     "refused by compile_step; use torch.autocast inside the loss)")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -95,19 +109,45 @@ def main() -> None:
         torch.manual_seed(0)   # the same full model on every rank before sharding
         model = shard_model(Net(args.width, args.depth).to(device), args, mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        train = eager_step if args.face == "compile" else compiled_step(model, optimizer, args)
         for step in range(args.steps):
-            x, y = batch(step, args.batch, device)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(x).float(), y)
-            loss.backward()   # FSDP2 reduce-scatters each block's gradients
-            optimizer.step()
+            loss = train(model, optimizer, *batch(step, args.batch, device))
             total = loss.detach().clone()
             dist.all_reduce(total)
             if dist.get_rank() == 0:
                 print(f"step {step}: loss {total.item() / dist.get_world_size():.4f}",
                       flush=True)
+        if args.face == "step" and dist.get_rank() == 0:
+            ops = train.step.reports["step"]["kernels"]["extern_ops"]
+            print("collectives in the step program: "
+                  + ", ".join(f"{count} {op.split('.')[1]}" for op, count in sorted(ops.items())
+                              if op.startswith("_c10d_functional.") and "wait" not in op),
+                  flush=True)
     finally:
         dist.destroy_process_group()
+
+
+def loss_fn(model, x, y):
+    return F.cross_entropy(model(x).float(), y)
+
+
+def eager_step(model, optimizer, x, y):
+    """One step of the compiled blocks under FSDP2's hooks."""
+    optimizer.zero_grad()
+    loss = loss_fn(model, x, y)
+    loss.backward()   # FSDP2 reduce-scatters each block's gradients
+    optimizer.step()
+    return loss
+
+
+def compiled_step(model, optimizer, args):
+    """One ``compile_step`` program for the whole sharded step."""
+    step = retrograd.compile_step(model, loss_fn, optimizer, executor=args.executor)
+
+    def train(model, optimizer, x, y):
+        return step(x, y)
+    train.step = step
+    return train
 
 
 if __name__ == "__main__":

@@ -224,3 +224,17 @@ def test_ddp_example_runs_under_torchrun():
 def test_fsdp2_example_runs_under_torchrun():
     output = _torchrun("fsdp2_train.py", "--steps", "2", "--bf16", "--no-reshard")
     assert "step 1: loss" in output, output
+
+
+@pytest.mark.slow
+def test_fsdp2_example_compile_step_face_matches_the_compiled_blocks():
+    """examples/fsdp2_train.py --face step (compile_step on the sharded
+    model) prints the same losses as the default face (compiled blocks under
+    FSDP2's hooks), and its program's collectives: one all-gather and one
+    reduce-scatter per unit (root and two blocks)."""
+    blocks = _torchrun("fsdp2_train.py", "--steps", "3", "--executor", "fx")
+    step = _torchrun("fsdp2_train.py", "--steps", "3", "--face", "step")
+    losses = [line for line in step.splitlines() if line.startswith("step ")]
+    assert len(losses) == 3 and losses == [line for line in blocks.splitlines()
+                                           if line.startswith("step ")], (step, blocks)
+    assert "3 all_gather_into_tensor, 3 reduce_scatter_tensor" in step, step
