@@ -221,13 +221,15 @@ def _reduction_launcher(node: fx.Node, leading: bool, reduced: tuple[int, ...],
     launch = load_module(write_source(name, source), interpreted).launch
     launch = without_cycles(launch) if interpreted else launch
 
-    def run(tensor):
+    def run(tensor, out=None):
+        """``out``: a preallocated contiguous result (an arena slot), or None."""
         tensor = tensor if tensor.is_contiguous() else tensor.contiguous()
         shape, split = tensor.shape, len(reduced) if leading else tensor.dim() - len(reduced)
         rows, columns = math.prod(shape[:split]), math.prod(shape[split:])
         kept_shape = [1 if d in reduced else size for d, size in enumerate(shape)
                       if keepdim or d not in reduced]
-        result = torch.empty(kept_shape, dtype=tensor.dtype, device=tensor.device)
+        result = out if out is not None else \
+            torch.empty(kept_shape, dtype=tensor.dtype, device=tensor.device)
         kept, count = (columns, rows) if leading else (rows, columns)
         if kept:
             widest = 1 << 16 if interpreted else 4096
@@ -238,7 +240,7 @@ def _reduction_launcher(node: fx.Node, leading: bool, reduced: tuple[int, ...],
                 launch(block_kept, block_reduced, rows, columns, tensor, result)
         return result
     run.__name__ = run.__qualname__ = name
-    run.source = source
+    run.source, run.writes_out = source, True   # ``out=`` as an aten op's (symbolic_plan)
     return run
 
 

@@ -105,9 +105,8 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 def _raw_size(gm: fx.GraphModule) -> str | None:
     """A node holding a size as a SymInt object (codegen cannot print it)."""
     for node in gm.graph.nodes:
-        found = []
-        fx.node.map_aggregate((node.args, node.kwargs),
-                         lambda a: found.append(a) if isinstance(a, torch.SymInt) else a)
+        leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+        found = [leaf for leaf in leaves if isinstance(leaf, torch.SymInt)]
         if found:
             return f"{node.name} holds the size {found[0]} as a number"
     return None
@@ -174,8 +173,8 @@ def cudagraphs_record(requested: bool | None, dims: str, what: str, executor: st
     if requested is False:
         reasons = ["option cudagraphs=False"]
     else:
-        reasons = [f"symbolic sizes ({dims}): a CUDA graph fixes every size, and this "
-                   f"program serves each size its shape guards admit"]
+        reasons = [(f"symbolic sizes ({dims}): a CUDA graph fixes every size, and this "
+                    f"program serves each size its shape guards admit")]
     if requested is True:
         warnings.warn(f"retrograd: cudagraphs=True, but the symbolic program of {what} runs "
                       f"without a CUDA graph: {reasons[0]}", stacklevel=3)

@@ -10,15 +10,18 @@ interval packing of TFLite's arena planner (largest first, each at the
 lowest offset free over its lifetime), a pointwise op's result placed over
 its dying same-size input (the static planner's in-place reuse). The runner
 (``ArenaRunner``) then allocates one arena per call, of that size's bytes
-(``runtime/arena.py``), and calls each planned op's ``out=`` overload into
-its view; everything else (values that escape: outputs, saved tensors and
-their views; multi-output ops; size-generic kernel results) is an ordinary
-allocation, and every value is dropped after its last use, as the fx
-program does.
+(``runtime/arena.py``), and calls each planned op's ``out=`` overload (or
+size-generic kernel's launcher) into its view; everything else (values that
+escape: outputs, saved tensors and their views; multi-output aten ops)
+is an ordinary allocation, and every value is dropped
+after its last use, as the fx program does.
 
 What may live in the arena: the single contiguous tensor result of an aten
-op that has an ``out=`` overload, read only inside the call (neither it nor
-a view of it is an output). The plan never raises the peak: for each size
+op that has an ``out=`` overload or of a sized reduction (its launcher
+takes ``out=``), or a contiguous output of a size-generic elementwise
+kernel (symbolic_kernel_slots.py: it may take the slot of a same-shape
+input dying at the kernel), read only inside the call (neither it nor a
+view of it is an output). The plan never raises the peak: for each size
 it predicts the peak of the torch-call program (each value allocated when
 made, freed after its last use, inputs left out) and of the arena program
 (the arena held for the whole call, plus the values outside it), and runs
@@ -40,6 +43,7 @@ import torch
 from retrograd.passes.op_classes import is_view
 from retrograd.runtime.arena import Arena
 from retrograd.symbolic_fusion import _contiguous
+from retrograd.symbolic_kernel_slots import kernel_item, kernel_outputs, kernel_written_over
 from torch import fx
 
 __all__ = ["ArenaRunner", "SizedPlan", "SizedPlanner", "out_overload"]
@@ -114,12 +118,20 @@ class SizedPlanner:
         last = _last_uses(nodes, self.index)
         escaping = _escaping(nodes)
         self.values: dict[str, _Value] = {}
+        taken: set = set()   # (kernel call, input) pairs an output is written over
         for node in nodes:
-            if _plannable(node) and node not in escaping:
-                value = node.meta["val"]
-                self.values[node.name] = _Value(
-                    node.name, tuple(_expr(s) for s in value.shape), value.dtype,
-                    self.index[node], last[node], _written_over(node, last, self.index))
+            if node in escaping:
+                continue
+            if kernel_item(node):   # a size-generic kernel's output (symbolic_kernel_slots)
+                maker = node.args[0]
+                over = kernel_written_over(node, last, self.index, _ancestry, taken)
+            elif _plannable(node):
+                maker, over = node, _written_over(node, last, self.index)
+            else:
+                continue
+            value = node.meta["val"]
+            self.values[node.name] = _Value(node.name, tuple(_expr(s) for s in value.shape),
+                                            value.dtype, self.index[maker], last[node], over)
         # every fresh allocation, for the predicted peaks: (name, start, end, shape, dtype);
         # ``written``: values written over an input (in-place updates) allocate nothing
         self.allocations = [(node.name, self.index[node], last[node],
@@ -265,9 +277,16 @@ def _escaping(nodes: list[fx.Node]) -> set[fx.Node]:
 
 
 def _plannable(node: fx.Node) -> bool:
-    """New memory an ``out=`` overload can write, contiguous: an arena slot."""
-    return _allocates(node) and out_overload(node.target) is not None \
+    """New memory an ``out=`` overload (or a sized reduction) can write,
+    contiguous: an arena slot."""
+    return _allocates(node) and _out_form(node.target) is not None \
         and _contiguous(node.meta["val"])
+
+
+def _out_form(target: Any) -> Any | None:
+    """What writes ``target``'s result into a given tensor (``out=``): its
+    aten overload, or a sized reduction's launcher itself (symbolic_fusion)."""
+    return target if getattr(target, "writes_out", False) else out_overload(target)
 
 
 def _allocates(node: fx.Node) -> bool:
@@ -369,9 +388,10 @@ class ArenaRunner:
         for i, node in enumerate(nodes):
             for arg in node.all_input_nodes:
                 last[arg] = i
-        self.steps = [(node, out_overload(node.target) if node.name in self.planner.values
+        self.steps = [(node, _out_form(node.target) if node.name in self.planner.values
                        else None, [a for a in node.all_input_nodes if last[a] == i])
                       for i, node in enumerate(nodes)]
+        self.kernel_outputs = kernel_outputs(nodes, self.planner.values)
         self.last_plan: SizedPlan | None = None
 
     def __call__(self, args: list) -> Any:
@@ -411,6 +431,9 @@ class ArenaRunner:
         or over the input it replaces when donated and this call allows."""
         positional = fx.map_arg(node.args, env.__getitem__)
         keywords = fx.map_arg(node.kwargs, env.__getitem__)
+        items = self.kernel_outputs.get(node.name)
+        if items is not None:
+            return self._kernel(node, positional, keywords, items, plan, arenas, targets)
         if targets:
             written = self.donation.call(node, targets)
             if written is not None:
@@ -421,6 +444,26 @@ class ArenaRunner:
         shape = plan.shapes[node.name]
         view = arenas[place[0]].view(place[1], shape, _strides(shape), node.meta["val"].dtype)
         return out(*positional, **keywords, out=view)
+
+
+    def _kernel(self, node: fx.Node, positional, keywords, items: list, plan: SizedPlan,
+                arenas: dict, targets: dict) -> Any:
+        """A size-generic kernel: each output into its arena slot where this
+        size's plan has one, or over the input it replaces where donated."""
+        given = [None] * len(items)
+        for position, name in enumerate(items):
+            place = plan.offsets.get(name) if name is not None else None
+            if place is not None:
+                shape = plan.shapes[name]
+                given[position] = arenas[place[0]].view(place[1], shape, _strides(shape),
+                                                        self.planner.values[name].dtype)
+        donated = self.donation.kernels.get(node.name, {}) if self.donation else {}
+        for position, input_position in donated.items():
+            if input_position in targets:
+                given[position] = targets[input_position]
+        if all(g is None for g in given):
+            return node.target(*positional, **keywords)
+        return node.target(*positional, **keywords, out=given)
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:

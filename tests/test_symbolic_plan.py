@@ -153,3 +153,93 @@ def test_zoo_attention_block_at_untraced_batch_sizes_under_the_cpu_default():
         assert_parity(training_step(entry, compiled, model, inputs),
                       training_step(entry, reference, reference, inputs))
     assert _symbolic_compiler(compiled).runners["forward"].last_plan.arena_bytes
+
+
+def sandwich(x, w):
+    """Pointwise ops between two matrix products: one size-generic kernel when fused."""
+    return (x.mm(w).sin().exp() * 2).mm(w.t()).sum()
+
+
+def _sandwich_runners():
+    from retrograd.symbolic_fusion import fuse_pointwise
+
+    def graph():
+        gm = make_fx(sandwich, tracing_mode="symbolic")(torch.randn(4, 6), torch.randn(6, 32))
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+    fused, kernels = fuse_pointwise(graph(), "interpret")
+    assert kernels == 1
+    return ArenaRunner(fused), ArenaRunner(graph()), torch.randn(6, 32)
+
+
+def test_kernel_results_take_arena_slots_over_their_dying_input():
+    """The kernel's output is planned (before: allocated outside the arena) and
+    written over the product it reads, as the unfused chain of torch calls is."""
+    fused, plain, weight = _sandwich_runners()
+    (item,) = [v for v in fused.planner.values.values() if v.node.startswith("getitem")]
+    assert item.over == "mm"
+    for rows in (64, 97):   # never traced
+        x = torch.randn(rows, 6)
+        assert_close(fused([x, weight]), sandwich(x, weight), torch.float32)
+        assert_close(plain([x, weight]), sandwich(x, weight), torch.float32)
+        assert len(set(fused.last_plan.offsets.values())) == 2   # mm (and the kernel's), mm_1
+        assert fused.last_plan.arena_bytes == plain.last_plan.arena_bytes
+        peaks = [profiled_peak(lambda r=r, x=x: r([x, weight])) for r in (fused, plain)]
+        assert peaks[0] <= peaks[1], peaks
+
+
+class _Wave(torch.nn.Module):
+    """Elementwise both ways: sin * 2, and its backward cos * 2 * grad."""
+
+    def forward(self, x):
+        return x.sin() * 2
+
+
+def _sandwich_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 32, bias=False), _Wave(),
+                               torch.nn.Linear(32, 32, bias=False), _Wave(),
+                               torch.nn.Linear(32, 4, bias=False))
+
+
+def test_a_dynamic_compile_with_fused_kernels_peaks_no_higher_than_without():
+    """The interpreter's program (size-generic kernels in the arena) against the
+    torch program (the same graph as torch calls in the arena), at untraced sizes."""
+    models = {e: _sandwich_model() for e in ("interpret", "torch")}
+    compiled = {e: retrograd.compile(m, executor=e) for e, m in models.items()}
+    for rows in (3, 4):
+        x = torch.randn(rows, 6)
+        for fn in compiled.values():
+            fn(x).square().sum().backward()
+    backward = _symbolic_compiler(compiled["interpret"]).runners["backward"]
+    assert compiled["interpret"].reports["backward"]["kernels"]["triton"] >= 2
+    for rows in (67, 130):
+        x = torch.randn(rows, 6)
+        peaks = {e: profiled_peak(lambda fn=fn, x=x: fn(x).square().sum().backward())
+                 for e, fn in compiled.items()}
+        assert peaks["interpret"] <= peaks["torch"], peaks
+        planned = [n for n in backward.last_plan.offsets if n.startswith("getitem")]
+        assert planned, backward.last_plan.offsets
+    for a, b in zip(models["interpret"].parameters(), models["torch"].parameters()):
+        assert_close(a.grad, b.grad, torch.float32, what="gradient")
+
+
+def centred(x, w):
+    """A per-row mean (a sized reduction) read by a broadcast subtraction."""
+    return (x - x.mean(-1, keepdim=True)).mm(w).sum()
+
+
+def test_a_sized_reduction_result_takes_an_arena_slot():
+    from retrograd.symbolic_fusion import fuse_pointwise
+    gm = make_fx(centred, tracing_mode="symbolic")(torch.randn(4, 6), torch.randn(6, 3))
+    gm, kernels = fuse_pointwise(gm, "interpret")
+    assert kernels == 1
+    runner = ArenaRunner(gm)
+    (reduction,) = [n for n in gm.graph.nodes if n.name.startswith("sized_reduction")]
+    assert reduction.name in runner.planner.values
+    weight = torch.randn(6, 3)
+    for rows in (5, 33):
+        x = torch.randn(rows, 6)
+        assert_close(runner([x, weight]), centred(x, weight), torch.float32)
+        assert reduction.name in runner.last_plan.offsets, runner.last_plan
