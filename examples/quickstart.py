@@ -64,6 +64,27 @@ def _codegen(report: dict) -> dict:
     return next(p["stats"] for p in report["passes"] if p["name"] == "codegen")
 
 
+def _counted(ops: dict) -> str:
+    """``{"aten.gelu.default": 2}`` as ``gelu x2``."""
+    return ", ".join(f"{op.removeprefix('aten.').removesuffix('.default')} x{count}"
+                     for op, count in ops.items())
+
+
+def describe(report: dict) -> str:
+    """One graph's kernels in a line: how many fused kernels, how many of the
+    pointwise ops they took (the CPU default keeps GELU and layer norm's
+    backward whole, as single torch calls), and the extern calls."""
+    kernels = report["kernels"]
+    fused, pointwise = kernels["pointwise_ops_in_triton"], kernels["pointwise_ops"]
+    whole = kernels.get("pointwise_ops_extern", {})
+    taken = (f"all {pointwise} pointwise ones" if fused == pointwise else
+             f"{fused} of the {pointwise} pointwise ones (the other {pointwise - fused} run "
+             f"whole as extern calls: {_counted(whole)})")
+    return (f"{report['graph_id']}: {kernels['triton']} fused kernels cover "
+            f"{kernels['ops_in_triton']} aten ops, {taken}; {kernels['extern']} extern calls "
+            f"in all: {_counted(kernels['extern_ops'])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -91,11 +112,7 @@ def main() -> None:
 
     reports = [json.loads(path.read_text()) for path in sorted(dump.glob("*/report.json"))]
     for report in reports:
-        kernels = report["kernels"]
-        print(f"{report['graph_id']}: {kernels['triton']} Triton kernels covering "
-              f"{kernels['ops_in_triton']} aten ops (all {kernels['pointwise_ops']} pointwise "
-              f"ops among them: {kernels['pointwise_ops_in_triton'] == kernels['pointwise_ops']}), "
-              f"{kernels['extern']} extern calls {kernels['extern_ops']}")
+        print(describe(report))
     per_step = sum(report["kernels"]["triton"] for report in reports)
     ran = {_codegen(report)["executor"] for report in reports}
     print(f"one training step runs {per_step} fused kernels ({', '.join(map(HOW.get, ran))})")
