@@ -35,12 +35,12 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from retrograd.ir import PassResult
-from retrograd.passes.op_classes import MASKED_OPS, MEANING_VIEWS, is_pure, is_view, view_base
+from retrograd.passes.op_classes import (MASKED_OPS, MEANING_VIEWS, is_pure, is_view, same_sizes,
+                                         view_base)
 
-__all__ = ["run", "same_sizes"]
+__all__ = ["run"]
 
 aten = torch.ops.aten
 CONSTANT_COPIES = {aten.lift_fresh_copy.default}
@@ -84,15 +84,6 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> int:
         else:
             seen[key] = node
     return merged
-
-
-def same_sizes(a, b) -> bool:
-    """Equal sequences of sizes (or one size each), known without a guard: a
-    symbolic size (``s0``) equals another only where that holds at every
-    size, so a pass on a symbolic graph fixes no size (compiler/symbolic_passes.py)."""
-    if not isinstance(a, (tuple, list)):
-        a, b = (a,), (b,)
-    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _same_layout(a, b) -> bool:

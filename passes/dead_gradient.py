@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from retrograd.ir import PassResult
-from retrograd.passes.cleanup import same_sizes
+from retrograd.passes.op_classes import same_sizes
 
 __all__ = ["run", "GradientSpec"]
 

@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = ["PHASE", "RECOMPUTED",
            "RESHAPE_OPS", "MEANING_VIEWS", "MATMULS", "CONVOLUTIONS", "MASKED_OPS",
            "OUT_VARIANTS", "SCRATCH_OPS", "is_view", "is_reshape", "view_base", "is_pure",
-           "is_random"]
+           "is_random", "same_sizes"]
 
 aten = torch.ops.aten
 
@@ -125,3 +126,12 @@ def is_pure(node: fx.Node) -> bool:
         return False
     schema = getattr(node.target, "_schema", None)
     return schema is None or not schema.is_mutable
+
+
+def same_sizes(a, b) -> bool:
+    """Equal sequences of sizes (or one size each), known without a guard: a
+    symbolic size (``s0``) equals another only where that holds at every
+    size, so a pass on a symbolic graph fixes no size (compiler/symbolic_passes.py)."""
+    if not isinstance(a, (tuple, list)):
+        a, b = (a,), (b,)
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
