@@ -18,7 +18,8 @@ program`` series, whose peak is the report's ``program_peak_bytes``.
 Where it does not measure, ``bytes`` is None and ``note`` says why: no run
 while compiling (``verify`` off), a device other than the CPU (the profiler's
 CPU events do not see device memory), or a profiler already running (torch
-allows one at a time).
+allows one at a time). torch 2.13's profiler prints two ``USDT: ...
+profiler_start/stop`` lines on stderr per measured run; they are its own.
 """
 
 from __future__ import annotations

@@ -67,8 +67,11 @@ step) graph in three steps.
 
    The cost: one solve per level where the previous plan no longer fits,
    at most one per grid fraction above ``f`` (the ILP's plan at a level is
-   also optimal at the tighter levels it still fits, so they need none);
-   measured on the zoo's gpt2_tiny in docs/design.md ("Peak guard").
+   also optimal at the tighter levels it still fits, so they need none).
+   The solves and the trade-off list are kept per planning problem
+   (``budget_memo.py``): a later compile of the same graph under another
+   budget walks the same levels without solving them again. Measured on the
+   zoo's gpt2_tiny in docs/design.md ("Peak guard").
 """
 
 from __future__ import annotations
