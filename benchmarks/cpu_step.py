@@ -14,6 +14,11 @@ Inductor runs last in each round: its OpenMP threads keep spinning for a
 while after a kernel and slowed whichever variant ran right after it (the
 CNN's retrograd step measured 11 ms there, 1.9 ms anywhere else).
 
+Each step is timed by the wall clock and by this thread's CPU time
+(``time.thread_time``; the ratio of medians printed for both): on a shared
+machine the CPU time leaves out the time other jobs held the core, which
+the wall clock counts and which made whole rows noise at load 5-10.
+
 The variants' steps are interleaved (one step of each in turn, ``--repeats``
 rounds after ``--warmup``), so a neighbour's load on a shared machine falls
 on all of them alike; the median and the fastest step are printed, the
@@ -98,11 +103,13 @@ class _ProgramClock:
         TorchProgramExecutable.__call__ = timed
 
 
-def _step(entry, model, inputs) -> float:
+def _step(entry, model, inputs) -> tuple[float, float]:
+    """One step's wall-clock and this thread's CPU seconds: on a shared machine
+    the CPU time leaves out the time other jobs held the core."""
     copies = clone_inputs(inputs)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     entry.run(model, copies).backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.thread_time() - cpu
 
 
 def _saved_bytes(entry, model, module, inputs) -> int:
@@ -122,15 +129,17 @@ def measure(name: str, variants: dict, warmup: int, repeats: int) -> dict:
         modules[variant] = entry.model()
         built[variant] = wrap(modules[variant])
         with compiling():
-            first[variant] = _step(entry, built[variant], inputs)   # compiles
+            first[variant] = _step(entry, built[variant], inputs)[0]   # compiles
     times: dict[str, list[float]] = {variant: [] for variant in variants}
+    cpu: dict[str, list[float]] = {variant: [] for variant in variants}
     inside: list[float] = []
     for round_ in range(warmup + repeats):
         for variant, model in built.items():
             CLOCK.spent = 0.0
-            spent = _step(entry, model, inputs)
+            spent, used = _step(entry, model, inputs)
             if round_ >= warmup:
                 times[variant].append(spent)
+                cpu[variant].append(used)
                 if variant == "retrograd":
                     inside.append(CLOCK.spent)
     row = {"model": name, "retrograd_program_median_s": statistics.median(inside),
@@ -139,6 +148,7 @@ def measure(name: str, variants: dict, warmup: int, repeats: int) -> dict:
         row[variant] = {"first_call_s": first[variant],
                         "median_s": statistics.median(times[variant]),
                         "min_s": min(times[variant]),
+                        "cpu_median_s": statistics.median(cpu[variant]),
                         "saved_bytes": _saved_bytes(entry, built[variant], modules[variant],
                                                     inputs)}
     return row
@@ -146,13 +156,16 @@ def measure(name: str, variants: dict, warmup: int, repeats: int) -> dict:
 
 def _print(rows: list[dict], variants: list[str]) -> None:
     print("| model | " + " | ".join(variants) + " | "
-          + " | ".join(f"{v} / eager" for v in variants[1:]) + " | saved bytes ("
+          + " | ".join(f"{v} / eager" for v in variants[1:]) + " | "
+          + " | ".join(f"{v} / eager, CPU time" for v in variants[1:]) + " | saved bytes ("
           + ", ".join(variants) + ") | retrograd: inside its programs |")
-    print("| --- |" + " ---: |" * (2 * len(variants) - 1) + " ---: | ---: |")
+    print("| --- |" + " ---: |" * (3 * len(variants) - 2) + " ---: | ---: |")
     for row in rows:
         cells = [f"{row[v]['median_s'] * 1e3:.2f} ({row[v]['min_s'] * 1e3:.2f}) ms"
                  for v in variants]
         ratios = [f"{row[v]['median_s'] / row['eager']['median_s']:.2f}x" for v in variants[1:]]
+        ratios += [f"{row[v]['cpu_median_s'] / row['eager']['cpu_median_s']:.2f}x"
+                   for v in variants[1:]]
         saved = ", ".join(f"{row[v]['saved_bytes']:,}" for v in variants)
         program = f"{row['retrograd_program_median_s'] * 1e3:.2f} ms"
         print(f"| {row['model']} | {' | '.join(cells)} | {' | '.join(ratios)} | {saved} "
