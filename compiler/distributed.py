@@ -204,6 +204,11 @@ def _fsdp2(model: torch.nn.Module, process_group: Any, bucket_cap_mb: float | No
             "group; its optimizer state is already sharded)")
     _require_process_group("the model is FSDP2 (fully_shard)")
     _refuse_wrappers(model, fsdp2=True)
+    if optimizer is None:
+        raise UnsupportedError(
+            "retrograd.compile_step: an FSDP2 model needs an optimizer (without one the step "
+            "would leave each rank's gradient shard on a view of the shards, not on the "
+            "DTensor parameters' .grad); pass the optimizer to compile_step")
     view, layout = unwrap_fsdp2(model, optimizer)
     replicas = Replicas(layout.group, layout.world_size, view, Limits.from_megabytes(None),
                         broadcast_buffers=False, rank=layout.rank, layout=layout)

@@ -69,8 +69,14 @@ def fsdp2_refusals(_: str) -> None:
              "fully_shard on the root too")
     mixed, _ = twins()
     fully_shard(mixed, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-    _refused(lambda: retrograd.compile_step(mixed, loss_fn, None), "MixedPrecisionPolicy",
-             "torch.autocast")
+    _refused(lambda: retrograd.compile_step(mixed, loss_fn, _sgd(mixed)),
+             "MixedPrecisionPolicy", "torch.autocast")
+    plain = _sharded(twins()[0])
+    _refused(lambda: retrograd.compile_step(plain, loss_fn, None), "needs an optimizer")
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1)
 
 
 def _refused(call, *words) -> None:
