@@ -48,7 +48,9 @@ def test_the_torch_program_calls_the_fused_ops(tmp_path):
                   training_step(entry, reference, reference, inputs), tolerance=1e-5)
     programs = _programs(tmp_path)
     assert "gelu_default(" in programs["forward"]
-    assert "gelu_backward_default(" in programs["backward"]
+    # the entry point, or its out overload writing over the dying gradient (torch_out.py)
+    assert any(call in programs["backward"] for call in ("gelu_backward_default(",
+                                                          "aten.gelu_backward.grad_input("))
     assert "native_layer_norm_backward_default(" in programs["backward"]
     assert "erf" not in programs["forward"] + programs["backward"]
 
@@ -108,7 +110,8 @@ def test_compile_step_keeps_them_whole_too(tmp_path):
     for p, q in zip(mine.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
     text = "".join(path.read_text() for path in tmp_path.glob("*/program.py"))
-    assert "gelu_backward_default(" in text and "native_layer_norm_backward_default(" in text
+    assert "gelu_backward_default(" in text or "aten.gelu_backward.grad_input(" in text
+    assert "native_layer_norm_backward_default(" in text
 
 
 def test_the_interpreter_and_triton_keep_every_decomposition():
