@@ -26,10 +26,11 @@ def _sharded(net, reshard: bool = True):
 def compile_step_fsdp2(executor: str) -> None:
     """compile_step(fully_shard(model)) against an eager FSDP2 loop with the
     same wrapping: AdamW with clipping, three steps; losses, parameters
-    (gathered whole) and each rank's optimizer state (its shards, equal to
+    (gathered whole), BatchNorm's running statistics (each rank's own: FSDP2
+    does not broadcast buffers) and each rank's optimizer state (its shards, equal to
     eager FSDP2's local state). The program all-gathers each unit's shards
     (3 units: root, two blocks) and reduce-scatters each unit's gradients."""
-    model, reference = twins(width=5)
+    model, reference = twins(batch_norm=True, width=5)
     model, reference = _sharded(model), _sharded(reference)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     eager_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05)
