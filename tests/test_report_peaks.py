@@ -100,3 +100,18 @@ def test_a_running_profiler_leaves_the_peak_unmeasured_and_says_so(monkeypatch):
         assert memory["measured_peak_bytes"] is None
         assert memory["measured_peak_note"] == "not measured: a torch profiler was already running"
         assert memory["program_peak_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2_tiny", "lora"])
+def test_the_measured_peak_is_near_the_program_peak_on_transformers(name, monkeypatch):
+    """Measured after 7e26782: gpt2_tiny 1.12x (forward) and 1.00x (backward)
+    of ``program_peak_bytes``, the LoRA model 0.93x and 0.92x: within 15%,
+    and below the plan's ``predicted_peak_bytes``. (The CNN is not: its
+    convolutions' scratch, an estimate in the timeline, measures 2.6-3.2x.)"""
+    reports, _ = _compiled(name, monkeypatch, verify=True)
+    for half in HALVES:
+        memory = reports[half]["memory"]
+        ratio = memory["measured_peak_bytes"] / memory["program_peak_bytes"]
+        assert 0.85 <= ratio <= 1.15, (half, ratio, memory)
+        assert memory["measured_peak_bytes"] <= memory["predicted_peak_bytes"], (half, memory)
