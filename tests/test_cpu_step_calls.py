@@ -97,3 +97,25 @@ def test_backward_ops_stay_whole_and_save_no_more(name, whole, monkeypatch):
     monkeypatch.setattr(capture, "decompositions_for", decomposed)
     before = _saved_bytes(name)
     assert 0 < kept <= before, (kept, before)
+
+
+def test_dropout_draws_the_same_mask_through_the_python_body(tmp_path):
+    """retrograd::uniform (dropout's draw) called as its function by the torch
+    program gives the stream the interpreter's generated kernels give, from
+    the same seed: equal outputs and gradients."""
+    def fn(x):
+        return torch.nn.functional.dropout(x, p=0.5, training=True).sin().sum()
+
+    results = []
+    for executor in ("torch", "interpret"):
+        x = torch.linspace(-1.0, 1.0, 24).reshape(4, 6).requires_grad_()
+        compiled = retrograd.compile(fn, executor=executor,
+                                     dump_dir=str(tmp_path / executor))
+        torch.manual_seed(3)
+        loss = compiled(x)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    text = "".join(p.read_text() for p in (tmp_path / "torch").glob("*/program.py"))
+    assert "body(torch.ops.retrograd.uniform.default)" in text
+    assert 0 < int((results[0][1] != 0).sum()) < 24   # some kept, some dropped
+    torch.testing.assert_close(results[0], results[1])
