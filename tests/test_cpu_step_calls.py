@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from zoo import ZOO, assert_parity, clone_inputs, training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from measuring import saved_storage_bytes  # noqa: E402
+from measuring import saved_storage_bytes
 
 
 class _Dispatched(TorchDispatchMode):
