@@ -4,7 +4,9 @@ What it does: list scheduling over the kernel DAG. Among the kernels whose
 inputs are ready, it runs the one that adds the fewest live bytes (bytes its
 temporary and program outputs allocate minus bytes of inputs it is the last
 reader of; an output, a gradient say, stays alive to the end once made),
-ties broken by the fusion order. That is the greedy "least peak memory
+ties broken by the fusion order; a kernel of checkpoint recomputation copies
+runs only when a kernel reading it is picked, just before it
+(``planning/lazy.py``). That is the greedy "least peak memory
 first" heuristic of Inductor's memory-aware reordering (and of Pisarchyk &
 Lee's scheduling for inference). Fusion decided what runs together; this
 pass only reorders whole kernels, so no fusion is undone.

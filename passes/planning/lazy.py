@@ -15,10 +15,11 @@ held it to the weight gradient's product: step peak 101,056 -> 109,760 bytes.
 So these kernels are *lazy*: the schedule never picks one for itself. A
 kernel that reads one is a candidate once its other producers have run, and
 picking it runs its lazy ancestors not run yet first, in a topological
-order: as late as they can run (demand-driven, as Checkmate and Thunder
-place a recomputation right before its use). Programs without recomputation
-copies (the split faces' forward, the interpreter's plans without remat)
-have no lazy kernel and keep the plain greedy.
+order: as late as they can run (demand-driven, where
+``recompute_in_backward`` put each copy in the graph). Programs without
+recomputation copies (the split faces, whose backward program recomputes
+on its own; a step whose plan recomputes nothing) have no lazy kernel and
+keep the plain greedy.
 """
 
 from __future__ import annotations
