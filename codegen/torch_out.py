@@ -53,7 +53,7 @@ def out_overload(node: fx.Node, operand: fx.Node) -> tuple[str, str] | None:
             args, kwargs, metas = _meta_operands(node)   # fresh: the out overload writes
             out = metas[operand] if operand in metas else _meta(operand)
             got = overload(*args, **kwargs, **{argument: out})
-        except Exception:   # noqa: BLE001 -- any refusal means: no out overload
+        except Exception:   # noqa: BLE001, S112 -- any refusal means: no out overload
             continue
         if got is out and _same(expected, got):
             return f"aten.{target._opname}.{name}", argument

@@ -32,7 +32,7 @@ from retrograd import decompositions
 from retrograd.ir import Kernel, Program
 from retrograd.passes import schedule
 from retrograd.passes.op_classes import PHASE, RECOMPUTED
-from zoo import ZOO, assert_parity, clone_inputs, training_step
+from zoo import ZOO, clone_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from measuring import profiled_peak
