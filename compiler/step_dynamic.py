@@ -38,7 +38,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from functorch.compile import make_boxed_func
-from retrograd.decompositions import decomposition_table, traced_right
+from retrograd import capture
+from retrograd.decompositions import traced_right
 from retrograd.dump import subject_text
 from retrograd.dynamic import (
     ShapeGuards,
@@ -190,7 +191,8 @@ def _trace(step: Callable, inputs: list, flat: list, leaves: Sequence[Any], dims
             faked.append(value)
     fake_inputs = pytree.tree_unflatten(faked, pytree.tree_flatten(inputs)[1])
     with mode, traced_right():
-        gm = make_fx(functionalize(recording(step)), decomposition_table=decomposition_table(),
+        gm = make_fx(functionalize(recording(step)),   # every decomposition, any executor
+                     decomposition_table=capture.decompositions_for(None, flat),
                      tracing_mode="real")(*fake_inputs)
     gm.graph.eliminate_dead_code()
     gm.recompile()
