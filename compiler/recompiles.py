@@ -36,7 +36,8 @@ log = logging.getLogger("retrograd")
 _TENSOR_FIELDS = ("shape", "stride", "dtype", "device", "requires_grad")
 
 #: What the module-state parts of the standalone face's key mean (trace_cache.py).
-_MODULE_PARTS = {"lifted": "the modules the function reaches",
+_MODULE_PARTS = {"call": "the structure of the arguments (nesting, keyword names)",
+                 "lifted": "the modules the function reaches",
                  "modules": "the submodules of the module",
                  "training": "train/eval mode of a submodule",
                  "hooks": "the hooks of a submodule",
