@@ -11,10 +11,16 @@ The series, each named for what it counts:
 
 - ``held by the program``: the arenas taken, the storages the program
   allocates outside them (extern results, escaping outputs from their birth
-  on, a buffer written in place extending the storage it reuses) and an
-  estimate of extern scratch at convolutions. Inputs are not counted (the
-  caller holds most of them). It is buffer_reuse's footprint prediction
-  (``buffer_reuse.footprint``), decomposed; a prediction, not a measurement.
+  on, a buffer written in place extending the storage it reuses) and the
+  scratch of extern convolutions, found by one probe call of the same
+  signature on the CPU (``extern_scratch.py``; an estimate, so labelled,
+  where it cannot probe). Inputs are not counted (the caller holds most of
+  them). It is buffer_reuse's footprint prediction (``buffer_reuse.footprint``),
+  decomposed, except that the planner chose its windows with the scratch
+  estimated (bytes read + written); a prediction, not a measurement, and on
+  the zoo under the CPU default it equals the measured peak (report schema 4,
+  ``memory.measured_peak_bytes``). Not counted: temporaries inside a fused
+  kernel that the torch program runs as several torch calls.
 - ``arenas held``: bytes of the arenas taken while the kernel runs.
 - ``arena bytes in use``: bytes of the arenas under a live planned buffer
   (how full the arenas are). A buffer written in place takes the slot of one
@@ -28,10 +34,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from retrograd import extern_scratch
 from retrograd.ir import Program
 from retrograd.passes import buffer_reuse
-from retrograd.passes.planning import windows
 from retrograd.passes.op_classes import SCRATCH_OPS
+from retrograd.passes.planning import windows
 
 __all__ = ["SERIES", "Interval", "Step", "Timeline", "build"]
 
@@ -40,8 +47,8 @@ HELD, ARENAS, IN_ARENAS, INPUTS = ("held by the program", "arenas held",
 
 #: series name -> what it counts (the page's legend and the trace's description)
 SERIES = {
-    HELD: "arenas + the program's own allocations outside them + extern scratch estimate "
-          "(inputs not counted; buffer_reuse's footprint prediction)",
+    HELD: "arenas + the program's own allocations outside them + extern scratch (probed, "
+          "else estimated) (inputs not counted; buffer_reuse's footprint prediction)",
     ARENAS: "bytes of the arenas taken",
     IN_ARENAS: "bytes of the arenas under a live planned buffer (bytes shared in place "
                "count once)",
@@ -135,12 +142,10 @@ def _held(program: Program, spans, count: int) -> list[Interval]:
     arenas = [Interval(f"arena {number}", f"arena, kernels {w.start}..{w.stop}", w.nbytes,
                        *_clip(w.start, w.stop, count))
               for number, w in enumerate(program.arenas)]
-    scratch = [Interval(f"{kernel.name} scratch", "extern scratch (estimate: bytes read + "
-                        "written)", sum(program.buffers[n].nbytes for n in
-                                        kernel.inputs + kernel.outputs if n in program.buffers),
-                        index, index)
+    scratch = [Interval(f"{kernel.name} scratch", found.what, found.nbytes, index, index)
                for index, kernel in enumerate(program.kernels)
-               if kernel.kind == "extern" and any(op in kernel.op for op in SCRATCH_OPS)]
+               if kernel.kind == "extern" and any(op in kernel.op for op in SCRATCH_OPS)
+               for found in [extern_scratch.scratch(program, kernel)]]
     return arenas + _storages(program, spans, count) + scratch
 
 
