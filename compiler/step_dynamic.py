@@ -194,6 +194,9 @@ def _trace(step: Callable, inputs: list, flat: list, leaves: Sequence[Any], dims
         gm = make_fx(functionalize(recording(step)),   # every decomposition, any executor
                      decomposition_table=capture.decompositions_for(None, flat),
                      tracing_mode="real")(*fake_inputs)
+    # make_fx writes forward() to take the step's inputs nested as passed;
+    # every executor calls it with the flat list (the fx executor directly)
+    gm.graph.set_codegen(torch.fx.graph.CodeGen())
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, ShapeGuards(env, [v for v in faked if isinstance(v, torch.Tensor)])
