@@ -22,13 +22,15 @@ unwraps it (``ShardView``):
 - the optimizer update (and a ``max_grad_norm`` clip, whose norm is summed
   across ranks) runs on the local shards only.
 
-The schedule pass issues each all-gather as early as its inputs allow and
-waits for it where its first parameter is read, so the gathers overlap the
-forward, and issues each reduce-scatter as soon as its unit's gradients are
-final. What is not done (docs/distributed.md): the gathered parameters stay
-alive from their gather to their last backward use (as FSDP2 with
-``reshard_after_forward=False``; nothing is re-gathered in the backward), and
-prefetching is not bounded to one block ahead. FSDP2's mixed precision and
+Where a unit reshards after its forward (``reshard_after_forward``; the
+root left at FSDP2's default does not), its gathered parameters are marked
+(``FSDP_UNIT``, ``RESHARD``: passes/planning/collectives.py) and the
+checkpoint pass recomputes them for the backward, never saves them: a
+second all-gather just before the unit's backward, the same on every rank.
+The schedule issues each unit's all-gather one unit ahead, no earlier
+(``collectives.bound_gathers``), waits where its parameters are first read,
+and issues each reduce-scatter as soon as its unit's gradients are final.
+FSDP2's mixed precision and
 CPU offload policies, meshes of more than one dimension, placements other
 than ``Shard(0)`` and parameters that are not DTensors are refused.
 """
@@ -41,8 +43,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx import traceback as fx_traceback
 
 from retrograd.errors import UnsupportedError
+from retrograd.passes.planning.collectives import FSDP_UNIT, RESHARD
 
 __all__ = ["Layout", "ShardView", "is_fsdp2", "unwrap_fsdp2"]
 
@@ -76,22 +80,35 @@ class Layout:
     group: Any
     world_size: int
     rank: int
+    reshard: tuple[bool, ...] = ()   # per unit: freed after its forward, gathered again
 
     def unshard(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Full parameters from local shards: one all-gather per unit (traced)."""
+        """Full parameters from local shards: one all-gather per unit and
+        dtype (traced). Each unit's nodes are marked (``FSDP_UNIT``, and
+        ``RESHARD`` where the unit reshards after its forward) for the
+        checkpoint pass and the schedule (passes/planning/collectives.py)."""
         full: list[Any] = [None] * len(shards)
         for unit in range(self.units):
-            for members in _by_dtype(self._members(unit), shards):
-                padded = [_pad(shards[i], self.params[i].chunk) for i in members]
-                flat = torch.cat([p.reshape(-1) for p in padded])
-                gathered = _C10D.wait_tensor(_C10D.all_gather_into_tensor(
-                    flat, self.world_size, self.group.group_name))
-                for rank, chunk in enumerate(gathered.chunk(self.world_size)):
-                    pieces = chunk.split([p.numel() for p in padded])
-                    for i, piece in zip(members, pieces):
-                        full[i] = (full[i] or []) + [piece.view(padded[members.index(i)].shape)]
-        return [torch.cat(parts).narrow(0, 0, self.params[i].full[0])
-                for i, parts in enumerate(full)]
+            marks = {FSDP_UNIT: unit, RESHARD: self.reshard[unit]}
+            with fx_traceback.annotate(marks):
+                for members in _by_dtype(self._members(unit), shards):
+                    for i, value in zip(members, self._gather(members, shards)):
+                        full[i] = value
+        return full
+
+    def _gather(self, members: list[int], shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The full parameters ``members`` (one dtype of one unit) by one
+        functional all-gather of their padded, flattened shards."""
+        padded = [_pad(shards[i], self.params[i].chunk) for i in members]
+        flat = torch.cat([p.reshape(-1) for p in padded])
+        gathered = _C10D.wait_tensor(_C10D.all_gather_into_tensor(
+            flat, self.world_size, self.group.group_name))
+        parts: list[list[torch.Tensor]] = [[] for _ in members]
+        for chunk in gathered.chunk(self.world_size):
+            for k, piece in enumerate(chunk.split([p.numel() for p in padded])):
+                parts[k].append(piece.view(padded[k].shape))
+        return [torch.cat(pieces).narrow(0, 0, self.params[i].full[0])
+                for i, pieces in zip(members, parts)]
 
     def reduce_scatter(self, grads: list[torch.Tensor], used: tuple[int, ...],
                        shards: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -264,10 +281,35 @@ def unwrap_fsdp2(model: nn.Module, optimizer: Any) -> tuple[ShardView, Layout]:
     units = _units(model, [name for name, _ in named])
     params = tuple(Param(name, p.shape, -(-p.shape[0] // world), unit)
                    for (name, p), unit in zip(named, units))
-    layout = Layout(params, max(units) + 1, group, world, dist.get_rank(group))
+    layout = Layout(params, max(units) + 1, group, world, dist.get_rank(group),
+                    _reshards(model))
     view = ShardView(model, named, layout)
     _rebind(optimizer, {id(p): getattr(view, _flat(name)) for name, p in named})
     return view, layout
+
+
+def _reshards(root: nn.Module) -> tuple[bool, ...]:
+    """Per unit (forward order, as ``_units``): whether FSDP2 frees its
+    gathered parameters after its forward and gathers them again for the
+    backward (``reshard_after_forward``). As FSDP2's lazy init does, the
+    root left at the default (``reshard_after_forward=None``) keeps its
+    parameters: they would be gathered again at once for the backward."""
+    found = []
+    for module in root.modules():
+        if not is_fsdp2(module):
+            continue
+        state = module._get_fsdp_state()
+        groups = state._fsdp_param_groups
+        infos = [g.post_forward_mesh_info for g in groups]
+        if any(info is not None and info != g.mesh_info for info, g in zip(infos, groups)):
+            raise UnsupportedError(
+                "retrograd.compile_step: FSDP2's reshard_after_forward=<int> (resharding to a "
+                "smaller world after the forward) is not supported; pass True or False")
+        reshard = any(info is not None for info in infos)
+        if module is root and getattr(state, "_auto_reshard_after_forward", False):
+            reshard = False
+        found.append(reshard)
+    return tuple(found)
 
 
 def _rebind(optimizer: Any, local: dict[int, nn.Parameter]) -> None:

@@ -56,6 +56,7 @@ from retrograd.ir import PassResult
 from retrograd.passes.op_classes import PHASE, RECOMPUTED, is_pure, is_view, view_base
 from retrograd.passes.planning import budget as budget_plans
 from retrograd.passes.planning import ledger, patterns, remat
+from retrograd.passes.planning.collectives import regathered
 
 __all__ = ["run", "saved_values", "extract", "recompute_in_backward", "Policy", "EXACT_LIMIT"]
 
@@ -154,7 +155,10 @@ class Policy:
         return node.name in self.pinned or bool(self._names(node) & self.save)
 
     def forced_recompute(self, node: fx.Node) -> bool:
-        return node.name not in self.pinned and bool(self._names(node) & self.recompute)
+        """The user's ``recompute=``, and an FSDP2 unit's gathered parameters
+        where it reshards after the forward (gathered again, never saved)."""
+        return node.name not in self.pinned and (
+            regathered(node) or bool(self._names(node) & self.recompute))
 
     def pattern(self, node: fx.Node, forced: set[str]) -> str | None:
         """The user's ``save=``/``recompute=`` entry that names ``node``, if any."""
@@ -164,6 +168,8 @@ class Policy:
         """Why the plan saved or recomputed ``node``, for the ledger."""
         if node.name in self.pinned:
             return "pinned: copy of an input the program writes in place"
+        if regathered(node):
+            return "reshard_after_forward: FSDP2 parameters all-gathered again"
         forced = self.pattern(node, self.save if decision == "saved" else self.recompute)
         if forced is not None:
             return f"{'save' if decision == 'saved' else 'recompute'}={forced}"
@@ -180,6 +186,8 @@ class Policy:
 
     def cheap(self, node: fx.Node) -> bool:
         """Recomputable under the default plan."""
+        if regathered(node):
+            return True
         if self.forced_recompute(node):
             return is_pure(node)
         if self.forced_save(node) or not is_pure(node):
@@ -192,7 +200,7 @@ class Policy:
 
     def any(self, node: fx.Node) -> bool:
         """Recomputable when a budget demands it: every deterministic op."""
-        return not self.forced_save(node) and is_pure(node)
+        return regathered(node) or not self.forced_save(node) and is_pure(node)
 
 
 def extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int,

@@ -194,6 +194,7 @@ def _chain_issues(program: Program, waiting: list[set[int]],
         if before not in waiting[after]:
             waiting[after].add(before)
             consumers.setdefault(before, []).append(after)
+    collectives.bound_gathers(program, waiting, consumers)   # FSDP2: one unit ahead
     classes = {i: 2 for i, kernel in enumerate(kernels) if collectives.is_wait(kernel)}
     for issue in issues:
         classes[issue] = 0

@@ -6,6 +6,8 @@ is exercised."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.distributed as dist
 
@@ -23,15 +25,21 @@ def _sharded(net, reshard: bool = True):
     return fully_shard(net, mesh=mesh)
 
 
-def compile_step_fsdp2(executor: str) -> None:
+def compile_step_fsdp2(argument: str) -> None:
     """compile_step(fully_shard(model)) against an eager FSDP2 loop with the
     same wrapping: AdamW with clipping, three steps; losses, parameters
     (gathered whole), BatchNorm's running statistics (each rank's own: FSDP2
     does not broadcast buffers) and each rank's optimizer state (its shards, equal to
-    eager FSDP2's local state). The program all-gathers each unit's shards
-    (3 units: root, two blocks) and reduce-scatters each unit's gradients."""
+    eager FSDP2's local state). ``argument``: the executor, then ``/keep``
+    for blocks sharded with ``reshard_after_forward=False``. The program
+    all-gathers each unit's shards (3 units: root, two blocks), each block's
+    once more for its backward when it reshards (the root, left at FSDP2's
+    default, keeps its parameters), and reduce-scatters each unit's
+    gradients."""
+    executor, _, mode = argument.partition("/")
+    reshard = mode != "keep"
     model, reference = twins(batch_norm=True, width=5)
-    model, reference = _sharded(model), _sharded(reference)
+    model, reference = _sharded(model, reshard), _sharded(reference, reshard)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     eager_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05)
     step = retrograd.compile_step(model, loss_fn, optimizer, max_grad_norm=0.5,
@@ -54,8 +62,44 @@ def compile_step_fsdp2(executor: str) -> None:
             value = value.to_local() if hasattr(value, "to_local") else value
             assert_close_floor(optimizer.state[p][key], value, FP32, 1e-3, f"state {key}")
     ops = step.reports["step"]["kernels"]["extern_ops"]
-    assert ops.get("_c10d_functional.all_gather_into_tensor.default") == 3, ops
+    gathers = 1 + 2 * (2 if reshard else 1)
+    assert ops.get("_c10d_functional.all_gather_into_tensor.default") == gathers, ops
     assert ops.get("_c10d_functional.reduce_scatter_tensor.default") == 3, ops
+
+
+def fsdp2_reshard_plan(_: str) -> None:
+    """What ``reshard_after_forward`` changes in the step program (one step
+    each, the CPU default): with it, each block's gathered parameters are
+    recomputed for the backward, never saved (the ledger says why), so each
+    block is all-gathered twice and the predicted peak and saved bytes fall
+    below the same model's without it, also under a memory budget (the mark
+    holds whatever a rank's budget). Prefetch one unit ahead, no earlier:
+    each all-gather is issued after the previous one's wait and before its
+    own unit's compute (kernels run under it); a re-gather only after the
+    forward is done with the unit's first gather."""
+    found = {}
+    for name, reshard, budget in (("keep", False, None), ("reshard", True, None),
+                                  ("budget", True, 0.3)):
+        model, _ = twins(batch_norm=True, width=5)
+        model = _sharded(model, reshard)
+        step = retrograd.compile_step(model, loss_fn, _sgd(model), memory_budget=budget)
+        step(*batch(0))
+        found[name] = report = step.reports["step"]
+        gathers = [row for row in report["communication"]["collectives"]
+                   if row["op"] == "all_gather_into_tensor"]
+        assert len(gathers) == (5 if reshard else 3), gathers
+        for before, after in pairwise(gathers):
+            assert after["issued_at"] > before["waited_at"], (name, before, after)
+        assert all(row["kernels_between"] > 0 for row in gathers[1:3]), (name, gathers)
+        reasons = {row["reason"] for row in report["ledger"] if row["decision"] == "recomputed"}
+        assert any("reshard_after_forward" in reason for reason in reasons) == reshard, reasons
+        assert not any("reshard_after_forward" in row["reason"] for row in report["ledger"]
+                       if row["decision"] == "saved"), report["ledger"]
+    keep, reshard = found["keep"]["memory"], found["reshard"]["memory"]
+    assert reshard["predicted_peak_bytes"] < keep["predicted_peak_bytes"], (reshard, keep)
+    assert reshard["saved_activation_bytes"] < keep["saved_activation_bytes"], (reshard, keep)
+    budget = found["budget"]["memory"]
+    assert budget["saved_activation_bytes"] <= reshard["saved_activation_bytes"], budget
 
 
 def fsdp2_refusals(_: str) -> None:
@@ -89,4 +133,5 @@ def _refused(call, *words) -> None:
         raise AssertionError(f"not refused: expected an error naming {words}")
 
 
-SCENARIOS = {function.__name__: function for function in (compile_step_fsdp2, fsdp2_refusals)}
+SCENARIOS = {function.__name__: function for function in (
+    compile_step_fsdp2, fsdp2_reshard_plan, fsdp2_refusals)}

@@ -111,9 +111,20 @@ def test_compile_step_on_fsdp2_matches_eager_fsdp2():
     all-gathers each FSDP2 unit's shards (uneven: 5 rows on 2 ranks) and
     reduce-scatters its gradients; losses, parameters and each rank's AdamW
     state (its shards) equal an eager FSDP2 loop with clipping after three
-    steps; FSDP2 on blocks only and its MixedPrecisionPolicy are refused by
-    name."""
-    run_ranks("compile_step_fsdp2:auto", "fsdp2_refusals")
+    steps, with ``reshard_after_forward`` True (each block gathered again for
+    its backward: 5 all-gathers) and False (3); FSDP2 on blocks only and its
+    MixedPrecisionPolicy are refused by name."""
+    run_ranks("compile_step_fsdp2:auto", "compile_step_fsdp2:auto/keep", "fsdp2_refusals")
+
+
+def test_compile_step_on_fsdp2_reshards_and_prefetches_one_unit_ahead():
+    """reshard_after_forward=True used to keep every gathered parameter
+    alive until its backward (one all-gather per unit). Now a resharding
+    block's parameters are recomputed by a second all-gather, never saved:
+    lower predicted peak and saved bytes than the same model without it,
+    under a memory budget too; and each all-gather is issued only after the
+    previous unit's wait (prefetch one unit ahead, as FSDP2)."""
+    run_ranks("fsdp2_reshard_plan")
 
 
 @pytest.mark.slow

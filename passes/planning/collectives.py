@@ -31,21 +31,30 @@ group's size cannot be found (no process group), wire bytes and times are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 from retrograd.ir import Kernel, Program
-from retrograd.passes.op_classes import PHASE
+from retrograd.passes.op_classes import PHASE, RECOMPUTED
 from retrograd.passes.planning import remat
 from retrograd.passes.planning.offload import DEVICE_BYTES, DEVICE_FLOPS
 from torch import fx
 
-__all__ = ["LINK_BYTES", "LINK_LATENCY", "WAIT", "Collective", "group_rank", "group_size",
-           "is_issue", "is_wait", "kernel_seconds", "mark_after_waits", "predict"]
+__all__ = ["FSDP_UNIT", "LINK_BYTES", "LINK_LATENCY", "RESHARD", "WAIT", "Collective",
+           "bound_gathers", "fsdp_unit", "group_rank", "group_size", "is_issue", "is_wait",
+           "kernel_seconds", "mark_after_waits", "predict", "regathered"]
 
 #: bytes per second each rank sends on the ring (a PCIe 4 x16-class link; NVLink is faster)
 LINK_BYTES = 25e9
 #: seconds per ring step (message latency)
 LINK_LATENCY = 10e-6
 WAIT = "_c10d_functional.wait_tensor.default"
+#: ``node.meta["custom"]`` keys (``torch.fx.traceback.annotate``) that
+#: compiler/fsdp.py puts on the nodes gathering an FSDP2 unit's parameters:
+#: the unit's index in forward order, and whether the unit reshards after
+#: its forward (the gathered parameters are then all-gathered again for the
+#: backward: the checkpoint pass recomputes them, never saves them).
+FSDP_UNIT = "retrograd_fsdp_unit"
+RESHARD = "retrograd_reshard"
 _PREFIX = "_c10d_functional."
 #: op -> (wire bytes as a fraction of the tensor's bytes, ring steps), for n ranks
 _RING = {
@@ -87,6 +96,84 @@ def mark_after_waits(graph: fx.Graph) -> int:
             node.meta[PHASE] = f"{phase} after {','.join(sorted(waits))}"
             marked += 1
     return marked
+
+
+def fsdp_unit(node) -> int | None:
+    """The FSDP2 unit whose parameters ``node`` gathers (compiler/fsdp.py),
+    or None for any other node."""
+    custom = getattr(node, "meta", {}).get("custom") or {}
+    return custom.get(FSDP_UNIT)
+
+
+def regathered(node) -> bool:
+    """True for a node gathering the parameters of a unit that reshards
+    after its forward: the checkpoint pass recomputes it for the backward
+    (all-gathered again) and never saves it. The mark comes from the traced
+    code, so the plan is the same on every rank, whatever its budget."""
+    custom = getattr(node, "meta", {}).get("custom") or {}
+    return bool(custom.get(RESHARD))
+
+
+def _gathers(program: Program) -> dict[tuple[int, bool], list[int]]:
+    """(unit, recomputed) -> the all-gather issues of that unit's parameters,
+    in program order (a unit holds one per dtype)."""
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for index, kernel in enumerate(program.kernels):
+        if not is_issue(kernel) or "all_gather" not in kernel.op:
+            continue
+        node = next((n for n in kernel.nodes if fsdp_unit(n) is not None), None)
+        if node is not None:
+            key = (fsdp_unit(node), RECOMPUTED in node.meta)
+            groups.setdefault(key, []).append(index)
+    return groups
+
+
+def _waits_of(program: Program, issues: list[int]) -> list[int]:
+    outputs = {name for i in issues for name in program.kernels[i].outputs}
+    return [j for j, kernel in enumerate(program.kernels) if is_wait(kernel)
+            and kernel.inputs and program.root(kernel.inputs[0]) in outputs]
+
+
+def _forward_readers(program: Program, unit: int) -> list[int]:
+    """Kernels reading what the forward gather of ``unit`` produced."""
+    made = {name for kernel in program.kernels
+            if any(fsdp_unit(n) == unit and RECOMPUTED not in n.meta
+                   for n in kernel.nodes if hasattr(n, "meta"))
+            for name in kernel.outputs}
+    return [j for j, kernel in enumerate(program.kernels)
+            if any(n in made or program.root(n) in made for n in kernel.inputs)]
+
+
+def bound_gathers(program: Program, waiting: list[set[int]],
+                  consumers: dict[int, list[int]]) -> int:
+    """Prefetch one FSDP2 unit ahead, no earlier (bounded memory), as FSDP2
+    does: the all-gathers of each unit (forward ones, then the backward's
+    re-gathers, in program order) are issued only after the waits of the
+    unit gathered before them, i.e. once that unit's compute may start; and
+    a unit's re-gather only after every reader of its forward gather, so the
+    forward's full parameters are dead before they are gathered again.
+    Adds the edges to the schedule's ``waiting``/``consumers``; returns how
+    many."""
+    groups = _gathers(program)
+    added = 0
+
+    def edge(before: int, after: int) -> None:
+        nonlocal added
+        if before != after and before not in waiting[after]:
+            waiting[after].add(before)
+            consumers.setdefault(before, []).append(after)
+            added += 1
+    keys = list(groups)
+    for previous, key in pairwise(keys):
+        for wait in _waits_of(program, groups[previous]):
+            for issue in groups[key]:
+                edge(wait, issue)
+    for unit, recomputed in keys:
+        if recomputed:
+            for reader in _forward_readers(program, unit):
+                for issue in groups[(unit, True)]:
+                    edge(reader, issue)
+    return added
 
 
 def group_rank(kernel: Kernel) -> int | None:
