@@ -21,7 +21,8 @@ __all__ = ["main"]
 
 
 def summary(dump_dir: Path) -> int:
-    """One line per graph: a dump folder's graph folders, or one graph folder itself."""
+    """One line per graph: a dump folder's graph folders, or one graph folder itself.
+    A graph whose measured peak is null ends its line with the report's reason."""
     if not dump_dir.is_dir():
         print(f"retrograd: no such directory: {dump_dir}", file=sys.stderr)
         return 1
@@ -30,15 +31,34 @@ def summary(dump_dir: Path) -> int:
         print(f"retrograd: no report.json under {dump_dir}", file=sys.stderr)
         return 1
     print(f"{'graph':28s} {'nodes':>11s} {'triton':>7s} {'extern':>7s} {'saved bytes':>12s} "
-          f"{'live bound':>11s} {'seconds':>8s}")
+          f"{'live bound':>11s} {'predicted peak':>14s} {'program peak':>12s} "
+          f"{'measured peak':>13s} {'seconds':>8s}")
     for path in reports:
         report = json.loads(path.read_text())
         nodes = f"{report['nodes']['captured']}->{report['nodes']['final']}"
         memory = report["memory"]
-        print(f"{report['graph_id']:28s} {nodes:>11s} {report['kernels']['triton']:7d} "
-              f"{report['kernels']['extern']:7d} {str(memory['saved_activation_bytes']):>12s} "
-              f"{str(memory['live_lower_bound_bytes']):>11s} {report['compile_seconds']:8.2f}")
+        predicted, program, measured, note = _peaks(report)
+        line = (f"{report['graph_id']:28s} {nodes:>11s} {report['kernels']['triton']:7d} "
+                f"{report['kernels']['extern']:7d} {memory['saved_activation_bytes']!s:>12s} "
+                f"{memory['live_lower_bound_bytes']!s:>11s} {predicted:>14s} {program:>12s} "
+                f"{measured:>13s} {report['compile_seconds']:8.2f}")
+        print(f"{line}  # {note}" if note else line)
     return 0
+
+
+def _peaks(report: dict) -> tuple[str, str, str, str | None]:
+    """The report's three peaks as cells ("-" where null), and why the
+    measured one is missing (its ``measured_peak_note``), else None."""
+    memory = report["memory"]
+    if "measured_peak_bytes" not in memory:
+        return "-", "-", "-", (f"no peaks in this report (schema {report.get('schema')}; "
+                               f"they came with schema 4)")
+
+    def cell(key: str) -> str:
+        return "-" if memory.get(key) is None else str(memory[key])
+    measured = memory["measured_peak_bytes"]
+    return (cell("predicted_peak_bytes"), cell("program_peak_bytes"), cell("measured_peak_bytes"),
+            memory.get("measured_peak_note") if measured is None else None)
 
 
 def list_ops() -> int:
