@@ -241,11 +241,16 @@ def test_fsdp2_example_runs_under_torchrun():
 def test_fsdp2_example_compile_step_face_matches_the_compiled_blocks():
     """examples/fsdp2_train.py --face step (compile_step on the sharded
     model) prints the same losses as the default face (compiled blocks under
-    FSDP2's hooks), and its program's collectives: one all-gather and one
-    reduce-scatter per unit (root and two blocks)."""
+    FSDP2's hooks), and its program's collectives: one reduce-scatter per
+    unit (root and two blocks), one all-gather per unit and one more per
+    block for its backward (the blocks reshard after the forward, the root
+    at FSDP2's default does not); with ``--no-reshard`` one per unit."""
     blocks = _torchrun("fsdp2_train.py", "--steps", "3", "--executor", "fx")
     step = _torchrun("fsdp2_train.py", "--steps", "3", "--face", "step")
     losses = [line for line in step.splitlines() if line.startswith("step ")]
     assert len(losses) == 3 and losses == [line for line in blocks.splitlines()
                                            if line.startswith("step ")], (step, blocks)
-    assert "3 all_gather_into_tensor, 3 reduce_scatter_tensor" in step, step
+    assert "5 all_gather_into_tensor, 3 reduce_scatter_tensor" in step, step
+    kept = _torchrun("fsdp2_train.py", "--steps", "3", "--face", "step", "--no-reshard")
+    assert [line for line in kept.splitlines() if line.startswith("step ")] == losses, kept
+    assert "3 all_gather_into_tensor, 3 reduce_scatter_tensor" in kept, kept
