@@ -53,6 +53,7 @@ from torch.fx.experimental.symbolic_shapes import (SYMPY_INTERP, DimDynamic, Sha
 from retrograd.capture import _OutputsOwnMemory, signature
 from retrograd.locking import compiling
 from retrograd.report import SCHEMA
+from retrograd.symbolic_peaks import symbolic_peaks
 from retrograd.runtime.device import choose_executor
 from retrograd import symbolic_partition
 from retrograd.symbolic_fusion import fuse_pointwise
@@ -297,7 +298,8 @@ class SymbolicCompiler:
                             "pointwise_ops": None, "pointwise_ops_in_triton": None,
                             "pointwise_ops_extern": None, "ops_in_triton": None},
                 "memory": {"saved_activation_bytes": None, "arena_bytes": None,
-                           "live_lower_bound_bytes": None, "unplanned_bytes": None},
+                           "live_lower_bound_bytes": None, "unplanned_bytes": None,
+                           **symbolic_peaks(gm, self.runners.get(name), self.checkpoint)},
                 "traffic": None, "recompute": {"nodes": None, "flops": None},
                 "ledger": [], "pareto": None, "communication": None,
                 "compile_seconds": round(perf_counter() - self.started, 4),

@@ -58,6 +58,7 @@ from retrograd.symbolic_checks import StepVerifier, SymbolicDump, plan_text, tra
 from retrograd.symbolic_donation import donations
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_passes import cudagraphs_record, offload_record, run_passes
+from retrograd.symbolic_peaks import symbolic_peaks
 from retrograd.symbolic_plan import ArenaRunner
 from retrograd.symbolic_remat import place_checkpoints
 from torch.func import functionalize
@@ -157,7 +158,7 @@ class DynamicSteps:
         executable = make_boxed_func(gm.forward) if runner is None else runner
         executable._boxed_call = True
         report = _report(gm, kernels, executor, shown, guards.text(), perf_counter() - started,
-                         checkpoints)
+                         checkpoints, runner)
         report["passes"] = [*records, offload_record(self.options, self.what),
                             cudagraphs_record(getattr(self.options, "cudagraphs", None), shown,
                                               self.what, executor, len(gm.graph.nodes))]
@@ -207,16 +208,18 @@ def _device(flat: list) -> torch.device:
 
 
 def _report(gm, kernels: int, executor: str, dims: str, guards: str, seconds: float,
-            checkpoints: dict) -> dict:
+            checkpoints: dict, runner) -> dict:
     """The symbolic step's report: what was counted, null for what no pass made
-    (the checkpoint plan's figures are at the size hints)."""
+    (the checkpoint plan's figures and the peaks are at the size hints:
+    symbolic_peaks.py)."""
     calls = sum(1 for node in gm.graph.nodes if node.op == "call_function")
     plan = {k: v for k, v in checkpoints.items() if k not in ("ledger", "pareto")}
     return {"schema": SCHEMA, "graph": "step", "graph_id": None,
             "nodes": {"captured": None, "final": len(gm.graph.nodes)}, "passes": [],
             "kernels": {"triton": kernels, "extern": calls - kernels},
             "memory": {"saved_activation_bytes": None, "arena_bytes": None,
-                       "live_lower_bound_bytes": None, "unplanned_bytes": None},
+                       "live_lower_bound_bytes": None, "unplanned_bytes": None,
+                       **symbolic_peaks(gm, runner, checkpoints)},
             "ledger": checkpoints.get("ledger", []), "compile_seconds": round(seconds, 4),
             "symbolic": {"dims": dims, "guards": guards, "executor": executor,
                          "checkpoint": plan,
