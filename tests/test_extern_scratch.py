@@ -81,3 +81,12 @@ def test_an_operand_off_the_cpu_is_not_probed():
     found = extern_scratch.scratch(program, kernel)
     assert found.nbytes == _estimate(program, kernel)
     assert "on meta, not the CPU" in found.what
+
+
+def test_under_a_fake_tensor_mode_the_estimate_says_so(monkeypatch):
+    monkeypatch.setattr(extern_scratch, "_PROBED", {})
+    program, kernel = _conv_program()
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        found = extern_scratch.scratch(program, kernel)
+    assert found.nbytes == _estimate(program, kernel)
+    assert "dispatch mode" in found.what
