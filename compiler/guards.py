@@ -94,11 +94,38 @@ def _refuse(label: str) -> UnsupportedError:
         f"torch.compile(..., backend=\"retrograd\")")
 
 
-@dataclass
 class _Guard:
-    label: str
-    get: Callable[[], Any]
-    value: Any
+    """One guarded value: its label, how to read it, its snapshot (``frozen``)."""
+
+    __slots__ = ("_simple", "_value", "get", "label")
+
+    def __init__(self, label: str, get: Callable[[], Any], value: Any):
+        self.label, self.get = label, get
+        self.value = value
+
+    @property
+    def value(self) -> Any:
+        return self._value
+
+    @value.setter
+    def value(self, value: Any) -> None:
+        self._value = value
+        # the type of a number, string or other simple value (snapshot ``(type,
+        # value)``), found once so that ``holds`` compares it without a snapshot
+        kind = value[0] if type(value) is tuple and len(value) == 2 else None
+        self._simple = kind if isinstance(kind, type) and issubclass(kind, _SIMPLE) else None
+
+    def holds(self) -> bool:
+        """Whether the value reads as it was traced. A simple value is compared
+        without building its snapshot again: the same type and an equal value
+        is exactly when ``frozen`` of it compares equal (a tuple compares each
+        item by identity, then ``==``); anything else compares snapshots."""
+        now = _read(self.get)
+        if type(now) is self._simple:
+            expected = self._value[1]
+            if now is expected or now == expected:
+                return True
+        return frozen(now) == self._value
 
 
 @dataclass
@@ -119,7 +146,7 @@ class Guards:
     def failing(self) -> str | None:
         """The label of the first value that changed since the trace, or None."""
         for guard in self.items:
-            if frozen(_read(guard.get)) != guard.value:
+            if not guard.holds():
                 return guard.label
         return None
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
 
+from retrograd.call_key import call_structure, flatten_call, module_state_key
 from retrograd.capture import compile_graph, signature
 from retrograd.flat import Flat as _Flat
 from retrograd.dynamic import (ShapeGuards, SizeHistory, abstract_key, compile_symbolic,
@@ -40,7 +40,7 @@ from retrograd.errors import (DATA_DEPENDENT, data_dependent_error, data_depende
                               user_stacklevel)
 from retrograd.guards import (Guards, function_guards, module_function_guards,
                               module_read_guards, recording_module_reads)
-from retrograd.hooks import hook_key, warn_about_hooks
+from retrograd.hooks import warn_about_hooks
 from retrograd.locking import compiling
 from retrograd.options import Options
 from retrograd.recompiles import ProgramBound, describe_change, recompile_limit_message
@@ -105,21 +105,23 @@ class TraceCache:
     def __call__(self, *args, **kwargs):
         if self.fallback is not None:
             return self.fallback(*args, **kwargs)
-        leaves, in_spec = pytree.tree_flatten((args, kwargs))
+        leaves, structure, in_spec = flatten_call(args, kwargs)
         slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         tensors = [leaves[i] for i in slots]
         if self.discover is not None:
             self.lifted = self.discover()
-        key = signature(leaves) + self._module_key()
-        entry = (self._lookup(key) or self._lookup_symbolic(leaves, tensors)
-                 or self._compile(leaves, in_spec, slots, tensors))
+        key = signature(leaves) + self._module_key(structure)
+        entry = self._lookup(key) or self._lookup_symbolic(leaves, tensors, structure)
+        if entry is None:
+            in_spec = call_structure(args, kwargs) if in_spec is None else in_spec
+            entry = self._compile(leaves, in_spec, slots, tensors, structure)
         if entry is None:   # dynamo from now on, or eager past recompile_limit
             self.last = None
             return (self.fallback or self.target)(*args, **kwargs)
         self.last = entry
         return entry.flat.rebuild(entry.compiled(*tensors))
 
-    def _compile(self, leaves, in_spec, slots, tensors) -> _Entry | None:
+    def _compile(self, leaves, in_spec, slots, tensors, structure) -> _Entry | None:
         """Trace and keep the graph of this call, or ``None`` once the call is
         handed to dynamo. The key is made and looked up again under the
         compile lock: threads making the first call of a signature together
@@ -128,16 +130,17 @@ class TraceCache:
         parameters for its own while it runs (AOTAutograd's functional call),
         so a key made meanwhile names tensors that are gone."""
         with compiling():
-            key = signature(leaves) + self._module_key()
+            key = signature(leaves) + self._module_key(structure)
             entry = (self._lookup(key, again=True)
-                     or self._lookup_symbolic(leaves, tensors, again=True))
+                     or self._lookup_symbolic(leaves, tensors, structure, again=True))
             if entry is not None or self.fallback is not None or self._past_limit(key):
                 return entry
             dims, failed = self._dynamic_dims(leaves), None
             if dims:
                 entry, failed = self._try_symbolic(leaves, in_spec, slots, dims)
                 if entry is not None:
-                    self._keep(abstract_key(leaves, dims) + self._module_key(), entry)
+                    self._keep(abstract_key(leaves, dims) + self._module_key(structure),
+                               entry)
                     return entry
             self._log_recompile(self._change(key))
             try:
@@ -209,10 +212,11 @@ class TraceCache:
         return None
 
     # -- automatic dynamic shapes (dynamic.py) -----------------------------------------------
-    def _lookup_symbolic(self, leaves, tensors, again: bool = False) -> _Entry | None:
+    def _lookup_symbolic(self, leaves, tensors, structure,
+                         again: bool = False) -> _Entry | None:
         """A kept symbolic program this call fits (newest first), or None."""
         for dims in reversed(self.symbolic_dims):
-            key = abstract_key(leaves, dims) + self._module_key()
+            key = abstract_key(leaves, dims) + self._module_key(structure)
             entry = self._lookup(key, again, tensors)
             if entry is not None:
                 return entry
@@ -319,28 +323,17 @@ class TraceCache:
                 named.append((".".join(filter(None, (type(module).__name__, path))), sub))
         return named
 
-    def _module_key(self) -> tuple:
-        """The module state a trace bakes in: which modules are lifted, which
-        submodules they hold (a swapped ``nn.ReLU`` has no parameter to tell it
-        apart), train/eval of every submodule, its hooks, which parameters want
-        gradients, and which tensors the parameters and buffers are (the compiled
-        graph keeps the ones it was traced with, so a replaced or converted tensor
-        must trace again)."""
-        modules = self._modules()
-        if not modules:
-            return ()
-        # one walk of the module tree on every call: each submodule's own
-        # parameters and buffers (``parameters()`` and ``buffers()`` would walk
-        # the tree twice more; a tensor shared by two submodules is listed twice)
-        subs = [sub for module in modules for sub in module.modules()]
-        parameters = [p for sub in subs for p in sub._parameters.values() if p is not None]
-        state = parameters + [b for sub in subs for b in sub._buffers.values() if b is not None]
-        return (("lifted", tuple(id(module) for module in self.lifted)),
-                ("modules", tuple((id(sub), type(sub)) for sub in subs)),
-                ("training", tuple(sub.training for sub in subs)),
-                ("hooks", hook_key(subs)),
-                ("requires_grad", tuple(p.requires_grad for p in parameters)),
-                ("state", tuple((id(t), t.dtype, tuple(t.shape), t.device) for t in state)))
+    def _module_key(self, structure) -> tuple:
+        """What the key holds besides ``signature``: the structure of the call
+        (positional or keyword, nesting: ``Flat`` rebuilds the arguments with
+        the traced one) and the module state a trace bakes in: which modules
+        are lifted, which submodules they hold (a swapped ``nn.ReLU`` has no
+        parameter to tell it apart), train/eval of every submodule, its hooks,
+        which parameters want gradients, and which tensors the parameters and
+        buffers are (the compiled graph keeps the ones it was traced with, so a
+        replaced or converted tensor must trace again). Made on every call,
+        cheaply: call_key.py."""
+        return (("call", structure),) + module_state_key(self._modules(), self.lifted)
 
     @property
     def reports(self) -> dict[str, dict]:
