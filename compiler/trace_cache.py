@@ -63,6 +63,7 @@ class _Entry:
     flat: _Flat
     guards: Guards
     shapes: ShapeGuards | None = None   # a symbolic program's shape guards
+    single: bool = False   # the output is one tensor: no structure to rebuild
 
 
 class TraceCache:
@@ -119,7 +120,8 @@ class TraceCache:
             self.last = None
             return (self.fallback or self.target)(*args, **kwargs)
         self.last = entry
-        return entry.flat.rebuild(entry.compiled(*tensors))
+        outputs = entry.compiled(*tensors)
+        return outputs[0] if entry.single else entry.flat.rebuild(outputs)
 
     def _compile(self, leaves, in_spec, slots, tensors, structure) -> _Entry | None:
         """Trace and keep the graph of this call, or ``None`` once the call is
@@ -308,7 +310,9 @@ class TraceCache:
         guards.refresh(f"{self.face}: {self.what}")
         if not self.closed_over_ok:
             _refuse_closed_over_grads(compiler, self.module)
-        return _Entry(compiled, compiler, flat, guards)
+        single = (flat.out_spec is not None and flat.out_spec.is_leaf()
+                  and flat.out_tensor_slots == [0] and not flat.out_constants)
+        return _Entry(compiled, compiler, flat, guards, single=single)
 
     def _modules(self) -> list[torch.nn.Module]:
         return ([self.module] if self.module is not None else []) + self.lifted

@@ -224,3 +224,21 @@ def test_after_each_change_the_compiled_module_matches_eager(change, monkeypatch
     x = x.to(net[0].weight.dtype)
     assert relative_error(compiled(x), net(x)) < 1e-6
     assert traces.calls == 2
+
+
+@pytest.mark.parametrize("shape_of_output", [
+    lambda y: y, lambda y: (y,), lambda y: [y], lambda y: {"y": y}, lambda y: (y, 3),
+    lambda y: (y, y + 1),
+])
+def test_outputs_keep_their_structure(shape_of_output):
+    """One tensor out is returned as it is (no pytree rebuild); every other
+    structure is rebuilt as eager returns it."""
+    def function(x):
+        return shape_of_output(x * 2)
+    compiled = retrograd.compile(function, executor="fx")
+    x = torch.randn(3)
+    for _ in range(2):
+        got, want = compiled(x), function(x)
+        assert pytree.tree_structure(got) == pytree.tree_structure(want)
+        assert all(relative_error(a, b) < 1e-6 if isinstance(a, torch.Tensor) else a == b
+                   for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)))
