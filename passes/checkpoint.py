@@ -56,7 +56,8 @@ from retrograd.ir import PassResult
 from retrograd.passes.op_classes import PHASE, RECOMPUTED, is_pure, is_view, view_base
 from retrograd.passes.planning import budget as budget_plans
 from retrograd.passes.planning import ledger, patterns, remat
-from retrograd.passes.planning.collectives import regathered
+from retrograd.passes.planning.collectives import (mark_regathered, reads_regathered,
+                                                   regathered)
 
 __all__ = ["run", "saved_values", "extract", "recompute_in_backward", "Policy", "EXACT_LIMIT"]
 
@@ -188,6 +189,8 @@ class Policy:
         """Recomputable under the default plan."""
         if regathered(node):
             return True
+        if reads_regathered(node):
+            return False
         if self.forced_recompute(node):
             return is_pure(node)
         if self.forced_save(node) or not is_pure(node):
@@ -200,7 +203,8 @@ class Policy:
 
     def any(self, node: fx.Node) -> bool:
         """Recomputable when a budget demands it: every deterministic op."""
-        return regathered(node) or not self.forced_save(node) and is_pure(node)
+        return regathered(node) or not (self.forced_save(node) or reads_regathered(node)) \
+            and is_pure(node)
 
 
 def extract(joint: fx.GraphModule, saved: list[fx.Node], num_fwd_outputs: int,
@@ -345,6 +349,7 @@ def rematerialize(step: fx.GraphModule, ctx) -> PassResult:
     graph = step.graph
     is_seed = lambda node: node.op == "placeholder" and node.name == seed  # noqa: E731
     patterns.check(graph, ctx.options.save, ctx.options.recompute, ctx.graph_name)
+    mark_regathered(graph)   # FSDP2's reshard_after_forward (planning/collectives.py)
     policy = Policy(ctx.options, ctx.op_support)
     info = _honor_save(remat.analyse(step, 1, free=_aliases_input, is_tangent=is_seed), policy)
     save_all_bytes = remat.plan_bytes(info, remat.save_all_plan(info).saved)

@@ -194,8 +194,9 @@ def _chain_issues(program: Program, waiting: list[set[int]],
         if before not in waiting[after]:
             waiting[after].add(before)
             consumers.setdefault(before, []).append(after)
-    collectives.bound_gathers(program, waiting, consumers)   # FSDP2: one unit ahead
+    feeders = collectives.bound_gathers(program, waiting, consumers)   # FSDP2: one unit ahead
     classes = {i: 2 for i, kernel in enumerate(kernels) if collectives.is_wait(kernel)}
+    classes.update(dict.fromkeys(feeders, 0))
     for issue in issues:
         classes[issue] = 0
         classes.update({i: 0 for i in waiting[issue] if i not in classes})
@@ -216,7 +217,10 @@ def _reorder(program: Program, waiting, consumers) -> tuple[list[int], int]:
             program.kernels = kernels
 
     order = lazy.topological(waiting)
-    demand = lazy.Demand(waiting, lazy.lazy_kernels(program), order)
+    # a collective issue and what feeds it run when they may, never lazily
+    # (FSDP2's re-gather is a recomputation: planning/collectives.py)
+    eager = {i for i, kind in classes.items() if kind == 0}
+    demand = lazy.Demand(waiting, lazy.lazy_kernels(program) - eager, order)
     order = _order(program, demand, lambda indices, users: (
         classes.get(indices[-1], 1), sum(_delta(program, i, users) for i in indices),
         indices[-1]))

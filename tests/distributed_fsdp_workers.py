@@ -73,10 +73,11 @@ def fsdp2_reshard_plan(_: str) -> None:
     recomputed for the backward, never saved (the ledger says why), so each
     block is all-gathered twice and the predicted peak and saved bytes fall
     below the same model's without it, also under a memory budget (the mark
-    holds whatever a rank's budget). Prefetch one unit ahead, no earlier:
-    each all-gather is issued after the previous one's wait and before its
-    own unit's compute (kernels run under it); a re-gather only after the
-    forward is done with the unit's first gather."""
+    holds whatever a rank's budget); the scheduled program's peak falls too.
+    Prefetch one unit ahead, no earlier: each all-gather is issued after the
+    previous one's wait, with compute kernels under it (the blocks' forward
+    gathers, and the first block's re-gather under the second block's
+    backward)."""
     found = {}
     for name, reshard, budget in (("keep", False, None), ("reshard", True, None),
                                   ("budget", True, 0.3)):
@@ -91,6 +92,8 @@ def fsdp2_reshard_plan(_: str) -> None:
         for before, after in pairwise(gathers):
             assert after["issued_at"] > before["waited_at"], (name, before, after)
         assert all(row["kernels_between"] > 0 for row in gathers[1:3]), (name, gathers)
+        if reshard:   # the first block's re-gather runs under the second's backward
+            assert gathers[4]["kernels_between"] > 0, (name, gathers)
         reasons = {row["reason"] for row in report["ledger"] if row["decision"] == "recomputed"}
         assert any("reshard_after_forward" in reason for reason in reasons) == reshard, reasons
         assert not any("reshard_after_forward" in row["reason"] for row in report["ledger"]
@@ -98,6 +101,7 @@ def fsdp2_reshard_plan(_: str) -> None:
     keep, reshard = found["keep"]["memory"], found["reshard"]["memory"]
     assert reshard["predicted_peak_bytes"] < keep["predicted_peak_bytes"], (reshard, keep)
     assert reshard["saved_activation_bytes"] < keep["saved_activation_bytes"], (reshard, keep)
+    assert reshard["program_peak_bytes"] < keep["program_peak_bytes"], (reshard, keep)
     budget = found["budget"]["memory"]
     assert budget["saved_activation_bytes"] <= reshard["saved_activation_bytes"], budget
 

@@ -41,7 +41,8 @@ from torch import fx
 
 __all__ = ["FSDP_UNIT", "LINK_BYTES", "LINK_LATENCY", "RESHARD", "WAIT", "Collective",
            "bound_gathers", "fsdp_unit", "group_rank", "group_size", "is_issue", "is_wait",
-           "kernel_seconds", "mark_after_waits", "predict", "regathered"]
+           "kernel_seconds", "mark_after_waits", "mark_regathered", "predict",
+           "reads_regathered", "regathered"]
 
 #: bytes per second each rank sends on the ring (a PCIe 4 x16-class link; NVLink is faster)
 LINK_BYTES = 25e9
@@ -114,6 +115,39 @@ def regathered(node) -> bool:
     return bool(custom.get(RESHARD))
 
 
+def mark_regathered(graph: fx.Graph) -> int:
+    """Extend the ``RESHARD`` mark from the gathering nodes to every pure
+    forward node computed from marked nodes alone (a weight's transpose, its
+    cast under autocast): functions of a resharding unit's parameters, so
+    recomputed for the backward from the second all-gather, never saved.
+    Returns how many nodes were marked."""
+    marked = 0
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op != "call_function" or regathered(node) or not inputs \
+                or not all(regathered(arg) for arg in inputs):
+            continue
+        if node.is_impure() or getattr(getattr(node.target, "_schema", None),
+                                       "is_mutable", False):
+            continue
+        custom = dict(node.meta.get("custom") or {})
+        custom.update({RESHARD: True, FSDP_UNIT: fsdp_unit(inputs[0])})
+        node.meta["custom"] = custom
+        marked += 1
+    return marked
+
+
+def reads_regathered(node) -> bool:
+    """True for a node that computes from a resharding unit's parameters
+    (and something else: an activation). The checkpoint pass never
+    recomputes it: recomputing it in the backward would need that unit's
+    parameters gathered again wherever the recomputation lands (a residual
+    stream's recomputation pulls every block's), not one unit ahead. So the
+    backward gets such values saved, as FSDP2's eager autograd does."""
+    return not regathered(node) and any(regathered(arg)
+                                        for arg in getattr(node, "all_input_nodes", ()))
+
+
 def _gathers(program: Program) -> dict[tuple[int, bool], list[int]]:
     """(unit, recomputed) -> the all-gather issues of that unit's parameters,
     in program order (a unit holds one per dtype)."""
@@ -145,24 +179,22 @@ def _forward_readers(program: Program, unit: int) -> list[int]:
 
 
 def bound_gathers(program: Program, waiting: list[set[int]],
-                  consumers: dict[int, list[int]]) -> int:
+                  consumers: dict[int, list[int]]) -> set[int]:
     """Prefetch one FSDP2 unit ahead, no earlier (bounded memory), as FSDP2
     does: the all-gathers of each unit (forward ones, then the backward's
     re-gathers, in program order) are issued only after the waits of the
     unit gathered before them, i.e. once that unit's compute may start; and
     a unit's re-gather only after every reader of its forward gather, so the
     forward's full parameters are dead before they are gathered again.
-    Adds the edges to the schedule's ``waiting``/``consumers``; returns how
-    many."""
+    Adds the edges to the schedule's ``waiting``/``consumers``; returns the
+    kernels that prepare a gather's input (padding, flattening the shards),
+    which the schedule runs as soon as they may, as it runs the issues."""
     groups = _gathers(program)
-    added = 0
 
     def edge(before: int, after: int) -> None:
-        nonlocal added
         if before != after and before not in waiting[after]:
             waiting[after].add(before)
             consumers.setdefault(before, []).append(after)
-            added += 1
     keys = list(groups)
     for previous, key in pairwise(keys):
         for wait in _waits_of(program, groups[previous]):
@@ -173,7 +205,24 @@ def bound_gathers(program: Program, waiting: list[set[int]],
             for reader in _forward_readers(program, unit):
                 for issue in groups[(unit, True)]:
                     edge(reader, issue)
-    return added
+    return _feeders(program, [i for issues in groups.values() for i in issues], waiting)
+
+
+def _feeders(program: Program, issues: list[int], waiting: list[set[int]]) -> set[int]:
+    """The kernels, all of whose nodes gather parameters, that ``issues``
+    wait for, transitively (a view of a shard, the padded concatenation)."""
+    found: set[int] = set()
+    stack = list(issues)
+    while stack:
+        for before in waiting[stack.pop()]:
+            kernel = program.kernels[before]
+            nodes = [n for n in kernel.nodes if hasattr(n, "meta")]
+            if before in found or is_wait(kernel) or not nodes or \
+                    any(fsdp_unit(n) is None for n in nodes):
+                continue
+            found.add(before)
+            stack.append(before)
+    return found
 
 
 def group_rank(kernel: Kernel) -> int | None:
