@@ -26,7 +26,9 @@ Where a unit reshards after its forward (``reshard_after_forward``; the
 root left at FSDP2's default does not), its gathered parameters are marked
 (``FSDP_UNIT``, ``RESHARD``: passes/planning/collectives.py) and the
 checkpoint pass recomputes them for the backward, never saves them: a
-second all-gather just before the unit's backward, the same on every rank.
+second all-gather just before the unit's backward, the same on every rank
+(values computed from those parameters and an activation are saved, never
+recomputed: collectives.reads_regathered).
 The schedule issues each unit's all-gather one unit ahead, no earlier
 (``collectives.bound_gathers``), waits where its parameters are first read,
 and issues each reduce-scatter as soon as its unit's gradients are final.
