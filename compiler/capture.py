@@ -37,7 +37,8 @@ def decompositions_for(executor: str | None, tensors: Sequence[Any]) -> dict:
     """The decomposition table a trace of ``tensors`` for ``executor`` uses.
 
     Every trace asks here: ``compile_graph`` (both faces, ``grad`` and
-    ``value_and_grad`` included), ``compile_step`` and ``joint_graph``. So a
+    ``value_and_grad`` included), ``compile_step``, ``joint_graph`` and the
+    symbolic traces (``dynamic.compile_symbolic``, ``step_dynamic``). So a
     test or a study that replaces the table patches this one function. The
     torch program (``"torch"``, what ``"auto"`` runs on a CPU) keeps a few fused
     ops whole; ``None`` and the kernel executors get every decomposition codegen

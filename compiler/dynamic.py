@@ -50,7 +50,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import (SYMPY_INTERP, DimDynamic, ShapeEnv,
                                                    StatelessSymbolicContext)
 
+from retrograd import capture
 from retrograd.capture import _OutputsOwnMemory, signature
+from retrograd.decompositions import traced_right
 from retrograd.locking import compiling
 from retrograd.report import SCHEMA
 from retrograd.symbolic_peaks import symbolic_peaks
@@ -356,9 +358,10 @@ def compile_symbolic(module: torch.nn.Module, fakes: Sequence[Any], what: str, d
     wrapped = _OutputsOwnMemory(module)
     compiler = SymbolicCompiler(what, dims, getattr(options, "executor", "auto"), options,
                                 wrapped, gradients)
-    with compiling():
+    with compiling(), traced_right():   # the static face's table and fixes (capture.py)
         compiled = aot_module_simplified(
             wrapped, list(fakes),
             fw_compiler=compiler.half("forward"), bw_compiler=compiler.half("backward"),
-            inference_compiler=compiler.half("forward"), partition_fn=compiler.partition)
+            inference_compiler=compiler.half("forward"), partition_fn=compiler.partition,
+            decompositions=capture.decompositions_for(compiler.executor, fakes))
     return compiled, compiler

@@ -199,9 +199,10 @@ def _reduced_side(node: fx.Node) -> tuple[bool, tuple[int, ...], bool] | None:
         return None
     value, dims = node.args[0].meta.get("val"), node.args[1]
     if not isinstance(value, torch.Tensor) or value.dtype not in DTYPES or not value.dim() \
-            or not _contiguous(value) or not isinstance(dims, (list, tuple)) or not dims \
+            or not _contiguous(value) or not isinstance(dims, (list, tuple, type(None))) \
             or node.meta["val"].dtype != value.dtype:
         return None
+    dims = dims or range(value.dim())   # ``[]`` (a decomposed ``.sum()``): every dim
     reduced = tuple(sorted({d % value.dim() for d in dims}))
     keepdim = bool(node.args[2]) if len(node.args) == 3 else False
     if reduced == tuple(range(len(reduced))):

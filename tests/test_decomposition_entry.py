@@ -88,3 +88,20 @@ def test_the_entry_point_follows_the_executor():
     every = decomposition_table().keys()   # some entries are fresh partials per table
     assert retrograd.capture.decompositions_for(None, cpu).keys() == every
     assert retrograd.capture.decompositions_for("interpret", cpu).keys() == every
+
+
+@pytest.mark.parametrize("face", ["standalone", "torch.compile"])
+def test_symbolic_faces_ask_the_entry_point(asked, face):
+    """At a second size both faces trace once more with the batch symbolic
+    (dynamic.compile_symbolic): that trace asks the entry point with the
+    option's executor too, as the static one did. Before, it passed AOTAutograd
+    no table at all: the symbolic program kept layer norm, softmax and GELU
+    whole (no size-generic kernel covered them) and the wrong tanh was not
+    seen at the second size."""
+    model = _Tanh()
+    compiled = retrograd.compile(model, executor="torch") if face == "standalone" else \
+        torch.compile(model, backend="retrograd", options={"executor": "torch"})
+    for rows in (4, 3, 5):
+        x = torch.randn(rows, 2)
+        assert not torch.allclose(compiled(x)[0], _Tanh()(x)[0].detach()), rows
+    assert asked == ["torch", "torch"]

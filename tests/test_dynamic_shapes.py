@@ -52,9 +52,10 @@ def test_standalone_ten_batch_sizes_compile_at_most_two_programs(caplog, cache):
     assert compiled._cache.compiles == 2 and _programs(compiled) == 2
     symbolic = compiled.reports["forward"]["symbolic"]
     assert symbolic["dims"] == "input 0 dim 0" and symbolic["executor"] == "interpret"
-    # x * 2 -> sin, and cos * 2 * grad: one size-generic kernel each, for every size
+    # x * 2 -> sin, and cos * 2 * grad: one size-generic kernel each, for every size;
+    # the forward's .sum() (decomposed: a sum over dims []) a sized reduction
     assert [compiled.reports[half]["kernels"]["triton"] for half in ("forward", "backward")] \
-        == [1, 1]
+        == [2, 1]
     assert len(kernels) == 2
     assert sorted(path.name for path in cache.glob("sized_pointwise_*")) == kernels
     assert "L['t0'].size()[0]" in symbolic["guards"]
@@ -233,8 +234,9 @@ def test_fx_executor_leaves_the_symbolic_program_to_torch_calls():
         _check(compiled, function, rows)
     report = compiled.reports["forward"]
     assert report["kernels"]["triton"] == 0 and report["symbolic"]["executor"] == "fx"
+    # as the static face writes it (capture.decompositions_for): .sum() is sum over dims []
     assert report["kernels"]["extern_ops"] == {"aten.mul.Tensor": 1, "aten.sin.default": 1,
-                                               "aten.sum.default": 1}
+                                               "aten.sum.dim_IntList": 1}
 
 
 def test_a_broadcast_value_kernel_refuses_other_strides():
@@ -322,3 +324,33 @@ def test_bias_gradients_and_per_row_means_are_size_generic_kernels():
     for half in ("forward", "backward"):
         extern = compiled.reports[half]["kernels"]["extern_ops"]
         assert "aten.sum.dim_IntList" not in extern and "aten.mean.dim" not in extern, extern
+
+
+def test_symbolic_graph_is_decomposed_as_the_static_one():
+    """The symbolic trace asks capture.decompositions_for as the static one does:
+    layer norm, GELU and softmax reach the interpreter's symbolic program as
+    reductions and pointwise math its size-generic kernels fuse (before, no
+    table was passed: each stayed one whole torch call and the forward had no
+    kernel at all); gradients as eager's at sizes never traced."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8),
+                                torch.nn.GELU(), torch.nn.Softmax(-1)).double()
+    reference = copy.deepcopy(block)
+    compiled = retrograd.compile(block, executor="interpret")
+    for rows in (4, 3, 5):
+        x = torch.randn(rows, 8, dtype=torch.float64)
+        block.zero_grad()
+        reference.zero_grad()
+        got, expected = compiled(x).square().sum(), reference(x).square().sum()
+        got.backward()
+        expected.backward()
+        assert_close(got, expected, torch.float64)
+        for (name, a), b in zip(block.named_parameters(), reference.parameters()):
+            assert_close(a.grad, b.grad, torch.float64, what=name)
+    whole = {"aten.native_layer_norm.default", "aten.gelu.default", "aten._softmax.default",
+             "aten.native_layer_norm_backward.default", "aten.gelu_backward.default",
+             "aten._softmax_backward_data.default"}
+    for half in ("forward", "backward"):
+        report = compiled.reports[half]
+        assert "symbolic" in report and report["kernels"]["triton"] >= 2, report["kernels"]
+        assert not whole & set(report["kernels"]["extern_ops"]), report["kernels"]
