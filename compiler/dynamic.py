@@ -43,25 +43,27 @@ from typing import Any
 
 import torch
 from functorch.compile import make_boxed_func
-from torch import fx
-from torch._functorch.aot_autograd import aot_module_simplified
-from torch._functorch.partitioners import default_partition
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import (SYMPY_INTERP, DimDynamic, ShapeEnv,
-                                                   StatelessSymbolicContext)
-
-from retrograd import capture
+from retrograd import capture, symbolic_partition
 from retrograd.capture import _OutputsOwnMemory, signature
 from retrograd.decompositions import traced_right
 from retrograd.locking import compiling
 from retrograd.report import SCHEMA
-from retrograd.symbolic_peaks import symbolic_peaks
 from retrograd.runtime.device import choose_executor
-from retrograd import symbolic_partition
-from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_checks import SymbolicDump, Verifier, plan_text
+from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_passes import cudagraphs_record, offload_record, run_passes
-from retrograd.symbolic_plan import ArenaRunner
+from retrograd.symbolic_peaks import symbolic_peaks
+from retrograd.symbolic_runner import ArenaRunner
+from torch import fx
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import default_partition
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import (
+    SYMPY_INTERP,
+    DimDynamic,
+    ShapeEnv,
+    StatelessSymbolicContext,
+)
 
 __all__ = ["ShapeGuards", "SizeHistory", "SymbolicCompiler", "abstract_key", "compile_symbolic",
            "describe_dims", "every_dim", "family", "is_symbolic", "symbolic_inputs"]
@@ -242,7 +244,7 @@ class SymbolicCompiler:
         one; logged). An error about the user's options is theirs: raised."""
         try:
             return symbolic_partition.partition(joint, num_fwd_outputs, self.options, self.what)
-        except Exception as error:   # noqa: BLE001 - the default partition is always right
+        except Exception as error:   # the default partition is always right
             if getattr(error, "user_error", False):
                 raise
             log.warning("retrograd: %s: the checkpoint plan failed on the symbolic program "

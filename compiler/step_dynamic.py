@@ -59,8 +59,8 @@ from retrograd.symbolic_donation import donations
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_passes import cudagraphs_record, offload_record, run_passes
 from retrograd.symbolic_peaks import symbolic_peaks
-from retrograd.symbolic_plan import ArenaRunner
 from retrograd.symbolic_remat import place_checkpoints
+from retrograd.symbolic_runner import ArenaRunner
 from torch.func import functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 

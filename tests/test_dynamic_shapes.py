@@ -9,10 +9,9 @@ import logging
 import warnings
 
 import pytest
-import torch
-
 import retrograd
 import retrograd.backend
+import torch
 from checks import assert_close
 
 

@@ -12,7 +12,7 @@ import pytest
 import retrograd
 import torch
 from checks import assert_close
-from retrograd.symbolic_plan import ArenaRunner
+from retrograd.symbolic_runner import ArenaRunner
 from retrograd.verify import VerificationError
 from test_dynamic_shapes import Attention
 from test_symbolic_passes import _symbolic_compiler

@@ -13,7 +13,8 @@ import pytest
 import retrograd
 import torch
 from checks import assert_close
-from retrograd.symbolic_plan import ArenaRunner, out_overload
+from retrograd.symbolic_plan import out_overload
+from retrograd.symbolic_runner import ArenaRunner
 from test_dynamic_shapes import Attention
 from test_symbolic_passes import _symbolic_compiler
 from torch.fx.experimental.proxy_tensor import make_fx
