@@ -120,7 +120,10 @@ class _Guard:
         without building its snapshot again: the same type and an equal value
         is exactly when ``frozen`` of it compares equal (a tuple compares each
         item by identity, then ``==``); anything else compares snapshots."""
-        now = _read(self.get)
+        try:   # _read, inlined: this runs for every guard on every call
+            now = self.get()
+        except Exception:   # noqa: BLE001 - a value that no longer reads is a changed value
+            now = MISSING
         if type(now) is self._simple:
             expected = self._value[1]
             if now is expected or now == expected:

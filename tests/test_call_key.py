@@ -27,6 +27,7 @@ from checks import RetraceCounter, relative_error
 from retrograd.call_key import flatten_call, module_state_key, submodules
 from retrograd.guards import _Guard, frozen
 from retrograd.hooks import hook_key
+from retrograd.reach import MISSING
 
 pytestmark = pytest.mark.usefixtures("no_dump_env")
 
@@ -242,3 +243,14 @@ def test_outputs_keep_their_structure(shape_of_output):
         assert pytree.tree_structure(got) == pytree.tree_structure(want)
         assert all(relative_error(a, b) < 1e-6 if isinstance(a, torch.Tensor) else a == b
                    for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)))
+
+
+def test_a_guarded_value_that_no_longer_reads_has_changed():
+    def gone():
+        raise AttributeError("deleted")
+    guard = _Guard("attribute", lambda: 1.5, frozen(1.5))
+    assert guard.holds()
+    guard.get = gone
+    assert not guard.holds()
+    missing = _Guard("attribute", gone, frozen(MISSING))   # absent when traced, still absent
+    assert missing.holds()
