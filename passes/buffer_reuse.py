@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from retrograd.ir import ArenaWindow, Buffer, Kernel, PassResult, Program
 from retrograd.passes.op_classes import OUT_VARIANTS, RESHAPE_OPS
-from retrograd.passes.planning import scatter_in_place, windows
+from retrograd.passes.planning import collectives, scatter_in_place, windows
 
 __all__ = [
     "ALIGN",
@@ -80,6 +80,8 @@ def lifetimes(program: Program) -> dict[str, tuple[int, int]]:
     for name in program.outputs:
         if isinstance(name, str):
             last[name] = end
+    for name, wait in collectives.read_until_wait(program).items():
+        last[name] = max(last.get(name, -1), wait)   # the network reads it until then
     # A view keeps its base alive: walk from the last views back to bases.
     for index in range(len(program.kernels) - 1, -1, -1):
         kernel = program.kernels[index]

@@ -31,19 +31,21 @@ def compile_step_fsdp2(argument: str) -> None:
     (gathered whole), BatchNorm's running statistics (each rank's own: FSDP2
     does not broadcast buffers) and each rank's optimizer state (its shards, equal to
     eager FSDP2's local state). ``argument``: the executor, then ``/keep``
-    for blocks sharded with ``reshard_after_forward=False``. The program
+    for blocks sharded with ``reshard_after_forward=False`` (or
+    ``/reshard``), then ``/`` and a ``memory_budget``. The program
     all-gathers each unit's shards (3 units: root, two blocks), each block's
     once more for its backward when it reshards (the root, left at FSDP2's
     default, keeps its parameters), and reduce-scatters each unit's
     gradients."""
-    executor, _, mode = argument.partition("/")
+    executor, mode, budget = (argument.split("/") + ["", ""])[:3]
     reshard = mode != "keep"
     model, reference = twins(batch_norm=True, width=5)
     model, reference = _sharded(model, reshard), _sharded(reference, reshard)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     eager_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05)
     step = retrograd.compile_step(model, loss_fn, optimizer, max_grad_norm=0.5,
-                                  executor=executor)
+                                  executor=executor,
+                                  memory_budget=float(budget) if budget else None)
     for number in range(STEPS):
         loss = step(*batch(number))
         eager_optimizer.zero_grad()

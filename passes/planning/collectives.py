@@ -42,7 +42,7 @@ from torch import fx
 __all__ = ["FSDP_UNIT", "LINK_BYTES", "LINK_LATENCY", "RESHARD", "WAIT", "Collective",
            "bound_gathers", "fsdp_unit", "group_rank", "group_size", "is_issue", "is_wait",
            "kernel_seconds", "mark_after_waits", "mark_regathered", "predict",
-           "reads_regathered", "regathered"]
+           "read_until_wait", "reads_regathered", "regathered"]
 
 #: bytes per second each rank sends on the ring (a PCIe 4 x16-class link; NVLink is faster)
 LINK_BYTES = 25e9
@@ -113,6 +113,23 @@ def regathered(node) -> bool:
     code, so the plan is the same on every rank, whatever its budget."""
     custom = getattr(node, "meta", {}).get("custom") or {}
     return bool(custom.get(RESHARD))
+
+
+def read_until_wait(program: Program) -> dict[str, int]:
+    """Each collective issue's inputs -> the index of its wait: a functional
+    all-gather or reduce-scatter reads its input asynchronously (gloo's and
+    NCCL's threads) until the wait, so the arena must not hand the input's
+    slot to another kernel before then."""
+    waits = {program.root(kernel.inputs[0]): index
+             for index, kernel in enumerate(program.kernels) if is_wait(kernel) and kernel.inputs}
+    found: dict[str, int] = {}
+    for kernel in program.kernels:
+        if not is_issue(kernel):
+            continue
+        wait = max((waits.get(program.root(out), -1) for out in kernel.outputs), default=-1)
+        for name in kernel.inputs:
+            found[name] = max(found.get(name, -1), wait)
+    return {name: wait for name, wait in found.items() if wait >= 0}
 
 
 def mark_regathered(graph: fx.Graph) -> int:
