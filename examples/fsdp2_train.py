@@ -17,7 +17,8 @@ forward and the backward (``reshard_after_forward=False``).
 ``retrograd.compile_step(model, loss_fn, optimizer)`` instead: one program
 per step that all-gathers each unit's shards, runs forward, backward and
 reduce-scatters, and updates this rank's shards (docs/distributed.md,
-"compile_step on FSDP2"); it prints the collectives the program holds.
+"compile_step on FSDP2"); it prints the collectives the program holds:
+each block is all-gathered again for its backward unless ``--no-reshard``.
 ``--bf16`` is refused there (use ``torch.autocast`` inside the loss).
 """
 
