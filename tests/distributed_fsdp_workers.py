@@ -75,7 +75,9 @@ def fsdp2_reshard_plan(_: str) -> None:
     recomputed for the backward, never saved (the ledger says why), so each
     block is all-gathered twice and the predicted peak and saved bytes fall
     below the same model's without it, also under a memory budget (the mark
-    holds whatever a rank's budget); the scheduled program's peak falls too.
+    holds whatever a rank's budget). (The scheduled program's peak does not
+    fall on a model this small: the prefetched gather and the inputs held
+    until each wait outweigh two blocks' parameters; docs/distributed.md.)
     Prefetch one unit ahead, no earlier: each all-gather is issued after the
     previous one's wait, with compute kernels under it (the blocks' forward
     gathers, and the first block's re-gather under the second block's
@@ -103,7 +105,6 @@ def fsdp2_reshard_plan(_: str) -> None:
     keep, reshard = found["keep"]["memory"], found["reshard"]["memory"]
     assert reshard["predicted_peak_bytes"] < keep["predicted_peak_bytes"], (reshard, keep)
     assert reshard["saved_activation_bytes"] < keep["saved_activation_bytes"], (reshard, keep)
-    assert reshard["program_peak_bytes"] < keep["program_peak_bytes"], (reshard, keep)
     budget = found["budget"]["memory"]
     assert budget["saved_activation_bytes"] <= reshard["saved_activation_bytes"], budget
 
