@@ -48,7 +48,7 @@ from torch import nn
 from torch.fx import traceback as fx_traceback
 
 from retrograd.errors import UnsupportedError
-from retrograd.passes.planning.collectives import FSDP_UNIT, RESHARD
+from retrograd.passes.planning.collectives import FSDP_REDUCE, FSDP_UNIT, RESHARD
 
 __all__ = ["Layout", "ShardView", "is_fsdp2", "unwrap_fsdp2"]
 
@@ -125,9 +125,10 @@ class Layout:
                         for i in members]
                 per_rank = [r.reshape(self.world_size, -1) for r in rows]
                 flat = torch.cat([p[rank] for rank in range(self.world_size) for p in per_rank])
-                mine = _C10D.wait_tensor(_C10D.reduce_scatter_tensor(
-                    flat * (1.0 / self.world_size), "sum", self.world_size,
-                    self.group.group_name))
+                with fx_traceback.annotate({FSDP_REDUCE: True}):
+                    mine = _C10D.wait_tensor(_C10D.reduce_scatter_tensor(
+                        flat * (1.0 / self.world_size), "sum", self.world_size,
+                        self.group.group_name))
                 for i, piece in zip(members, mine.split([p.shape[1] for p in per_rank])):
                     local = shards[i]
                     shape = (self.params[i].chunk,) + tuple(local.shape[1:])

@@ -39,7 +39,7 @@ from retrograd.passes.planning import remat
 from retrograd.passes.planning.offload import DEVICE_BYTES, DEVICE_FLOPS
 from torch import fx
 
-__all__ = ["FSDP_UNIT", "LINK_BYTES", "LINK_LATENCY", "RESHARD", "WAIT", "Collective",
+__all__ = ["FSDP_REDUCE", "FSDP_UNIT", "LINK_BYTES", "LINK_LATENCY", "RESHARD", "WAIT", "Collective",
            "bound_gathers", "fsdp_unit", "group_rank", "group_size", "is_issue", "is_wait",
            "kernel_seconds", "mark_after_waits", "mark_regathered", "predict",
            "read_until_wait", "reads_regathered", "regathered"]
@@ -56,6 +56,8 @@ WAIT = "_c10d_functional.wait_tensor.default"
 #: backward: the checkpoint pass recomputes them, never saves them).
 FSDP_UNIT = "retrograd_fsdp_unit"
 RESHARD = "retrograd_reshard"
+#: the mark on the nodes of a unit's gradient reduce-scatter
+FSDP_REDUCE = "retrograd_fsdp_reduce"
 _PREFIX = "_c10d_functional."
 #: op -> (wire bytes as a fraction of the tensor's bytes, ring steps), for n ranks
 _RING = {
@@ -222,7 +224,22 @@ def bound_gathers(program: Program, waiting: list[set[int]],
             for reader in _forward_readers(program, unit):
                 for issue in groups[(unit, True)]:
                     edge(reader, issue)
+    _one_reduce_in_flight(program, edge)
     return _feeders(program, [i for issues in groups.values() for i in issues], waiting)
+
+
+def _one_reduce_in_flight(program: Program, edge) -> None:
+    """Each FSDP2 reduce-scatter issued only after the previous one's wait,
+    as FSDP2 waits for the last unit's reduce-scatter in the next unit's
+    post-backward: the schedule places a wait as late as it can, and a
+    reduce-scatter's input (its unit's full gradients) lives until its wait,
+    so unbounded, every unit's full gradients were alive at once."""
+    issues = [i for i, kernel in enumerate(program.kernels) if is_issue(kernel)
+              and any((getattr(n, "meta", {}).get("custom") or {}).get(FSDP_REDUCE)
+                      for n in kernel.nodes)]
+    for before, after in pairwise(issues):
+        for wait in _waits_of(program, [before]):
+            edge(wait, after)
 
 
 def _feeders(program: Program, issues: list[int], waiting: list[set[int]]) -> set[int]:
