@@ -259,30 +259,30 @@ def _feeders(program: Program, issues: list[int], waiting: list[set[int]]) -> se
     return found
 
 
+def _group(kernel: Kernel):
+    """The collective's process group (its last argument is the group's name),
+    or None where no such group is initialised."""
+    if not kernel.nodes:
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        return _resolve_process_group(kernel.nodes[0].args[-1])
+    except Exception:   # noqa: BLE001 - no process group, or not a group name
+        return None
+
+
 def group_rank(kernel: Kernel) -> int | None:
     """This process's rank in the collective's group, or None where no such
     group is initialised: each rank compiles (and reports) its own program."""
-    if not kernel.nodes:
-        return None
-    name = kernel.nodes[0].args[-1]
-    try:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-        return _resolve_process_group(name).rank()
-    except Exception:   # noqa: BLE001 - no process group, or not a group name
-        return None
+    group = _group(kernel)
+    return None if group is None else group.rank()
 
 
 def group_size(kernel: Kernel) -> int | None:
-    """The number of ranks of the collective's group (its last argument is
-    the group's name), or None where no such group is initialised."""
-    if not kernel.nodes:
-        return None
-    name = kernel.nodes[0].args[-1]
-    try:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-        return _resolve_process_group(name).size()
-    except Exception:   # noqa: BLE001 - no process group, or not a group name
-        return None
+    """The number of ranks of the collective's group, or None where no such
+    group is initialised."""
+    group = _group(kernel)
+    return None if group is None else group.size()
 
 
 @dataclass
