@@ -33,6 +33,13 @@ def saved_storage_bytes(run: Callable[[], torch.Tensor], excluded: Iterable[torc
 def profiled_peak(run) -> int:
     """Peak of live torch CPU memory while ``run()`` runs, from the profiler's
     allocation events (running sum of allocations minus frees)."""
+    return profiled_allocations(run)[0]
+
+
+def profiled_allocations(run) -> tuple[int, int]:
+    """(peak, final) of live torch CPU memory counted from ``run()``'s start:
+    the profiler's allocation events summed in time order; ``final`` is what
+    the call left allocated (its results, for one)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as profiler:
         run()
@@ -42,4 +49,4 @@ def profiled_peak(run) -> int:
                             if e.name() == "[memory]"):
         live += nbytes
         peak = max(peak, live)
-    return peak
+    return peak, live

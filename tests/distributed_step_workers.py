@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import retrograd
 from checks import assert_close, assert_close_floor
 from distributed_workers import (BATCH, CLASSES, FP32, STEPS, WIDTH, Net, batch,
-                                 compare_parameters, loss_fn, twins)
+                                 compare_parameters, loss_fn, refused, twins)
 
 
 #: DDP's bucket_cap_mb for the bucketed scenarios: 256 bytes, so Net's twelve
@@ -313,16 +313,6 @@ def compile_step_dtypes(executor: str) -> None:
     compare_parameters(model, reference, f"after {STEPS} steps")
     report = step.reports["step"]["kernels"]["extern_ops"]
     assert report.get("_c10d_functional.all_reduce.default") == 2, report
-
-
-def refused(call, *words) -> None:
-    """``call()`` raises UnsupportedError whose message has all ``words``."""
-    try:
-        call()
-    except retrograd.UnsupportedError as error:
-        assert all(word in str(error) for word in words), (words, str(error))
-    else:
-        raise AssertionError(f"not refused: expected an error naming {words}")
 
 
 def refusals(_: str) -> None:

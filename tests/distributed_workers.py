@@ -80,6 +80,16 @@ def compare_grads(got: nn.Module, ref: nn.Module, what: str, tolerance: float = 
             assert_close_floor(a.grad, b.grad, tolerance, 1e-3, f"{what}: {name}.grad")
 
 
+def refused(call, *words) -> None:
+    """``call()`` raises UnsupportedError whose message has all ``words``."""
+    try:
+        call()
+    except retrograd.UnsupportedError as error:
+        assert all(word in str(error) for word in words), (words, str(error))
+    else:
+        raise AssertionError(f"not refused: expected an error naming {words}")
+
+
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2's shards) gathered whole; any other tensor itself."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

@@ -5,10 +5,16 @@ estimate, labelled with the reason."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from retrograd import extern_scratch
 from retrograd.ir import Buffer, Kernel, Kind, Program
 from torch import fx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from measuring import profiled_allocations  # noqa: E402
 
 aten = torch.ops.aten
 INPUT = torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last)
@@ -34,17 +40,10 @@ def _conv_program(target=aten.convolution.default) -> tuple[Program, Kernel]:
 
 def _kineto_scratch() -> int:
     """Peak minus final of an eager call's allocations, by torch's kineto profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as profiler:
-        result = aten.convolution.default(INPUT, WEIGHT, None, *CONV_ARGS)
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes())
-                            for e in profiler.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
-    del result
-    return peak - live
+    results = []
+    peak, final = profiled_allocations(
+        lambda: results.append(aten.convolution.default(INPUT, WEIGHT, None, *CONV_ARGS)))
+    return peak - final
 
 
 def test_a_convolution_scratch_is_what_torch_profiler_measures():

@@ -12,6 +12,8 @@ import torch
 from checks import assert_close, eager_step
 from retrograd import symbolic_passes
 from retrograd.passes import cleanup
+from symbolic_models import mlp as _model
+from symbolic_models import mse as _loss
 
 
 @pytest.fixture(autouse=True)
@@ -146,16 +148,6 @@ def test_symbolic_programs_say_they_are_not_captured_and_true_warns():
     off(torch.randn(3, requires_grad=True))
     assert _codegen(off.reports["forward"])["cudagraphs"]["reasons"] == [
         "option cudagraphs=False"]
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 3)).double()
-
-
-def _loss(model, x, y):
-    return torch.nn.functional.mse_loss(model(x), y)
 
 
 def test_symbolic_step_reports_cleanup_cudagraphs_and_offload():

@@ -9,6 +9,9 @@ import pytest
 import retrograd
 import torch
 from retrograd.symbolic_peaks import NOT_MEASURED
+from symbolic_models import batch as _batch
+from symbolic_models import mlp as _mlp
+from symbolic_models import mse as _loss
 
 PEAKS = {"predicted_peak_bytes", "program_peak_bytes", "measured_peak_bytes",
          "measured_peak_note", "peak_sizes"}
@@ -88,20 +91,6 @@ def test_no_checkpoint_plan_means_no_predicted_peak(monkeypatch):
     _hint_only(peaks)
     assert peaks["predicted_peak_bytes"] is None and peaks["program_peak_bytes"] > 0
     assert "no checkpoint plan (the step writes an input in place" in peaks["measured_peak_note"]
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 3)).double()
-
-
-def _loss(model, x, y):
-    return torch.nn.functional.mse_loss(model(x), y)
-
-
-def _batch(rows: int):
-    return torch.randn(rows, 6, dtype=torch.float64), torch.randn(rows, 3, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("executor", ["torch", "fx"])

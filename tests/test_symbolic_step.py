@@ -18,25 +18,14 @@ from checks import assert_close, eager_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from measuring import profiled_peak
+from symbolic_models import batch as _batch
+from symbolic_models import mlp as _model
+from symbolic_models import mse as _loss
 
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 3)).double()
-
-
-def _loss(model, x, y):
-    return torch.nn.functional.mse_loss(model(x), y)
-
-
-def _batch(rows: int):
-    return (torch.randn(rows, 6, dtype=torch.float64), torch.randn(rows, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("executor", ["torch", "interpret"])
