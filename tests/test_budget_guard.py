@@ -54,17 +54,24 @@ def _assert_non_increasing(rows, may_break: int = 0) -> None:
                 f"memory_budget={tighter} predicts {peak_now} > {looser}: {peak}"
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "attention_block", "gpt2_tiny"])
-def test_predicted_peak_never_rises_along_the_ladder(name):
-    _assert_non_increasing(_peaks(name, budget.LADDER))
+@pytest.mark.parametrize(("name", "may_break"),
+                         [("mlp", 0), ("cnn", 0), ("attention_block", 1), ("gpt2_tiny", 0)])
+def test_predicted_peak_never_rises_along_the_ladder(name, may_break):
+    """attention_block at 0.25: every plan within it predicts more than the
+    plan at 0.5 (its recomputed values live in the backward while the saved
+    ones they replace are freed early), and the guard says it cannot hold:
+    measured, the step peaks at 16,712 bytes against 15,048 at 0.5
+    (tests/test_peak_prediction.py)."""
+    _assert_non_increasing(_peaks(name, budget.LADDER), may_break)
 
 
-@pytest.mark.parametrize("name", ["mlp", "attention_block"])
-def test_predicted_peak_never_rises_under_the_greedy(name, monkeypatch):
-    """attention_block at 0.1: every plan of the list within it predicts
-    more than the plan at 0.15, so the guard says it cannot hold."""
+@pytest.mark.parametrize(("name", "may_break"), [("mlp", 1), ("attention_block", 5)])
+def test_predicted_peak_never_rises_under_the_greedy(name, may_break, monkeypatch):
+    """attention_block from 0.4 down: every plan of the list within it
+    predicts more than the plan at 0.5, so the guard says it cannot hold
+    (as at 0.25 on the ladder)."""
     monkeypatch.setattr(checkpoint, "EXACT_LIMIT", 0)
-    _assert_non_increasing(_peaks(name, GREEDY_BUDGETS), may_break=1)
+    _assert_non_increasing(_peaks(name, GREEDY_BUDGETS), may_break)
 
 
 def _ilp_peak(name: str, fraction: float) -> int:
@@ -75,17 +82,19 @@ def _ilp_peak(name: str, fraction: float) -> int:
 
 
 def test_a_plan_peaking_above_a_looser_budgets_is_rejected():
-    """On the MLP the least-cost plan at 0.3 (the ILP's) predicts a higher
-    peak than the plan at 0.5: the guard keeps a costlier one that does not,
-    and its stats name the level where the solver's plan was rejected."""
-    looser = place("mlp", memory_budget=0.5)[1]
-    exact = _ilp_peak("mlp", 0.3)
+    """On gpt2_tiny the least-cost plan at 0.8 (the ILP's) predicts a higher
+    peak than the plan at 0.9: the guard keeps a costlier one that does not,
+    and its stats name the levels where the solver's plan was rejected. (The
+    MLP at 0.3 against 0.5 was the case until saved values were counted
+    freed after their last backward reader.)"""
+    looser = place("gpt2_tiny", memory_budget=0.9)[1]
+    exact = _ilp_peak("gpt2_tiny", 0.8)
     assert exact > looser["predicted_peak_bytes"], "the case no longer arises; pick another"
-    stats = place("mlp", memory_budget=0.3)[1]
+    stats = place("gpt2_tiny", memory_budget=0.8)[1]
     assert stats["predicted_peak_bytes"] <= looser["predicted_peak_bytes"]
     rejected = stats["peak_guard"]["rejected"]
     assert rejected and all(r["why"] == "predicted peak" and r["solver_peak_bytes"] > r["cap_bytes"]
-                            and 0.3 <= r["memory_budget"] < 0.5 for r in rejected), rejected
+                            and 0.8 <= r["memory_budget"] < 0.9 for r in rejected), rejected
     assert stats["recompute_cost"] >= looser["recompute_cost"]
     assert stats["saved_activation_bytes"] <= looser["saved_activation_bytes"]
 
