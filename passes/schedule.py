@@ -25,10 +25,15 @@ ones), each wait only when nothing else is ready, so the compute between
 them overlaps the communication (as Inductor's comm reordering and
 SimpleFSDP's bucketed overlap do). Issues keep their order in the program:
 every rank must issue the same collectives in the same order, or the
-collectives mix up or hang. Where this order holds more bytes than the
-memory-first one, the pass tries the same rules on the incoming order and
-keeps the lower peak of the two; its stats add ``communication``, the
-predicted timeline of ``collectives.predict``.
+collectives mix up or hang. Issues and waits are never lazy; the kernels
+preparing an FSDP2 gather's input are (run just before the issue). The pass
+then builds four orders -- communication first (the greedy above, or the
+incoming order under the same rules), memory first, and the incoming order
+itself -- and keeps, of those hiding the most communication
+(``collectives.predict``), the one of the lowest ``held_peak`` (which,
+unlike ``peak_live_bytes``, holds a collective's input until its wait, as
+buffer_reuse does); its stats add ``communication``, the predicted timeline
+of ``collectives.predict``.
 
 Fusions that raise the peak are reported, not undone: ``peak_held_by_fusion``
 lists the outputs of fused kernels that are alive at the peak although
@@ -41,8 +46,8 @@ before and after.
 
 Requires: kernels in a valid topological order (fusion's).
 Ensures: another valid topological order, with a peak of live temporary bytes
-  no higher (with collectives: the lower of the two overlapping orders), and
-  collective issues in their incoming order.
+  no higher (with collectives: the most overlapping order of the lowest
+  ``held_peak``), and collective issues in their incoming order.
 """
 
 from __future__ import annotations
@@ -50,9 +55,10 @@ from __future__ import annotations
 from itertools import pairwise
 
 from retrograd.ir import PassResult, Program
+from retrograd.passes import buffer_reuse
 from retrograd.passes.planning import collectives, lazy
 
-__all__ = ["run", "peak_live_bytes"]
+__all__ = ["held_peak", "peak_live_bytes", "run"]
 
 
 def _producers(program: Program) -> dict[str, int]:
@@ -110,6 +116,40 @@ def peak_live_bytes(program: Program) -> int:
     """Peak over the schedule of bytes held by temporaries produced so far and
     still to be read (views count as their base)."""
     return max((sum(live.values()) for live in _live_sets(program)), default=0)
+
+
+def held_peak(program: Program) -> int:
+    """Peak of bytes the program holds at once, with the lifetimes
+    buffer_reuse gives (``buffer_reuse.lifetimes``: a collective's input
+    until its wait, a view's base until the view's last reader): each
+    temporary from its kernel to its last use, each output that is not an
+    update from its kernel to the end. A ``wait_tensor``'s result is its
+    collective's tensor, counted once. ``peak_live_bytes`` misses the holds
+    until the waits, which decide between orders of a program with
+    collectives."""
+    spans = buffer_reuse.lifetimes(program)
+    owner = {out: program.root(kernel.inputs[0]) for kernel in program.kernels
+             if collectives.is_wait(kernel) and kernel.inputs for out in kernel.outputs}
+    lives: dict[str, tuple[int, int]] = {}
+    for name, buffer in program.buffers.items():
+        output = buffer.role == "output" and name not in program.updates
+        if (buffer.role != "temporary" and not output) or spans.get(name, (-1,))[0] < 0:
+            continue
+        first, last = spans[name]
+        last = len(program.kernels) if output else last
+        root = owner.get(name, name)
+        known = lives.get(root, (first, last))
+        lives[root] = (min(known[0], first), max(known[1], last))
+    events: dict[int, int] = {}
+    for root, (first, last) in lives.items():
+        nbytes = program.buffers[root].nbytes
+        events[first] = events.get(first, 0) + nbytes
+        events[last + 1] = events.get(last + 1, 0) - nbytes
+    live = peak = 0
+    for index in sorted(events):
+        live += events[index]
+        peak = max(peak, live)
+    return peak
 
 
 def held_by_fusion(program: Program) -> list[dict]:
@@ -194,42 +234,63 @@ def _chain_issues(program: Program, waiting: list[set[int]],
         if before not in waiting[after]:
             waiting[after].add(before)
             consumers.setdefault(before, []).append(after)
-    feeders = collectives.bound_gathers(program, waiting, consumers)   # FSDP2: one unit ahead
+    feeders = {i for i in collectives.bound_gathers(program, waiting, consumers)   # FSDP2
+               if not collectives.is_issue(kernels[i])}   # an issue feeds the next: eager
     classes = {i: 2 for i, kernel in enumerate(kernels) if collectives.is_wait(kernel)}
-    classes.update(dict.fromkeys(feeders, 0))
     for issue in issues:
         classes[issue] = 0
         classes.update({i: 0 for i in waiting[issue] if i not in classes})
-    return classes
+    return classes, feeders
 
 
-def _reorder(program: Program, waiting, consumers) -> tuple[list[int], int]:
-    """The order (and its peak) of the kernels: memory first, or, with
-    collectives, communication first (module docstring)."""
-    kernels = program.kernels
-    classes = _chain_issues(program, waiting, consumers)
-
-    def peak_of(order: list[int]) -> int:
-        program.kernels = [kernels[i] for i in order]
-        try:
-            return peak_live_bytes(program)
-        finally:
-            program.kernels = kernels
-
+def _reorder(program: Program, waiting, consumers) -> list[int]:
+    """The order of the kernels: memory first, or, with collectives, the
+    best of the candidate orders (``_choose``; module docstring)."""
+    classes, feeders = _chain_issues(program, waiting, consumers)
     order = lazy.topological(waiting)
-    # a collective issue and what feeds it run when they may, never lazily
-    # (FSDP2's re-gather is a recomputation: planning/collectives.py)
-    eager = {i for i, kind in classes.items() if kind == 0}
-    demand = lazy.Demand(waiting, lazy.lazy_kernels(program) - eager, order)
-    order = _order(program, demand, lambda indices, users: (
+    # a collective issue and its wait run when the class rule says, never
+    # lazily (FSDP2's re-gather is a recomputation: planning/collectives.py):
+    # a lazy wait was pulled by the next unit's issue (the prefetch bound
+    # makes it wait for it), so two units' re-gathers were alive at once. The
+    # kernels preparing a gather's input are lazy: run just before the issue,
+    # not at the program's start, where they held every unit's flat shards.
+    eager = {i for i, kind in classes.items() if kind in (0, 2)} - feeders
+    demand = lazy.Demand(waiting, (lazy.lazy_kernels(program) | feeders) - eager, order)
+    memory = _order(program, demand, lambda indices, users: (
+        sum(_delta(program, i, users) for i in indices), indices[-1]))
+    if not classes:
+        return memory
+    first = _order(program, demand, lambda indices, users: (
         classes.get(indices[-1], 1), sum(_delta(program, i, users) for i in indices),
         indices[-1]))
-    if not classes:
-        return order, peak_of(order)
     incoming = _order(program, demand, lambda indices, users: (
         classes.get(indices[-1], 1), indices[-1]))
-    return min(((order, peak_of(order)), (incoming, peak_of(incoming))),
-               key=lambda pair: pair[1])
+    traced = list(range(len(program.kernels)))
+    valid = all(before < index for index in traced for before in waiting[index])
+    return _choose(program, [first, incoming, memory] + ([traced] if valid else []))
+
+
+def _choose(program: Program, orders: list[list[int]]) -> list[int]:
+    """Of ``orders`` (the communication-first ones first), those that hide
+    the most communication (``collectives.predict``'s exposed seconds, the
+    least, within a part in a million); among them the one of the lowest
+    ``held_peak``, the earlier on a tie. Where the timeline cannot be
+    predicted (no process group), the communication-first ones only."""
+    kernels = program.kernels
+    scored = []
+    for position, order in enumerate(orders):
+        program.kernels = [kernels[i] for i in order]
+        try:
+            timeline = collectives.predict(program) or {}
+            scored.append((timeline.get("exposed_seconds"), held_peak(program), position))
+        finally:
+            program.kernels = kernels
+    if any(exposed is None for exposed, _, _ in scored):
+        scored = scored[:2]
+    else:
+        least = min(exposed for exposed, _, _ in scored)
+        scored = [row for row in scored if row[0] <= least * (1 + 1e-6)]
+    return orders[min(scored, key=lambda row: row[1:])[2]]
 
 
 def run(program: Program, ctx) -> PassResult:
@@ -243,11 +304,12 @@ def run(program: Program, ctx) -> PassResult:
         for producer_index in producers:
             consumers.setdefault(producer_index, []).append(index)
     _add_write_after_read(program, producer, waiting, consumers)
-    order, after = _reorder(program, waiting, consumers)
+    order = _reorder(program, waiting, consumers)
+    program.kernels = [kernels[i] for i in order]
+    after = peak_live_bytes(program)
     communicates = any(collectives.is_issue(kernel) for kernel in kernels)
-    if after <= before or communicates:   # memory: the greedy can lose; never worse
-        program.kernels = [kernels[i] for i in order]
-    else:
+    if after > before and not communicates:   # memory: the greedy can lose; never worse
+        program.kernels = kernels
         order, after = list(range(len(kernels))), before
     held = held_by_fusion(program)
     if held:
