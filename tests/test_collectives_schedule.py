@@ -16,6 +16,7 @@ from pass_helpers import context, trace
 from retrograd.buckets import Limits, assign
 from retrograd.ir import Buffer, Kernel, Program
 from retrograd.passes import fusion, schedule
+from retrograd.passes.op_classes import RECOMPUTED
 from retrograd.passes.planning import collectives
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
@@ -173,3 +174,65 @@ def test_dump_page_draws_the_predicted_timeline(monkeypatch):
     hidden = round(100 * summary["overlap_fraction"])
     assert f"hides {hidden}% of the communication" in text
     assert communication_html({"communication": None}) == ""
+
+
+GATHER = torch.ops._c10d_functional.all_gather_into_tensor.default
+
+
+def _fsdp_kernel(name: str, kind: str, unit: int, recomputed: bool, inputs: list[str],
+                 outputs: list[str], target=None) -> Kernel:
+    """A kernel of FSDP2 unit ``unit``'s (re-)gather, marked as compiler/fsdp.py
+    and the checkpoint pass mark its nodes."""
+    meta = {"custom": {collectives.FSDP_UNIT: unit, collectives.RESHARD: True}}
+    if recomputed:
+        meta[RECOMPUTED] = True
+    node = SimpleNamespace(target=target, name=name, meta=meta,
+                           args=(None, 2, "no such group"))
+    return Kernel(name, kind, [node], inputs, outputs)
+
+
+def _gather(unit: int, recomputed: bool, shard: str, mark: str) -> list[Kernel]:
+    """Flatten ``shard``, all-gather it, wait: unit ``unit``'s parameters ``p<mark>``."""
+    return [_fsdp_kernel(f"flat{mark}", "triton", unit, recomputed, [shard], [f"c{mark}"]),
+            _fsdp_kernel(f"gather{mark}", "extern", unit, recomputed, [f"c{mark}"],
+                         [f"r{mark}"], GATHER),
+            _fsdp_kernel(f"wait{mark}", "extern", unit, recomputed, [f"r{mark}"],
+                         [f"p{mark}"], WAIT)]
+
+
+def two_resharding_units() -> Program:
+    """Two FSDP2 units that reshard after the forward, in traced order: the
+    forward gathers each unit's parameters (``pA``, ``pB``), the loss and the
+    head's backward (``head_back``, no parameters), then each unit's
+    backward on its parameters gathered again (``pB2`` then ``pA2``)."""
+    names = ["c", "r", "p", "c2", "r2", "p2"]
+    buffers = {f"{n[0]}{unit}{n[1:]}": _buffer(f"{n[0]}{unit}{n[1:]}", 1000)
+               for unit in "AB" for n in names}
+    buffers.update({name: _buffer(name, 100, "input") for name in ("x", "sA", "sB")})
+    buffers.update({name: _buffer(name, 100) for name in ("h1", "h2", "dh", "d2")})
+    buffers["d1"] = _buffer("d1", 100, "output")
+    kernels = [*_gather(0, False, "sA", "A"), Kernel("forward_1", "triton", [], ["x", "pA"], ["h1"]),
+               *_gather(1, False, "sB", "B"), Kernel("forward_2", "triton", [], ["h1", "pB"], ["h2"]),
+               Kernel("head_back", "triton", [], ["h2"], ["dh"]),
+               *_gather(1, True, "sB", "B2"), Kernel("back_2", "triton", [], ["dh", "pB2"], ["d2"]),
+               *_gather(0, True, "sA", "A2"), Kernel("back_1", "triton", [], ["d2", "pA2"], ["d1"])]
+    return Program("two_units", buffers, kernels, inputs=["x", "sA", "sB"], outputs=["d1"])
+
+
+def test_fsdp2_regather_waits_for_its_unit_and_its_input_is_made_just_before():
+    """Prefetch one unit ahead: the first re-gathered unit's wait, a
+    recomputation copy, used to be lazy and pulled forward by the next
+    unit's re-gather (which the bound makes wait for it): it ran right after
+    the forward, before the head's backward, and both units' re-gathered
+    parameters were alive across it; and every gather's flattened input was
+    made at the program's start. Now the wait runs only when nothing else
+    can (after the head's backward) and each flattening just before its
+    gather."""
+    program = two_resharding_units()
+    schedule.run(program, context())
+    order = [kernel.name for kernel in program.kernels]
+    position = {name: index for index, name in enumerate(order)}
+    assert position["waitB2"] > position["head_back"], order
+    assert position["gatherA2"] > position["waitB2"], order
+    for mark in ("A", "B", "B2", "A2"):
+        assert position[f"flat{mark}"] == position[f"gather{mark}"] - 1, (mark, order)
