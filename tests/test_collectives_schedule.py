@@ -211,8 +211,10 @@ def two_resharding_units() -> Program:
     buffers.update({name: _buffer(name, 100, "input") for name in ("x", "sA", "sB")})
     buffers.update({name: _buffer(name, 100) for name in ("h1", "h2", "dh", "d2")})
     buffers["d1"] = _buffer("d1", 100, "output")
-    kernels = [*_gather(0, False, "sA", "A"), Kernel("forward_1", "triton", [], ["x", "pA"], ["h1"]),
-               *_gather(1, False, "sB", "B"), Kernel("forward_2", "triton", [], ["h1", "pB"], ["h2"]),
+    kernels = [*_gather(0, False, "sA", "A"),
+               Kernel("forward_1", "triton", [], ["x", "pA"], ["h1"]),
+               *_gather(1, False, "sB", "B"),
+               Kernel("forward_2", "triton", [], ["h1", "pB"], ["h2"]),
                Kernel("head_back", "triton", [], ["h2"], ["dh"]),
                *_gather(1, True, "sB", "B2"), Kernel("back_2", "triton", [], ["dh", "pB2"], ["d2"]),
                *_gather(0, True, "sA", "A2"), Kernel("back_1", "triton", [], ["d2", "pA2"], ["d1"])]
