@@ -44,7 +44,9 @@ from dataclasses import dataclass
 
 from retrograd.ir import ArenaWindow, Buffer, Kernel, PassResult, Program
 from retrograd.passes.op_classes import OUT_VARIANTS, RESHAPE_OPS
-from retrograd.passes.planning import collectives, scatter_in_place, windows
+from retrograd.passes.planning import scatter_in_place, windows
+from retrograd.passes.planning.lifetimes import lifetimes
+from retrograd.passes.planning.lifetimes import live_peak as _live_peak
 
 __all__ = [
     "ALIGN",
@@ -65,33 +67,6 @@ def align(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
 
-def lifetimes(program: Program) -> dict[str, tuple[int, int]]:
-    """(first, last) kernel index per buffer; -1 means alive on entry."""
-    first: dict[str, int] = {name: -1 for name in program.inputs}
-    first.update({name: -1 for name in program.constants})
-    last: dict[str, int] = {name: -1 for name in first}
-    for index, kernel in enumerate(program.kernels):
-        for name in kernel.outputs:
-            first.setdefault(name, index)
-            last[name] = max(last.get(name, index), index)
-        for name in kernel.inputs:
-            last[name] = max(last.get(name, -1), index)
-    end = len(program.kernels)
-    for name in program.outputs:
-        if isinstance(name, str):
-            last[name] = end
-    for name, wait in collectives.read_until_wait(program).items():
-        last[name] = max(last.get(name, -1), wait)   # the network reads it until then
-    # A view keeps its base alive: walk from the last views back to bases.
-    for index in range(len(program.kernels) - 1, -1, -1):
-        kernel = program.kernels[index]
-        if kernel.kind == "view":
-            for name in kernel.outputs:
-                for base in kernel.inputs:
-                    last[base] = max(last.get(base, -1), last.get(name, index))
-    return {name: (first[name], last.get(name, first[name])) for name in first}
-
-
 def planned_buffers(program: Program) -> list[str]:
     """Temporaries the arena holds (see the module docstring)."""
     escaping = program.escaping()
@@ -109,19 +84,6 @@ def live_lower_bound(program: Program, spans: dict[str, tuple[int, int]],
     """Largest sum of aligned planned bytes alive at any kernel of the schedule."""
     names = planned_buffers(program) if names is None else names
     return _live_peak((*spans[name], align(program.buffers[name].nbytes)) for name in names)
-
-
-def _live_peak(intervals) -> int:
-    """Largest sum of sizes alive at one kernel, over (start, stop, size) intervals."""
-    events: dict[int, int] = {}
-    for start, stop, size in intervals:
-        events[start] = events.get(start, 0) + size
-        events[stop + 1] = events.get(stop + 1, 0) - size
-    peak = live = 0
-    for index in sorted(events):
-        live += events[index]
-        peak = max(peak, live)
-    return peak
 
 
 @dataclass

@@ -55,8 +55,8 @@ from __future__ import annotations
 from itertools import pairwise
 
 from retrograd.ir import PassResult, Program
-from retrograd.passes import buffer_reuse
 from retrograd.passes.planning import collectives, lazy
+from retrograd.passes.planning.lifetimes import lifetimes, live_peak
 
 __all__ = ["held_peak", "peak_live_bytes", "run"]
 
@@ -120,14 +120,14 @@ def peak_live_bytes(program: Program) -> int:
 
 def held_peak(program: Program) -> int:
     """Peak of bytes the program holds at once, with the lifetimes
-    buffer_reuse gives (``buffer_reuse.lifetimes``: a collective's input
+    buffer_reuse uses (``planning.lifetimes``: a collective's input
     until its wait, a view's base until the view's last reader): each
     temporary from its kernel to its last use, each output that is not an
     update from its kernel to the end. A ``wait_tensor``'s result is its
     collective's tensor, counted once. ``peak_live_bytes`` misses the holds
     until the waits, which decide between orders of a program with
     collectives."""
-    spans = buffer_reuse.lifetimes(program)
+    spans = lifetimes(program)
     owner = {out: program.root(kernel.inputs[0]) for kernel in program.kernels
              if collectives.is_wait(kernel) and kernel.inputs for out in kernel.outputs}
     lives: dict[str, tuple[int, int]] = {}
@@ -140,16 +140,8 @@ def held_peak(program: Program) -> int:
         root = owner.get(name, name)
         known = lives.get(root, (first, last))
         lives[root] = (min(known[0], first), max(known[1], last))
-    events: dict[int, int] = {}
-    for root, (first, last) in lives.items():
-        nbytes = program.buffers[root].nbytes
-        events[first] = events.get(first, 0) + nbytes
-        events[last + 1] = events.get(last + 1, 0) - nbytes
-    live = peak = 0
-    for index in sorted(events):
-        live += events[index]
-        peak = max(peak, live)
-    return peak
+    return live_peak((first, last, program.buffers[root].nbytes)
+                     for root, (first, last) in lives.items())
 
 
 def held_by_fusion(program: Program) -> list[dict]:
