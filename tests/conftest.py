@@ -3,6 +3,8 @@
 - ``gpu`` tests are skipped without CUDA.
 - ``fresh_dynamo``: a test that uses torch.compile starts and ends with an
   empty dynamo cache, so recompile counts and backends never leak between tests.
+- ``cache``: a fresh, empty kernel cache folder (``RETROGRAD_CACHE_DIR``)
+  for the test; files whose every test needs one name it in ``pytestmark``.
 - ``no_dump_env``: the user's ``RETROGRAD_DUMP`` must not turn dumping on
   behind a test's back (tests that want dumps set it themselves).
 - ``kernels_on_cpu`` (every test): ``executor="auto"`` keeps running the
@@ -32,6 +34,12 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture

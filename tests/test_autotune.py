@@ -11,7 +11,6 @@ cache -- with a timer the test controls where the winner matters.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import retrograd
@@ -19,12 +18,6 @@ import torch
 from checks import assert_close
 from retrograd import kernel_tuning
 from retrograd.runtime import autotune
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def test_tune_keeps_the_fastest_exact_candidate_and_caches_it(cache):

@@ -13,20 +13,13 @@ import warnings
 import weakref
 
 import pytest
-import torch
-
 import retrograd
 import retrograd.backend
 import retrograd.graph_compiler
+import torch
+from checks import assert_close, record_graphs
 from retrograd.recompiles import describe_change
 from retrograd.runtime import loader
-from checks import assert_close, record_graphs
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 @pytest.fixture

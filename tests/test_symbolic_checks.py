@@ -17,10 +17,7 @@ from retrograd.verify import VerificationError
 from test_dynamic_shapes import Attention
 from test_symbolic_passes import _symbolic_compiler
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def function(x):

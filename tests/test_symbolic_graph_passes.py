@@ -15,10 +15,7 @@ from retrograd.passes import cleanup
 from symbolic_models import mlp as _model
 from symbolic_models import mse as _loss
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def _record(report: dict, name: str) -> dict:

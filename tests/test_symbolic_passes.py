@@ -14,10 +14,7 @@ from checks import assert_close
 from retrograd import symbolic_partition
 from test_dynamic_shapes import Attention
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def chain(x):

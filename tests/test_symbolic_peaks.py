@@ -17,9 +17,7 @@ PEAKS = {"predicted_peak_bytes", "program_peak_bytes", "measured_peak_bytes",
          "measured_peak_note", "peak_sizes"}
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 class _Net(torch.nn.Module):

@@ -25,9 +25,7 @@ from measuring import profiled_peak
 aten = torch.ops.aten
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def products(x):

@@ -22,10 +22,7 @@ from symbolic_models import batch as _batch
 from symbolic_models import mlp as _model
 from symbolic_models import mse as _loss
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 @pytest.mark.parametrize("executor", ["torch", "interpret"])

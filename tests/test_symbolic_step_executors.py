@@ -16,10 +16,7 @@ import retrograd
 import torch
 from checks import assert_close, eager_step
 
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 class _Tiny(torch.nn.Module):
