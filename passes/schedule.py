@@ -56,7 +56,7 @@ from itertools import pairwise
 
 from retrograd.ir import PassResult, Program
 from retrograd.passes.planning import collectives, lazy
-from retrograd.passes.planning.lifetimes import lifetimes, live_peak
+from retrograd.passes.planning.lifetimes import lifetimes, live_peak, storage_owners
 
 __all__ = ["held_peak", "peak_live_bytes", "run"]
 
@@ -124,12 +124,11 @@ def held_peak(program: Program) -> int:
     until its wait, a view's base until the view's last reader): each
     temporary from its kernel to its last use, each output that is not an
     update from its kernel to the end. A ``wait_tensor``'s result is its
-    collective's tensor, counted once. ``peak_live_bytes`` misses the holds
-    until the waits, which decide between orders of a program with
-    collectives."""
+    collective's tensor, counted once (``lifetimes.storage_owners``, the
+    rule the arena windows use). ``peak_live_bytes`` misses the holds until
+    the waits, which decide between orders of a program with collectives."""
     spans = lifetimes(program)
-    owner = {out: program.root(kernel.inputs[0]) for kernel in program.kernels
-             if collectives.is_wait(kernel) and kernel.inputs for out in kernel.outputs}
+    owner = storage_owners(program)
     lives: dict[str, tuple[int, int]] = {}
     for name, buffer in program.buffers.items():
         output = buffer.role == "output" and name not in program.updates

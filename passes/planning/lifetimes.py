@@ -3,14 +3,17 @@ once over such spans: what the buffer planner (``buffer_reuse``) and the
 schedule (``schedule.held_peak``) both count by, so that the order the
 schedule picks is judged by the lifetimes the arena will use (a
 collective's input held until its wait, a view's base until the view's
-last reader)."""
+last reader) and whose storage each buffer is (``storage_owners``: a
+``wait_tensor`` returns its collective's tensor, so the two names are one
+storage; the windows' footprint and the schedule's ``held_peak`` both
+count it once by this rule)."""
 
 from __future__ import annotations
 
 from retrograd.ir import Program
 from retrograd.passes.planning import collectives
 
-__all__ = ["lifetimes", "live_peak"]
+__all__ = ["lifetimes", "live_peak", "storage_owners"]
 
 
 def lifetimes(program: Program) -> dict[str, tuple[int, int]]:
@@ -38,6 +41,23 @@ def lifetimes(program: Program) -> dict[str, tuple[int, int]]:
                 for base in kernel.inputs:
                     last[base] = max(last.get(base, -1), last.get(name, index))
     return {name: (first[name], last.get(name, first[name])) for name in first}
+
+
+def storage_owners(program: Program) -> dict[str, str]:
+    """Buffers that allocate nothing -> the buffer whose storage they are.
+
+    ``_c10d_functional.wait_tensor`` returns the very tensor its collective
+    returned (the op's schema declares no alias, so the rule is here, not
+    read from it): its result is the issue's result, one storage, not two.
+    The owner is followed through views (``Program.root``) and through
+    other waits."""
+    owners: dict[str, str] = {}
+    for kernel in program.kernels:
+        if collectives.is_wait(kernel) and kernel.inputs:
+            owner = program.root(kernel.inputs[0])
+            owner = owners.get(owner, owner)
+            owners.update({name: owner for name in kernel.outputs})
+    return owners
 
 
 def live_peak(intervals) -> int:

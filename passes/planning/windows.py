@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 from retrograd.ir import Program
 from retrograd.passes.op_classes import SCRATCH_OPS
+from retrograd.passes.planning.lifetimes import storage_owners
 
 __all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "add_span",
            "storage_lives"]
@@ -80,15 +81,18 @@ def busy_periods(slots: list) -> list[Window]:
 def storage_lives(program: Program, spans: dict[str, tuple[int, int]],
                   planned: set[str]) -> dict[str, tuple[int, int]]:
     """(first, last) kernel per storage outside the arenas, by the buffer that
-    owns it. A buffer written in place over another (``Buffer.reuses``)
-    allocates nothing and extends the life of the storage it reuses; views,
-    constants and program inputs (the caller's) are left out."""
+    owns it. A buffer written in place over another (``Buffer.reuses``), or
+    returning another's storage (``lifetimes.storage_owners``: a
+    ``wait_tensor``'s result is its collective's tensor), allocates nothing
+    and extends the life of that storage; views, constants and program
+    inputs (the caller's) are left out."""
     lives: dict[str, tuple[int, int]] = {}
+    owners = storage_owners(program)
     for name, buffer in program.buffers.items():
         if name in planned or buffer.role == "view" or name in program.constants \
                 or name not in spans:
             continue
-        root = name
+        root = owners.get(name, name)
         while program.buffers[root].reuses is not None:
             root = program.buffers[root].reuses
         start, stop = spans[name]
