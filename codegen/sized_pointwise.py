@@ -8,7 +8,10 @@ block size as arguments of ``launch``, so one kernel serves every size. It
 covers a chain of elementwise ops over contiguous tensors of one shape and
 one dtype (float32 or float64: the interpreter's half-precision arithmetic is
 unreliable, TRITON_ON_CPU.md), each op written from primitives the
-interpreter has (no libdevice). A run may end in a full reduction (``sum``
+interpreter has (no libdevice). An input may be broadcast along leading or
+trailing dimensions (a bias ``[C]`` against ``[s0, C]``, a per-row
+``[s0, 1]``): its element for flat position ``i`` is ``(i // inner) % span``,
+both counts launch arguments computed from the run's shape at each call. A run may end in a full reduction (``sum``
 or ``mean`` of all elements to a 0-dim value): that kernel is one program
 that walks every block, accumulating in the run's dtype (float32 or
 float64), so its summation order differs from torch's (a float32 rounding).
@@ -65,7 +68,7 @@ import triton.language as tl
 def $name(
 $params
     n_elements,             # elements: read at run time, any size
-    BLOCK: tl.constexpr,    # elements per program
+$size_params    BLOCK: tl.constexpr,    # elements per program
 ):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     # the last block may run past the end: mask those lanes off
@@ -73,10 +76,10 @@ $params
 $body
 
 
-def launch(block, n_elements, $args):
+def launch(block, n_elements, $args$sizes):
     """Launch $name over n_elements elements, block per program."""
     grid = (-(-n_elements // block),)
-    $name[grid]($args, n_elements, BLOCK=block)
+    $name[grid]($args, n_elements$sizes, BLOCK=block)
 ''')
 
 
@@ -94,7 +97,7 @@ import triton.language as tl
 def $name(
 $params
     n_elements,             # elements: read at run time, any size
-    BLOCK: tl.constexpr,    # elements per step of the loop
+$size_params    BLOCK: tl.constexpr,    # elements per step of the loop
 ):
     total = tl.full([BLOCK], 0, $accumulator)
     for start in range(0, n_elements, BLOCK):
@@ -108,16 +111,27 @@ $body
     tl.store($result, tl.reduce(total, 0, tl.standard._sum_combine)$scale)
 
 
-def launch(block, n_elements, $args):
+def launch(block, n_elements, $args$sizes):
     """Launch $name: one program, block elements at a time."""
-    $name[(1,)]($args, n_elements, BLOCK=block)
+    $name[(1,)]($args, n_elements$sizes, BLOCK=block)
 ''')
+
+
+def _load(name: str, scalars, broadcast) -> str:
+    """The line loading input ``name``: once (a broadcast 0-dim value), at its
+    broadcast index, or at the run's own offsets."""
+    if name in scalars:
+        return f"{name} = tl.load({name}_ptr)  # one value, broadcast"
+    if name in broadcast:
+        return (f"{name} = tl.load({name}_ptr + (offsets // {name}_inner) % {name}_span, "
+                f"mask=mask)  # broadcast")
+    return f"{name} = tl.load({name}_ptr + offsets, mask=mask)"
 
 
 def kernel_source(inputs: list[str], outputs: list[str], lines: list[tuple[str, str]],
                   covered: list[str], scalars: list[str] = (),
-                  reduction: tuple[str, str, str, torch.dtype] | None = None
-                  ) -> tuple[str, str]:
+                  reduction: tuple[str, str, str, torch.dtype] | None = None,
+                  broadcast: list[str] = ()) -> tuple[str, str]:
     """(kernel name, source) of one kernel.
 
     Args:
@@ -130,21 +144,29 @@ def kernel_source(inputs: list[str], outputs: list[str], lines: list[tuple[str, 
         reduction: (result name, reduced value name, target, dtype) where the
             run ends in a full reduction (a key of ``REDUCTIONS``); its result
             is the last pointer argument.
+        broadcast: the inputs broadcast along leading or trailing dimensions:
+            loaded at ``(offsets // <name>_inner) % <name>_span``, both
+            launch arguments after ``n_elements``.
     """
     indent = "        " if reduction else "    "
-    body = [f"{name} = tl.load({name}_ptr)  # one value, broadcast" if name in scalars
-            else f"{name} = tl.load({name}_ptr + offsets, mask=mask)" for name in inputs]
+    body = [_load(name, scalars, broadcast) for name in inputs]
     body += [f"{name} = {expression}" for name, expression in lines]
     body += [f"tl.store({name}_out + offsets, {name}, mask=mask)" for name in outputs]
     pointers = [f"{name}_ptr" for name in inputs] + [f"{name}_out" for name in outputs]
     if reduction:
         pointers.append(f"{reduction[0]}_out")
     text = "\n".join(indent + line for line in body)
-    digest = hashlib.sha1((",".join(pointers) + text + repr(reduction)).encode()).hexdigest()
+    sizes = [f"{name}_{count}" for name in inputs if name in broadcast
+             for count in ("inner", "span")]
+    digest = hashlib.sha1((",".join(pointers + sizes) + text + repr(reduction)).encode()
+                          ).hexdigest()
     name = f"sized_pointwise_{digest[:10]}"
     slots = {"name": name, "covered": ", ".join(covered), "body": text,
              "args": ", ".join(pointers),
-             "params": "\n".join(f"    {pointer}," for pointer in pointers)}
+             "params": "\n".join(f"    {pointer}," for pointer in pointers),
+             "sizes": "".join(f", {size}" for size in sizes),
+             "size_params": "".join(f"    {size},{' ' * max(1, 19 - len(size))}# broadcast "
+                                    f"index: run time\n" for size in sizes)}
     if reduction is None:
         return name, KERNEL.substitute(slots)
     result, reduced, target, dtype = reduction

@@ -59,7 +59,42 @@ def _broadcast_scalar(value: torch.Tensor) -> bool:
 
 
 def _loaded_once(value: torch.Tensor) -> bool:
-    return _broadcast_scalar(value) and not _contiguous(value)
+    return value.dim() == 0 or (_broadcast_scalar(value) and not _contiguous(value))
+
+
+def _same_shape(value: torch.Tensor, shape) -> bool:
+    return [str(s) for s in value.shape] == [str(s) for s in shape]
+
+
+def broadcast_block(value: torch.Tensor, shape) -> tuple[int, int] | None:
+    """(a, b) where contiguous ``value`` broadcasts to ``shape`` along every
+    dimension outside ``shape``'s block [a, b) (leading ones added): its
+    element for flat position ``i`` of ``shape`` is ``(i // inner) % span``,
+    ``inner`` the product of ``shape[b:]`` and ``span`` of ``shape[a:b]``.
+    None for anything else (a strided or interleaved broadcast)."""
+    extra = len(shape) - value.dim()
+    if extra < 0 or not _contiguous(value):
+        return None
+    sizes = [sympy.Integer(1)] * extra + [_expr(s) for s in value.shape]
+    kept = [d for d, size in enumerate(sizes) if size != 1]
+    a, b = (min(kept), max(kept) + 1) if kept else (len(shape), len(shape))
+    if any(sizes[d] != _expr(shape[d]) for d in range(a, b)):
+        return None
+    return a, b
+
+
+def _operand(value: Any, node_value: torch.Tensor) -> str | None:
+    """How a pointwise run loads a tensor operand of a node: "full" (its own
+    offsets), "once" (a 0-dim or every-stride-0 value) or "broadcast"; None:
+    not fusable."""
+    if not isinstance(value, torch.Tensor) or \
+            (value.dtype, value.device) != (node_value.dtype, node_value.device):
+        return None
+    if value.dim() == 0:
+        return "once"
+    if _same_shape(value, node_value.shape):
+        return "full" if _contiguous(value) or _broadcast_scalar(value) else None
+    return "broadcast" if broadcast_block(value, node_value.shape) is not None else None
 
 
 def _kind(node: fx.Node) -> tuple | None:
@@ -75,10 +110,7 @@ def _kind(node: fx.Node) -> tuple | None:
         return None
     for arg in node.args:
         if isinstance(arg, fx.Node):
-            other = arg.meta.get("val")
-            if not isinstance(other, torch.Tensor) or not (
-                    _contiguous(other) or _broadcast_scalar(other)) or \
-                    (tuple(str(s) for s in other.shape), other.dtype, other.device) != kind:
+            if _operand(arg.meta.get("val"), value) is None:
                 return None
         elif isinstance(arg, bool) or not isinstance(arg, (int, float)) \
                 or not math.isfinite(arg):   # inf and nan have no plain literal
@@ -140,34 +172,62 @@ def _source(run: list[fx.Node]) -> tuple[str, str, list[fx.Node], list[fx.Node]]
     lines = [(names[node], OPS[node.target].format(*[
         names[arg] if isinstance(arg, fx.Node) else repr(float(arg)) for arg in node.args]))
         for node in pointwise]
+    shape = run[0].meta["val"].shape
     scalars = [names[n] for n in inputs if _loaded_once(n.meta["val"])]
+    broadcast = [names[n] for n in inputs if names[n] not in scalars
+                 and not _same_shape(n.meta["val"], shape)]
     reduction = None if tail is None else (names[tail], names[tail.args[0]], tail.target,
                                            tail.meta["val"].dtype)
     name, source = kernel_source([names[n] for n in inputs], [names[n] for n in outputs],
-                                 lines, [node.name for node in run], scalars, reduction)
+                                 lines, [node.name for node in run], scalars, reduction,
+                                 broadcast)
     return name, source, inputs, outputs + ([tail] if tail is not None else [])
 
 
+def _loads(inputs: list[fx.Node], shape) -> list[Any]:
+    """Per input of a run of ``shape``: True (loaded once), False (at the run's
+    offsets) or the block (a, b) it is broadcast along (``broadcast_block``)."""
+    loads = []
+    for node in inputs:
+        value = node.meta["val"]
+        if _loaded_once(value):
+            loads.append(True)
+        elif _same_shape(value, shape):
+            loads.append(False)
+        else:
+            loads.append(broadcast_block(value, shape))
+    return loads
+
+
+def broadcast_sizes(shape, blocks) -> list[int]:
+    """(inner, span) of each broadcast block (a, b) over a run of ``shape``."""
+    sizes = []
+    for a, b in blocks:
+        sizes += [math.prod(shape[b:]), math.prod(shape[a:b])]
+    return sizes
+
+
 def _launcher(name: str, source: str, outputs: list[bool], dtype: torch.dtype,
-              interpreted: bool, scalars: list[bool]):
+              interpreted: bool, loads: list[Any]):
     """A function of the input tensors that allocates the outputs (True: of the
-    inputs' shape; False: a 0-dim result) and launches; ``scalars`` marks the
-    inputs loaded once (broadcast 0-dim values)."""
+    run's shape, the inputs' broadcast one; False: a 0-dim result) and
+    launches; ``loads`` says how each input is read (``_loads``)."""
     launch = load_module(write_source(name, source), interpreted).launch
     launch = without_cycles(launch) if interpreted else launch
+    blocks = [load for load in loads if isinstance(load, tuple)]
 
     def run(*tensors, out=None):
         """``out``: a preallocated tensor (or None) per output (in-place updates)."""
-        first = tensors[0]
-        tensors = [_as_loaded(t, scalar, name) for t, scalar in zip(tensors, scalars)]
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        tensors = [_as_loaded(t, load is True, name) for t, load in zip(tensors, loads)]
         results = [given if given is not None else
-                   torch.empty(first.shape if full else (), dtype=dtype, device=first.device)
+                   torch.empty(shape if full else (), dtype=dtype, device=tensors[0].device)
                    for full, given in zip(outputs, out or [None] * len(outputs))]
-        count = first.numel()
+        count = math.prod(shape)
         if count or not all(outputs):   # a sum of nothing is still written (0, or nan)
             block = max(16, min(1 << 16 if interpreted else 1024, 1 << (count - 1).bit_length()))
             with interpreter_mode(interpreted), numpy.errstate(all="ignore"):
-                launch(block, count, *tensors, *results)
+                launch(block, count, *tensors, *results, *broadcast_sizes(shape, blocks))
         return tuple(results)
     run.__name__ = run.__qualname__ = name
     run.source, run.takes_out = source, True
@@ -281,10 +341,9 @@ def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, i
     for run in runs:
         name, source, inputs, outputs = _source(run)
         value = run[0].meta["val"]
-        scalars = [_loaded_once(node.meta["val"]) for node in inputs]
         shaped = [node.meta["val"].dim() == value.dim() for node in outputs]
         launcher = _launcher(name, source, shaped, value.dtype, executor == "interpret",
-                             scalars)
+                             _loads(inputs, value.shape))
         with gm.graph.inserting_after(run[-1]):
             call = gm.graph.call_function(launcher, tuple(inputs))
         call.meta["val"] = tuple(node.meta["val"] for node in outputs)
