@@ -293,7 +293,7 @@ class SymbolicCompiler:
                         if node.op == "call_function" and node.target is not operator.getitem
                         and not isinstance(node.meta.get("val"), torch.SymInt)
                         and not getattr(node.target, "__name__", "").startswith(
-                            ("sized_pointwise_", "sized_reduction_")))
+                            ("sized_pointwise_", "sized_reduction_", "sized_rows_")))
         return {"schema": SCHEMA, "graph": name, "graph_id": None,
                 "nodes": {"captured": captured, "final": len(gm.graph.nodes)},
                 "passes": self._passes(executor, len(gm.graph.nodes)),

@@ -336,6 +336,8 @@ def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, i
     executors launch kernels; any other (fx, torch) leaves torch calls."""
     if executor not in ("triton", "interpret"):
         return gm, 0
+    from retrograd.symbolic_rows import fuse_rows   # it imports this module's helpers
+    rows = fuse_rows(gm, executor == "interpret")
     reductions = _replace_reductions(gm, executor == "interpret")
     runs = _runs(gm.graph)
     for run in runs:
@@ -358,4 +360,4 @@ def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, i
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
-    return gm, len(runs) + reductions
+    return gm, len(runs) + reductions + rows
