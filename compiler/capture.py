@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from retrograd.decompositions import table_for, traced_right
 from retrograd.errors import UnsupportedError
+from retrograd.lean_runtime import lean_runtimes
 from retrograd.locking import compiling
 from retrograd.options import Options
 from retrograd.provenance import run_recording
@@ -142,7 +143,10 @@ def compile_graph(module: torch.nn.Module, example_inputs: Sequence[Any], option
     with compiling():   # one trace at a time in the process (locking.py)
         compiler = GraphCompiler(options, real_primals(module, example_inputs), captured_text,
                                  gradients, module=module)
-        with traced_right():
+        # AOTAutograd's runtime, or the lean one where its metadata allows (lean_runtime.py);
+        # compiler.runtimes says which, per graph ("lean" or the reason for AOTAutograd's)
+        compiler.runtimes = []
+        with traced_right(), lean_runtimes(compiler.runtimes):
             compiled = aot_module_simplified(
                 module, _fake_inputs(example_inputs),
                 fw_compiler=compiler.compile_forward,
