@@ -24,7 +24,7 @@ from string import Template
 
 import torch
 
-__all__ = ["DTYPES", "OPS", "REDUCTIONS", "kernel_source"]
+__all__ = ["DTYPES", "OPS", "REDUCTIONS", "kernel_source", "squares_only"]
 
 aten = torch.ops.aten
 
@@ -44,9 +44,18 @@ OPS = {
     aten.abs.default: "tl.abs({0})",
     aten.sigmoid.default: "(1.0 / (1.0 + tl.exp(-{0})))",
     aten.relu.default: "tl.maximum({0}, 0.0)",
+    aten.erf.default: "tl.math.erf({0})",
+    # only a square (``squares_only``): an RMS norm's x ** 2
+    aten.pow.Tensor_Scalar: "({0} * {0})",
     # a functional graph never writes through the alias: a copy holds the same values
     aten.detach.default: "{0}",
 }
+
+def squares_only(target, args) -> bool:
+    """``pow`` is fused only as a square (other exponents need a pow helper)."""
+    return target is not aten.pow.Tensor_Scalar or (
+        len(args) == 2 and not isinstance(args[1], bool) and args[1] == 2)
+
 
 #: Full reductions a run may end in, and what the sum is divided by.
 REDUCTIONS = {aten.sum.default: "", aten.mean.default: " / n_elements"}

@@ -28,7 +28,8 @@ from typing import Any
 import numpy
 import sympy
 import torch
-from retrograd.codegen.sized_pointwise import DTYPES, OPS, REDUCTIONS, kernel_source
+from retrograd.codegen.sized_pointwise import (DTYPES, OPS, REDUCTIONS, kernel_source,
+                                              squares_only)
 from retrograd.codegen.sized_reduction import reduction_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
@@ -102,7 +103,7 @@ def _kind(node: fx.Node) -> tuple | None:
     value = node.meta.get("val")
     if (node.op != "call_function" or node.target not in OPS or node.kwargs
             or not isinstance(value, torch.Tensor) or value.dtype not in DTYPES
-            or not _contiguous(value)):
+            or not _contiguous(value) or not squares_only(node.target, node.args)):
         return None
     kind = (tuple(str(s) for s in value.shape), value.dtype, value.device)
     tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]

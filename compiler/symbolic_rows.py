@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy
 import torch
-from retrograd.codegen.sized_pointwise import DTYPES, OPS
+from retrograd.codegen.sized_pointwise import DTYPES, OPS, squares_only
 from retrograd.codegen.sized_rows import RowGroup, Step, rows_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
@@ -123,7 +123,7 @@ def _fits(node: fx.Node, space: Space, members: dict) -> str | None:
         return "row" if _keepdim(args[0]) else "flat"
     if target in OPS or target is WHERE:
         kind = space.kind(value)
-        if node.kwargs or kind is None:
+        if node.kwargs or kind is None or not squares_only(target, args):
             return None
         kinds = [_operand(a, space, members, target is WHERE and i == 0)
                  for i, a in enumerate(args)]
