@@ -135,18 +135,30 @@ def test_layer_and_rms_norm_forward_and_backward_run_as_row_kernels(tmp_path):
                     "aten.sum.dim_IntList"} & set(ops), ops
 
 
-def test_a_group_writes_an_output_over_its_dying_input_safely():
+def centred_exp(x, w):
+    h = x.mm(w)
+    return (h - h.mean(-1, keepdim=True)).exp().mm(w.t()).sum()
+
+
+def exp_and_scaled(x, w):
+    """Two outputs: exp(h) needs no reduction, h * sum(h) needs one; if exp(h)
+    were stored in the first loop over h's slot, the second would read it."""
+    h = x.mm(w)
+    first, second = h.exp(), h * h.sum(-1, keepdim=True)
+    return (first.mm(w.t()) * 2 + second.mm(w.t())).sum()
+
+
+@pytest.mark.parametrize("function", [centred_exp, exp_and_scaled])
+def test_a_group_writes_an_output_over_its_dying_input_safely(function):
     """A row kernel's full-shape output may take its dying input's arena slot:
     stores happen in the last loop only, after every reduction read the row."""
     from retrograd.symbolic_runner import ArenaRunner
-
-    def centred_softmax(x, w):
-        h = x.mm(w)
-        return (h - h.mean(-1, keepdim=True)).exp().mm(w.t()).sum()
-    gm, kernels = _fused(centred_softmax, torch.randn(4, 6), torch.randn(6, 8))
+    gm, kernels = _fused(function, torch.randn(4, 6), torch.randn(6, 8))
     assert kernels >= 1
     runner = ArenaRunner(gm)
+    overs = [v.over for v in runner.planner.values.values() if v.node.startswith("getitem")]
+    assert "mm" in overs, overs   # a kernel output over the product it reads
     w = torch.randn(6, 8)
     for rows in (5, 33):
         x = torch.randn(rows, 6)
-        assert_close(runner([x, w]), centred_softmax(x, w), torch.float32)
+        assert_close(runner([x, w]), function(x, w), torch.float32)
