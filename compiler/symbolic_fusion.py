@@ -1,19 +1,23 @@
 """Size-generic Triton kernels in a symbolic program.
 
 A symbolic program (dynamic.py) is AOTAutograd's graph with symbolic sizes,
-run as torch calls. ``fuse_pointwise`` replaces each run of consecutive
-elementwise nodes of one shape and one dtype (float32/float64, contiguous,
-no broadcasting; ``codegen/sized_pointwise.py`` lists the ops), which may
-end in a full sum or mean, by one Triton kernel that takes its element
-count at run time: one kernel for every size, its outputs allocated at run
-time from the inputs' sizes. A run is contiguous in node order (size
-computations that use none of it aside), so all its inputs exist before
-its first node; it stores every value a node outside it (or the graph's
-output) uses, and the kernel is called where its last node was. Sums and
-means over a leading or a trailing block of dimensions of a contiguous
-float tensor (bias gradients, per-token sums) become kernels of
-``codegen/sized_reduction.py``, rows and columns counted at run time.
-Everything else stays a torch call.
+run as torch calls. ``fuse_pointwise`` first hands row-wise reductions
+(softmax, norms and their backward) to ``symbolic_rows.py``; then it
+replaces each run of consecutive elementwise nodes of one shape and one
+dtype (float32/float64, contiguous; ``codegen/sized_pointwise.py`` lists
+the ops), which may end in a full sum or mean, by one Triton kernel that
+takes its element count at run time: one kernel for every size, its
+outputs allocated at run time from the inputs' sizes. An operand may be a
+0-dim value or broadcast along one block of the run's dimensions (a bias
+``[C]``, a per-row ``[s0, 1]``: ``broadcast_block``), read at
+``(i // inner) % span`` with both counts launch arguments. A run is
+contiguous in node order (size computations that use none of it aside), so
+all its inputs exist before its first node; it stores every value a node
+outside it (or the graph's output) uses, and the kernel is called where its
+last node was. Sums and means over a leading or a trailing block of
+dimensions of a contiguous float tensor (bias gradients, per-token sums)
+become kernels of ``codegen/sized_reduction.py``, rows and columns counted
+at run time. Everything else stays a torch call.
 
 This is a small fuser of its own, not retrograd's fusion pass: that pass,
 the checkpoint planner and the buffer planner work on concrete sizes.

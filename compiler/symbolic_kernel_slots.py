@@ -9,7 +9,10 @@ call may be written over its dying same-shape input, a kernel's output may
 take the slot of one of its inputs that dies at the call: the kernel reads
 and writes element ``i`` of a flat contiguous block in the same program
 instance (every load before every store), so it never reads an element it
-already wrote. One input is taken by one output at most; an input seen at
+already wrote; a row-wise kernel (symbolic_rows.py) may walk a row several
+times, but stores its full-shape outputs only in its last walk, after every
+reduction read the row, and reads each element of that walk before writing
+it. One input is taken by one output at most; an input seen at
 other indices too (a broadcast value, a view of another input) is never
 written over.
 """
