@@ -288,7 +288,7 @@ class _Backward:
         ctx.maybe_clear_saved_tensors()   # the program frees each at its last use
         once = not torch._C._autograd._get_current_graph_task_keep_graph()
         program = self.compiler.get_or_compile(saved_tensors_use_once=once)
-        if functorch_config.donated_buffer and not once and self.meta.bw_donated_idxs:
+        if not once and self.meta.bw_donated_idxs and functorch_config.donated_buffer:
             raise RuntimeError("retrograd: this backward was compiled with donated "
                                "buffers, which need retain_graph=False and "
                                "create_graph=False on every backward() call")
