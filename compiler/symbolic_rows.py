@@ -179,7 +179,8 @@ def _groups(graph: fx.Graph) -> list[tuple[list[fx.Node], Space]]:
             if kind is not None:
                 members[node] = kind
                 continue
-            if node.op != "output" and not any(a in members for a in node.all_input_nodes):
+            if node.op != "output" and not _mutates(node) and \
+                    not any(a in members for a in node.all_input_nodes):
                 continue   # reads none of the group: stays before the kernel
             _keep(groups, members, space)
             members, space = {}, None
@@ -190,6 +191,15 @@ def _groups(graph: fx.Graph) -> list[tuple[list[fx.Node], Space]]:
     if members:
         _keep(groups, members, space)
     return groups
+
+
+def _mutates(node: fx.Node) -> bool:
+    """An op that writes a tensor (``copy_`` into an input): the group may not
+    be moved past it (it might write what a member reads)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op != "call_function" or schema is None and not isinstance(
+        node.meta.get("val"), torch.SymInt) and node.target is not operator.getitem \
+        or schema is not None and schema.is_mutable
 
 
 def _keep(groups: list, members: dict, space: Space) -> None:

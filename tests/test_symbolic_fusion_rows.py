@@ -162,3 +162,19 @@ def test_a_group_writes_an_output_over_its_dying_input_safely(function):
     for rows in (5, 33):
         x = torch.randn(rows, 6)
         assert_close(runner([x, w]), function(x, w), torch.float32)
+
+
+def sum_then_overwrite(x, b):
+    s = b.sum(-1, keepdim=True)   # reads b before the copy below writes it
+    b.copy_(x)
+    return x * s
+
+
+def test_a_group_is_never_moved_past_a_write_to_what_it_reads():
+    """A node reading none of a group stays before the group's kernel, unless
+    it writes a tensor: ``b.copy_`` between b's row sum and its reader."""
+    gm, _ = _fused(sum_then_overwrite, torch.randn(3, 5), torch.randn(3, 5))
+    for rows in (4, 6):
+        x, b = torch.randn(rows, 5), torch.randn(rows, 5)
+        want = sum_then_overwrite(x.clone(), b.clone())
+        assert_close(gm(x, b), want, torch.float32)
