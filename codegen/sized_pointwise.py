@@ -11,8 +11,9 @@ unreliable, TRITON_ON_CPU.md), each op written from primitives the
 interpreter has (no libdevice). An input may be broadcast along leading or
 trailing dimensions (a bias ``[C]`` against ``[s0, C]``, a per-row
 ``[s0, 1]``): its element for flat position ``i`` is ``(i // inner) % span``,
-both counts launch arguments computed from the run's shape at each call. A run may end in a full reduction (``sum``
-or ``mean`` of all elements to a 0-dim value): that kernel is one program
+both counts launch arguments computed from the run's shape at each call.
+A run may end in a full reduction (``sum`` or ``mean`` of all elements to a
+0-dim value): that kernel is one program
 that walks every block, accumulating in the run's dtype (float32 or
 float64), so its summation order differs from torch's (a float32 rounding).
 """

@@ -32,8 +32,7 @@ from typing import Any
 import numpy
 import sympy
 import torch
-from retrograd.codegen.sized_pointwise import (DTYPES, OPS, REDUCTIONS, kernel_source,
-                                              squares_only)
+from retrograd.codegen.sized_pointwise import DTYPES, OPS, REDUCTIONS, kernel_source, squares_only
 from retrograd.codegen.sized_reduction import reduction_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
@@ -341,7 +340,7 @@ def fuse_pointwise(gm: fx.GraphModule, executor: str) -> tuple[fx.GraphModule, i
     executors launch kernels; any other (fx, torch) leaves torch calls."""
     if executor not in ("triton", "interpret"):
         return gm, 0
-    from retrograd.symbolic_rows import fuse_rows   # it imports this module's helpers
+    from retrograd.symbolic_rows import fuse_rows  # it imports this module's helpers
     rows = fuse_rows(gm, executor == "interpret")
     reductions = _replace_reductions(gm, executor == "interpret")
     runs = _runs(gm.graph)

@@ -31,8 +31,14 @@ from retrograd.codegen.sized_rows import RowGroup, Step, rows_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
 from retrograd.runtime.loader import load_module, write_source
-from retrograd.symbolic_fusion import (_as_loaded, _broadcast_scalar, _contiguous,
-                                       _same_shape, broadcast_block, broadcast_sizes)
+from retrograd.symbolic_fusion import (
+    _as_loaded,
+    _broadcast_scalar,
+    _contiguous,
+    _same_shape,
+    broadcast_block,
+    broadcast_sizes,
+)
 from torch import fx
 
 __all__ = ["fuse_rows"]
@@ -194,12 +200,18 @@ def _groups(graph: fx.Graph) -> list[tuple[list[fx.Node], Space]]:
 
 
 def _mutates(node: fx.Node) -> bool:
-    """An op that writes a tensor (``copy_`` into an input): the group may not
-    be moved past it (it might write what a member reads)."""
+    """An op that may write a tensor (``copy_`` into an input, an opaque
+    call): the group may not be moved past it (it might write what a member
+    reads). Reading a constant (``get_attr``) writes nothing."""
+    if node.op == "get_attr":
+        return False
+    if node.op != "call_function":
+        return True
     schema = getattr(node.target, "_schema", None)
-    return node.op != "call_function" or schema is None and not isinstance(
-        node.meta.get("val"), torch.SymInt) and node.target is not operator.getitem \
-        or schema is not None and schema.is_mutable
+    if schema is not None:
+        return schema.is_mutable
+    return node.target is not operator.getitem and \
+        not isinstance(node.meta.get("val"), torch.SymInt)
 
 
 def _keep(groups: list, members: dict, space: Space) -> None:
@@ -226,7 +238,7 @@ def _expression(node: fx.Node, names: dict) -> str:
     """The Triton expression of an elementwise member over value names."""
     operands = [names[a] if isinstance(a, fx.Node) else repr(float(a)) for a in node.args]
     if node.target is WHERE:
-        return "tl.where({0}, {1}, {2})".format(*operands)
+        return "tl.where({}, {}, {})".format(*operands)
     return OPS[node.target].format(*operands)
 
 
@@ -315,8 +327,9 @@ def _group(nodes: list[fx.Node], space: Space, kinds: dict) -> tuple[RowGroup, l
     outputs = [node for node in nodes if kinds[node] != "tuple"
                and any(user not in inside for user in node.users)]
     covered = [_line(n) for n in nodes]
-    group = RowGroup(loads, steps, [(_safe(n.name), names[n], "full" if kinds[n] == "full" else "row")
-                                    for n in outputs], covered, space.dtype, booleans)
+    stored = [(_safe(n.name), names[n], "full" if kinds[n] == "full" else "row")
+              for n in outputs]
+    group = RowGroup(loads, steps, stored, covered, space.dtype, booleans)
     return group, inputs, outputs
 
 

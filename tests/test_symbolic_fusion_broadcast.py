@@ -87,7 +87,7 @@ def interleaved(x, y):
 
 def test_an_interleaved_broadcast_stays_a_torch_call():
     """[s0, 1, C] against [s0, T, C] is no single block: not fused (torch call)."""
-    gm, kernels = _fused(interleaved, torch.randn(3, 1, 4), torch.randn(3, 5, 4))
+    gm, _ = _fused(interleaved, torch.randn(3, 1, 4), torch.randn(3, 5, 4))
     assert [n.target for n in _torch_calls(gm)] == [torch.ops.aten.mul.Tensor]
     x, y = torch.randn(6, 1, 4), torch.randn(6, 5, 4)
     assert_close(gm(x, y), interleaved(x, y), torch.float32)
