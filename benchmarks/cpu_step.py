@@ -24,8 +24,10 @@ rounds after ``--warmup``), so a neighbour's load on a shared machine falls
 on all of them alike; the median and the fastest step are printed, the
 ratio of medians to eager's, and how much of retrograd's step was spent
 inside its two torch programs (timed around their calls; the rest is the
-call's fixed work: the trace cache's key and guards, AOTAutograd's wrappers,
-autograd). Saved bytes are measured, not read from the
+call's fixed work: the trace cache's key and guards, the autograd runtime
+around the programs -- retrograd's lean one, ``compiler/lean_runtime.py``,
+or AOTAutograd's where a graph needs it; each row records which -- and
+autograd's engine). Saved bytes are measured, not read from the
 report: the unique storages autograd holds for the backward
 (``saved_tensors_hooks``, parameters and inputs left out; measuring.py).
 
@@ -143,7 +145,8 @@ def measure(name: str, variants: dict, warmup: int, repeats: int) -> dict:
                 if variant == "retrograd":
                     inside.append(CLOCK.spent)
     row = {"model": name, "retrograd_program_median_s": statistics.median(inside),
-           "retrograd_program_min_s": min(inside)}
+           "retrograd_program_min_s": min(inside),
+           "retrograd_runtimes": _runtimes(built["retrograd"])}
     for variant in variants:
         row[variant] = {"first_call_s": first[variant],
                         "median_s": statistics.median(times[variant]),
@@ -152,6 +155,13 @@ def measure(name: str, variants: dict, warmup: int, repeats: int) -> dict:
                         "saved_bytes": _saved_bytes(entry, built[variant], modules[variant],
                                                     inputs)}
     return row
+
+
+def _runtimes(compiled) -> list | None:
+    """Per graph of the last call, "lean" or why AOTAutograd's runtime ran
+    (None for code before lean_runtime.py, when measuring an older tree)."""
+    compiler = getattr(getattr(compiled, "_cache", None), "last", None)
+    return getattr(getattr(compiler, "compiler", None), "runtimes", None)
 
 
 def _print(rows: list[dict], variants: list[str]) -> None:
