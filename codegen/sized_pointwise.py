@@ -46,6 +46,8 @@ OPS = {
     aten.sigmoid.default: "(1.0 / (1.0 + tl.exp(-{0})))",
     aten.relu.default: "tl.maximum({0}, 0.0)",
     aten.erf.default: "tl.math.erf({0})",
+    # the condition is a boolean operand (symbolic_fusion reads it as one)
+    aten.where.self: "tl.where({0}, {1}, {2})",
     # only a square (``squares_only``): an RMS norm's x ** 2
     aten.pow.Tensor_Scalar: "({0} * {0})",
     # a functional graph never writes through the alias: a copy holds the same values

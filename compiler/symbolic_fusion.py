@@ -41,6 +41,8 @@ from torch import fx
 
 __all__ = ["fuse_pointwise", "kernel_sources"]
 
+aten = torch.ops.aten
+
 
 def _expr(size: Any):
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
@@ -87,12 +89,13 @@ def broadcast_block(value: torch.Tensor, shape) -> tuple[int, int] | None:
     return a, b
 
 
-def _operand(value: Any, node_value: torch.Tensor) -> str | None:
+def _operand(value: Any, node_value: torch.Tensor, boolean: bool = False) -> str | None:
     """How a pointwise run loads a tensor operand of a node: "full" (its own
     offsets), "once" (a 0-dim or every-stride-0 value) or "broadcast"; None:
-    not fusable."""
+    not fusable. ``boolean``: a ``where``'s condition (a bool tensor)."""
+    dtype = torch.bool if boolean else node_value.dtype
     if not isinstance(value, torch.Tensor) or \
-            (value.dtype, value.device) != (node_value.dtype, node_value.device):
+            (value.dtype, value.device) != (dtype, node_value.device):
         return None
     if value.dim() == 0:
         return "once"
@@ -112,12 +115,13 @@ def _kind(node: fx.Node) -> tuple | None:
     tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]
     if not tensors:
         return None
-    for arg in node.args:
+    for index, arg in enumerate(node.args):
         if isinstance(arg, fx.Node):
-            if _operand(arg.meta.get("val"), value) is None:
+            boolean = node.target is aten.where.self and index == 0
+            if _operand(arg.meta.get("val"), value, boolean) is None:
                 return None
-        elif isinstance(arg, bool) or not isinstance(arg, (int, float)) \
-                or not math.isfinite(arg):   # inf and nan have no plain literal
+        elif node.target is aten.where.self and index == 0 or isinstance(arg, bool) or not isinstance(arg, (int, float)) \
+                or not math.isfinite(arg):
             return None
     return kind
 

@@ -125,3 +125,19 @@ def test_compiled_with_two_batch_sizes_gradients_match_eager_at_a_third():
     report = compiled.reports["forward"]
     assert "symbolic" in report
     assert "aten.add.Tensor" not in report["kernels"]["extern_ops"], report["kernels"]
+
+
+def masked_scale(grad, keep):
+    """As attention's backward: a gradient zeroed where a [T, T] mask is off, scaled."""
+    return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype)) * 0.25
+
+
+def test_a_where_with_a_broadcast_boolean_mask_fuses_into_the_run():
+    keep = torch.tril(torch.ones(4, 4, dtype=torch.bool))
+    gm, kernels = _fused(masked_scale, torch.randn(2, 2, 4, 4), keep)
+    assert kernels == 1 and [n.target for n in _torch_calls(gm)] == \
+        [torch.ops.aten.zeros.default], gm.code
+    for batch, tokens in ((3, 4), (5, 7)):
+        keep = torch.rand(tokens, tokens) > 0.5
+        grad = torch.randn(batch, 2, tokens, tokens)
+        assert_close(gm(grad, keep), masked_scale(grad, keep), torch.float32)
