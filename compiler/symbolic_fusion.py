@@ -120,8 +120,9 @@ def _kind(node: fx.Node) -> tuple | None:
             boolean = node.target is aten.where.self and index == 0
             if _operand(arg.meta.get("val"), value, boolean) is None:
                 return None
-        elif node.target is aten.where.self and index == 0 or isinstance(arg, bool) or not isinstance(arg, (int, float)) \
-                or not math.isfinite(arg):
+        elif (node.target is aten.where.self and index == 0) or isinstance(arg, bool) \
+                or not isinstance(arg, (int, float)) \
+                or not math.isfinite(arg):   # inf and nan have no plain literal
             return None
     return kind
 
