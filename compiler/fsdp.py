@@ -125,7 +125,7 @@ class Layout:
                         for i in members]
                 per_rank = [r.reshape(self.world_size, -1) for r in rows]
                 flat = torch.cat([p[rank] for rank in range(self.world_size) for p in per_rank])
-                with fx_traceback.annotate({FSDP_REDUCE: True}):
+                with fx_traceback.annotate({FSDP_REDUCE: unit}):
                     mine = _C10D.wait_tensor(_C10D.reduce_scatter_tensor(
                         flat * (1.0 / self.world_size), "sum", self.world_size,
                         self.group.group_name))

@@ -168,10 +168,14 @@ def held_by_fusion(program: Program) -> list[dict]:
     return found
 
 
-def _order(program: Program, demand: lazy.Demand, rank) -> list[int]:
+def _order(program: Program, demand: lazy.Demand, rank,
+           blocks: dict[int, list[int]] | None = None) -> list[int]:
     """List scheduling: among the kernels whose producers have run (lazy ones
-    excepted: ``planning/lazy.py``), the least ``rank(indices, users)`` runs
-    next, ``indices`` being the lazy kernels it reads not run yet, then it."""
+    excepted: ``planning/lazy.py``), the least ``rank(indices, users,
+    urgent)`` runs next, ``indices`` being the lazy kernels it reads not run
+    yet, then it; ``urgent`` says that it is the last thing one of its
+    ``blocks`` (a wait's blocked issues: ``_blocked_issues``) waits for."""
+    blocks = blocks or {}
     kernels = program.kernels
     users: dict[str, set[int]] = {}
     for index, kernel in enumerate(kernels):
@@ -182,7 +186,8 @@ def _order(program: Program, demand: lazy.Demand, rank) -> list[int]:
     order: list[int] = []
     done: set[int] = set()
     while ready:
-        chosen = min(ready, key=lambda i: rank(demand.pending(i, done), users))
+        chosen = min(ready, key=lambda i: rank(
+            demand.pending(i, done), users, any(pending[c] == 1 for c in blocks.get(i, ()))))
         ready.remove(chosen)
         for index in demand.pending(chosen, done):
             order.append(index)
@@ -217,21 +222,60 @@ def _delta(program: Program, index: int, users: dict[str, set[int]]) -> int:
 
 def _chain_issues(program: Program, waiting: list[set[int]],
                   consumers: dict[int, list[int]]) -> dict[int, int]:
-    """Each collective issue after the one before it in the program; returns
-    each kernel's class: 0 an issue or a kernel feeding one, 2 a wait, else 1."""
-    kernels = program.kernels
-    issues = [i for i, kernel in enumerate(kernels) if collectives.is_issue(kernel)]
-    for before, after in pairwise(issues):
-        if before not in waiting[after]:
-            waiting[after].add(before)
-            consumers.setdefault(before, []).append(after)
-    feeders = {i for i in collectives.bound_gathers(program, waiting, consumers)   # FSDP2
-               if not collectives.is_issue(kernels[i])}   # an issue feeds the next: eager
-    classes = {i: 2 for i, kernel in enumerate(kernels) if collectives.is_wait(kernel)}
+    """Each collective issue after the one before it in
+    ``collectives.issue_order`` (the program's order where that order would
+    close a cycle), and FSDP2's bounds (``collectives.bound_gathers``);
+    returns each kernel's class (0 an issue or a kernel feeding one, 2 a
+    wait, else 1) and the kernels preparing a gather's input."""
+    for issues in (collectives.issue_order(program),
+                   [i for i, kernel in enumerate(program.kernels)
+                    if collectives.is_issue(kernel)]):
+        trial = [set(producers) for producers in waiting]
+        linked = {index: list(users) for index, users in consumers.items()}
+        feeders = _chain(program, issues, trial, linked)
+        try:
+            lazy.topological(trial)
+        except RuntimeError:   # the FSDP2 order against a data dependency
+            continue
+        waiting[:] = trial
+        consumers.clear()
+        consumers.update(linked)
+        break
+    classes = {i: 2 for i, kernel in enumerate(program.kernels) if collectives.is_wait(kernel)}
     for issue in issues:
         classes[issue] = 0
         classes.update({i: 0 for i in waiting[issue] if i not in classes})
     return classes, feeders
+
+
+def _chain(program: Program, issues: list[int], waiting: list[set[int]],
+           consumers: dict[int, list[int]]) -> set[int]:
+    """Adds the edges of ``_chain_issues``; returns the gathers' feeders."""
+    for before, after in pairwise(issues):
+        if before not in waiting[after]:
+            waiting[after].add(before)
+            consumers.setdefault(before, []).append(after)
+    return {i for i in collectives.bound_gathers(program, waiting, consumers)   # FSDP2
+            if not collectives.is_issue(program.kernels[i])}   # an issue feeds the next
+
+
+def _blocked_issues(program: Program, waiting: list[set[int]]) -> dict[int, list[int]]:
+    """Each FSDP2 reduce-scatter's wait -> the reduce-scatter issued after it
+    (one in flight: ``collectives.bound_gathers``). The communication-first
+    orders run such a wait as soon as it is all that the next reduce-scatter
+    waits for (as FSDP2 waits in the next unit's post-backward), not when
+    nothing else is ready: placed last, it held every later unit's full
+    gradients (its input, and theirs queued behind it) to the backward's
+    end. A gather's wait stays late: run as soon as the next unit's gather
+    was otherwise ready, it pulled each re-gather ahead of the compute
+    before its unit's backward (two units' parameters alive at once)."""
+    found: dict[int, list[int]] = {}
+    for index, kernel in enumerate(program.kernels):
+        if collectives.is_issue(kernel) and collectives.reduced_unit(kernel) is not None:
+            for before in waiting[index]:
+                if collectives.is_wait(program.kernels[before]):
+                    found.setdefault(before, []).append(index)
+    return found
 
 
 def _reorder(program: Program, waiting, consumers) -> list[int]:
@@ -247,15 +291,16 @@ def _reorder(program: Program, waiting, consumers) -> list[int]:
     # not at the program's start, where they held every unit's flat shards.
     eager = {i for i, kind in classes.items() if kind in (0, 2)} - feeders
     demand = lazy.Demand(waiting, (lazy.lazy_kernels(program) | feeders) - eager, order)
-    memory = _order(program, demand, lambda indices, users: (
+    memory = _order(program, demand, lambda indices, users, _: (
         sum(_delta(program, i, users) for i in indices), indices[-1]))
     if not classes:
         return memory
-    first = _order(program, demand, lambda indices, users: (
-        classes.get(indices[-1], 1), sum(_delta(program, i, users) for i in indices),
-        indices[-1]))
-    incoming = _order(program, demand, lambda indices, users: (
-        classes.get(indices[-1], 1), indices[-1]))
+    blocks = _blocked_issues(program, waiting)
+    first = _order(program, demand, lambda indices, users, urgent: (
+        0 if urgent else classes.get(indices[-1], 1),
+        sum(_delta(program, i, users) for i in indices), indices[-1]), blocks)
+    incoming = _order(program, demand, lambda indices, users, urgent: (
+        0 if urgent else classes.get(indices[-1], 1), indices[-1]), blocks)
     traced = list(range(len(program.kernels)))
     valid = all(before < index for index in traced for before in waiting[index])
     return _choose(program, [first, incoming, memory] + ([traced] if valid else []))

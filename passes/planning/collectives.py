@@ -41,7 +41,7 @@ from torch import fx
 
 __all__ = ["FSDP_REDUCE", "FSDP_UNIT", "LINK_BYTES", "LINK_LATENCY", "RESHARD", "WAIT", "Collective",
            "bound_gathers", "fsdp_unit", "group_rank", "group_size", "is_issue", "is_wait",
-           "kernel_seconds", "mark_after_waits", "mark_regathered", "predict",
+           "issue_order", "kernel_seconds", "reduced_unit", "mark_after_waits", "mark_regathered", "predict",
            "read_until_wait", "reads_regathered", "regathered"]
 
 #: bytes per second each rank sends on the ring (a PCIe 4 x16-class link; NVLink is faster)
@@ -56,7 +56,7 @@ WAIT = "_c10d_functional.wait_tensor.default"
 #: backward: the checkpoint pass recomputes them, never saves them).
 FSDP_UNIT = "retrograd_fsdp_unit"
 RESHARD = "retrograd_reshard"
-#: the mark on the nodes of a unit's gradient reduce-scatter
+#: the mark on the nodes of a unit's gradient reduce-scatter: the unit's index
 FSDP_REDUCE = "retrograd_fsdp_reduce"
 _PREFIX = "_c10d_functional."
 #: op -> (wire bytes as a fraction of the tensor's bytes, ring steps), for n ranks
@@ -228,18 +228,50 @@ def bound_gathers(program: Program, waiting: list[set[int]],
     return _feeders(program, [i for issues in groups.values() for i in issues], waiting)
 
 
+def reduced_unit(kernel: Kernel) -> int | None:
+    """The FSDP2 unit whose gradients ``kernel`` reduce-scatters, or None."""
+    for node in kernel.nodes:
+        unit = (getattr(node, "meta", {}).get("custom") or {}).get(FSDP_REDUCE)
+        if unit is not None:
+            return unit
+    return None
+
+
 def _one_reduce_in_flight(program: Program, edge) -> None:
     """Each FSDP2 reduce-scatter issued only after the previous one's wait,
     as FSDP2 waits for the last unit's reduce-scatter in the next unit's
-    post-backward: the schedule places a wait as late as it can, and a
-    reduce-scatter's input (its unit's full gradients) lives until its wait,
-    so unbounded, every unit's full gradients were alive at once."""
+    post-backward: a reduce-scatter's input (its unit's full gradients)
+    lives until its wait, so unbounded, every unit's full gradients were
+    alive at once. (The schedule runs such a wait as soon as the next
+    reduce-scatter is otherwise ready: ``blocked_issues``.)"""
     issues = [i for i, kernel in enumerate(program.kernels) if is_issue(kernel)
-              and any((getattr(n, "meta", {}).get("custom") or {}).get(FSDP_REDUCE)
-                      for n in kernel.nodes)]
+              and reduced_unit(kernel) is not None]
     for before, after in pairwise(issues):
         for wait in _waits_of(program, [before]):
             edge(wait, after)
+
+
+def issue_order(program: Program) -> list[int]:
+    """The order every rank issues the collectives in: the program's, except
+    that an FSDP2 unit's gradient reduce-scatter comes before the backward's
+    re-gathers of units two or more below it, as FSDP2 issues them (unit u's
+    reduce-scatter after its backward, where unit u-1 is already gathered and
+    unit u-2's gather is prefetched next). compiler/fsdp.py traces every
+    reduce-scatter after the whole backward, so in the program's order each
+    unit's full gradients waited behind every re-gather (the last one's issue
+    near the backward's end) and were all alive there. The order depends on
+    the traced collectives alone, so it is the same on every rank."""
+    issues = [i for i, kernel in enumerate(program.kernels) if is_issue(kernel)]
+    regathers = {i: unit for (unit, recomputed), found in _gathers(program).items()
+                 if recomputed for i in found}
+    for index in [i for i in issues if reduced_unit(program.kernels[i]) is not None]:
+        unit = reduced_unit(program.kernels[index])
+        here = issues.index(index)
+        target = next((k for k, i in enumerate(issues[:here])
+                       if regathers.get(i, unit) < unit - 1), None)
+        if target is not None:
+            issues.insert(target, issues.pop(here))
+    return issues
 
 
 def _feeders(program: Program, issues: list[int], waiting: list[set[int]]) -> set[int]:

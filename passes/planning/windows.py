@@ -152,9 +152,33 @@ def _split(window: Window, cut: int) -> tuple[list[Window], list]:
     return [Window(part) for part in (left, right) if part], crossing
 
 
+def _fullest(window: Window) -> list:
+    """The slots alive where the window's slots hold the most bytes at once
+    (the point that sizes its arena)."""
+    held: dict[int, int] = {}
+    for slot in window.slots:
+        for index in range(slot.start, slot.stop + 1):
+            held[index] = held.get(index, 0) + slot.size
+    top = max(held, key=lambda index: (held[index], -index))
+    return [slot for slot in window.slots if slot.start <= top <= slot.stop]
+
+
+def _moves(window: Window):
+    """(windows replacing ``window``, slots made standalone): each cut, and
+    each eviction of one slot alive where the arena is fullest (it gets an
+    allocation of its own, alive only over its life, and the arena shrinks
+    over the whole window: a long-lived slot, a gathered FSDP2 weight kept
+    for the backward, sized an arena held from the forward's start)."""
+    for cut in _cuts(window):
+        yield _split(window, cut)
+    for slot in _fullest(window) if len(window.slots) > 1 else []:
+        yield [Window([s for s in window.slots if s is not slot])], [slot]
+
+
 def split_windows(base: list[int], windows: list[Window], size,
                   limit: int = 64) -> tuple[list[Window], list]:
-    """Cut windows while a cut lowers the predicted peak (module docstring).
+    """Cut windows, or move a slot out of one, while that lowers the
+    predicted peak (module docstring).
 
     ``size(window)`` estimates a window's arena bytes (the liveness lower
     bound of its slots). Returns the windows and the slots made standalone.
@@ -170,14 +194,13 @@ def split_windows(base: list[int], windows: list[Window], size,
         if window is None:
             break
         best = None
-        for cut in _cuts(window):
-            parts, crossing = _split(window, cut)
+        for parts, moved in _moves(window):
             trial = [w for w in windows if w is not window] + parts
-            trial_peak = max(_profile(base, trial, standalone + crossing, size))
+            trial_peak = max(_profile(base, trial, standalone + moved, size))
             if trial_peak < peak and (best is None or trial_peak < best[0]):
-                best = (trial_peak, trial, crossing)
+                best = (trial_peak, trial, moved)
         if best is None:
             break
-        _, windows, crossing = best
-        standalone += crossing
+        _, windows, moved = best
+        standalone += moved
     return sorted(windows, key=lambda w: w.start), standalone
