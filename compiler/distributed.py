@@ -326,16 +326,26 @@ def _require_process_group(why: str = "the model is DistributedDataParallel") ->
             "every rank before compile_step, and destroy it after")
 
 
+def _signature(model: torch.nn.Module, replicas: Replicas) -> list[tuple]:
+    """(name, shape, dtype) of each trainable parameter; of an FSDP2 model
+    the full (unsharded) shapes, which every rank's shards must share (a
+    rank's own shard may be shorter: uneven dim-0 chunks)."""
+    if replicas.layout is not None:
+        shards = [p for _, p in model.named_parameters()]
+        return [(spec.name, tuple(spec.full), str(shard.dtype))
+                for spec, shard in zip(replicas.layout.params, shards)]
+    return [(name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()
+            if p.requires_grad]
+
+
 def check_same_parameters(model: torch.nn.Module, replicas: Replicas) -> None:
     """Every rank's trainable parameters have the same names, shapes and
-    dtypes; otherwise the first all-reduce would hang or mix values, so this
-    raises naming the first difference. Then, under ``process_group=``,
+    dtypes (an FSDP2 model's full shapes); otherwise the first all-reduce or
+    all-gather would hang or mix values, so this raises naming the first
+    difference. Then, under ``process_group=``,
     rank 0's parameters and buffers are copied to every rank, as DDP does
     when it wraps a model."""
-    if replicas.layout is not None:   # FSDP2 sharded them alike; the shards may differ
-        return
-    mine = [(name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()
-            if p.requires_grad]
+    mine = _signature(model, replicas)
     gathered = replicas.gather(mine)
     for rank, theirs in enumerate(gathered):
         if theirs == mine:
@@ -344,9 +354,11 @@ def check_same_parameters(model: torch.nn.Module, replicas: Replicas) -> None:
                       for a, b in zip(mine, theirs) if a != b),
                      f"{len(mine)} trainable parameters on this rank, {len(theirs)} on rank "
                      f"{rank}")
-        raise UnsupportedError("retrograd.compile_step: the DDP model's parameters differ "
+        kind = "FSDP2" if replicas.layout is not None else "DDP"
+        raise UnsupportedError(f"retrograd.compile_step: the {kind} model's parameters differ "
                                f"across ranks: {first} (name, shape, dtype); build the same "
                                "model on every rank")
-    if replicas.wrapper is None:   # DDP broadcast them when it wrapped the model
+    # DDP broadcast them when it wrapped the model; FSDP2's shards differ by design
+    if replicas.wrapper is None and replicas.layout is None:
         replicas.broadcast([tensor.detach() for tensor in model.parameters()]
                            + list(model.buffers()))

@@ -168,7 +168,11 @@ def fsdp2_reshard_peak_deep(_: str) -> None:
 
 
 def fsdp2_refusals(_: str) -> None:
-    """FSDP2 setups the step cannot run end in UnsupportedError naming the fix."""
+    """FSDP2 setups the step cannot run end in UnsupportedError naming the
+    fix: blocks sharded without the root, FSDP2's mixed precision, no
+    optimizer, a model that differs across ranks (its all-gathers would not
+    match: a hang or a gloo error before), and no process group (run last:
+    it destroys the group)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -183,6 +187,16 @@ def fsdp2_refusals(_: str) -> None:
              "MixedPrecisionPolicy", "torch.autocast")
     plain = _sharded(twins()[0])
     refused(lambda: retrograd.compile_step(plain, loss_fn, None), "needs an optimizer")
+    uneven = twins()[0]
+    if dist.get_rank() == 1:   # a model that differs by rank: its gathers would not match
+        uneven.head = nn.Linear(WIDTH, CLASSES + 1)
+    uneven = _sharded(uneven)
+    refused(lambda: retrograd.compile_step(uneven, loss_fn, _sgd(uneven)),
+            "FSDP2 model's parameters differ across ranks", "head.weight")
+    late = _sharded(twins()[0])
+    dist.destroy_process_group()   # the last check: nothing communicates after it
+    refused(lambda: retrograd.compile_step(late, loss_fn, _sgd(late)),
+            "FSDP2", "no process group is initialised", "init_process_group")
 
 
 def _sgd(model):

@@ -166,6 +166,7 @@ def test_compile_step_on_ddp_unused_layers_and_two_gradient_dtypes():
 
 
 def test_compile_step_refuses_data_parallel_and_fsdp1():
+    """DataParallel, FSDP1, and DDP nested inside the model each name the fix."""
     model = torch.nn.DataParallel(torch.nn.Linear(2, 2))
     with pytest.raises(retrograd.UnsupportedError, match="DataParallel.*DDP"):
         retrograd.compile_step(model, lambda m, x: m(x).sum(), None)
@@ -177,6 +178,11 @@ def test_compile_step_refuses_data_parallel_and_fsdp1():
     fsdp1.inner = torch.nn.Linear(2, 2)
     with pytest.raises(retrograd.UnsupportedError, match="FSDP1.*DDP\\(torch.compile"):
         retrograd.compile_step(torch.nn.Sequential(fsdp1), lambda m, x: m(x).sum(), None)
+    from torch.nn.parallel import DistributedDataParallel
+    nested = torch.nn.Sequential(_bare(DistributedDataParallel))
+    with pytest.raises(retrograd.UnsupportedError,
+                       match="DistributedDataParallel \\(at '0'\\) inside the model; wrap"):
+        retrograd.compile_step(nested, lambda m, x: m(x).sum(), None)
 
 
 def _bare(cls):
