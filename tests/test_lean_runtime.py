@@ -186,3 +186,25 @@ def test_no_grad_calls_keep_working_after_lean_ones():
         out = compiled(x)
     assert not out.requires_grad
     torch.testing.assert_close(out, model(x))
+
+
+def test_autograd_errors_hold_as_in_eager():
+    """A saved input written in place before the backward, and a second
+    backward without retain_graph, raise as they do in eager."""
+    def f(x, w):
+        return ((x * w).sin()).sum(),
+    compiled = retrograd.compile(f, executor="torch")
+    compiled(torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True))
+    for function in (compiled, f):
+        x, w = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+        (loss,) = function(x, w)
+        with torch.no_grad():
+            w.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        (loss,) = function(torch.randn(4, requires_grad=True), w)
+        assert _lean(loss) == (function is compiled)
+        loss.backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            loss.backward()
+    assert _runtimes(compiled) == ["lean"]
