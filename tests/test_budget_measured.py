@@ -84,12 +84,6 @@ def test_budget_half_keeps_at_most_half_of_default_partitions_measured_bytes(nam
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "known regression since 2769b46 (ledger.predicted_peak frees saved values at "
-    "their last backward reader, which fixed LLaMA's 0.75 -> 0.5 rise): GPT-2 measures "
-    "129,392 bytes at 0.25 against 129,320 at 0.5; the prediction counts recomputed "
-    "views (view_11, permute_26) apart from their base's storage (BENCHMARKS.md, "
-    "Pareto section). strict: passing again fails, so the mark must be removed"))
 def test_measured_peak_never_rises_along_the_ladder():
     """The peak guard works on the predicted peak (passes/planning/budget.py);
     here the profiler's step peak of GPT-2 at 1.0, 0.75, 0.5, 0.25, beside
@@ -97,7 +91,10 @@ def test_measured_peak_never_rises_along_the_ladder():
     fresh process (``benchmarks/pareto.py``'s ``isolated``): measured one
     after another in one process, 0.75 peaked 1,416 bytes above 1.0, a
     figure of the process's history, not of the plan (fresh: 143,828 and
-    132,744)."""
+    132,744). After 2769b46 it failed: 0.25 measured 129,392 bytes against
+    0.5's 129,320, the prediction counting recomputed views (``view_11``,
+    ``permute_26``) apart from their base and GELU's backward chain, which
+    the program computes in place, as a new value per step."""
     import pareto
     rows = [(fraction, row["peak_bytes"], row["predicted_peak_bytes"]) for fraction in
             budget.LADDER for row in [pareto.isolated("gpt2", "retrograd", fraction)]]

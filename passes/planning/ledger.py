@@ -20,10 +20,13 @@ reader. Recomputation runs just before the first backward reader that needs
 it, a chain in its forward order, each value freed after its last reader
 (as ``sink_recomputation`` places it): a chain of ten recomputed values
 for one reader is not ten values alive at once. A backward value lives
-from its node to its last reader; one that has an in-place form and reads
-last a backward value of its own size takes that value's buffer (the
-program's in-place rewrite: the embedding backward's ``index_put`` into its
-zeros). A multi-output op (attention's backward) holds its outputs beside
+from its node to its last reader. A backward or recomputed op takes the
+storage of an operand that dies there, as the torch program's in-place
+rewrite does (``codegen/torch_liveness.py``): a pointwise op any operand's
+of its shape, dtype and strides (GELU's backward chain, ``torch.mul(a, b,
+out=b)``), another op with an in-place form its first argument's of its
+size (the embedding backward's ``index_put`` into its zeros); a saved value
+is the caller's, never taken. A multi-output op (attention's backward) holds its outputs beside
 its inputs while it runs. A view (an op whose schema says its result
 aliases its input: ``t``, ``permute``, ``expand``, ``slice``, an item of
 ``split``) counts no bytes: its base's storage stays alive until the view's
@@ -174,24 +177,39 @@ def _storages(graph: fx.Graph, ctx: dict):
             if not view:
                 storages[key] = [_tensor_bytes(node), first, []]
             storages[key][2].extend(readers)
-    return storages, running
+    return storages, running, owners
 
 
-def _takes_over(node: fx.Node, storages: dict, ctx: dict) -> bool:
-    """Whether a backward op writes its result into its first argument's buffer:
-    the argument (a backward or recomputed value, not a saved one nor a view)
-    has the same size and its storage is read last here, and the op has an
-    in-place form (``index_put`` -> ``index_put_``); the program's in-place
-    rewrite does that, so the two are never alive at once."""
-    arg = node.args[0] if node.args else None
-    if not isinstance(arg, fx.Node) or not isinstance(node.target, torch._ops.OpOverload):
-        return False
-    key = next(((arg, i) for i in ("bwd", "rec") if (arg, i) in storages), None)
-    if key is None or _tensor_bytes(arg) != _tensor_bytes(node):
-        return False
+def _same_layout(arg: fx.Node, node: fx.Node) -> bool:
+    a, b = arg.meta.get("val"), node.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (
+        a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+
+
+def _donor(node: fx.Node, instance: str, ctx: dict, taken: set):
+    """The storage a backward or recomputed op writes its result into, or None,
+    as the torch program's in-place rewrite (``codegen/torch_liveness.py``)
+    does: a pointwise op into any operand of its shape, dtype and strides
+    (``torch.mul(a, b, out=b)``, through a view too), another op with an
+    in-place form into its first argument of its size (``index_put_``); the
+    operand's storage made by the backward (a backward or recomputed value,
+    not a saved one: the caller's) and read last here."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    pointwise = torch.Tag.pointwise in node.target.tags
     in_place = hasattr(torch.ops.aten, node.target._opname + "_")
-    here = (ctx["order"][node], _AFTER)
-    return in_place and max(storages[key][2], default=storages[key][1]) == here
+    args = [a for a in (node.args if pointwise else node.args[:1]) if isinstance(a, fx.Node)]
+    at = ctx["read_at"](node)
+    for arg in args:
+        key = next((ctx["owners"][(arg, i)] for i in ("bwd", "rec")
+                    if (arg, i) in ctx["owners"]), None)
+        if key is None or key in taken or _tensor_bytes(key[0]) != _tensor_bytes(node):
+            continue
+        fits = _same_layout(arg, node) if pointwise else in_place and arg is key[0]
+        _, first, readers = ctx["storages"][key]
+        if fits and max(readers, default=first) == at:
+            return key
+    return None
 
 
 def _lives(graph: fx.Graph, info, saved, recomputed):
@@ -206,11 +224,15 @@ def _lives(graph: fx.Graph, info, saved, recomputed):
            "read_at": lambda user: slots.get(user, (order[user], _AFTER)),
            "boundary": (min((order[n] for n in nodes if n.op == "call_function"
                              and n not in forward), default=len(nodes)), 0)}
-    storages, running = _storages(graph, ctx)
+    storages, running, ctx["owners"] = _storages(graph, ctx)
+    ctx["storages"] = storages
     yield from ((size, at, at) for size, at in running)
+    taken = set()
     for (node, instance), (size, first, readers) in storages.items():
-        if instance == "bwd" and _takes_over(node, storages, ctx):
-            first = (first[0], _AFTER + 1)
+        donor = _donor(node, instance, ctx, taken) if instance != "fwd" else None
+        if donor is not None:   # begins just after its operand's storage ends
+            taken.add(donor)
+            first = (first[0], first[1] + 0.5)
         yield size, first, max(readers, default=first)
 
 
