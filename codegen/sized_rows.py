@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from string import Template
 
 import torch
+from retrograd.codegen.sized_pointwise import helpers
 
 __all__ = ["RowGroup", "Step", "rows_source"]
 
@@ -67,7 +68,7 @@ $covered
 """
 import triton
 import triton.language as tl
-
+$helpers
 
 @triton.jit
 def $name(
@@ -208,7 +209,7 @@ def rows_source(group: RowGroup, title: str) -> tuple[str, str]:
     digest = hashlib.sha1((",".join(pointers + sizes) + text).encode()).hexdigest()[:10]
     name = f"sized_rows_{title}_{digest}"
     source = KERNEL.substitute(
-        name=name, loops=loops, body=text, args=", ".join(pointers),
+        name=name, loops=loops, body=text, helpers=helpers(text), args=", ".join(pointers),
         covered="\n".join(f"    {line}" for line in group.covered),
         params="\n".join(f"    {pointer}," for pointer in pointers),
         sizes="".join(f", {size}" for size in sizes),

@@ -32,7 +32,14 @@ from typing import Any
 import numpy
 import sympy
 import torch
-from retrograd.codegen.sized_pointwise import DTYPES, OPS, REDUCTIONS, kernel_source, squares_only
+from retrograd.codegen.sized_pointwise import (
+    DTYPES,
+    OPS,
+    REDUCTIONS,
+    expression,
+    kernel_source,
+    small_power,
+)
 from retrograd.codegen.sized_reduction import reduction_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
@@ -109,7 +116,7 @@ def _kind(node: fx.Node) -> tuple | None:
     value = node.meta.get("val")
     if (node.op != "call_function" or node.target not in OPS or node.kwargs
             or not isinstance(value, torch.Tensor) or value.dtype not in DTYPES
-            or not _contiguous(value) or not squares_only(node.target, node.args)):
+            or not _contiguous(value) or not small_power(node.target, node.args)):
         return None
     kind = (tuple(str(s) for s in value.shape), value.dtype, value.device)
     tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]
@@ -178,9 +185,9 @@ def _source(run: list[fx.Node]) -> tuple[str, str, list[fx.Node], list[fx.Node]]
     outputs = [node for node in pointwise if any(user not in inside for user in node.users)]
     names = {node: f"in{i}" for i, node in enumerate(inputs)}
     names.update({node: f"v{i}" for i, node in enumerate(run)})
-    lines = [(names[node], OPS[node.target].format(*[
-        names[arg] if isinstance(arg, fx.Node) else repr(float(arg)) for arg in node.args]))
-        for node in pointwise]
+    lines = [(names[node], expression(node.target, [
+        names[arg] if isinstance(arg, fx.Node) else repr(float(arg)) for arg in node.args],
+        node.args)) for node in pointwise]
     shape = run[0].meta["val"].shape
     scalars = [names[n] for n in inputs if _loaded_once(n.meta["val"])]
     broadcast = [names[n] for n in inputs if names[n] not in scalars

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy
 import torch
-from retrograd.codegen.sized_pointwise import DTYPES, OPS, squares_only
+from retrograd.codegen.sized_pointwise import DTYPES, OPS, expression, small_power
 from retrograd.codegen.sized_rows import RowGroup, Step, rows_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
@@ -129,7 +129,7 @@ def _fits(node: fx.Node, space: Space, members: dict) -> str | None:
         return "row" if _keepdim(args[0]) else "flat"
     if target in OPS or target is WHERE:
         kind = space.kind(value)
-        if node.kwargs or kind is None or not squares_only(target, args):
+        if node.kwargs or kind is None or not small_power(target, args):
             return None
         kinds = [_operand(a, space, members, target is WHERE and i == 0)
                  for i, a in enumerate(args)]
@@ -237,9 +237,7 @@ def _safe(name: str) -> str:
 def _expression(node: fx.Node, names: dict) -> str:
     """The Triton expression of an elementwise member over value names."""
     operands = [names[a] if isinstance(a, fx.Node) else repr(float(a)) for a in node.args]
-    if node.target is WHERE:
-        return "tl.where({}, {}, {})".format(*operands)
-    return OPS[node.target].format(*operands)
+    return expression(node.target, operands, node.args)
 
 
 def _steps(node: fx.Node, names: dict) -> list[Step]:

@@ -141,3 +141,17 @@ def test_a_where_with_a_broadcast_boolean_mask_fuses_into_the_run():
         keep = torch.rand(tokens, tokens) > 0.5
         grad = torch.randn(batch, 2, tokens, tokens)
         assert_close(gm(grad, keep), masked_scale(grad, keep), torch.float32)
+
+
+def gelu_tanh(x):
+    """GPT-2's gelu_new: a cube and a tanh (the interpreter has no libdevice tanh)."""
+    inner = 0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))
+    return 0.5 * x * (1.0 + torch.tanh(inner)) + torch.pow(x, 2)
+
+
+def test_gelu_tanh_with_its_cube_and_tanh_is_one_kernel():
+    gm, kernels = _fused(gelu_tanh, torch.randn(4, 6, dtype=torch.float64))
+    assert kernels == 1 and not _torch_calls(gm), gm.code
+    for rows in (3, 9):
+        x = torch.randn(rows, 6, dtype=torch.float64) * 3
+        assert_close(gm(x), gelu_tanh(x), torch.float64)
