@@ -23,10 +23,14 @@ issue kernel and a ``wait_tensor`` kernel. Each issue runs as soon as it is
 ready (and the kernel that fills its buffer is preferred among the ready
 ones), each wait only when nothing else is ready, so the compute between
 them overlaps the communication (as Inductor's comm reordering and
-SimpleFSDP's bucketed overlap do). Issues keep their order in the program:
-every rank must issue the same collectives in the same order, or the
-collectives mix up or hang. Issues and waits are never lazy; the kernels
-preparing an FSDP2 gather's input are (run just before the issue). The pass
+SimpleFSDP's bucketed overlap do). Issues keep one order,
+``collectives.issue_order`` (the program's, with FSDP2's reduce-scatters
+moved ahead of later units' re-gathers, as FSDP2 issues them): every rank
+must issue the same collectives in the same order, or the collectives mix
+up or hang. An FSDP2 reduce-scatter's wait runs as soon as it is all the
+next reduce-scatter waits for (``_blocked_issues``), not last. Issues and
+waits are never lazy; the kernels preparing an FSDP2 gather's input are
+(run just before the issue). The pass
 then builds four orders -- communication first (the greedy above, or the
 incoming order under the same rules), memory first, and the incoming order
 itself -- and keeps, of those hiding the most communication

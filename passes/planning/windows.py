@@ -20,14 +20,19 @@ chained in place along it still share that one allocation).
 2. Then peak-driven splits: the footprint model below predicts the bytes the
    program holds at every kernel; while the largest prediction falls in a
    window that holds more bytes there than its slots use, the window is cut
-   at the point that lowers the predicted peak most, and the search stops
-   when no cut lowers it (Pisarchyk & Lee's planners make the same kind of
-   choice with a memory-usage objective rather than a count of arenas).
+   at the point that lowers the predicted peak most -- or one slot alive
+   where the window's slots hold the most is moved out to an allocation of
+   its own, where no cut lowers the peak as much (an arena sized by the
+   backward's fullest point and held from the forward's start: a cut there
+   makes every slot alive across it standalone) -- and the search stops
+   when no move lowers it (Pisarchyk & Lee's planners make the same kind
+   of choice with a memory-usage objective rather than a count of arenas).
 
 The footprint model: at kernel ``t``, the arenas held, plus every storage of
 the program's own that is alive (extern and standalone results, escaping
-outputs from their birth on; a buffer written in place over another extends
-that storage's life; inputs are left out: the caller holds most of them,
+outputs from their birth on; a buffer written in place over another, or a
+``wait_tensor``'s result, extends that storage's life: ``storage_lives``;
+inputs are left out: the caller holds most of them,
 parameters and the batch, anyway), plus, at a
 convolution (``SCRATCH_OPS``), scratch as large as the bytes the call reads
 and writes -- torch allocates workspace there that the plan cannot see
