@@ -33,15 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
 
 import torch
-import torch._functorch.aot_autograd  # noqa: F401 -- before its runtime_wrappers (import cycle)
+import torch._functorch.aot_autograd  # first: runtime_wrappers alone is an import cycle
+from retrograd.locking import compiling
 from torch._functorch import config as functorch_config
 from torch._functorch._aot_autograd import runtime_wrappers as aot_runtime
 from torch._functorch._aot_autograd.schemas import MutationType, OutputType
-
-from retrograd.locking import compiling
 
 __all__ = ["LeanRuntime", "lean_runtimes", "why_not_lean"]
 

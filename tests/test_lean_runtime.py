@@ -126,8 +126,8 @@ def test_an_input_mutation_needing_a_gradient_keeps_aotautograds_runtime():
         w2, base2 = w.detach().clone().requires_grad_(), base.detach().clone().requires_grad_()
         for got, expected in zip(run(compiled, w, base), run(f, w2, base2)):
             torch.testing.assert_close(got, expected)
-    assert _runtimes(compiled) == ["an input mutation other than a data write into an "
-                                   "input that needs no gradient"]
+    assert _runtimes(compiled) == [("an input mutation other than a data write into an "
+                                    "input that needs no gradient")]
 
 
 def test_an_output_without_gradient_is_non_differentiable():
