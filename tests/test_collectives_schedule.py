@@ -238,3 +238,79 @@ def test_fsdp2_regather_waits_for_its_unit_and_its_input_is_made_just_before():
     assert position["gatherA2"] > position["waitB2"], order
     for mark in ("A", "B", "B2", "A2"):
         assert position[f"flat{mark}"] == position[f"gather{mark}"] - 1, (mark, order)
+
+
+REDUCE = torch.ops._c10d_functional.reduce_scatter_tensor.default
+
+
+def _reduce(unit: int, grad: str) -> list[Kernel]:
+    """Unit ``unit``'s gradient layout ``l<unit>`` from ``grad``, its
+    reduce-scatter and wait (marked as compiler/fsdp.py marks them)."""
+    meta = {"custom": {collectives.FSDP_REDUCE: unit}}
+
+    def kernel(name, kind, inputs, outputs, target=None):
+        node = SimpleNamespace(target=target, name=name, meta=meta,
+                               args=(None, "sum", 2, "no such group"))
+        return Kernel(name, kind, [node], inputs, outputs)
+    return [kernel(f"layout{unit}", "triton", [grad], [f"l{unit}"]),
+            kernel(f"reduce{unit}", "extern", [f"l{unit}"], [f"s{unit}"], REDUCE),
+            kernel(f"rwait{unit}", "extern", [f"s{unit}"], [f"g{unit}"], WAIT)]
+
+
+def three_resharding_units() -> Program:
+    """Three FSDP2 units that reshard, traced as compiler/fsdp.py traces
+    them: forward gathers, each unit's backward on its re-gathered
+    parameters (last unit first), then every unit's gradients laid out and
+    reduce-scattered after the whole backward."""
+    units = "ABC"
+    buffers = {}
+    for mark in [*units, *(u + "2" for u in units)]:
+        buffers.update({f"{n}{mark}": _buffer(f"{n}{mark}", 1000) for n in "crp"})
+    buffers.update({f"s{u}": _buffer(f"s{u}", 100, "input") for u in units})
+    buffers["x"] = _buffer("x", 100, "input")
+    buffers.update({n: _buffer(n, 100) for n in ("h0", "h1", "h2", "h3", "d3", "d2", "d1")})
+    for k in (1, 2, 3):
+        buffers.update({f"w{k}": _buffer(f"w{k}", 1000), f"l{k}": _buffer(f"l{k}", 1000),
+                        f"s{k}": _buffer(f"s{k}", 500), f"g{k}": _buffer(f"g{k}", 500, "output")})
+    kernels = []
+    for k, u in enumerate(units, 1):   # the forward
+        kernels += [*_gather(k, False, f"s{u}", u),
+                    Kernel(f"forward_{k}", "triton", [], [f"h{k - 1}", f"p{u}"], [f"h{k}"])]
+    buffers["h0"] = _buffer("h0", 100, "input")
+    kernels.append(Kernel("head_back", "triton", [], ["h3"], ["d3"]))
+    before = "d3"
+    for k, u in ((3, "C"), (2, "B"), (1, "A")):   # the backward, weight gradients w<k>
+        kernels += [*_gather(k, True, f"s{u}", u + "2"),
+                    Kernel(f"back_{k}", "triton", [], [before, f"p{u}2", f"h{k - 1}"],
+                           [f"w{k}", f"d{k - 1}" if k > 1 else "d0"])]
+        before = f"d{k - 1}"
+    buffers["d0"] = _buffer("d0", 100)
+    for k in (3, 2, 1):
+        kernels += _reduce(k, f"w{k}")
+    outputs = ["g1", "g2", "g3"]
+    kernels.append(Kernel("use_d0", "triton", [], ["d0"], ["h_out"]))
+    buffers["h_out"] = _buffer("h_out", 100, "output")
+    return Program("three_units", buffers, kernels, inputs=["x", "h0", "sA", "sB", "sC"],
+                   outputs=outputs + ["h_out"])
+
+
+def test_fsdp2_reduce_scatters_in_fsdp2_order_one_in_flight_waited_early():
+    """compiler/fsdp.py traces every reduce-scatter after the whole backward.
+    The issues kept that order, so unit 3's reduce-scatter waited behind
+    unit 1's re-gather, and each reduce-scatter's wait ran last (only when
+    nothing else was ready): every unit's full gradients (``l<k>``) were
+    alive at the backward's end. Now unit 3's reduce-scatter is issued
+    before unit 1's re-gather (FSDP2's order), and a reduce-scatter's wait
+    runs as soon as the next reduce-scatter could be issued (one in
+    flight), before unit 1's backward."""
+    program = three_resharding_units()
+    program.validate()
+    issues = [program.kernels[i].name for i in collectives.issue_order(program)]
+    assert issues == ["gatherA", "gatherB", "gatherC", "gatherC2", "gatherB2", "reduce3",
+                      "gatherA2", "reduce2", "reduce1"], issues
+    schedule.run(program, context())
+    position = {kernel.name: index for index, kernel in enumerate(program.kernels)}
+    order = [kernel.name for kernel in program.kernels]
+    assert position["reduce3"] < position["gatherA2"] < position["back_1"], order
+    assert position["rwait3"] < position["reduce2"] < position["back_1"], order
+    assert position["reduce3"] == position["layout3"] + 1, order
