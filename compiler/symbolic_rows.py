@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy
 import torch
-from retrograd.codegen.sized_pointwise import DTYPES, OPS, expression, small_power
-from retrograd.codegen.sized_rows import RowGroup, Step, rows_source
+from retrograd.codegen.sized_pointwise import DTYPES, OPS, small_power
+from retrograd.codegen.sized_rows import RowGroup, rows_source
 from retrograd.runtime.device import interpreter_mode
 from retrograd.runtime.executor import without_cycles
 from retrograd.runtime.loader import load_module, write_source
@@ -39,6 +39,8 @@ from retrograd.symbolic_fusion import (
     broadcast_block,
     broadcast_sizes,
 )
+from retrograd.symbolic_row_steps import safe_name
+from retrograd.symbolic_row_steps import steps as _steps
 from torch import fx
 
 __all__ = ["fuse_rows"]
@@ -225,71 +227,6 @@ def _keep(groups: list, members: dict, space: Space) -> None:
         groups.append((nodes, space))
 
 
-#: Names the kernel's own code uses: an fx value of that name is renamed.
-_RESERVED = {"rows", "cols", "mask", "row_mask", "offsets", "start", "n_rows", "n_cols",
-             "ROWS", "BLOCK", "tl", "triton", "launch", "grid"}
-
-
-def _safe(name: str) -> str:
-    return f"{name}_value" if name in _RESERVED else name
-
-
-def _expression(node: fx.Node, names: dict) -> str:
-    """The Triton expression of an elementwise member over value names."""
-    operands = [names[a] if isinstance(a, fx.Node) else repr(float(a)) for a in node.args]
-    return expression(node.target, operands, node.args)
-
-
-def _steps(node: fx.Node, names: dict) -> list[Step]:
-    """The steps of one member (the softmax family and var_mean expanded)."""
-    n, target = _safe(node.name), node.target
-    source = names.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-    if target in OPS or target is WHERE:
-        uses = [names[a] for a in node.args if isinstance(a, fx.Node)]
-        return [Step(n, names["kind", node], _expression(node, names), uses)]
-    if target is aten.sum.dim_IntList:
-        return [Step(n, "sum", uses=[source])]
-    if target is aten.amax.default:
-        return [Step(n, "max", uses=[source])]
-    if target is aten.mean.dim:
-        return [Step(f"{n}_sum", "sum", uses=[source]),
-                Step(n, "row", f"{n}_sum / n_cols", [f"{n}_sum"])]
-    if target is aten.var_mean.correction:
-        correction = node.kwargs.get("correction", 1)
-        return [Step(f"{n}_sum", "sum", uses=[source]),
-                Step(f"{n}_mean", "row", f"{n}_sum / n_cols", [f"{n}_sum"]),
-                Step(f"{n}_centred", "full", f"{source} - {n}_mean", [source, f"{n}_mean"]),
-                Step(f"{n}_square", "full", f"{n}_centred * {n}_centred", [f"{n}_centred"]),
-                Step(f"{n}_squares", "sum", uses=[f"{n}_square"]),
-                Step(f"{n}_var", "row", f"{n}_squares / (n_cols - {correction})",
-                     [f"{n}_squares"])]
-    return _softmax_steps(node, names, source)
-
-
-def _softmax_steps(node: fx.Node, names: dict, x: str) -> list[Step]:
-    n, target = _safe(node.name), node.target
-    if target is aten._softmax.default:   # exp(x - max) / sum
-        return [Step(f"{n}_max", "max", uses=[x]),
-                Step(f"{n}_exp", "full", f"tl.exp({x} - {n}_max)", [x, f"{n}_max"]),
-                Step(f"{n}_sum", "sum", uses=[f"{n}_exp"]),
-                Step(n, "full", f"{n}_exp / {n}_sum", [f"{n}_exp", f"{n}_sum"])]
-    if target is aten._log_softmax.default:   # x - max - log(sum(exp(x - max)))
-        return [Step(f"{n}_max", "max", uses=[x]),
-                Step(f"{n}_shifted", "full", f"{x} - {n}_max", [x, f"{n}_max"]),
-                Step(f"{n}_exp", "full", f"tl.exp({n}_shifted)", [f"{n}_shifted"]),
-                Step(f"{n}_sum", "sum", uses=[f"{n}_exp"]),
-                Step(f"{n}_log_sum", "row", f"tl.log({n}_sum)", [f"{n}_sum"]),
-                Step(n, "full", f"{n}_shifted - {n}_log_sum", [f"{n}_shifted", f"{n}_log_sum"])]
-    y = names[node.args[1]]
-    if target is aten._softmax_backward_data.default:   # y * (g - sum(g * y))
-        return [Step(f"{n}_gy", "full", f"{x} * {y}", [x, y]),
-                Step(f"{n}_sum", "sum", uses=[f"{n}_gy"]),
-                Step(n, "full", f"{y} * ({x} - {n}_sum)", [x, y, f"{n}_sum"])]
-    # _log_softmax_backward_data: g - exp(y) * sum(g)
-    return [Step(f"{n}_sum", "sum", uses=[x]),
-            Step(n, "full", f"{x} - tl.exp({y}) * {n}_sum", [x, y, f"{n}_sum"])]
-
-
 def _line(node: fx.Node) -> str:
     """A covered node as the kernel's header shows it."""
     if node.target is operator.getitem:
@@ -309,7 +246,7 @@ def _group(nodes: list[fx.Node], space: Space, kinds: dict) -> tuple[RowGroup, l
         for i, arg in enumerate(node.args):
             if isinstance(arg, fx.Node) and arg not in inside and arg not in names:
                 boolean = node.target is WHERE and i == 0
-                names[arg] = _safe(arg.name)
+                names[arg] = safe_name(arg.name)
                 inputs.append(arg)
                 loads.append((names[arg], space.load(arg.meta["val"], boolean)))
                 if boolean:
@@ -321,11 +258,11 @@ def _group(nodes: list[fx.Node], space: Space, kinds: dict) -> tuple[RowGroup, l
             names[node] = f"{node.args[0].name}_{('var', 'mean')[node.args[1]]}"
             continue
         steps += _steps(node, names)
-        names[node] = _safe(node.name)
+        names[node] = safe_name(node.name)
     outputs = [node for node in nodes if kinds[node] != "tuple"
                and any(user not in inside for user in node.users)]
     covered = [_line(n) for n in nodes]
-    stored = [(_safe(n.name), names[n], "full" if kinds[n] == "full" else "row")
+    stored = [(safe_name(n.name), names[n], "full" if kinds[n] == "full" else "row")
               for n in outputs]
     group = RowGroup(loads, steps, stored, covered, space.dtype, booleans)
     return group, inputs, outputs
@@ -372,7 +309,7 @@ def _replace(gm: fx.GraphModule, nodes: list[fx.Node], space: Space, kinds: dict
     """Call the group's kernel where its last node was; its outputs replace the nodes."""
     group, inputs, outputs = _group(nodes, space, kinds)
     title = next(n for n in nodes if n.target in REDUCING or n.target in SOFTMAX).name
-    name, source = rows_source(group, _safe(title).lstrip("_"))
+    name, source = rows_source(group, safe_name(title).lstrip("_"))
     rank = len(space.full)
     keeps = [None if kinds[n] == "full" else kinds[n] == "row" for n in outputs]
     blocks = [broadcast_block(n.meta["val"], space.shape) for n, (_, load)
