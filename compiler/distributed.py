@@ -48,12 +48,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
+from retrograd import zero
 from retrograd.buckets import Limits, all_reduce
 from retrograd.errors import UnsupportedError
 from retrograd.fsdp import is_fsdp2, unwrap_fsdp2
 from retrograd.optimizers import clip_gradients
-from retrograd import zero
 
 __all__ = ["Replicas", "check_same_parameters", "refuse_for_compile", "unwrap"]
 

@@ -9,14 +9,23 @@ from __future__ import annotations
 import copy
 from itertools import pairwise
 
+import retrograd
 import torch
 import torch.distributed as dist
-from torch import nn
-
-import retrograd
 from checks import assert_close, assert_close_floor
-from distributed_workers import (CLASSES, FP32, STEPS, WIDTH, Block, batch, compare_parameters,
-                                 loss_fn, refused, twins)
+from distributed_workers import (
+    CLASSES,
+    FP32,
+    STEPS,
+    WIDTH,
+    Block,
+    batch,
+    compare_parameters,
+    loss_fn,
+    refused,
+    twins,
+)
+from torch import nn
 
 
 def _sharded(net, reshard: bool = True):

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import retrograd
+import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -39,10 +39,30 @@ from retrograd.passes.planning import remat
 from retrograd.passes.planning.offload import DEVICE_BYTES, DEVICE_FLOPS
 from torch import fx
 
-__all__ = ["FSDP_REDUCE", "FSDP_UNIT", "LINK_BYTES", "LINK_LATENCY", "RESHARD", "WAIT",
-           "Collective", "bound_gathers", "fsdp_unit", "group_rank", "group_size", "is_issue",
-           "is_wait", "issue_order", "kernel_seconds", "mark_after_waits", "mark_regathered",
-           "predict", "reduced_unit", "read_until_wait", "reads_regathered", "regathered"]
+__all__ = [
+    "FSDP_REDUCE",
+    "FSDP_UNIT",
+    "LINK_BYTES",
+    "LINK_LATENCY",
+    "RESHARD",
+    "WAIT",
+    "Collective",
+    "bound_gathers",
+    "fsdp_unit",
+    "group_rank",
+    "group_size",
+    "is_issue",
+    "is_wait",
+    "issue_order",
+    "kernel_seconds",
+    "mark_after_waits",
+    "mark_regathered",
+    "predict",
+    "read_until_wait",
+    "reads_regathered",
+    "reduced_unit",
+    "regathered",
+]
 
 #: bytes per second each rank sends on the ring (a PCIe 4 x16-class link; NVLink is faster)
 LINK_BYTES = 25e9

@@ -50,8 +50,14 @@ from retrograd.ir import Program
 from retrograd.passes.op_classes import SCRATCH_OPS
 from retrograd.passes.planning.lifetimes import storage_owners
 
-__all__ = ["Window", "busy_periods", "base_footprint", "split_windows", "add_span",
-           "storage_lives"]
+__all__ = [
+    "Window",
+    "add_span",
+    "base_footprint",
+    "busy_periods",
+    "split_windows",
+    "storage_lives",
+]
 
 
 @dataclass
