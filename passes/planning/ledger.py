@@ -31,9 +31,8 @@ its inputs while it runs. A view (an op whose schema says its result
 aliases its input: ``t``, ``permute``, ``expand``, ``slice``, an item of
 ``split``) counts no bytes: its base's storage stays alive until the view's
 last reader, transitively, for forward, saved, recomputed and backward
-values alike (counting GPT-2's recomputed ``view_11`` and ``permute_26`` as
-values of their own put its plan at 0.5 above its plan at 0.25 in the
-prediction's eyes, while 0.25 measured 72 bytes more). Inputs, parameters,
+values alike (GPT-2's recomputed ``view_11`` and ``permute_26``, 8,192
+bytes each, were counted as values of their own). Inputs, parameters,
 their views, tangents and theirs are left out, as in the saved bytes.
 """
 
