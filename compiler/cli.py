@@ -48,7 +48,8 @@ def summary(dump_dir: Path) -> int:
 
 def _peaks(report: dict) -> tuple[str, str, str, str | None]:
     """The report's three peaks as cells ("-" where null), and why the
-    measured one is missing (its ``measured_peak_note``), else None."""
+    measured one is missing (its ``measured_peak_note``); for a symbolic
+    program's measured peaks, the size hints they are at; else None."""
     memory = report["memory"]
     if "measured_peak_bytes" not in memory:
         return "-", "-", "-", (f"no peaks in this report (schema {report.get('schema')}; "
@@ -56,9 +57,12 @@ def _peaks(report: dict) -> tuple[str, str, str, str | None]:
 
     def cell(key: str) -> str:
         return "-" if memory.get(key) is None else str(memory[key])
-    measured = memory["measured_peak_bytes"]
+    measured, sizes = memory["measured_peak_bytes"], memory.get("peak_sizes")
+    note = memory.get("measured_peak_note") if measured is None else None
+    if measured is not None and sizes:   # a symbolic program's: measured at its size hints
+        note = "peaks at the size hints (" + ", ".join(f"{k}={v}" for k, v in sizes.items()) + ")"
     return (cell("predicted_peak_bytes"), cell("program_peak_bytes"), cell("measured_peak_bytes"),
-            memory.get("measured_peak_note") if measured is None else None)
+            note)
 
 
 def list_ops() -> int:
