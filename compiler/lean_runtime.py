@@ -270,12 +270,10 @@ class _Backward:
 
     def __call__(self, ctx, grads: list):
         self._check(len(grads))
-        tangents = [grads[i] for i in self.surviving]
+        # no local name may outlive this list: the program frees each tangent at its last use
+        tangents = [self._layout(grads[i], j) for j, i in enumerate(self.surviving)]
         grads.clear()
-        for j, tangent in enumerate(tangents):
-            tangents[j] = self._layout(tangent, j)
-        symints = ctx.symints
-        args = [*symints, *ctx.saved_tensors, *ctx._tensors_no_vc_check, *tangents]
+        args = [*ctx.symints, *ctx.saved_tensors, *ctx._tensors_no_vc_check, *tangents]
         del tangents
         if torch.is_grad_enabled():   # create_graph=True: gradients whose backward raises
             # the saved tensors are detached: a stand-in input makes the results need grad
