@@ -52,7 +52,7 @@ from retrograd.runtime.device import choose_executor
 from retrograd.symbolic_checks import SymbolicDump, Verifier, plan_text
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_passes import cudagraphs_record, offload_record, run_passes
-from retrograd.symbolic_peaks import symbolic_peaks
+from retrograd.symbolic_peaks import HintProbe, symbolic_peaks
 from retrograd.symbolic_runner import ArenaRunner
 from torch import fx
 from torch._functorch.aot_autograd import aot_module_simplified
@@ -272,6 +272,8 @@ class SymbolicCompiler:
             runner._boxed_call = True   # called with the list of inputs, which it may clear
             if self.verifier is None:
                 return runner
+            runner = HintProbe(runner, gm, self.runners[name], self.checkpoint, report,
+                               lambda: self.dump.report(name, report))   # inside verify's check
             if name == "backward":
                 tangents = sum(1 for n in gm.graph.nodes if n.op == "placeholder"
                                and n.name.startswith("tangents"))

@@ -15,6 +15,11 @@ inputs were allocated before it and the caller keeps them, so they are not
 in the figure: the same scope as the memory timeline's ``held by the
 program`` series, whose peak is the report's ``program_peak_bytes``.
 
+A symbolic program (dynamic shapes) is not run while compiling; under
+``verify=True`` its first call at the size hints, the sizes its
+``program_peak_bytes`` is planned at, is measured by the same rule
+(symbolic_peaks.py: ``HintProbe``, with a note naming those sizes).
+
 Where it does not measure, ``bytes`` is None and ``note`` says why: no run
 while compiling (``verify`` off), a device other than the CPU (the profiler's
 CPU events do not see device memory), or a profiler already running (torch
@@ -65,10 +70,12 @@ class Probe:
     """Stands in for a boxed executable: calls it once under the measurement
     and keeps the figure in ``measured`` (``NOT_RUN`` until called). Only the
     program's own call is inside the window, not what its caller does around
-    it (verify's ``run_program`` copies the RNG state first)."""
+    it (verify's ``run_program`` copies the RNG state first). ``how``: the
+    note of a measured figure."""
 
-    def __init__(self, executable: Callable[[list], Any], inputs: Sequence[Any]):
+    def __init__(self, executable: Callable[[list], Any], inputs: Sequence[Any], how: str = HOW):
         self.executable, self.devices, self.measured = executable, _devices(inputs), NOT_RUN
+        self.how = how   # the note of a measured figure: which run it measured
 
     def __call__(self, args: list):
         others = self.devices - {"cpu"}
@@ -83,5 +90,5 @@ class Probe:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                     profile_memory=True) as profiler:
             outputs = self.executable(args)
-        self.measured = Measured(_peak(profiler.profiler.kineto_results.events()), HOW)
+        self.measured = Measured(_peak(profiler.profiler.kineto_results.events()), self.how)
         return outputs

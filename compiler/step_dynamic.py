@@ -24,8 +24,10 @@ rest are copied back by the step). Of the step's other graph passes,
 cleanup runs first (symbolic_passes.py: kept where it needed no guard on
 the sizes); offload_step and CUDA graphs do not (their buffers and graphs
 are sized at compile time), each said in the report's ``passes``.
-``dump_dir`` and ``verify`` as for the other faces' symbolic programs (symbolic_checks.py: folder ``<id>-step``; verify against the
-traced step graph at each size's first call).
+``dump_dir`` and ``verify`` as for the other faces' symbolic programs
+(symbolic_checks.py: folder ``<id>-step``; verify against the traced step
+graph at each size's first call, and its first call at the size hints
+measured: symbolic_peaks.py's ``HintProbe``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from retrograd.symbolic_checks import StepVerifier, SymbolicDump, plan_text, tra
 from retrograd.symbolic_donation import donations
 from retrograd.symbolic_fusion import fuse_pointwise
 from retrograd.symbolic_passes import cudagraphs_record, offload_record, run_passes
-from retrograd.symbolic_peaks import symbolic_peaks
+from retrograd.symbolic_peaks import HintProbe, symbolic_peaks
 from retrograd.symbolic_remat import place_checkpoints
 from retrograd.symbolic_runner import ArenaRunner
 from torch.func import functionalize
@@ -167,7 +169,9 @@ class DynamicSteps:
             report["memory"]["updates_in_place"]
         report["graph_id"] = f"{dump.graph_id}-step"
         dump.half("step", gm, report, plan_text("step", runner))
-        if traced is not None:
+        if traced is not None:   # measured at the hints inside verify's check
+            executable = HintProbe(executable, gm, runner, checkpoints, report,
+                                   lambda: dump.report("step", report))
             verifier = StepVerifier(self.what, traced)
             executable = verifier.wrap(executable)
             executable.verifier = verifier

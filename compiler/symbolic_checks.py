@@ -19,7 +19,9 @@ traced aten ops, op by op), eager autograd runs the captured module on them
 outputs with the backward's gradients must match the joint graph's
 (``verify.compare``: checkpoint split, fusion, kernels and arenas at once).
 A program that draws random numbers is not checked (the draws differ from
-eager's; logged), as the static joint stage skips it.
+eager's; logged), as the static joint stage skips it. Inside the check, each
+half's first call at the size hints is measured for the report's
+``measured_peak_bytes`` (symbolic_peaks.py's ``HintProbe``).
 
 compile_step's symbolic step (step_dynamic.py) is one graph, dumped under
 ``<id>-step`` (the traced step graph as ``joint``, the graph after checkpoint

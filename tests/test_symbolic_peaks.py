@@ -1,14 +1,18 @@
 """The report's peaks (schema 4) on symbolic programs (compiler/symbolic_peaks.py):
 ``predicted_peak_bytes`` and ``program_peak_bytes`` at the size hints, equal to
 what a static program of those sizes reports; ``measured_peak_bytes`` null
-with the reason; null with a reason where no checkpoint plan ran."""
+with the reason without verify, and under ``verify=True`` the measured peak
+of the first call at the hints (``HintProbe``), compared with
+``program_peak_bytes`` on each face; null with a reason where no checkpoint
+plan ran."""
 
 from __future__ import annotations
 
 import pytest
 import retrograd
 import torch
-from retrograd.symbolic_peaks import NOT_MEASURED
+from retrograd import cli
+from retrograd.symbolic_peaks import NOT_MEASURED, PENDING
 from symbolic_models import batch as _batch
 from symbolic_models import mlp as _mlp
 from symbolic_models import mse as _loss
@@ -115,3 +119,97 @@ def test_symbolic_step_peaks(executor):
     assert runner.last_plan.predicted_peak == got["program_peak_bytes"] > 0
     step(*_batch(9))
     assert runner.last_plan.predicted_peak > got["program_peak_bytes"]
+
+
+#: aten wraps a Python-number operand (``1 - x``, ``x * 2``, the optimizer's ``-lr``) as a
+#: 0-dim float64 tensor during the op, and copies it once more to the op's dtype: 16 bytes of
+#: an op's own scratch, which the run-time plan does not count (module docstring of
+#: symbolic_peaks.py). Where such an op runs at the peak, measured exceeds program by that.
+SCALAR_SCRATCH = 16
+
+
+def _measured(memory: dict, scratch: int = 0) -> None:
+    """Measured at the hints (3 rows), within ``scratch`` bytes above the plan's peak."""
+    assert memory["peak_sizes"] and list(memory["peak_sizes"].values()) == [3]
+    hints = ", ".join(f"{k}=3" for k in memory["peak_sizes"])
+    assert memory["measured_peak_note"].startswith("measured: ")
+    assert f"first call at the size hints ({hints})" in memory["measured_peak_note"]
+    program, measured = memory["program_peak_bytes"], memory["measured_peak_bytes"]
+    assert program > 0 and program <= measured <= program + scratch, (program, measured)
+
+
+@pytest.mark.parametrize("executor", ["torch", "fx"])
+def test_verify_measures_the_symbolic_program_at_the_hints(executor, tmp_path, capsys):
+    """The standalone face: each half's first call at the hints is measured.
+    The arena program (``torch``) peaks where its plan says, byte for byte;
+    the fx graph's backward peaks inside ``1 - tanh**2``'s ``sub`` (the
+    scalar operand's scratch: ``SCALAR_SCRATCH``). The dump's report.json and
+    ``retrograd summary`` carry the figure; a later size leaves it as it is."""
+    compiled = retrograd.compile(_Net(), executor=executor, verify=True, dump_dir=str(tmp_path))
+    for rows in (4, 3, 5):
+        compiled(_x(rows)).backward()
+    scratch = {"forward": 0, "backward": SCALAR_SCRATCH if executor == "fx" else 0}
+    for half in ("forward", "backward"):
+        memory = compiled.reports[half]["memory"]
+        _measured(memory, scratch[half])
+        if executor == "torch":
+            assert memory["measured_peak_bytes"] == memory["program_peak_bytes"], half
+    assert cli.main(["summary", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("s")]
+    assert len(rows) == 2
+    for line in rows:
+        half = line.split()[0].rsplit("-", 1)[1]
+        assert line.split("  #")[0].split()[8] == \
+            str(compiled.reports[half]["memory"]["measured_peak_bytes"])
+        assert line.endswith("# peaks at the size hints (" + ", ".join(
+            f"{k}={v}" for k, v in compiled.reports[half]["memory"]["peak_sizes"].items()) + ")")
+
+
+def test_torch_compile_face_measures_its_symbolic_program(fresh_dynamo, monkeypatch):
+    import retrograd.backend
+    made = []
+    original = retrograd.backend.SymbolicGraph.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(retrograd.backend.SymbolicGraph, "__init__", init)
+    compiled = torch.compile(_Net(), backend="retrograd",
+                             options={"verify": True, "executor": "torch"})
+    for rows in (4, 3, 5):
+        compiled(_x(rows)).backward()
+    [graph] = made
+    for half in ("forward", "backward"):
+        memory = graph.reports[half]["memory"]
+        _measured(memory)
+        assert memory["measured_peak_bytes"] == memory["program_peak_bytes"], half
+
+
+@pytest.mark.parametrize("executor", ["torch", "fx"])
+def test_verify_measures_the_symbolic_step_at_the_hints(executor):
+    """compile_step's symbolic step: measured at the traced call's sizes. The
+    arena program peaks inside the loss gradient's ``sub`` of a scalar
+    (``SCALAR_SCRATCH`` above its plan); the fx graph where its plan says."""
+    model = _mlp()
+    step = retrograd.compile_step(model, _loss, torch.optim.SGD(model.parameters(), lr=0.1),
+                                  executor=executor, verify=True)
+    for rows in (4, 3, 5):
+        step(*_batch(rows))
+    _measured(step.reports["step"]["memory"], SCALAR_SCRATCH)
+
+
+def test_the_measurement_waits_for_its_call_and_says_why_when_none_is_made():
+    """A backward not yet run at the hints: null, pending. A torch profiler
+    already running: null, and the note says so (torch allows one)."""
+    compiled = retrograd.compile(_Net(), executor="torch", verify=True)
+    compiled(_x(4)).backward()
+    compiled(_x(3))   # the forward alone: no backward at the hints yet
+    memory = compiled.reports["backward"]["memory"]
+    assert memory["measured_peak_bytes"] is None
+    assert memory["measured_peak_note"].startswith(PENDING)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        compiled(_x(3)).backward()   # no new compile: the backward's first call at the hints
+    memory = compiled.reports["backward"]["memory"]
+    assert memory["measured_peak_bytes"] is None and memory["program_peak_bytes"] > 0
+    assert memory["measured_peak_note"].startswith(
+        "not measured: a torch profiler was already running")
