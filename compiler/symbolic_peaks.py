@@ -22,10 +22,12 @@ is made at):
   first call at the hints (the traced call, which verify checks; its
   backward for the backward half) runs under measured_peak.py's ``Probe``
   (``HintProbe``), and the report (and its dump) is rewritten with the
-  figure; until that call runs, it is null with a note saying so. The
-  probe keeps the call's inputs alive for the call, so the figure's scope
-  is ``program_peak_bytes``'s: what the program allocates, inputs neither
-  counted nor credited when the program drops them early.
+  figure; until that call runs, it is null with a note saying so. Its
+  scope is ``program_peak_bytes``'s: what the program allocates, inputs
+  neither counted nor credited when the program drops them early (the
+  profiler leaves out frees of blocks allocated before it started, and
+  warns about them on stderr; the probe keeps the call's inputs alive
+  through the call, so there are none).
 
 ``peak_sizes`` names the hints (``{"s0": 3}``) so the figures can be read
 against them; ``measured_peak_note`` says all of the above in words.
@@ -140,7 +142,7 @@ class HintProbe:
         if not self.pending or self.planner.symbols(args) != self.key:
             return self.run(args)
         self.pending = False
-        held = list(args)   # the caller's inputs, alive through the call as the scope says
+        held = list(args)   # the inputs, alive through the call: no free the profiler warns of
         probe = Probe(self.run, held, HOW.format(sizes=_sizes(self.hints)))
         outputs = probe(args)
         del held
