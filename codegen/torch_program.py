@@ -43,6 +43,7 @@ from string import Template
 
 import torch
 from retrograd.codegen.torch_calls import bound_name, torch_function
+from retrograd.codegen.torch_linear import Folds, fold_transposes
 from retrograd.codegen.torch_liveness import Statement, tighten
 from retrograd.codegen.torch_order import order_for_memory
 from retrograd.codegen.torch_strides import followed_strides
@@ -112,6 +113,7 @@ class _Writer:
     bindings: dict[str, str] = field(default_factory=dict)   # bound name -> overload
     placeholders: dict[str, fx.Node] | None = None   # the program's inputs, once asked
     followed: set[str] = field(default_factory=set)   # planned strides kept (torch_strides.py)
+    folds: Folds = field(default_factory=Folds)   # permutes not written (torch_linear.py)
 
     def callee(self, node: fx.Node) -> str:
         """What the program calls for ``node``'s op (torch_calls.py)."""
@@ -145,6 +147,9 @@ class _Writer:
             return render(arg)
         pieces = [text(arg) for arg in node.args]
         pieces += [f"{key}={text(value)}" for key, value in node.kwargs.items()]
+        folded = self.folds.linear_call(node, text) or self.folds.permute_call(node, text)
+        if folded is not None:   # torch_linear.py
+            return folded
         if node.target is torch.ops.aten.view.default:   # the method: the same op, cheaper
             return f"{pieces[0]}.view({pieces[1]})"
         if self._scatters_in_place(node):   # passes/planning/scatter_in_place.py
@@ -170,7 +175,7 @@ class _Writer:
         return self.placeholders.get(buffer.reuses)
 
     def free(self, names) -> None:
-        names = [name for name in names if name in self.alive]
+        names = [name for name in self.folds.hold(names) if name in self.alive]
         if names:
             self.lines.append(f"del {', '.join(variable(name) for name in names)}")
             self.alive.difference_update(names)
@@ -204,7 +209,7 @@ def _define(writer: _Writer, node: fx.Node, kernel: Kernel, made: list[str]) -> 
     ``made`` collects the names this wrote that the kernel does not list."""
     stand_ins = {}
     for operand in node.all_input_nodes:
-        if operand.name in writer.alive:
+        if operand.name in writer.alive or writer.folds.hidden(operand.name):
             continue
         if node.target in LIKE_OPS and "val" in operand.meta:
             stand_ins[operand] = _stand_in(operand)
@@ -214,6 +219,7 @@ def _define(writer: _Writer, node: fx.Node, kernel: Kernel, made: list[str]) -> 
                                   node, aliasing=writer._scatters_in_place(node),
                                   variable=variable(node.name), donor=writer.donor(node)))
     writer.alive.add(node.name)
+    writer.free(writer.folds.written(node))   # a base's delete that waited for it
 
 
 def _make_missing(writer: _Writer, node: fx.Node, kernel: Kernel, made: list[str]) -> None:
@@ -344,6 +350,9 @@ def _placeholders(program: Program) -> dict[str, fx.Node]:
 def _kernel_block(writer: _Writer, index: int, kernel: Kernel, arena: bool) -> None:
     writer.lines.append(f"# {index}: {kernel.kind} {kernel.name} "
                         f"({', '.join(kernel.node_names)})")
+    if kernel.kind == Kind.VIEW and writer.folds.hidden(kernel.nodes[0].name):
+        writer.lines.append("# (written in its readers: torch_linear.py)")
+        return
     if kernel.kind == Kind.TRITON:
         _fused_lines(writer, kernel, set(writer.program.frees.get(index, [])))
     else:
@@ -359,6 +368,7 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
     ``out=`` form (off by default: slower on a CPU, see the module docstring).
     """
     writer = _Writer(program, followed=followed_strides(program))
+    writer.folds = fold_transposes(program, writer.donor)
     lines = writer.lines
     if program.inputs:
         lines.append(f"{', '.join(variable(name) for name in program.inputs)}, = args")
@@ -385,6 +395,7 @@ def generate_torch_program(program: Program, title: str = "", arena: bool = Fals
         writer.free(program.frees.get(index, []))
         if arena and index in closes:
             lines.append("del arena")
+    writer.free(writer.folds.release())   # a reader never written: no wait past the end
     outputs = ", ".join(variable(o) if isinstance(o, str) else render(o)
                         for o in program.outputs)
     lines += ["", f"return [{outputs}]"]
