@@ -32,20 +32,32 @@ recomputed: collectives.reads_regathered).
 The schedule issues each unit's all-gather one unit ahead, no earlier
 (``collectives.bound_gathers``), waits where its parameters are first read,
 and issues each reduce-scatter as soon as its unit's gradients are final.
-FSDP2's mixed precision and
-CPU offload policies, meshes of more than one dimension, placements other
-than ``Shard(0)`` and parameters that are not DTensors are refused.
+
+FSDP2's ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=...)``
+is mirrored as FSDP2 does it: each fp32 shard is cast to bf16 before its
+all-gather (the forward and backward then run in bf16 on the gathered
+parameters), FSDP2 modules' floating-point inputs are cast to bf16 (its
+``cast_forward_inputs``, a pre-hook while tracing), each gradient is cast to
+``reduce_dtype`` (None: stays bf16) before its reduce-scatter and the shard
+back to fp32 after it; the update runs on the fp32 shards, so master weights
+and optimizer state stay fp32. float16, ``output_dtype``,
+``cast_forward_inputs=False`` and ``reduce_dtype`` without ``param_dtype``
+are refused by name, as are CPU offload policies, meshes of more than one
+dimension, placements other than ``Shard(0)`` and parameters that are not
+DTensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import traceback as fx_traceback
+from torch.utils._pytree import tree_map
 
 from retrograd.errors import UnsupportedError
 from retrograd.passes.planning.collectives import FSDP_REDUCE, FSDP_UNIT, RESHARD
@@ -71,6 +83,8 @@ class Param:
     full: torch.Size
     chunk: int        # rows per rank after padding: ceil(dim 0 / world size)
     unit: int         # index of its FSDP2 unit in forward order
+    param_dtype: torch.dtype | None = None    # MixedPrecisionPolicy: gathered and computed in
+    reduce_dtype: torch.dtype | None = None   # reduce-scattered in (None: the gradient's own)
 
 
 @dataclass(frozen=True)
@@ -93,10 +107,18 @@ class Layout:
         for unit in range(self.units):
             marks = {FSDP_UNIT: unit, RESHARD: self.reshard[unit]}
             with fx_traceback.annotate(marks):
-                for members in _by_dtype(self._members(unit), shards):
-                    for i, value in zip(members, self._gather(members, shards)):
+                cast = [self._cast(i, shards[i]) for i in range(len(shards))]
+                for members in _by_dtype(self._members(unit), cast):
+                    for i, value in zip(members, self._gather(members, cast)):
                         full[i] = value
         return full
+
+    def _cast(self, index: int, shard: torch.Tensor) -> torch.Tensor:
+        """The shard as FSDP2 gathers it: cast to the policy's
+        ``param_dtype`` before the all-gather (the sharded fp32 master
+        weight itself is never changed)."""
+        dtype = self.params[index].param_dtype
+        return shard if dtype is None else shard.to(dtype)
 
     def _gather(self, members: list[int], shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """The full parameters ``members`` (one dtype of one unit) by one
@@ -115,13 +137,18 @@ class Layout:
     def reduce_scatter(self, grads: list[torch.Tensor], used: tuple[int, ...],
                        shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each used parameter's shard of the gradient averaged across ranks:
-        one reduce-scatter per unit, last unit first (traced)."""
+        one reduce-scatter per unit and reduce dtype, last unit first
+        (traced). As FSDP2's mixed precision does, each gradient is cast to
+        its ``reduce_dtype`` before the reduce-scatter and the shard back to
+        the sharded parameter's dtype after it."""
         position = {index: k for k, index in enumerate(used)}
         out: list[Any] = [None] * len(used)
         for unit in reversed(range(self.units)):
             reached = [i for i in self._members(unit) if i in position]
-            for members in _by_dtype(reached, shards):
-                rows = [_pad(grads[position[i]], self.params[i].chunk * self.world_size)
+            reduced = [self._to_reduce(i, grads[position[i]]) if i in position else None
+                       for i in range(len(shards))]
+            for members in _by_dtype(reached, reduced):
+                rows = [_pad(reduced[i], self.params[i].chunk * self.world_size)
                         for i in members]
                 per_rank = [r.reshape(self.world_size, -1) for r in rows]
                 flat = torch.cat([p[rank] for rank in range(self.world_size) for p in per_rank])
@@ -132,8 +159,13 @@ class Layout:
                 for i, piece in zip(members, mine.split([p.shape[1] for p in per_rank])):
                     local = shards[i]
                     shape = (self.params[i].chunk,) + tuple(local.shape[1:])
-                    out[position[i]] = piece.view(shape).narrow(0, 0, local.shape[0])
+                    out[position[i]] = (piece.view(shape).narrow(0, 0, local.shape[0])
+                                        .to(local.dtype))
         return out
+
+    def _to_reduce(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        dtype = self.params[index].reduce_dtype
+        return grad if dtype is None else grad.to(dtype)
 
     def _members(self, unit: int) -> list[int]:
         return [i for i, p in enumerate(self.params) if p.unit == unit]
@@ -180,9 +212,11 @@ class ShardView(nn.Module):
         given = [getattr(self, _flat(name)) for name in self.names]
         full = [value if value.shape == spec.full else _stand_in(value, spec)
                 for value, spec in zip(given, self.layout.params)]
+        full = [value if spec.param_dtype is None else value.to(spec.param_dtype)
+                for value, spec in zip(full, self.layout.params)]
         state = dict(zip(self.names, full))
         state.update({name: getattr(self, _flat(name)) for name in self.buffer_names})
-        with hooks_off(self.root):
+        with hooks_off(self.root), cast_forward_inputs(self.root):
             return torch.func.functional_call(self.root, state, args, kwargs)
 
 
@@ -225,6 +259,70 @@ def hooks_off(root: nn.Module):
             hooks.update(before)
 
 
+@contextlib.contextmanager
+def cast_forward_inputs(root: nn.Module):
+    """What FSDP2's pre-forward hooks (off while tracing) do under a
+    ``MixedPrecisionPolicy`` with a ``param_dtype``: each FSDP2 module's
+    floating-point inputs cast to it, the root's and each block's."""
+    handles = []
+    for module in root.modules():
+        if is_fsdp2(module):
+            dtype = module._get_fsdp_state()._mp_policy.param_dtype
+            if dtype is not None:
+                handles.append(module.register_forward_pre_hook(
+                    functools.partial(_cast_inputs, dtype), with_kwargs=True, prepend=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _cast_inputs(dtype: torch.dtype, _module, args, kwargs):
+    def cast(value):
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+        return value.to(dtype) if floating else value
+    return tree_map(cast, args), tree_map(cast, kwargs)
+
+
+#: FSDP2 ``param_dtype``s the step gathers in (its all-gather casts the shard
+#: first); float16 is refused: FSDP2 divides its gradients before and after the
+#: reduce-scatter for it (overflow), which the step does not mirror
+PARAM_DTYPES = (torch.bfloat16,)
+REDUCE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _policy_dtypes(policy, shard_dtype: torch.dtype) -> tuple[Any, Any]:
+    """(param_dtype, reduce_dtype) of a parameter, clamped as FSDP2's
+    ``FSDPParam.init_dtype_attrs`` does: None where no cast happens."""
+    param_dtype, reduce_dtype = policy.param_dtype, policy.reduce_dtype
+    if reduce_dtype == param_dtype:
+        reduce_dtype = None
+    if param_dtype == shard_dtype or not shard_dtype.is_floating_point:
+        param_dtype = None
+    return param_dtype, reduce_dtype
+
+
+def _check_policy(policy) -> None:
+    """Refuse, by name, the parts of a MixedPrecisionPolicy the step does
+    not mirror."""
+    def refuse(what: str) -> None:
+        raise UnsupportedError(
+            f"retrograd.compile_step: FSDP2's MixedPrecisionPolicy({what}) is not supported; "
+            "param_dtype=torch.bfloat16 with reduce_dtype None, torch.bfloat16 or "
+            "torch.float32 is; or use torch.autocast in loss_fn (docs/distributed.md)")
+    if policy.param_dtype not in (None,) + PARAM_DTYPES:
+        refuse(f"param_dtype={policy.param_dtype}")
+    if policy.reduce_dtype not in (None,) + REDUCE_DTYPES:
+        refuse(f"reduce_dtype={policy.reduce_dtype}")
+    if policy.reduce_dtype is not None and policy.param_dtype is None:
+        refuse(f"reduce_dtype={policy.reduce_dtype} without param_dtype")
+    if policy.output_dtype is not None:
+        refuse(f"output_dtype={policy.output_dtype}")
+    if policy.param_dtype is not None and not policy.cast_forward_inputs:
+        refuse("cast_forward_inputs=False")
+
+
 def _check(root: nn.Module, named) -> Any:
     """The mesh every parameter is sharded over; refusals name what to change."""
     from torch.distributed.tensor import DTensor, Shard
@@ -248,12 +346,7 @@ def _check(root: nn.Module, named) -> Any:
         if not is_fsdp2(module):
             continue
         state = module._get_fsdp_state()
-        policy = state._mp_policy
-        if policy.param_dtype is not None or policy.reduce_dtype is not None:
-            raise UnsupportedError(
-                "retrograd.compile_step: FSDP2's MixedPrecisionPolicy is not supported; use "
-                "torch.autocast in loss_fn, or block.compile(backend=\"retrograd\") before "
-                "fully_shard(block) (docs/distributed.md)")
+        _check_policy(state._mp_policy)
         for group in state._fsdp_param_groups:
             if group.offload_policy.__class__.__name__ != "OffloadPolicy":
                 raise UnsupportedError("retrograd.compile_step: FSDP2's CPUOffloadPolicy is "
@@ -282,13 +375,21 @@ def unwrap_fsdp2(model: nn.Module, optimizer: Any) -> tuple[ShardView, Layout]:
     group = mesh.get_group()
     world = dist.get_world_size(group)
     units = _units(model, [name for name, _ in named])
-    params = tuple(Param(name, p.shape, -(-p.shape[0] // world), unit)
+    policies = _policies(model)
+    params = tuple(Param(name, p.shape, -(-p.shape[0] // world), unit,
+                         *_policy_dtypes(policies[unit], p.dtype))
                    for (name, p), unit in zip(named, units))
     layout = Layout(params, max(units) + 1, group, world, dist.get_rank(group),
                     _reshards(model))
     view = ShardView(model, named, layout)
     _rebind(optimizer, {id(p): getattr(view, _flat(name)) for name, p in named})
     return view, layout
+
+
+def _policies(root: nn.Module) -> list[Any]:
+    """Each unit's MixedPrecisionPolicy (forward order, as ``_units``)."""
+    return [module._get_fsdp_state()._mp_policy for module in root.modules()
+            if is_fsdp2(module)]
 
 
 def _reshards(root: nn.Module) -> tuple[bool, ...]:

@@ -111,9 +111,22 @@ def test_compile_step_on_fsdp2_matches_eager_fsdp2():
     reduce-scatters its gradients; losses, parameters and each rank's AdamW
     state (its shards) equal an eager FSDP2 loop with clipping after three
     steps, with ``reshard_after_forward`` True (each block gathered again for
-    its backward: 5 all-gathers) and False (3); FSDP2 on blocks only and its
-    MixedPrecisionPolicy are refused by name."""
+    its backward: 5 all-gathers) and False (3); FSDP2 on blocks only and the
+    parts of MixedPrecisionPolicy the step does not mirror (float16,
+    output_dtype, cast_forward_inputs=False, reduce_dtype alone) are refused
+    by name."""
     run_ranks("compile_step_fsdp2:auto", "compile_step_fsdp2:auto/keep", "fsdp2_refusals")
+
+
+def test_compile_step_on_fsdp2_with_bf16_mixed_precision_matches_eager_fsdp2():
+    """compile_step on FSDP2 with MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=fp32) and with param_dtype=bf16 alone: losses (bf16),
+    parameters and momentum buffers equal an eager FSDP2 loop with the same
+    policy after three steps, within bf16's rounding (the tolerance is
+    explained in distributed_fsdp_workers.compile_step_fsdp2_mixed); master
+    weights and optimizer state stay fp32; the program all-gathers bf16 and
+    reduce-scatters fp32 (bf16 without reduce_dtype). It was refused before."""
+    run_ranks("compile_step_fsdp2_mixed:fp32", "compile_step_fsdp2_mixed:none")
 
 
 def test_compile_step_on_fsdp2_reshards_and_prefetches_one_unit_ahead():
