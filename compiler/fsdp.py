@@ -50,16 +50,15 @@ DTensors.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import traceback as fx_traceback
-from torch.utils._pytree import tree_map
 
 from retrograd.errors import UnsupportedError
+from retrograd.fsdp_policy import cast_forward_inputs, check_policy, policy_dtypes
 from retrograd.passes.planning.collectives import FSDP_REDUCE, FSDP_UNIT, RESHARD
 
 __all__ = ["Layout", "ShardView", "is_fsdp2", "unwrap_fsdp2"]
@@ -216,8 +215,13 @@ class ShardView(nn.Module):
                 for value, spec in zip(full, self.layout.params)]
         state = dict(zip(self.names, full))
         state.update({name: getattr(self, _flat(name)) for name in self.buffer_names})
-        with hooks_off(self.root), cast_forward_inputs(self.root):
+        with hooks_off(self.root), cast_forward_inputs(_fsdp_modules(self.root)):
             return torch.func.functional_call(self.root, state, args, kwargs)
+
+
+def _fsdp_modules(root: nn.Module) -> list[nn.Module]:
+    """The FSDP2 modules of ``root`` (itself first), in the units' order."""
+    return [module for module in root.modules() if is_fsdp2(module)]
 
 
 def _flat(name: str) -> str:
@@ -259,70 +263,6 @@ def hooks_off(root: nn.Module):
             hooks.update(before)
 
 
-@contextlib.contextmanager
-def cast_forward_inputs(root: nn.Module):
-    """What FSDP2's pre-forward hooks (off while tracing) do under a
-    ``MixedPrecisionPolicy`` with a ``param_dtype``: each FSDP2 module's
-    floating-point inputs cast to it, the root's and each block's."""
-    handles = []
-    for module in root.modules():
-        if is_fsdp2(module):
-            dtype = module._get_fsdp_state()._mp_policy.param_dtype
-            if dtype is not None:
-                handles.append(module.register_forward_pre_hook(
-                    functools.partial(_cast_inputs, dtype), with_kwargs=True, prepend=True))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _cast_inputs(dtype: torch.dtype, _module, args, kwargs):
-    def cast(value):
-        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
-        return value.to(dtype) if floating else value
-    return tree_map(cast, args), tree_map(cast, kwargs)
-
-
-#: FSDP2 ``param_dtype``s the step gathers in (its all-gather casts the shard
-#: first); float16 is refused: FSDP2 divides its gradients before and after the
-#: reduce-scatter for it (overflow), which the step does not mirror
-PARAM_DTYPES = (torch.bfloat16,)
-REDUCE_DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _policy_dtypes(policy, shard_dtype: torch.dtype) -> tuple[Any, Any]:
-    """(param_dtype, reduce_dtype) of a parameter, clamped as FSDP2's
-    ``FSDPParam.init_dtype_attrs`` does: None where no cast happens."""
-    param_dtype, reduce_dtype = policy.param_dtype, policy.reduce_dtype
-    if reduce_dtype == param_dtype:
-        reduce_dtype = None
-    if param_dtype == shard_dtype or not shard_dtype.is_floating_point:
-        param_dtype = None
-    return param_dtype, reduce_dtype
-
-
-def _check_policy(policy) -> None:
-    """Refuse, by name, the parts of a MixedPrecisionPolicy the step does
-    not mirror."""
-    def refuse(what: str) -> None:
-        raise UnsupportedError(
-            f"retrograd.compile_step: FSDP2's MixedPrecisionPolicy({what}) is not supported; "
-            "param_dtype=torch.bfloat16 with reduce_dtype None, torch.bfloat16 or "
-            "torch.float32 is; or use torch.autocast in loss_fn (docs/distributed.md)")
-    if policy.param_dtype not in (None,) + PARAM_DTYPES:
-        refuse(f"param_dtype={policy.param_dtype}")
-    if policy.reduce_dtype not in (None,) + REDUCE_DTYPES:
-        refuse(f"reduce_dtype={policy.reduce_dtype}")
-    if policy.reduce_dtype is not None and policy.param_dtype is None:
-        refuse(f"reduce_dtype={policy.reduce_dtype} without param_dtype")
-    if policy.output_dtype is not None:
-        refuse(f"output_dtype={policy.output_dtype}")
-    if policy.param_dtype is not None and not policy.cast_forward_inputs:
-        refuse("cast_forward_inputs=False")
-
-
 def _check(root: nn.Module, named) -> Any:
     """The mesh every parameter is sharded over; refusals name what to change."""
     from torch.distributed.tensor import DTensor, Shard
@@ -346,7 +286,7 @@ def _check(root: nn.Module, named) -> Any:
         if not is_fsdp2(module):
             continue
         state = module._get_fsdp_state()
-        _check_policy(state._mp_policy)
+        check_policy(state._mp_policy)
         for group in state._fsdp_param_groups:
             if group.offload_policy.__class__.__name__ != "OffloadPolicy":
                 raise UnsupportedError("retrograd.compile_step: FSDP2's CPUOffloadPolicy is "
@@ -375,21 +315,15 @@ def unwrap_fsdp2(model: nn.Module, optimizer: Any) -> tuple[ShardView, Layout]:
     group = mesh.get_group()
     world = dist.get_world_size(group)
     units = _units(model, [name for name, _ in named])
-    policies = _policies(model)
+    policies = [module._get_fsdp_state()._mp_policy for module in _fsdp_modules(model)]
     params = tuple(Param(name, p.shape, -(-p.shape[0] // world), unit,
-                         *_policy_dtypes(policies[unit], p.dtype))
+                         *policy_dtypes(policies[unit], p.dtype))
                    for (name, p), unit in zip(named, units))
     layout = Layout(params, max(units) + 1, group, world, dist.get_rank(group),
                     _reshards(model))
     view = ShardView(model, named, layout)
     _rebind(optimizer, {id(p): getattr(view, _flat(name)) for name, p in named})
     return view, layout
-
-
-def _policies(root: nn.Module) -> list[Any]:
-    """Each unit's MixedPrecisionPolicy (forward order, as ``_units``)."""
-    return [module._get_fsdp_state()._mp_policy for module in root.modules()
-            if is_fsdp2(module)]
 
 
 def _reshards(root: nn.Module) -> tuple[bool, ...]:
