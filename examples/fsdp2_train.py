@@ -19,7 +19,9 @@ per step that all-gathers each unit's shards, runs forward, backward and
 reduce-scatters, and updates this rank's shards (docs/distributed.md,
 "compile_step on FSDP2"); it prints the collectives the program holds:
 each block is all-gathered again for its backward unless ``--no-reshard``.
-``--bf16`` is refused there (use ``torch.autocast`` inside the loss).
+With ``--bf16`` the program casts each fp32 shard to bf16 before its
+all-gather and reduce-scatters fp32 gradients, as FSDP2's policy does; the
+shards and AdamW's state stay fp32.
 """
 
 from __future__ import annotations
@@ -97,9 +99,6 @@ def main() -> None:
                         help="block.compile before fully_shard, or compile_step on the "
                              "sharded model")
     args = parser.parse_args()
-    if args.face == "step" and args.bf16:
-        parser.error("--face step does not take --bf16 (FSDP2's MixedPrecisionPolicy is "
-                     "refused by compile_step; use torch.autocast inside the loss)")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
