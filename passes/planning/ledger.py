@@ -46,7 +46,7 @@ from retrograd.passes.op_classes import is_view
 from retrograd.passes.planning import remat, remat_search
 from torch import fx
 
-__all__ = ["pareto", "predicted_peak", "rows"]
+__all__ = ["pareto", "predicted_peak", "profile", "rows"]
 
 
 def _tensor_bytes(node: fx.Node) -> int:
@@ -235,8 +235,9 @@ def _lives(graph: fx.Graph, info, saved, recomputed):
         yield size, first, max(readers, default=first)
 
 
-def predicted_peak(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) -> int:
-    """Most bytes of activations and gradients alive at once (module docstring)."""
+def profile(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) -> dict[int, int]:
+    """Most bytes alive at once while each graph position runs (its
+    recomputations included): the curve whose maximum is ``predicted_peak``."""
     lives = list(_lives(graph, info, set(saved), recomputed))
     events = sorted({slot for _, first, last in lives for slot in (first, last)})
     position = {slot: i for i, slot in enumerate(events)}
@@ -244,11 +245,16 @@ def predicted_peak(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) ->
     for size, first, last in lives:
         change[position[first]] += size
         change[position[last] + 1] -= size
-    peak = current = 0
-    for delta in change:
+    curve, current = {}, 0
+    for slot, delta in zip(events, change):
         current += delta
-        peak = max(peak, current)
-    return peak
+        curve[slot[0]] = max(curve.get(slot[0], 0), current)
+    return curve
+
+
+def predicted_peak(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) -> int:
+    """Most bytes of activations and gradients alive at once (module docstring)."""
+    return max(profile(graph, info, saved, recomputed).values(), default=0)
 
 
 def pareto(graph: fx.Graph, info: remat.JointInfo, recomputable, unsavable,
