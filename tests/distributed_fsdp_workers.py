@@ -7,6 +7,7 @@ is exercised."""
 from __future__ import annotations
 
 import copy
+import functools
 from itertools import pairwise
 
 import retrograd
@@ -147,17 +148,24 @@ def _check_mixed_bytes(step, reduce: str) -> None:
     """The mixed step's collectives against a plain (fp32) step's on the same
     model: all-gathers half the bytes, reduce-scatters the same (fp32
     reduction) or half (bf16)."""
-    plain = _sharded(twins(width=5)[0])
-    plain_step = retrograd.compile_step(plain, loss_fn, _sgd(plain), executor="fx")
-    plain_step(*batch(0))
-
-    def total(which, op):
-        return sum(row["bytes"] for row in which.reports["step"]["communication"]["collectives"]
-                   if row["op"] == op)
+    plain = _plain_bytes()
     for op, ratio in (("all_gather_into_tensor", 2), ("reduce_scatter_tensor",
                                                         1 if reduce == "fp32" else 2)):
-        assert total(plain_step, op) == ratio * total(step, op) > 0, (
-            op, total(plain_step, op), total(step, op))
+        assert plain[op] == ratio * _bytes(step, op) > 0, (op, plain[op], _bytes(step, op))
+
+
+@functools.cache
+def _plain_bytes() -> dict[str, int]:
+    """Bytes per collective kind of a plain (no policy) step on the model."""
+    plain = _sharded(twins(width=5)[0])
+    step = retrograd.compile_step(plain, loss_fn, _sgd(plain), executor="fx")
+    step(*batch(0))
+    return {op: _bytes(step, op) for op in ("all_gather_into_tensor", "reduce_scatter_tensor")}
+
+
+def _bytes(step, op: str) -> int:
+    return sum(row["bytes"] for row in step.reports["step"]["communication"]["collectives"]
+               if row["op"] == op)
 
 
 def fsdp2_reshard_plan(_: str) -> None:
