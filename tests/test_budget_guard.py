@@ -55,13 +55,16 @@ def _assert_non_increasing(rows, may_break: int = 0) -> None:
 
 
 @pytest.mark.parametrize(("name", "may_break"),
-                         [("mlp", 0), ("cnn", 0), ("attention_block", 1), ("gpt2_tiny", 0)])
+                         [("mlp", 0), ("cnn", 0), ("attention_block", 1), ("gpt2_tiny", 1)])
 def test_predicted_peak_never_rises_along_the_ladder(name, may_break):
     """attention_block at 0.25: every plan within it predicts more than the
     plan at 0.5 (its recomputed values live in the backward while the saved
     ones they replace are freed early), and the guard says it cannot hold:
     measured, the step peaks at 16,712 bytes against 15,048 at 0.5
-    (tests/test_peak_prediction.py)."""
+    (tests/test_peak_prediction.py). gpt2_tiny at 0.25 since the descent
+    (``budget_descent.py``): it brings 0.75 and 0.5 down to 124,036
+    predicted (the exact solver's plans: 143,492 and more), below what any
+    plan within 0.25 it finds predicts (134,404, still under 1.0's 139,588)."""
     _assert_non_increasing(_peaks(name, budget.LADDER), may_break)
 
 
