@@ -34,10 +34,10 @@ waits are never lazy; the kernels preparing an FSDP2 gather's input are
 then builds four orders -- communication first (the greedy above, or the
 incoming order under the same rules), memory first, and the incoming order
 itself -- and keeps, of those hiding the most communication
-(``collectives.predict``), the one of the lowest ``held_peak`` (which,
+(``comm_timeline.predict``), the one of the lowest ``held_peak`` (which,
 unlike ``peak_live_bytes``, holds a collective's input until its wait, as
 buffer_reuse does); its stats add ``communication``, the predicted timeline
-of ``collectives.predict``.
+of ``comm_timeline.predict``.
 
 Fusions that raise the peak are reported, not undone: ``peak_held_by_fusion``
 lists the outputs of fused kernels that are alive at the peak although
@@ -59,7 +59,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 from retrograd.ir import PassResult, Program
-from retrograd.passes.planning import collectives, lazy
+from retrograd.passes.planning import collectives, comm_timeline, lazy
 from retrograd.passes.planning.lifetimes import lifetimes, live_peak, storage_owners
 
 __all__ = ["held_peak", "peak_live_bytes", "run"]
@@ -312,7 +312,7 @@ def _reorder(program: Program, waiting, consumers) -> list[int]:
 
 def _choose(program: Program, orders: list[list[int]]) -> list[int]:
     """Of ``orders`` (the communication-first ones first), those that hide
-    the most communication (``collectives.predict``'s exposed seconds, the
+    the most communication (``comm_timeline.predict``'s exposed seconds, the
     least, within a part in a million); among them the one of the lowest
     ``held_peak``, the earlier on a tie. Where the timeline cannot be
     predicted (no process group), the communication-first ones only."""
@@ -321,7 +321,7 @@ def _choose(program: Program, orders: list[list[int]]) -> list[int]:
     for position, order in enumerate(orders):
         program.kernels = [kernels[i] for i in order]
         try:
-            timeline = collectives.predict(program) or {}
+            timeline = comm_timeline.predict(program) or {}
             scored.append((timeline.get("exposed_seconds"), held_peak(program), position))
         finally:
             program.kernels = kernels
@@ -363,5 +363,5 @@ def run(program: Program, ctx) -> PassResult:
         "peak_held_by_fusion_bytes": sum(h["bytes"] for h in held),
         "peak_held_by_fusion": held}
     if communicates:
-        stats["communication"] = collectives.predict(program)
+        stats["communication"] = comm_timeline.predict(program)
     return PassResult(program, stats)

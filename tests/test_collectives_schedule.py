@@ -17,7 +17,7 @@ from retrograd.buckets import Limits, assign
 from retrograd.ir import Buffer, Kernel, Program
 from retrograd.passes import fusion, schedule
 from retrograd.passes.op_classes import RECOMPUTED
-from retrograd.passes.planning import collectives
+from retrograd.passes.planning import collectives, comm_timeline
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
@@ -111,22 +111,22 @@ def test_predicted_overlap_counts_the_compute_under_each_collective(monkeypatch)
     """Two ranks (monkeypatched): an all-reduce of 4,000 bytes sends 4,000
     bytes in 2 ring steps. Waited for at once, none of it hides; after the
     schedule, the compute between issue and wait hides that much of it."""
-    monkeypatch.setattr(collectives, "group_size", lambda kernel: 2)
+    monkeypatch.setattr(comm_timeline, "group_size", lambda kernel: 2)
     program = two_buckets()
-    before = collectives.predict(program)
-    seconds = 4000 / collectives.LINK_BYTES + 2 * collectives.LINK_LATENCY
+    before = comm_timeline.predict(program)
+    seconds = 4000 / comm_timeline.LINK_BYTES + 2 * comm_timeline.LINK_LATENCY
     assert before["wire_bytes"] == 8000
     assert before["collectives"][0]["seconds"] == pytest.approx(seconds)
     assert before["overlapped_seconds"] == 0 and before["overlap_fraction"] == 0
     assert before["step_seconds"] == pytest.approx(before["step_seconds_waited_at_once"])
     schedule.run(program, context())
-    after = collectives.predict(program)
+    after = comm_timeline.predict(program)
     order = [kernel.name for kernel in program.kernels]
     assert order[2:] == ["grad_2", "all_reduce_2", "wait_1", "update_1", "wait_2", "update_2"]
     # grad_2 runs under the first all-reduce, update_1 under the second (both
     # far shorter than the link's latency); the waits stall for the rest
-    grad = collectives.kernel_seconds(program, program.kernels[2])
-    update = collectives.kernel_seconds(program, program.kernels[5])
+    grad = comm_timeline.kernel_seconds(program, program.kernels[2])
+    update = comm_timeline.kernel_seconds(program, program.kernels[5])
     assert grad > 0 and update > 0
     rows = after["collectives"]
     assert rows[0]["overlapped_seconds"] == pytest.approx(grad)
@@ -162,10 +162,10 @@ def test_dump_page_draws_the_predicted_timeline(monkeypatch):
     """The dump page's communication section: a link bar per collective, the
     compute's stalls at the waits, the table; none without collectives."""
     from retrograd.comm_timeline import communication_html
-    monkeypatch.setattr(collectives, "group_size", lambda kernel: 2)
+    monkeypatch.setattr(comm_timeline, "group_size", lambda kernel: 2)
     program = two_buckets()
     schedule.run(program, context())
-    summary = collectives.predict(program)
+    summary = comm_timeline.predict(program)
     text = communication_html({"communication": summary})
     assert "predicted timeline" in text and "Predicted, not measured" in text
     assert text.count('fill="#e67e22"') == 2   # the link lane: one bar per all-reduce

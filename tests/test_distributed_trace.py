@@ -11,7 +11,7 @@ import torch
 from pass_helpers import context
 from retrograd import memory_timeline
 from retrograd.passes import schedule
-from retrograd.passes.planning import collectives
+from retrograd.passes.planning import collectives, comm_timeline
 from retrograd.perfetto import COLLECTIVES_TID, KERNELS_TID, STEP_US, chrome_trace, retime
 from test_collectives_schedule import two_buckets
 from test_dump_page import TRACE_SCHEMA
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
 
 
 def _traced(monkeypatch):
-    monkeypatch.setattr(collectives, "group_size", lambda kernel: 2)
+    monkeypatch.setattr(comm_timeline, "group_size", lambda kernel: 2)
     program = two_buckets()
     summary = schedule.run(program, context()).stats["communication"]
     return program, summary, chrome_trace("g0-step", memory_timeline.build(program), summary)
