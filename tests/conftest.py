@@ -5,6 +5,8 @@
   empty dynamo cache, so recompile counts and backends never leak between tests.
 - ``cache``: a fresh, empty kernel cache folder (``RETROGRAD_CACHE_DIR``)
   for the test; files whose every test needs one name it in ``pytestmark``.
+- ``symbolic_graphs``: the list of every ``backend.SymbolicGraph`` the
+  torch.compile face makes during the test (its symbolic programs).
 - ``no_dump_env``: the user's ``RETROGRAD_DUMP`` must not turn dumping on
   behind a test's back (tests that want dumps set it themselves).
 - ``kernels_on_cpu`` (every test): ``executor="auto"`` keeps running the
@@ -40,6 +42,19 @@ def fresh_dynamo():
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RETROGRAD_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def symbolic_graphs(monkeypatch) -> list:
+    import retrograd.backend
+    made = []
+    original = retrograd.backend.SymbolicGraph.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(retrograd.backend.SymbolicGraph, "__init__", init)
+    return made
 
 
 @pytest.fixture
