@@ -227,6 +227,9 @@ def _level(level: float, previous: Scored | None, walk: _Walk, record: dict) -> 
         return min(admissible, key=lambda c: (not _near_peak_ok(c, previous), c.key()))
     fitting = [c for c in walk.pool() if _fits(c, level, walk)]
     fitting = [solved] if solved is not None and _fits(solved, level, walk) else fitting
+    ordered = [c for c in pool if _fits(c, level, walk) and previous is not None
+               and c.bytes <= previous.bytes and c.cost >= previous.cost]
+    fitting = ordered or fitting   # saved bytes and recompute stay ordered where they can
     if not fitting:
         return None
     record["monotone"] = False

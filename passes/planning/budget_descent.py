@@ -54,8 +54,8 @@ def recompute_deep(info: remat.JointInfo, plan: remat.Plan, value, can) -> remat
             return None
         recomputed.add(node)
         work.extend(info.inputs_of(node))
-    return remat.Plan(saved, remat.needed_closure(info, saved, recomputed),
-                      "peak guard descent (previous level's plan, deep recomputes)", False)
+    solver = plan.solver.split(", then")[0] + ", then peak guard descent (deep recomputes)"
+    return remat.Plan(saved, remat.needed_closure(info, saved, recomputed), solver, False)
 
 
 def _moves(info, scored, score, can):
