@@ -58,8 +58,10 @@ step) graph in three steps.
 
    A solver plan that fits but fails is *rejected* (the stats'
    ``peak_guard.rejected`` lists each, with its peak and the cap). If no
-   plan is admissible, the cheapest fitting plan is taken (the solver's,
-   where it has one) and ``peak_guard.monotone`` is false.
+   plan is admissible, the cheapest fitting plan that saves no more and
+   recomputes no less than the previous level's is taken (else the
+   solver's, where it has one, else the list's cheapest fitting) and
+   ``peak_guard.monotone`` is false.
 
    **The rule.** ``memory_budget=f`` runs the plan ``W(l*)`` of the first
    level ``l*`` of the walk whose plan saves at most ``f x save_all`` bytes
