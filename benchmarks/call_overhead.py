@@ -7,8 +7,8 @@ guards, calls AOTAutograd's compiled function and rebuilds the output
 this thread's CPU time (``time.thread_time``) around the compiled module's
 call, minus the time inside AOTAutograd's compiled function (the program,
 and the autograd runtime around it: retrograd's lean one,
-``compiler/lean_runtime.py``, or AOTAutograd's wrappers). CPU time leaves out the time other jobs held the
-core on a shared machine; the median of ``--calls`` calls is printed, the
+``compiler/lean_runtime.py``, or AOTAutograd's wrappers). CPU time leaves
+out the time other jobs held the core on a shared machine; the median of ``--calls`` calls is printed, the
 fastest of ``--rounds`` such medians kept. Forward calls with autograd on,
 as in a training step; the default CPU executor (the torch program).
 
