@@ -8,9 +8,10 @@ this thread's CPU time (``time.thread_time``) around the compiled module's
 call, minus the time inside AOTAutograd's compiled function (the program,
 and the autograd runtime around it: retrograd's lean one,
 ``compiler/lean_runtime.py``, or AOTAutograd's wrappers). CPU time leaves
-out the time other jobs held the core on a shared machine; the median of ``--calls`` calls is printed, the
-fastest of ``--rounds`` such medians kept. Forward calls with autograd on,
-as in a training step; the default CPU executor (the torch program).
+out the time other jobs held the core on a shared machine; the median of
+``--calls`` calls is printed, the fastest of ``--rounds`` such medians
+kept. Forward calls with autograd on, as in a training step; the default
+CPU executor (the torch program).
 
     python benchmarks/call_overhead.py [--models mlp lora] [--out results.json]
 """
