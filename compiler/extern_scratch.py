@@ -44,11 +44,12 @@ from dataclasses import dataclass
 
 import torch
 from retrograd.ir import Kernel, Program
+from retrograd.passes.op_classes import SCRATCH_OPS
 from torch import fx
 from torch.autograd import profiler_legacy
 from torch.utils import _python_dispatch
 
-__all__ = ["PROBE_LIMIT_BYTES", "Scratch", "scratch"]
+__all__ = ["PROBE_LIMIT_BYTES", "Scratch", "node_scratch", "scratch"]
 
 #: largest call (bytes read + written) probed at compile time
 PROBE_LIMIT_BYTES = 64 << 20
@@ -91,7 +92,24 @@ def scratch(program: Program, kernel: Kernel) -> Scratch:
         return Scratch(estimate, ESTIMATE.format(why=reason))
 
 
-def _operand(program: Program, node: fx.Node) -> tuple:
+def node_scratch(node: fx.Node) -> int | None:
+    """The measured scratch of an fx node that takes workspace (``SCRATCH_OPS``:
+    a convolution), probed on its operands' recorded metadata, for the
+    checkpoint pass's predicted peak (``planning/ledger.py``); None where no
+    probe is made (another op, or a reason of the module docstring)."""
+    if node.op != "call_function" or not any(op in str(node.target) for op in SCRATCH_OPS):
+        return None
+    tensors = [n.meta.get("val") for n in node.all_input_nodes] + [node.meta.get("val")]
+    size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    if size > PROBE_LIMIT_BYTES:
+        return None
+    try:
+        return _probe(None, node)
+    except _NoProbe:
+        return None
+
+
+def _operand(program: Program | None, node: fx.Node) -> tuple:
     """(shape, strides, dtype, device) of an operand: the plan's layout where
     the program has a buffer of that name, else the recorded value's."""
     value = node.meta.get("val")
@@ -99,13 +117,13 @@ def _operand(program: Program, node: fx.Node) -> tuple:
         raise _NoProbe(f"operand {node.name} has no recorded tensor")
     if value.device.type != "cpu":
         raise _NoProbe(f"operand {node.name} is on {value.device.type}, not the CPU")
-    buffer = program.buffers.get(node.name)
+    buffer = program.buffers.get(node.name) if program is not None else None
     if buffer is not None and tuple(buffer.shape) == tuple(value.shape):
         return tuple(buffer.shape), tuple(buffer.strides), value.dtype, "cpu"
     return tuple(value.shape), tuple(value.stride()), value.dtype, "cpu"
 
 
-def _probe(program: Program, head: fx.Node) -> int:
+def _probe(program: Program | None, head: fx.Node) -> int:
     target = head.target
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         raise _NoProbe(f"{target} is not an aten op")

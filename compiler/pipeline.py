@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
-from retrograd import cce_ops, loss_ops, matmul_choice
+from retrograd import cce_ops, extern_scratch, loss_ops, matmul_choice
 from retrograd.codegen import indexing as codegen_indexing
 from retrograd.codegen import ops as codegen_ops
 from retrograd.codegen import pooling as codegen_pooling
@@ -68,6 +68,7 @@ class OpSupport:
     reduction_scratch = staticmethod(codegen_reduction_split.scratch_buffers)
     choose_matmul = staticmethod(matmul_choice.choose)   # template or extern (CUDA autotune)
     choose_cce = staticmethod(cce_ops.choose)   # CCE kernels or chunked extern matmuls
+    extern_scratch = staticmethod(extern_scratch.node_scratch)   # probed, for the ledger
 
     @staticmethod
     def can_lower(node) -> bool:

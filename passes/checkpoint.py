@@ -245,11 +245,17 @@ def _plan(info, ctx, policy: Policy, save_all_bytes: float, graph: fx.Graph):
     if fraction is None:
         plan = remat.min_cut_plan(info, policy.cheap, policy.forced_recompute)
         return plan, None, {"predicted_peak_bytes": ledger.predicted_peak(
-            graph, info, plan.saved, plan.recomputed)}
+            graph, info, plan.saved, plan.recomputed, _scratch(ctx))}
     exact = len(info.forward) <= EXACT_LIMIT
     plan, stats = budget_plans.plan_for_budget(graph, info, fraction, save_all_bytes, policy,
-                                               exact, ctx.log)
+                                               exact, ctx.log, _scratch(ctx))
     return plan, fraction * save_all_bytes, stats
+
+
+def _scratch(ctx):
+    """The compiler's probe of an extern op's scratch (``node -> bytes or
+    None``), for the predicted peak (``planning/ledger.py``), if it gives one."""
+    return getattr(ctx.op_support, "extern_scratch", None)
 
 
 def _honor_save(info, policy):
@@ -304,13 +310,15 @@ def _pareto(graph_module, ctx, info, policy: Policy, save_all_bytes, saved, reco
     if not getattr(ctx.dumper, "enabled", False):
         return None
     return {"points": ledger.pareto(graph_module.graph, info, policy.any,
-                                    policy.forced_recompute, save_all_bytes),
+                                    policy.forced_recompute, save_all_bytes,
+                                    scratch=_scratch(ctx)),
             "current": {"memory_budget": ctx.options.memory_budget,
                         "saved_bytes": int(remat.plan_bytes(info, saved)),
                         "recompute_flops": int(sum(remat.extra_flops(n) for n in recomputed)),
                         "recompute_cost": float(sum(remat.recompute_cost(n) for n in recomputed)),
                         "predicted_peak_bytes": ledger.predicted_peak(
-                            graph_module.graph, info, set(saved), set(recomputed))}}
+                            graph_module.graph, info, set(saved), set(recomputed),
+                            _scratch(ctx))}}
 
 
 def _stats(ctx, info, plan, budget, save_all_bytes: float, activations, recomputed) -> dict:

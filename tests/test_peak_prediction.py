@@ -63,11 +63,14 @@ def _row(name: str, fraction: float) -> tuple[int, int, bool]:
     return measured, stats["predicted_peak_bytes"], stats["peak_guard"]["monotone"]
 
 
-@pytest.mark.parametrize("name", ["mlp", "attention_block"])
+@pytest.mark.parametrize("name", ["mlp", "attention_block", "cnn"])
 def test_the_prediction_ranks_the_ladder_as_the_measurement(name):
     """Along 1.0 -> 0.75 -> 0.5 -> 0.25: where the guard says it held, the
     measured step peak does not rise either; and the prediction stays within
-    ``ABOVE`` of the measurement and at most 1% below it (``BELOW``)."""
+    ``ABOVE`` of the measurement and at most 1% below it (``BELOW``). The CNN's
+    peak is its convolutions' scratch (``tests/test_peak_scratch.py``):
+    without it the prediction sat at 8,800 bytes for every budget while the
+    measurement rose from 33,196 (0.75) to 33,708 (0.5)."""
     rows = {fraction: _row(name, fraction) for fraction in budget.LADDER}
     for fraction, (measured, predicted, _) in rows.items():
         assert BELOW * measured <= predicted <= ABOVE * measured, (fraction, rows)

@@ -141,13 +141,14 @@ class Scored:
 class _Scorer:
     """Scores plans of one graph, each once (by its saved and recomputed sets)."""
 
-    def __init__(self, graph, info: remat.JointInfo):
-        self.graph, self.info, self.cache = graph, info, {}
+    def __init__(self, graph, info: remat.JointInfo, scratch=None):
+        self.graph, self.info, self.cache, self.scratch = graph, info, {}, scratch
 
     def __call__(self, plan: remat.Plan) -> Scored:
         key = (frozenset(plan.saved), frozenset(plan.recomputed))
         if key not in self.cache:
-            curve = ledger.profile(self.graph, self.info, plan.saved, plan.recomputed)
+            curve = ledger.profile(self.graph, self.info, plan.saved, plan.recomputed,
+                                   self.scratch)
             self.cache[key] = Scored(
                 plan, remat.plan_bytes(self.info, plan.saved),
                 round(sum(remat.recompute_cost(n) for n in plan.recomputed), 6),
@@ -261,12 +262,13 @@ def _walk(fraction: float, walk: _Walk, floor: Scored, record: dict) -> Scored |
 
 
 def plan_for_budget(graph, info: remat.JointInfo, fraction: float, save_all_bytes: float,
-                    policy, exact: bool, log=None):
+                    policy, exact: bool, log=None, scratch=None):
     """(plan, stats) for ``memory_budget=fraction`` (module docstring).
     ``policy``: ``cheap``/``any``/``forced_recompute`` predicates (the
-    checkpoint pass's Policy); ``exact``: whether the ILP may solve it."""
+    checkpoint pass's Policy); ``exact``: whether the ILP may solve it;
+    ``scratch``: an extern op's scratch bytes for the peak (``ledger.profile``)."""
     budget = fraction * save_all_bytes
-    score = _Scorer(graph, info)
+    score = _Scorer(graph, info, scratch)
     floor_plan = remat.min_cut_plan(info, policy.any, policy.forced_recompute)
     floor = score(floor_plan)
     default = score(remat.min_cut_plan(info, policy.cheap, policy.forced_recompute))

@@ -34,6 +34,15 @@ last reader, transitively, for forward, saved, recomputed and backward
 values alike (GPT-2's recomputed ``view_11`` and ``permute_26``, 8,192
 bytes each, were counted as values of their own). Inputs, parameters,
 their views, tangents and theirs are left out, as in the saved bytes.
+
+An extern op's scratch (what the call allocates beyond its result while it
+runs: oneDNN's weight copies and scratchpad for a CPU convolution, 15-25 kB
+on the zoo's CNN, against 8,800 bytes of values) counts at the op's slot
+and at its recomputation's, when the caller gives ``scratch(node) -> bytes
+or None``. No pass measures it: the compiler probes the op once per
+signature (``compiler/extern_scratch.py``, ``node_scratch``) and hands the
+probe in through the pass context (``ctx.op_support.extern_scratch``).
+Without it the prediction could not see what sets the CNN's peak.
 """
 
 from __future__ import annotations
@@ -211,9 +220,25 @@ def _donor(node: fx.Node, instance: str, ctx: dict, taken: set):
     return None
 
 
-def _lives(graph: fx.Graph, info, saved, recomputed):
+def _scratch_lives(graph: fx.Graph, ctx: dict, scratch):
+    """(bytes, slot, slot) of each op's scratch where it runs: its own slot
+    (a forward op in the forward, a backward op in the backward) and, if it
+    is recomputed, its recomputation's."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node in ctx["skip"]:
+            continue
+        size = scratch(node) or 0
+        if size <= 0:
+            continue
+        for at in ((ctx["order"][node], _AFTER), ctx["slots"].get(node)):
+            if at is not None:
+                yield size, at, at
+
+
+def _lives(graph: fx.Graph, info, saved, recomputed, scratch=None):
     """(bytes, first slot, last slot) of every storage the peak counts (module
-    docstring); a slot is (graph position, sub-slot)."""
+    docstring), extern scratch too where ``scratch`` is given; a slot is
+    (graph position, sub-slot)."""
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     forward = set(info.forward)
@@ -226,6 +251,8 @@ def _lives(graph: fx.Graph, info, saved, recomputed):
     storages, running, ctx["owners"] = _storages(graph, ctx)
     ctx["storages"] = storages
     yield from ((size, at, at) for size, at in running)
+    if scratch is not None:
+        yield from _scratch_lives(graph, ctx, scratch)
     taken = set()
     for (node, instance), (size, first, readers) in storages.items():
         donor = _donor(node, instance, ctx, taken) if instance != "fwd" else None
@@ -235,10 +262,12 @@ def _lives(graph: fx.Graph, info, saved, recomputed):
         yield size, first, max(readers, default=first)
 
 
-def profile(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) -> dict[int, int]:
+def profile(graph: fx.Graph, info: remat.JointInfo, saved, recomputed,
+            scratch=None) -> dict[int, int]:
     """Most bytes alive at once while each graph position runs (its
-    recomputations included): the curve whose maximum is ``predicted_peak``."""
-    lives = list(_lives(graph, info, set(saved), recomputed))
+    recomputations included): the curve whose maximum is ``predicted_peak``.
+    ``scratch(node) -> int | None``: an extern op's scratch (module docstring)."""
+    lives = list(_lives(graph, info, set(saved), recomputed, scratch))
     events = sorted({slot for _, first, last in lives for slot in (first, last)})
     position = {slot: i for i, slot in enumerate(events)}
     change = [0] * (len(events) + 1)
@@ -252,13 +281,15 @@ def profile(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) -> dict[i
     return curve
 
 
-def predicted_peak(graph: fx.Graph, info: remat.JointInfo, saved, recomputed) -> int:
-    """Most bytes of activations and gradients alive at once (module docstring)."""
-    return max(profile(graph, info, saved, recomputed).values(), default=0)
+def predicted_peak(graph: fx.Graph, info: remat.JointInfo, saved, recomputed,
+                   scratch=None) -> int:
+    """Most bytes of activations and gradients alive at once, extern scratch
+    included where ``scratch`` is given (module docstring)."""
+    return max(profile(graph, info, saved, recomputed, scratch).values(), default=0)
 
 
 def pareto(graph: fx.Graph, info: remat.JointInfo, recomputable, unsavable,
-           save_all_bytes: float, max_work: int = 200_000) -> list[dict]:
+           save_all_bytes: float, max_work: int = 200_000, scratch=None) -> list[dict]:
     """The trade-off's plans by saved bytes: the ``memory_budget`` that picks
     each (its bytes over ``save_all_bytes``), saved bytes, recompute FLOPs and
     cost, predicted peak. ``max_work`` bounds the local search (dumps only)."""
@@ -275,5 +306,5 @@ def pareto(graph: fx.Graph, info: remat.JointInfo, recomputable, unsavable,
             "saved_bytes": int(saved_bytes),
             "recompute_flops": int(sum(remat.extra_flops(n) for n in recomputed)),
             "recompute_cost": float(cost),
-            "predicted_peak_bytes": predicted_peak(graph, info, saved, recomputed)})
+            "predicted_peak_bytes": predicted_peak(graph, info, saved, recomputed, scratch)})
     return table
