@@ -100,6 +100,9 @@ def node_scratch(node: fx.Node) -> int | None:
     if node.op != "call_function" or not any(op in str(node.target) for op in SCRATCH_OPS):
         return None
     tensors = [n.meta.get("val") for n in node.all_input_nodes] + [node.meta.get("val")]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride())):
+        return None   # symbolic sizes: no tensor of that shape to call the op on
     size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     if size > PROBE_LIMIT_BYTES:
         return None
