@@ -5,11 +5,11 @@ graph, and hand-built ``Buffer``s for Program-IR tests."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.fx as fx
-from torch.fx.experimental.proxy_tensor import make_fx
-
 from retrograd.decompositions import decomposition_table
 from retrograd.dump import Dumper
 from retrograd.ir import Buffer, Kernel, Program
@@ -17,6 +17,7 @@ from retrograd.options import Options
 from retrograd.passes import fusion
 from retrograd.pipeline import OpSupport, PassContext
 from retrograd.runtime.executor import FxExecutable
+from torch.fx.experimental.proxy_tensor import make_fx
 
 __all__ = ["aten", "context", "trace", "targets", "run_gm", "fuse", "assert_program_matches",
            "triton_kernels", "kernel_of", "buffer", "seeded"]
@@ -84,3 +85,15 @@ def buffer(name, shape, role="temporary", view_of=None, strides=None, dtype="flo
             strides.insert(0, running)
             running *= size
     return Buffer(name, tuple(shape), tuple(strides), dtype, role, view_of)
+
+
+def flat_buffer(name: str, numel: int, role: str = "temporary") -> Buffer:
+    """A 1-D float32 buffer for hand-built programs."""
+    return Buffer(name, (numel,), (1,), "float32", role)
+
+
+def collective_kernel(name: str, target, inputs: list[str], outputs: list[str]) -> Kernel:
+    """An extern kernel calling the functional collective ``target`` on a
+    process group that does not exist (so no group size is known)."""
+    node = SimpleNamespace(target=target, name=name, args=(None, "sum", "no such group"))
+    return Kernel(name, "extern", [node], inputs, outputs)

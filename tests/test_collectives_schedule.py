@@ -12,9 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pass_helpers import collective_kernel as _extern
 from pass_helpers import context, trace
+from pass_helpers import flat_buffer as _buffer
 from retrograd.buckets import Limits, assign
-from retrograd.ir import Buffer, Kernel, Program
+from retrograd.ir import Kernel, Program
 from retrograd.passes import fusion, schedule
 from retrograd.passes.op_classes import RECOMPUTED
 from retrograd.passes.planning import collectives, comm_timeline
@@ -49,15 +51,6 @@ def test_bucket_cap_mb_is_checked():
     for bad in (0, -1, True, "25"):
         with pytest.raises(ValueError, match="bucket_cap_mb"):
             Limits.from_megabytes(bad)
-
-
-def _buffer(name: str, numel: int, role: str = "temporary") -> Buffer:
-    return Buffer(name, (numel,), (1,), "float32", role)
-
-
-def _extern(name: str, target, inputs: list[str], outputs: list[str]) -> Kernel:
-    node = SimpleNamespace(target=target, name=name, args=(None, "sum", "no such group"))
-    return Kernel(name, "extern", [node], inputs, outputs)
 
 
 def two_buckets() -> Program:

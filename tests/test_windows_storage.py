@@ -5,9 +5,9 @@ collective returned, by the alias rule the lifetimes share
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
+from pass_helpers import collective_kernel as _extern
+from pass_helpers import flat_buffer as _buffer
 from retrograd.ir import Buffer, Kernel, Program
 from retrograd.passes import schedule
 from retrograd.passes.planning import windows
@@ -15,15 +15,6 @@ from retrograd.passes.planning.lifetimes import lifetimes, storage_owners
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
-
-
-def _buffer(name: str, numel: int, role: str = "temporary") -> Buffer:
-    return Buffer(name, (numel,), (1,), "float32", role)
-
-
-def _extern(name: str, op, inputs: list[str], outputs: list[str]) -> Kernel:
-    node = SimpleNamespace(target=op, name=name, args=(None, "sum", "no such group"))
-    return Kernel(name, "extern", [node], inputs, outputs)
 
 
 def reduced_then_read() -> Program:
