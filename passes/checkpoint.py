@@ -45,19 +45,18 @@ Ensures: (forward, backward) whose composition gives the joint's values,
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 
 import torch
 import torch.fx as fx
-from torch._functorch import partitioners
-
 from retrograd.ir import PassResult
 from retrograd.passes.op_classes import PHASE, RECOMPUTED, is_pure, is_view, view_base
 from retrograd.passes.planning import budget as budget_plans
 from retrograd.passes.planning import ledger, patterns, remat
-from retrograd.passes.planning.collectives import (mark_regathered, reads_regathered,
-                                                   regathered)
+from retrograd.passes.planning.collectives import mark_regathered, reads_regathered, regathered
+from torch._functorch import partitioners
 
 __all__ = ["run", "saved_values", "extract", "recompute_in_backward", "Policy", "EXACT_LIMIT"]
 
@@ -254,8 +253,10 @@ def _plan(info, ctx, policy: Policy, save_all_bytes: float, graph: fx.Graph):
 
 def _scratch(ctx):
     """The compiler's probe of an extern op's scratch (``node -> bytes or
-    None``), for the predicted peak (``planning/ledger.py``), if it gives one."""
-    return getattr(ctx.op_support, "extern_scratch", None)
+    None``), for the predicted peak (``planning/ledger.py``), if it gives one;
+    remembered per node, since the budget walk predicts many plans' peaks."""
+    probe = getattr(ctx.op_support, "extern_scratch", None)
+    return None if probe is None else functools.cache(probe)
 
 
 def _honor_save(info, policy):
